@@ -1,0 +1,1 @@
+"""keyrelay milters: header-From identity check and DKIM signing."""

@@ -1,0 +1,1 @@
+"""keyrelay policy daemon: Postfix SASL (dovecot protocol), policy and socketmap services."""
