@@ -1,0 +1,61 @@
+# keyrelay — the two commands a new user needs:
+#   make run    install what is missing, then start a demo relay on loopback
+#   make test   install what is missing, then run every test, mypy and ruff
+# Both are idempotent: a second run installs nothing and starts at once.
+
+SHELL := /bin/sh
+# Debian's own interpreter: the venv must not depend on a pyenv or other
+# interpreter that may be on PATH.
+PYTHON := /usr/bin/python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUN_DIR := run
+
+# Everything the project needs from Debian, for building the Python
+# dependencies (pymilter links against libmilter) and for the tests.
+DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev
+
+.PHONY: help run test deps check lint typecheck unit demo clean distclean
+
+help:
+	@echo "make run     install missing parts, initialise the demo state in $(RUN_DIR)/"
+	@echo "make test    install missing parts, run pytest, mypy and ruff"
+	@echo "make clean   remove the demo state in $(RUN_DIR)/"
+	@echo "make distclean  also remove the virtual environment"
+
+deps: debian-packages $(VENV)/.installed
+
+# The venv is rebuilt when the dependency list changes. The Debian packages
+# are checked first (order-only) because pymilter compiles against them.
+$(VENV)/.installed: setup.cfg pyproject.toml | debian-packages
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+.PHONY: debian-packages
+debian-packages:
+	@scripts/ensure-debian-packages $(DEBIAN_PACKAGES)
+
+unit: deps
+	$(BIN)/python -m pytest
+
+typecheck: deps
+	$(BIN)/mypy
+
+lint: deps
+	$(BIN)/ruff check .
+
+test: deps
+	$(BIN)/python -m pytest
+	$(BIN)/mypy
+	$(BIN)/ruff check .
+
+run: deps
+	@PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo-init $(RUN_DIR)
+
+clean:
+	rm -rf $(RUN_DIR)
+
+distclean: clean
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,36 @@
+"""The account directory: data model, backend interface and the backends.
+
+Every backend offers the same two operations: ``snapshot()`` (a frozen ``Directory`` for the
+hot path, cheap when nothing changed; raises ``DirectoryUnavailable``) and ``transaction()``
+(a context manager yielding ``DirectoryData`` to change; written back when the block ends
+without an exception). All rules about what a change may do live in ``keyrelay.admin``, once,
+for every backend.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Protocol
+
+from .model import Directory, DirectoryData
+from .yamlfile import YamlDirectory
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+class DirectoryBackend(Protocol):
+    def snapshot(self) -> Directory: ...
+
+    def load(self) -> DirectoryData: ...
+
+    def transaction(self) -> AbstractContextManager[DirectoryData]: ...
+
+
+def open_directory(config: Config) -> DirectoryBackend:
+    """The backend the configuration selects (``directory.backend``)."""
+    # The LDAP backend joins here, selected by directory.backend = "ldap".
+    return YamlDirectory(config.directory.path)
+
+
+__all__ = ["Directory", "DirectoryBackend", "DirectoryData", "YamlDirectory", "open_directory"]

@@ -1,0 +1,479 @@
+"""The YAML directory backend: one file, written atomically under a lock, reloaded on change.
+
+Writes: take an exclusive ``flock`` on ``<file>.lock`` (the data file itself is replaced by
+rename, so it cannot carry the lock), re-read the file, apply the change, write a temporary file
+in the same folder with the original's owner and mode, fsync it, rename it over the original and
+fsync the folder. Concurrent CLI runs therefore serialise and never lose an update.
+
+Reads: ``snapshot()`` compares the file's identity (inode, size, mtime) with the one it parsed;
+the YAML is parsed again only when the file changed, so the hot path costs one ``stat``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import yaml
+
+from .. import names
+from ..errors import ConfigError, DirectoryUnavailable, UserError
+from ..keys import KEY_ID_RE
+from .model import (
+    Account,
+    Algorithm,
+    ApiKey,
+    Directory,
+    DirectoryData,
+    Domain,
+    DomainState,
+    Limits,
+    Pool,
+    Selector,
+    SelectorState,
+    Sender,
+    Status,
+    Subuser,
+)
+
+T = TypeVar("T")
+
+FORMAT_VERSION = 1
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_LIMIT_FIELDS = ("messages_per_minute", "messages_per_hour", "recipients_per_message")
+
+
+class YamlDirectory:
+    """The directory kept in one YAML file (the embedded default backend)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._signature: tuple[int, int, int] | None = None
+        self._snapshot: Directory | None = None
+        self._error: DirectoryUnavailable | None = None
+
+    def __repr__(self) -> str:
+        return f"YamlDirectory({self.path!r})"
+
+    # -- reading -------------------------------------------------------------------------
+    def snapshot(self) -> Directory:
+        """The current directory; re-parsed only when the file changed since the last call.
+
+        Raises ``DirectoryUnavailable`` when the file cannot be read or is invalid; the
+        failure is remembered for that file version, so a broken file is not re-parsed for
+        every request.
+        """
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise DirectoryUnavailable(f"{self.path}: directory file does not exist") from None
+        except OSError as exc:
+            raise DirectoryUnavailable(f"{self.path}: cannot stat: {exc.strerror}") from None
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if signature != self._signature:
+                self._signature = signature
+                try:
+                    self._snapshot, self._error = Directory(self._read()), None
+                except ConfigError as exc:
+                    self._snapshot, self._error = None, DirectoryUnavailable(str(exc))
+            if self._error is not None:
+                raise self._error
+            assert self._snapshot is not None
+            return self._snapshot
+
+    def load(self) -> DirectoryData:
+        """Parse the file now (no cache); raises ``ConfigError`` naming file, key and reason."""
+        return self._read()
+
+    def _read(self) -> DirectoryData:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                text = handle.read()
+        except FileNotFoundError:
+            raise ConfigError(self.path, "", "directory file does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(self.path, "", f"cannot read: {exc}") from None
+        try:
+            document = yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
+        except yaml.YAMLError as exc:
+            raise ConfigError(self.path, "", f"not valid YAML: {exc}") from None
+        return _Parser(self.path).document(document)
+
+    # -- writing -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[DirectoryData]:
+        """Lock, read, let the caller change the data, then write it back atomically.
+
+        A missing file starts an empty directory; an exception inside the block writes nothing.
+        """
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, mode=0o750, exist_ok=True)
+        lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            data = self._read() if os.path.exists(self.path) else DirectoryData()
+            yield data
+            self._write(render(data))
+        finally:
+            os.close(lock_fd)  # closing releases the flock
+
+    def update(self, change: Callable[[DirectoryData], None]) -> None:
+        with self.transaction() as data:
+            change(data)
+
+    def _write(self, text: str) -> None:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            st: os.stat_result | None = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        fd, tmp = tempfile.mkstemp(prefix=".directory.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                # the file holds key hashes: keep the original's owner and mode, else 0640
+                os.fchmod(handle.fileno(), st.st_mode & 0o777 if st else 0o640)
+                if st is not None and os.geteuid() == 0:
+                    os.fchown(handle.fileno(), st.st_uid, st.st_gid)
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+# -- rendering -------------------------------------------------------------------------------
+def _ts(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _limits(limits: Limits) -> dict[str, int]:
+    return {f: v for f in _LIMIT_FIELDS if (v := getattr(limits, f)) is not None}
+
+
+def _principal_doc(
+    data: DirectoryData, principal: str, status: Status, pool: str | None, limits: Limits,
+    created: datetime | None, **extra: object,
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {"status": str(status), "pool": pool, "created": _ts(created)}
+    if _limits(limits):
+        doc["limits"] = _limits(limits)
+    doc.update(extra)
+    doc["keys"] = {
+        k.key_id: {
+            "name": k.name,
+            "sha256": k.secret_hash,
+            "scopes": list(k.scopes),
+            "created": _ts(k.created),
+            "expires": _ts(k.expires),
+            "revoked": _ts(k.revoked),
+            "last_used": _ts(k.last_used),
+        }
+        for k in sorted(data.keys.values(), key=lambda k: k.created)
+        if k.principal == principal
+    }
+    doc["senders"] = {
+        s.address: {"created": _ts(s.created)}
+        for (p, _), s in sorted(data.senders.items())
+        if p == principal
+    }
+    return doc
+
+
+def render(data: DirectoryData) -> str:
+    """The YAML text of the whole directory, in a stable order (diff-friendly)."""
+    accounts: dict[str, Any] = {}
+    for acc in sorted(data.accounts.values(), key=lambda a: a.name):
+        doc = _principal_doc(
+            data, acc.name, acc.status, acc.pool, acc.limits, acc.created,
+            monitor=acc.monitor, ip_allow=[str(n) for n in acc.ip_allow],
+        )
+        doc["subusers"] = {
+            sub.name: _principal_doc(
+                data, sub.principal, sub.status, sub.pool, sub.limits, sub.created
+            )
+            for sub in sorted(data.subusers.values(), key=lambda s: s.name)
+            if sub.account == acc.name
+        }
+        accounts[acc.name] = doc
+    document = {
+        "version": FORMAT_VERSION,
+        "monitor": data.monitor,
+        "pools": {
+            p.name: {"bind": [str(a) for a in p.bind], "helo": p.helo, "created": _ts(p.created)}
+            for p in sorted(data.pools.values(), key=lambda p: p.name)
+        },
+        "accounts": accounts,
+        "domains": {
+            d.name: {
+                "owner": d.owner,
+                "state": str(d.state),
+                "grants": list(d.grants),
+                "created": _ts(d.created),
+                "verified_at": _ts(d.verified_at),
+                "verified_by": d.verified_by,
+                "selectors": {
+                    s.name: {
+                        "algorithm": str(s.algorithm),
+                        "state": str(s.state),
+                        "key_file": s.key_file,
+                        "public_key": s.public_key,
+                        "created": _ts(s.created),
+                    }
+                    for s in d.selectors
+                },
+            }
+            for d in sorted(data.domains.values(), key=lambda d: d.name)
+        },
+    }
+    header = (
+        "# keyrelay directory. Written by the `keyrelay` CLI (atomically, under\n"
+        "# directory.yaml.lock); keys are stored as SHA-256 hashes only.\n"
+    )
+    body: str = yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    return header + body
+
+
+# -- parsing ---------------------------------------------------------------------------------
+class _Parser:
+    """Turns the YAML document into records; every error names file, key path and reason."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, key, reason)
+
+    def mapping(self, value: object, key: str, allowed: tuple[str, ...] = ()) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        for name in value:
+            if not isinstance(name, str):
+                raise self.fail(key, f"keys must be strings, got {name!r}")
+            if allowed and name not in allowed:
+                raise self.fail(
+                    f"{key}.{name}" if key else name,
+                    f"unknown key; allowed: {', '.join(allowed)}",
+                )
+        return value
+
+    def string(self, value: object, key: str, *, optional: bool = False) -> str:
+        if value is None and optional:
+            return ""
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def time(self, value: object, key: str) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+        if isinstance(value, str):
+            try:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                pass
+            else:
+                return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        raise self.fail(key, f"expected a UTC time like 2026-01-31T12:00:00Z, got {value!r}")
+
+    def enum(self, kind: Callable[[str], T], value: object, key: str, choices: str) -> T:
+        try:
+            return kind(str(value))
+        except ValueError:
+            raise self.fail(key, f"expected one of {choices}, got {value!r}") from None
+
+    def checked(self, check: Callable[[str], T], value: object, key: str) -> T:
+        try:
+            return check(self.string(value, key))
+        except UserError as exc:
+            raise self.fail(key, str(exc)) from None
+
+    def integer(self, value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(key, f"expected a positive integer, got {value!r}")
+        return value
+
+    def str_list(self, value: object, key: str) -> list[str]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(key, f"expected a list, got {type(value).__name__}")
+        return [self.string(v, f"{key}[{i}]") for i, v in enumerate(value)]
+
+    def limits(self, value: object, key: str) -> Limits:
+        doc = self.mapping(value, key, _LIMIT_FIELDS)
+        return Limits(**{f: self.integer(v, f"{key}.{f}") for f, v in doc.items() if v is not None})
+
+    def document(self, document: object) -> DirectoryData:
+        data = DirectoryData()
+        if document is None:
+            return data
+        top = self.mapping(document, "", ("version", "monitor", "pools", "accounts", "domains"))
+        if top.get("version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise self.fail("version", f"unsupported format version {top['version']!r}")
+        data.monitor = top.get("monitor", False)
+        if not isinstance(data.monitor, bool):
+            raise self.fail("monitor", f"expected true or false, got {data.monitor!r}")
+        for name, doc in self.mapping(top.get("pools"), "pools").items():
+            self.pool(data, name, doc, f"pools.{name}")
+        for name, doc in self.mapping(top.get("accounts"), "accounts").items():
+            self.account(data, name, doc, f"accounts.{name}")
+        for name, doc in self.mapping(top.get("domains"), "domains").items():
+            self.domain(data, name, doc, f"domains.{name}")
+        self.check_references(data)
+        return data
+
+    def pool(self, data: DirectoryData, name: str, value: object, key: str) -> None:
+        doc = self.mapping(value, key, ("bind", "helo", "created"))
+        self.checked(names.account_name, name, key)
+        binds = self.str_list(doc.get("bind"), f"{key}.bind")
+        if not binds:
+            raise self.fail(f"{key}.bind", "a pool needs at least one bind address")
+        addresses = tuple(self.checked(names.ip_address, b, f"{key}.bind") for b in binds)
+        helo = self.checked(names.domain, doc.get("helo"), f"{key}.helo")
+        created = self.time(doc.get("created"), f"{key}.created")
+        data.pools[name] = Pool(name=name, bind=addresses, helo=helo, created=created)
+
+    def principal_parts(
+        self, data: DirectoryData, principal: str, doc: dict[str, Any], key: str
+    ) -> tuple[Status, str | None, Limits, datetime | None]:
+        for kid, kdoc in self.mapping(doc.get("keys"), f"{key}.keys").items():
+            self.key(data, principal, kid, kdoc, f"{key}.keys.{kid}")
+        for addr, sdoc in self.mapping(doc.get("senders"), f"{key}.senders").items():
+            where = f"{key}.senders.{addr}"
+            address = self.checked(names.address, addr, where)
+            created = self.time(self.mapping(sdoc, where, ("created",)).get("created"), where)
+            data.senders[(principal, address)] = Sender(address, principal, created)
+        status = self.enum(
+            Status, doc.get("status", "active"), f"{key}.status", "active, suspended"
+        )
+        pool = self.string(doc.get("pool"), f"{key}.pool", optional=True) or None
+        limits = self.limits(doc.get("limits"), f"{key}.limits")
+        return status, pool, limits, self.time(doc.get("created"), f"{key}.created")
+
+    def account(self, data: DirectoryData, name: str, value: object, key: str) -> None:
+        common = ("status", "pool", "limits", "created", "keys", "senders")
+        doc = self.mapping(value, key, (*common, "monitor", "ip_allow", "subusers"))
+        self.checked(names.account_name, name, key)
+        status, pool, limits, created = self.principal_parts(data, name, doc, key)
+        monitor = doc.get("monitor", False)
+        if not isinstance(monitor, bool):
+            raise self.fail(f"{key}.monitor", f"expected true or false, got {monitor!r}")
+        ip_allow = tuple(
+            self.checked(names.network, n, f"{key}.ip_allow")
+            for n in self.str_list(doc.get("ip_allow"), f"{key}.ip_allow")
+        )
+        data.accounts[name] = Account(name, status, monitor, ip_allow, pool, limits, created)
+        for sub, sdoc in self.mapping(doc.get("subusers"), f"{key}.subusers").items():
+            where = f"{key}.subusers.{sub}"
+            self.checked(names.account_name, sub, where)
+            parts = self.principal_parts(
+                data, f"{name}/{sub}", self.mapping(sdoc, where, common), where
+            )
+            data.subusers[f"{name}/{sub}"] = Subuser(name, sub, *parts)
+
+    def key(self, data: DirectoryData, principal: str, kid: str, value: object, key: str) -> None:
+        allowed = ("name", "sha256", "scopes", "created", "expires", "revoked", "last_used")
+        doc = self.mapping(value, key, allowed)
+        if not KEY_ID_RE.match(kid):
+            raise self.fail(key, "a key id is 16 characters of a-z and 2-7")
+        if kid in data.keys:
+            raise self.fail(key, f"key id also used by {data.keys[kid].principal}")
+        digest = self.string(doc.get("sha256"), f"{key}.sha256")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise self.fail(f"{key}.sha256", "expected 64 lowercase hex digits")
+        created = self.time(doc.get("created"), f"{key}.created")
+        if created is None:
+            raise self.fail(f"{key}.created", "a key needs its creation time")
+        data.keys[kid] = ApiKey(
+            key_id=kid,
+            principal=principal,
+            name=self.string(doc.get("name"), f"{key}.name"),
+            secret_hash=digest,
+            scopes=tuple(self.str_list(doc.get("scopes"), f"{key}.scopes")),
+            created=created,
+            expires=self.time(doc.get("expires"), f"{key}.expires"),
+            revoked=self.time(doc.get("revoked"), f"{key}.revoked"),
+            last_used=self.time(doc.get("last_used"), f"{key}.last_used"),
+        )
+
+    def domain(self, data: DirectoryData, name: str, value: object, key: str) -> None:
+        allowed = ("owner", "state", "grants", "created", "verified_at", "verified_by", "selectors")
+        doc = self.mapping(value, key, allowed)
+        if self.checked(names.domain, name, key) != name:
+            raise self.fail(key, f"write the domain in normal form: {names.domain(name)}")
+        selectors = []
+        for sel, sdoc in self.mapping(doc.get("selectors"), f"{key}.selectors").items():
+            where = f"{key}.selectors.{sel}"
+            sd = self.mapping(
+                sdoc, where, ("algorithm", "state", "key_file", "public_key", "created")
+            )
+            selectors.append(
+                Selector(
+                    name=sel,
+                    algorithm=self.enum(
+                        Algorithm, sd.get("algorithm"), f"{where}.algorithm",
+                        "rsa-sha256, ed25519-sha256",
+                    ),
+                    state=self.enum(
+                        SelectorState, sd.get("state"), f"{where}.state",
+                        "pending, active, retiring",
+                    ),
+                    key_file=self.string(sd.get("key_file"), f"{where}.key_file"),
+                    public_key=self.string(sd.get("public_key"), f"{where}.public_key"),
+                    created=self.time(sd.get("created"), f"{where}.created") or datetime.now(UTC),
+                )
+            )
+        data.domains[name] = Domain(
+            name=name,
+            owner=self.string(doc.get("owner"), f"{key}.owner"),
+            state=self.enum(
+                DomainState, doc.get("state", "pending"), f"{key}.state",
+                "pending, verified, failing",
+            ),
+            grants=tuple(self.str_list(doc.get("grants"), f"{key}.grants")),
+            selectors=tuple(selectors),
+            created=self.time(doc.get("created"), f"{key}.created"),
+            verified_at=self.time(doc.get("verified_at"), f"{key}.verified_at"),
+            verified_by=self.string(doc.get("verified_by"), f"{key}.verified_by", optional=True)
+            or None,
+        )
+
+    def check_references(self, data: DirectoryData) -> None:
+        for acc in data.accounts.values():
+            if acc.pool and acc.pool not in data.pools:
+                raise self.fail(f"accounts.{acc.name}.pool", f"no pool named {acc.pool!r}")
+        for sub in data.subusers.values():
+            if sub.pool and sub.pool not in data.pools:
+                where = f"accounts.{sub.account}.subusers.{sub.name}.pool"
+                raise self.fail(where, f"no pool named {sub.pool!r}")
+        for dom in data.domains.values():
+            if dom.owner not in data.accounts and dom.owner not in data.subusers:
+                raise self.fail(f"domains.{dom.name}.owner", f"no principal {dom.owner!r}")
+            for grant in dom.grants:
+                if data.subusers.get(grant) is None or grant.partition("/")[0] != dom.owner:
+                    raise self.fail(
+                        f"domains.{dom.name}.grants",
+                        f"{grant!r} is not a subuser of the owning account {dom.owner!r}",
+                    )
+

@@ -1,0 +1,51 @@
+"""Strict parsing of the address headers the identity check reads (From:, Sender:).
+
+The check is only as good as its agreement with what the recipient's mail program shows, so
+anything ambiguous is refused rather than guessed: a header the RFC 5322 parser reports any
+defect for (obsolete routes, unbalanced brackets, NUL bytes, bare words) is an error. Common
+shapes (``addr``, ``Name <addr>``, ``"Name" <addr>``) take a fast path; everything else goes
+through the standard library's full RFC 5322 parser.
+"""
+
+from __future__ import annotations
+
+import re
+from email.errors import HeaderParseError
+from email.headerregistry import HeaderRegistry
+
+_ADDR = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?"
+_SIMPLE = re.compile(
+    rf"""\s*(?:
+        (?:[^<>"(),;:@\\\[\]\x00-\x1f\x7f]*|"(?:[^"\\\x00-\x1f\x7f]|\\[^\x00-\x1f\x7f])*")
+        \s*<(?P<bracketed>{_ADDR})>
+      | (?P<bare>{_ADDR})
+    )\s*""",
+    re.VERBOSE,
+)
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+class HeaderError(ValueError):
+    """The header cannot be read unambiguously; the message says why."""
+
+
+def mailboxes(value: str) -> tuple[str, ...]:
+    """The addresses of an address-list header value, in order (group syntax flattened)."""
+    unfolded = _FOLD.sub("", value)
+    simple = _SIMPLE.fullmatch(unfolded)
+    if simple:
+        return (simple.group("bracketed") or simple.group("bare"),)
+    if any(c in unfolded for c in "\x00\r\n"):
+        raise HeaderError("contains control characters")
+    try:
+        header = HeaderRegistry()("from", unfolded)
+    except (HeaderParseError, IndexError, ValueError) as exc:  # stdlib parser edge cases
+        raise HeaderError(f"cannot be parsed ({exc})") from None
+    if header.defects:
+        raise HeaderError(f"is malformed ({header.defects[0]})")
+    found = []
+    for address in header.addresses:  # type: ignore[attr-defined]
+        if not address.username or not address.domain or address.domain.startswith("["):
+            raise HeaderError(f"has an address without a domain name: {address.addr_spec!r}")
+        found.append(str(address.addr_spec))
+    return tuple(found)

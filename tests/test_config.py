@@ -1,0 +1,380 @@
+"""The typed configuration (keyrelay.config) and durations (keyrelay.durations).
+
+Every test writes a real file under tmp_path and loads it the way the daemons do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from keyrelay.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    default_config,
+    load_config,
+    parse_config,
+    render_example,
+    resolve_config_path,
+)
+from keyrelay.durations import format_duration, parse_duration
+from keyrelay.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "postfix-conf" / "keyrelay.yaml.example"
+
+
+def write(tmp_path: Path, text: str | bytes) -> str:
+    path = tmp_path / "keyrelay.yaml"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def load_error(tmp_path: Path, text: str | bytes) -> ConfigError:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.path == path
+    assert str(info.value).startswith(f"{path}: ")
+    return info.value
+
+
+# --- defaults and the example file ---------------------------------------------------------
+
+
+def test_empty_file_means_all_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == default_config()
+    assert load_config(write(tmp_path, "# only a comment\n")) == default_config()
+
+
+def test_defaults_are_the_documented_values() -> None:
+    config = default_config()
+    assert config.directory.backend == "yaml"
+    assert config.directory.path == "/etc/keyrelay/directory.yaml"
+    assert config.dkim.key_dir == "/etc/keyrelay/dkim"
+    assert config.dkim.selector_prefix == "kr"
+    assert config.auth.username == "apikey"
+    assert config.keys.default_scopes == ("mail.send",)
+    assert config.keys.default_expiry is None
+    assert config.keys.max_expiry is None
+    assert config.keys.last_used_flush_interval == 300.0
+    assert config.domains.failing_grace == 72 * 3600.0
+    assert config.dns.spf_include == ""
+    assert config.dns.dmarc_rua == ""
+    assert config.monitor_mode is False
+    assert config.limits.messages_per_minute == 600
+    assert config.limits.messages_per_hour == 20000
+    assert config.limits.recipients_per_message == 100
+    assert config.routing.default_pool == ""
+    assert config.routing.transport_prefix == "kr-pool-"
+    assert config.logging.level == "info"
+    assert config.logging.format == "text"
+    assert config.logging.audit_log == "/var/log/keyrelay/audit.log"
+
+
+def test_unset_keys_of_a_partly_written_section_keep_their_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "limits:\n  messages_per_hour: 5000\n"))
+    assert config.limits.messages_per_hour == 5000
+    assert config.limits.messages_per_minute == 600
+    assert config.keys == default_config().keys
+
+
+def test_section_with_every_key_commented_out_means_its_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "keys:\n  # default_expiry: 90d\nmonitor_mode: true\n"))
+    assert config.keys == default_config().keys
+    assert config.monitor_mode is True
+
+
+def test_config_is_immutable() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        default_config().limits.messages_per_minute = 1  # type: ignore[misc]
+
+
+def test_example_file_is_identical_to_render_example() -> None:
+    # On failure: python -m keyrelay.config > postfix-conf/keyrelay.yaml.example
+    assert EXAMPLE.read_text(encoding="utf-8") == render_example()
+
+
+def test_example_file_loads_back_to_default_config() -> None:
+    assert load_config(str(EXAMPLE)) == default_config()
+
+
+def test_example_documents_every_key_of_the_schema() -> None:
+    text = render_example()
+
+    def check(section: object, indent: str) -> None:
+        for f in dataclasses.fields(section):  # type: ignore[arg-type]
+            assert f.metadata.get("doc"), f"{type(section).__name__}.{f.name} has no doc"
+            assert f"\n{indent}{f.name}:" in text, f"{f.name} missing from the example"
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                check(value, indent + "  ")
+
+    check(default_config(), "")
+
+
+def test_every_key_set_to_a_non_default_value_is_read(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+directory: {backend: yaml, path: /srv/kr/directory.yaml}
+dkim: {key_dir: /srv/kr/dkim, selector_prefix: acme2024}
+auth: {username: relay-user}
+keys:
+  default_scopes: [mail.send, stats.read]
+  default_expiry: 90d
+  max_expiry: 31536000
+  last_used_flush_interval: 1m30s
+domains: {failing_grace: 1w}
+dns: {spf_include: _spf.relay.example.net, dmarc_rua: dmarc-reports@example.org}
+monitor_mode: true
+limits: {messages_per_minute: 10, messages_per_hour: 100, recipients_per_message: 5}
+routing: {default_pool: shared, transport_prefix: pool-}
+logging: {level: debug, format: json, audit_log: ""}
+""",
+    )
+    config = load_config(path)
+    assert config.directory.path == "/srv/kr/directory.yaml"
+    assert config.dkim.key_dir == "/srv/kr/dkim"
+    assert config.dkim.selector_prefix == "acme2024"
+    assert config.auth.username == "relay-user"
+    assert config.keys.default_scopes == ("mail.send", "stats.read")
+    assert config.keys.default_expiry == 90 * 86400.0
+    assert config.keys.max_expiry == 365 * 86400.0
+    assert config.keys.last_used_flush_interval == 90.0
+    assert config.domains.failing_grace == 7 * 86400.0
+    assert config.dns.spf_include == "_spf.relay.example.net"
+    assert config.dns.dmarc_rua == "dmarc-reports@example.org"
+    assert config.monitor_mode is True
+    assert (config.limits.messages_per_minute, config.limits.messages_per_hour) == (10, 100)
+    assert config.limits.recipients_per_message == 5
+    assert config.routing.default_pool == "shared"
+    assert config.routing.transport_prefix == "pool-"
+    assert (config.logging.level, config.logging.format) == ("debug", "json")
+    assert config.logging.audit_log == ""
+
+
+def test_parse_config_accepts_already_loaded_yaml_and_names_the_given_path() -> None:
+    assert parse_config({"monitor_mode": True}, "inline").monitor_mode is True
+    assert parse_config(None, "inline") == default_config()
+    with pytest.raises(ConfigError, match=r"^inline: monitor_mode: "):
+        parse_config({"monitor_mode": "yes"}, "inline")
+
+
+# --- errors name the file, the dotted key and the reason -----------------------------------
+
+ERRORS = [
+    # unknown keys, with a suggestion and the allowed keys
+    ("directroy: {}\n", "directroy", "did you mean 'directory'?"),
+    ("dkim:\n  selector: kr\n", "dkim.selector", "did you mean 'selector_prefix'?"),
+    ("limits:\n  zzz: 1\n", "limits.zzz", "allowed here: messages_per_minute, messages_per_hour"),
+    ("1: x\n", "1", "unknown key"),
+    # wrong types, saying what was expected and what was found
+    ("auth:\n  username: [a, b]\n", "auth.username", "expected a string, got a list"),
+    ("auth:\n  username: null\n", "auth.username", "expected a string, got null"),
+    ("limits:\n  messages_per_minute: '600'\n", "limits.messages_per_minute", "got a string"),
+    ("limits:\n  messages_per_hour: 1.5\n", "limits.messages_per_hour", "expected an integer"),
+    ("limits:\n  messages_per_hour: true\n", "limits.messages_per_hour", "got a boolean (true)"),
+    ("monitor_mode: 'yes'\n", "monitor_mode", "expected true or false, got a string ('yes')"),
+    ("monitor_mode: 1\n", "monitor_mode", "expected true or false, got an integer (1)"),
+    ("keys:\n  max_expiry: [1]\n", "keys.max_expiry", "expected a duration"),
+    ("keys:\n  max_expiry: true\n", "keys.max_expiry", "or null, got a boolean (true)"),
+    ("keys:\n  default_scopes: mail.send\n", "keys.default_scopes", "expected a list"),
+    ("keys:\n  default_scopes: [mail.send, 7]\n", "keys.default_scopes[1]", "expected a string"),
+    ("dkim: /etc/keyrelay/dkim\n", "dkim", "expected a mapping of keys, got a string"),
+    ("logging:\n  level: 2\n", "logging.level", "got an integer (2)"),
+    # impossible values
+    ("limits:\n  recipients_per_message: 0\n", "limits.recipients_per_message", "at least 1"),
+    ("keys:\n  last_used_flush_interval: 0.5\n", "keys.last_used_flush_interval", "at least 1s"),
+    ("keys:\n  default_expiry: 0\n", "keys.default_expiry", "at least 1s, got 0s"),
+    ("logging:\n  level: verbose\n", "logging.level", "must be one of 'debug', 'info'"),
+    ("directory:\n  backend: ldap\n", "directory.backend", "must be one of 'yaml'"),
+    ("keys:\n  default_expiry: 3 months\n", "keys.default_expiry", "invalid duration"),
+    ("domains:\n  failing_grace: 2y\n", "domains.failing_grace", "unknown unit 'y'"),
+    ("domains:\n  failing_grace: -5\n", "domains.failing_grace", "non-negative"),
+    ("dkim:\n  selector_prefix: KR\n", "dkim.selector_prefix", "must be a lowercase letter"),
+    ("dkim:\n  selector_prefix: abcdefghijklmnopq\n", "dkim.selector_prefix", "up to 15"),
+    ("keys:\n  default_scopes: [Mail.Send]\n", "keys.default_scopes[0]", "a dotted lowercase"),
+    ("keys:\n  default_scopes: [mail]\n", "keys.default_scopes[0]", "got 'mail'"),
+    ("auth:\n  username: api key\n", "auth.username", "without whitespace"),
+    ("auth:\n  username: ''\n", "auth.username", "non-empty"),
+    ("routing:\n  transport_prefix: kr_pool\n", "routing.transport_prefix", "got 'kr_pool'"),
+    ("dns:\n  spf_include: not a host\n", "dns.spf_include", "must be a domain name"),
+    ("dns:\n  dmarc_rua: reports\n", "dns.dmarc_rua", "must be a mailbox"),
+    ("dns:\n  dmarc_rua: mailto:d@example.com\n", "dns.dmarc_rua", "without mailto:"),
+    ("directory:\n  path: directory.yaml\n", "directory.path", "must be an absolute path"),
+    ("dkim:\n  key_dir: ./dkim\n", "dkim.key_dir", "must be an absolute path, got './dkim'"),
+    ("logging:\n  audit_log: audit.log\n", "logging.audit_log", "must be an absolute path"),
+    # a rule across two keys names the one to change
+    (
+        "keys:\n  default_expiry: 90d\n  max_expiry: 30d\n",
+        "keys.default_expiry",
+        "must not be longer than max_expiry (30d), got 90d",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "reason"), ERRORS, ids=[e[1] for e in ERRORS])
+def test_invalid_value_is_an_error_naming_file_key_and_reason(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
+    error = load_error(tmp_path, text)
+    assert error.key == key
+    assert f": {key}: " in str(error)
+    assert reason in error.reason
+
+
+def test_unknown_key_without_a_close_match_lists_the_allowed_keys(tmp_path: Path) -> None:
+    error = load_error(tmp_path, "xyzzy: 1\n")
+    assert "did you mean" not in error.reason
+    assert "allowed here: directory, dkim, auth, keys, domains, dns, monitor_mode" in error.reason
+
+
+def test_expiry_within_max_expiry_is_accepted(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "keys: {default_expiry: 30d, max_expiry: 30d}\n"))
+    assert config.keys.default_expiry == config.keys.max_expiry == 30 * 86400.0
+
+
+def test_yaml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    error = load_error(tmp_path, "limits:\n  messages_per_minute: 1\n bad: [\n")
+    assert error.key == ""
+    assert "invalid YAML at line 3, column" in error.reason
+
+
+@pytest.mark.parametrize(
+    ("text", "got"), [("- a\n- b\n", "a list"), ("just words\n", "a string ('just words')")]
+)
+def test_top_level_that_is_not_a_mapping_is_an_error(tmp_path: Path, text: str, got: str) -> None:
+    error = load_error(tmp_path, text)
+    assert error.key == ""
+    assert error.reason == f"the top level must be a mapping of keys, got {got}"
+
+
+def test_missing_file_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert (info.value.path, info.value.key, info.value.reason) == (path, "", "file not found")
+    assert str(info.value) == f"{path}: file not found"
+
+
+def test_unreadable_path_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_config(str(tmp_path))  # a directory
+
+
+def test_file_that_is_not_utf8_is_an_error(tmp_path: Path) -> None:
+    error = load_error(tmp_path, b"auth:\n  username: \xff\xfe\n")
+    assert error.key == ""
+    assert "not UTF-8" in error.reason
+
+
+# --- where the file is ---------------------------------------------------------------------
+
+
+def test_config_path_from_cli_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CONFIG_ENV, "/env/keyrelay.yaml")
+    assert resolve_config_path("/cli/keyrelay.yaml") == "/cli/keyrelay.yaml"
+
+
+def test_config_path_from_environment_without_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CONFIG_ENV, "/env/keyrelay.yaml")
+    assert resolve_config_path(None) == "/env/keyrelay.yaml"
+
+
+def test_config_path_defaults_when_neither_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert resolve_config_path(None) == DEFAULT_CONFIG_PATH == "/etc/keyrelay/keyrelay.yaml"
+    monkeypatch.setenv(CONFIG_ENV, "")
+    assert resolve_config_path(None) == DEFAULT_CONFIG_PATH
+
+
+# --- durations -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        (0, 0.0),
+        (45, 45.0),
+        (2.5, 2.5),
+        ("45", 45.0),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("72h", 259200.0),
+        ("90d", 7776000.0),
+        ("2w", 1209600.0),
+        ("1h30m", 5400.0),
+        ("1w2d3h4m5s", 788645.0),
+        (" 10m ", 600.0),
+        ("1.5h", 5400.0),
+    ],
+)
+def test_parse_duration_accepts_seconds_and_unit_strings(
+    text: str | int | float, seconds: float
+) -> None:
+    assert parse_duration(text) == seconds
+    assert isinstance(parse_duration(text), float)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        (-1, "non-negative"),
+        ("-5m", "negative"),
+        (math.inf, "non-negative"),
+        (math.nan, "non-negative"),
+        ("5y", "unknown unit 'y'"),
+        ("5M", "unknown unit 'M'"),
+        ("h", "expected a number of seconds"),
+        ("5 m", "expected a number of seconds"),
+        ("1h 30m", "expected a number of seconds"),
+        ("ten minutes", "expected a number of seconds"),
+        ("30m1h", "largest to smallest"),
+        ("5m5m", "largest to smallest"),
+        (True, "expected a number of seconds"),
+        ([5], "expected a number of seconds"),
+    ],
+)
+def test_parse_duration_rejects_anything_else_with_a_reason(text: object, message: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration") as info:
+        parse_duration(text)  # type: ignore[arg-type]
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (45, "45s"),
+        (300, "5m"),
+        (5400, "1h30m"),
+        (259200, "3d"),
+        (7776000, "90d"),
+        (1209600, "2w"),
+        (10 * 86400, "10d"),
+        (93784, "1d2h3m4s"),
+        (1.5, "1.5s"),
+        (0.00001, "0.00001s"),
+    ],
+)
+def test_format_duration_gives_the_shortest_exact_form(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize("seconds", [0, 1, 59, 61, 3599, 3601, 86399, 90061, 604800, 1.25, 3601.1])
+def test_format_duration_output_parses_back_to_the_same_seconds(seconds: float) -> None:
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize("seconds", [-1, math.inf, math.nan])
+def test_format_duration_rejects_impossible_durations(seconds: float) -> None:
+    with pytest.raises(ValueError, match="non-negative"):
+        format_duration(seconds)
