@@ -260,6 +260,170 @@ class LoggingConfig:
     )
 
 
+# Postfix's own endpoint syntax: unix:/absolute/path, or inet:host:port (IPv6 in brackets).
+_ENDPOINT = re.compile(r"unix:/\S+|inet:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
+_ENDPOINT_TEXT = "unix:/absolute/path or inet:host:port (IPv6 as inet:[::1]:port)"
+_OCTAL_MODE = re.compile(r"0?[0-7]{3}")
+_USER = re.compile(r"[a-z_][a-z0-9_-]*\$?")
+
+
+@dataclass(frozen=True, slots=True)
+class BruteForceConfig:
+    max_failures_per_address: int = field(
+        default=10,
+        metadata={
+            "doc": "Guessing failures (wrong username, malformed or unknown key, wrong secret) "
+            "from one client address within `window` before that address is locked out. "
+            "Revoked or expired keys are refused without counting.",
+            "min": 1,
+        },
+    )
+    max_failures_per_key: int = field(
+        default=10,
+        metadata={
+            "doc": "Wrong secrets presented for one existing key id within `window` before that "
+            "key id is locked out from every address (its owner too: rotate the key if this "
+            "happens).",
+            "min": 1,
+        },
+    )
+    window: Duration = field(
+        default=Duration(600.0),
+        metadata={"doc": "How long a failed login counts.", "min": 1},
+    )
+    lockout: Duration = field(
+        default=Duration(900.0),
+        metadata={
+            "doc": "How long a locked-out address or key id is refused at once, whatever it "
+            "presents.",
+            "min": 1,
+        },
+    )
+    max_tracked: int = field(
+        default=100000,
+        metadata={
+            "doc": "Most addresses and key ids remembered (each); the least recently failed "
+            "are forgotten first, so memory stays bounded under attack.",
+            "min": 100,
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicydConfig:
+    auth_listen: str = field(
+        default="unix:/var/spool/postfix/private/keyrelay-auth",
+        metadata={
+            "doc": "SASL auth service (Dovecot protocol), for Postfix's smtpd_sasl_path; "
+            + _ENDPOINT_TEXT
+            + "; empty: not served.",
+            "pattern": (_ENDPOINT, _ENDPOINT_TEXT),
+            "allow_empty": True,
+        },
+    )
+    policy_listen: str = field(
+        default="unix:/var/spool/postfix/private/keyrelay-policy",
+        metadata={
+            "doc": "Policy delegation service, for check_policy_service; empty: not served.",
+            "pattern": (_ENDPOINT, _ENDPOINT_TEXT),
+            "allow_empty": True,
+        },
+    )
+    socketmap_listen: str = field(
+        default="unix:/var/spool/postfix/private/keyrelay-socketmap",
+        metadata={
+            "doc": "Socketmap lookup service (map sender_login, for smtpd_sender_login_maps); "
+            "empty: not served.",
+            "pattern": (_ENDPOINT, _ENDPOINT_TEXT),
+            "allow_empty": True,
+        },
+    )
+    socket_mode: str = field(
+        default="0660",
+        metadata={
+            "doc": "Permissions of the unix sockets, in octal.",
+            "pattern": (_OCTAL_MODE, "an octal mode such as 0660"),
+        },
+    )
+    socket_group: str = field(
+        default="postfix",
+        metadata={
+            "doc": "Group of the unix sockets (Postfix's smtpd must be able to connect); "
+            "empty: the daemon's own group.",
+            "pattern": (_USER, "a group name"),
+            "allow_empty": True,
+        },
+    )
+    user: str = field(
+        default="",
+        metadata={
+            "doc": "User to run as after the sockets are bound, when started as root; empty: "
+            "keep running as the starting user.",
+            "pattern": (_USER, "a user name"),
+            "allow_empty": True,
+        },
+    )
+    submission_ports: tuple[int, ...] = field(
+        default=(587, 465, 2525),
+        metadata={
+            "doc": "Postfix server ports that are submission services: mail there needs SMTP "
+            "AUTH (530 5.7.0 otherwise).",
+            "min": 1,
+            "max": 65535,
+        },
+    )
+    submission_context: str = field(
+        default="submission",
+        metadata={
+            "doc": "A policy_context value (check_policy_service { ..., policy_context=... }) "
+            "that marks a submission service whatever its port.",
+            "pattern": (_NO_SPACE, "a word without whitespace"),
+            "allow_empty": True,
+        },
+    )
+    idle_timeout: Duration = field(
+        default=Duration(900.0),
+        metadata={
+            "doc": "A connection with no request for this long is closed (Postfix reconnects "
+            "when it needs to).",
+            "min": 1,
+        },
+    )
+    request_timeout: Duration = field(
+        default=Duration(30.0),
+        metadata={
+            "doc": "A request begun but not finished within this time closes the connection.",
+            "min": 1,
+        },
+    )
+    max_request_size: int = field(
+        default=65536,
+        metadata={
+            "doc": "Largest request in bytes (a policy attribute block, an auth line, a "
+            "netstring); a bigger one closes the connection.",
+            "min": 1024,
+        },
+    )
+    max_connections: int = field(
+        default=4096,
+        metadata={
+            "doc": "Most open connections per service; further ones are closed at once.",
+            "min": 1,
+        },
+    )
+    shutdown_grace: Duration = field(
+        default=Duration(10.0),
+        metadata={
+            "doc": "On SIGTERM, how long requests in progress may take to finish.",
+            "min": 0,
+        },
+    )
+    bruteforce: BruteForceConfig = field(
+        default_factory=BruteForceConfig,
+        metadata={"doc": "Brute-force protection of SMTP AUTH."},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     directory: DirectoryConfig = field(
@@ -291,6 +455,10 @@ class Config:
         default_factory=RoutingConfig, metadata={"doc": "Outbound IP pools."}
     )
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"doc": "Logging."})
+    policyd: PolicydConfig = field(
+        default_factory=PolicydConfig,
+        metadata={"doc": "keyrelay-policyd: SASL auth, policy and socketmap services."},
+    )
 
 
 def default_config() -> Config:

@@ -1,0 +1,3 @@
+from policyd.main import main
+
+main()

@@ -1,0 +1,73 @@
+"""Postfix's policy delegation protocol (SMTPD_POLICY_README; POSTFIX-REFERENCE.md section 2).
+
+A request is ``name=value`` lines ended by an empty line; the answer is ``action=...`` and an
+empty line. Connections stay open across requests. This module splits a byte stream into
+attribute dictionaries and renders an action; it knows nothing about accounts.
+"""
+
+from __future__ import annotations
+
+from .errors import BadRequest
+
+# Postfix 3.7 sends about 30 attributes; a client sending far more is not Postfix.
+MAX_ATTRIBUTES = 200
+
+
+class RequestReader:
+    """Incremental parser: ``feed`` bytes, get back every complete request in them."""
+
+    def __init__(self, max_request_size: int) -> None:
+        self._buffer = b""
+        self._max = max_request_size
+
+    @property
+    def pending(self) -> bool:
+        """A request has begun but not ended."""
+        return bool(self._buffer)
+
+    def feed(self, data: bytes) -> list[dict[str, str]]:
+        buffer = self._buffer + data if self._buffer else data
+        requests: list[dict[str, str]] = []
+        start = 0
+        while True:
+            end = buffer.find(b"\n\n", start)
+            if end < 0:
+                break
+            if end - start > self._max:
+                raise BadRequest(f"policy request longer than {self._max} bytes")
+            requests.append(parse_block(buffer[start:end]))
+            start = end + 2
+        rest = buffer[start:]
+        if rest.startswith(b"\n"):
+            raise BadRequest("empty policy request (a blank line without attributes)")
+        if len(rest) > self._max:
+            raise BadRequest(f"policy request longer than {self._max} bytes")
+        self._buffer = rest
+        return requests
+
+
+def parse_block(block: bytes) -> dict[str, str]:
+    """One request without its ending blank line."""
+    if b"\0" in block:
+        raise BadRequest("policy request contains a NUL byte")
+    # Postfix sends what the SMTP client said (HELO names, addresses) without recoding;
+    # undecodable bytes are kept as surrogates so they can never match a real name.
+    text = block.decode("utf-8", "surrogateescape")
+    if not text:
+        raise BadRequest("empty policy request (a blank line without attributes)")
+    lines = text.split("\n")
+    if len(lines) > MAX_ATTRIBUTES:
+        raise BadRequest(f"policy request with more than {MAX_ATTRIBUTES} attributes")
+    attributes: dict[str, str] = {}
+    for line in lines:
+        name, eq, value = line.partition("=")
+        if not eq or not name:
+            raise BadRequest(f"policy request line is not name=value: {line[:60]!r}")
+        attributes[name] = value
+    return attributes
+
+
+def encode_action(action: str) -> bytes:
+    """``action=...`` plus the empty line; line breaks in the text would end the reply early."""
+    clean = action.replace("\r", " ").replace("\n", " ")
+    return f"action={clean}\n\n".encode("utf-8", "surrogateescape")

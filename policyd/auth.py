@@ -1,0 +1,109 @@
+"""The SASL auth service: decides one login attempt and renders the verdict for Postfix.
+
+Brute-force protection sits in front of the decision engine, keyed on the client address and
+on the key id (every username is ``apikey``, so the username is useless as a key). Only
+*guessing* failures count: a wrong username, a password that is not a key, an unknown key id
+or a wrong secret. A revoked or expired key, a suspended principal or a refused address is a
+known key used in the wrong place, answered clearly every time without locking anyone out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from keyrelay import keys, logs
+from keyrelay.config import BruteForceConfig
+from keyrelay.decisions import Action, LoginFacts, Verdict, decide_login
+from keyrelay.errors import DirectoryUnavailable
+
+from . import dovecot
+from .context import Context, unavailable
+from .counters import FailureTracker
+
+log = logging.getLogger("keyrelay.policyd.auth")
+
+GUESSING = frozenset({"bad_username", "malformed_key", "unknown_key"})
+
+
+def _minutes(seconds: float) -> str:
+    minutes = max(1, math.ceil(seconds / 60))
+    return f"{minutes} minute{'s' if minutes > 1 else ''}"
+
+
+class AuthService:
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.configure(context.config.policyd.bruteforce)
+
+    def configure(self, bf: BruteForceConfig) -> None:
+        self.by_address = FailureTracker(
+            bf.max_failures_per_address, bf.window, bf.lockout, bf.max_tracked
+        )
+        self.by_key = FailureTracker(bf.max_failures_per_key, bf.window, bf.lockout, bf.max_tracked)
+
+    def login(self, attempt: dovecot.Attempt) -> Verdict:
+        """Decide one attempt; every fault of ours becomes a TEMPFAIL verdict."""
+        ctx = self.context
+        now = ctx.monotonic()
+        address = attempt.client_address
+        presented = keys.parse(attempt.password)
+        key_id = presented.key_id if presented else None
+        locked = self.by_address.locked_for(address, now)
+        if locked:
+            return self._locked("address_locked_out", f"too many failed logins from {address}",
+                                locked, key_id)
+        if key_id and (locked := self.by_key.locked_for(key_id, now)):
+            return self._locked("key_locked_out", f"too many failed logins for API key {key_id}",
+                                locked, key_id)
+        try:
+            directory = ctx.snapshot()
+        except DirectoryUnavailable as exc:
+            log.error("directory unavailable: %s", exc)
+            return unavailable("directory_unavailable")
+        facts = LoginFacts(attempt.username, attempt.password, address, ctx.clock())
+        verdict = decide_login(directory, ctx.settings, facts)
+        if verdict.action is Action.REFUSE and verdict.reason in GUESSING:
+            if self.by_address.fail(address, now):
+                log.warning("client %s locked out for %s after repeated failed logins",
+                            address, _minutes(ctx.config.policyd.bruteforce.lockout))
+            # a wrong secret for a key id that exists: someone may be guessing that key
+            if key_id and key_id in directory.keys and self.by_key.fail(key_id, now):
+                log.warning("API key %s locked out for %s after repeated wrong secrets",
+                            key_id, _minutes(ctx.config.policyd.bruteforce.lockout))
+        elif verdict.allowed and verdict.key_id:
+            ctx.key_used(verdict.key_id, facts.now)
+        return verdict
+
+    @staticmethod
+    def _locked(reason: str, what: str, seconds: float, key_id: str | None) -> Verdict:
+        return Verdict(
+            Action.REFUSE, reason, 535, "5.7.8",
+            f"{what}; try again in {_minutes(seconds)}", key_id=key_id,
+        )
+
+    def log(self, attempt: dovecot.Attempt, verdict: Verdict) -> None:
+        fields = {
+            "service": "auth",
+            "client": attempt.client_address,
+            "mechanism": attempt.mechanism,
+            **verdict.log_fields(),
+        }
+        if not verdict.key_id and verdict.action is not Action.ALLOW:
+            fields["username"] = attempt.username[:64]  # what was tried; never the password
+        logs.decision(log, "login", fields)
+
+
+def render(request_id: str, verdict: Verdict) -> bytes | None:
+    """The Dovecot reply for a verdict; ``None`` means: close the connection.
+
+    Postfix 3.7 turns every ``FAIL`` into a permanent 535 whatever flags it carries, so a
+    temporary fault is signalled the only way Postfix understands: the connection drops and
+    the client gets ``454 4.7.0`` (POSTFIX-REFERENCE.md section 1).
+    """
+    if verdict.action is Action.ALLOW:
+        assert verdict.identity is not None
+        return dovecot.ok(request_id, verdict.identity)
+    if verdict.action is Action.REFUSE:
+        return dovecot.fail(request_id, verdict.text)
+    return None

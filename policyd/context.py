@@ -1,0 +1,80 @@
+"""What every policyd service shares: configuration, engine settings, the directory, the clock,
+and the last-used times of keys waiting to be written back.
+
+Built once in ``main()`` from a validated ``Config`` and rebuilt on SIGHUP; nothing here is a
+module-level global (STYLE.md, Configuration).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from keyrelay import admin
+from keyrelay.config import Config
+from keyrelay.decisions import Action, Settings, Verdict
+from keyrelay.directory import Directory, DirectoryBackend
+from keyrelay.errors import KeyrelayError
+
+log = logging.getLogger("keyrelay.policyd")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def unavailable(reason: str) -> Verdict:
+    """Our own fault: always temporary, so the client retries and nothing is lost."""
+    return Verdict(
+        Action.TEMPFAIL, reason, 451, "4.3.0", "account directory temporarily unavailable; "
+        "try again later",
+    )
+
+
+@dataclass(slots=True)
+class Context:
+    config: Config
+    directory: DirectoryBackend
+    settings: Settings = field(init=False)
+    clock: Callable[[], datetime] = utcnow
+    monotonic: Callable[[], float] = time.monotonic
+    used_keys: dict[str, datetime] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.settings = Settings.from_config(self.config)
+
+    def snapshot(self) -> Directory:
+        """The current directory snapshot; raises ``DirectoryUnavailable``."""
+        return self.directory.snapshot()
+
+    def key_used(self, key_id: str, when: datetime) -> None:
+        # Kept in memory and written every keys.last_used_flush_interval: a login must never
+        # cost a file write (issue 2, API keys).
+        self.used_keys[key_id] = when
+
+    def take_key_use(self) -> dict[str, datetime]:
+        """Hand over the collected last-used times (on the event loop's thread)."""
+        pending, self.used_keys = self.used_keys, {}
+        return pending
+
+    def keep_key_use(self, pending: dict[str, datetime]) -> None:
+        """Put back times that could not be written, for the next try."""
+        for key_id, when in pending.items():
+            if key_id not in self.used_keys or self.used_keys[key_id] < when:
+                self.used_keys[key_id] = when
+
+    def write_key_use(self, pending: dict[str, datetime]) -> bool:
+        """Write last-used times to the directory (in a worker thread); False on failure.
+
+        Last-used is bookkeeping: a failure is logged and never affects mail.
+        """
+        try:
+            with self.directory.transaction() as data:
+                admin.record_key_use(data, pending)
+        except (OSError, KeyrelayError) as exc:
+            log.warning("could not record keys' last-used times: %s", exc)
+            return False
+        return True

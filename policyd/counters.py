@@ -1,0 +1,104 @@
+"""In-memory counters: message rates per principal and login failures per address / key id.
+
+Both are bounded: rate counters hold two numbers per principal and window; failure trackers
+keep at most ``max_tracked`` entries and forget the least recently failed first, so an attack
+from many addresses cannot grow memory without limit. (Several relay nodes sharing limits need
+a shared store such as Redis; DESIGN.md, Deployment.)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+class SlidingWindow:
+    """Approximate count of events in the last ``window`` seconds, per key.
+
+    The sliding-window counter: the current fixed window's count plus the previous window's,
+    weighted by how much of it still overlaps the sliding window. O(1) time and memory per
+    key; exact when events are evenly spread, never off by more than the previous window.
+    """
+
+    __slots__ = ("_counts", "_window")
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._counts: dict[str, tuple[int, int, int]] = {}  # key -> (window no, current, previous)
+
+    def _state(self, key: str, now: float) -> tuple[int, int, int]:
+        number = int(now // self._window)
+        found = self._counts.get(key)
+        if found is None:
+            return number, 0, 0
+        seen, current, _ = found
+        if seen == number:
+            return found
+        if seen == number - 1:
+            return number, 0, current
+        return number, 0, 0
+
+    def count(self, key: str, now: float) -> float:
+        number, current, previous = self._state(key, now)
+        elapsed = now / self._window - number  # fraction of the current window gone by
+        return current + previous * (1.0 - elapsed)
+
+    def add(self, key: str, now: float) -> None:
+        number, current, previous = self._state(key, now)
+        self._counts[key] = (number, current + 1, previous)
+
+    def prune(self, now: float) -> None:
+        """Forget keys whose last event is more than two windows old."""
+        number = int(now // self._window)
+        stale = [key for key, (seen, _, _) in self._counts.items() if seen < number - 1]
+        for key in stale:
+            del self._counts[key]
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
+@dataclass(slots=True)
+class _Failures:
+    first: float
+    count: int
+    locked_until: float = 0.0
+
+
+class FailureTracker:
+    """Failures per key within a window; ``max_failures`` of them lock the key out."""
+
+    def __init__(
+        self, max_failures: int, window: float, lockout: float, max_tracked: int
+    ) -> None:
+        self._max_failures = max_failures
+        self._window = window
+        self._lockout = lockout
+        self._max_tracked = max_tracked
+        self._entries: OrderedDict[str, _Failures] = OrderedDict()
+
+    def locked_for(self, key: str, now: float) -> float:
+        """Seconds the key stays locked out; 0 when it is not."""
+        entry = self._entries.get(key)
+        if entry is None or entry.locked_until <= now:
+            return 0.0
+        return entry.locked_until - now
+
+    def fail(self, key: str, now: float) -> bool:
+        """Count one failure; True when this failure starts a lock-out."""
+        entry = self._entries.get(key)
+        if entry is None or (now - entry.first > self._window and entry.locked_until <= now):
+            entry = _Failures(first=now, count=0)
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max_tracked:
+            self._entries.popitem(last=False)
+        entry.count += 1
+        if entry.count >= self._max_failures and entry.locked_until <= now:
+            entry.locked_until = now + self._lockout
+            entry.first, entry.count = now, 0
+            return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self._entries)

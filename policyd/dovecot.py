@@ -1,0 +1,176 @@
+"""The Dovecot authentication protocol, server side, as Postfix's ``smtpd_sasl_type = dovecot``
+speaks it (POSTFIX-REFERENCE.md section 1; Postfix ``xsasl_dovecot_server.c``).
+
+Lines are TAB-separated fields ending in LF. On connect the server sends its handshake
+(``VERSION``, ``MECH``..., ``SPID``, ``CUID``, ``COOKIE``, ``DONE``); the client sends
+``VERSION 1 0`` and ``CPID <pid>``, then ``AUTH`` and ``CONT`` requests, each with its own id.
+The server answers ``CONT <id> <base64>``, ``OK <id> user=<name>`` or ``FAIL <id> reason=...``.
+
+This module turns lines into typed events and verdict parts back into lines; it knows nothing
+about accounts or keys. Which user may log in is decided elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+
+from .errors import BadRequest
+from .sasl import MECHANISMS, Challenge, Failure, Login, Plain, Step, decode_response
+
+PROTOCOL_MAJOR = 1
+PROTOCOL_MINOR = 2
+# Postfix uses one exchange at a time per connection; a few more are harmless, many are abuse.
+MAX_EXCHANGES = 16
+_ID = re.compile(r"[0-9]{1,10}\Z")
+# TAB, LF and the escape byte would break the line format; other controls are unreadable.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """A finished exchange: credentials to decide on. ``password`` is never shown."""
+
+    request_id: str
+    mechanism: str
+    username: str
+    password: str = field(repr=False)
+    client_address: str
+    secured: bool
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Bytes to send back at once (a challenge, or a failure of the exchange itself)."""
+
+    data: bytes
+
+
+def greeting(pid: int, connection_number: int, cookie: str) -> bytes:
+    """The server handshake, sent as soon as a client connects."""
+    lines = [f"VERSION\t{PROTOCOL_MAJOR}\t{PROTOCOL_MINOR}"]
+    # "plaintext": the mechanisms send the password in clear, so Postfix offers them only
+    # where smtpd_sasl_tls_security_options allow it (under TLS with noplaintext outside).
+    lines += [f"MECH\t{name}\tplaintext" for name in MECHANISMS]
+    lines += [f"SPID\t{pid}", f"CUID\t{connection_number}", f"COOKIE\t{cookie}", "DONE", ""]
+    return "\n".join(lines).encode("ascii")
+
+
+def ok(request_id: str, user: str) -> bytes:
+    return f"OK\t{request_id}\tuser={_safe(user)}\n".encode()
+
+
+def fail(request_id: str, reason: str) -> bytes:
+    return f"FAIL\t{request_id}\treason={_safe(reason)}\n".encode()
+
+
+def cont(request_id: str, data: bytes) -> bytes:
+    return f"CONT\t{request_id}\t{base64.b64encode(data).decode('ascii')}\n".encode("ascii")
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub(" ", text)
+
+
+@dataclass(slots=True)
+class _Exchange:
+    mechanism: str
+    machine: Plain | Login
+    client_address: str
+    secured: bool
+    service: str
+
+
+class ServerSession:
+    """The state of one client connection: handshake, then exchanges by request id."""
+
+    def __init__(self) -> None:
+        self._version_seen = False
+        self._cpid_seen = False
+        self._exchanges: dict[str, _Exchange] = {}
+
+    def receive(self, line: str) -> Attempt | Reply | None:
+        """Handle one line (without LF); raise ``BadRequest`` when the client broke protocol."""
+        command, _, rest = line.partition("\t")
+        if not self._version_seen:
+            if command != "VERSION":
+                raise BadRequest(f"expected the VERSION handshake first, got {command[:20]!r}")
+            major = rest.partition("\t")[0]
+            if major != str(PROTOCOL_MAJOR):
+                raise BadRequest(f"unsupported protocol major version {major[:10]!r}")
+            self._version_seen = True
+            return None
+        if command == "CPID":
+            self._cpid_seen = True
+            return None
+        if command in ("AUTH", "CONT") and not self._cpid_seen:
+            raise BadRequest(f"{command} before the CPID handshake line")
+        if command == "AUTH":
+            return self._auth(rest.split("\t"))
+        if command == "CONT":
+            return self._cont(rest.split("\t"))
+        raise BadRequest(f"unknown command {command[:20]!r}")
+
+    def _auth(self, fields: list[str]) -> Attempt | Reply:
+        if len(fields) < 2 or not _ID.match(fields[0]):
+            raise BadRequest("AUTH needs a numeric request id and a mechanism")
+        request_id, mechanism = fields[0], fields[1].upper()
+        if request_id in self._exchanges:
+            raise BadRequest(f"AUTH reuses request id {request_id} still in progress")
+        params: dict[str, str] = {}
+        flags: set[str] = set()
+        for item in fields[2:]:
+            name, eq, value = item.partition("=")
+            if eq:
+                params[name] = value
+            else:
+                flags.add(name)
+        factory = MECHANISMS.get(mechanism)
+        if factory is None:
+            return Reply(fail(request_id, f"mechanism {mechanism[:20]} is not supported"))
+        if len(self._exchanges) >= MAX_EXCHANGES:
+            raise BadRequest(f"more than {MAX_EXCHANGES} authentications in progress")
+        exchange = _Exchange(
+            mechanism=mechanism,
+            machine=factory(),
+            client_address=params.get("rip", ""),
+            secured="secured" in flags,
+            service=params.get("service", ""),
+        )
+        initial: bytes | None = None
+        if "resp" in params:
+            decoded = decode_response(params["resp"])
+            if decoded is None:
+                return Reply(fail(request_id, "the initial response is not valid base64"))
+            initial = decoded
+        return self._advance(request_id, exchange, exchange.machine.start(initial))
+
+    def _cont(self, fields: list[str]) -> Attempt | Reply:
+        if len(fields) != 2 or not _ID.match(fields[0]):
+            raise BadRequest("CONT needs a request id and one base64 response")
+        request_id, data = fields
+        exchange = self._exchanges.pop(request_id, None)
+        if exchange is None:
+            raise BadRequest(f"CONT for request id {request_id}, which is not in progress")
+        decoded = decode_response(data)
+        if decoded is None:
+            return Reply(fail(request_id, "the response is not valid base64"))
+        return self._advance(request_id, exchange, exchange.machine.step(decoded))
+
+    def _advance(self, request_id: str, exchange: _Exchange, step: Step) -> Attempt | Reply:
+        if isinstance(step, Challenge):
+            self._exchanges[request_id] = exchange
+            return Reply(cont(request_id, step.data))
+        if isinstance(step, Failure):
+            return Reply(fail(request_id, step.reason))
+        return Attempt(
+            request_id=request_id,
+            mechanism=exchange.mechanism,
+            username=step.username,
+            password=step.password,
+            client_address=exchange.client_address,
+            secured=exchange.secured,
+            service=exchange.service,
+        )

@@ -1,0 +1,229 @@
+"""``keyrelay-policyd``: the SASL auth, policy and socketmap services in one asyncio process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import signal
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import NoReturn
+
+from keyrelay import __version__, logs
+from keyrelay.config import Config, load_config, resolve_config_path
+from keyrelay.directory import open_directory
+from keyrelay.errors import ConfigError, DirectoryUnavailable
+
+from . import server
+from .auth import AuthService
+from .context import Context
+from .policy import PolicyService
+from .socketmap import SocketmapService
+
+log = logging.getLogger("keyrelay.policyd")
+
+DESCRIPTION = """\
+Serve Postfix's SASL authentication (Dovecot protocol, smtpd_sasl_type = dovecot), policy
+delegation (check_policy_service) and socketmap lookups (map sender_login) for keyrelay:
+applications log in with username "apikey" and an API key, and every message is checked
+against the keyrelay directory before Postfix accepts it."""
+
+EPILOG = """\
+services (endpoints in the policyd section of the configuration):
+  auth       smtpd_sasl_type = dovecot, smtpd_sasl_path = private/keyrelay-auth
+  policy     check_policy_service unix:private/keyrelay-policy (RCPT and DATA stages)
+  socketmap  smtpd_sender_login_maps = socketmap:unix:private/keyrelay-socketmap:sender_login
+
+signals:
+  SIGHUP   reload the configuration (listen endpoints need a restart)
+  SIGTERM  stop accepting, let requests in progress finish, write keys' last-used times, exit
+
+files:
+  /etc/keyrelay/keyrelay.yaml   configuration (--config, or $KEYRELAY_CONFIG)
+  /etc/keyrelay/directory.yaml  the directory (directory.path); changes apply without restart
+
+exit status:
+  0 stopped by SIGTERM/SIGINT, or --check-config found no problem
+  1 configuration or directory error, or a socket could not be bound
+  2 usage error"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="keyrelay-policyd",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="PATH",
+                        help="configuration file (default: $KEYRELAY_CONFIG or "
+                        "/etc/keyrelay/keyrelay.yaml)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration and the directory, then exit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def fail(message: str) -> NoReturn:
+    print(f"keyrelay-policyd: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def check(config: Config) -> None:
+    """Everything that can be checked before binding: the directory parses, names resolve."""
+    directory = open_directory(config)
+    try:
+        snapshot = directory.snapshot()
+    except DirectoryUnavailable as exc:
+        fail(str(exc))
+    cfg = config.policyd
+    if os.geteuid() == 0:
+        try:
+            server.socket_owner(cfg)
+        except KeyError as exc:
+            fail(f"policyd.user / policyd.socket_group: no such user or group: {exc}")
+    if not (cfg.auth_listen or cfg.policy_listen or cfg.socketmap_listen):
+        fail("policyd: every *_listen endpoint is empty; nothing to serve")
+    for pool in {config.routing.default_pool} - {""} - set(snapshot.pools):
+        log.warning("routing.default_pool %r is not a pool in the directory", pool)
+
+
+class Daemon:
+    def __init__(self, config_path: str, config: Config) -> None:
+        self.config_path = config_path
+        self.context = Context(config, open_directory(config))
+        self.auth = AuthService(self.context)
+        self.policy = PolicyService(self.context)
+        self.socketmap = SocketmapService(self.context)
+        self.listeners = server.listeners(config.policyd, self.auth, self.policy, self.socketmap)
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        cfg = self.context.config.policyd
+        owner = server.socket_owner(cfg)
+        for listener in self.listeners:
+            await listener.start(owner, int(cfg.socket_mode, 8))
+        server.drop_privileges(cfg.user)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        tasks = [asyncio.create_task(self.every(1.0, self.sweep)),
+                 asyncio.create_task(self.every(60.0, self.prune)),
+                 asyncio.create_task(self.flush_loop())]
+        log.info("keyrelay-policyd %s ready (pid %d)", __version__, os.getpid())
+        await self.stopping.wait()
+        await self.shutdown()
+        for task in tasks:
+            task.cancel()
+        await self.flush()
+
+    async def every(self, seconds: float, job: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            job()
+
+    def sweep(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for listener in self.listeners:
+            listener.sweep(now)
+
+    def prune(self) -> None:
+        self.policy.prune()
+
+    async def flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.context.config.keys.last_used_flush_interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        pending = self.context.take_key_use()
+        if not pending:
+            return
+        written = await asyncio.to_thread(self.context.write_key_use, pending)
+        if written:
+            log.info("recorded last-used times of %d keys", len(pending))
+        else:
+            self.context.keep_key_use(pending)
+
+    def reload(self) -> None:
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
+            return
+        old = self.context.config
+        for name in ("auth_listen", "policy_listen", "socketmap_listen", "user"):
+            if getattr(old.policyd, name) != getattr(config.policyd, name):
+                log.warning("SIGHUP: policyd.%s changed; it takes effect after a restart", name)
+        logs.configure(config.logging)
+        directory = (self.context.directory if config.directory == old.directory
+                     else open_directory(config))
+        new = Context(config, directory)
+        new.used_keys = self.context.used_keys
+        self.context = new
+        self.auth.context = self.policy.context = self.socketmap.context = new
+        self.auth.configure(config.policyd.bruteforce)
+        for listener in self.listeners:
+            listener.limits = config.policyd
+        log.info("SIGHUP: configuration reloaded from %s", self.config_path)
+
+    async def shutdown(self) -> None:
+        """Stop accepting; close idle connections; give busy ones up to shutdown_grace."""
+        log.info("stopping: no new connections; finishing requests in progress")
+        for listener in self.listeners:
+            listener.stop_accepting()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.context.config.policyd.shutdown_grace
+        while True:
+            busy = 0
+            for listener in self.listeners:
+                for conn in list(listener.connections):
+                    if conn.pending():
+                        busy += 1
+                    else:
+                        conn.close_quietly()
+            if not busy or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for listener in self.listeners:
+            for conn in list(listener.connections):
+                conn.close_quietly()
+        await asyncio.sleep(0)  # let the transports close
+
+
+def _raise_fd_limit() -> None:
+    # Every smtpd process holds one connection per service: allow many.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    path = resolve_config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        fail(str(exc))
+    logs.configure(config.logging)
+    check(config)
+    if args.check_config:
+        print(textwrap.dedent(f"""\
+            keyrelay-policyd: configuration {path} is valid
+            keyrelay-policyd: directory {config.directory.path} is valid"""))
+        return
+    _raise_fd_limit()
+    try:
+        asyncio.run(Daemon(path, config).run())
+    except OSError as exc:
+        fail(f"cannot start: {exc}")
+    except KeyError as exc:
+        fail(f"policyd.user / policyd.socket_group: no such user or group: {exc}")
+    log.info("keyrelay-policyd stopped")

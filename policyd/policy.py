@@ -1,0 +1,160 @@
+"""The policy service: decides one ``check_policy_service`` request and renders the action.
+
+Stages (``protocol_state``):
+
+- MAIL and RCPT: the session must be logged in on a submission service, the login must still
+  be valid (key not revoked or expired since), the client inside the IP access rules, the
+  envelope sender the principal's own; at RCPT also the recipients-per-message limit. An
+  allowed request answers ``FILTER <pool transport>:`` so the mail leaves through the
+  principal's IP pool, or ``DUNNO`` to let Postfix's own restrictions go on.
+- DATA and END-OF-MESSAGE: the same checks, and the message rate limits; each message is
+  counted once, at whichever of the two stages Postfix asks first (``instance`` tells
+  messages apart).
+- Other stages: ``DUNNO``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+from keyrelay import logs
+from keyrelay.decisions import (
+    Action,
+    EnvelopeFacts,
+    RateFacts,
+    Verdict,
+    decide_envelope,
+    decide_rate,
+    parse_identity,
+)
+from keyrelay.errors import DirectoryUnavailable
+
+from .context import Context, unavailable
+from .counters import SlidingWindow
+
+log = logging.getLogger("keyrelay.policyd.policy")
+
+ENVELOPE_STAGES = frozenset({"MAIL", "RCPT", "DATA", "END-OF-MESSAGE"})
+MESSAGE_STAGES = frozenset({"DATA", "END-OF-MESSAGE"})
+# Messages whose rate was already counted, by Postfix's per-message "instance" attribute.
+_COUNTED_MAX = 65536
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+class PolicyService:
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.per_minute = SlidingWindow(60.0)
+        self.per_hour = SlidingWindow(3600.0)
+        self._counted: OrderedDict[str, None] = OrderedDict()
+
+    def submission(self, request: dict[str, str]) -> bool:
+        cfg = self.context.config.policyd
+        context = request.get("policy_context", "")
+        if cfg.submission_context and context == cfg.submission_context:
+            return True
+        return _int(request.get("server_port")) in cfg.submission_ports
+
+    def decide(self, request: dict[str, str]) -> Verdict:
+        """Decide one request; directory trouble becomes a temporary verdict."""
+        stage = request.get("protocol_state", "").upper()
+        if request.get("request") != "smtpd_access_policy" or stage not in ENVELOPE_STAGES:
+            return Verdict(Action.ALLOW, "not_checked_at_" + (stage.lower() or "unknown"))
+        ctx = self.context
+        try:
+            directory = ctx.snapshot()
+        except DirectoryUnavailable as exc:
+            log.error("directory unavailable: %s", exc)
+            return unavailable("directory_unavailable")
+        now = ctx.clock()
+        identity = request.get("sasl_username", "")
+        facts = EnvelopeFacts(
+            identity=identity,
+            submission=self.submission(request),
+            client_address=request.get("client_address", ""),
+            sender=request.get("sender", ""),
+            now=now,
+        )
+        verdict = decide_envelope(directory, ctx.settings, facts)
+        if not verdict.allowed or parse_identity(identity) is None:
+            return verdict
+        recipients = _int(request.get("recipient_count"))
+        if stage == "RCPT":
+            recipients += 1  # recipient_count counts those accepted before this one
+        counted = stage in MESSAGE_STAGES and self._needs_count(request)
+        tick = ctx.monotonic()
+        rate = decide_rate(
+            directory, ctx.settings,
+            RateFacts(
+                identity=identity,
+                messages_last_minute=self._rate(self.per_minute, verdict, tick, counted),
+                messages_last_hour=self._rate(self.per_hour, verdict, tick, counted),
+                recipients=recipients,
+                now=now,
+            ),
+        )
+        if not rate.allowed:
+            return rate
+        if counted and verdict.principal:
+            self.per_minute.add(verdict.principal, tick)
+            self.per_hour.add(verdict.principal, tick)
+            self._remember(request)
+        if rate.monitored and not verdict.monitored:
+            return Verdict(
+                Action.ALLOW, "monitor", principal=verdict.principal, key_id=verdict.key_id,
+                transport=verdict.transport, monitored=rate.monitored,
+            )
+        return verdict
+
+    @staticmethod
+    def _rate(window: SlidingWindow, verdict: Verdict, tick: float, counted: bool) -> int:
+        """Messages in the window, including this one when this request counts it."""
+        if not counted or not verdict.principal:
+            return 0
+        return int(window.count(verdict.principal, tick)) + 1
+
+    def _needs_count(self, request: dict[str, str]) -> bool:
+        instance = request.get("instance", "")
+        return not instance or instance not in self._counted
+
+    def _remember(self, request: dict[str, str]) -> None:
+        instance = request.get("instance", "")
+        if instance:
+            self._counted[instance] = None
+            while len(self._counted) > _COUNTED_MAX:
+                self._counted.popitem(last=False)
+
+    def prune(self) -> None:
+        tick = self.context.monotonic()
+        self.per_minute.prune(tick)
+        self.per_hour.prune(tick)
+
+    def log(self, request: dict[str, str], verdict: Verdict) -> None:
+        if verdict.reason.startswith("not_checked"):
+            return
+        fields = {
+            "service": "policy",
+            "stage": request.get("protocol_state", ""),
+            "queue_id": request.get("queue_id", ""),
+            "client": request.get("client_address", ""),
+            "sender": request.get("sender", ""),
+            "recipient": request.get("recipient", ""),
+            **verdict.log_fields(),
+        }
+        logs.decision(log, "policy", fields)
+
+
+def render(verdict: Verdict) -> str:
+    """The ``action=`` value for a verdict (access(5) actions)."""
+    if verdict.action is Action.ALLOW:
+        # FILTER routes the whole message through the pool's transport; Postfix then goes on
+        # with the rest of the restriction list, as for DUNNO.
+        return f"FILTER {verdict.transport}:" if verdict.transport else "DUNNO"
+    return verdict.smtp_reply

@@ -1,0 +1,372 @@
+"""Sockets and connections: the asyncio plumbing shared by the three services.
+
+Each service listens on a unix socket or a loopback/TCP address. Connections are plain
+``asyncio.Protocol`` objects (no per-request coroutine: a request is decided synchronously
+from an in-memory snapshot, so the event loop's only work is bytes in and bytes out). Every
+connection is bounded: request size, idle time, time to finish a started request, pending
+output (reading pauses while the client does not read), and the number of connections.
+
+A protocol violation closes that connection only; an unexpected exception is logged with its
+traceback, answered temporarily where the protocol allows it, and also closes only that
+connection. The daemon keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import itertools
+import logging
+import os
+import pwd
+import secrets
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from keyrelay.config import PolicydConfig
+from keyrelay.decisions import Action, Verdict
+
+from . import attributes, auth, dovecot, netstring, policy
+from .auth import AuthService
+from .errors import BadRequest
+from .policy import PolicyService
+from .socketmap import SocketmapService
+
+log = logging.getLogger("keyrelay.policyd")
+
+# Pending output above which we stop reading from a client that does not read its answers.
+_HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """``unix:/path`` or ``inet:host:port`` (Postfix's own notation)."""
+
+    kind: str
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        if text.startswith("unix:"):
+            return cls("unix", path=text[5:])
+        host, _, port = text[5:].rpartition(":")
+        return cls("inet", host=host.strip("[]"), port=int(port))
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        return f"inet:[{self.host}]:{self.port}" if ":" in self.host else (
+            f"inet:{self.host}:{self.port}"
+        )
+
+
+class Listener:
+    """One service's listening socket and the connections it accepted."""
+
+    def __init__(self, name: str, endpoint: Endpoint, factory: Callable[[Listener], Connection],
+                 limits: PolicydConfig) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        self.factory = factory
+        self.limits = limits
+        self.connections: set[Connection] = set()
+        self.accepted = 0
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self, socket_owner: tuple[int, int] | None, mode: int) -> None:
+        loop = asyncio.get_running_loop()
+        if self.endpoint.kind == "unix":
+            path = self.endpoint.path
+            _remove_stale_socket(path)
+            self.server = await loop.create_unix_server(lambda: self.factory(self), path)
+            if socket_owner is not None:
+                os.chown(path, *socket_owner)
+            os.chmod(path, mode)
+        else:
+            self.server = await loop.create_server(
+                lambda: self.factory(self), self.endpoint.host, self.endpoint.port,
+                reuse_address=True, backlog=1024,
+            )
+        log.info("%s service listening on %s", self.name, self.endpoint)
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.endpoint.kind == "unix":
+            try:
+                os.unlink(self.endpoint.path)
+            except FileNotFoundError:
+                pass
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle too long or stuck in the middle of a request."""
+        idle, request = self.limits.idle_timeout, self.limits.request_timeout
+        for conn in list(self.connections):
+            if conn.request_started and now - conn.request_started > request:
+                conn.abort(f"request not finished within {request:g}s")
+            elif now - conn.last_active > idle:
+                conn.close_quietly()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket left by an earlier run, but never one that a live process serves."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"{path} is in use by another running process")
+
+
+class Connection(asyncio.Protocol):
+    """Bytes in, answers out, with the limits of ``Listener``; subclasses parse and answer."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.last_active = 0.0
+        self.request_started = 0.0  # monotonic time the unfinished request began; 0: none
+        self.closing = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.last_active = _now()
+        listener = self.listener
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if len(listener.connections) >= listener.limits.max_connections:
+            log.warning("%s: connection from %s refused: %d connections already open "
+                        "(policyd.max_connections)", listener.name, self.peer,
+                        len(listener.connections))
+            transport.abort()
+            return
+        listener.connections.add(self)
+        listener.accepted += 1
+        transport.set_write_buffer_limits(high=_HIGH_WATER)
+        self.opened()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_active = now = _now()
+        try:
+            self.received(data)
+        except BadRequest as exc:
+            self.abort(str(exc))
+            return
+        except Exception:  # the one catch-all per connection (STYLE.md)
+            log.exception("%s: internal error on connection from %s; closing it",
+                          self.listener.name, self.peer)
+            self.internal_error()
+            return
+        if self.pending():
+            if not self.request_started:
+                self.request_started = now
+        else:
+            self.request_started = 0.0
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.connections.discard(self)
+        self.closing = True
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    # -- for subclasses ------------------------------------------------------------------
+    def opened(self) -> None:
+        """Called once the connection is accepted."""
+
+    def received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def pending(self) -> bool:
+        """A request has begun and not ended."""
+        raise NotImplementedError
+
+    def internal_error(self) -> None:
+        """Our fault: the default drops the connection, which Postfix treats as temporary."""
+        self.close_quietly()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(data)
+
+    def abort(self, reason: str) -> None:
+        log.warning("%s: closing connection from %s: %s", self.listener.name, self.peer, reason)
+        self.close_quietly()
+
+    def close_quietly(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+# -- the three services ----------------------------------------------------------------------
+class AuthConnection(Connection):
+    """Dovecot auth protocol: LF-terminated lines, handshake first."""
+
+    def __init__(self, listener: Listener, service: AuthService, cuid: int) -> None:
+        super().__init__(listener)
+        self.service = service
+        self.session = dovecot.ServerSession()
+        self.cuid = cuid
+        self.buffer = b""
+
+    def opened(self) -> None:
+        self.send(dovecot.greeting(os.getpid(), self.cuid, secrets.token_hex(16)))
+
+    def pending(self) -> bool:
+        return bool(self.buffer)
+
+    def received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        limit = self.listener.limits.max_request_size
+        start = 0
+        while not self.closing:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            if end - start > limit:
+                raise BadRequest(f"auth line longer than {limit} bytes")
+            self.line(buffer[start:end])
+            start = end + 1
+        self.buffer = buffer[start:]
+        if len(self.buffer) > limit:
+            raise BadRequest(f"auth line longer than {limit} bytes")
+
+    def line(self, raw: bytes) -> None:
+        if b"\0" in raw:
+            raise BadRequest("auth line contains a NUL byte")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("auth line is not UTF-8 text") from None
+        event = self.session.receive(text.rstrip("\r"))
+        if event is None:
+            return
+        if isinstance(event, dovecot.Reply):
+            self.send(event.data)
+            return
+        verdict = self.service.login(event)
+        self.service.log(event, verdict)
+        reply = auth.render(event.request_id, verdict)
+        if reply is None:
+            self.close_quietly()  # Postfix answers 454 4.7.0: the client retries
+        else:
+            self.send(reply)
+
+
+class PolicyConnection(Connection):
+    def __init__(self, listener: Listener, service: PolicyService) -> None:
+        super().__init__(listener)
+        self.service = service
+        self.reader = attributes.RequestReader(listener.limits.max_request_size)
+        self.request: dict[str, str] = {}
+
+    def pending(self) -> bool:
+        return self.reader.pending
+
+    def received(self, data: bytes) -> None:
+        for request in self.reader.feed(data):
+            self.request = request
+            verdict = self.service.decide(request)
+            self.service.log(request, verdict)
+            self.send(attributes.encode_action(policy.render(verdict)))
+        self.request = {}
+
+    def internal_error(self) -> None:
+        # The policy protocol can carry a temporary answer: better than a dropped connection,
+        # which Postfix would retry and then answer with its own default action.
+        verdict = Verdict(Action.TEMPFAIL, "internal_error", 451, "4.3.0",
+                          "internal error in the relay's policy service; try again later")
+        if self.request:
+            self.service.log(self.request, verdict)
+            self.send(attributes.encode_action(policy.render(verdict)))
+        self.close_quietly()
+
+
+class SocketmapConnection(Connection):
+    def __init__(self, listener: Listener, service: SocketmapService) -> None:
+        super().__init__(listener)
+        self.service = service
+        self.reader = netstring.NetstringReader(listener.limits.max_request_size)
+
+    def pending(self) -> bool:
+        return self.reader.pending
+
+    def received(self, data: bytes) -> None:
+        for lookup in self.reader.feed(data):
+            reply, outcome = self.service.lookup(lookup)
+            self.service.log(lookup, outcome)
+            self.send(reply)
+
+    def internal_error(self) -> None:
+        self.send(netstring.temp("internal error in the relay's socketmap service"))
+        self.close_quietly()
+
+
+def listeners(
+    cfg: PolicydConfig, auth_service: AuthService, policy_service: PolicyService,
+    socketmap_service: SocketmapService,
+) -> list[Listener]:
+    """A listener for every service with a configured endpoint."""
+    made: list[Listener] = []
+    counter = itertools.count(1)
+    if cfg.auth_listen:
+        made.append(Listener("auth", Endpoint.parse(cfg.auth_listen),
+                             lambda lst: AuthConnection(lst, auth_service, next(counter)), cfg))
+    if cfg.policy_listen:
+        made.append(Listener("policy", Endpoint.parse(cfg.policy_listen),
+                             lambda lst: PolicyConnection(lst, policy_service), cfg))
+    if cfg.socketmap_listen:
+        made.append(Listener("socketmap", Endpoint.parse(cfg.socketmap_listen),
+                             lambda lst: SocketmapConnection(lst, socketmap_service), cfg))
+    return made
+
+
+def socket_owner(cfg: PolicydConfig) -> tuple[int, int] | None:
+    """(uid, gid) for the unix sockets, when running as root; raises KeyError for unknown names."""
+    if os.geteuid() != 0:
+        return None
+    uid = pwd.getpwnam(cfg.user).pw_uid if cfg.user else 0
+    gid = grp.getgrnam(cfg.socket_group).gr_gid if cfg.socket_group else os.getegid()
+    return uid, gid
+
+
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (its groups too) once the sockets are bound."""
+    if not user or os.geteuid() != 0:
+        return
+    entry = pwd.getpwnam(user)
+    os.initgroups(user, entry.pw_gid)
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    log.info("running as user %s (uid %d)", user, entry.pw_uid)

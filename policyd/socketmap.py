@@ -1,0 +1,73 @@
+"""The socketmap service: lookup tables for Postfix's own restrictions.
+
+Map ``sender_login`` (for ``smtpd_sender_login_maps``): key an envelope sender address, value
+every login allowed to use it, i.e. the identity (``principal:keyid``) of each usable key of
+each principal that owns the address (a verified single sender, or an address in a domain the
+principal owns or was granted, while that domain may send). With it, admins can also use
+``reject_authenticated_sender_login_mismatch``. Postfix compares the logins case-insensitively;
+keys arrive lowercased but are lowercased again here (a socketmap is a pattern table).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from keyrelay import logs, names
+from keyrelay.decisions import SEND_SCOPE, domain_may_send, format_identity
+from keyrelay.directory import Directory
+from keyrelay.errors import DirectoryUnavailable, UserError
+
+from . import netstring
+from .context import Context
+
+log = logging.getLogger("keyrelay.policyd.socketmap")
+
+MAPS = ("sender_login",)
+
+
+class SocketmapService:
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def lookup(self, request: netstring.Lookup) -> tuple[bytes, str]:
+        """The reply netstring and a short outcome for the log."""
+        if request.map_name not in MAPS:
+            return netstring.perm(f"unknown map {request.map_name[:40]!r}"), "unknown_map"
+        try:
+            directory = self.context.snapshot()
+        except DirectoryUnavailable as exc:
+            log.error("directory unavailable: %s", exc)
+            return netstring.temp("account directory temporarily unavailable"), "unavailable"
+        logins = self.sender_logins(directory, request.key.lower())
+        if not logins:
+            return netstring.not_found(), "notfound"
+        return netstring.ok(",".join(logins)), "ok"
+
+    def sender_logins(self, directory: Directory, key: str) -> list[str]:
+        try:
+            address = names.address(key)
+        except UserError:
+            return []
+        ctx = self.context
+        now = ctx.clock()
+        owners = set(directory.senders_of(address))
+        domain = directory.domains.get(address.rpartition("@")[2])
+        if domain is not None and domain_may_send(domain, ctx.settings, now):
+            owners.add(domain.owner)
+            owners.update(domain.grants)
+        logins = []
+        for principal in sorted(owners):
+            for key_obj in directory.keys_of(principal):
+                usable = (
+                    key_obj.revoked is None
+                    and (key_obj.expires is None or key_obj.expires > now)
+                    and SEND_SCOPE in key_obj.scopes
+                )
+                if usable:
+                    logins.append(format_identity(principal, key_obj.key_id))
+        return logins
+
+    def log(self, request: netstring.Lookup, outcome: str) -> None:
+        fields = {"service": "socketmap", "map": request.map_name[:40], "key": request.key[:256],
+                  "result": outcome}
+        logs.decision(log, "lookup", fields)
