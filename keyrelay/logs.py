@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import LoggingConfig
@@ -19,8 +22,12 @@ if TYPE_CHECKING:
 FIELDS_ATTR = "keyrelay_fields"
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]|[^\x21-\x7e]')
+
+
 def _quote(value: str) -> str:
-    if value and not any(c in value for c in ' "=\\') and value.isprintable():
+    """``value`` bare when it is plain ASCII without spaces, quotes or ``=``; else as JSON."""
+    if value and not _NEEDS_QUOTES.search(value):
         return value
     return json.dumps(value, ensure_ascii=False)
 
@@ -35,7 +42,7 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         fields: dict[str, str] | None = getattr(record, FIELDS_ATTR, None)
         if fields:
-            line += " " + " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+            line += " " + " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if v)
         return line
 
 
@@ -67,8 +74,62 @@ def configure(settings: LoggingConfig, stream: Any = None) -> None:
     root.propagate = False
 
 
-def decision(logger: logging.Logger, message: str, fields: dict[str, str]) -> None:
-    """Log one decision with its fields (empty values left out)."""
-    if logger.isEnabledFor(logging.INFO):
-        kept = {k: v for k, v in fields.items() if v}
-        logger.info(message, extra={FIELDS_ATTR: kept})
+class DecisionLog:
+    """The one line per decision, written without the ``logging`` machinery.
+
+    Decisions are the daemons' hot path (thousands per second): a ``LogRecord``, a handler
+    lookup and a flush per line would cost more than the decision itself. Lines have the
+    same shape as ``TextFormatter``/``JsonFormatter`` output and go to the same stream. With
+    ``schedule_flush`` (policyd: ``loop.call_soon``) lines are flushed once per event-loop
+    iteration, so a burst of decisions costs one write; without it every line is flushed.
+    """
+
+    def __init__(
+        self,
+        settings: LoggingConfig,
+        stream: IO[str] | None = None,
+        schedule_flush: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        self.enabled = logging.getLevelName(settings.level.upper()) <= logging.INFO
+        self.json = settings.format == "json"
+        self.stream = stream or sys.stderr
+        self.schedule_flush = schedule_flush
+        self.unflushed = False
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime(
+                "%Y-%m-%dT%H:%M:%S" if self.json else "%Y-%m-%d %H:%M:%S", time.localtime(now)
+            )
+        millis = int((now - second) * 1000)
+        return f"{self._stamp}.{millis:03d}" if self.json else f"{self._stamp},{millis:03d}"
+
+    def emit(self, logger: str, message: str, fields: dict[str, str]) -> None:
+        """Log one decision with its fields (empty values left out)."""
+        if not self.enabled:
+            return
+        if self.json:
+            doc = {"time": self._time(), "level": "info", "logger": logger, "message": message}
+            doc.update((k, v) for k, v in fields.items() if v)
+            line = json.dumps(doc, ensure_ascii=False)
+        else:
+            pairs = " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if v)
+            line = f"{self._time()} INFO {logger}: {message} {pairs}"
+        self.stream.write(line + "\n")
+        if self.schedule_flush is None:
+            self.flush()
+        elif not self.unflushed:
+            self.unflushed = True
+            self.schedule_flush(self.flush)
+
+    def flush(self) -> None:
+        self.unflushed = False
+        try:
+            self.stream.flush()
+        except OSError as exc:  # a full disk or closed journal must not stop mail
+            logging.getLogger("keyrelay").warning("cannot write the decision log: %s", exc)

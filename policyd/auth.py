@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 
-from keyrelay import keys, logs
+from keyrelay import keys
 from keyrelay.config import BruteForceConfig
 from keyrelay.decisions import Action, LoginFacts, Verdict, decide_login
 from keyrelay.errors import DirectoryUnavailable
@@ -91,7 +91,7 @@ class AuthService:
         }
         if not verdict.key_id and verdict.action is not Action.ALLOW:
             fields["username"] = attempt.username[:64]  # what was tried; never the password
-        logs.decision(log, "login", fields)
+        self.context.decisions.emit(log.name, "login", fields)
 
 
 def render(request_id: str, verdict: Verdict) -> bytes | None:

@@ -18,6 +18,7 @@ from keyrelay.config import Config
 from keyrelay.decisions import Action, Settings, Verdict
 from keyrelay.directory import Directory, DirectoryBackend
 from keyrelay.errors import KeyrelayError
+from keyrelay.logs import DecisionLog
 
 log = logging.getLogger("keyrelay.policyd")
 
@@ -39,12 +40,15 @@ class Context:
     config: Config
     directory: DirectoryBackend
     settings: Settings = field(init=False)
+    decisions: DecisionLog = field(init=False)
+    decision_log: DecisionLog | None = None  # default: every line flushed to stderr
     clock: Callable[[], datetime] = utcnow
     monotonic: Callable[[], float] = time.monotonic
     used_keys: dict[str, datetime] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.settings = Settings.from_config(self.config)
+        self.decisions = self.decision_log or DecisionLog(self.config.logging)
 
     def snapshot(self) -> Directory:
         """The current directory snapshot; raises ``DirectoryUnavailable``."""

@@ -18,6 +18,7 @@ from keyrelay import __version__, logs
 from keyrelay.config import Config, load_config, resolve_config_path
 from keyrelay.directory import open_directory
 from keyrelay.errors import ConfigError, DirectoryUnavailable
+from keyrelay.logs import DecisionLog
 
 from . import server
 from .auth import AuthService
@@ -96,12 +97,18 @@ def check(config: Config) -> None:
 class Daemon:
     def __init__(self, config_path: str, config: Config) -> None:
         self.config_path = config_path
-        self.context = Context(config, open_directory(config))
+        # Decision lines are buffered and flushed once per event-loop iteration.
+        self.log_stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1 << 16)
+        self.context = Context(config, open_directory(config), self.decision_log(config))
         self.auth = AuthService(self.context)
         self.policy = PolicyService(self.context)
         self.socketmap = SocketmapService(self.context)
         self.listeners = server.listeners(config.policyd, self.auth, self.policy, self.socketmap)
         self.stopping = asyncio.Event()
+
+    def decision_log(self, config: Config) -> DecisionLog:
+        loop = asyncio.get_running_loop()
+        return DecisionLog(config.logging, self.log_stream, loop.call_soon)
 
     async def run(self) -> None:
         cfg = self.context.config.policyd
@@ -164,7 +171,7 @@ class Daemon:
         logs.configure(config.logging)
         directory = (self.context.directory if config.directory == old.directory
                      else open_directory(config))
-        new = Context(config, directory)
+        new = Context(config, directory, self.decision_log(config))
         new.used_keys = self.context.used_keys
         self.context = new
         self.auth.context = self.policy.context = self.socketmap.context = new
@@ -197,6 +204,12 @@ class Daemon:
         await asyncio.sleep(0)  # let the transports close
 
 
+async def serve(path: str, config: Config) -> None:
+    daemon = Daemon(path, config)
+    await daemon.run()
+    daemon.context.decisions.flush()
+
+
 def _raise_fd_limit() -> None:
     # Every smtpd process holds one connection per service: allow many.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -221,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     _raise_fd_limit()
     try:
-        asyncio.run(Daemon(path, config).run())
+        asyncio.run(serve(path, config))
     except OSError as exc:
         fail(f"cannot start: {exc}")
     except KeyError as exc:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
-from keyrelay import logs
 from keyrelay.decisions import (
     Action,
     EnvelopeFacts,
@@ -148,7 +147,7 @@ class PolicyService:
             "recipient": request.get("recipient", ""),
             **verdict.log_fields(),
         }
-        logs.decision(log, "policy", fields)
+        self.context.decisions.emit(log.name, "policy", fields)
 
 
 def render(verdict: Verdict) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from keyrelay import logs, names
+from keyrelay import names
 from keyrelay.decisions import SEND_SCOPE, domain_may_send, format_identity
 from keyrelay.directory import Directory
 from keyrelay.errors import DirectoryUnavailable, UserError
@@ -70,4 +70,4 @@ class SocketmapService:
     def log(self, request: netstring.Lookup, outcome: str) -> None:
         fields = {"service": "socketmap", "map": request.map_name[:40], "key": request.key[:256],
                   "result": outcome}
-        logs.decision(log, "lookup", fields)
+        self.context.decisions.emit(log.name, "lookup", fields)

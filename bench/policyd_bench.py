@@ -1,0 +1,209 @@
+"""Throughput and latency of keyrelay-policyd's policy and auth services.
+
+Builds a YAML directory with --keys API keys (spread over 100 subusers of one account),
+starts a real keyrelay-policyd on loopback TCP in its own process (logging every decision to
+a file, as in production), then drives it from this process over --connections persistent
+connections, each sending one request at a time as Postfix does. Prints requests/s and the
+p50/p99/max latency per service.
+
+    .venv/bin/python bench/policyd_bench.py --keys 10000 --connections 50 --seconds 10
+    .venv/bin/python bench/policyd_bench.py --keys 100 --service auth
+    .venv/bin/python bench/policyd_bench.py --keys 100000 --service auth
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from keyrelay import admin, keys
+from keyrelay.directory.model import ApiKey, DirectoryData
+from keyrelay.directory.yamlfile import render
+
+ACCOUNT = "bench"
+SUBUSERS = 100
+DOMAIN = "bench.example"
+
+
+def build_directory(path: Path, count: int) -> list[tuple[str, str]]:
+    """Write a directory with ``count`` keys; return (principal, key text) of every key."""
+    now = datetime.now(UTC)
+    data = DirectoryData()
+    admin.add_account(data, ACCOUNT, now)
+    admin.add_pool(data, "benchpool", ["127.0.0.1"], "bench.relay.example", now)
+    admin.assign_pool(data, ACCOUNT, "benchpool")
+    admin.add_domain(data, ACCOUNT, DOMAIN, (), now)
+    admin.mark_verified(data, DOMAIN, now)
+    principals = []
+    for i in range(SUBUSERS):
+        pid = f"{ACCOUNT}/s{i}"
+        admin.add_subuser(data, pid, now)
+        admin.grant_domain(data, DOMAIN, pid)
+        principals.append(pid)
+    issued = []
+    for i in range(count):
+        pid = principals[i % SUBUSERS]
+        new = keys.generate()
+        data.keys[new.key_id] = ApiKey(
+            key_id=new.key_id, principal=pid, name=f"k{i}", secret_hash=new.secret_hash,
+            scopes=("mail.send",), created=now,
+        )
+        issued.append((pid, new.text))
+    path.write_text(render(data), encoding="utf-8")
+    return issued
+
+
+def start_policyd(folder: Path, auth_port: int, policy_port: int) -> subprocess.Popen[bytes]:
+    config = folder / "keyrelay.yaml"
+    config.write_text(
+        f"directory: {{path: {folder / 'directory.yaml'}}}\n"
+        f"logging: {{audit_log: ''}}\n"
+        "policyd:\n"
+        f"  auth_listen: inet:127.0.0.1:{auth_port}\n"
+        f"  policy_listen: inet:127.0.0.1:{policy_port}\n"
+        "  socketmap_listen: ''\n"
+        "  socket_group: ''\n"
+        "  max_connections: 10000\n"
+        "  bruteforce: {max_failures_per_address: 1000000}\n",
+        encoding="utf-8",
+    )
+    log = open(folder / "policyd.log", "wb")  # stays open as long as the daemon runs
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "policyd", "--config", str(config)], stdout=log, stderr=log
+    )
+    deadline = time.monotonic() + 60
+    for port in (auth_port, policy_port):
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    logfile = folder / "policyd.log"
+                    raise SystemExit(f"policyd did not start; see {logfile}") from None
+                time.sleep(0.05)
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def policy_request(principal: str, key_id: str, n: int) -> bytes:
+    return (
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n"
+        f"client_address=127.0.0.1\nclient_name=localhost\nserver_address=127.0.0.1\n"
+        f"server_port=587\nhelo_name=app.example\nsender=app@{DOMAIN}\n"
+        f"recipient=user{n}@example.net\nrecipient_count=0\nqueue_id=\ninstance=b{n}\n"
+        f"size=1000\nsasl_method=PLAIN\nsasl_username={principal}:{key_id}\nsasl_sender=\n"
+        "encryption_protocol=TLSv1.3\nencryption_cipher=TLS_AES_256_GCM_SHA384\n"
+        "encryption_keysize=256\npolicy_context=submission\n\n"
+    ).encode()
+
+
+async def policy_client(port: int, issued: list[tuple[str, str]], stop: float,
+                        latencies: list[float]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    rng = random.Random()
+    n = 0
+    while time.perf_counter() < stop:
+        principal, text = issued[rng.randrange(len(issued))]
+        request = policy_request(principal, text.split(".")[1], n)
+        n += 1
+        started = time.perf_counter()
+        writer.write(request)
+        reply = await reader.readuntil(b"\n\n")
+        latencies.append(time.perf_counter() - started)
+        if not reply.startswith(b"action=FILTER"):
+            raise SystemExit(f"unexpected policy answer: {reply!r}")
+    writer.close()
+
+
+async def auth_client(port: int, issued: list[tuple[str, str]], stop: float,
+                      latencies: list[float]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"VERSION\t1\t0\nCPID\t%d\n" % os.getpid())
+    while (await reader.readline()) != b"DONE\n":
+        pass
+    rng = random.Random()
+    n = 0
+    while time.perf_counter() < stop:
+        _, text = issued[rng.randrange(len(issued))]
+        resp = base64.b64encode(b"\0apikey\0" + text.encode()).decode()
+        n += 1
+        line = (f"AUTH\t{n}\tPLAIN\tservice=smtp\tnologin\tlip=127.0.0.1\trip=127.0.0.1\t"
+                f"secured\tresp={resp}\n").encode()
+        started = time.perf_counter()
+        writer.write(line)
+        reply = await reader.readline()
+        latencies.append(time.perf_counter() - started)
+        if not reply.startswith(b"OK\t"):
+            raise SystemExit(f"unexpected auth answer: {reply!r}")
+    writer.close()
+
+
+async def drive(service: str, port: int, issued: list[tuple[str, str]], connections: int,
+                seconds: float) -> tuple[int, float, list[float]]:
+    client = policy_client if service == "policy" else auth_client
+    warm: list[float] = []
+    await asyncio.gather(*(client(port, issued, time.perf_counter() + 1.0, warm)
+                           for _ in range(connections)))
+    latencies: list[float] = []
+    started = time.perf_counter()
+    await asyncio.gather(*(client(port, issued, started + seconds, latencies)
+                           for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    return len(latencies), elapsed, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", type=int, default=10000)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--service", choices=["policy", "auth", "both"], default="both")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kr-bench-") as tmp:
+        folder = Path(tmp)
+        t0 = time.perf_counter()
+        issued = build_directory(folder / "directory.yaml", args.keys)
+        size = (folder / "directory.yaml").stat().st_size
+        print(f"directory: {args.keys} keys, {size / 1e6:.1f} MB YAML, built in "
+              f"{time.perf_counter() - t0:.1f}s")
+        auth_port, policy_port = free_port(), free_port()
+        t0 = time.perf_counter()
+        proc = start_policyd(folder, auth_port, policy_port)
+        print(f"policyd ready in {time.perf_counter() - t0:.1f}s")
+        try:
+            services = ["policy", "auth"] if args.service == "both" else [args.service]
+            for service in services:
+                port = policy_port if service == "policy" else auth_port
+                count, elapsed, lat = asyncio.run(
+                    drive(service, port, issued, args.connections, args.seconds)
+                )
+                lat.sort()
+                p50 = statistics.median(lat) * 1e3
+                p99 = lat[int(len(lat) * 0.99)] * 1e3
+                print(f"{service:6s} {count / elapsed:9.0f} req/s  p50 {p50:.2f} ms  "
+                      f"p99 {p99:.2f} ms  max {lat[-1] * 1e3:.2f} ms  "
+                      f"({count} requests, {args.connections} connections, {elapsed:.1f}s)")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
