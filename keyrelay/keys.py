@@ -16,8 +16,9 @@ import secrets
 from dataclasses import dataclass
 
 KEY_PREFIX = "kr"
-KEY_ID_RE = re.compile(r"^[a-z2-7]{16}$")
-_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "id\n" through
+KEY_ID_RE = re.compile(r"^[a-z2-7]{16}\Z")
+_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{43}\Z")
 SECRET_BYTES = 32
 
 

@@ -5,8 +5,8 @@ rename, so it cannot carry the lock), re-read the file, apply the change, write 
 in the same folder with the original's owner and mode, fsync it, rename it over the original and
 fsync the folder. Concurrent CLI runs therefore serialise and never lose an update.
 
-Reads: ``snapshot()`` compares the file's identity (inode, size, mtime) with the one it parsed;
-the YAML is parsed again only when the file changed, so the hot path costs one ``stat``.
+Reads: ``snapshot()`` compares the file's identity (inode, size, mtime, ctime) with the one it
+parsed; the YAML is parsed again only when the file changed, so the hot path costs one ``stat``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class YamlDirectory:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._signature: tuple[int, int, int] | None = None
+        self._signature: tuple[int, int, int, int] | None = None
         self._snapshot: Directory | None = None
         self._error: DirectoryUnavailable | None = None
 
@@ -77,14 +77,16 @@ class YamlDirectory:
             raise DirectoryUnavailable(f"{self.path}: directory file does not exist") from None
         except OSError as exc:
             raise DirectoryUnavailable(f"{self.path}: cannot stat: {exc.strerror}") from None
-        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        # ctime too: chmod/chown (fixing an unreadable file) changes neither size nor mtime
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         with self._lock:
             if signature != self._signature:
-                self._signature = signature
                 try:
                     self._snapshot, self._error = Directory(self._read()), None
                 except ConfigError as exc:
                     self._snapshot, self._error = None, DirectoryUnavailable(str(exc))
+                # only now: an unexpected exception must not leave the old snapshot in place
+                self._signature = signature
             if self._error is not None:
                 raise self._error
             assert self._snapshot is not None
@@ -104,7 +106,8 @@ class YamlDirectory:
             raise ConfigError(self.path, "", f"cannot read: {exc}") from None
         try:
             document = yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:
+            # PyYAML's constructors raise ValueError for e.g. a date 2026-13-45 or `!!int x`
             raise ConfigError(self.path, "", f"not valid YAML: {exc}") from None
         return _Parser(self.path).document(document)
 
