@@ -491,7 +491,8 @@ def load_config(path: str) -> Config:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(path, "", f"invalid YAML{where}: {exc.problem or exc}") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:
+        # PyYAML's constructors raise ValueError for e.g. an impossible date 2026-13-45
         raise ConfigError(path, "", f"invalid YAML: {exc}") from None
     return parse_config(data, path)
 

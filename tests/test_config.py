@@ -246,6 +246,13 @@ def test_yaml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
     assert "invalid YAML at line 3, column" in error.reason
 
 
+def test_impossible_yaml_date_is_a_config_error_not_a_traceback(tmp_path: Path) -> None:
+    # PyYAML raises ValueError (not YAMLError) while constructing a timestamp like this one
+    error = load_error(tmp_path, "monitor_mode: 2026-13-45\n")
+    assert error.key == ""
+    assert "invalid YAML" in error.reason and "month" in error.reason
+
+
 @pytest.mark.parametrize(
     ("text", "got"), [("- a\n- b\n", "a list"), ("just words\n", "a string ('just words')")]
 )
