@@ -29,7 +29,7 @@ from .directory.model import (
     Status,
     Subuser,
 )
-from .durations import parse_duration
+from .durations import format_duration, parse_duration
 from .errors import ConfigError, KeyrelayError, UserError
 from .output import dump_json, table, when
 
@@ -77,7 +77,8 @@ def _account_json(data: DirectoryData, acc: Account) -> dict[str, Any]:
         "limits": _limits_json(acc.limits),
         "created": when(acc.created, ""),
         "subusers": sorted(s.name for s in data.subusers.values() if s.account == acc.name),
-        "keys": sum(1 for k in data.keys.values() if k.account == acc.name),
+        # keys not revoked, as the KEYS column of the text listing counts them
+        "keys": sum(1 for k in data.keys.values() if k.account == acc.name and not k.revoked),
         "domains": sorted(d.name for d in data.domains.values() if d.owner == acc.name),
     }
 
@@ -147,8 +148,15 @@ def _limits_text(limits: Limits) -> str:
     return ", ".join(p for p in parts if p) or "defaults"
 
 
-def _status_setter(status: Status, verb: str) -> Handler:
+def _status_setter(status: Status, verb: str, *, subuser: bool) -> Handler:
     def handler(ctx: Context, args: argparse.Namespace) -> None:
+        # `subuser suspend acme` must not silently suspend the whole account (nor the reverse)
+        if subuser and "/" not in args.name:
+            raise UserError(f"expected ACCOUNT/SUBUSER, got {args.name!r} "
+                            f"(to {verb} an account: keyrelay account {verb} {args.name})")
+        if not subuser and "/" in args.name:
+            raise UserError(f"expected an account name, got {args.name!r} "
+                            f"(to {verb} a subuser: keyrelay subuser {verb} {args.name})")
         with ctx.change(f"principal.{verb}", principal=args.name) as data:
             admin.set_status(data, args.name, status)
         ctx.say(f"{args.name} is {status}.")
@@ -178,7 +186,9 @@ def _subuser_json(data: DirectoryData, sub: Subuser) -> dict[str, Any]:
         "pool": sub.pool,
         "limits": _limits_json(sub.limits),
         "created": when(sub.created, ""),
-        "keys": sum(1 for k in data.keys.values() if k.principal == sub.principal),
+        "keys": sum(
+            1 for k in data.keys.values() if k.principal == sub.principal and not k.revoked
+        ),
     }
 
 
@@ -245,10 +255,16 @@ def _expiry(ctx: Context, text: str | None) -> datetime | None:
             raise UserError("--expires must be a positive duration such as 90d")
     if limits.max_expiry is not None and (seconds is None or seconds > limits.max_expiry):
         raise UserError(
-            f"keys may live at most {limits.max_expiry:g} seconds (keys.max_expiry); "
+            f"keys may live at most {format_duration(limits.max_expiry)} (keys.max_expiry); "
             "choose a shorter --expires"
         )
-    return None if seconds is None else ctx.now + timedelta(seconds=seconds)
+    if seconds is None:
+        return None
+    try:
+        return ctx.now + timedelta(seconds=seconds)
+    except OverflowError:  # beyond the year 9999
+        raise UserError("--expires is too far in the future; use --expires never for a key "
+                        "that does not expire") from None
 
 
 def key_create(ctx: Context, args: argparse.Namespace) -> None:
@@ -581,6 +597,9 @@ def _pool_json(pool: Pool, config: Config) -> dict[str, Any]:
 
 
 def pool_add(ctx: Context, args: argparse.Namespace) -> None:
+    if args.name == "none":  # `pool assign PRINCIPAL none` means "no pool of its own"
+        raise UserError("'none' cannot name a pool: `keyrelay pool assign PRINCIPAL none` "
+                        "means no pool")
     with ctx.change("pool.add", pool=args.name, bind=" ".join(args.bind), helo=args.helo) as data:
         pool = admin.add_pool(data, args.name, args.bind, args.helo, ctx.now)
     ctx.say(f"Added pool {pool.name}: {', '.join(map(str, pool.bind))}, HELO {pool.helo}, "
@@ -734,9 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
     _cmd(acc, "add", account_add, "add an account").add_argument("name")
     _cmd(acc, "list", account_list, "list accounts", json=True)
     _cmd(acc, "show", account_show, "show one account", json=True).add_argument("name")
-    _cmd(acc, "suspend", _status_setter(Status.SUSPENDED, "suspend"),
+    _cmd(acc, "suspend", _status_setter(Status.SUSPENDED, "suspend", subuser=False),
          "refuse every login and message of the account and its subusers").add_argument("name")
-    _cmd(acc, "resume", _status_setter(Status.ACTIVE, "resume"),
+    _cmd(acc, "resume", _status_setter(Status.ACTIVE, "resume", subuser=False),
          "lift a suspension").add_argument("name")
     _cmd(acc, "remove", account_remove,
          "remove an account with its subusers, keys and senders (its domains first)"
@@ -748,9 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
         "account")
     _cmd(subs, "remove", subuser_remove, "remove a subuser with its keys and senders"
          ).add_argument("name", metavar="ACCOUNT/NAME")
-    _cmd(subs, "suspend", _status_setter(Status.SUSPENDED, "suspend"),
+    _cmd(subs, "suspend", _status_setter(Status.SUSPENDED, "suspend", subuser=True),
          "refuse the subuser's logins and messages").add_argument("name", metavar="ACCOUNT/NAME")
-    _cmd(subs, "resume", _status_setter(Status.ACTIVE, "resume"),
+    _cmd(subs, "resume", _status_setter(Status.ACTIVE, "resume", subuser=True),
          "lift a suspension").add_argument("name", metavar="ACCOUNT/NAME")
 
     key = _group(sub, "key", "manage API keys")
@@ -875,7 +894,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         args.handler(ctx, args)
     except (ConfigError, KeyrelayError) as exc:
-        print(f"keyrelay: error: {exc}", file=sys.stderr)
+        # one line, as promised: some messages quote multi-line parser errors (PyYAML's)
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"keyrelay: error: {message}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""

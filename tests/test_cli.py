@@ -1,0 +1,741 @@
+"""The admin CLI ``keyrelay``, run as the installed console script against files in tmp_path.
+
+Every test runs the real executable (the ``keyrelay`` script beside ``sys.executable``) with a
+configuration whose directory, DKIM key folder and audit log live in a temporary folder.
+
+- One installation for the whole module (``shared``) goes through what a new user does first
+  (WALKTHROUGH); the listing tests only read it and the refusal tests are refused by it, so it
+  never changes afterwards. Its read-only commands run in parallel to keep the file fast.
+- Lifecycle tests (revoke, rotate, suspend, remove, ...) start from an empty installation of
+  their own (``fresh``).
+- Text output is compared with golden files under tests/golden/cli/ after ``normalise()`` has
+  masked what differs between runs. ``KEYRELAY_UPDATE_GOLDEN=1 pytest tests/test_cli.py``
+  rewrites them; review the diff before committing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+KEYRELAY = shutil.which("keyrelay", path=os.path.dirname(sys.executable))
+GOLDEN = Path(__file__).resolve().parent / "golden" / "cli"
+UPDATE_ENV = "KEYRELAY_UPDATE_GOLDEN"
+ENV = {k: v for k, v in os.environ.items()
+       if k not in ("KEYRELAY_CONFIG", "PYTHONDONTWRITEBYTECODE")}
+# Without cached bytecode every run compiles keyrelay again (PYTHONDONTWRITEBYTECODE=1 is set in
+# some environments), which costs a third of each run; keep the cache outside the source tree.
+ENV["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), f"keyrelay-tests-{os.getuid()}")
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+CONFIG = """\
+directory:
+  path: {root}/directory.yaml
+dkim:
+  key_dir: {root}/dkim
+logging:
+  audit_log: {root}/audit.log
+"""
+
+
+# -- running the CLI -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Result:
+    args: tuple[str, ...]
+    code: int
+    out: str
+    err: str
+
+    def __str__(self) -> str:  # what a failed assertion shows
+        return (f"$ keyrelay {shlex.join(self.args)}\nexit {self.code}\n"
+                f"--- stdout\n{self.out}--- stderr\n{self.err}")
+
+
+class Relay:
+    """One keyrelay installation in a folder: configuration, directory, DKIM keys, audit log."""
+
+    def __init__(self, root: Path, extra_config: str = "") -> None:
+        self.root = root
+        self.config = root / "keyrelay.yaml"
+        self.directory = root / "directory.yaml"
+        self.key_dir = root / "dkim"
+        self.audit_log = root / "audit.log"
+        self.masks: dict[str, str] = {}  # literal -> mask, for normalise()
+        self.config.write_text(CONFIG.format(root=root) + extra_config, encoding="utf-8")
+
+    def run(self, command: str | Sequence[str], config: Path | None = None) -> Result:
+        """Run ``keyrelay --config CONFIG COMMAND`` (a string is split like a shell would)."""
+        args = tuple(shlex.split(command) if isinstance(command, str) else command)
+        return self.run_bare(["--config", str(config or self.config), *args], shown=args)
+
+    def run_bare(self, argv: Sequence[str], shown: Sequence[str] | None = None) -> Result:
+        assert KEYRELAY, "no keyrelay console script beside sys.executable: pip install -e ."
+        proc = subprocess.run(
+            [KEYRELAY, *argv], capture_output=True, text=True, env=ENV, timeout=60, check=False
+        )
+        return Result(tuple(argv if shown is None else shown), proc.returncode, proc.stdout,
+                      proc.stderr)
+
+    def run_all(self, commands: Sequence[str]) -> dict[str, Result]:
+        """Run read-only commands in parallel; results by command."""
+        with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 2)) as pool:
+            return dict(zip(commands, pool.map(self.run, commands), strict=True))
+
+    def ok(self, command: str) -> str:
+        """Run a command that must succeed silently on stderr; its stdout."""
+        result = self.run(command)
+        assert (result.code, result.err) == (0, ""), result
+        return result.out
+
+    def json(self, command: str) -> Any:
+        return json.loads(self.ok(command + " --json"))
+
+    def refused(self, command: str) -> str:
+        """Run a command that must be refused (exit 1); its one stderr line."""
+        return assert_refused(self.run(command))
+
+    def remember_key(self, name: str, key_id: str, text: str) -> None:
+        self.masks[text] = f"<api-key:{name}>"
+        self.masks[key_id] = f"<key:{name}>"
+
+    def normalise(self, text: str) -> str:
+        return normalise(text, self.root, self.masks)
+
+
+def assert_refused(result: Result, code: int = 1) -> str:
+    """Exit ``code``, nothing on stdout, no traceback and one error line; return that line.
+
+    Refusals (1) print exactly ``keyrelay: error: ...``; usage errors (2) print argparse's usage
+    lines, then one ``keyrelay [COMMAND ACTION]: error: ...`` line.
+    """
+    assert "Traceback" not in result.err, result
+    assert (result.code, result.out) == (code, ""), result
+    lines = result.err.splitlines() or [""]
+    if code == 1:
+        assert len(lines) == 1 and lines[0].startswith("keyrelay: error: "), result
+    else:
+        assert lines[0].startswith("usage: keyrelay"), result
+        assert [line for line in lines if ": error: " in line] == [lines[-1]], result
+        assert lines[-1].startswith("keyrelay"), result
+    return lines[-1]
+
+
+# -- golden files ----------------------------------------------------------------------------
+_TIME = re.compile(r"\b\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\b")
+_SELECTOR_DATE = re.compile(r"\bkr\d{8}(?=[a-z]?-(?:rsa|ed)\b)")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]{40,}={0,2}")
+_ANY_KEY = re.compile(r"\bkr\.[a-z2-7]{16}\.[A-Za-z0-9_-]{20,}")
+
+
+def normalise(text: str, root: Path, masks: Mapping[str, str]) -> str:
+    """Mask what differs between runs, so that a golden file holds only what is worth reviewing.
+
+    In this order: the temporary folder becomes ``<tmp>``; each literal in ``masks`` becomes its
+    mask (an API key's text ``<api-key:NAME>``, its id ``<key:NAME>``; any other key text
+    ``<api-key>``); UTC times become ``YYYY-MM-DDThh:mm:ssZ`` and the date in generated selector
+    names ``krYYYYMMDD`` (same width, so table columns stay aligned); base64 runs of 40 or more
+    characters (DKIM public keys) become ``<base64>``.
+    """
+    text = text.replace(str(root), "<tmp>")
+    for literal, mask in sorted(masks.items(), key=lambda item: -len(item[0])):
+        text = text.replace(literal, mask)
+    text = _ANY_KEY.sub("<api-key>", text)
+    text = _TIME.sub("YYYY-MM-DDThh:mm:ssZ", text)
+    text = _SELECTOR_DATE.sub("krYYYYMMDD", text)
+    return _BASE64.sub("<base64>", text)
+
+
+def assert_golden(name: str, text: str) -> None:
+    """Compare ``text`` with tests/golden/cli/NAME; with KEYRELAY_UPDATE_GOLDEN=1, rewrite it."""
+    path = GOLDEN / name
+    if os.environ.get(UPDATE_ENV) == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return
+    assert path.exists(), f"{path} is missing: run with {UPDATE_ENV}=1, then review the file"
+    expected = path.read_text(encoding="utf-8")
+    assert text == expected, f"output differs from {path} ({UPDATE_ENV}=1 rewrites it)"
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
+
+
+def public_half(key_file: Path) -> str:
+    """The DNS ``p=`` value for a PKCS#8 private key file, computed independently of keyrelay."""
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    if isinstance(key, rsa.RSAPrivateKey):
+        assert key.key_size == 2048
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    else:
+        assert isinstance(key, ed25519.Ed25519PrivateKey)
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+    return base64.b64encode(raw).decode("ascii")
+
+
+def key_files(relay: Relay) -> list[str]:
+    return sorted(str(p.relative_to(relay.key_dir)) for p in relay.key_dir.rglob("*.pem"))
+
+
+# -- the walkthrough: one installation that the listing and refusal tests share --------------
+WALKTHROUGH = [
+    "account add acme",
+    "account add globex",
+    "subuser add acme/marketing",
+    "key create acme/marketing --name newsletter --expires 90d",
+    "ip allow acme 192.0.2.0/24",
+    "ip allow acme 2001:DB8:1::/48",
+    "pool add mkt --bind 192.0.2.10 --bind 2001:db8::10 --helo mkt.relay.example.net",
+    "pool assign acme/marketing mkt",
+    "domain add acme example.com",
+    "domain grant example.com acme/marketing",
+    "domain mark-verified example.com",
+    "sender add acme/marketing Alerts@Example.ORG",
+    "limits set acme/marketing --per-minute 10 --recipients 5",
+]
+
+
+@dataclass
+class Shared:
+    relay: Relay
+    transcript: str  # every walkthrough command with its output, normalised
+    key_id: str
+    key_text: str
+    shown: dict[str, str]  # stdout of the read-only LISTINGS
+
+
+# Read-only commands run once on the walkthrough's installation; {key} is its key id.
+LISTINGS = [
+    "account list", "account list --json", "account show acme", "account show acme --json",
+    "subuser list acme", "subuser list acme --json",
+    "key list acme/marketing", "key list --json", "key show {key}", "key show {key} --json",
+    "ip list acme", "ip list acme --json", "ip list globex",
+    "domain list", "domain list acme/marketing --json",
+    "domain show example.com", "domain show example.com --json",
+    "domain dns example.com", "domain dns Example.COM. --json",
+    "pool list", "pool list --json", "sender list", "sender list acme/marketing --json",
+    "monitor status", "monitor status --json", "check-config",
+]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
+    relay = Relay(tmp_path_factory.mktemp("relay"))
+    transcript, key_id, key_text = [], "", ""
+    for command in WALKTHROUGH:
+        out = relay.ok(command)
+        if command.startswith("key create"):
+            found = re.search(r"^Created key (\S+) ", out, re.MULTILINE)
+            assert found, out
+            key_id, key_text = found[1], out.splitlines()[-1]
+            relay.remember_key("newsletter", key_id, key_text)
+        transcript.append(f"$ keyrelay {command}\n{out}")
+    results = relay.run_all([c.format(key=key_id) for c in LISTINGS])
+    for result in results.values():
+        assert (result.code, result.err) == (0, ""), result
+    shown = {c: results[c.format(key=key_id)].out for c in LISTINGS}
+    return Shared(relay, relay.normalise("\n".join(transcript)), key_id, key_text, shown)
+
+
+def test_walkthrough_prints_what_a_new_user_needs(shared: Shared) -> None:
+    assert_golden("walkthrough.txt", shared.transcript)
+
+
+def test_created_key_is_printed_once_and_stored_only_as_a_hash(shared: Shared) -> None:
+    prefix, key_id, secret = shared.key_text.split(".")
+    assert (prefix, key_id) == ("kr", shared.key_id)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", secret)  # 256 random bits
+    for command, out in shared.shown.items():
+        assert secret not in out, command
+    stored = shared.relay.directory.read_text(encoding="utf-8")
+    assert secret not in stored
+    assert hashlib.sha256(secret.encode()).hexdigest() in stored
+    assert secret not in shared.relay.audit_log.read_text(encoding="utf-8")
+
+
+def test_every_change_is_audited_once(shared: Shared) -> None:
+    entries = [json.loads(line) for line in shared.relay.audit_log.read_text().splitlines()]
+    assert [e["action"] for e in entries] == [
+        "account.add", "account.add", "subuser.add", "key.create", "ip.allow", "ip.allow",
+        "pool.add", "pool.assign", "domain.add", "domain.grant", "domain.mark-verified",
+        "sender.add", "limits.set",
+    ]
+    assert entries[3]["key_id"] == shared.key_id
+    assert entries[10]["how"].startswith("manual")
+
+
+# -- listings, each as text (golden) and as JSON ---------------------------------------------
+def test_account_list_and_show(shared: Shared) -> None:
+    assert_golden("account_list.txt", shared.shown["account list"])
+    assert_golden("account_show.txt", shared.relay.normalise(shared.shown["account show acme"]))
+    accounts = json.loads(shared.shown["account list --json"])
+    assert [a["name"] for a in accounts] == ["acme", "globex"]
+    acme = json.loads(shared.shown["account show acme --json"])
+    assert accounts[0] == acme
+    parse_time(acme.pop("created"))
+    assert acme == {
+        "name": "acme", "status": "active", "monitor": False, "pool": None,
+        "ip_allow": ["192.0.2.0/24", "2001:db8:1::/48"],
+        "limits": {"messages_per_minute": None, "messages_per_hour": None,
+                   "recipients_per_message": None},
+        "subusers": ["marketing"], "keys": 1, "domains": ["example.com"],
+    }
+    assert (accounts[1]["subusers"], accounts[1]["keys"], accounts[1]["domains"]) == ([], 0, [])
+
+
+def test_subuser_list(shared: Shared) -> None:
+    assert_golden("subuser_list.txt", shared.shown["subuser list acme"])
+    (sub,) = json.loads(shared.shown["subuser list acme --json"])
+    parse_time(sub.pop("created"))
+    assert sub == {
+        "principal": "acme/marketing", "account": "acme", "name": "marketing",
+        "status": "active", "pool": "mkt",
+        "limits": {"messages_per_minute": 10, "messages_per_hour": None,
+                   "recipients_per_message": 5},
+        "keys": 1,
+    }
+
+
+def test_key_list_and_show_never_print_the_key(shared: Shared) -> None:
+    relay = shared.relay
+    assert_golden("key_list.txt", relay.normalise(shared.shown["key list acme/marketing"]))
+    assert_golden("key_show.txt", relay.normalise(shared.shown["key show {key}"]))
+    (listed,) = json.loads(shared.shown["key list --json"])
+    shown = json.loads(shared.shown["key show {key} --json"])
+    assert listed == shown
+    assert set(shown) == {"key_id", "principal", "name", "scopes", "state", "created",
+                          "expires", "revoked", "last_used"}
+    assert (shown["key_id"], shown["principal"], shown["name"]) == (
+        shared.key_id, "acme/marketing", "newsletter")
+    assert (shown["scopes"], shown["state"], shown["revoked"], shown["last_used"]) == (
+        ["mail.send"], "active", None, None)
+    assert parse_time(shown["expires"]) - parse_time(shown["created"]) == timedelta(days=90)
+
+
+def test_ip_list_shows_ipv4_and_ipv6_rules(shared: Shared) -> None:
+    assert shared.shown["ip list acme"] == "192.0.2.0/24\n2001:db8:1::/48\n"
+    assert json.loads(shared.shown["ip list acme --json"]) == ["192.0.2.0/24", "2001:db8:1::/48"]
+    assert "any client address may log in" in shared.shown["ip list globex"]
+
+
+def test_domain_add_writes_rsa_and_ed25519_private_keys_mode_0600(shared: Shared) -> None:
+    relay = shared.relay
+    dom = json.loads(shared.shown["domain show example.com --json"])
+    assert [s["algorithm"] for s in dom["selectors"]] == ["rsa-sha256", "ed25519-sha256"]
+    for sel in dom["selectors"]:
+        path = Path(sel["key_file"])
+        assert path == relay.key_dir / "example.com" / f"{sel['selector']}.pem"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8
+    assert stat.S_IMODE((relay.key_dir / "example.com").stat().st_mode) == 0o700
+    assert stat.S_IMODE(relay.key_dir.stat().st_mode) == 0o700
+
+
+def test_domain_dns_publishes_the_public_half_of_each_key_file(shared: Shared) -> None:
+    dns = json.loads(shared.shown["domain dns Example.COM. --json"])
+    dom = json.loads(shared.shown["domain show example.com --json"])
+    assert (dns["domain"], dns["state"]) == ("example.com", "verified")
+    records = {r["name"]: r for r in dns["records"]}
+    for sel in dom["selectors"]:
+        k = "rsa" if sel["algorithm"] == "rsa-sha256" else "ed25519"
+        record = records.pop(f"{sel['selector']}._domainkey.example.com")
+        assert record["type"] == "TXT"
+        assert record["value"] == f"v=DKIM1; k={k}; p={public_half(Path(sel['key_file']))}"
+    # the grantee acme/marketing sends through pool mkt: SPF must authorise both addresses
+    assert records.pop("example.com")["value"] == "v=spf1 ip4:192.0.2.10 ip6:2001:db8::10 ~all"
+    assert records.pop("_dmarc.example.com")["value"] == "v=DMARC1; p=none; adkim=r; aspf=r"
+    assert records == {}
+
+
+def test_domain_dns_zone_form_matches_json(shared: Shared) -> None:
+    zone = shared.shown["domain dns example.com"]
+    assert_golden("domain_dns.txt", shared.relay.normalise(zone))
+    values = {}
+    for line in zone.splitlines():
+        if line.startswith(";"):
+            continue
+        name, ttl, klass, rtype, rest = line.split(" ", 4)
+        assert (ttl, klass, rtype) == ("3600", "IN", "TXT")
+        chunks = re.findall(r'"([^"]*)"', rest)
+        assert " ".join(f'"{c}"' for c in chunks) == rest
+        assert all(len(c) <= 255 for c in chunks)  # RFC 1035 character-strings
+        values[name] = "".join(chunks)
+    dns = json.loads(shared.shown["domain dns Example.COM. --json"])
+    assert values == {f"{r['name']}.": r["value"] for r in dns["records"]}
+
+
+def test_domain_list_and_show(shared: Shared) -> None:
+    relay = shared.relay
+    assert_golden("domain_list.txt", relay.normalise(shared.shown["domain list"]))
+    assert_golden("domain_show.txt", relay.normalise(shared.shown["domain show example.com"]))
+    dom = json.loads(shared.shown["domain show example.com --json"])
+    assert json.loads(shared.shown["domain list acme/marketing --json"]) == [dom]  # granted
+    assert (dom["domain"], dom["owner"], dom["state"], dom["grants"], dom["verified_by"]) == (
+        "example.com", "acme", "verified", ["acme/marketing"], "manual")
+    parse_time(dom["verified_at"])
+    assert [s["state"] for s in dom["selectors"]] == ["active", "active"]
+
+
+def test_pool_list(shared: Shared) -> None:
+    assert_golden("pool_list.txt", shared.shown["pool list"])
+    (pool,) = json.loads(shared.shown["pool list --json"])
+    parse_time(pool.pop("created"))
+    assert pool == {"name": "mkt", "bind": ["192.0.2.10", "2001:db8::10"],
+                    "helo": "mkt.relay.example.net", "transport": "kr-pool-mkt"}
+
+
+def test_sender_list_normalises_the_address(shared: Shared) -> None:
+    assert_golden("sender_list.txt", shared.shown["sender list"])
+    (sender,) = json.loads(shared.shown["sender list acme/marketing --json"])
+    parse_time(sender.pop("created"))
+    assert sender == {"address": "alerts@example.org", "principal": "acme/marketing"}
+
+
+def test_monitor_status_is_off_by_default(shared: Shared) -> None:
+    assert_golden("monitor_status.txt", shared.relay.normalise(shared.shown["monitor status"]))
+    assert json.loads(shared.shown["monitor status --json"]) == {
+        "config": False, "directory": False, "accounts": []}
+
+
+def test_check_config_reports_ok_and_counts(shared: Shared) -> None:
+    assert shared.relay.normalise(shared.shown["check-config"]) == (
+        "<tmp>/keyrelay.yaml: OK; directory <tmp>/directory.yaml: "
+        "2 accounts, 1 keys, 1 domains\n")
+
+
+# -- refusals and usage errors ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Refusal:
+    command: str
+    code: int  # 1 refused, 2 usage
+    says: str  # part of the error line, after normalise()
+    config: str = ""  # another configuration file in the installation's folder
+
+
+REFUSALS: dict[str, Refusal] = {
+    # unknown names
+    "unknown-account": Refusal("account show nope", 1, "unknown account 'nope'"),
+    "unknown-subuser": Refusal("key create acme/nobody --name x", 1,
+                               "unknown subuser 'acme/nobody'"),
+    "unknown-key": Refusal("key revoke aaaaaaaaaaaaaaaa", 1, "unknown key id 'aaaaaaaaaaaaaaaa'"),
+    "unknown-domain": Refusal("domain dns unknown.example", 1, "unknown domain 'unknown.example'"),
+    "unknown-pool": Refusal("pool assign acme nopool", 1, "unknown pool 'nopool'"),
+    # duplicates and conflicts
+    "duplicate-account": Refusal("account add acme", 1, "account 'acme' already exists"),
+    "duplicate-subuser": Refusal("subuser add acme/marketing", 1,
+                                 "subuser 'acme/marketing' already exists"),
+    "duplicate-key-name": Refusal("key create acme/marketing --name newsletter", 1,
+                                  "acme/marketing already has a key named 'newsletter'"),
+    "duplicate-domain": Refusal("domain add globex EXAMPLE.com.", 1,
+                                "domain example.com already belongs to acme"),
+    "pool-address-taken": Refusal("pool add other --bind 2001:db8::10 --helo x.example.net", 1,
+                                  "2001:db8::10 already belongs to pool mkt"),
+    "pool-named-none": Refusal("pool add none --bind 192.0.2.99 --helo x.example.net", 1,
+                               "'none' cannot name a pool"),
+    "account-owns-domain": Refusal("account remove acme", 1,
+                                   "acme still owns domain(s) example.com; remove them first"),
+    "grant-outside-account": Refusal("domain grant example.com globex", 1,
+                                     "globex is not a subuser of acme"),
+    # IP access rules
+    "cidr-prefix-too-long": Refusal("ip allow acme 10.0.0.0/33", 1,
+                                    "invalid CIDR '10.0.0.0/33'"),
+    "cidr-host-bits-ipv4": Refusal("ip allow acme 192.0.2.1/24", 1,
+                                   "host bits are set; did you mean 192.0.2.0/24?"),
+    "cidr-host-bits-ipv6": Refusal("ip allow acme 2001:db8::1/64", 1,
+                                   "host bits are set; did you mean 2001:db8::/64?"),
+    # domains, IDN included
+    "domain-one-label": Refusal("domain add acme localhost", 1,
+                                "invalid domain 'localhost': expected a name like example.com"),
+    "domain-bad-label": Refusal("domain add acme bad_label.example", 1, "label 'bad_label'"),
+    "domain-numeric": Refusal("domain add acme 192.0.2.1", 1, "the last label cannot be numeric"),
+    "idn-disallowed-character": Refusal("domain add acme ☃.example", 1,
+                                        "invalid internationalised domain '☃.example'"),
+    "idn-bad-a-label": Refusal("domain add acme xn--zz.example", 1, "bad A-label 'xn--zz'"),
+    "address-without-at": Refusal("sender add acme nobody", 1,
+                                  "invalid address 'nobody': expected local-part@domain"),
+    # principal names
+    "subuser-without-account": Refusal("subuser add marketing", 1,
+                                       "expected ACCOUNT/SUBUSER, got 'marketing'"),
+    "name-uppercase": Refusal("account add Acme", 1, "invalid name 'Acme'"),
+    "principal-nested": Refusal("key list acme/a/b", 1, "invalid name 'a/b'"),
+    "subuser-suspend-of-account": Refusal("subuser suspend acme", 1,
+                                          "expected ACCOUNT/SUBUSER, got 'acme'"),
+    "account-suspend-of-subuser": Refusal("account suspend acme/marketing", 1,
+                                          "expected an account name, got 'acme/marketing'"),
+    # keys
+    "expires-not-a-duration": Refusal("key create acme --name x --expires soon", 1,
+                                      "--expires: invalid duration 'soon'"),
+    "expires-zero": Refusal("key create acme --name x --expires 0", 1,
+                            "--expires must be a positive duration"),
+    "expires-beyond-year-9999": Refusal("key create acme --name x --expires 1000000w", 1,
+                                        "--expires is too far in the future"),
+    "scope-malformed": Refusal("key create acme --name x --scope Mail", 1,
+                               "invalid scope 'Mail'"),
+    "limit-negative": Refusal("limits set acme --per-minute -1", 1,
+                              "limits are positive numbers"),
+    # configuration and directory files
+    "config-missing": Refusal("check-config", 1, "<tmp>/missing.yaml: file not found",
+                              "missing.yaml"),
+    "config-unknown-key": Refusal("check-config", 1,
+                                  "<tmp>/unknown-key.yaml: directory.bogus: unknown key",
+                                  "unknown-key.yaml"),
+    "config-bad-yaml": Refusal("check-config", 1, "<tmp>/bad-yaml.yaml: invalid YAML at line 2",
+                               "bad-yaml.yaml"),
+    "directory-bad-yaml": Refusal("check-config", 1, "<tmp>/broken/directory.yaml: not valid YAML",
+                                  "bad-directory-yaml.yaml"),
+    "directory-bad-value": Refusal("account list", 1,
+                                   "<tmp>/weird/directory.yaml: accounts.acme.status: expected "
+                                   "one of active, suspended, got 'weird'",
+                                   "bad-directory-value.yaml"),
+    # usage errors
+    "no-command": Refusal("", 2, "the following arguments are required: COMMAND"),
+    "unknown-command": Refusal("frobnicate", 2, "invalid choice: 'frobnicate'"),
+    "unknown-action": Refusal("account frob", 2, "invalid choice: 'frob'"),
+    "missing-argument": Refusal("subuser add", 2, "the following arguments are required"),
+    "missing-option": Refusal("key create acme", 2, "the following arguments are required: --name"),
+    "not-a-number": Refusal("limits set acme --per-minute lots", 2, "invalid int value: 'lots'"),
+}
+
+BROKEN_FILES = {
+    "unknown-key.yaml": "directory:\n  path: /x/directory.yaml\n  bogus: 1\n",
+    "bad-yaml.yaml": "directory: [\n",
+    "bad-directory-yaml.yaml": "directory:\n  path: {root}/broken/directory.yaml\n",
+    "broken/directory.yaml": "accounts: [\n",
+    "bad-directory-value.yaml": "directory:\n  path: {root}/weird/directory.yaml\n",
+    "weird/directory.yaml": "accounts:\n  acme:\n    status: weird\n",
+}
+
+
+@dataclass
+class Refused:
+    results: dict[str, Result]
+    before: tuple[bytes, bytes, list[str]]  # directory, audit log, key files
+    after: tuple[bytes, bytes, list[str]]
+
+
+def _state(relay: Relay) -> tuple[bytes, bytes, list[str]]:
+    return relay.directory.read_bytes(), relay.audit_log.read_bytes(), key_files(relay)
+
+
+@pytest.fixture(scope="module")
+def refused(shared: Shared) -> Refused:
+    """Every REFUSALS case, run in parallel against the shared installation."""
+    relay = shared.relay
+    for name, text in BROKEN_FILES.items():
+        (relay.root / name).parent.mkdir(exist_ok=True)
+        (relay.root / name).write_text(text.format(root=relay.root), encoding="utf-8")
+    before = _state(relay)
+    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 2)) as pool:
+        futures = {
+            case_id: pool.submit(relay.run, case.command,
+                                 (relay.root / case.config).resolve() if case.config else None)
+            for case_id, case in REFUSALS.items()
+        }
+        results = {case_id: future.result() for case_id, future in futures.items()}
+    return Refused(results, before, _state(relay))
+
+
+@pytest.mark.parametrize("case_id", REFUSALS)
+def test_refusal_is_one_clear_line_with_exit_1_or_2(
+    refused: Refused, shared: Shared, case_id: str
+) -> None:
+    case = REFUSALS[case_id]
+    line = assert_refused(refused.results[case_id], case.code)
+    assert case.says in shared.relay.normalise(line), refused.results[case_id]
+
+
+def test_refusals_change_nothing(refused: Refused) -> None:
+    assert refused.after == refused.before
+
+
+def test_refusal_messages(refused: Refused, shared: Shared) -> None:
+    """The catalogue of error lines, for reviewing their wording in one place."""
+    lines = []
+    for case_id, case in REFUSALS.items():
+        result = refused.results[case_id]
+        config = f"--config <tmp>/{case.config} " if case.config else ""
+        lines.append(f"$ keyrelay {config}{case.command}".rstrip())
+        lines.append(f"[{result.code}] {result.err.splitlines()[-1]}")
+    assert_golden("refusals.txt", shared.relay.normalise("\n".join(lines) + "\n"))
+
+
+# -- lifecycles, each in an installation of its own ------------------------------------------
+@pytest.fixture
+def fresh(tmp_path: Path) -> Relay:
+    return Relay(tmp_path)
+
+
+def test_key_set_scopes_and_revoke(fresh: Relay) -> None:
+    fresh.ok("account add acme")
+    new = fresh.json("key create acme --name ci")
+    kid = new["key_id"]
+    assert new["key"].startswith(f"kr.{kid}.")
+    assert (new["smtp_username"], new["scopes"], new["expires"]) == ("apikey", ["mail.send"], None)
+    assert fresh.ok(f"key set-scopes {kid} mail.send stats.read mail.send") == (
+        f"Key {kid} now has scopes: mail.send stats.read.\n")
+    assert fresh.ok(f"key revoke {kid}") == (
+        f"Revoked key {kid} of acme; it is refused from the next login or message on.\n")
+    shown = fresh.json(f"key show {kid}")
+    assert (shown["state"], shown["scopes"]) == ("revoked", ["mail.send", "stats.read"])
+    parse_time(shown["revoked"])
+    assert f"key {kid} was already revoked at " in fresh.refused(f"key revoke {kid}")
+    # a revoked key counts neither in the KEYS column nor in the JSON "keys"
+    assert fresh.json("account list")[0]["keys"] == 0
+
+
+def test_key_lifetime_follows_default_and_max_expiry(tmp_path: Path) -> None:
+    relay = Relay(tmp_path, "keys:\n  default_expiry: 7d\n  max_expiry: 30d\n")
+    relay.ok("account add acme")
+    key = relay.json("key create acme --name ci")
+    assert parse_time(key["expires"]) - parse_time(key["created"]) == timedelta(days=7)
+    assert "keys may live at most 30d (keys.max_expiry)" in relay.refused(
+        "key create acme --name forever --expires never")
+
+
+def test_ip_rules_removed_until_any_address_may_log_in(fresh: Relay) -> None:
+    fresh.ok("account add acme")
+    assert fresh.ok("ip allow acme 192.0.2.7") == (
+        "acme may now log in and send from: 192.0.2.7/32.\n")
+    assert fresh.ok("ip allow acme 2001:db8::5") == (
+        "acme may now log in and send from: 192.0.2.7/32, 2001:db8::5/128.\n")
+    assert fresh.ok("ip remove acme 192.0.2.7/32") == (
+        "acme may now log in and send from: 2001:db8::5/128.\n")
+    assert fresh.ok("ip remove acme 2001:DB8::5") == (
+        "acme may now log in and send from: any address (no rules left).\n")
+
+
+def test_domain_rotate_keeps_old_selectors_until_retired(fresh: Relay) -> None:
+    fresh.ok("account add acme")
+    added = fresh.json("domain add acme example.net")  # --json: the records only, no prose
+    assert [r["name"] for r in added["records"]][2:] == ["_dmarc.example.net"]  # no pool, no SPF
+    old = [r["name"].split(".")[0] for r in added["records"][:2]]
+    assert all(re.fullmatch(r"kr\d{8}-(rsa|ed)", name) for name in old)
+
+    rotated = fresh.json("domain rotate example.net")  # records of the new selectors only
+    new = [r["name"].split(".")[0] for r in rotated["records"]]
+    assert [n.rsplit("-", 1)[1] for n in new] == ["rsa", "ed"] and not set(new) & set(old)
+    assert all(r["purpose"].endswith("(pending)") for r in rotated["records"])
+    assert "already has pending selectors" in fresh.refused("domain rotate example.net")
+    assert "still signs mail" in fresh.refused(f"domain retire-selector example.net {old[0]}")
+
+    fresh.ok("domain mark-verified example.net")  # publishes the new, retires the old
+    dom = fresh.json("domain show example.net")
+    assert [(s["selector"], s["state"]) for s in dom["selectors"]] == [
+        (old[0], "retiring"), (old[1], "retiring"), (new[0], "active"), (new[1], "active")]
+    assert fresh.ok(f"domain retire-selector example.net {old[0]}") == (
+        f"Retired selector {old[0]}; remove its DNS record {old[0]}._domainkey.example.net "
+        "once mail signed with it has been delivered.\n")
+    assert key_files(fresh) == sorted(f"example.net/{s}.pem" for s in [old[1], *new])
+
+
+def test_domain_grant_ungrant_and_remove_deletes_private_keys(fresh: Relay) -> None:
+    fresh.ok("account add acme")
+    fresh.ok("subuser add acme/app")
+    fresh.ok("domain add acme example.org")
+    assert len(key_files(fresh)) == 2
+    assert fresh.ok("domain grant example.org acme/app") == (
+        "acme/app may now send as example.org.\n")
+    assert [d["domain"] for d in fresh.json("domain list acme/app")] == ["example.org"]
+    assert fresh.ok("domain ungrant example.org acme/app") == (
+        "acme/app may no longer send as example.org.\n")
+    assert fresh.ok("domain remove example.org") == (
+        "Removed domain example.org and its private keys; its DNS records can go too.\n")
+    assert key_files(fresh) == []
+    assert fresh.json("domain list") == []
+
+
+def test_unicode_domains_and_senders_are_stored_as_a_labels(fresh: Relay) -> None:
+    """IDNA 2008 via UTS 46: upper case is folded, the A-label is what is stored and shown."""
+    fresh.ok("account add acme")
+    added = fresh.json("domain add acme Bücher.Example")
+    assert added["domain"] == "xn--bcher-kva.example"
+    assert fresh.json("domain show bücher.example")["domain"] == "xn--bcher-kva.example"
+    assert key_files(fresh)[0].startswith("xn--bcher-kva.example/")
+    assert fresh.ok("sender add acme Bob@Bücher.Example") == (
+        "acme may now send as bob@xn--bcher-kva.example.\n")
+    assert fresh.ok("sender remove acme BOB@xn--bcher-kva.example") == (
+        "acme may no longer send as bob@xn--bcher-kva.example.\n")
+    assert fresh.ok("sender list acme") == "ADDRESS  PRINCIPAL\n"
+
+
+def test_pool_assign_none_inherits_and_unused_pool_can_be_removed(fresh: Relay) -> None:
+    fresh.ok("account add acme")
+    fresh.ok("pool add out --bind 198.51.100.7 --helo out.relay.example.net")
+    assert fresh.ok("pool assign acme out") == "acme now sends through pool out.\n"
+    assert "pool out is still assigned to acme" in fresh.refused("pool remove out")
+    assert fresh.ok("pool assign acme none") == (
+        "acme now uses its account's pool or the default route.\n")
+    assert fresh.ok("pool remove out") == "Removed pool out.\n"
+    assert fresh.json("account list")[0]["pool"] is None
+
+
+def test_limits_zero_means_inherit(fresh: Relay) -> None:
+    fresh.ok("account add acme")
+    assert fresh.ok("limits set acme --per-hour 100") == "Limits of acme: 100/hour.\n"
+    assert fresh.ok("limits set acme --per-hour 0") == "Limits of acme: defaults.\n"
+    assert fresh.json("account show acme")["limits"] == {
+        "messages_per_minute": None, "messages_per_hour": None, "recipients_per_message": None}
+
+
+def test_monitor_mode_global_and_per_account(fresh: Relay) -> None:
+    fresh.ok("account add acme")
+    assert fresh.ok("monitor on") == (
+        "Monitor mode on for all accounts: refusals are logged, and mail passes.\n")
+    assert fresh.ok("monitor on acme") == (
+        "Monitor mode on for acme: refusals are logged, and mail passes.\n")
+    assert fresh.json("monitor status") == {"config": False, "directory": True,
+                                            "accounts": ["acme"]}
+    assert fresh.ok("monitor off") == "Monitor mode off for all accounts: refusals are enforced.\n"
+    assert fresh.ok("monitor off acme") == "Monitor mode off for acme: refusals are enforced.\n"
+    assert fresh.json("monitor status") == {"config": False, "directory": False, "accounts": []}
+
+
+def test_account_and_subuser_suspend_resume_remove(fresh: Relay) -> None:
+    fresh.ok("account add acme")
+    fresh.ok("subuser add acme/app")
+    fresh.ok("key create acme/app --name app")
+    assert fresh.ok("account suspend acme") == "acme is suspended.\n"
+    assert fresh.ok("subuser suspend acme/app") == "acme/app is suspended.\n"
+    assert fresh.json("account show acme")["status"] == "suspended"
+    assert [s["status"] for s in fresh.json("subuser list acme")] == ["suspended"]
+    assert fresh.ok("account resume acme") == "acme is active.\n"
+    assert fresh.ok("subuser resume acme/app") == "acme/app is active.\n"
+    assert [s["status"] for s in fresh.json("subuser list acme")] == ["active"]
+    assert fresh.ok("subuser remove acme/app") == (
+        "Removed subuser acme/app with its keys and senders.\n")
+    acme = fresh.json("account show acme")
+    assert (acme["status"], acme["subusers"], acme["keys"]) == ("active", [], 0)
+    assert fresh.ok("account remove acme") == (
+        "Removed account acme with its subusers, keys and senders.\n")
+    assert fresh.json("account list") == []
+
+
+def test_help_and_config_example_need_no_config_file(fresh: Relay) -> None:
+    usage, example = fresh.run_bare(["--help"]), fresh.run_bare(["config", "example"])
+    for result in (usage, example):
+        assert (result.code, result.err) == (0, ""), result
+    assert "exit status:" in usage.out
+    assert example.out.startswith("# keyrelay configuration.")
