@@ -87,10 +87,17 @@ def address(text: str) -> str:
     return f"{local.lower()}@{domain(dom)}"
 
 
+_MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def network(text: str) -> IPNetwork:
-    """A CIDR network (a bare address means a single host). Host bits must be zero."""
+    """A CIDR network (a bare address means a single host). Host bits must be zero.
+
+    An IPv4-mapped IPv6 network (``::ffff:192.0.2.0/120``) becomes its IPv4 network, because
+    client addresses are compared as IPv4 (``ip_address``) and the rule could never match.
+    """
     try:
-        return ipaddress.ip_network(text.strip(), strict=True)
+        net = ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as exc:
         try:
             loose = ipaddress.ip_network(text.strip(), strict=False)
@@ -99,6 +106,12 @@ def network(text: str) -> IPNetwork:
         raise UserError(
             f"invalid CIDR {text!r}: host bits are set; did you mean {loose}?"
         ) from None
+    mapped = _MAPPED_V4
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(mapped) and net.prefixlen >= 96:
+        first = net.network_address.ipv4_mapped
+        assert first is not None
+        return ipaddress.IPv4Network((first, net.prefixlen - 96))
+    return net
 
 
 def ip_address(text: str) -> IPAddress:
