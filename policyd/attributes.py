@@ -40,7 +40,8 @@ class RequestReader:
         rest = buffer[start:]
         if rest.startswith(b"\n"):
             raise BadRequest("empty policy request (a blank line without attributes)")
-        if len(rest) > self._max:
+        # A final LF may be the first half of the request's end, which is not counted above.
+        if len(rest) - rest.endswith(b"\n") > self._max:
             raise BadRequest(f"policy request longer than {self._max} bytes")
         self._buffer = rest
         return requests

@@ -21,9 +21,13 @@ from .sasl import MECHANISMS, Challenge, Failure, Login, Plain, Step, decode_res
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 2
-# Postfix uses one exchange at a time per connection; a few more are harmless, many are abuse.
+# Postfix uses one exchange at a time per connection, but never tells us when a client gives up
+# ("*" or a dropped session): past this many unfinished exchanges the oldest is forgotten.
 MAX_EXCHANGES = 16
 _ID = re.compile(r"[0-9]{1,10}\Z")
+# Protocol commands are short upper-case words; anything else is described, never echoed, as
+# it may be part of a credential (errors.BadRequest).
+_COMMAND = re.compile(r"[A-Z]{1,12}\Z")
 # TAB, LF and the escape byte would break the line format; other controls are unreadable.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -74,6 +78,12 @@ def _safe(text: str) -> str:
     return _UNSAFE.sub(" ", text)
 
 
+def _describe(command: str) -> str:
+    if _COMMAND.match(command):
+        return repr(command)
+    return f"a line that is no command ({len(command)} characters)"
+
+
 @dataclass(slots=True)
 class _Exchange:
     mechanism: str
@@ -96,7 +106,7 @@ class ServerSession:
         command, _, rest = line.partition("\t")
         if not self._version_seen:
             if command != "VERSION":
-                raise BadRequest(f"expected the VERSION handshake first, got {command[:20]!r}")
+                raise BadRequest(f"expected the VERSION handshake first, got {_describe(command)}")
             major = rest.partition("\t")[0]
             if major != str(PROTOCOL_MAJOR):
                 raise BadRequest(f"unsupported protocol major version {major[:10]!r}")
@@ -111,7 +121,7 @@ class ServerSession:
             return self._auth(rest.split("\t"))
         if command == "CONT":
             return self._cont(rest.split("\t"))
-        raise BadRequest(f"unknown command {command[:20]!r}")
+        raise BadRequest(f"unknown command {_describe(command)}")
 
     def _auth(self, fields: list[str]) -> Attempt | Reply:
         if len(fields) < 2 or not _ID.match(fields[0]):
@@ -130,8 +140,8 @@ class ServerSession:
         factory = MECHANISMS.get(mechanism)
         if factory is None:
             return Reply(fail(request_id, f"mechanism {mechanism[:20]} is not supported"))
-        if len(self._exchanges) >= MAX_EXCHANGES:
-            raise BadRequest(f"more than {MAX_EXCHANGES} authentications in progress")
+        while len(self._exchanges) >= MAX_EXCHANGES:
+            del self._exchanges[next(iter(self._exchanges))]  # the oldest, long abandoned
         exchange = _Exchange(
             mechanism=mechanism,
             machine=factory(),
@@ -140,7 +150,9 @@ class ServerSession:
             service=params.get("service", ""),
         )
         initial: bytes | None = None
-        if "resp" in params:
+        if params.get("resp") == "=":
+            initial = b""  # RFC 4954 section 4: "=" is an empty initial response
+        elif "resp" in params:
             decoded = decode_response(params["resp"])
             if decoded is None:
                 return Reply(fail(request_id, "the initial response is not valid base64"))

@@ -87,7 +87,7 @@ class Login:
         self._username: str | None = None
 
     def start(self, initial: bytes | None) -> Step:
-        if initial is None:
+        if not initial:  # none, or "AUTH LOGIN =": ask, as Dovecot's mech-login.c does
             return Challenge(b"Username:")
         return self.step(initial)
 
