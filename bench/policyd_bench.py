@@ -9,6 +9,11 @@ p50/p99/max latency per service.
     .venv/bin/python bench/policyd_bench.py --keys 10000 --connections 50 --seconds 10
     .venv/bin/python bench/policyd_bench.py --keys 100 --service auth
     .venv/bin/python bench/policyd_bench.py --keys 100000 --service auth
+    .venv/bin/python bench/policyd_bench.py --rate 3000    # latency at a fixed offered load
+
+Closed loop (the default) measures the most policyd can answer: 50 connections always
+waiting, so latency there is queueing (Little's law: 50 / throughput). --rate measures
+latency at an offered load below saturation.
 """
 
 from __future__ import annotations
@@ -114,67 +119,93 @@ def policy_request(principal: str, key_id: str, n: int) -> bytes:
     ).encode()
 
 
-async def policy_client(port: int, issued: list[tuple[str, str]], stop: float,
-                        latencies: list[float]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    rng = random.Random()
-    n = 0
-    while time.perf_counter() < stop:
-        principal, text = issued[rng.randrange(len(issued))]
-        request = policy_request(principal, text.split(".")[1], n)
-        n += 1
-        started = time.perf_counter()
-        writer.write(request)
-        reply = await reader.readuntil(b"\n\n")
-        latencies.append(time.perf_counter() - started)
-        if not reply.startswith(b"action=FILTER"):
-            raise SystemExit(f"unexpected policy answer: {reply!r}")
-    writer.close()
+class Client:
+    """One persistent connection speaking like Postfix: one request at a time."""
 
+    def __init__(self, service: str, port: int, issued: list[tuple[str, str]]) -> None:
+        self.service, self.port, self.issued = service, port, issued
+        self.rng = random.Random()
+        self.n = 0
 
-async def auth_client(port: int, issued: list[tuple[str, str]], stop: float,
-                      latencies: list[float]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"VERSION\t1\t0\nCPID\t%d\n" % os.getpid())
-    while (await reader.readline()) != b"DONE\n":
-        pass
-    rng = random.Random()
-    n = 0
-    while time.perf_counter() < stop:
-        _, text = issued[rng.randrange(len(issued))]
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        if self.service == "auth":
+            self.writer.write(b"VERSION\t1\t0\nCPID\t%d\n" % os.getpid())
+            while (await self.reader.readline()) != b"DONE\n":
+                pass
+
+    def request(self) -> bytes:
+        principal, text = self.issued[self.rng.randrange(len(self.issued))]
+        self.n += 1
+        if self.service == "policy":
+            return policy_request(principal, text.split(".")[1], self.n)
         resp = base64.b64encode(b"\0apikey\0" + text.encode()).decode()
-        n += 1
-        line = (f"AUTH\t{n}\tPLAIN\tservice=smtp\tnologin\tlip=127.0.0.1\trip=127.0.0.1\t"
-                f"secured\tresp={resp}\n").encode()
-        started = time.perf_counter()
-        writer.write(line)
-        reply = await reader.readline()
-        latencies.append(time.perf_counter() - started)
-        if not reply.startswith(b"OK\t"):
-            raise SystemExit(f"unexpected auth answer: {reply!r}")
-    writer.close()
+        return (f"AUTH\t{self.n}\tPLAIN\tservice=smtp\tnologin\tlip=127.0.0.1\t"
+                f"rip=127.0.0.1\tsecured\tresp={resp}\n").encode()
+
+    async def exchange(self, request: bytes) -> None:
+        self.writer.write(request)
+        if self.service == "policy":
+            reply = await self.reader.readuntil(b"\n\n")
+            if not reply.startswith(b"action=FILTER"):
+                raise SystemExit(f"unexpected policy answer: {reply!r}")
+        else:
+            reply = await self.reader.readline()
+            if not reply.startswith(b"OK\t"):
+                raise SystemExit(f"unexpected auth answer: {reply!r}")
+
+    async def run(self, stop: float, latencies: list[float], interval: float = 0.0) -> None:
+        """Closed loop (``interval`` 0: next request as soon as the answer is in), or paced:
+        one request every ``interval`` seconds, latency measured from the *scheduled* send
+        time so a slow answer is not hidden by the requests it delayed."""
+        due = time.perf_counter() + self.rng.random() * interval
+        while True:
+            if interval:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                started = due
+                due += interval
+            else:
+                started = time.perf_counter()
+            if started >= stop:
+                break
+            await self.exchange(self.request())
+            latencies.append(time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 async def drive(service: str, port: int, issued: list[tuple[str, str]], connections: int,
-                seconds: float) -> tuple[int, float, list[float]]:
-    client = policy_client if service == "policy" else auth_client
+                seconds: float, rate: float) -> tuple[int, float, list[float]]:
+    clients = [Client(service, port, issued) for _ in range(connections)]
+    await asyncio.gather(*(c.connect() for c in clients))
+    interval = connections / rate if rate else 0.0
     warm: list[float] = []
-    await asyncio.gather(*(client(port, issued, time.perf_counter() + 1.0, warm)
-                           for _ in range(connections)))
+    await asyncio.gather(*(c.run(time.perf_counter() + 1.0, warm, interval) for c in clients))
     latencies: list[float] = []
     started = time.perf_counter()
-    await asyncio.gather(*(client(port, issued, started + seconds, latencies)
-                           for _ in range(connections)))
+    await asyncio.gather(*(c.run(started + seconds, latencies, interval) for c in clients))
     elapsed = time.perf_counter() - started
+    for c in clients:
+        c.close()
     return len(latencies), elapsed, latencies
 
 
 def main() -> None:
+    try:  # the load generator must not be the bottleneck: use the faster loop when present
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=10000)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--service", choices=["policy", "auth", "both"], default="both")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="offered load in requests/s, spread over the connections "
+                        "(default 0: closed loop, as fast as policyd answers)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kr-bench-") as tmp:
         folder = Path(tmp)
@@ -192,14 +223,16 @@ def main() -> None:
             for service in services:
                 port = policy_port if service == "policy" else auth_port
                 count, elapsed, lat = asyncio.run(
-                    drive(service, port, issued, args.connections, args.seconds)
+                    drive(service, port, issued, args.connections, args.seconds, args.rate)
                 )
                 lat.sort()
                 p50 = statistics.median(lat) * 1e3
                 p99 = lat[int(len(lat) * 0.99)] * 1e3
+                mode = f"offered {args.rate:.0f}/s" if args.rate else "closed loop"
                 print(f"{service:6s} {count / elapsed:9.0f} req/s  p50 {p50:.2f} ms  "
                       f"p99 {p99:.2f} ms  max {lat[-1] * 1e3:.2f} ms  "
-                      f"({count} requests, {args.connections} connections, {elapsed:.1f}s)")
+                      f"({count} requests, {args.connections} connections, {mode}, "
+                      f"{elapsed:.1f}s)")
         finally:
             proc.terminate()
             proc.wait(timeout=30)
