@@ -282,11 +282,12 @@ def decide_login(directory: Directory, settings: Settings, facts: LoginFacts) ->
 # -- identity of an authenticated session -------------------------------------------------
 def _session_principal(
     directory: Directory, settings: Settings, identity: str, client_address: str, now: datetime
-) -> tuple[str, str] | Verdict:
-    """(principal, key id) of a logged-in session, or the refusal that ends it.
+) -> tuple[str, str, Verdict] | Verdict:
+    """(principal, key id, allow) of a logged-in session, or the refusal that ends it.
 
     Checked again for every message: a key revoked or expired since login, a suspended
     principal or a client outside the IP list is refused at once (DESIGN.md, revocation).
+    The allow carries the IP refusal that monitor mode let pass, so that it is logged.
     """
     parsed = parse_identity(identity)
     if parsed is None:
@@ -313,6 +314,7 @@ def _session_principal(
             principal, key_id,
         )
     account = directory.accounts[key.account]
+    verdict = _allow("ok", principal, key_id)
     if not _client_allowed(account, client_address):
         verdict = _monitor(
             directory, settings,
@@ -325,7 +327,7 @@ def _session_principal(
         )
         if not verdict.allowed:
             return verdict
-    return principal, key_id
+    return principal, key_id, verdict
 
 
 # -- sender ownership ------------------------------------------------------------------------
@@ -399,7 +401,7 @@ def decide_envelope(directory: Directory, settings: Settings, facts: EnvelopeFac
     )
     if isinstance(session, Verdict):
         return session
-    principal, key_id = session
+    principal, key_id, verdict = session
     address = _normal_address(facts.sender) if facts.sender else None
     if not facts.sender:
         problem: str | None = (
@@ -410,8 +412,7 @@ def decide_envelope(directory: Directory, settings: Settings, facts: EnvelopeFac
         problem = f"envelope sender {facts.sender!r} is not a valid address"
     else:
         problem = sender_problem(directory, settings, principal, address, facts.now)
-    verdict = _allow("ok", principal, key_id)
-    if problem:
+    if problem and verdict.monitored is None:  # else: the first refusal is what is logged
         verdict = _monitor(
             directory, settings,
             _refuse(
@@ -490,7 +491,7 @@ def decide_headers(directory: Directory, settings: Settings, facts: HeaderFacts)
     )
     if isinstance(session, Verdict):
         return session
-    principal, key_id = session
+    principal, key_id, verdict = session
 
     def owned(raw: str) -> str | None:
         address = _normal_address(raw)
@@ -519,25 +520,32 @@ def decide_headers(directory: Directory, settings: Settings, facts: HeaderFacts)
             f"the From: header has {len(authors)} addresses; add a Sender: header with your "
             "own address (RFC 5322 section 3.6.2)"
         )
-    if problem is None and len(authors) == 1:
-        author_issue = owned(authors[0])
-        if author_issue:
-            problem = f"From: {author_issue}"
+    if problem is None:
+        # every author, not just one: mail programs show them all, and an owned Sender:
+        # does not make someone else's From: address the principal's (DESIGN.md table)
+        issues = [issue for issue in map(owned, authors) if issue]
+        problem = f"From: {issues[0]}" if issues else None
     if problem is not None:
         # in monitor mode this passes unsigned: we sign nothing we could not vouch for
+        if verdict.monitored is not None:
+            return verdict
         return _monitor(
             directory, settings,
             _refuse(550, "5.7.1", "header_from_not_owned", problem, principal, key_id),
         )
     signer = _normal_address(authors[0] if len(authors) == 1 else responsible) or ""
-    plan = _signing_plan(directory, principal, signer)
-    return replace(_allow("ok", principal, key_id), signing=plan)
+    plan = _signing_plan(directory, settings, principal, signer, facts.now)
+    return replace(verdict, signing=plan)
 
 
-def _signing_plan(directory: Directory, principal: str, address: str) -> SigningPlan | None:
+def _signing_plan(
+    directory: Directory, settings: Settings, principal: str, address: str, now: datetime
+) -> SigningPlan | None:
     domain = directory.domains.get(address.rpartition("@")[2])
     if domain is None or not _uses_domain(domain, principal):
         return None  # a verified single sender in someone else's domain: nothing to sign with
+    if not domain_may_send(domain, settings, now):
+        return None  # a single sender in the principal's unverified domain: do not vouch
     selectors = domain.signing_selectors()
     return SigningPlan(domain.name, selectors) if selectors else None
 

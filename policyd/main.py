@@ -97,8 +97,11 @@ def check(config: Config) -> None:
 class Daemon:
     def __init__(self, config_path: str, config: Config) -> None:
         self.config_path = config_path
-        # Decision lines are buffered and flushed once per event-loop iteration.
-        self.log_stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1 << 16)
+        # Decision lines are buffered and flushed once per event-loop iteration. Policy
+        # requests may carry undecodable bytes (kept as surrogates): escape them as stderr
+        # does, never fail on them.
+        self.log_stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1 << 16,
+                                    errors="backslashreplace")
         self.context = Context(config, open_directory(config), self.decision_log(config))
         self.auth = AuthService(self.context)
         self.policy = PolicyService(self.context)
@@ -175,7 +178,8 @@ class Daemon:
         new.used_keys = self.context.used_keys
         self.context = new
         self.auth.context = self.policy.context = self.socketmap.context = new
-        self.auth.configure(config.policyd.bruteforce)
+        if config.policyd.bruteforce != old.policyd.bruteforce:
+            self.auth.configure(config.policyd.bruteforce)  # forgets failures and lockouts
         for listener in self.listeners:
             listener.limits = config.policyd
         log.info("SIGHUP: configuration reloaded from %s", self.config_path)

@@ -101,6 +101,11 @@ class Listener:
                 os.unlink(self.endpoint.path)
             except FileNotFoundError:
                 pass
+            except OSError as exc:
+                # After dropping privileges the socket's folder (Postfix's private/) is not
+                # ours to change; the next start, as root, replaces the stale socket.
+                log.info("%s: leaving socket %s in place: %s", self.name, self.endpoint.path,
+                         exc.strerror or exc)
 
     def sweep(self, now: float) -> None:
         """Close connections idle too long or stuck in the middle of a request."""

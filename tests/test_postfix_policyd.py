@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from postfix_harness import (
     PostfixInstance,
     Sink,
@@ -30,7 +29,8 @@ from postfix_harness import (
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(
-    not Path("/usr/sbin/postfix").exists(), reason="Postfix is not installed (make test installs it)"
+    not Path("/usr/sbin/postfix").exists(),
+    reason="Postfix is not installed (make test installs it)",
 )
 
 
