@@ -222,6 +222,16 @@ def _principal_inactive(directory: Directory, principal: str) -> str | None:
     return None
 
 
+def principal_active(directory: Directory, principal: str) -> bool:
+    """The principal exists and neither it nor its account is suspended."""
+    return _principal_inactive(directory, principal) is None
+
+
+def key_usable(key: ApiKey, now: datetime) -> bool:
+    """The key may send now: not revoked, not expired, with the mail.send scope."""
+    return _key_problem(key, now) is None and SEND_SCOPE in key.scopes
+
+
 def _key_problem(key: ApiKey, now: datetime) -> tuple[str, str] | None:
     if key.revoked is not None:
         return "revoked_key", f"API key {key.key_id} was revoked; create a new key"

@@ -9,13 +9,14 @@ known key used in the wrong place, answered clearly every time without locking a
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 
-from keyrelay import keys
+from keyrelay import keys, names
 from keyrelay.config import BruteForceConfig
 from keyrelay.decisions import Action, LoginFacts, Verdict, decide_login
-from keyrelay.errors import DirectoryUnavailable
+from keyrelay.errors import DirectoryUnavailable, UserError
 
 from . import dovecot
 from .context import Context, unavailable
@@ -47,9 +48,10 @@ class AuthService:
         ctx = self.context
         now = ctx.monotonic()
         address = attempt.client_address
+        client = client_key(address)
         presented = keys.parse(attempt.password)
         key_id = presented.key_id if presented else None
-        locked = self.by_address.locked_for(address, now)
+        locked = self.by_address.locked_for(client, now)
         if locked:
             return self._locked("address_locked_out", f"too many failed logins from {address}",
                                 locked, key_id)
@@ -64,11 +66,13 @@ class AuthService:
         facts = LoginFacts(attempt.username, attempt.password, address, ctx.clock())
         verdict = decide_login(directory, ctx.settings, facts)
         if verdict.action is Action.REFUSE and verdict.reason in GUESSING:
-            if self.by_address.fail(address, now):
+            if self.by_address.fail(client, now):
                 log.warning("client %s locked out for %s after repeated failed logins",
                             address, _minutes(ctx.config.policyd.bruteforce.lockout))
-            # a wrong secret for a key id that exists: someone may be guessing that key
-            if key_id and key_id in directory.keys and self.by_key.fail(key_id, now):
+            # a wrong secret for a key id that exists: someone may be guessing that key (a
+            # wrong username with the right key is a client's mistake, not a guess at the key)
+            guessing_key = verdict.reason == "unknown_key" and key_id in directory.keys
+            if key_id and guessing_key and self.by_key.fail(key_id, now):
                 log.warning("API key %s locked out for %s after repeated wrong secrets",
                             key_id, _minutes(ctx.config.policyd.bruteforce.lockout))
         elif verdict.allowed and verdict.key_id:
@@ -89,9 +93,43 @@ class AuthService:
             "mechanism": attempt.mechanism,
             **verdict.log_fields(),
         }
-        if not verdict.key_id and verdict.action is not Action.ALLOW:
-            fields["username"] = attempt.username[:64]  # what was tried; never the password
+        if verdict.action is not Action.ALLOW and verdict.reason == "bad_username":
+            fields["username"] = loggable_username(attempt.username)
         self.context.decisions.emit(log.name, "login", fields)
+
+    def log_exchange_failure(self, reply: dovecot.Reply) -> None:
+        """A SASL exchange that failed before any credentials (bad base64, bad PLAIN...)."""
+        fields = {
+            "service": "auth",
+            "client": reply.client_address,
+            "mechanism": reply.mechanism,
+            "verdict": "refuse",
+            "reason": "malformed_exchange",
+            "reply": f"535 5.7.8 {reply.failure}",
+        }
+        self.context.decisions.emit(log.name, "login", fields)
+
+
+def client_key(address: str) -> str:
+    """What failures are counted against: the IPv4 address, or the IPv6 /64.
+
+    One IPv6 host usually holds a whole /64: counting single addresses would let it try
+    2^64 times and flush the bounded tracker, forgetting every lock-out.
+    """
+    try:
+        ip = names.ip_address(address)
+    except UserError:
+        return address[:64]
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def loggable_username(username: str) -> str:
+    """What was tried as the username, for the log; never a key pasted into that field."""
+    if username.startswith(keys.KEY_PREFIX + ".") or keys.parse(username) is not None:
+        return "<an API key>"
+    return username[:64]
 
 
 def render(request_id: str, verdict: Verdict) -> bytes | None:

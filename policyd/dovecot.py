@@ -47,9 +47,16 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """Bytes to send back at once (a challenge, or a failure of the exchange itself)."""
+    """Bytes to send back at once: a challenge, or a failure of the exchange itself.
+
+    ``failure`` is the reason of a failure (empty for a challenge), so it can be logged with
+    the client's address.
+    """
 
     data: bytes
+    failure: str = ""
+    mechanism: str = ""
+    client_address: str = ""
 
 
 def greeting(pid: int, connection_number: int, cookie: str) -> bytes:
@@ -72,6 +79,10 @@ def fail(request_id: str, reason: str) -> bytes:
 
 def cont(request_id: str, data: bytes) -> bytes:
     return f"CONT\t{request_id}\t{base64.b64encode(data).decode('ascii')}\n".encode("ascii")
+
+
+def _failed(request_id: str, reason: str, mechanism: str, client_address: str) -> Reply:
+    return Reply(fail(request_id, reason), reason, mechanism, client_address)
 
 
 def _safe(text: str) -> str:
@@ -139,7 +150,8 @@ class ServerSession:
                 flags.add(name)
         factory = MECHANISMS.get(mechanism)
         if factory is None:
-            return Reply(fail(request_id, f"mechanism {mechanism[:20]} is not supported"))
+            return _failed(request_id, f"mechanism {mechanism[:20]} is not supported",
+                           mechanism[:20], params.get("rip", ""))
         while len(self._exchanges) >= MAX_EXCHANGES:
             del self._exchanges[next(iter(self._exchanges))]  # the oldest, long abandoned
         exchange = _Exchange(
@@ -155,7 +167,8 @@ class ServerSession:
         elif "resp" in params:
             decoded = decode_response(params["resp"])
             if decoded is None:
-                return Reply(fail(request_id, "the initial response is not valid base64"))
+                return _failed(request_id, "the initial response is not valid base64",
+                               mechanism, exchange.client_address)
             initial = decoded
         return self._advance(request_id, exchange, exchange.machine.start(initial))
 
@@ -168,7 +181,8 @@ class ServerSession:
             raise BadRequest(f"CONT for request id {request_id}, which is not in progress")
         decoded = decode_response(data)
         if decoded is None:
-            return Reply(fail(request_id, "the response is not valid base64"))
+            return _failed(request_id, "the response is not valid base64", exchange.mechanism,
+                           exchange.client_address)
         return self._advance(request_id, exchange, exchange.machine.step(decoded))
 
     def _advance(self, request_id: str, exchange: _Exchange, step: Step) -> Attempt | Reply:
@@ -176,7 +190,7 @@ class ServerSession:
             self._exchanges[request_id] = exchange
             return Reply(cont(request_id, step.data))
         if isinstance(step, Failure):
-            return Reply(fail(request_id, step.reason))
+            return _failed(request_id, step.reason, exchange.mechanism, exchange.client_address)
         return Attempt(
             request_id=request_id,
             mechanism=exchange.mechanism,

@@ -16,6 +16,7 @@ Stages (``protocol_state``):
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 
 from keyrelay.decisions import (
@@ -36,7 +37,8 @@ log = logging.getLogger("keyrelay.policyd.policy")
 
 ENVELOPE_STAGES = frozenset({"MAIL", "RCPT", "DATA", "END-OF-MESSAGE"})
 MESSAGE_STAGES = frozenset({"DATA", "END-OF-MESSAGE"})
-# Messages whose rate was already counted, by Postfix's per-message "instance" attribute.
+# Messages whose rate was already counted, and RCPTs per message, by Postfix's per-message
+# "instance" attribute.
 _COUNTED_MAX = 65536
 
 
@@ -53,6 +55,8 @@ class PolicyService:
         self.per_minute = SlidingWindow(60.0)
         self.per_hour = SlidingWindow(3600.0)
         self._counted: OrderedDict[str, None] = OrderedDict()
+        # RCPTs allowed so far, per message ("instance"); bounded like _counted
+        self._recipients: OrderedDict[str, int] = OrderedDict()
 
     def submission(self, request: dict[str, str]) -> bool:
         cfg = self.context.config.policyd
@@ -84,9 +88,12 @@ class PolicyService:
         verdict = decide_envelope(directory, ctx.settings, facts)
         if not verdict.allowed or parse_identity(identity) is None:
             return verdict
-        recipients = _int(request.get("recipient_count"))
         if stage == "RCPT":
-            recipients += 1  # recipient_count counts those accepted before this one
+            # Postfix sends recipient_count=0 until DATA (POSTFIX-REFERENCE.md section 2):
+            # count this message's RCPTs ourselves, per instance.
+            recipients = self._recipients.get(request.get("instance", ""), 0) + 1
+        else:
+            recipients = _int(request.get("recipient_count"))
         counted = stage in MESSAGE_STAGES and self._needs_count(request)
         tick = ctx.monotonic()
         rate = decide_rate(
@@ -101,6 +108,8 @@ class PolicyService:
         )
         if not rate.allowed:
             return rate
+        if stage == "RCPT":
+            self._count_recipient(request.get("instance", ""), recipients)
         if counted and verdict.principal:
             self.per_minute.add(verdict.principal, tick)
             self.per_hour.add(verdict.principal, tick)
@@ -117,7 +126,16 @@ class PolicyService:
         """Messages in the window, including this one when this request counts it."""
         if not counted or not verdict.principal:
             return 0
-        return int(window.count(verdict.principal, tick)) + 1
+        # round up: a fraction of a message left in the window still counts against the limit
+        return math.ceil(window.count(verdict.principal, tick)) + 1
+
+    def _count_recipient(self, instance: str, recipients: int) -> None:
+        if not instance:
+            return
+        self._recipients[instance] = recipients
+        self._recipients.move_to_end(instance)
+        while len(self._recipients) > _COUNTED_MAX:
+            self._recipients.popitem(last=False)
 
     def _needs_count(self, request: dict[str, str]) -> bool:
         instance = request.get("instance", "")

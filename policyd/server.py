@@ -278,6 +278,8 @@ class AuthConnection(Connection):
         if event is None:
             return
         if isinstance(event, dovecot.Reply):
+            if event.failure:
+                self.service.log_exchange_failure(event)
             self.send(event.data)
             return
         verdict = self.service.login(event)

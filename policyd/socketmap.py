@@ -2,8 +2,8 @@
 
 Map ``sender_login`` (for ``smtpd_sender_login_maps``): key an envelope sender address, value
 every login allowed to use it, i.e. the identity (``principal:keyid``) of each usable key of
-each principal that owns the address (a verified single sender, or an address in a domain the
-principal owns or was granted, while that domain may send). With it, admins can also use
+each active principal that owns the address (a verified single sender, or an address in a
+domain the principal owns or was granted, while that domain may send). With it, admins can also use
 ``reject_authenticated_sender_login_mismatch``. Postfix compares the logins case-insensitively;
 keys arrive lowercased but are lowercased again here (a socketmap is a pattern table).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from keyrelay import names
-from keyrelay.decisions import SEND_SCOPE, domain_may_send, format_identity
+from keyrelay.decisions import domain_may_send, format_identity, key_usable, principal_active
 from keyrelay.directory import Directory
 from keyrelay.errors import DirectoryUnavailable, UserError
 
@@ -55,16 +55,15 @@ class SocketmapService:
         if domain is not None and domain_may_send(domain, ctx.settings, now):
             owners.add(domain.owner)
             owners.update(domain.grants)
-        logins = []
+        logins: list[str] = []
         for principal in sorted(owners):
-            for key_obj in directory.keys_of(principal):
-                usable = (
-                    key_obj.revoked is None
-                    and (key_obj.expires is None or key_obj.expires > now)
-                    and SEND_SCOPE in key_obj.scopes
-                )
-                if usable:
-                    logins.append(format_identity(principal, key_obj.key_id))
+            if not principal_active(directory, principal):
+                continue
+            logins.extend(
+                format_identity(principal, k.key_id)
+                for k in directory.keys_of(principal)
+                if key_usable(k, now)
+            )
         return logins
 
     def log(self, request: netstring.Lookup, outcome: str) -> None:

@@ -483,6 +483,9 @@ class _AcceptEveryone:
     def log(self, attempt: dovecot.Attempt, verdict: Verdict) -> None:
         pass
 
+    def log_exchange_failure(self, reply: dovecot.Reply) -> None:
+        pass
+
 
 def auth_connection(limit: int = 4096) -> tuple[server.AuthConnection, _Sink]:
     listener = SimpleNamespace(name="auth", limits=SimpleNamespace(max_request_size=limit))

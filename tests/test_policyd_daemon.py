@@ -417,11 +417,6 @@ def test_wrong_secrets_for_one_key_id_lock_that_key_id_from_every_address(relay:
     assert [r.status for r in others] == ["OK"] * 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: policyd/auth.py AuthService.login() counts every guessing failure against the key "
-    "id (`if key_id and key_id in directory.keys`), also a wrong username with the right key "
-    "(reason bad_username), so a client configured with the wrong username locks its own key "
-    "out for everyone; only a wrong secret (reason unknown_key) should count for the key id"))
 def test_wrong_username_with_the_right_key_does_not_lock_that_key(relay: Relay) -> None:
     key = relay.keys["typo"]
     with relay.auth() as auth:
@@ -541,11 +536,6 @@ def test_message_asked_at_data_and_end_of_message_is_counted_once(relay: Relay) 
                         "try again later")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: policyd/policy.py decide() takes recipient_count+1 as the recipient number at RCPT, "
-    "but Postfix sends recipient_count=0 at every stage before DATA (SMTPD_POLICY_README; "
-    "POSTFIX-REFERENCE.md section 2), so the per-message recipient limit never triggers at "
-    "RCPT; it must count RCPTs per `instance` itself"))
 def test_recipient_beyond_the_per_message_limit_is_deferred_451_at_rcpt(relay: Relay) -> None:
     relay.daemon.keyrelay("limits", "set", "acme/rcpt", "--recipients", "2")
     identity = relay.login(relay.keys["rcpt"])
@@ -761,10 +751,6 @@ def test_invalid_base64_fails_that_exchange_and_keeps_the_connection(relay: Rela
     assert good.status == "OK"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a FAIL for a malformed exchange (invalid base64, malformed PLAIN message, authzid, "
-    "unsupported mechanism) is sent by policyd/server.py AuthConnection.line() from a "
-    "dovecot.Reply, which carries no reason, and is never logged: the refusal leaves no trace"))
 def test_invalid_base64_refusal_is_logged_with_the_client_address(relay: Relay) -> None:
     rip = fresh_address()
     mark = relay.daemon.mark()
@@ -1045,10 +1031,6 @@ def test_the_log_never_contains_an_api_key_or_its_secret(relay: Relay) -> None:
     assert not leaked, f"secrets of these keys are in {relay.daemon.log_path}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: policyd/auth.py AuthService.log() logs `username=attempt.username[:64]` for a "
-    "refused login; an API key pasted into the username field (a common mix-up) is 63 "
-    "characters, so the whole key with its secret is written to the log"))
 def test_an_api_key_pasted_as_the_username_is_not_logged(relay: Relay) -> None:
     key = relay.keys["pasted"]
     rip = fresh_address()

@@ -1,0 +1,75 @@
+"""policyd's account-aware services, in process: what they decide beyond the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from factories import NOW, World, key_id
+
+from keyrelay.config import parse_config
+from keyrelay.directory import YamlDirectory
+from keyrelay.directory.yamlfile import render
+from keyrelay.logs import DecisionLog
+from policyd import netstring
+from policyd.auth import client_key, loggable_username
+from policyd.context import Context
+from policyd.socketmap import SocketmapService
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("not-an-address", "not-an-address"),
+    ],
+)
+def test_failures_are_counted_per_ipv4_address_and_per_ipv6_slash_64(
+    address: str, key: str
+) -> None:
+    assert client_key(address) == key
+
+
+def test_an_api_key_typed_as_the_username_is_never_logged() -> None:
+    world = World()
+    world.account("acme")
+    text = world.key("acme")
+    assert loggable_username(text) == "<an API key>"
+    assert loggable_username("kr." + "x" * 10) == "<an API key>"
+    assert loggable_username("alice") == "alice"
+    assert loggable_username("a" * 500) == "a" * 64
+
+
+def _service(tmp_path: Path, world: World) -> SocketmapService:
+    path = tmp_path / "directory.yaml"
+    path.write_text(render(world.data))
+    config = parse_config({"directory": {"path": str(path)}}, "test")
+    log = DecisionLog(config.logging, (tmp_path / "log").open("w"))
+    return SocketmapService(Context(config, YamlDirectory(str(path)), log, clock=lambda: NOW))
+
+
+def test_sender_login_lists_keys_of_owners_and_grantees_but_not_suspended_ones(
+    tmp_path: Path,
+) -> None:
+    world = World()
+    world.account("acme")
+    world.subuser("acme/app")
+    world.subuser("acme/old")
+    owner_key, app_key, old_key = world.key("acme"), world.key("acme/app"), world.key("acme/old")
+    revoked = world.key("acme/app")
+    world.revoke(revoked)
+    world.domain("acme", "acme.example")
+    world.grant("acme.example", "acme/app")
+    world.grant("acme.example", "acme/old")
+    world.suspend("acme/old")
+    service = _service(tmp_path, world)
+    reply, outcome = service.lookup(netstring.Lookup("sender_login", "News@ACME.example"))
+    assert outcome == "ok"
+    logins = reply.decode().split(" ", 1)[1].rstrip(",").split(",")
+    assert sorted(logins) == sorted(
+        [f"acme:{key_id(owner_key)}", f"acme/app:{key_id(app_key)}"]
+    )
+    assert all(key_id(k) not in reply.decode() for k in (old_key, revoked))
