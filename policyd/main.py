@@ -11,8 +11,8 @@ import resource
 import signal
 import sys
 import textwrap
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn
 
 from keyrelay import __version__, logs
 from keyrelay.config import Config, load_config, resolve_config_path
@@ -214,6 +214,16 @@ async def serve(path: str, config: Config) -> None:
     daemon.context.decisions.flush()
 
 
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (about twice asyncio's speed for small requests)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 def _raise_fd_limit() -> None:
     # Every smtpd process holds one connection per service: allow many.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -238,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     _raise_fd_limit()
     try:
-        asyncio.run(serve(path, config))
+        run(serve(path, config))
     except OSError as exc:
         fail(f"cannot start: {exc}")
     except KeyError as exc:

@@ -24,6 +24,7 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from keyrelay.config import PolicydConfig
 from keyrelay.decisions import Action, Verdict
@@ -149,8 +150,8 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = stream = cast(asyncio.Transport, transport)
         self.last_active = _now()
         listener = self.listener
         peer = transport.get_extra_info("peername")
@@ -159,11 +160,11 @@ class Connection(asyncio.Protocol):
             log.warning("%s: connection from %s refused: %d connections already open "
                         "(policyd.max_connections)", listener.name, self.peer,
                         len(listener.connections))
-            transport.abort()
+            stream.abort()
             return
         listener.connections.add(self)
         listener.accepted += 1
-        transport.set_write_buffer_limits(high=_HIGH_WATER)
+        stream.set_write_buffer_limits(high=_HIGH_WATER)
         self.opened()
 
     def data_received(self, data: bytes) -> None:

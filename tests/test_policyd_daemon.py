@@ -466,7 +466,7 @@ def test_sender_not_owned_by_the_principal_is_refused_550(relay: Relay) -> None:
     identity = relay.login(relay.keys["app"])
     with relay.policy() as policy:
         action = policy.ask(**authenticated(identity, "ceo@bank.example"))
-    assert action == ("550 5.7.1 Sender address rejected: ceo@bank.example is not a verified "
+    assert action == ("550 5.7.1 envelope sender: ceo@bank.example is not a verified "
                       "domain or sender of acme/app")
 
 
@@ -570,7 +570,7 @@ def test_monitor_mode_lets_a_refused_sender_pass_and_logs_it_as_monitor(relay: R
         relay.daemon.keyrelay("monitor", "on", "watch")
         mark = relay.daemon.mark()
         monitored = policy.ask(**request)
-    assert enforced is not None and enforced.startswith("550 5.7.1 Sender address rejected")
+    assert enforced is not None and enforced.startswith("550 5.7.1 envelope sender:")
     assert monitored == "DUNNO"
     line = relay.daemon.wait_for_log(rf"service=policy .*client={request['client_address']} ",
                                      since=mark)

@@ -7,7 +7,7 @@ snapshot, with the indexes the hot path needs, that the decision engine reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -169,6 +169,7 @@ class Directory:
         "_senders",
         "_subusers_of",
         "accounts",
+        "derived",
         "domains",
         "keys",
         "monitor",
@@ -183,6 +184,9 @@ class Directory:
         self.domains: Mapping[str, Domain] = MappingProxyType(dict(data.domains))
         self.pools: Mapping[str, Pool] = MappingProxyType(dict(data.pools))
         self.monitor = data.monitor
+        # Values the engine derives from this snapshot (effective limits...), computed once
+        # per snapshot: the snapshot never changes, so they never go stale.
+        self.derived: dict[Hashable, object] = {}
         senders: dict[str, set[str]] = {}
         for sender in data.senders.values():
             senders.setdefault(sender.address, set()).add(sender.principal)
