@@ -69,14 +69,34 @@ def build_directory(path: Path, count: int) -> list[tuple[str, str]]:
     return issued
 
 
-def start_policyd(folder: Path, auth_port: int, policy_port: int) -> subprocess.Popen[bytes]:
+def endpoints(folder: Path, transport: str) -> dict[str, str]:
+    """Where each service listens: loopback TCP, or unix sockets as under Postfix's private/."""
+    if transport == "unix":
+        return {name: f"unix:{folder / name}" for name in ("auth", "policy")}
+    return {name: f"inet:127.0.0.1:{free_port()}" for name in ("auth", "policy")}
+
+
+def can_connect(endpoint: str) -> bool:
+    try:
+        if endpoint.startswith("unix:"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(endpoint[5:])
+        else:
+            socket.create_connection(("127.0.0.1", int(endpoint.rpartition(":")[2])),
+                                     timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def start_policyd(folder: Path, listen: dict[str, str]) -> subprocess.Popen[bytes]:
     config = folder / "keyrelay.yaml"
     config.write_text(
         f"directory: {{path: {folder / 'directory.yaml'}}}\n"
         f"logging: {{audit_log: ''}}\n"
         "policyd:\n"
-        f"  auth_listen: inet:127.0.0.1:{auth_port}\n"
-        f"  policy_listen: inet:127.0.0.1:{policy_port}\n"
+        f"  auth_listen: {listen['auth']}\n"
+        f"  policy_listen: {listen['policy']}\n"
         "  socketmap_listen: ''\n"
         "  socket_group: ''\n"
         "  max_connections: 10000\n"
@@ -88,16 +108,12 @@ def start_policyd(folder: Path, auth_port: int, policy_port: int) -> subprocess.
         [sys.executable, "-m", "policyd", "--config", str(config)], stdout=log, stderr=log
     )
     deadline = time.monotonic() + 60
-    for port in (auth_port, policy_port):
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    logfile = folder / "policyd.log"
-                    raise SystemExit(f"policyd did not start; see {logfile}") from None
-                time.sleep(0.05)
+    for endpoint in listen.values():
+        while not can_connect(endpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                logfile = folder / "policyd.log"
+                raise SystemExit(f"policyd did not start; see {logfile}")
+            time.sleep(0.05)
     return proc
 
 
@@ -122,13 +138,17 @@ def policy_request(principal: str, key_id: str, n: int) -> bytes:
 class Client:
     """One persistent connection speaking like Postfix: one request at a time."""
 
-    def __init__(self, service: str, port: int, issued: list[tuple[str, str]]) -> None:
-        self.service, self.port, self.issued = service, port, issued
+    def __init__(self, service: str, endpoint: str, issued: list[tuple[str, str]]) -> None:
+        self.service, self.endpoint, self.issued = service, endpoint, issued
         self.rng = random.Random()
         self.n = 0
 
     async def connect(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        if self.endpoint.startswith("unix:"):
+            self.reader, self.writer = await asyncio.open_unix_connection(self.endpoint[5:])
+        else:
+            port = int(self.endpoint.rpartition(":")[2])
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
         if self.service == "auth":
             self.writer.write(b"VERSION\t1\t0\nCPID\t%d\n" % os.getpid())
             while (await self.reader.readline()) != b"DONE\n":
@@ -175,9 +195,9 @@ class Client:
         self.writer.close()
 
 
-async def drive(service: str, port: int, issued: list[tuple[str, str]], connections: int,
+async def drive(service: str, endpoint: str, issued: list[tuple[str, str]], connections: int,
                 seconds: float, rate: float) -> tuple[int, float, list[float]]:
-    clients = [Client(service, port, issued) for _ in range(connections)]
+    clients = [Client(service, endpoint, issued) for _ in range(connections)]
     await asyncio.gather(*(c.connect() for c in clients))
     interval = connections / rate if rate else 0.0
     warm: list[float] = []
@@ -203,6 +223,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--service", choices=["policy", "auth", "both"], default="both")
+    parser.add_argument("--transport", choices=["unix", "tcp"], default="unix",
+                        help="unix sockets (as under Postfix's private/, the default) or "
+                        "loopback TCP")
     parser.add_argument("--rate", type=float, default=0.0,
                         help="offered load in requests/s, spread over the connections "
                         "(default 0: closed loop, as fast as policyd answers)")
@@ -214,21 +237,21 @@ def main() -> None:
         size = (folder / "directory.yaml").stat().st_size
         print(f"directory: {args.keys} keys, {size / 1e6:.1f} MB YAML, built in "
               f"{time.perf_counter() - t0:.1f}s")
-        auth_port, policy_port = free_port(), free_port()
+        listen = endpoints(folder, args.transport)
         t0 = time.perf_counter()
-        proc = start_policyd(folder, auth_port, policy_port)
+        proc = start_policyd(folder, listen)
         print(f"policyd ready in {time.perf_counter() - t0:.1f}s")
         try:
             services = ["policy", "auth"] if args.service == "both" else [args.service]
             for service in services:
-                port = policy_port if service == "policy" else auth_port
-                count, elapsed, lat = asyncio.run(
-                    drive(service, port, issued, args.connections, args.seconds, args.rate)
-                )
+                count, elapsed, lat = asyncio.run(drive(
+                    service, listen[service], issued, args.connections, args.seconds, args.rate
+                ))
                 lat.sort()
                 p50 = statistics.median(lat) * 1e3
                 p99 = lat[int(len(lat) * 0.99)] * 1e3
                 mode = f"offered {args.rate:.0f}/s" if args.rate else "closed loop"
+                mode += f", {args.transport}"
                 print(f"{service:6s} {count / elapsed:9.0f} req/s  p50 {p50:.2f} ms  "
                       f"p99 {p99:.2f} ms  max {lat[-1] * 1e3:.2f} ms  "
                       f"({count} requests, {args.connections} connections, {mode}, "
