@@ -17,7 +17,8 @@ class RequestReader:
     """Incremental parser: ``feed`` bytes, get back every complete request in them."""
 
     def __init__(self, max_request_size: int) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._searched = 0  # bytes of _buffer already searched for the end of a request
         self._max = max_request_size
 
     @property
@@ -26,24 +27,33 @@ class RequestReader:
         return bool(self._buffer)
 
     def feed(self, data: bytes) -> list[dict[str, str]]:
-        buffer = self._buffer + data if self._buffer else data
+        # Usually one whole request arrives at once and nothing is buffered: parse it in place.
+        # Otherwise append, and search only the new bytes (a request sent in many small pieces
+        # costs linear time, not quadratic).
+        buffer: bytes | bytearray = data
+        if self._buffer:
+            self._buffer += data
+            buffer = self._buffer
         requests: list[dict[str, str]] = []
         start = 0
+        search = max(0, self._searched - 1)  # the previous piece may have ended with "\n"
         while True:
-            end = buffer.find(b"\n\n", start)
+            end = buffer.find(b"\n\n", max(start, search))
             if end < 0:
                 break
             if end - start > self._max:
                 raise BadRequest(f"policy request longer than {self._max} bytes")
-            requests.append(parse_block(buffer[start:end]))
+            requests.append(parse_block(bytes(buffer[start:end])))
             start = end + 2
-        rest = buffer[start:]
-        if rest.startswith(b"\n"):
+        if start or buffer is not self._buffer:
+            self._buffer = bytearray(buffer[start:])
+        rest = self._buffer
+        self._searched = len(rest)
+        if rest[:1] == b"\n":
             raise BadRequest("empty policy request (a blank line without attributes)")
         # A final LF may be the first half of the request's end, which is not counted above.
         if len(rest) - rest.endswith(b"\n") > self._max:
             raise BadRequest(f"policy request longer than {self._max} bytes")
-        self._buffer = rest
         return requests
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .errors import BadRequest
@@ -93,6 +94,56 @@ def _describe(command: str) -> str:
     if _COMMAND.match(command):
         return repr(command)
     return f"a line that is no command ({len(command)} characters)"
+
+
+class LineReader:
+    """Splits the byte stream into lines (LF, optional CR) of UTF-8 text without NULs.
+
+    ``feed`` yields each complete line as soon as it is found, so a bad line later in the same
+    piece of input does not stop the earlier ones from being answered. Only new bytes are
+    searched: a line sent a byte at a time costs linear time.
+    """
+
+    def __init__(self, max_line: int) -> None:
+        self._buffer = bytearray()
+        self._searched = 0
+        self._max = max_line
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buffer)
+
+    def feed(self, data: bytes) -> Iterator[str]:
+        buffer: bytes | bytearray = data
+        if self._buffer:
+            self._buffer += data
+            buffer = self._buffer
+        start, search = 0, self._searched
+        try:
+            while True:
+                end = buffer.find(b"\n", max(start, search))
+                if end < 0:
+                    break
+                if end - start > self._max:
+                    raise BadRequest(f"auth line longer than {self._max} bytes")
+                line = bytes(buffer[start:end])
+                start = end + 1
+                yield _decode_line(line)
+        finally:
+            if start or buffer is not self._buffer:
+                self._buffer = bytearray(buffer[start:])
+            self._searched = len(self._buffer)
+        if len(self._buffer) > self._max:
+            raise BadRequest(f"auth line longer than {self._max} bytes")
+
+
+def _decode_line(raw: bytes) -> str:
+    if b"\0" in raw:
+        raise BadRequest("auth line contains a NUL byte")
+    try:
+        return raw.decode("utf-8").removesuffix("\r")
+    except UnicodeDecodeError:
+        raise BadRequest("auth line is not UTF-8 text") from None
 
 
 @dataclass(slots=True)

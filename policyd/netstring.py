@@ -25,7 +25,7 @@ class NetstringReader:
     """Incremental parser of netstrings (https://cr.yp.to/proto/netstrings.txt)."""
 
     def __init__(self, max_request_size: int) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
         self._max = max_request_size
 
     @property
@@ -33,15 +33,20 @@ class NetstringReader:
         return bool(self._buffer)
 
     def feed(self, data: bytes) -> list[Lookup]:
-        buffer = self._buffer + data if self._buffer else data
+        # Append to a bytearray (amortised O(1)) and cut each request off once: a request sent
+        # in many small pieces costs linear time, not quadratic.
+        self._buffer += data
+        buffer = self._buffer
         lookups: list[Lookup] = []
-        while buffer:
-            colon = buffer.find(b":", 0, _MAX_DIGITS + 1)
+        start = 0
+        while start < len(buffer):
+            colon = buffer.find(b":", start, start + _MAX_DIGITS + 1)
             if colon < 0:
-                if len(buffer) > _MAX_DIGITS or not buffer.isdigit():
+                head = buffer[start:]
+                if len(head) > _MAX_DIGITS or not head.isdigit():
                     raise BadRequest("socketmap request is not a netstring (<length>:<data>,)")
                 break
-            digits = buffer[:colon]
+            digits = buffer[start:colon]
             if not digits.isdigit() or (len(digits) > 1 and digits.startswith(b"0")):
                 raise BadRequest("socketmap request is not a netstring (<length>:<data>,)")
             length = int(digits)
@@ -52,9 +57,10 @@ class NetstringReader:
                 break
             if buffer[end : end + 1] != b",":
                 raise BadRequest("socketmap netstring does not end with ','")
-            lookups.append(parse_lookup(buffer[colon + 1 : end]))
-            buffer = buffer[end + 1 :]
-        self._buffer = buffer
+            lookups.append(parse_lookup(bytes(buffer[colon + 1 : end])))
+            start = end + 1
+        if start:
+            del buffer[:start]
         return lookups
 
 

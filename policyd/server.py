@@ -244,38 +244,22 @@ class AuthConnection(Connection):
         self.service = service
         self.session = dovecot.ServerSession()
         self.cuid = cuid
-        self.buffer = b""
+        self.reader = dovecot.LineReader(listener.limits.max_request_size)
 
     def opened(self) -> None:
         self.send(dovecot.greeting(os.getpid(), self.cuid, secrets.token_hex(16)))
 
     def pending(self) -> bool:
-        return bool(self.buffer)
+        return self.reader.pending
 
     def received(self, data: bytes) -> None:
-        buffer = self.buffer + data if self.buffer else data
-        limit = self.listener.limits.max_request_size
-        start = 0
-        while not self.closing:
-            end = buffer.find(b"\n", start)
-            if end < 0:
+        for line in self.reader.feed(data):
+            self.line(line)
+            if self.closing:
                 break
-            if end - start > limit:
-                raise BadRequest(f"auth line longer than {limit} bytes")
-            self.line(buffer[start:end])
-            start = end + 1
-        self.buffer = buffer[start:]
-        if len(self.buffer) > limit:
-            raise BadRequest(f"auth line longer than {limit} bytes")
 
-    def line(self, raw: bytes) -> None:
-        if b"\0" in raw:
-            raise BadRequest("auth line contains a NUL byte")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("auth line is not UTF-8 text") from None
-        event = self.session.receive(text.rstrip("\r"))
+    def line(self, text: str) -> None:
+        event = self.session.receive(text)
         if event is None:
             return
         if isinstance(event, dovecot.Reply):
