@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from keyrelay import admin, keys
 from keyrelay.directory import DirectoryData, YamlDirectory, yamlfile
@@ -476,7 +477,9 @@ def test_broken_write_after_good_load_is_unavailable_until_fixed(
     directory = YamlDirectory(str(path))
     assert "acme" in directory.snapshot().accounts
 
-    path.write_text(good_text + "bogus_key: 1\n", encoding="utf-8")  # in place, like an editor
+    # in place, like an editor: the JSON-style document with one more top-level key
+    broken = good_text.rstrip().removesuffix("}") + ',\n  "bogus_key": 1\n}\n'
+    path.write_text(broken, encoding="utf-8")
     for _ in range(3):  # never the stale good snapshot: the file on disk is what counts
         with pytest.raises(DirectoryUnavailable, match="bogus_key: unknown key") as info:
             directory.snapshot()
@@ -489,6 +492,21 @@ def test_broken_write_after_good_load_is_unavailable_until_fixed(
     path.write_text(good_text, encoding="utf-8")
     recovered = directory.snapshot()
     assert "acme" in recovered.accounts and len(recovered.keys) == 4
+
+
+def test_directory_is_written_in_json_style_and_any_yaml_style_reads_the_same(
+    tmp_path: Path,
+) -> None:
+    path = directory_path(tmp_path)
+    write_rich(path)
+    text = path.read_text(encoding="utf-8")
+    body = "".join(line for line in text.splitlines(True) if not line.startswith("#"))
+    document = json.loads(body)  # what keyrelay writes is plain JSON after the comment header
+    assert yaml.safe_load(text) == document  # ... and, being JSON, also valid YAML
+    expected = YamlDirectory(str(path)).load()
+    block = yaml.safe_dump(document, default_flow_style=False, sort_keys=False)
+    path.write_text(block, encoding="utf-8")
+    assert YamlDirectory(str(path)).load() == expected  # a block-style hand edit reads the same
 
 
 def test_value_error_from_yaml_is_unavailable_not_the_stale_snapshot(tmp_path: Path) -> None:
