@@ -118,7 +118,11 @@ class DecisionLog:
             doc.update((k, v) for k, v in fields.items() if v)
             line = json.dumps(doc, ensure_ascii=False)
         else:
-            pairs = " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if v)
+            kept = {k: v for k, v in fields.items() if v}
+            if _NEEDS_QUOTES.search("".join(kept.values())):
+                pairs = " ".join(f"{k}={_quote(v)}" for k, v in kept.items())
+            else:  # the common case: one regex pass instead of one per value
+                pairs = " ".join(f"{k}={v}" for k, v in kept.items())
             line = f"{self._time()} INFO {logger}: {message} {pairs}"
         self.stream.write(line + "\n")
         if self.schedule_flush is None:

@@ -81,6 +81,13 @@ class YamlDirectory:
             raise DirectoryUnavailable(f"{self.path}: cannot stat: {exc.strerror}") from None
         # ctime too: chmod/chown (fixing an unreadable file) changes neither size nor mtime
         signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        # The hot path, without the lock. A reload stores _snapshot and _error before
+        # _signature, and this reads _signature first: a matching signature therefore always
+        # comes with the snapshot parsed from that very file.
+        if signature == self._signature:
+            snapshot, error = self._snapshot, self._error
+            if error is None and snapshot is not None:
+                return snapshot
         with self._lock:
             if signature != self._signature:
                 try:
