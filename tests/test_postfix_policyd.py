@@ -8,26 +8,17 @@ check_policy_service, FILTER routing); the full end-to-end suite lives elsewhere
 from __future__ import annotations
 
 import json
-import signal
 import smtplib
 import ssl
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from postfix_harness import (
-    PostfixInstance,
-    Sink,
-    free_port,
-    make_certificate,
-    port_open,
-    wait_until,
-)
+from policyd_harness import Policyd
+from postfix_harness import PostfixInstance, Sink, free_port, make_certificate
 
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(
     not Path("/usr/sbin/postfix").exists(),
     reason="Postfix is not installed (make test installs it)",
@@ -38,15 +29,12 @@ pytestmark = pytest.mark.skipif(
 class Relay:
     postfix: PostfixInstance
     sink: Sink
-    policyd: subprocess.Popen[bytes]
-    policyd_log: Path
+    policyd: Policyd
     submission_port: int
     key: str
-    config: Path
 
     def keyrelay(self, *args: str) -> str:
-        return subprocess.run([str(BIN / "keyrelay"), "--config", str(self.config), *args],
-                              check=True, capture_output=True, text=True).stdout
+        return self.policyd.keyrelay(*args)
 
 
 def _tls() -> ssl.SSLContext:
@@ -70,23 +58,8 @@ def _message(sender: str, recipient: str, subject: str) -> str:
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     root = tmp_path_factory.mktemp("relay")
-    auth_port, policy_port, submission_port = free_port(), free_port(), free_port()
-    config = root / "keyrelay.yaml"
-    config.write_text(
-        f"directory: {{path: {root / 'directory.yaml'}}}\n"
-        f"dkim: {{key_dir: {root / 'dkim'}}}\n"
-        f"logging: {{audit_log: {root / 'audit.log'}}}\n"
-        "policyd:\n"
-        f"  auth_listen: inet:127.0.0.1:{auth_port}\n"
-        f"  policy_listen: inet:127.0.0.1:{policy_port}\n"
-        "  socketmap_listen: ''\n"
-        "  socket_group: ''\n"
-    )
-
-    def kr(*args: str) -> str:
-        return subprocess.run([str(BIN / "keyrelay"), "--config", str(config), *args],
-                              check=True, capture_output=True, text=True).stdout
-
+    policyd = Policyd(root / "policyd")
+    kr = policyd.keyrelay
     kr("account", "add", "acme")
     kr("subuser", "add", "acme/app")
     kr("pool", "add", "app", "--bind", "127.0.0.1", "--helo", "pool-app.test.example")
@@ -94,12 +67,11 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     kr("domain", "add", "acme", "acme.example")
     kr("domain", "grant", "acme.example", "acme/app")
     kr("domain", "mark-verified", "acme.example")
-    key = json.loads(kr("key", "create", "acme/app", "--name", "e2e", "--json"))["key"]
+    key = policyd.create_key("acme/app", "e2e").text
+    auth_port = policyd.endpoint("auth").rpartition(":")[2]
+    policy_port = policyd.endpoint("policy").rpartition(":")[2]
+    submission_port = free_port()
 
-    policyd_log = root / "policyd.log"
-    with policyd_log.open("wb") as log:
-        policyd = subprocess.Popen([str(BIN / "keyrelay-policyd"), "--config", str(config)],
-                                   stdout=log, stderr=log)
     sink = Sink(root / "sink")
     tls_key, tls_cert = make_certificate(root / "tls", "relay.test.example")
     policy = f"check_policy_service {{ inet:127.0.0.1:{policy_port}, policy_context=submission }}"
@@ -134,15 +106,14 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     )
     try:
         sink.start()
-        wait_until(lambda: port_open(auth_port) and port_open(policy_port), 30, "policyd")
+        policyd.start()
         postfix.start(submission_port)
-        yield Relay(postfix, sink, policyd, policyd_log, submission_port, key, config)
+        yield Relay(postfix, sink, policyd, submission_port, key)
     finally:
         postfix.stop()
         sink.stop()
-        if policyd.poll() is None:
-            policyd.send_signal(signal.SIGTERM)
-            policyd.wait(timeout=30)
+        if policyd.running():
+            policyd.stop()
 
 
 def test_api_key_login_sends_mail_out_through_the_principals_ip_pool(relay: Relay) -> None:
@@ -213,8 +184,7 @@ def test_swaks_key_revoked_after_creation_cannot_log_in(relay: Relay) -> None:
 
 def test_policyd_down_makes_auth_a_temporary_454_failure(relay: Relay) -> None:
     # last test of the module: it stops policyd
-    relay.policyd.send_signal(signal.SIGTERM)
-    assert relay.policyd.wait(timeout=30) == 0
+    assert relay.policyd.stop() == 0
     with _client(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError) as refused:
         client.login("apikey", relay.key)
     assert refused.value.smtp_code == 454
