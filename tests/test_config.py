@@ -75,6 +75,11 @@ def test_defaults_are_the_documented_values() -> None:
     assert config.logging.level == "info"
     assert config.logging.format == "text"
     assert config.logging.audit_log == "/var/log/keyrelay/audit.log"
+    assert config.milter.listen == "unix:/var/spool/postfix/private/keyrelay-milter"
+    assert (config.milter.check_sender, config.milter.sign) == (True, True)
+    assert (config.milter.socket_mode, config.milter.socket_group) == ("0660", "postfix")
+    assert config.milter.user == ""
+    assert config.milter.shutdown_grace == 10.0
 
 
 def test_unset_keys_of_a_partly_written_section_keep_their_defaults(tmp_path: Path) -> None:
@@ -136,6 +141,8 @@ monitor_mode: true
 limits: {messages_per_minute: 10, messages_per_hour: 100, recipients_per_message: 5}
 routing: {default_pool: shared, transport_prefix: pool-}
 logging: {level: debug, format: json, audit_log: ""}
+milter: {listen: "inet:8891@127.0.0.1", check_sender: false, socket_mode: "0600",
+         socket_group: "", user: keyrelay, shutdown_grace: 30s}
 """,
     )
     config = load_config(path)
@@ -157,6 +164,10 @@ logging: {level: debug, format: json, audit_log: ""}
     assert config.routing.transport_prefix == "pool-"
     assert (config.logging.level, config.logging.format) == ("debug", "json")
     assert config.logging.audit_log == ""
+    assert config.milter.listen == "inet:8891@127.0.0.1"
+    assert (config.milter.check_sender, config.milter.sign) == (False, True)
+    assert (config.milter.socket_mode, config.milter.socket_group) == ("0600", "")
+    assert (config.milter.user, config.milter.shutdown_grace) == ("keyrelay", 30.0)
 
 
 def test_parse_config_accepts_already_loaded_yaml_and_names_the_given_path() -> None:
@@ -210,6 +221,12 @@ ERRORS = [
     ("directory:\n  path: directory.yaml\n", "directory.path", "must be an absolute path"),
     ("dkim:\n  key_dir: ./dkim\n", "dkim.key_dir", "must be an absolute path, got './dkim'"),
     ("logging:\n  audit_log: audit.log\n", "logging.audit_log", "must be an absolute path"),
+    ("milter:\n  listen: 127.0.0.1:8891\n", "milter.listen", "must be inet:host:port"),
+    ("milter:\n  listen: unix:relative\n", "milter.listen", "got 'unix:relative'"),
+    ("milter:\n  socket_mode: '999'\n", "milter.socket_mode", "an octal mode"),
+    ("milter:\n  sign: 'no'\n", "milter.sign", "expected true or false"),
+    ("milter:\n  check_sender: false\n  sign: false\n", "milter.sign",
+     "check_sender and sign are both false"),
     # a rule across two keys names the one to change
     (
         "keys:\n  default_expiry: 90d\n  max_expiry: 30d\n",

@@ -1,0 +1,3 @@
+from milters.main import main
+
+main()

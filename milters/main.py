@@ -1,0 +1,248 @@
+"""``keyrelay-milter``: the header From/Sender check and DKIM signing, in one milter process."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import grp
+import logging
+import os
+import pwd
+import re
+import stat
+import sys
+import textwrap
+import time
+from typing import NoReturn
+
+import Milter
+
+from keyrelay import __version__, logs
+from keyrelay.config import Config, MilterConfig, load_config, resolve_config_path
+from keyrelay.directory import Directory, open_directory
+from keyrelay.errors import ConfigError, DirectoryUnavailable
+from keyrelay.logs import DecisionLog
+
+from .dkimsign import KeyStore, KeyUnavailable
+from .milter import KeyrelayMilter
+from .service import MilterService
+
+log = logging.getLogger("keyrelay.milter")
+
+PROG = "keyrelay-milter"
+DESCRIPTION = """\
+Check and sign mail for Postfix (smtpd_milters): for every message from an SMTP AUTH session,
+the header From: (and Sender:) must be an address of the logged-in principal's verified
+domains or senders, else it is refused with 550 5.7.1; mail from a verified domain is then
+DKIM-signed with the domain's active selectors (rsa-sha256 and ed25519-sha256,
+relaxed/relaxed). Mail without SMTP AUTH passes untouched."""
+
+EPILOG = """\
+Postfix (main.cf, or -o on the submission services in master.cf):
+  smtpd_milters = unix:private/keyrelay-milter   (milter.listen; keyrelay-milter last)
+  milter_default_action = tempfail               (our faults are temporary: 451)
+  milter_protocol = 6
+
+answers:
+  550 5.7.1 (or 554 5.7.1)  From:/Sender: not the principal's, no From:, several From: ...
+  451 4.3.0                 directory or DKIM key unavailable, internal error: retry later
+
+signals:
+  SIGTERM, SIGINT  stop accepting connections, let messages in progress finish
+                   (milter.shutdown_grace), exit; SIGHUP does the same (libmilter)
+
+files:
+  /etc/keyrelay/keyrelay.yaml   configuration (--config, or $KEYRELAY_CONFIG); section milter
+  /etc/keyrelay/directory.yaml  the directory; changes apply without restart
+  /etc/keyrelay/dkim/           private DKIM keys, read as milter.user; reloaded on rotation
+
+exit status:
+  0 stopped by a signal, or --check-config found no problem
+  1 configuration or directory error, or the socket could not be bound
+  2 usage error"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="PATH",
+                        help="configuration file (default: $KEYRELAY_CONFIG or "
+                        "/etc/keyrelay/keyrelay.yaml)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration, the directory and the DKIM keys, "
+                        "then exit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def fail(message: str) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+_POSTFIX_INET = re.compile(
+    r"inet:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d+)"
+)
+
+
+def libmilter_endpoint(listen: str) -> str:
+    """libmilter's socket syntax for ``milter.listen`` (Postfix's inet:host:port converted)."""
+    match = _POSTFIX_INET.fullmatch(listen)
+    if match is None:
+        return listen  # unix:/path, or already inet:port@host / inet6:port@host
+    if match["v6"]:
+        return f"inet6:{match['port']}@[{match['v6']}]"
+    return f"inet:{match['port']}@{match['host']}"
+
+
+def socket_path(listen: str) -> str | None:
+    return listen[len("unix:"):] if listen.startswith("unix:") else None
+
+
+def check(config: Config) -> Directory:
+    """What can be checked before binding: the directory, the names, the keys (warnings)."""
+    try:
+        snapshot = open_directory(config).snapshot()
+    except DirectoryUnavailable as exc:
+        fail(str(exc))
+    cfg = config.milter
+    if os.geteuid() == 0:
+        try:
+            _owner(cfg)
+        except KeyError as exc:
+            fail(f"milter.user / milter.socket_group: no such user or group: {exc}")
+    return snapshot
+
+
+def _owner(cfg: MilterConfig) -> tuple[int, int]:
+    uid = pwd.getpwnam(cfg.user).pw_uid if cfg.user else os.geteuid()
+    gid = grp.getgrnam(cfg.socket_group).gr_gid if cfg.socket_group else os.getegid()
+    return uid, gid
+
+
+def load_keys(snapshot: Directory, keys: KeyStore, reader: str = "") -> tuple[int, list[str]]:
+    """Load every signing key of the directory: (keys loaded, problems).
+
+    With ``reader`` (``milter.user``, checked as root) a key file that user cannot read is a
+    problem too: root reads it now, the daemon would not.
+    """
+    uid = pwd.getpwnam(reader).pw_uid if reader else None
+    loaded, problems = 0, []
+    for domain in snapshot.domains.values():
+        for selector in domain.signing_selectors():
+            try:
+                keys.key(selector)
+            except KeyUnavailable as exc:
+                problems.append(f"domain {domain.name}: {exc}")
+                continue
+            st = os.stat(selector.key_file)
+            if uid is not None and st.st_uid != uid and not st.st_mode & stat.S_IROTH:
+                problems.append(
+                    f"domain {domain.name}: {selector.key_file}: owned by uid {st.st_uid}, "
+                    f"unreadable for milter.user {reader}; chown {reader} it (and its folders)"
+                )
+                continue
+            loaded += 1
+    return loaded, problems
+
+
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (its groups too) once the socket is bound."""
+    if not user or os.geteuid() != 0:
+        return
+    entry = pwd.getpwnam(user)
+    os.initgroups(user, entry.pw_gid)
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    log.info("running as user %s (uid %d)", user, entry.pw_uid)
+
+
+def serve(config: Config) -> None:
+    cfg = config.milter
+    stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", errors="backslashreplace")
+    service = MilterService(config, open_directory(config), DecisionLog(config.logging, stream))
+    # pymilter creates one object per connection with an argument-less factory
+    Milter.factory = functools.partial(KeyrelayMilter, service)
+    _register()
+    endpoint = libmilter_endpoint(cfg.listen)
+    Milter.setconn(endpoint)
+    Milter.opensocket(True)  # bind now, as root if started so; raises Milter.error
+    path = socket_path(endpoint)
+    if path is not None:
+        os.chmod(path, int(cfg.socket_mode, 8))
+        if os.geteuid() == 0:
+            os.chown(path, *_owner(cfg))
+    drop_privileges(cfg.user)
+    try:
+        loaded, problems = load_keys(service.directory.snapshot(), service.keys)
+    except DirectoryUnavailable as exc:
+        log.warning("directory unavailable at start: %s", exc)
+    else:
+        for problem in problems:
+            log.warning("DKIM key will not sign (mail of its domain is deferred): %s", problem)
+        log.info("%d DKIM keys loaded", loaded)
+    log.info("%s %s ready on %s (pid %d)", PROG, __version__, cfg.listen, os.getpid())
+    Milter.main()  # returns once libmilter's signal thread saw SIGTERM, SIGINT or SIGHUP
+    log.info("stopping: no new connections; finishing messages in progress")
+    deadline = time.monotonic() + cfg.shutdown_grace
+    while service.in_progress > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if service.in_progress > 0:
+        log.warning("%d messages still in progress at exit; Postfix defers them",
+                    service.in_progress)
+    stream.flush()
+
+
+def _register() -> None:
+    """pymilter's ``runmilter()`` up to the socket, so privileges drop between bind and serve."""
+    Milter.set_connect_callback(Milter.connect_callback)
+    Milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    Milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    Milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    Milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    Milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    Milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    Milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    Milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    Milter.set_close_callback(Milter.close_callback)
+    Milter.set_exception_policy(Milter.TEMPFAIL)  # an uncaught exception: 451, never accept
+    Milter.register(
+        "keyrelay",
+        data=lambda ctx: ctx.getpriv().data(),
+        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+        negotiate=Milter.negotiate_callback,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    path = resolve_config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        fail(str(exc))
+    logs.configure(config.logging)
+    snapshot = check(config)
+    if args.check_config:
+        reader = config.milter.user if os.geteuid() == 0 else ""
+        loaded, problems = load_keys(snapshot, KeyStore(), reader)
+        for problem in problems:
+            print(f"{PROG}: warning: {problem}", file=sys.stderr)
+        print(textwrap.dedent(f"""\
+            {PROG}: configuration {path} is valid
+            {PROG}: directory {config.directory.path} is valid
+            {PROG}: {loaded} DKIM keys load, {len(problems)} do not"""))
+        return
+    try:
+        serve(config)
+    except (OSError, Milter.error) as exc:
+        # libmilter says why only to syslog: in use, no permission, no such folder or host
+        fail(f"cannot start on {config.milter.listen}: {exc} (address in use, or the socket's "
+             "folder missing or not writable?)")
+    except KeyError as exc:
+        fail(f"milter.user / milter.socket_group: no such user or group: {exc}")
+    log.info("%s stopped", PROG)

@@ -1,0 +1,202 @@
+"""What keyrelay-milter does with one message, apart from the milter protocol.
+
+The milter glue (``milters.milter``) hands over the session's login, the headers and the body
+as they arrive, and renders the ``Outcome`` it gets back; everything between is here: the
+decision engine's header verdict (From/Sender identity and the DKIM plan, DESIGN.md
+"Decisions"), signing, the temporary answers for our own faults, and the one log line per
+message.
+
+Memory per message is bounded: the body is only streamed through the body hash, and only the
+headers that are signed or checked are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from keyrelay.config import Config
+from keyrelay.decisions import (
+    Action,
+    HeaderFacts,
+    Settings,
+    Verdict,
+    decide_headers,
+    parse_identity,
+)
+from keyrelay.directory import Directory, DirectoryBackend
+from keyrelay.errors import DirectoryUnavailable
+from keyrelay.logs import DecisionLog
+
+from . import dkimsign
+from .dkimsign import KeyStore, KeyUnavailable, RelaxedBodyHash
+
+log = logging.getLogger("keyrelay.milter")
+
+_CHECKED = frozenset({"from", "sender"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The answer for one message: a verdict and the DKIM-Signature values to add on top."""
+
+    verdict: Verdict
+    signatures: tuple[bytes, ...] = ()
+    selectors: tuple[str, ...] = ()  # the selectors of ``signatures``, for the log
+
+
+class Message:
+    """One message as it streams in: login, kept headers and the running body hash."""
+
+    __slots__ = ("body_hash", "client_address", "fault", "headers", "identity")
+
+    def __init__(self, identity: str, client_address: str, hash_body: bool) -> None:
+        self.identity = identity  # Postfix's {auth_authen}; "" without SMTP AUTH
+        self.client_address = client_address
+        self.headers: list[tuple[str, bytes]] = []
+        self.body_hash = RelaxedBodyHash() if hash_body else None
+        self.fault: BaseException | None = None  # set by the glue when a callback failed
+
+    def header(self, name: str, value: bytes, keep: frozenset[str]) -> None:
+        if name.lower() in keep:
+            self.headers.append((name, value))
+
+    def body(self, chunk: bytes) -> None:
+        if self.body_hash is not None:
+            self.body_hash.update(chunk)
+
+
+def temporary(reason: str, text: str, identity: str = "") -> Verdict:
+    """Our own fault: always temporary (451 4.3.0), so the client retries and nothing is lost."""
+    parsed = parse_identity(identity) if identity else None
+    principal, key_id = parsed if parsed else (None, None)
+    return Verdict(
+        Action.TEMPFAIL, reason, 451, "4.3.0", text, principal=principal, key_id=key_id
+    )
+
+
+class MilterService:
+    """Shared by every milter connection: configuration, directory, keys and the log."""
+
+    def __init__(
+        self,
+        config: Config,
+        directory: DirectoryBackend,
+        decisions: DecisionLog,
+        keys: KeyStore | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.config = config
+        self.settings = Settings.from_config(config)
+        self.directory = directory
+        self.decisions = decisions
+        self.keys = keys if keys is not None else KeyStore()
+        self.clock = clock
+        self.check_sender = config.milter.check_sender
+        self.sign = config.milter.sign
+        self.kept_headers = dkimsign.SIGNED_HEADERS if self.sign else _CHECKED
+        self._lock = threading.Lock()
+        self.in_progress = 0  # messages begun and not yet finished or aborted
+
+    # -- the message's life ------------------------------------------------------------
+    def begin(self, identity: str, client_address: str) -> Message:
+        """A new message (MAIL FROM) in a session logged in as ``identity`` ("" for none)."""
+        with self._lock:
+            self.in_progress += 1
+        # Unauthenticated mail is left alone (the policy service decided who may relay):
+        # nothing of it is kept or hashed.
+        return Message(identity, client_address, hash_body=bool(identity) and self.sign)
+
+    def end(self) -> None:
+        """The message begun last on a connection is finished or aborted."""
+        with self._lock:
+            self.in_progress -= 1
+
+    def finish(self, message: Message | None, queue_id: str) -> Outcome:
+        """Decide, sign and log the message; never raises (faults become 451 4.3.0)."""
+        identity = message.identity if message else ""
+        try:
+            if message is None or message.fault is not None:
+                fault = message.fault if message else None
+                raise RuntimeError("message callbacks failed") from fault
+            outcome = self._decide(message)
+        except DirectoryUnavailable as exc:
+            log.warning("directory unavailable: %s", exc)
+            outcome = Outcome(temporary(
+                "directory_unavailable",
+                "account directory temporarily unavailable; try again later", identity,
+            ))
+        except KeyUnavailable as exc:
+            log.error("DKIM key unavailable: %s", exc)
+            outcome = Outcome(temporary(
+                "dkim_key_unavailable", "DKIM signing temporarily unavailable; try again later",
+                identity,
+            ))
+        except Exception:  # the one catch-all: an answer, a traceback, and mail is kept safe
+            log.exception("internal error deciding message %s", queue_id or "(no queue id)")
+            outcome = Outcome(temporary(
+                "internal_error", "temporary relay failure; try again later", identity,
+            ))
+        self._log(message, queue_id, outcome)
+        return outcome
+
+    def _decide(self, message: Message) -> Outcome:
+        now = self.clock()
+        # Without a login the engine answers before reading the directory, so an outage
+        # does not hold up mail that the policy service already let through.
+        directory = self.directory.snapshot() if message.identity else Directory.empty()
+        facts = HeaderFacts(
+            identity=message.identity,
+            from_values=_values(message.headers, "from"),
+            sender_values=_values(message.headers, "sender"),
+            client_address=message.client_address,
+            now=now,
+        )
+        verdict = decide_headers(directory, self.settings, facts)
+        if verdict.action is Action.REFUSE and not self.check_sender:
+            # check switched off: log the refusal as monitor mode does, pass unsigned
+            verdict = Verdict(
+                Action.ALLOW, "not_checked", principal=verdict.principal,
+                key_id=verdict.key_id, monitored=verdict,
+            )
+        plan = verdict.signing
+        if not verdict.allowed or plan is None:
+            return Outcome(verdict)
+        if not self.sign:
+            return Outcome(verdict._replace(signing=None))
+        if message.body_hash is None:
+            raise RuntimeError("a message to sign has no body hash")
+        keys = self.keys.keys_for(plan.selectors)
+        signatures = dkimsign.sign(
+            message.headers, message.body_hash.digest(), plan.domain, keys,
+            int(now.timestamp()), linesep=b"\n",  # libmilter header values fold with LF
+        )
+        return Outcome(verdict, tuple(signatures), tuple(k.selector for k in keys))
+
+    def _log(self, message: Message | None, queue_id: str, outcome: Outcome) -> None:
+        fields = {
+            "service": "milter",
+            "queue_id": queue_id,
+            "client": message.client_address if message else "",
+            **outcome.verdict.log_fields(),
+        }
+        if outcome.selectors:
+            fields["dkim_selectors"] = ",".join(outcome.selectors)
+        self.decisions.emit(log.name, "message", fields)
+
+
+def _values(headers: list[tuple[str, bytes]], name: str) -> tuple[str, ...]:
+    # Undecodable bytes are kept as surrogates: the header parser refuses what it cannot
+    # read, and the reply shows them escaped.
+    return tuple(
+        value.decode("utf-8", "surrogateescape")
+        for field, value in headers
+        if field.lower() == name
+    )

@@ -1,0 +1,209 @@
+"""The keyrelay-milter program: options, --check-config, binding, privilege drop, SIGTERM.
+
+The real console script runs in a subprocess against a configuration and directory written
+under tmp_path; readiness is its "ready" log line, never a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from factories import CREATED, NOW, World
+from policyd_harness import free_port, wait_until
+from postfix_harness import port_open
+from test_dkimsign import make_selectors
+
+from keyrelay import admin
+from keyrelay.directory.yamlfile import render
+from milters.main import libmilter_endpoint
+
+MILTER = Path(sys.executable).parent / "keyrelay-milter"
+
+
+@pytest.mark.parametrize(
+    ("listen", "libmilter"),
+    [
+        ("inet:127.0.0.1:8891", "inet:8891@127.0.0.1"),
+        ("inet:localhost:8891", "inet:8891@localhost"),
+        ("inet:[::1]:8891", "inet6:8891@[::1]"),
+        ("inet:8891@127.0.0.1", "inet:8891@127.0.0.1"),
+        ("inet6:8891@[::1]", "inet6:8891@[::1]"),
+        ("unix:/run/keyrelay/milter.sock", "unix:/run/keyrelay/milter.sock"),
+    ],
+)
+def test_listen_endpoint_in_postfix_or_libmilter_syntax(listen: str, libmilter: str) -> None:
+    assert libmilter_endpoint(listen) == libmilter
+
+
+# -- a configuration on disk ---------------------------------------------------------------
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """keyrelay.yaml and a directory with one verified signing domain; returns the config."""
+    world = World()
+    world.account("acme")
+    world.key("acme")
+    selectors = make_selectors(tmp_path / "dkim", "acme.example")
+    admin.add_domain(world.data, "acme", "acme.example", selectors, CREATED)
+    admin.mark_verified(world.data, "acme.example", NOW - timedelta(days=1))
+    (tmp_path / "directory.yaml").write_text(render(world.data))
+    return write_config(tmp_path, {})
+
+
+def write_config(root: Path, milter: dict[str, object]) -> Path:
+    config = {
+        "directory": {"path": str(root / "directory.yaml")},
+        "dkim": {"key_dir": str(root / "dkim")},
+        "milter": {"listen": f"inet:127.0.0.1:{free_port()}", "socket_group": "", **milter},
+    }
+    path = root / "keyrelay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(MILTER), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_help_documents_postfix_wiring_answers_signals_and_exit_status() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for needle in ("smtpd_milters", "milter_default_action = tempfail", "550 5.7.1",
+                   "451 4.3.0", "SIGTERM", "exit status:", "--check-config"):
+        assert needle in result.stdout
+
+
+def test_check_config_validates_config_directory_and_keys(site: Path) -> None:
+    result = run("--config", str(site), "--check-config")
+    assert result.returncode == 0, result.stderr
+    assert f"configuration {site} is valid" in result.stdout
+    assert "2 DKIM keys load, 0 do not" in result.stdout
+
+
+def test_check_config_warns_about_a_key_that_does_not_load(site: Path) -> None:
+    (site.parent / "dkim" / "acme.example" / "kr20250601-ed.pem").unlink()
+    result = run("--config", str(site), "--check-config")
+    assert result.returncode == 0
+    assert "1 DKIM keys load, 1 do not" in result.stdout
+    assert "warning: domain acme.example:" in result.stderr
+    assert "kr20250601-ed.pem" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="checking for another user needs root")
+def test_check_config_warns_about_keys_the_daemon_user_cannot_read(site: Path) -> None:
+    # `keyrelay domain add` run as root writes root-owned 0600 keys: root reads them, nobody not
+    config = yaml.safe_load(site.read_text())
+    config["milter"]["user"] = "nobody"
+    site.write_text(yaml.safe_dump(config))
+    result = run("--config", str(site), "--check-config")
+    assert result.returncode == 0
+    assert "0 DKIM keys load, 2 do not" in result.stdout
+    assert "unreadable for milter.user nobody; chown nobody it" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("milter", "error"),
+    [
+        ({"listen": "tcp://127.0.0.1:8891"}, "milter.listen: must be inet:host:port"),
+        ({"check_sender": False, "sign": False}, "milter.sign: check_sender and sign are both"),
+        ({"lisen": "inet:127.0.0.1:1"}, "milter.lisen: unknown key; did you mean 'listen'?"),
+    ],
+)
+def test_configuration_error_is_one_line_naming_file_key_and_reason(
+    site: Path, milter: dict[str, object], error: str
+) -> None:
+    config = yaml.safe_load(site.read_text())
+    config["milter"] = milter
+    site.write_text(yaml.safe_dump(config))
+    result = run("--config", str(site), "--check-config")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"keyrelay-milter: error: {site}: {error}")
+    assert result.stderr.count("\n") == 1
+
+
+def test_missing_directory_is_an_error_at_start(site: Path) -> None:
+    (site.parent / "directory.yaml").unlink()
+    result = run("--config", str(site), "--check-config")
+    assert result.returncode == 1
+    assert "directory file does not exist" in result.stderr
+
+
+# -- the running daemon ----------------------------------------------------------------------
+class Daemon:
+    def __init__(self, config: Path) -> None:
+        self.log = config.parent / "milter.log"
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen([str(MILTER), "--config", str(config)],
+                                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: "ready on" in self.text() or self.process.poll() is not None,
+                       20, "keyrelay-milter to be ready")
+        except BaseException:
+            self.process.kill()
+            raise
+        assert self.process.poll() is None, self.text()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def uid(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        (line,) = [line for line in status.splitlines() if line.startswith("Uid:")]
+        return int(line.split()[2])  # the effective uid
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+
+
+@pytest.mark.slow
+def test_daemon_listens_then_stops_cleanly_on_sigterm(site: Path, daemons: list[Daemon]) -> None:
+    config = yaml.safe_load(site.read_text())
+    port = int(config["milter"]["listen"].rpartition(":")[2])
+    daemon = Daemon(site)
+    daemons.append(daemon)
+    assert port_open(port)
+    assert "2 DKIM keys loaded" in daemon.text()
+    assert daemon.stop() == 0  # libmilter notices the stop request within 5 s
+    assert "keyrelay-milter stopped" in daemon.text()
+    assert not port_open(port)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_daemon_binds_a_unix_socket_as_root_then_runs_as_the_configured_user(
+    tmp_path: Path, site: Path, daemons: list[Daemon]
+) -> None:
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    socket_path = sockets / "milter.sock"
+    config = write_config(tmp_path, {"listen": f"unix:{socket_path}", "user": "nobody",
+                                     "socket_mode": "0640"})
+    daemon = Daemon(config)
+    daemons.append(daemon)
+    assert daemon.uid() == 65534
+    assert "running as user nobody" in daemon.text()
+    mode = socket_path.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o640
+    # the root-only (0700) test folder is out of nobody's reach: the keys cannot be preloaded,
+    # which is a warning, not a reason to stop serving the other domains
+    assert "will not sign" in daemon.text() or "directory unavailable at start" in daemon.text()
+    assert daemon.stop() == 0
