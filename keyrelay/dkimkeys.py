@@ -47,14 +47,26 @@ def selector_names(prefix: str, now: datetime, taken: set[str]) -> dict[Algorith
 
 
 def _write_private(path: str, pem: bytes) -> None:
-    # both the key folder and each domain's folder are private to the daemon user
-    os.makedirs(os.path.dirname(os.path.dirname(path)), mode=0o700, exist_ok=True)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    """Write a private key: mode 0600, in folders private to the daemon user.
+
+    Files and folders belong to the owner of the key folder (dkim.key_dir, which the
+    deployment gives to the daemons' user): `keyrelay domain add` is run as root, and a key
+    owned by root would leave the milter unable to sign (it answers 451, never sends
+    unsigned).
+    """
+    domain_dir = os.path.dirname(path)
+    key_dir = os.path.dirname(domain_dir)
+    os.makedirs(key_dir, mode=0o700, exist_ok=True)
+    os.makedirs(domain_dir, mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
         handle.flush()
         os.fsync(handle.fileno())
+    owner = os.stat(key_dir)
+    if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+        for made in (domain_dir, path):
+            os.chown(made, owner.st_uid, owner.st_gid)
 
 
 def create_selectors(

@@ -739,3 +739,26 @@ def test_help_and_config_example_need_no_config_file(fresh: Relay) -> None:
         assert (result.code, result.err) == (0, ""), result
     assert "exit status:" in usage.out
     assert example.out.startswith("# keyrelay configuration.")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_domain_keys_belong_to_the_owner_of_the_key_folder(tmp_path: Path) -> None:
+    # `keyrelay domain add` runs as root; the milter reads the keys as the daemon user
+    config = tmp_path / "k.yaml"
+    key_dir = tmp_path / "dkim"
+    key_dir.mkdir(mode=0o700)
+    os.chown(key_dir, 65534, 65534)  # nobody:nogroup, standing in for the daemon user
+    config.write_text(
+        f"directory: {{path: {tmp_path / 'd.yaml'}}}\n"
+        f"dkim: {{key_dir: {key_dir}}}\n"
+        "logging: {audit_log: ''}\n"
+    )
+    for args in (["account", "add", "acme"], ["domain", "add", "acme", "acme.example"]):
+        subprocess.run([str(Path(sys.executable).parent / "keyrelay"), "--config", str(config),
+                        *args], check=True, capture_output=True)
+    made = [key_dir / "acme.example", *sorted((key_dir / "acme.example").iterdir())]
+    assert len(made) == 3
+    for path in made:
+        st = path.stat()
+        assert (st.st_uid, st.st_gid) == (65534, 65534), path
+        assert stat.S_IMODE(st.st_mode) == (0o700 if path.is_dir() else 0o600), path
