@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import grp
 import logging
 import os
 import pwd
@@ -17,8 +16,8 @@ from typing import NoReturn
 
 import Milter
 
-from keyrelay import __version__, logs
-from keyrelay.config import Config, MilterConfig, load_config, resolve_config_path
+from keyrelay import __version__, daemon, logs
+from keyrelay.config import Config, load_config, resolve_config_path
 from keyrelay.directory import Directory, open_directory
 from keyrelay.errors import ConfigError, DirectoryUnavailable
 from keyrelay.logs import DecisionLog
@@ -80,8 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def fail(message: str) -> NoReturn:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    raise SystemExit(1)
+    daemon.fail(PROG, message)
 
 
 _POSTFIX_INET = re.compile(
@@ -112,16 +110,10 @@ def check(config: Config) -> Directory:
     cfg = config.milter
     if os.geteuid() == 0:
         try:
-            _owner(cfg)
+            daemon.socket_owner(cfg.user, cfg.socket_group)
         except KeyError as exc:
             fail(f"milter.user / milter.socket_group: no such user or group: {exc}")
     return snapshot
-
-
-def _owner(cfg: MilterConfig) -> tuple[int, int]:
-    uid = pwd.getpwnam(cfg.user).pw_uid if cfg.user else os.geteuid()
-    gid = grp.getgrnam(cfg.socket_group).gr_gid if cfg.socket_group else os.getegid()
-    return uid, gid
 
 
 def load_keys(snapshot: Directory, keys: KeyStore, reader: str = "") -> tuple[int, list[str]]:
@@ -150,17 +142,6 @@ def load_keys(snapshot: Directory, keys: KeyStore, reader: str = "") -> tuple[in
     return loaded, problems
 
 
-def drop_privileges(user: str) -> None:
-    """Become ``user`` (its groups too) once the socket is bound."""
-    if not user or os.geteuid() != 0:
-        return
-    entry = pwd.getpwnam(user)
-    os.initgroups(user, entry.pw_gid)
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
-    log.info("running as user %s (uid %d)", user, entry.pw_uid)
-
-
 def serve(config: Config) -> None:
     cfg = config.milter
     stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", errors="backslashreplace")
@@ -175,8 +156,10 @@ def serve(config: Config) -> None:
     if path is not None:
         os.chmod(path, int(cfg.socket_mode, 8))
         if os.geteuid() == 0:
-            os.chown(path, *_owner(cfg))
-    drop_privileges(cfg.user)
+            owner = daemon.socket_owner(cfg.user, cfg.socket_group)
+            assert owner is not None
+            os.chown(path, *owner)
+    daemon.drop_privileges(cfg.user, log)
     try:
         loaded, problems = load_keys(service.directory.snapshot(), service.keys)
     except DirectoryUnavailable as exc:

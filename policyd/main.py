@@ -14,7 +14,7 @@ import textwrap
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
-from keyrelay import __version__, logs
+from keyrelay import __version__, daemon, logs
 from keyrelay.config import Config, load_config, resolve_config_path
 from keyrelay.directory import open_directory
 from keyrelay.errors import ConfigError, DirectoryUnavailable
@@ -71,8 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def fail(message: str) -> NoReturn:
-    print(f"keyrelay-policyd: error: {message}", file=sys.stderr)
-    raise SystemExit(1)
+    daemon.fail("keyrelay-policyd", message)
 
 
 def check(config: Config) -> None:
@@ -85,7 +84,7 @@ def check(config: Config) -> None:
     cfg = config.policyd
     if os.geteuid() == 0:
         try:
-            server.socket_owner(cfg)
+            daemon.socket_owner(cfg.user, cfg.socket_group)
         except KeyError as exc:
             fail(f"policyd.user / policyd.socket_group: no such user or group: {exc}")
     if not (cfg.auth_listen or cfg.policy_listen or cfg.socketmap_listen):
@@ -115,10 +114,10 @@ class Daemon:
 
     async def run(self) -> None:
         cfg = self.context.config.policyd
-        owner = server.socket_owner(cfg)
+        owner = daemon.socket_owner(cfg.user, cfg.socket_group)
         for listener in self.listeners:
             await listener.start(owner, int(cfg.socket_mode, 8))
-        server.drop_privileges(cfg.user)
+        daemon.drop_privileges(cfg.user, log)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)

@@ -14,11 +14,9 @@ connection. The daemon keeps serving everyone else.
 from __future__ import annotations
 
 import asyncio
-import grp
 import itertools
 import logging
 import os
-import pwd
 import secrets
 import socket
 import stat
@@ -342,23 +340,3 @@ def listeners(
         made.append(Listener("socketmap", Endpoint.parse(cfg.socketmap_listen),
                              lambda lst: SocketmapConnection(lst, socketmap_service), cfg))
     return made
-
-
-def socket_owner(cfg: PolicydConfig) -> tuple[int, int] | None:
-    """(uid, gid) for the unix sockets, when running as root; raises KeyError for unknown names."""
-    if os.geteuid() != 0:
-        return None
-    uid = pwd.getpwnam(cfg.user).pw_uid if cfg.user else 0
-    gid = grp.getgrnam(cfg.socket_group).gr_gid if cfg.socket_group else os.getegid()
-    return uid, gid
-
-
-def drop_privileges(user: str) -> None:
-    """Become ``user`` (its groups too) once the sockets are bound."""
-    if not user or os.geteuid() != 0:
-        return
-    entry = pwd.getpwnam(user)
-    os.initgroups(user, entry.pw_gid)
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
-    log.info("running as user %s (uid %d)", user, entry.pw_uid)
