@@ -39,3 +39,42 @@ def drop_privileges(user: str, log: logging.Logger) -> None:
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)
     log.info("running as user %s (uid %d)", user, entry.pw_uid)
+
+
+def accessible_as(user: str, path: str, write: bool = False) -> bool:
+    """As root: could ``user`` read (and with ``write``, write) ``path``?
+
+    Checked in a child process that becomes ``user``, so group memberships and ACLs count
+    exactly as they will once the daemon has dropped privileges.
+    """
+    entry = pwd.getpwnam(user)
+    pid = os.fork()
+    if pid == 0:  # the child: become the user, ask the kernel, report by exit status
+        try:
+            os.initgroups(user, entry.pw_gid)
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            allowed = os.access(path, os.R_OK | (os.W_OK if write else 0))
+        except BaseException:  # noqa: BLE001 - any failure means "no"; the child must exit
+            allowed = False
+        os._exit(0 if allowed else 1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def check_directory_access(
+    user: str, path: str, setting: str, log: logging.Logger, records_use: bool = False
+) -> None:
+    """Fail when the daemon's user could not read the directory file (as root, user set);
+    with ``records_use``, warn when it could not write keys' last-used times either."""
+    if not user or os.geteuid() != 0:
+        return
+    if not accessible_as(user, path):
+        raise PermissionError(
+            f"{setting} {user} cannot read the directory {path}: give the file and its "
+            f"folder to that user or its group (the CLI keeps the owner of an existing file)"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if records_use and not accessible_as(user, folder, write=True):
+        log.warning("%s %s cannot write in %s: keys' last-used times will not be recorded",
+                    setting, user, folder)

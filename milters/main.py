@@ -113,6 +113,10 @@ def check(config: Config) -> Directory:
             daemon.socket_owner(cfg.user, cfg.socket_group)
         except KeyError as exc:
             fail(f"milter.user / milter.socket_group: no such user or group: {exc}")
+        try:
+            daemon.check_directory_access(cfg.user, config.directory.path, "milter.user", log)
+        except PermissionError as exc:
+            fail(str(exc))
     return snapshot
 
 

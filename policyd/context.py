@@ -86,7 +86,7 @@ class Context:
         Last-used is bookkeeping: a failure is logged and never affects mail.
         """
         try:
-            with self.directory.transaction() as data:
+            with self.directory.transaction(create=False) as data:
                 admin.record_key_use(data, pending)
         except (OSError, KeyrelayError) as exc:
             log.warning("could not record keys' last-used times: %s", exc)

@@ -87,6 +87,12 @@ def check(config: Config) -> None:
             daemon.socket_owner(cfg.user, cfg.socket_group)
         except KeyError as exc:
             fail(f"policyd.user / policyd.socket_group: no such user or group: {exc}")
+        try:
+            daemon.check_directory_access(
+                cfg.user, config.directory.path, "policyd.user", log, records_use=True
+            )
+        except PermissionError as exc:
+            fail(str(exc))
     if not (cfg.auth_listen or cfg.policy_listen or cfg.socketmap_listen):
         fail("policyd: every *_listen endpoint is empty; nothing to serve")
     for pool in {config.routing.default_pool} - {""} - set(snapshot.pools):

@@ -1192,3 +1192,14 @@ def test_connections_beyond_max_connections_are_closed_at_once(
     assert clients[-1].plain(APIKEY, key.text, rip=fresh_address()).status == "OK"
     for client in clients:
         client.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to test another user's access")
+def test_check_config_fails_when_policyd_user_cannot_read_the_directory(tmp_path: Path) -> None:
+    daemon = Policyd(tmp_path / "pd", {"policyd": {"user": "nobody"}})
+    daemon.keyrelay("account", "add", "acme")  # as root: the file is root's, mode 0640
+    os.chmod(tmp_path, 0o700)
+    result = subprocess.run(daemon.command("--check-config"), capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "policyd.user nobody cannot read the directory" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,31 @@ def test_sender_login_lists_keys_of_owners_and_grantees_but_not_suspended_ones(
         [f"acme:{key_id(owner_key)}", f"acme/app:{key_id(app_key)}"]
     )
     assert all(key_id(k) not in reply.decode() for k in (old_key, revoked))
+
+
+def test_last_used_flush_never_creates_an_empty_directory_in_place_of_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    world = World()
+    world.account("acme")
+    text = world.key("acme")
+    service = _service(tmp_path, world)
+    path = tmp_path / "directory.yaml"
+    path.rename(tmp_path / "moved-away.yaml")  # an admin's mv, a restore in progress...
+    context = service.context
+    assert context.write_key_use({key_id(text): NOW}) is False
+    assert not path.exists()  # answered temporarily meanwhile; the keys are not wiped out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_new_directory_file_and_lock_belong_to_the_folders_owner(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    os.chown(folder, 65534, 65534)  # the daemons' user, as the deployment sets it up
+    directory = YamlDirectory(str(folder / "directory.yaml"))
+    with directory.transaction() as data:
+        data.monitor = True
+    for name, mode in (("directory.yaml", 0o640), ("directory.yaml.lock", 0o660)):
+        st = (folder / name).stat()
+        assert (st.st_uid, st.st_gid) == (65534, 65534), name
+        assert stat.S_IMODE(st.st_mode) == mode, name

@@ -122,17 +122,34 @@ class YamlDirectory:
 
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[DirectoryData]:
+    def transaction(self, create: bool = True) -> Iterator[DirectoryData]:
         """Lock, read, let the caller change the data, then write it back atomically.
 
-        A missing file starts an empty directory; an exception inside the block writes nothing.
+        A missing file starts an empty directory when ``create`` (the CLI); without it (the
+        daemons' bookkeeping writes) a missing file raises ``DirectoryUnavailable``, so a
+        file moved away for a moment is never replaced by an empty directory. An exception
+        inside the block writes nothing.
         """
         folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, mode=0o750, exist_ok=True)
-        lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        if create:
+            os.makedirs(folder, mode=0o750, exist_ok=True)
+        elif not os.path.exists(self.path):
+            raise DirectoryUnavailable(f"{self.path}: directory file does not exist")
+        lock_path = self.path + ".lock"
+        new_lock = not os.path.exists(lock_path)
+        # 0660: the daemons (as their own user, in the folder's group) write last-used times
+        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o660)
         try:
+            if new_lock:
+                os.fchmod(lock_fd, 0o660)  # whatever the umask
+                _give_to_folder_owner(lock_fd, folder)
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            data = self._read() if os.path.exists(self.path) else DirectoryData()
+            if os.path.exists(self.path):
+                data = self._read()
+            elif create:
+                data = DirectoryData()
+            else:
+                raise DirectoryUnavailable(f"{self.path}: directory file does not exist")
             yield data
             self._write(render(data))
         finally:
@@ -152,9 +169,12 @@ class YamlDirectory:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 # the file holds key hashes: keep the original's owner and mode, else 0640
+                # and the folder's owner (the daemons' user, as the deployment sets it up)
                 os.fchmod(handle.fileno(), st.st_mode & 0o777 if st else 0o640)
                 if st is not None and os.geteuid() == 0:
                     os.fchown(handle.fileno(), st.st_uid, st.st_gid)
+                elif st is None:
+                    _give_to_folder_owner(handle.fileno(), folder)
                 handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -168,6 +188,13 @@ class YamlDirectory:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _give_to_folder_owner(fd: int, folder: str) -> None:
+    """As root, a new file belongs to the owner of its folder, not to root."""
+    if os.geteuid() == 0:
+        owner = os.stat(folder)
+        os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 # -- rendering -------------------------------------------------------------------------------
