@@ -103,6 +103,11 @@ def test_check_config_warns_about_keys_the_daemon_user_cannot_read(site: Path) -
     config = yaml.safe_load(site.read_text())
     config["milter"]["user"] = "nobody"
     site.write_text(yaml.safe_dump(config))
+    # the directory itself must be readable by nobody, or --check-config stops there
+    directory = Path(config["directory"]["path"])
+    directory.chmod(0o644)
+    for folder in directory.parents:
+        folder.chmod(folder.stat().st_mode | 0o001)
     result = run("--config", str(site), "--check-config")
     assert result.returncode == 0
     assert "0 DKIM keys load, 2 do not" in result.stdout
@@ -197,13 +202,18 @@ def test_daemon_binds_a_unix_socket_as_root_then_runs_as_the_configured_user(
     socket_path = sockets / "milter.sock"
     config = write_config(tmp_path, {"listen": f"unix:{socket_path}", "user": "nobody",
                                      "socket_mode": "0640"})
+    # nobody must be able to read the directory, or the daemon refuses to start
+    directory = Path(yaml.safe_load(config.read_text())["directory"]["path"])
+    directory.chmod(0o644)
+    for folder in directory.parents:
+        folder.chmod(folder.stat().st_mode | 0o001)
     daemon = Daemon(config)
     daemons.append(daemon)
     assert daemon.uid() == 65534
     assert "running as user nobody" in daemon.text()
     mode = socket_path.stat().st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o640
-    # the root-only (0700) test folder is out of nobody's reach: the keys cannot be preloaded,
-    # which is a warning, not a reason to stop serving the other domains
+    # the keys are root's (0600): nobody cannot preload them, which is a warning, not a
+    # reason to stop serving the other domains
     assert "will not sign" in daemon.text() or "directory unavailable at start" in daemon.text()
     assert daemon.stop() == 0
