@@ -1,7 +1,8 @@
 # keyrelay — the two commands a new user needs:
-#   make run    install what is missing, then start a demo relay on loopback
+#   make run    install what is missing, then initialise a demo state in run/ (starting
+#               the relay itself comes with the Postfix integration)
 #   make test   install what is missing, then run every test, mypy and ruff
-# Both are idempotent: a second run installs nothing and starts at once.
+# Both are idempotent: a second run installs nothing.
 
 SHELL := /bin/sh
 # Debian's own interpreter: the venv must not depend on a pyenv or other
