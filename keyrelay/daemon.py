@@ -7,6 +7,8 @@ import grp
 import logging
 import os
 import pwd
+import socket
+import stat
 import sys
 from typing import NoReturn
 
@@ -78,3 +80,22 @@ def check_directory_access(
     if records_use and not accessible_as(user, folder, write=True):
         log.warning("%s %s cannot write in %s: keys' last-used times will not be recorded",
                     setting, user, folder)
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket left by an earlier run, but never one that a live process serves."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"{path} is in use by another running process")

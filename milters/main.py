@@ -155,8 +155,11 @@ def serve(config: Config) -> None:
     _register()
     endpoint = libmilter_endpoint(cfg.listen)
     Milter.setconn(endpoint)
-    Milter.opensocket(True)  # bind now, as root if started so; raises Milter.error
     path = socket_path(endpoint)
+    if path is not None:
+        # libmilter's own removal would take the socket from under a running milter
+        daemon.remove_stale_socket(path)
+    Milter.opensocket(False)  # bind now, as root if started so; raises Milter.error
     if path is not None:
         os.chmod(path, int(cfg.socket_mode, 8))
         if os.geteuid() == 0:

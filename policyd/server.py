@@ -18,12 +18,11 @@ import itertools
 import logging
 import os
 import secrets
-import socket
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+from keyrelay import daemon
 from keyrelay.config import PolicydConfig
 from keyrelay.decisions import Action, Verdict
 
@@ -80,7 +79,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         if self.endpoint.kind == "unix":
             path = self.endpoint.path
-            _remove_stale_socket(path)
+            daemon.remove_stale_socket(path)
             self.server = await loop.create_unix_server(lambda: self.factory(self), path)
             if socket_owner is not None:
                 os.chown(path, *socket_owner)
@@ -114,25 +113,6 @@ class Listener:
                 conn.abort(f"request not finished within {request:g}s")
             elif now - conn.last_active > idle:
                 conn.close_quietly()
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left by an earlier run, but never one that a live process serves."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(f"{path} is in use by another running process")
 
 
 class Connection(asyncio.Protocol):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -217,3 +218,20 @@ def test_daemon_binds_a_unix_socket_as_root_then_runs_as_the_configured_user(
     # reason to stop serving the other domains
     assert "will not sign" in daemon.text() or "directory unavailable at start" in daemon.text()
     assert daemon.stop() == 0
+
+
+def test_a_second_milter_on_the_same_socket_refuses_to_start_and_leaves_the_first_alone(
+    tmp_path: Path, site: Path, daemons: list[Daemon]
+) -> None:
+    socket_path = tmp_path / "sockets" / "milter.sock"
+    socket_path.parent.mkdir()
+    config = write_config(tmp_path, {"listen": f"unix:{socket_path}"})
+    first = Daemon(config)
+    daemons.append(first)
+    inode = socket_path.stat().st_ino
+    second = run("--config", str(config))
+    assert second.returncode == 1
+    assert "in use by another running process" in second.stderr
+    assert socket_path.stat().st_ino == inode  # still the first milter's socket
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(str(socket_path))  # and it still answers
