@@ -151,6 +151,15 @@ class MilterService:
         now = self.clock()
         # Without a login the engine answers before reading the directory, so an outage
         # does not hold up mail that the policy service already let through.
+        if message.identity and not message.client_address:
+            # {client_addr} comes from our macro request; without it the IP rules cannot be
+            # checked, and an empty address would read as "outside the rules" (permanent).
+            log.error("Postfix sent no {client_addr}: milter macro negotiation failed "
+                      "(milter_protocol must be 6); deferring authenticated mail")
+            return Outcome(temporary(
+                "client_address_missing", "temporary relay failure; try again later",
+                message.identity,
+            ))
         directory = self.directory.snapshot() if message.identity else Directory.empty()
         facts = HeaderFacts(
             identity=message.identity,

@@ -485,6 +485,16 @@ def test_directory_unavailable_is_a_temporary_failure(
     assert line["principal"] == "acme" and line["queue_id"] == QUEUE_ID
 
 
+def test_missing_client_address_macro_defers_authenticated_mail_never_refuses_it(
+    h: Harness,
+) -> None:
+    # without {client_addr} (macro negotiation failed) the IP rules cannot be checked: an
+    # empty address must not read as "outside the rules", which would be a permanent 554
+    assert "temporary relay failure" in tempfailed(h.send(message(), client=""))
+    (line,) = h.lines()
+    assert (line["verdict"], line["reason"]) == ("tempfail", "client_address_missing")
+
+
 def test_internal_error_is_a_temporary_failure_with_a_traceback_in_the_log(
     h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
