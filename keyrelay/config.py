@@ -125,6 +125,14 @@ class AuthConfig:
             "pattern": (_NO_SPACE, "a non-empty name without whitespace"),
         },
     )
+    require_tls: bool = field(
+        default=True,
+        metadata={
+            "doc": "Refuse a login that Postfix reports as not under TLS: an API key must never "
+            "cross the network in clear. Postfix's smtpd_tls_auth_only should already prevent "
+            "it; this is the second lock."
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)

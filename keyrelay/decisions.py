@@ -103,6 +103,7 @@ class Settings:
     """The parts of the configuration the engine reads (built once from ``Config``)."""
 
     username: str = "apikey"
+    require_tls: bool = True
     monitor_mode: bool = False
     failing_grace: timedelta = timedelta(hours=72)
     default_limits: Limits = field(default_factory=lambda: Limits(600, 20000, 100))
@@ -114,6 +115,7 @@ class Settings:
         c = config  # typed loosely so the engine does not import the config loader
         return cls(
             username=c.auth.username,  # type: ignore[attr-defined]
+            require_tls=c.auth.require_tls,  # type: ignore[attr-defined]
             monitor_mode=c.monitor_mode,  # type: ignore[attr-defined]
             failing_grace=timedelta(seconds=c.domains.failing_grace),  # type: ignore[attr-defined]
             default_limits=Limits(
@@ -133,6 +135,7 @@ class LoginFacts:
     password: str = field(repr=False)  # the API key: never in a repr or a log
     client_address: str
     now: datetime
+    secured: bool = True  # the connection is under TLS (Dovecot protocol's "secured")
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +258,12 @@ def decide_login(directory: Directory, settings: Settings, facts: LoginFacts) ->
             return _refuse(535, "5.7.8", reason, text)
         return _refuse(535, "5.7.8", reason, text, key.principal, key.key_id)
 
+    if settings.require_tls and not facts.secured:
+        return no(
+            "tls_required",
+            "log in over TLS (STARTTLS, or port 465): API keys are not accepted on a "
+            "plaintext connection",
+        )
     if facts.username != settings.username:
         return no(
             "bad_username",

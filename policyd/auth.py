@@ -63,7 +63,8 @@ class AuthService:
         except DirectoryUnavailable as exc:
             log.error("directory unavailable: %s", exc)
             return unavailable("directory_unavailable")
-        facts = LoginFacts(attempt.username, attempt.password, address, ctx.clock())
+        facts = LoginFacts(attempt.username, attempt.password, address, ctx.clock(),
+                           secured=attempt.secured)
         verdict = decide_login(directory, ctx.settings, facts)
         if verdict.action is Action.REFUSE and verdict.reason in GUESSING:
             if self.by_address.fail(client, now):

@@ -1006,3 +1006,20 @@ def test_settings_from_config_read_every_engine_setting() -> None:
         default_pool="shared",
         transport_prefix="out-",
     )
+
+
+def test_login_outside_tls_is_refused_even_with_a_good_key(world: World) -> None:
+    text = world.key("acme")
+    verdict = decide_login(
+        world.snapshot(), DEFAULTS, LoginFacts("apikey", text, INSIDE, NOW, secured=False)
+    )
+    assert (verdict.action, verdict.code, verdict.status) == (Action.REFUSE, 535, "5.7.8")
+    assert verdict.reason == "tls_required" and "over TLS" in verdict.text
+    assert text not in verdict.text
+
+
+def test_require_tls_off_accepts_a_login_outside_tls(world: World) -> None:
+    text = world.key("acme")
+    settings = replace(DEFAULTS, require_tls=False)
+    facts = LoginFacts("apikey", text, INSIDE, NOW, secured=False)
+    assert decide_login(world.snapshot(), settings, facts).allowed

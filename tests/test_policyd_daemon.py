@@ -1203,3 +1203,12 @@ def test_check_config_fails_when_policyd_user_cannot_read_the_directory(tmp_path
     assert result.returncode == 1
     assert "policyd.user nobody cannot read the directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_login_that_postfix_reports_outside_tls_is_refused(relay: Relay) -> None:
+    key = relay.keys["app"]
+    with relay.auth() as auth:
+        reply = auth.auth("PLAIN", rip=fresh_address(), resp=b64(f"\0{APIKEY}\0{key.text}"),
+                          secured=False)
+    assert reply.status == "FAIL"
+    assert "log in over TLS" in reply.reason
