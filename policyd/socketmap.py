@@ -41,7 +41,13 @@ class SocketmapService:
         logins = self.sender_logins(directory, request.key.lower())
         if not logins:
             return netstring.not_found(), "notfound"
-        return netstring.ok(",".join(logins)), "ok"
+        value = ",".join(logins)
+        if len(value.encode()) > netstring.MAX_REPLY - 8:
+            # Postfix refuses longer replies; say why every message for it is deferred
+            log.error("sender_login for %s lists %d logins, more than Postfix's 100000-byte "
+                      "socketmap reply holds; answering TEMP", request.key[:256], len(logins))
+            return netstring.temp("too many logins for one address"), "too_long"
+        return netstring.ok(value), "ok"
 
     def sender_logins(self, directory: Directory, key: str) -> list[str]:
         try:
