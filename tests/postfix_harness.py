@@ -14,8 +14,11 @@ import email.message
 import email.policy
 import os
 import shutil
+import smtplib
 import socket
+import ssl
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,3 +227,34 @@ def _alive(pid_file: Path) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return True
+
+
+def tls_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the test instance's self-signed certificate
+    return context
+
+
+def submission_client(port: int) -> smtplib.SMTP:
+    """An smtplib client on a submission port, after STARTTLS."""
+    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    client.starttls(context=tls_context())
+    return client
+
+
+def text_message(sender: str, recipient: str, subject: str) -> str:
+    return (f"From: {sender}\r\nTo: {recipient}\r\nSubject: {subject}\r\n"
+            f"Date: Sat, 28 Nov 2026 13:12:35 +0000\r\n"
+            f"Message-ID: <{subject.replace(' ', '-')}@test>\r\n\r\nhello\r\n")
+
+
+def add_demo_tenant(keyrelay: Callable[..., str]) -> None:
+    """acme, its subuser acme/app on pool app (127.0.0.1), and acme.example granted to it."""
+    keyrelay("account", "add", "acme")
+    keyrelay("subuser", "add", "acme/app")
+    keyrelay("pool", "add", "app", "--bind", "127.0.0.1", "--helo", "pool-app.test.example")
+    keyrelay("pool", "assign", "acme/app", "app")
+    keyrelay("domain", "add", "acme", "acme.example")
+    keyrelay("domain", "grant", "acme.example", "acme/app")
+    keyrelay("domain", "mark-verified", "acme.example")

@@ -13,7 +13,6 @@ import json
 import shutil
 import signal
 import smtplib
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,17 @@ from pathlib import Path
 import dkim
 import pytest
 from policyd_harness import Policyd, connect, wait_until
-from postfix_harness import PostfixInstance, Sink, free_port, make_certificate, make_traversable
+from postfix_harness import (
+    PostfixInstance,
+    Sink,
+    add_demo_tenant,
+    free_port,
+    make_certificate,
+    make_traversable,
+    submission_client,
+    text_message,
+    tls_context,
+)
 
 pytestmark = pytest.mark.skipif(
     not Path("/usr/sbin/postfix").exists(),
@@ -106,25 +115,6 @@ class Relay:
         return self.policyd.keyrelay(*args)
 
 
-def _tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # the test instance's throw-away certificate
-    return context
-
-
-def _client(relay: Relay) -> smtplib.SMTP:
-    client = smtplib.SMTP("127.0.0.1", relay.submission_port, timeout=30)
-    client.starttls(context=_tls())
-    return client
-
-
-def _message(sender: str, recipient: str, subject: str) -> str:
-    return (f"From: {sender}\r\nTo: {recipient}\r\nSubject: {subject}\r\n"
-            f"Date: Sat, 28 Nov 2026 13:12:35 +0000\r\n"
-            f"Message-ID: <{subject.replace(' ', '-')}@test>\r\n\r\nhello\r\n")
-
-
 def _dns(relay: Relay, domain: str) -> dict[str, bytes]:
     """The TXT records ``keyrelay domain dns --json`` tells the customer to publish."""
     printed = json.loads(relay.keyrelay("domain", "dns", domain, "--json"))
@@ -151,13 +141,7 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
                    "socket_mode": "0666", "shutdown_grace": "2s"},
     })
     kr = policyd.keyrelay
-    kr("account", "add", "acme")
-    kr("subuser", "add", "acme/app")
-    kr("pool", "add", "app", "--bind", "127.0.0.1", "--helo", "pool-app.test.example")
-    kr("pool", "assign", "acme/app", "app")
-    kr("domain", "add", "acme", "acme.example")
-    kr("domain", "grant", "acme.example", "acme/app")
-    kr("domain", "mark-verified", "acme.example")
+    add_demo_tenant(kr)
     key = policyd.create_key("acme/app", "e2e").text
     auth_port = policyd.endpoint("auth").rpartition(":")[2]
     policy_port = policyd.endpoint("policy").rpartition(":")[2]
@@ -217,10 +201,10 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
 
 def test_mail_from_a_verified_domain_arrives_signed_twice_and_verifies(relay: Relay) -> None:
     before = len(_sink_files(relay.sink))
-    with _client(relay) as client:
+    with submission_client(relay.submission_port) as client:
         client.login("apikey", relay.key)
         refused = client.sendmail("app@acme.example", ["rcpt@example.net"],
-                                  _message("app@acme.example", "rcpt@example.net", "signed"))
+                                  text_message("app@acme.example", "rcpt@example.net", "signed"))
     assert refused == {}
     messages = relay.sink.wait_for(before + 1)
     (message,) = [m for m in messages if m["Subject"] == "signed"]
@@ -252,11 +236,11 @@ def test_mail_from_a_verified_domain_arrives_signed_twice_and_verifies(relay: Re
 
 def test_header_from_not_the_principals_is_refused_at_end_of_data(relay: Relay) -> None:
     before = len(_sink_files(relay.sink))
-    with _client(relay) as client:
+    with submission_client(relay.submission_port) as client:
         client.login("apikey", relay.key)
         with pytest.raises(smtplib.SMTPDataError) as refused:
             client.sendmail("app@acme.example", ["rcpt@example.net"],
-                            _message("ceo@bank.example", "rcpt@example.net", "spoof"))
+                            text_message("ceo@bank.example", "rcpt@example.net", "spoof"))
     assert refused.value.smtp_code == 550
     assert b"5.7.1" in refused.value.smtp_error
     assert b"ceo@bank.example" in refused.value.smtp_error
@@ -275,10 +259,10 @@ def test_milter_down_defers_the_message_and_nothing_leaves(relay: Relay) -> None
     # its mapping of a milter's 4xx at STARTTLS (smtpd.c starttls_cmd)
     with smtplib.SMTP("127.0.0.1", relay.submission_port, timeout=30) as client:
         with pytest.raises(smtplib.SMTPResponseException) as deferred:
-            client.starttls(context=_tls())
+            client.starttls(context=tls_context())
             client.login("apikey", relay.key)
             client.sendmail("app@acme.example", ["rcpt@example.net"],
-                            _message("app@acme.example", "rcpt@example.net", "no milter"))
+                            text_message("app@acme.example", "rcpt@example.net", "no milter"))
     assert 400 <= deferred.value.smtp_code < 500, deferred.value
     assert (deferred.value.smtp_code, deferred.value.smtp_error) == (454, b"4.3.0 Try again later")
     log = relay.postfix.wait_for_log("milter-reject: CONNECT")

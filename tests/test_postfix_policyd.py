@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import smtplib
-import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,15 @@ from pathlib import Path
 
 import pytest
 from policyd_harness import Policyd
-from postfix_harness import PostfixInstance, Sink, free_port, make_certificate
+from postfix_harness import (
+    PostfixInstance,
+    Sink,
+    add_demo_tenant,
+    free_port,
+    make_certificate,
+    submission_client,
+    text_message,
+)
 
 pytestmark = pytest.mark.skipif(
     not Path("/usr/sbin/postfix").exists(),
@@ -37,36 +44,12 @@ class Relay:
         return self.policyd.keyrelay(*args)
 
 
-def _tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # the test instance's throw-away certificate
-    return context
-
-
-def _client(relay: Relay) -> smtplib.SMTP:
-    client = smtplib.SMTP("127.0.0.1", relay.submission_port, timeout=30)
-    client.starttls(context=_tls())
-    return client
-
-
-def _message(sender: str, recipient: str, subject: str) -> str:
-    return (f"From: {sender}\r\nTo: {recipient}\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{subject.replace(' ', '-')}@test>\r\n\r\nhello\r\n")
-
-
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     root = tmp_path_factory.mktemp("relay")
     policyd = Policyd(root / "policyd")
     kr = policyd.keyrelay
-    kr("account", "add", "acme")
-    kr("subuser", "add", "acme/app")
-    kr("pool", "add", "app", "--bind", "127.0.0.1", "--helo", "pool-app.test.example")
-    kr("pool", "assign", "acme/app", "app")
-    kr("domain", "add", "acme", "acme.example")
-    kr("domain", "grant", "acme.example", "acme/app")
-    kr("domain", "mark-verified", "acme.example")
+    add_demo_tenant(kr)
     key = policyd.create_key("acme/app", "e2e").text
     auth_port = policyd.endpoint("auth").rpartition(":")[2]
     policy_port = policyd.endpoint("policy").rpartition(":")[2]
@@ -117,10 +100,10 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
 
 
 def test_api_key_login_sends_mail_out_through_the_principals_ip_pool(relay: Relay) -> None:
-    with _client(relay) as client:
+    with submission_client(relay.submission_port) as client:
         client.login("apikey", relay.key)
         refused = client.sendmail("app@acme.example", ["rcpt@example.net"],
-                                  _message("app@acme.example", "rcpt@example.net", "pool test"))
+                                  text_message("app@acme.example", "rcpt@example.net", "pool test"))
     assert refused == {}
     (message,) = relay.sink.wait_for(1)
     assert message["Subject"] == "pool test"
@@ -134,7 +117,10 @@ def test_api_key_login_sends_mail_out_through_the_principals_ip_pool(relay: Rela
 
 def test_unknown_key_is_refused_with_535_and_the_policyd_reason(relay: Relay) -> None:
     wrong = relay.key[:-4] + ("AAAA" if not relay.key.endswith("AAAA") else "BBBB")
-    with _client(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+    with (
+        submission_client(relay.submission_port) as client,
+        pytest.raises(smtplib.SMTPAuthenticationError) as refused,
+    ):
         client.login("apikey", wrong)
     assert refused.value.smtp_code == 535
     assert b"5.7.8" in refused.value.smtp_error
@@ -142,28 +128,31 @@ def test_unknown_key_is_refused_with_535_and_the_policyd_reason(relay: Relay) ->
 
 
 def test_username_other_than_apikey_is_refused(relay: Relay) -> None:
-    with _client(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+    with (
+        submission_client(relay.submission_port) as client,
+        pytest.raises(smtplib.SMTPAuthenticationError) as refused,
+    ):
         client.login("alice", relay.key)
     assert refused.value.smtp_code == 535
     assert b"log in with username 'apikey'" in refused.value.smtp_error
 
 
 def test_sender_outside_the_principals_domains_is_refused_550(relay: Relay) -> None:
-    with _client(relay) as client:
+    with submission_client(relay.submission_port) as client:
         client.login("apikey", relay.key)
         with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
             client.sendmail("ceo@bank.example", ["rcpt@example.net"],
-                            _message("ceo@bank.example", "rcpt@example.net", "spoof"))
+                            text_message("ceo@bank.example", "rcpt@example.net", "spoof"))
     code, text = refused.value.recipients["rcpt@example.net"]
     assert code == 550
     assert b"5.7.1" in text and b"not a verified domain or sender of acme/app" in text
 
 
 def test_submission_without_login_gets_530_authentication_required(relay: Relay) -> None:
-    with _client(relay) as client:
+    with submission_client(relay.submission_port) as client:
         with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
             client.sendmail("app@acme.example", ["rcpt@example.net"],
-                            _message("app@acme.example", "rcpt@example.net", "no auth"))
+                            text_message("app@acme.example", "rcpt@example.net", "no auth"))
     code, text = refused.value.recipients["rcpt@example.net"]
     assert code == 530
     assert b"5.7.0" in text and b"Authentication required" in text
@@ -185,7 +174,10 @@ def test_swaks_key_revoked_after_creation_cannot_log_in(relay: Relay) -> None:
 def test_policyd_down_makes_auth_a_temporary_454_failure(relay: Relay) -> None:
     # last test of the module: it stops policyd
     assert relay.policyd.stop() == 0
-    with _client(relay) as client, pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+    with (
+        submission_client(relay.submission_port) as client,
+        pytest.raises(smtplib.SMTPAuthenticationError) as refused,
+    ):
         client.login("apikey", relay.key)
     assert refused.value.smtp_code == 454
     assert b"4.7.0" in refused.value.smtp_error
