@@ -750,21 +750,23 @@ def build_parser() -> argparse.ArgumentParser:
          "print the annotated example configuration with every key and its default")
 
     acc = _group(sub, "account", "manage accounts (tenants)")
-    _cmd(acc, "add", account_add, "add an account").add_argument("name")
+    _cmd(acc, "add", account_add, "add an account").add_argument("name", metavar="ACCOUNT")
     _cmd(acc, "list", account_list, "list accounts", json=True)
-    _cmd(acc, "show", account_show, "show one account", json=True).add_argument("name")
+    _cmd(acc, "show", account_show, "show one account", json=True).add_argument(
+        "name", metavar="ACCOUNT")
     _cmd(acc, "suspend", _status_setter(Status.SUSPENDED, "suspend", subuser=False),
-         "refuse every login and message of the account and its subusers").add_argument("name")
+         "refuse every login and message of the account and its subusers"
+         ).add_argument("name", metavar="ACCOUNT")
     _cmd(acc, "resume", _status_setter(Status.ACTIVE, "resume", subuser=False),
-         "lift a suspension").add_argument("name")
+         "lift a suspension").add_argument("name", metavar="ACCOUNT")
     _cmd(acc, "remove", account_remove,
          "remove an account with its subusers, keys and senders (its domains first)"
-         ).add_argument("name")
+         ).add_argument("name", metavar="ACCOUNT")
 
     subs = _group(sub, "subuser", "manage subusers (ACCOUNT/NAME)")
     _cmd(subs, "add", subuser_add, "add a subuser").add_argument("name", metavar="ACCOUNT/NAME")
     _cmd(subs, "list", subuser_list, "list an account's subusers", json=True).add_argument(
-        "account")
+        "account", metavar="ACCOUNT")
     _cmd(subs, "remove", subuser_remove, "remove a subuser with its keys and senders"
          ).add_argument("name", metavar="ACCOUNT/NAME")
     _cmd(subs, "suspend", _status_setter(Status.SUSPENDED, "suspend", subuser=True),
