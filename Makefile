@@ -15,7 +15,8 @@ RUN_DIR := run
 # Everything the project needs from Debian, for building the Python
 # dependencies (pymilter links against libmilter) and for the tests.
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
-	postfix swaks libnet-ssleay-perl openssl
+	postfix swaks libnet-ssleay-perl openssl \
+	libmail-dkim-perl libcryptx-perl dnsmasq-base
 
 .PHONY: help run test deps check lint typecheck unit demo clean distclean
 
