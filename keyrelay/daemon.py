@@ -10,7 +10,13 @@ import pwd
 import socket
 import stat
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+from .directory import Directory, open_directory
+from .errors import DirectoryUnavailable
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def fail(program: str, message: str) -> NoReturn:
@@ -62,6 +68,37 @@ def accessible_as(user: str, path: str, write: bool = False) -> bool:
         os._exit(0 if allowed else 1)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
+
+
+class StartupError(Exception):
+    """Something a daemon checks before binding is wrong; the message says what to fix."""
+
+
+def preflight(
+    config: Config, section: str, user: str, socket_group: str, log: logging.Logger,
+    records_use: bool = False,
+) -> Directory:
+    """The checks every daemon makes before binding (and for --check-config): the directory
+    loads, the socket owner names resolve and, as root, the daemon's user can read the
+    directory. Returns the snapshot; raises ``StartupError``."""
+    try:
+        snapshot = open_directory(config).snapshot()
+    except DirectoryUnavailable as exc:
+        raise StartupError(str(exc)) from None
+    if os.geteuid() == 0:
+        try:
+            socket_owner(user, socket_group)
+        except KeyError as exc:
+            raise StartupError(
+                f"{section}.user / {section}.socket_group: no such user or group: {exc}"
+            ) from None
+        try:
+            check_directory_access(
+                user, config.directory.path, f"{section}.user", log, records_use
+            )
+        except PermissionError as exc:
+            raise StartupError(str(exc)) from None
+    return snapshot
 
 
 def check_directory_access(

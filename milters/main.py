@@ -103,20 +103,11 @@ def socket_path(listen: str) -> str | None:
 
 def check(config: Config) -> Directory:
     """What can be checked before binding: the directory, the names, the keys (warnings)."""
-    try:
-        snapshot = open_directory(config).snapshot()
-    except DirectoryUnavailable as exc:
-        fail(str(exc))
     cfg = config.milter
-    if os.geteuid() == 0:
-        try:
-            daemon.socket_owner(cfg.user, cfg.socket_group)
-        except KeyError as exc:
-            fail(f"milter.user / milter.socket_group: no such user or group: {exc}")
-        try:
-            daemon.check_directory_access(cfg.user, config.directory.path, "milter.user", log)
-        except PermissionError as exc:
-            fail(str(exc))
+    try:
+        snapshot = daemon.preflight(config, "milter", cfg.user, cfg.socket_group, log)
+    except daemon.StartupError as exc:
+        fail(str(exc))
     return snapshot
 
 

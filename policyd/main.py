@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from keyrelay import __version__, daemon, logs
 from keyrelay.config import Config, load_config, resolve_config_path
 from keyrelay.directory import open_directory
-from keyrelay.errors import ConfigError, DirectoryUnavailable
+from keyrelay.errors import ConfigError
 from keyrelay.logs import DecisionLog
 
 from . import server
@@ -76,23 +76,13 @@ def fail(message: str) -> NoReturn:
 
 def check(config: Config) -> None:
     """Everything that can be checked before binding: the directory parses, names resolve."""
-    directory = open_directory(config)
-    try:
-        snapshot = directory.snapshot()
-    except DirectoryUnavailable as exc:
-        fail(str(exc))
     cfg = config.policyd
-    if os.geteuid() == 0:
-        try:
-            daemon.socket_owner(cfg.user, cfg.socket_group)
-        except KeyError as exc:
-            fail(f"policyd.user / policyd.socket_group: no such user or group: {exc}")
-        try:
-            daemon.check_directory_access(
-                cfg.user, config.directory.path, "policyd.user", log, records_use=True
-            )
-        except PermissionError as exc:
-            fail(str(exc))
+    try:
+        snapshot = daemon.preflight(
+            config, "policyd", cfg.user, cfg.socket_group, log, records_use=True
+        )
+    except daemon.StartupError as exc:
+        fail(str(exc))
     if not (cfg.auth_listen or cfg.policy_listen or cfg.socketmap_listen):
         fail("policyd: every *_listen endpoint is empty; nothing to serve")
     for pool in {config.routing.default_pool} - {""} - set(snapshot.pools):
