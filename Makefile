@@ -55,7 +55,7 @@ test: deps
 	$(BIN)/ruff check .
 
 run: deps
-	@PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo-init $(RUN_DIR)
+	$(BIN)/python -m keyrelay.demo $(RUN_DIR)
 
 clean:
 	rm -rf $(RUN_DIR)

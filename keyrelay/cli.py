@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__, admin, audit, dkimkeys, names
+from . import __version__, admin, audit, dkimkeys, names, postfixconf
 from .config import Config, load_config, render_example, resolve_config_path
 from .directory import DirectoryBackend, open_directory
 from .directory.model import (
@@ -681,6 +682,55 @@ def check_config(ctx: Context, args: argparse.Namespace) -> None:
             f"{len(data.accounts)} accounts, {len(data.keys)} keys, {len(data.domains)} domains")
 
 
+# -- postfix ---------------------------------------------------------------------------------
+def _postfix_plan(
+    ctx: Context, config_dir: str | None
+) -> tuple[postfixconf.Plan, postfixconf.Current | None]:
+    pools = list(ctx.read().pools.values())
+    if config_dir is None:
+        return postfixconf.build_plan(ctx.config, pools, postfixconf.fresh_postfix()), None
+    current = postfixconf.read_current(Path(config_dir))
+    return postfixconf.build_plan(ctx.config, pools, current), current
+
+
+def postfix_show(ctx: Context, args: argparse.Namespace) -> None:
+    plan, current = _postfix_plan(ctx, args.config_dir)
+    ctx.out.write("# main.cf\n" + postfixconf.render_main(plan) + "\n# master.cf\n"
+                  + postfixconf.render_master(plan, current))
+    for note in plan.notes:
+        print(f"keyrelay: note: {note}", file=sys.stderr)
+
+
+def postfix_apply(ctx: Context, args: argparse.Namespace) -> None:
+    config_dir = Path(args.config_dir)
+    plan, current = _postfix_plan(ctx, args.config_dir)
+    assert current is not None
+    todo = postfixconf.changes(plan, current)
+    for note in plan.notes:
+        print(f"keyrelay: note: {note}", file=sys.stderr)
+    if not todo:
+        ctx.say(f"{config_dir}: keyrelay's Postfix settings are already in place; "
+                "nothing changed.")
+        return
+    if args.dry_run:
+        ctx.say(f"{config_dir}: would make {len(todo)} change(s):")
+        for change in todo:
+            ctx.say(f"  {change.text}")
+        return
+    warnings = postfixconf.apply(config_dir, todo)
+    ctx.say(f"{config_dir}: made {len(todo)} change(s); postfix check passed.")
+    for change in todo:
+        ctx.say(f"  {change.text}")
+    if warnings:
+        ctx.say("postfix check said:\n" + warnings)
+    audit.record(ctx.config.logging.audit_log, ctx.now, "postfix.apply",
+                 config_dir=str(config_dir), changes=str(len(todo)))
+    if args.reload:
+        ctx.say(postfixconf.reload(config_dir))
+    else:
+        ctx.say(f"Run `postfix -c {config_dir} reload` (or add --reload) to use them.")
+
+
 # -- the parser ------------------------------------------------------------------------------
 _DESCRIPTION = """\
 Manage the keyrelay directory: accounts and their subusers, API keys, IP access
@@ -867,6 +917,22 @@ def build_parser() -> argparse.ArgumentParser:
     lset.add_argument("--per-minute", type=int, metavar="N", help="messages per minute")
     lset.add_argument("--per-hour", type=int, metavar="N", help="messages per hour")
     lset.add_argument("--recipients", type=int, metavar="N", help="recipients per message")
+
+    pfx = _group(sub, "postfix", "merge keyrelay's settings into a Postfix configuration")
+    show = _cmd(pfx, "show", postfix_show,
+                "print keyrelay's main.cf parameters and master.cf services; with --config-dir, "
+                "merged with that configuration as apply would write them")
+    show.add_argument("--config-dir", metavar="DIR",
+                      help="an existing Postfix configuration directory, e.g. /etc/postfix")
+    papply = _cmd(pfx, "apply", postfix_apply,
+                  "write keyrelay's settings into an existing Postfix configuration with "
+                  "postconf (idempotent; unrelated settings are kept), then run postfix check")
+    papply.add_argument("--config-dir", metavar="DIR", required=True,
+                        help="the Postfix configuration directory, e.g. /etc/postfix")
+    papply.add_argument("--dry-run", action="store_true",
+                        help="print the changes without making them")
+    papply.add_argument("--reload", action="store_true",
+                        help="run postfix reload afterwards when Postfix is running")
 
     mon = _group(sub, "monitor", "monitor mode: log would-be refusals and let mail pass")
     for name, on in (("on", True), ("off", False)):

@@ -510,6 +510,57 @@ class MilterConfig:
             raise InvalidField("sign", "check_sender and sign are both false; nothing to do")
 
 
+_SERVICE = re.compile(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):)?[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SERVICE_TEXT = "a master.cf service name: a port number or name, optionally host:port"
+
+
+@dataclass(frozen=True, slots=True)
+class PostfixConfig:
+    smtp_service: str = field(
+        default="smtp",
+        metadata={
+            "doc": "The master.cf smtpd service in the port-25 role: STARTTLS offered, AUTH "
+            "with an API key allowed after STARTTLS, no relaying without it; " + _SERVICE_TEXT
+            + "; empty: keyrelay leaves port 25 alone.",
+            "pattern": (_SERVICE, _SERVICE_TEXT),
+            "allow_empty": True,
+        },
+    )
+    submission_services: tuple[str, ...] = field(
+        default=("submission", "2525"),
+        metadata={
+            "doc": "master.cf smtpd services where STARTTLS is required before AUTH and MAIL "
+            "and every message needs an API key (587 and 2525).",
+            "pattern": (_SERVICE, _SERVICE_TEXT),
+        },
+    )
+    submissions_services: tuple[str, ...] = field(
+        default=("submissions",),
+        metadata={
+            "doc": "master.cf smtpd services with implicit TLS (465) where every message needs "
+            "an API key.",
+            "pattern": (_SERVICE, _SERVICE_TEXT),
+        },
+    )
+    tls_chain_files: str = field(
+        default="",
+        metadata={
+            "doc": "Private key and certificate chain files for smtpd_tls_chain_files in "
+            "main.cf (\"/etc/ssl/private/relay.pem\", or \"key.pem, fullchain.pem\"); empty: "
+            "keep the certificate Postfix already has.",
+            "allow_empty": True,
+        },
+    )
+    policy_timeout: Duration = field(
+        default=Duration(10.0),
+        metadata={
+            "doc": "How long Postfix waits for a policy answer before it answers the client "
+            "451 4.3.0 (try again later).",
+            "min": 1,
+        },
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     directory: DirectoryConfig = field(
@@ -548,6 +599,11 @@ class Config:
     milter: MilterConfig = field(
         default_factory=MilterConfig,
         metadata={"doc": "keyrelay-milter: header From/Sender check and DKIM signing."},
+    )
+    postfix: PostfixConfig = field(
+        default_factory=PostfixConfig,
+        metadata={"doc": "What `keyrelay postfix apply` writes into Postfix's main.cf and "
+                  "master.cf."},
     )
 
 

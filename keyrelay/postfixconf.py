@@ -1,0 +1,550 @@
+"""The Postfix settings keyrelay needs, and how they are merged into an existing Postfix.
+
+This module is the one source of truth for keyrelay's main.cf and master.cf settings:
+``keyrelay postfix show`` prints them, ``keyrelay postfix apply`` writes them with ``postconf``
+into an existing configuration directory, the Ansible role runs that command, and
+``postfix-conf/main.cf.keyrelay`` and ``postfix-conf/master.cf.keyrelay`` are generated from
+it (``python -m keyrelay.postfixconf``; a test keeps them in sync).
+
+What keyrelay owns:
+
+- main.cf parameters named ``keyrelay_*``: the policy service element, the SASL path, the
+  milter endpoint, and per role (``smtp`` for port 25, ``submission`` for 587, 2525 and 465)
+  the merged restriction and milter lists. Services refer to them as ``$keyrelay_...``, so
+  values with spaces never have to go through ``postconf -P``, which refuses them.
+- the ``-o`` settings it needs on the smtpd services of config ``postfix``; every other
+  ``-o`` setting of an existing service is kept, and services that do not exist yet are
+  created (chroot ``n``, so sockets outside the queue directory stay reachable).
+- one ``smtp`` transport per IP pool (``routing.transport_prefix`` + pool name) with
+  ``smtp_bind_address``, ``smtp_bind_address6``, ``smtp_helo_name`` and
+  ``smtp_bind_address_enforce = yes``; transports under that prefix whose pool is gone are
+  removed.
+
+Merging: a restriction list keeps what the site had, with keyrelay's policy check moved to the
+front (it must see the request before ``permit_sasl_authenticated`` ends the list) and
+``permit_sasl_authenticated`` added after it when missing; a milter list keeps the site's
+milters and appends keyrelay's (it signs, so it must run last). A second run finds nothing to
+change. ``postfix check`` runs after the edits; when it fails, main.cf and master.cf are put
+back as they were.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+from .directory.model import Pool
+from .durations import format_duration
+from .errors import KeyrelayError
+
+POSTCONF = "/usr/sbin/postconf"
+POSTFIX = "/usr/sbin/postfix"
+
+SMTP, SUBMISSION = "smtp", "submission"
+PERMIT_AUTHENTICATED = "permit_sasl_authenticated"
+POLICY_UNAVAILABLE = "451 4.3.0 keyrelay policy service unavailable, try again later"
+_LIST_SPLIT = re.compile(r"[\s,]+")
+
+
+class PostfixConfError(KeyrelayError):
+    """The Postfix configuration cannot be read, changed or checked; the message says why."""
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One master.cf service: the entry used to create it, and keyrelay's ``-o`` settings."""
+
+    name: str
+    type: str  # inet | unix
+    command: str  # smtpd | smtp
+    settings: dict[str, str]  # -o name=value; values without whitespace
+    remove: tuple[str, ...] = ()  # -o settings that must not be there
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.type}"
+
+    def entry(self) -> str:
+        """The master.cf line for a new service (private/unpriv/chroot/wakeup/maxproc)."""
+        private = "n" if self.type == "inet" else "-"
+        return f"{self.name} {self.type} {private} - n - - {self.command}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything keyrelay wants in main.cf and master.cf, merged with what is there."""
+
+    main: dict[str, str]
+    services: list[ServiceSpec]
+    drop_services: list[str]  # name/type of pool transports whose pool is gone
+    notes: list[str]  # things the admin should know (printed, not errors)
+
+
+@dataclass
+class Current:
+    """What a Postfix configuration directory holds now, as ``postconf`` reports it."""
+
+    main: dict[str, str] = field(default_factory=dict)  # explicit main.cf settings (-n)
+    effective: dict[str, str] = field(default_factory=dict)  # built-ins we merge from (-h)
+    services: dict[str, dict[str, str]] = field(default_factory=dict)  # name/type -> fields
+    settings: dict[str, dict[str, str]] = field(default_factory=dict)  # name/type -> -o
+
+    @property
+    def queue_directory(self) -> str:
+        return self.effective.get("queue_directory", "/var/spool/postfix")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One edit, described for the admin, with the ``postconf`` arguments that make it."""
+
+    text: str
+    args: tuple[str, ...]
+
+
+# -- lists -----------------------------------------------------------------------------------
+def split_list(value: str) -> list[str]:
+    """A Postfix list (commas and/or whitespace) into items; ``{ ... }`` groups stay whole."""
+    items: list[str] = []
+    depth, start = 0, None
+    for i, char in enumerate(value):
+        if char == "{":
+            if depth == 0 and start is None:
+                start = i
+            depth += 1
+        elif char == "}":
+            depth = max(depth - 1, 0)
+        elif depth == 0 and (char.isspace() or char == ","):
+            if start is not None:
+                items.append(value[start:i])
+                start = None
+            continue
+        if start is None:
+            start = i
+    if start is not None:
+        items.append(value[start:])
+    return [_normal(item) for item in items if item]
+
+
+def _normal(item: str) -> str:
+    """One list item with its inner whitespace collapsed, so equal items compare equal."""
+    return " ".join(item.split())
+
+
+def join_list(items: Iterable[str]) -> str:
+    return ", ".join(items)
+
+
+def merge_restrictions(base: Sequence[str], policy: str, *, add_permit: bool = True) -> list[str]:
+    """``base`` with ``policy`` first and, when ``add_permit``, ``permit_sasl_authenticated``
+    somewhere after it."""
+    items = [policy] + [item for item in base if item != policy]
+    if add_permit and PERMIT_AUTHENTICATED not in items:
+        items.insert(1, PERMIT_AUTHENTICATED)
+    return items
+
+
+def merge_milters(base: Sequence[str], milter: str) -> list[str]:
+    """``base`` with ``milter`` last: it DKIM-signs, so nothing may change the message after."""
+    return [item for item in base if item != milter] + [milter]
+
+
+# -- endpoints -------------------------------------------------------------------------------
+def queue_relative(path: str, queue_directory: str) -> str:
+    """``path`` relative to Postfix's queue directory when inside it, else unchanged.
+
+    Postfix daemons run with the queue directory as working directory (and, chrooted, as
+    root), so a relative name reaches the socket whether the service is chrooted or not.
+    """
+    queue = os.path.normpath(queue_directory)
+    normal = os.path.normpath(path)
+    if normal.startswith(queue + os.sep):
+        return normal[len(queue) + 1:]
+    return path
+
+
+def postfix_endpoint(listen: str, queue_directory: str) -> str:
+    """A keyrelay ``listen`` value in Postfix's ``unix:`` / ``inet:host:port`` notation."""
+    if listen.startswith("unix:"):
+        return "unix:" + queue_relative(listen[5:], queue_directory)
+    milter = re.fullmatch(r"(inet6?):(\d+)@(\S+)", listen)  # libmilter's notation
+    if milter:
+        family, port, host = milter.groups()
+        return f"inet:[{host}]:{port}" if family == "inet6" else f"inet:{host}:{port}"
+    return listen
+
+
+def sasl_path(listen: str, queue_directory: str) -> str:
+    """``smtpd_sasl_path`` for the Dovecot protocol: a bare socket path, or inet:host:port."""
+    endpoint = postfix_endpoint(listen, queue_directory)
+    return endpoint[5:] if endpoint.startswith("unix:") else endpoint
+
+
+def _unix_outside_queue(endpoint: str) -> bool:
+    path = endpoint[5:] if endpoint.startswith("unix:") else endpoint
+    return path.startswith("/")
+
+
+# -- the plan --------------------------------------------------------------------------------
+def build_plan(config: Config, pools: Iterable[Pool], current: Current) -> Plan:
+    """keyrelay's settings for ``config`` and ``pools``, merged with ``current``."""
+    pf, policyd = config.postfix, config.policyd
+    queue = current.queue_directory
+    notes: list[str] = []
+    for what, listen in (("policyd.auth_listen", policyd.auth_listen),
+                         ("policyd.policy_listen", policyd.policy_listen)):
+        if not listen:
+            raise PostfixConfError(f"{what} is empty: Postfix needs this keyrelay-policyd "
+                                   "service; set it in the keyrelay configuration")
+    policy_endpoint = postfix_endpoint(policyd.policy_listen, queue)
+    milter_endpoint = postfix_endpoint(config.milter.listen, queue)
+    auth_path = sasl_path(policyd.auth_listen, queue)
+
+    def policy(context: str) -> str:
+        parts = [policy_endpoint, f"timeout={format_duration(pf.policy_timeout)}",
+                 f"{{ default_action = {POLICY_UNAVAILABLE} }}"]
+        if context:
+            parts.append(f"policy_context={context}")
+        return "check_policy_service { " + ", ".join(parts) + " }"
+
+    main: dict[str, str] = {
+        "keyrelay_sasl_path": auth_path,
+        "keyrelay_milter": milter_endpoint,
+        "keyrelay_submission_policy": policy(policyd.submission_context),
+        # A message keyrelay signed must leave byte for byte: Postfix's 8bit-to-7bit
+        # conversion for servers without 8BITMIME would break its DKIM signatures.
+        "disable_mime_output_conversion": "yes",
+    }
+    roles: dict[str, list[tuple[str, str]]] = {
+        SUBMISSION: [(name, "encrypt") for name in pf.submission_services]
+        + [(name, "wrappermode") for name in pf.submissions_services],
+    }
+    if pf.smtp_service:
+        main["keyrelay_smtp_policy"] = policy("")
+        roles[SMTP] = [(pf.smtp_service, "may")]
+    if not policyd.submission_context:
+        notes.append("policyd.submission_context is empty: policyd tells submission services "
+                     f"by server_port only ({', '.join(map(str, policyd.submission_ports))})")
+    if pf.tls_chain_files:
+        main["smtpd_tls_chain_files"] = pf.tls_chain_files
+    elif not (current.main.get("smtpd_tls_chain_files") or current.main.get("smtpd_tls_cert_file")):
+        raise PostfixConfError(
+            "Postfix has no TLS certificate (neither smtpd_tls_chain_files nor "
+            "smtpd_tls_cert_file is set in main.cf) and postfix.tls_chain_files is empty in "
+            "the keyrelay configuration: API keys must only cross TLS; set one of them")
+
+    services: list[ServiceSpec] = []
+    seen: set[str] = set()
+    for role, members in roles.items():
+        keys = [f"{name}/inet" for name, _ in members]
+        lists = _role_lists(role, keys, current)
+        main.update(lists)
+        for name, tls in members:
+            spec = _smtpd_service(name, role, tls)
+            if spec.key in seen:
+                raise PostfixConfError(f"service {name} is named twice in the keyrelay "
+                                       "configuration's postfix section")
+            seen.add(spec.key)
+            services.append(spec)
+            chroot = current.services.get(spec.key, {}).get("chroot", "n")
+            if chroot == "y":
+                outside = [e for e in (policy_endpoint, milter_endpoint, "unix:" + auth_path)
+                           if e.startswith("unix:") and _unix_outside_queue(e)]
+                if outside:
+                    raise PostfixConfError(
+                        f"master.cf service {spec.key} is chrooted, but {', '.join(outside)} "
+                        f"{'is' if len(outside) == 1 else 'are'} outside the queue directory "
+                        f"{queue}: put keyrelay's sockets under {queue}/private/ or set the "
+                        "service's chroot column to n")
+        relay = split_list(main[f"keyrelay_{role}_relay_restrictions"])
+        if role == SMTP and "permit_mynetworks" in relay:
+            notes.append(f"{pf.smtp_service}: permit_mynetworks in keyrelay_smtp_relay_"
+                         "restrictions lets clients in mynetworks relay without an API key")
+
+    wanted_pools, pool_notes = _pool_services(config, pools)
+    services.extend(wanted_pools)
+    notes.extend(pool_notes)
+    prefix = config.routing.transport_prefix
+    wanted = {spec.key for spec in wanted_pools}
+    drop = sorted(key for key in current.services
+                  if key.endswith("/unix") and key.startswith(prefix) and key not in wanted)
+    return Plan(main=main, services=services, drop_services=drop, notes=notes)
+
+
+_ROLE_LISTS = ("relay_restrictions", "data_restrictions", "milters")
+
+
+def _role_lists(role: str, services: list[str], current: Current) -> dict[str, str]:
+    """The merged ``keyrelay_<role>_*`` lists.
+
+    The base is what keyrelay wrote before (main.cf), else the services' own ``-o`` values,
+    else (port 25) main.cf's value for all smtpd services, else keyrelay's default.
+    """
+    result: dict[str, str] = {}
+    for kind in _ROLE_LISTS:
+        name = f"keyrelay_{role}_{kind}"
+        reference = f"${name}"
+        if name in current.main:
+            base = split_list(current.main[name])
+        else:
+            base = []
+            for key in services:
+                value = current.settings.get(key, {}).get(f"smtpd_{kind}")
+                if value is not None and value != reference:
+                    base += [item for item in split_list(value) if item not in base]
+            if not any(f"smtpd_{kind}" in current.settings.get(key, {}) for key in services):
+                if role == SMTP or kind == "milters":
+                    base = split_list(current.main.get(f"smtpd_{kind}",
+                                                       current.effective.get(f"smtpd_{kind}", "")))
+                elif kind == "relay_restrictions":
+                    base = [PERMIT_AUTHENTICATED, "reject"]
+        policy = f"$keyrelay_{role}_policy"
+        if kind == "relay_restrictions":
+            items = merge_restrictions(base, policy)
+        elif kind == "data_restrictions":
+            items = merge_restrictions(base, policy, add_permit=False)
+        else:
+            items = merge_milters(base, "$keyrelay_milter")
+        result[name] = join_list(items)
+    return result
+
+
+def _smtpd_service(name: str, role: str, tls: str) -> ServiceSpec:
+    settings = {
+        "smtpd_tls_security_level": "may" if tls == "may" else "encrypt",
+        "smtpd_sasl_auth_enable": "yes",
+        "smtpd_sasl_type": "dovecot",
+        "smtpd_sasl_path": "$keyrelay_sasl_path",
+        "smtpd_sasl_security_options": "noanonymous,noplaintext",
+        "smtpd_sasl_tls_security_options": "noanonymous",
+        "smtpd_tls_auth_only": "yes",
+        "smtpd_tls_protocols": ">=TLSv1.2",
+        "smtpd_tls_mandatory_protocols": ">=TLSv1.2",
+        "smtpd_tls_ciphers": "high",
+        "smtpd_tls_mandatory_ciphers": "high",
+        "smtpd_relay_restrictions": f"$keyrelay_{role}_relay_restrictions",
+        "smtpd_data_restrictions": f"$keyrelay_{role}_data_restrictions",
+        "smtpd_milters": f"$keyrelay_{role}_milters",
+        "milter_default_action": "tempfail",
+    }
+    if tls == "wrappermode":
+        settings["smtpd_tls_wrappermode"] = "yes"
+    return ServiceSpec(name=name, type="inet", command="smtpd", settings=settings)
+
+
+def _pool_services(config: Config, pools: Iterable[Pool]) -> tuple[list[ServiceSpec], list[str]]:
+    specs, notes = [], []
+    for pool in sorted(pools, key=lambda p: p.name):
+        v4 = [a for a in pool.bind if isinstance(a, ipaddress.IPv4Address)]
+        v6 = [a for a in pool.bind if isinstance(a, ipaddress.IPv6Address)]
+        for family, addresses in (("IPv4", v4), ("IPv6", v6)):
+            if len(addresses) > 1:
+                notes.append(f"pool {pool.name}: Postfix binds one {family} address per "
+                             f"transport; mail leaves from {addresses[0]}, not from "
+                             f"{', '.join(map(str, addresses[1:]))}")
+        transport = config.routing.transport_prefix + pool.name
+        settings = {"syslog_name": f"postfix/{transport}", "smtp_helo_name": pool.helo,
+                    "smtp_bind_address_enforce": "yes"}
+        remove = []
+        for name, addresses in (("smtp_bind_address", v4), ("smtp_bind_address6", v6)):
+            if addresses:
+                settings[name] = str(addresses[0])
+            else:
+                remove.append(name)
+        specs.append(ServiceSpec(name=transport, type="unix", command="smtp", settings=settings,
+                                 remove=tuple(remove)))
+    return specs, notes
+
+
+# -- reading and changing a configuration directory ------------------------------------------
+def _postconf(config_dir: Path, *args: str) -> str:
+    try:
+        result = subprocess.run([POSTCONF, "-c", str(config_dir), *args],
+                                capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise PostfixConfError(f"{POSTCONF} not found: is Postfix installed?") from None
+    if result.returncode != 0:
+        detail = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+        raise PostfixConfError(f"postconf -c {config_dir} {' '.join(args)} failed: {detail}")
+    return result.stdout
+
+
+def _pairs(text: str) -> Iterable[tuple[str, str]]:
+    for line in text.splitlines():
+        name, sep, value = line.partition(" = ")
+        if sep:
+            yield name.strip(), value.strip()
+        elif line.endswith(" ="):
+            yield line[:-2].strip(), ""
+
+
+def read_current(config_dir: Path) -> Current:
+    """The explicit main.cf settings, the built-ins keyrelay merges from, and master.cf."""
+    if not (config_dir / "main.cf").is_file() or not (config_dir / "master.cf").is_file():
+        raise PostfixConfError(f"{config_dir}: no main.cf and master.cf there; give the "
+                               "directory of an existing Postfix configuration (--config-dir)")
+    current = Current(main=dict(_pairs(_postconf(config_dir, "-n"))))
+    builtins = ["queue_directory", "smtpd_relay_restrictions", "smtpd_data_restrictions",
+                "smtpd_milters"]
+    # -x: the built-in defaults are expressions on compatibility_level; merge their value
+    values = _postconf(config_dir, "-xh", *builtins).splitlines()
+    current.effective = dict(zip(builtins, values, strict=False))
+    for name, value in _pairs(_postconf(config_dir, "-F")):
+        service, _, column = name.rpartition("/")
+        current.services.setdefault(service, {})[column] = value
+    for name, value in _pairs(_postconf(config_dir, "-P")):
+        service_type, _, setting = name.rpartition("/")
+        current.settings.setdefault(service_type, {})[setting] = value
+    return current
+
+
+def changes(plan: Plan, current: Current) -> list[Change]:
+    """The edits that bring ``current`` to ``plan``; none when it is already there."""
+    result: list[Change] = []
+    for name, value in plan.main.items():
+        if _normal(current.main.get(name, "")) != _normal(value) or name not in current.main:
+            result.append(Change(f"main.cf: {name} = {value}", ("-e", f"{name} = {value}")))
+    for spec in plan.services:
+        if spec.key not in current.services:
+            result.append(Change(f"master.cf: new service {spec.entry()}",
+                                 ("-M", f"{spec.key}={spec.entry()}")))
+        have = current.settings.get(spec.key, {})
+        for name, value in spec.settings.items():
+            if have.get(name) != value:
+                result.append(Change(f"master.cf: {spec.key}: -o {name}={value}",
+                                     ("-P", f"{spec.key}/{name}={value}")))
+        for name in spec.remove:
+            if name in have:
+                result.append(Change(f"master.cf: {spec.key}: remove -o {name}",
+                                     ("-PX", f"{spec.key}/{name}")))
+    for key in plan.drop_services:
+        result.append(Change(f"master.cf: remove {key} (its pool is gone)", ("-MX", key)))
+    return result
+
+
+def apply(config_dir: Path, todo: list[Change]) -> str:
+    """Make the edits, then ``postfix check``; on failure put both files back and raise.
+
+    Returns what ``postfix check`` printed (warnings), if anything.
+    """
+    files = [config_dir / "main.cf", config_dir / "master.cf"]
+    saved = {path: path.read_bytes() for path in files}
+    try:
+        for change in todo:
+            _postconf(config_dir, *change.args)
+        return check(config_dir)
+    except BaseException:
+        for path, content in saved.items():
+            path.write_bytes(content)
+        raise
+
+
+def reload(config_dir: Path) -> str:
+    """``postfix reload`` when this instance runs; a sentence saying what happened."""
+    status = subprocess.run([POSTFIX, "-c", str(config_dir), "status"],
+                            capture_output=True, text=True, timeout=60)
+    if status.returncode != 0:
+        return f"Postfix ({config_dir}) is not running; the settings apply when it starts."
+    result = subprocess.run([POSTFIX, "-c", str(config_dir), "reload"],
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        detail = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+        raise PostfixConfError(f"postfix -c {config_dir} reload failed: {detail}")
+    return f"Postfix ({config_dir}) reloaded."
+
+
+def check(config_dir: Path) -> str:
+    """``postfix -c DIR check``; its warnings, or PostfixConfError with its complaints."""
+    try:
+        result = subprocess.run([POSTFIX, "-c", str(config_dir), "check"],
+                                capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise PostfixConfError(f"{POSTFIX} not found: is Postfix installed?") from None
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode != 0:
+        detail = "; ".join(line.strip() for line in output.splitlines() if line.strip())
+        raise PostfixConfError(f"postfix check failed, main.cf and master.cf are unchanged: "
+                               f"{detail or 'exit status ' + str(result.returncode)}")
+    return output
+
+
+# -- rendering -------------------------------------------------------------------------------
+def render_main(plan: Plan) -> str:
+    """keyrelay's main.cf parameters, as ``postconf -e`` writes them."""
+    return "".join(f"{name} = {value}\n" for name, value in plan.main.items())
+
+
+def render_master(plan: Plan, current: Current | None = None) -> str:
+    """keyrelay's master.cf services with their ``-o`` settings.
+
+    An existing service is shown with its own entry; its other ``-o`` settings stay.
+    """
+    lines = []
+    for spec in plan.services:
+        if current is not None and spec.key in current.services:
+            lines.append(_entry_of(current.services[spec.key]))
+        else:
+            lines.append(spec.entry())
+        lines += [f"  -o {name}={value}" for name, value in spec.settings.items()]
+    lines += [f"# remove {key}: its pool is gone" for key in plan.drop_services]
+    return "\n".join(lines) + "\n"
+
+
+def _entry_of(fields: dict[str, str]) -> str:
+    columns = ("service", "type", "private", "unprivileged", "chroot", "wakeup",
+               "process_limit")
+    command = fields.get("command", "").split(" -o ")[0]
+    return " ".join(fields.get(c, "-") for c in columns) + " " + command
+
+
+_HEADER = """\
+# {what}: generated by `python -m keyrelay.postfixconf` from keyrelay/postfixconf.py,
+# for the default keyrelay configuration and one example IP pool. Do not paste it by hand:
+# `keyrelay postfix apply --config-dir /etc/postfix` merges these settings into an existing
+# Postfix (keeping the site's own restrictions, milters and -o settings) and runs postfix
+# check; `keyrelay postfix show --config-dir /etc/postfix` prints what it would write.
+"""
+
+
+def example_plan() -> Plan:
+    """The plan for the default configuration, a fresh Postfix and one example pool."""
+    from .config import default_config
+
+    pool = Pool(name="example", bind=(ipaddress.ip_address("192.0.2.10"),),
+                helo="o1.relay.example.net")
+    return build_plan(default_config(), [pool], fresh_postfix())
+
+
+def fresh_postfix() -> Current:
+    """A Debian Postfix as installed, with a certificate: what ``show`` merges with by default.
+
+    Its port-25 relay restrictions are written out without permit_mynetworks, as keyrelay
+    recommends for a relay whose every sender logs in with an API key.
+    """
+    return Current(
+        main={"smtpd_tls_chain_files": "/etc/postfix/tls/key.pem, /etc/postfix/tls/fullchain.pem",
+              "smtpd_relay_restrictions": "permit_sasl_authenticated, reject_unauth_destination"},
+        effective={"queue_directory": "/var/spool/postfix"},
+    )
+
+
+def example_files() -> dict[str, str]:
+    """File name in postfix-conf/ -> generated content."""
+    plan = example_plan()
+    return {
+        "main.cf.keyrelay": _HEADER.format(what="main.cf settings") + render_main(plan),
+        "master.cf.keyrelay": _HEADER.format(what="master.cf services") + render_master(plan),
+    }
+
+
+if __name__ == "__main__":
+    folder = Path(__file__).resolve().parent.parent / "postfix-conf"
+    for name, content in example_files().items():
+        (folder / name).write_text(content)
+        print(f"wrote {folder / name}")
