@@ -1,0 +1,198 @@
+"""Clients and helpers for tests against the demo relay (fixture ``demo_relay``, conftest.py).
+
+``connect`` opens an smtplib client on one of the relay's ports (STARTTLS done, or implicit
+TLS for the 465 role); ``reply_of`` returns the SMTP code and text a refused step got;
+``new_tenant`` makes a fresh account with subuser ACCOUNT/app, a verified domain and an API
+key with the real ``keyrelay`` CLI; ``wait_delivered`` waits until Postfix's queue is empty and
+asserts the message reached smtp-sink exactly once.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.policy
+import itertools
+import json
+import smtplib
+import ssl
+import subprocess
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from policyd_harness import wait_until
+
+from keyrelay.demo import Relay, greets, keyrelay_cli
+
+SUBMISSION_PORTS = ["submission", "alt_submission", "submissions"]
+_sources = (f"127.0.1.{i}" for i in itertools.count(1))
+_names = (f"t{i}" for i in itertools.count(1))
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the demo's self-signed certificate
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def connect(relay: Relay, port_name: str, *, source: str | None = None,
+            starttls: bool = True) -> smtplib.SMTP:
+    """A client on one of the relay's ports: STARTTLS done, or implicit TLS for 465."""
+    s = relay.settings
+    port = s.ports()[port_name]
+    address = (source, 0) if source else None
+    if port_name == "submissions":
+        return smtplib.SMTP_SSL(s.host, port, context=tls(), timeout=30, source_address=address)
+    client = smtplib.SMTP(s.host, port, timeout=30, source_address=address)
+    if starttls:
+        client.starttls(context=tls())
+    return client
+
+
+def reply_of(action: Callable[[], object]) -> tuple[int, str]:
+    """The SMTP code and text an action got refused with (it must be refused).
+
+    smtplib raises for AUTH and sendmail, but ``mail`` and ``rcpt`` return the reply.
+    """
+    try:
+        result = action()
+        if isinstance(result, tuple) and isinstance(result[0], int) and result[0] >= 400:
+            return result[0], result[1].decode()
+    except smtplib.SMTPRecipientsRefused as exc:
+        ((code, text),) = exc.recipients.values()
+        return code, text.decode()
+    except smtplib.SMTPSenderRefused as exc:
+        return exc.smtp_code, exc.smtp_error.decode()
+    except smtplib.SMTPResponseException as exc:
+        return exc.smtp_code, exc.smtp_error.decode()
+    raise AssertionError("the relay accepted what it should have refused")
+
+
+def message(sender: str, recipient: str, subject: str, *, header_from: str | None = None,
+            message_id: str | None = None) -> tuple[str, str]:
+    """(Message-ID, message text)."""
+    mid = message_id or f"<{uuid.uuid4().hex}@e2e.test>"
+    text = (f"From: {header_from or sender}\r\nTo: {recipient}\r\nSubject: {subject}\r\n"
+            f"Date: Sat, 28 Nov 2026 13:12:35 +0000\r\nMessage-ID: {mid}\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            f"Hello from the end-to-end suite.\r\n{subject}\r\n")
+    return mid, text
+
+
+def outbox(relay: Relay) -> list[tuple[Path, email.message.EmailMessage]]:
+    found = []
+    for path in sorted(relay.settings.outbox.iterdir()):
+        with path.open("rb") as handle:
+            parsed = email.message_from_binary_file(handle, policy=email.policy.default)
+        assert isinstance(parsed, email.message.EmailMessage)
+        found.append((path, parsed))
+    return found
+
+
+def delivered(relay: Relay, message_id: str) -> list[tuple[Path, email.message.EmailMessage]]:
+    return [(p, m) for p, m in outbox(relay) if m.get("Message-ID") == message_id]
+
+
+def queue_empty(relay: Relay) -> bool:
+    result = subprocess.run(["postqueue", "-c", str(relay.settings.postfix_etc), "-j"],
+                            capture_output=True, text=True, check=True)
+    return result.stdout.strip() == ""
+
+
+def wait_delivered(relay: Relay, message_id: str) -> tuple[bytes, email.message.EmailMessage]:
+    """Wait until Postfix's queue is empty and the message is at the sink; exactly once."""
+
+    def complete() -> bool:
+        found = delivered(relay, message_id)
+        return bool(found) and all(b"\n\n" in p.read_bytes().replace(b"\r\n", b"\n")
+                                   and "smtp-sink" in str(m.get("Received", ""))
+                                   for p, m in found)
+
+    wait_until(complete, 30, f"{message_id} at the sink")
+    wait_until(lambda: queue_empty(relay), 30, "Postfix's queue to empty")
+    found = delivered(relay, message_id)
+    assert len(found) == 1, f"{message_id} delivered {len(found)} times"
+    path, parsed = found[0]
+    return path.read_bytes(), parsed
+
+
+def never_delivered(relay: Relay, message_id: str) -> None:
+    wait_until(lambda: queue_empty(relay), 30, "Postfix's queue to empty")
+    assert delivered(relay, message_id) == []
+
+
+def as_sent(dump: bytes) -> bytes:
+    """The message as Postfix sent it: smtp-sink's own header lines (X-*, its Received:)
+    removed, CRLF line ends."""
+    lines = dump.replace(b"\r\n", b"\n").split(b"\n")
+    start = 0
+    while lines[start].startswith(b"X-"):
+        start += 1
+    assert lines[start].startswith(b"Received: from")  # smtp-sink's, with folded lines
+    start += 1
+    while lines[start][:1] in (b" ", b"\t"):
+        start += 1
+    return b"\r\n".join(lines[start:])
+
+
+@dataclass
+class Tenant:
+    account: str
+    principal: str
+    domain: str
+    key: str
+    key_id: str
+
+    @property
+    def sender(self) -> str:
+        return f"app@{self.domain}"
+
+
+def kr(relay: Relay, *args: str) -> str:
+    return keyrelay_cli(relay.settings, *args)
+
+
+def new_tenant(relay: Relay, *, pool: str = "demo") -> Tenant:
+    """An account with subuser ACCOUNT/app, a verified domain granted to it, a pool, a key."""
+    name = next(_names)
+    principal, domain = f"{name}/app", f"{name}.example"
+    kr(relay, "account", "add", name)
+    kr(relay, "subuser", "add", principal)
+    kr(relay, "pool", "assign", principal, pool)
+    kr(relay, "domain", "add", name, domain)
+    kr(relay, "domain", "grant", domain, principal)
+    kr(relay, "domain", "mark-verified", domain)
+    key = new_key(relay, principal)
+    return Tenant(name, principal, domain, key[0], key[1])
+
+
+def new_key(relay: Relay, principal: str, *options: str) -> tuple[str, str]:
+    created = json.loads(kr(relay, "key", "create", principal, "--name", next(_names),
+                            "--json", *options))
+    return created["key"], created["key_id"]
+
+
+def send(relay: Relay, port_name: str, key: str, sender: str, text: str,
+         recipient: str = "rcpt@example.net", *, source: str | None = None) -> None:
+    with connect(relay, port_name, source=source) as client:
+        client.login("apikey", key)
+        refused = client.sendmail(sender, [recipient], text)
+    assert refused == {}
+
+
+def log_of(relay: Relay, name: str) -> str:
+    return (relay.settings.logs / f"{name}.log").read_text(errors="replace")
+
+
+def submission_greets(relay: Relay) -> bool:
+    return greets(relay.settings.host, relay.settings.submission_port)
+
+
+def next_source() -> str:
+    """A loopback client address no other test has used (brute-force counters are per address)."""
+    return next(_sources)
