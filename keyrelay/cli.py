@@ -697,6 +697,10 @@ def postfix_show(ctx: Context, args: argparse.Namespace) -> None:
     plan, current = _postfix_plan(ctx, args.config_dir)
     ctx.out.write("# main.cf\n" + postfixconf.render_main(plan) + "\n# master.cf\n"
                   + postfixconf.render_master(plan, current))
+    _notes(plan)
+
+
+def _notes(plan: postfixconf.Plan) -> None:
     for note in plan.notes:
         print(f"keyrelay: note: {note}", file=sys.stderr)
 
@@ -706,18 +710,19 @@ def postfix_apply(ctx: Context, args: argparse.Namespace) -> None:
     plan, current = _postfix_plan(ctx, args.config_dir)
     assert current is not None
     todo = postfixconf.changes(plan, current)
-    for note in plan.notes:
-        print(f"keyrelay: note: {note}", file=sys.stderr)
     if not todo:
         ctx.say(f"{config_dir}: keyrelay's Postfix settings are already in place; "
                 "nothing changed.")
+        _notes(plan)
         return
     if args.dry_run:
         ctx.say(f"{config_dir}: would make {len(todo)} change(s):")
         for change in todo:
             ctx.say(f"  {change.text}")
+        _notes(plan)
         return
     warnings = postfixconf.apply(config_dir, todo)
+    _notes(plan)
     ctx.say(f"{config_dir}: made {len(todo)} change(s); postfix check passed.")
     for change in todo:
         ctx.say(f"  {change.text}")

@@ -36,7 +36,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
+from .postfixconf import run_postfix
+
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 BIN = Path(sys.executable).parent
@@ -483,8 +484,7 @@ class Relay:
 
     def stop_leftover_postfix(self) -> None:
         etc = self.settings.postfix_etc
-        if (etc / "main.cf").exists() and subprocess.run(
-                [POSTFIX, "-c", str(etc), "status"], capture_output=True).returncode == 0:
+        if (etc / "main.cf").exists() and run_postfix(etc, "status")[0] == 0:
             self.say("stopping the Postfix instance a previous run left behind")
             self.stop_postfix()
 
@@ -514,11 +514,10 @@ class Relay:
 
     def start_postfix(self) -> None:
         s = self.settings
-        result = subprocess.run([POSTFIX, "-c", str(s.postfix_etc), "start"],
-                                capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            raise DemoError("postfix start failed: " + (result.stdout + result.stderr).strip()
-                            + f"\n--- {s.maillog} ---\n" + tail(s.maillog))
+        status, output = run_postfix(s.postfix_etc, "start")
+        if status != 0:
+            raise DemoError(f"postfix start failed: {output}\n--- {s.maillog} ---\n"
+                            + tail(s.maillog))
         self.postfix_started = True
         for name in ("smtp", "submission", "alt_submission", "submissions"):
             port = s.ports()[name]
@@ -528,7 +527,7 @@ class Relay:
 
     def stop_postfix(self) -> None:
         etc = self.settings.postfix_etc
-        subprocess.run([POSTFIX, "-c", str(etc), "stop"], capture_output=True, timeout=60)
+        run_postfix(etc, "stop")
         pid_file = self.settings.queue / "pid" / "master.pid"
         wait_until(lambda: not _alive(pid_file), 30, "the Postfix master to exit")
         self.postfix_started = False

@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pty
 import re
+import select
 import subprocess
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,10 +297,11 @@ def _role_lists(role: str, services: list[str], current: Current) -> dict[str, s
             base = split_list(current.main[name])
         else:
             base = []
-            for key in services:
-                value = current.settings.get(key, {}).get(f"smtpd_{kind}")
-                if value is not None and value != reference:
-                    base += [item for item in split_list(value) if item not in base]
+            values = [current.settings.get(key, {}).get(f"smtpd_{kind}") for key in services]
+            # whole values, not items: "check_sender_access hash:/a" is two items, and an
+            # item-wise union would drop an argument that two restrictions share
+            for value in dict.fromkeys(v for v in values if v is not None and v != reference):
+                base += split_list(value)
             if not any(f"smtpd_{kind}" in current.settings.get(key, {}) for key in services):
                 if role == SMTP or kind == "milters":
                     base = split_list(current.main.get(f"smtpd_{kind}",
@@ -447,31 +451,67 @@ def apply(config_dir: Path, todo: list[Change]) -> str:
 
 def reload(config_dir: Path) -> str:
     """``postfix reload`` when this instance runs; a sentence saying what happened."""
-    status = subprocess.run([POSTFIX, "-c", str(config_dir), "status"],
-                            capture_output=True, text=True, timeout=60)
-    if status.returncode != 0:
+    status, _ = run_postfix(config_dir, "status")
+    if status != 0:
         return f"Postfix ({config_dir}) is not running; the settings apply when it starts."
-    result = subprocess.run([POSTFIX, "-c", str(config_dir), "reload"],
-                            capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        detail = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+    status, output = run_postfix(config_dir, "reload")
+    if status != 0:
+        detail = "; ".join(line.strip() for line in output.splitlines() if line.strip())
         raise PostfixConfError(f"postfix -c {config_dir} reload failed: {detail}")
     return f"Postfix ({config_dir}) reloaded."
 
 
 def check(config_dir: Path) -> str:
     """``postfix -c DIR check``; its warnings, or PostfixConfError with its complaints."""
-    try:
-        result = subprocess.run([POSTFIX, "-c", str(config_dir), "check"],
-                                capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        raise PostfixConfError(f"{POSTFIX} not found: is Postfix installed?") from None
-    output = (result.stdout + result.stderr).strip()
-    if result.returncode != 0:
+    status, output = run_postfix(config_dir, "check")
+    if status != 0:
         detail = "; ".join(line.strip() for line in output.splitlines() if line.strip())
         raise PostfixConfError(f"postfix check failed, main.cf and master.cf are unchanged: "
-                               f"{detail or 'exit status ' + str(result.returncode)}")
+                               f"{detail or 'exit status ' + str(status)}")
     return output
+
+
+def run_postfix(config_dir: Path, *args: str, timeout: float = 120) -> tuple[int, str]:
+    """Run ``postfix -c DIR ARGS``: its exit status and what it printed.
+
+    Postfix prints its errors (``postfix: fatal: ...``) only when stderr is a terminal, and
+    otherwise only to the mail log; so it runs on a pseudo-terminal here.
+    """
+    controller, terminal = pty.openpty()
+    try:
+        try:
+            process = subprocess.Popen([POSTFIX, "-c", str(config_dir), *args],
+                                       stdin=subprocess.DEVNULL, stdout=terminal,
+                                       stderr=terminal, start_new_session=True)
+        except FileNotFoundError:
+            raise PostfixConfError(f"{POSTFIX} not found: is Postfix installed?") from None
+        os.close(terminal)
+        terminal = -1
+        output = bytearray()
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([controller], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: every writer has closed the terminal
+                    chunk = b""
+                if not chunk:
+                    break
+                output += chunk
+            elif process.poll() is not None:
+                break  # exited and nothing left to read (a daemon may keep the terminal)
+            elif time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise PostfixConfError(f"postfix {' '.join(args)} did not finish within "
+                                       f"{timeout:g}s")
+        status = process.wait()
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    return status, output.decode("utf-8", "replace").replace("\r\n", "\n").strip()
 
 
 # -- rendering -------------------------------------------------------------------------------
