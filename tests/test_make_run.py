@@ -1,0 +1,143 @@
+"""``make run`` as a new user meets it: ``python -m keyrelay.demo DIR`` in the foreground.
+
+It must print a swaks command that, pasted into a shell, sends a message that arrives
+DKIM-signed in ``DIR/outbox/``; write ``DIR/demo.env`` (mode 0600) with the key and ports; stop
+every process it started on SIGTERM; and on a second start reuse the demo state with a fresh
+API key, the previous one revoked. Ports come from the environment (free ones here).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from policyd_harness import free_port, wait_until
+
+from keyrelay.demo import read_env
+
+pytestmark = pytest.mark.skipif(not Path("/usr/sbin/postfix").exists(),
+                                reason="Postfix is not installed (make test installs it)")
+
+
+class Demo:
+    def __init__(self, run_dir: Path, env: dict[str, str]) -> None:
+        self.run_dir, self.env = run_dir, env
+        self.output = run_dir.parent / f"{run_dir.name}.out"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.output.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "keyrelay.demo", str(self.run_dir)],
+                stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        wait_until(self.ready, 90, "the demo relay to say it is running")
+
+    def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"the demo exited {self.process.returncode}:\n{self.text()}")
+        return "demo relay is running" in self.text()
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+def pids_of(run_dir: Path) -> list[str]:
+    """Processes whose command line mentions the run folder (daemons, sink, Postfix)."""
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines()[1:] if str(run_dir) in line]
+
+
+@pytest.fixture
+def demo_env() -> Iterator[tuple[Path, dict[str, str]]]:
+    run_dir = Path(tempfile.mkdtemp(prefix="kr-run-")) / "run"
+    env = dict(os.environ)
+    env.update({
+        "KEYRELAY_SMTP_PORT": str(free_port()),
+        "KEYRELAY_SUBMISSION_PORT": str(free_port()),
+        "KEYRELAY_ALT_SUBMISSION_PORT": str(free_port()),
+        "KEYRELAY_SUBMISSIONS_PORT": str(free_port()),
+        "KEYRELAY_SINK_PORT": str(free_port()),
+        "KEYRELAY_POOL_ADDRESS": "127.0.0.4",
+    })
+    yield run_dir, env
+    subprocess.run(["rm", "-rf", str(run_dir.parent)], check=False)
+
+
+def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
+    demo_env: tuple[Path, dict[str, str]],
+) -> None:
+    run_dir, env = demo_env
+    demo = Demo(run_dir, env)
+    demo.start()
+    try:
+        values = read_env(run_dir / "demo.env")
+        assert (run_dir / "demo.env").stat().st_mode & 0o777 == 0o600
+        assert values["KEYRELAY_SUBMISSION_PORT"] == env["KEYRELAY_SUBMISSION_PORT"]
+        assert values["KEYRELAY_DEMO_KEY"].startswith("kr.")
+        assert values["KEYRELAY_DEMO_KEY"] not in demo.text()  # the banner never shows the key
+        (command,) = [line.strip() for line in demo.text().splitlines()
+                      if line.strip().startswith(". ") and "swaks" in line]
+        sent = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert re.search(r"250 2\.0\.0 Ok: queued as", sent.stdout)
+        outbox = run_dir / "outbox"
+        wait_until(lambda: any(outbox.iterdir()), 30, "a message in outbox/")
+        (path,) = list(outbox.iterdir())
+        wait_until(lambda: b"This is a test mailing" in path.read_bytes(), 30, "the whole dump")
+        dump = path.read_bytes().decode()
+        assert "X-Client-Addr: 127.0.0.4" in dump  # left through the demo pool
+        assert "a=rsa-sha256" in dump and "a=ed25519-sha256" in dump
+        assert "d=demo.example" in dump
+        first_key_id = values["KEYRELAY_DEMO_KEY_ID"]
+    finally:
+        status = demo.stop()
+    assert status == 0, demo.text()
+    assert "stopped." in demo.text()
+    wait_until(lambda: not pids_of(run_dir), 30, "every demo process to exit")
+
+    # a second start: same state, a fresh key, the previous one revoked
+    again = Demo(run_dir, env)
+    again.start()
+    try:
+        assert "creating the demo tenant" not in again.text()
+        values = read_env(run_dir / "demo.env")
+        assert values["KEYRELAY_DEMO_KEY_ID"] != first_key_id
+        keys = subprocess.run(
+            [str(Path(sys.executable).parent / "keyrelay"), "--config",
+             str(run_dir / "keyrelay.yaml"), "key", "list", "demo/app"],
+            capture_output=True, text=True, check=True).stdout
+        old = [line for line in keys.splitlines() if first_key_id in line]
+        assert old and "revoked" in old[0]
+    finally:
+        assert again.stop() == 0
+    wait_until(lambda: not pids_of(run_dir), 30, "every demo process to exit")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("KEYRELAY_SUBMISSION_PORT", "587x", "KEYRELAY_SUBMISSION_PORT='587x': expected a port"),
+    ("KEYRELAY_POOL_ADDRESS", "192.0.2.1", "expected a loopback address"),
+])
+def test_bad_environment_gets_one_clear_error(
+    demo_env: tuple[Path, dict[str, str]], name: str, value: str, message: str
+) -> None:
+    run_dir, env = demo_env
+    env[name] = value
+    result = subprocess.run([sys.executable, "-m", "keyrelay.demo", str(run_dir)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
