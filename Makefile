@@ -1,6 +1,6 @@
 # keyrelay — the two commands a new user needs:
-#   make run    install what is missing, then initialise a demo state in run/ (starting
-#               the relay itself comes with the Postfix integration)
+#   make run    install what is missing, then run a keyrelay relay on loopback in the
+#               foreground (private Postfix, policyd, milter, smtp-sink); Ctrl-C stops it
 #   make test   install what is missing, then run every test, mypy and ruff
 # Both are idempotent: a second run installs nothing.
 
@@ -21,7 +21,7 @@ DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 .PHONY: help run test deps check lint typecheck unit demo clean distclean
 
 help:
-	@echo "make run     install missing parts, initialise the demo state in $(RUN_DIR)/"
+	@echo "make run     install missing parts, run the demo relay on loopback (state in $(RUN_DIR)/)"
 	@echo "make test    install missing parts, run pytest, mypy and ruff"
 	@echo "make clean   remove the demo state in $(RUN_DIR)/"
 	@echo "make distclean  also remove the virtual environment"

@@ -755,6 +755,7 @@ examples:
   keyrelay domain add acme example.com
   keyrelay domain grant example.com acme/marketing
   keyrelay key revoke <key id>
+  keyrelay postfix apply --config-dir /etc/postfix --reload
 
 files:
   /etc/keyrelay/keyrelay.yaml   configuration (--config, or $KEYRELAY_CONFIG)
