@@ -398,3 +398,35 @@ def pools_for_domain(data: DirectoryData, dom: Domain, default_pool: str | None)
     """Every pool that may carry mail of the domain (owner and grantees): SPF must cover all."""
     wanted = {effective_pool(data, p, default_pool) for p in (dom.owner, *dom.grants)}
     return [data.pools[n] for n in sorted(w for w in wanted if w) if n in data.pools]
+
+
+_COLLECTIONS = ("accounts", "subusers", "keys", "domains", "senders", "pools")
+
+
+def differences(old: DirectoryData, new: DirectoryData) -> list[str]:
+    """What turning ``old`` into ``new`` adds, changes and removes, one line per record."""
+    lines = []
+    for name in _COLLECTIONS:
+        before, after = getattr(old, name), getattr(new, name)
+        kind = name[:-1]
+        for ident in sorted(set(after) - set(before), key=str):
+            lines.append(f"add {kind} {_ident(ident)}")
+        for ident in sorted(set(before) & set(after), key=str):
+            if before[ident] != after[ident]:
+                lines.append(f"change {kind} {_ident(ident)}")
+        for ident in sorted(set(before) - set(after), key=str):
+            lines.append(f"remove {kind} {_ident(ident)}")
+    if old.monitor != new.monitor:
+        lines.append(f"directory-wide monitor mode {'on' if new.monitor else 'off'}")
+    return lines
+
+
+def _ident(ident: object) -> str:
+    return " ".join(ident) if isinstance(ident, tuple) else str(ident)
+
+
+def replace_all(data: DirectoryData, new: DirectoryData) -> None:
+    """Make ``data`` (a transaction's records) equal to ``new``."""
+    for name in _COLLECTIONS:
+        setattr(data, name, dict(getattr(new, name)))
+    data.monitor = new.monitor

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from . import __version__, admin, audit, dkimkeys, names, postfixconf
 from .config import Config, load_config, render_example, resolve_config_path
-from .directory import DirectoryBackend, open_directory
+from .directory import DirectoryBackend, YamlDirectory, open_directory
 from .directory.model import (
     Account,
     ApiKey,
@@ -30,6 +30,7 @@ from .directory.model import (
     Status,
     Subuser,
 )
+from .directory.yamlfile import render as render_directory
 from .durations import format_duration, parse_duration
 from .errors import ConfigError, KeyrelayError, UserError
 from .output import dump_json, table, when
@@ -682,6 +683,39 @@ def check_config(ctx: Context, args: argparse.Namespace) -> None:
             f"{len(data.accounts)} accounts, {len(data.keys)} keys, {len(data.domains)} domains")
 
 
+# -- export / import -------------------------------------------------------------------------
+def export_directory(ctx: Context, args: argparse.Namespace) -> None:
+    text = render_directory(ctx.read())
+    if args.output in (None, "-"):
+        ctx.out.write(text)
+        return
+    # it holds the keys' hashes: readable by the owner only
+    fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    data = ctx.read()
+    ctx.say(f"Exported {len(data.accounts)} accounts, {len(data.subusers)} subusers, "
+            f"{len(data.keys)} keys, {len(data.domains)} domains, {len(data.senders)} senders "
+            f"and {len(data.pools)} pools to {args.output}.")
+
+
+def import_directory(ctx: Context, args: argparse.Namespace) -> None:
+    new = YamlDirectory(args.file).load()  # ConfigError names the file, key and reason
+    if args.dry_run:
+        changes = admin.differences(ctx.read(), new)
+    else:
+        with ctx.change("directory.import", source=args.file) as data:
+            changes = admin.differences(data, new)
+            admin.replace_all(data, new)
+    verb = "would make" if args.dry_run else "made"
+    if not changes:
+        ctx.say(f"Nothing to do: the directory already equals {args.file}.")
+        return
+    ctx.say(f"{'Dry run: ' if args.dry_run else ''}{verb} {len(changes)} change(s):")
+    for line in changes:
+        ctx.say(f"  {line}")
+
+
 # -- postfix ---------------------------------------------------------------------------------
 def _postfix_plan(
     ctx: Context, config_dir: str | None
@@ -923,6 +957,17 @@ def build_parser() -> argparse.ArgumentParser:
     lset.add_argument("--per-minute", type=int, metavar="N", help="messages per minute")
     lset.add_argument("--per-hour", type=int, metavar="N", help="messages per hour")
     lset.add_argument("--recipients", type=int, metavar="N", help="recipients per message")
+
+    exp = _cmd(sub, "export", export_directory,
+               "write the whole directory as a YAML directory file (from any backend)")
+    exp.add_argument("--output", "-o", metavar="FILE",
+                     help="write to FILE (mode 0600: it holds the keys' hashes); default: stdout")
+    imp = _cmd(sub, "import", import_directory,
+               "make the directory equal to a YAML directory file (e.g. one `keyrelay export` "
+               "wrote from another backend); a second run changes nothing")
+    imp.add_argument("file", metavar="FILE")
+    imp.add_argument("--dry-run", action="store_true",
+                     help="list what would be added, changed and removed; change nothing")
 
     pfx = _group(sub, "postfix", "merge keyrelay's settings into a Postfix configuration")
     show = _cmd(pfx, "show", postfix_show,

@@ -81,17 +81,89 @@ class InvalidField(ValueError):
         self.reason = reason
 
 
+_LDAP_URL = re.compile(r"ldaps?://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?/?")
+_LDAP_URL_TEXT = "ldap://host[:port] or ldaps://host[:port]"
+_DN = re.compile(r"[A-Za-z][A-Za-z0-9-]*=[^,]+(?:,[A-Za-z][A-Za-z0-9-]*=[^,]+)*")
+
+
+@dataclass(frozen=True, slots=True)
+class LdapConfig:
+    urls: tuple[str, ...] = field(
+        default=("ldap://127.0.0.1",),
+        metadata={
+            "doc": "LDAP servers, tried in order (a local replica first, then the provider).",
+            "pattern": (_LDAP_URL, _LDAP_URL_TEXT),
+        },
+    )
+    start_tls: bool = field(
+        default=True,
+        metadata={"doc": "StartTLS on ldap:// URLs before binding (ldaps:// is TLS already). "
+                  "The server certificate is always verified."},
+    )
+    ca_file: str = field(
+        default="",
+        metadata={
+            "doc": "CA certificates that sign the LDAP servers' certificates; empty: the "
+            "system's CA store.",
+            "absolute_path": True,
+            "allow_empty": True,
+        },
+    )
+    base_dn: str = field(
+        default="ou=keyrelay,dc=example,dc=net",
+        metadata={"doc": "Entry under which keyrelay keeps its records (docs/ldap.md).",
+                  "pattern": (_DN, "a DN such as ou=keyrelay,dc=example,dc=net")},
+    )
+    bind_dn: str = field(
+        default="cn=keyrelay,ou=services,dc=example,dc=net",
+        metadata={"doc": "Service DN keyrelay binds as; empty: anonymous (reads only).",
+                  "pattern": (_DN, "a DN such as cn=keyrelay,ou=services,dc=example,dc=net"),
+                  "allow_empty": True},
+    )
+    bind_password_file: str = field(
+        default="/etc/keyrelay/ldap.secret",
+        metadata={"doc": "File holding the bind DN's password (one line; mode 0640, readable "
+                  "by the daemons' user). The password is never in this file.",
+                  "absolute_path": True},
+    )
+    timeout: Duration = field(
+        default=Duration(5.0),
+        metadata={"doc": "Connect and response timeout of every LDAP operation.", "min": 0.1},
+    )
+    refresh_interval: Duration = field(
+        default=Duration(2.0),
+        metadata={"doc": "How often the daemons ask LDAP whether the directory changed; a "
+                  "change (a revoked key) takes effect within this plus one reload. While "
+                  "LDAP is unreachable for longer than this plus timeout (plus stale_grace), "
+                  "every answer is temporary.", "min": 0.1},
+    )
+    full_reload_interval: Duration = field(
+        default=Duration(300.0),
+        metadata={"doc": "Reload everything at least this often, to pick up changes made "
+                  "without the keyrelay CLI (which raises krSerial).", "min": 1},
+    )
+    stale_grace: Duration = field(
+        default=Duration(0.0),
+        metadata={"doc": "How long the daemons may go on answering from their last copy when "
+                  "LDAP is unreachable; 0: answer temporarily (4xx) at once. A revoked key "
+                  "may work this much longer.", "min": 0},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class DirectoryConfig:
-    # LDAP comes in a later release: add "ldap" to this Literal and an LdapConfig section
-    # (server, bind DN, base DN, ...); the loader and the example file need no change.
-    backend: Literal["yaml"] = field(
+    backend: Literal["yaml", "ldap"] = field(
         default="yaml",
-        metadata={"doc": 'Where accounts, keys and domains live. "yaml" is the embedded file.'},
+        metadata={"doc": 'Where accounts, keys and domains live: "yaml" (the embedded file) '
+                  'or "ldap" (directory.ldap; docs/ldap.md).'},
     )
     path: str = field(
         default="/etc/keyrelay/directory.yaml",
         metadata={"doc": "The YAML directory file.", "absolute_path": True},
+    )
+    ldap: LdapConfig = field(
+        default_factory=LdapConfig,
+        metadata={"doc": "The LDAP directory (backend: ldap)."},
     )
 
 

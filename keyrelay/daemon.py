@@ -93,9 +93,17 @@ def preflight(
                 f"{section}.user / {section}.socket_group: no such user or group: {exc}"
             ) from None
         try:
-            check_directory_access(
-                user, config.directory.path, f"{section}.user", log, records_use
-            )
+            if config.directory.backend == "ldap":
+                secret = config.directory.ldap.bind_password_file
+                if user and config.directory.ldap.bind_dn and not accessible_as(user, secret):
+                    raise PermissionError(
+                        f"{section}.user {user} cannot read the LDAP bind password {secret} "
+                        "(directory.ldap.bind_password_file): give it to that user's group, "
+                        "mode 0640")
+            else:
+                check_directory_access(
+                    user, config.directory.path, f"{section}.user", log, records_use
+                )
         except PermissionError as exc:
             raise StartupError(str(exc)) from None
     return snapshot

@@ -29,7 +29,11 @@ class DirectoryBackend(Protocol):
 
 def open_directory(config: Config) -> DirectoryBackend:
     """The backend the configuration selects (``directory.backend``)."""
-    # The LDAP backend joins here, selected by directory.backend = "ldap".
+    if config.directory.backend == "ldap":
+        # imported here: ldap3 is loaded only where LDAP is used
+        from .ldapdir import LdapDirectory
+
+        return LdapDirectory(config.directory.ldap)
     return YamlDirectory(config.directory.path)
 
 

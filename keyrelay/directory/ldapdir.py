@@ -1,0 +1,707 @@
+"""The LDAP directory backend (ldap3): the same records as the YAML file, one entry each.
+
+Layout under ``directory.ldap.base_dn`` (the base entry carries the auxiliary class
+``krDirectory`` with the change serial ``krSerial`` and the directory-wide ``krMonitor``)::
+
+    ou=accounts   krName=ACCOUNT (krAccount)
+                      krName=SUBUSER,krName=ACCOUNT (krSubuser)
+    ou=keys       krKeyId=ID (krApiKey)
+    ou=domains    krDomain=DOMAIN (krDomain)
+                      krSelector=SELECTOR,krDomain=DOMAIN (krSelector)
+    ou=senders    krAddress=ADDRESS+krPrincipal=PRINCIPAL (krSender)
+    ou=pools      krName=POOL (krPool)
+
+The schema (``ldap/keyrelay.schema`` and the cn=config ``ldap/keyrelay.ldif``) is generated
+from ``ATTRIBUTES`` and ``OBJECT_CLASSES`` below (``python -m keyrelay.directory.ldapdir``).
+
+Reads for the daemons: ``snapshot()`` never waits for LDAP once the first copy is loaded. A
+background thread asks for the base entry's ``krSerial`` every ``refresh_interval`` (one
+base-scope read) and loads the whole directory again when it changed, or every
+``full_reload_interval`` to catch changes made without the keyrelay CLI. A copy is served only
+while the last successful contact is at most ``refresh_interval + timeout`` old (plus
+``stale_grace`` when the admin allows stale answers); after that, ``snapshot()`` raises
+``DirectoryUnavailable`` and every front end answers temporarily. Unknown key ids are answered
+from the in-memory copy, so guessing costs LDAP nothing (negative caching for free).
+
+Writes (the CLI, the daemons' last-used times): ``transaction()`` reads everything, lets the
+caller change the records, then writes only the difference, entry by entry. ``krSerial`` is a
+compare-and-swap lock: the write starts by replacing the serial it read with serial+1 (an LDAP
+modify that deletes the old value fails if someone else changed it) and ends with serial+2,
+so a concurrent writer is refused ("run it again") instead of losing an update, and readers
+reload after the whole change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import ldap3
+from ldap3.core.exceptions import (
+    LDAPAttributeOrValueExistsResult,
+    LDAPEntryAlreadyExistsResult,
+    LDAPException,
+    LDAPNoSuchAttributeResult,
+)
+
+from .. import names
+from ..errors import DirectoryUnavailable, KeyrelayError
+from .model import (
+    Account,
+    Algorithm,
+    ApiKey,
+    Directory,
+    DirectoryData,
+    Domain,
+    DomainState,
+    Limits,
+    Pool,
+    Selector,
+    SelectorState,
+    Sender,
+    Status,
+    Subuser,
+)
+
+if TYPE_CHECKING:
+    from ..config import LdapConfig
+
+# -- the schema ------------------------------------------------------------------------------
+# 2.25.<a UUID as an integer>: an OID arc that needs no registration (ITU-T X.667).
+OID_ARC = "2.25.120329571994599312318798701806835401756"
+
+_STRING = ("1.3.6.1.4.1.1466.115.121.1.15", "caseIgnoreMatch", "caseIgnoreSubstringsMatch")
+_EXACT = ("1.3.6.1.4.1.1466.115.121.1.26", "caseExactIA5Match", None)
+_IA5 = ("1.3.6.1.4.1.1466.115.121.1.26", "caseIgnoreIA5Match", "caseIgnoreIA5SubstringsMatch")
+_INT = ("1.3.6.1.4.1.1466.115.121.1.27", "integerMatch", None)
+_BOOL = ("1.3.6.1.4.1.1466.115.121.1.7", "booleanMatch", None)
+_TIME = ("1.3.6.1.4.1.1466.115.121.1.24", "generalizedTimeMatch", None)
+
+
+@dataclass(frozen=True)
+class Attribute:
+    number: int
+    name: str
+    syntax: tuple[str, str, str | None]
+    single: bool
+    description: str
+
+
+ATTRIBUTES = [
+    Attribute(1, "krName", _STRING, True, "name of an account, subuser, pool or key"),
+    Attribute(2, "krStatus", _IA5, True, "active or suspended"),
+    Attribute(3, "krMonitor", _BOOL, True, "monitor mode: log would-be refusals, let mail pass"),
+    Attribute(4, "krIpAllow", _IA5, False, "CIDR a principal may log in and send from"),
+    Attribute(5, "krPool", _IA5, True, "name of the IP pool the principal's mail leaves by"),
+    Attribute(6, "krMessagesPerMinute", _INT, True, "messages per minute"),
+    Attribute(7, "krMessagesPerHour", _INT, True, "messages per hour"),
+    Attribute(8, "krRecipientsPerMessage", _INT, True, "recipients per message"),
+    Attribute(9, "krCreated", _TIME, True, "when the record was created"),
+    Attribute(10, "krAccount", _IA5, True, "account a subuser belongs to"),
+    Attribute(11, "krPrincipal", _IA5, True, "principal: ACCOUNT or ACCOUNT/SUBUSER"),
+    Attribute(12, "krKeyId", _IA5, True, "public id of an API key"),
+    Attribute(13, "krSecretHash", _EXACT, True, "hash of an API key's secret (never the key)"),
+    Attribute(14, "krScope", _IA5, False, "scope granted to an API key, e.g. mail.send"),
+    Attribute(15, "krExpires", _TIME, True, "when an API key expires"),
+    Attribute(16, "krRevoked", _TIME, True, "when an API key was revoked"),
+    Attribute(17, "krLastUsed", _TIME, True, "when an API key was last used"),
+    Attribute(18, "krDomain", _IA5, True, "a sending domain (A-labels, lowercase)"),
+    Attribute(19, "krDomainState", _IA5, True, "pending, verified or failing"),
+    Attribute(20, "krGrant", _IA5, False, "subuser the owning account shares a domain with"),
+    Attribute(21, "krVerifiedAt", _TIME, True, "last time the domain was verified"),
+    Attribute(22, "krVerifiedBy", _IA5, True, "how: dns or manual"),
+    Attribute(23, "krSelector", _IA5, True, "DKIM selector name"),
+    Attribute(24, "krAlgorithm", _IA5, True, "rsa-sha256 or ed25519-sha256"),
+    Attribute(25, "krSelectorState", _IA5, True, "pending, active or retiring"),
+    Attribute(26, "krKeyFile", _EXACT, True, "private key file on each relay node"),
+    Attribute(27, "krPublicKey", _EXACT, True, "public key, base64 as in the DNS p= tag"),
+    Attribute(28, "krAddress", _IA5, True, "a verified single sender address"),
+    Attribute(29, "krBind", _IA5, False, "outbound source address of an IP pool"),
+    Attribute(30, "krHelo", _IA5, True, "HELO name of an IP pool"),
+    Attribute(31, "krSerial", _INT, True, "change serial, raised by every keyrelay write"),
+    Attribute(32, "krPosition", _INT, True, "place of a selector in its domain's list"),
+]
+
+_LIMITS = ("krMessagesPerMinute", "krMessagesPerHour", "krRecipientsPerMessage")
+
+
+@dataclass(frozen=True)
+class ObjectClass:
+    number: int
+    name: str
+    kind: str  # STRUCTURAL | AUXILIARY
+    must: tuple[str, ...]
+    may: tuple[str, ...]
+    description: str
+
+
+OBJECT_CLASSES = [
+    ObjectClass(1, "krDirectory", "AUXILIARY", ("krSerial",), ("krMonitor",),
+                "base entry of a keyrelay directory"),
+    ObjectClass(2, "krAccount", "STRUCTURAL", ("krName", "krStatus"),
+                ("krMonitor", "krIpAllow", "krPool", *_LIMITS, "krCreated"), "a tenant"),
+    ObjectClass(3, "krSubuser", "STRUCTURAL", ("krName", "krAccount", "krStatus"),
+                ("krPool", *_LIMITS, "krCreated"), "a subuser of an account"),
+    ObjectClass(4, "krApiKey", "STRUCTURAL",
+                ("krKeyId", "krPrincipal", "krName", "krSecretHash", "krCreated"),
+                ("krScope", "krExpires", "krRevoked", "krLastUsed"), "an API key"),
+    ObjectClass(5, "krDomain", "STRUCTURAL", ("krDomain", "krPrincipal", "krDomainState"),
+                ("krGrant", "krCreated", "krVerifiedAt", "krVerifiedBy"), "a sending domain"),
+    ObjectClass(6, "krSelector", "STRUCTURAL",
+                ("krSelector", "krAlgorithm", "krSelectorState", "krKeyFile", "krPublicKey",
+                 "krCreated"), ("krPosition",), "a DKIM selector of a domain"),
+    ObjectClass(7, "krSender", "STRUCTURAL", ("krAddress", "krPrincipal"), ("krCreated",),
+                "a verified single sender address"),
+    ObjectClass(8, "krPool", "STRUCTURAL", ("krName", "krHelo"), ("krBind", "krCreated"),
+                "an outbound IP pool"),
+]
+
+# Equality indexes slapd should keep (docs/ldap.md): the daemons load everything, the CLI
+# looks entries up by these.
+INDEXES = ["objectClass eq", "krKeyId eq", "krPrincipal eq", "krName eq,sub", "krDomain eq,sub",
+           "krAddress eq"]
+
+
+def _attribute_text(a: Attribute) -> str:
+    syntax, equality, substr = a.syntax
+    parts = [f"( {OID_ARC}.1.{a.number} NAME '{a.name}'", f"DESC '{a.description}'",
+             f"EQUALITY {equality}"]
+    if substr:
+        parts.append(f"SUBSTR {substr}")
+    parts.append(f"SYNTAX {syntax}")
+    if a.single:
+        parts.append("SINGLE-VALUE")
+    return " ".join(parts) + " )"
+
+
+def _class_text(c: ObjectClass) -> str:
+    def names_of(items: tuple[str, ...]) -> str:
+        return items[0] if len(items) == 1 else "( " + " $ ".join(items) + " )"
+
+    text = (f"( {OID_ARC}.2.{c.number} NAME '{c.name}' DESC '{c.description}' SUP top "
+            f"{c.kind} MUST {names_of(c.must)}")
+    if c.may:
+        text += f" MAY {names_of(c.may)}"
+    return text + " )"
+
+
+_SCHEMA_HEADER = (
+    "keyrelay directory schema, generated by `python -m keyrelay.directory.ldapdir` from\n"
+    "keyrelay/directory/ldapdir.py; docs/ldap.md explains loading it, indexes and ACLs.\n"
+    f"OID arc {OID_ARC} (2.25 + a UUID: no registration needed).\n"
+)
+
+
+def schema_file() -> str:
+    """The schema in slapd.conf form (``include``)."""
+    lines = ["# " + line for line in _SCHEMA_HEADER.splitlines()] + [""]
+    lines += [f"attributetype {_attribute_text(a)}" for a in ATTRIBUTES]
+    lines += [f"objectclass {_class_text(c)}" for c in OBJECT_CLASSES]
+    return "\n".join(lines) + "\n"
+
+
+def schema_ldif() -> str:
+    """The schema as a cn=config entry (``ldapadd -Y EXTERNAL -H ldapi:/// -f``)."""
+    lines = ["# " + line for line in _SCHEMA_HEADER.splitlines()]
+    lines += ["dn: cn=keyrelay,cn=schema,cn=config", "objectClass: olcSchemaConfig",
+              "cn: keyrelay"]
+    lines += [f"olcAttributeTypes: {_attribute_text(a)}" for a in ATTRIBUTES]
+    lines += [f"olcObjectClasses: {_class_text(c)}" for c in OBJECT_CLASSES]
+    return "\n".join(lines) + "\n"
+
+
+# -- records <-> entries ---------------------------------------------------------------------
+Entry = dict[str, tuple[str, ...]]  # attribute -> values (objectClass included)
+CONTAINERS = ("accounts", "keys", "domains", "senders", "pools")
+
+
+def _time(value: datetime | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    value = value.astimezone(UTC)
+    text = value.strftime("%Y%m%d%H%M%S")
+    if value.microsecond:
+        text += f".{value.microsecond:06d}"
+    return (text + "Z",)
+
+
+def _parse_time(text: str) -> datetime:
+    main, _, fraction = text.rstrip("Z").partition(".")
+    parsed = datetime.strptime(main, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    if fraction:
+        parsed = parsed.replace(microsecond=int(fraction[:6].ljust(6, "0")))
+    return parsed
+
+
+def _opt(value: object) -> tuple[str, ...]:
+    return () if value is None else (str(value),)
+
+
+def _limits(limits: Limits) -> dict[str, tuple[str, ...]]:
+    return {"krMessagesPerMinute": _opt(limits.messages_per_minute),
+            "krMessagesPerHour": _opt(limits.messages_per_hour),
+            "krRecipientsPerMessage": _opt(limits.recipients_per_message)}
+
+
+def _bool(value: bool) -> tuple[str, ...]:
+    return ("TRUE",) if value else ()
+
+
+def _rdn_value(value: str) -> str:
+    """Escape a value for a DN (RFC 4514)."""
+    out = []
+    for i, char in enumerate(value):
+        edge = i in (0, len(value) - 1)
+        if char in ',+"\\<>;=' or (char == "#" and i == 0) or (char == " " and edge):
+            out.append("\\" + char)
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def entries_of(data: DirectoryData, base: str) -> dict[str, Entry]:
+    """Every record of ``data`` as an LDAP entry under ``base`` (without the base and the
+    containers); attribute values as LDAP strings."""
+    result: dict[str, Entry] = {}
+
+    def put(dn: str, classes: tuple[str, ...], attrs: Mapping[str, tuple[str, ...]]) -> None:
+        entry: Entry = {"objectClass": classes}
+        entry.update({k: v for k, v in attrs.items() if v})
+        result[dn] = entry
+
+    accounts = f"ou=accounts,{base}"
+    for acc in data.accounts.values():
+        put(f"krName={_rdn_value(acc.name)},{accounts}", ("top", "krAccount"), {
+            "krName": (acc.name,), "krStatus": (str(acc.status),), "krMonitor": _bool(acc.monitor),
+            "krIpAllow": tuple(str(n) for n in acc.ip_allow), "krPool": _opt(acc.pool),
+            **_limits(acc.limits), "krCreated": _time(acc.created)})
+    for sub in data.subusers.values():
+        put(f"krName={_rdn_value(sub.name)},krName={_rdn_value(sub.account)},{accounts}",
+            ("top", "krSubuser"), {
+                "krName": (sub.name,), "krAccount": (sub.account,),
+                "krStatus": (str(sub.status),), "krPool": _opt(sub.pool), **_limits(sub.limits),
+                "krCreated": _time(sub.created)})
+    for key in data.keys.values():
+        put(f"krKeyId={_rdn_value(key.key_id)},ou=keys,{base}", ("top", "krApiKey"), {
+            "krKeyId": (key.key_id,), "krPrincipal": (key.principal,), "krName": (key.name,),
+            "krSecretHash": (key.secret_hash,), "krScope": tuple(key.scopes),
+            "krCreated": _time(key.created), "krExpires": _time(key.expires),
+            "krRevoked": _time(key.revoked), "krLastUsed": _time(key.last_used)})
+    for dom in data.domains.values():
+        dn = f"krDomain={_rdn_value(dom.name)},ou=domains,{base}"
+        put(dn, ("top", "krDomain"), {
+            "krDomain": (dom.name,), "krPrincipal": (dom.owner,),
+            "krDomainState": (str(dom.state),), "krGrant": tuple(dom.grants),
+            "krCreated": _time(dom.created), "krVerifiedAt": _time(dom.verified_at),
+            "krVerifiedBy": _opt(dom.verified_by)})
+        for position, sel in enumerate(dom.selectors):
+            put(f"krSelector={_rdn_value(sel.name)},{dn}", ("top", "krSelector"), {
+                "krPosition": (str(position),),
+                "krSelector": (sel.name,), "krAlgorithm": (str(sel.algorithm),),
+                "krSelectorState": (str(sel.state),), "krKeyFile": (sel.key_file,),
+                "krPublicKey": (sel.public_key,), "krCreated": _time(sel.created)})
+    for snd in data.senders.values():
+        put(f"krAddress={_rdn_value(snd.address)}+krPrincipal={_rdn_value(snd.principal)},"
+            f"ou=senders,{base}", ("top", "krSender"), {
+                "krAddress": (snd.address,), "krPrincipal": (snd.principal,),
+                "krCreated": _time(snd.created)})
+    for pool in data.pools.values():
+        put(f"krName={_rdn_value(pool.name)},ou=pools,{base}", ("top", "krPool"), {
+            "krName": (pool.name,), "krHelo": (pool.helo,),
+            "krBind": tuple(str(a) for a in pool.bind), "krCreated": _time(pool.created)})
+    return result
+
+
+class _Reader:
+    """Entries (attribute names lowercased) back into records; a broken entry is reported
+    with its DN and skipped, so one bad entry cannot take the whole directory down."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+    @staticmethod
+    def one(attrs: Mapping[str, list[str]], name: str) -> str:
+        values = attrs.get(name.lower(), [])
+        if not values:
+            raise ValueError(f"missing {name}")
+        return values[0]
+
+    @staticmethod
+    def maybe(attrs: Mapping[str, list[str]], name: str) -> str | None:
+        values = attrs.get(name.lower(), [])
+        return values[0] if values else None
+
+    def time(self, attrs: Mapping[str, list[str]], name: str) -> datetime | None:
+        value = self.maybe(attrs, name)
+        return None if value is None else _parse_time(value)
+
+    def limits(self, attrs: Mapping[str, list[str]]) -> Limits:
+        def number(name: str) -> int | None:
+            value = self.maybe(attrs, name)
+            return None if value is None else int(value)
+
+        return Limits(number("krMessagesPerMinute"), number("krMessagesPerHour"),
+                      number("krRecipientsPerMessage"))
+
+    def read(self, entries: list[tuple[str, dict[str, list[str]]]]) -> DirectoryData:
+        data = DirectoryData()
+        selectors: dict[str, list[tuple[int, Selector]]] = {}
+        for dn, attrs in entries:
+            classes = {c.lower() for c in attrs.get("objectclass", [])}
+            try:
+                if "kraccount" in classes:
+                    name = self.one(attrs, "krName")
+                    data.accounts[name] = Account(
+                        name=name, status=Status(self.one(attrs, "krStatus")),
+                        monitor=self.maybe(attrs, "krMonitor") == "TRUE",
+                        ip_allow=tuple(names.network(v) for v in attrs.get("kripallow", [])),
+                        pool=self.maybe(attrs, "krPool"), limits=self.limits(attrs),
+                        created=self.time(attrs, "krCreated"))
+                elif "krsubuser" in classes:
+                    sub = Subuser(
+                        account=self.one(attrs, "krAccount"), name=self.one(attrs, "krName"),
+                        status=Status(self.one(attrs, "krStatus")),
+                        pool=self.maybe(attrs, "krPool"), limits=self.limits(attrs),
+                        created=self.time(attrs, "krCreated"))
+                    data.subusers[sub.principal] = sub
+                elif "krapikey" in classes:
+                    created = self.time(attrs, "krCreated")
+                    assert created is not None
+                    key = ApiKey(
+                        key_id=self.one(attrs, "krKeyId"),
+                        principal=self.one(attrs, "krPrincipal"), name=self.one(attrs, "krName"),
+                        secret_hash=self.one(attrs, "krSecretHash"),
+                        scopes=tuple(attrs.get("krscope", [])), created=created,
+                        expires=self.time(attrs, "krExpires"),
+                        revoked=self.time(attrs, "krRevoked"),
+                        last_used=self.time(attrs, "krLastUsed"))
+                    data.keys[key.key_id] = key
+                elif "krdomain" in classes:
+                    name = self.one(attrs, "krDomain")
+                    data.domains[name] = Domain(
+                        name=name, owner=self.one(attrs, "krPrincipal"),
+                        state=DomainState(self.one(attrs, "krDomainState")),
+                        grants=tuple(attrs.get("krgrant", [])),
+                        created=self.time(attrs, "krCreated"),
+                        verified_at=self.time(attrs, "krVerifiedAt"),
+                        verified_by=self.maybe(attrs, "krVerifiedBy"))
+                elif "krselector" in classes:
+                    domain = dn.split(",", 2)[1].partition("=")[2]
+                    created = self.time(attrs, "krCreated")
+                    assert created is not None
+                    position = int(self.maybe(attrs, "krPosition") or 1 << 30)
+                    selectors.setdefault(_unescape(domain).lower(), []).append((position, Selector(
+                        name=self.one(attrs, "krSelector"),
+                        algorithm=Algorithm(self.one(attrs, "krAlgorithm")),
+                        state=SelectorState(self.one(attrs, "krSelectorState")),
+                        key_file=self.one(attrs, "krKeyFile"),
+                        public_key=self.one(attrs, "krPublicKey"), created=created)))
+                elif "krsender" in classes:
+                    snd = Sender(address=self.one(attrs, "krAddress"),
+                                 principal=self.one(attrs, "krPrincipal"),
+                                 created=self.time(attrs, "krCreated"))
+                    data.senders[(snd.principal, snd.address)] = snd
+                elif "krpool" in classes:
+                    pool = Pool(name=self.one(attrs, "krName"),
+                                bind=tuple(names.ip_address(v) for v in attrs.get("krbind", [])),
+                                helo=self.one(attrs, "krHelo"),
+                                created=self.time(attrs, "krCreated"))
+                    data.pools[pool.name] = pool
+            except (ValueError, AssertionError, UnicodeError, KeyrelayError) as exc:
+                self.problems.append(f"{dn}: {exc or 'a required attribute is missing'}")
+        for domain, found in selectors.items():
+            if domain in data.domains:
+                # LDAP keeps no order: krPosition does; entries made by hand without it go
+                # last, oldest first, RSA before Ed25519 (as keyrelay creates them)
+                found.sort(key=lambda p: (p[0], p[1].created,
+                                          list(Algorithm).index(p[1].algorithm), p[1].name))
+                dom = data.domains[domain]
+                data.domains[domain] = Domain(
+                    name=dom.name, owner=dom.owner, state=dom.state, grants=dom.grants,
+                    selectors=tuple(sel for _, sel in found), created=dom.created,
+                    verified_at=dom.verified_at, verified_by=dom.verified_by)
+        return data
+
+
+def _unescape(value: str) -> str:
+    out, escaped = [], False
+    for char in value:
+        if escaped:
+            out.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+# -- the backend -----------------------------------------------------------------------------
+class DirectoryConflict(KeyrelayError):
+    """Someone else changed the directory during this transaction; nothing was written."""
+
+
+_FILTER = "(|" + "".join(f"(objectClass={c.name})" for c in OBJECT_CLASSES[1:]) + ")"
+
+
+class LdapDirectory:
+    """The directory in LDAP; see the module docstring for caching and writing."""
+
+    def __init__(self, config: LdapConfig, *, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.config = config
+        self.base = config.base_dn
+        self._clock = clock
+        self._password: str | None = None
+        self._snapshot: Directory | None = None
+        self._serial: int | None = None
+        self._loaded_at = 0.0
+        self._contact = 0.0  # when LDAP last answered
+        self._error = "not loaded yet"
+        self._refresher: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.problems: list[str] = []  # entries the last load skipped
+
+    def __repr__(self) -> str:
+        return f"LdapDirectory({', '.join(self.config.urls)!r}, base={self.base!r})"
+
+    # -- connections ---------------------------------------------------------------------
+    def _read_password(self) -> str:
+        if self._password is None:
+            path = self.config.bind_password_file
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    self._password = handle.read().rstrip("\r\n")
+            except OSError as exc:
+                raise DirectoryUnavailable(
+                    f"{path}: cannot read the LDAP bind password (directory.ldap."
+                    f"bind_password_file): {exc.strerror}") from None
+        return self._password
+
+    def connect(self) -> Any:
+        """A bound ldap3 connection (StartTLS first when configured); DirectoryUnavailable
+        with the server's reason otherwise."""
+
+        cfg = self.config
+        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=cfg.ca_file or None,
+                        version=ssl.PROTOCOL_TLS_CLIENT)
+        servers = []
+        for url in cfg.urls:
+            servers.append(ldap3.Server(url, use_ssl=url.startswith("ldaps://"), tls=tls,
+                                        get_info=ldap3.NONE, connect_timeout=cfg.timeout))
+        pool = ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=False)
+        password = self._read_password() if cfg.bind_dn else None
+        try:
+            conn = ldap3.Connection(pool, user=cfg.bind_dn or None, password=password,
+                                    receive_timeout=cfg.timeout, raise_exceptions=True,
+                                    auto_bind=ldap3.AUTO_BIND_NONE, read_only=False)
+            conn.open()
+            if cfg.start_tls and not conn.server.ssl:
+                conn.start_tls()
+            conn.bind()
+        except LDAPException as exc:
+            raise DirectoryUnavailable(f"LDAP {', '.join(cfg.urls)}: {_reason(exc)}") from None
+        except OSError as exc:
+            raise DirectoryUnavailable(f"LDAP {', '.join(cfg.urls)}: {exc}") from None
+        return conn
+
+    # -- reading -------------------------------------------------------------------------
+    def _serial_of(self, conn: Any) -> tuple[int | None, bool]:
+        """(krSerial, monitor) of the base entry; serial None when not initialised."""
+
+        conn.search(self.base, "(objectClass=*)", search_scope=ldap3.BASE,
+                    attributes=["krSerial", "krMonitor", "objectClass"])
+        if not conn.entries and not conn.response:
+            raise DirectoryUnavailable(f"LDAP base {self.base} not found")
+        attrs = _attrs(conn.response[0])
+        serial = attrs.get("krserial", [None])[0]
+        return (None if serial is None else int(serial),
+                attrs.get("krmonitor", ["FALSE"])[0] == "TRUE")
+
+    def _read_all(self, conn: Any) -> tuple[DirectoryData, int | None]:
+
+        serial, monitor = self._serial_of(conn)
+        entries = []
+        for item in conn.extend.standard.paged_search(
+                self.base, _FILTER, search_scope=ldap3.SUBTREE, attributes=["*"],
+                paged_size=1000, generator=True):
+            if item.get("type") == "searchResEntry":
+                entries.append((item["dn"], _attrs(item)))
+        problems: list[str] = []
+        data = _Reader(problems).read(entries)
+        data.monitor = monitor
+        self.problems = problems
+        return data, serial
+
+    def load(self) -> DirectoryData:
+        """Everything, read now (the CLI's listings)."""
+        conn = self._guarded(self.connect)
+        try:
+            data: DirectoryData
+            data, serial = self._guarded(lambda: self._read_all(conn))
+        finally:
+            _unbind(conn)
+        if serial is None:
+            raise DirectoryUnavailable(
+                f"LDAP base {self.base} is not a keyrelay directory yet (no krDirectory "
+                "class): create it with a keyrelay command such as `keyrelay account add` or "
+                "`keyrelay import`")
+        return data
+
+    def _guarded(self, action: Callable[[], Any]) -> Any:
+
+        try:
+            return action()
+        except LDAPException as exc:
+            raise DirectoryUnavailable(f"LDAP {', '.join(self.config.urls)}: "
+                                       f"{_reason(exc)}") from None
+        except OSError as exc:
+            raise DirectoryUnavailable(f"LDAP {', '.join(self.config.urls)}: {exc}") from None
+
+    def snapshot(self) -> Directory:
+        """The current copy; never waits for LDAP after the first load (see module doc)."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            with self._start_lock:
+                if self._snapshot is None:
+                    self._refresh(force=True)  # raises DirectoryUnavailable
+                self._start_refresher()
+            snapshot = self._snapshot
+            assert snapshot is not None
+        limit = self.config.refresh_interval + self.config.timeout + self.config.stale_grace
+        if self._clock() - self._contact > limit:
+            raise DirectoryUnavailable(f"LDAP unreachable for more than {limit:g}s: "
+                                       f"{self._error}")
+        return snapshot
+
+    def _refresh(self, force: bool = False) -> None:
+        conn = self._guarded(self.connect)
+        try:
+            serial, _ = self._guarded(lambda: self._serial_of(conn))
+            now = self._clock()
+            stale = now - self._loaded_at > self.config.full_reload_interval
+            if force or stale or serial != self._serial:
+                data, serial = self._guarded(lambda: self._read_all(conn))
+                if serial is None:
+                    raise DirectoryUnavailable(
+                        f"LDAP base {self.base} is not a keyrelay directory yet")
+                self._snapshot = Directory(data)
+                self._serial = serial
+                self._loaded_at = now
+            self._contact = now
+        finally:
+            _unbind(conn)
+
+    def _start_refresher(self) -> None:
+        if self._refresher is not None:
+            return
+        self._refresher = threading.Thread(target=self._run, name="keyrelay-ldap-refresh",
+                                           daemon=True)
+        self._refresher.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.config.refresh_interval):
+            try:
+                self._refresh()
+            except DirectoryUnavailable as exc:
+                self._error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - keep refreshing; the copy ages out
+                self._error = f"internal error: {exc!r}"
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # -- writing -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self, create: bool = True) -> Iterator[DirectoryData]:
+        """Read, let the caller change the records, write the difference (module doc)."""
+        conn = self._guarded(self.connect)
+        try:
+            data, serial = self._guarded(lambda: self._read_all(conn))
+            if serial is None and not create:
+                raise DirectoryUnavailable(f"LDAP base {self.base} is not a keyrelay "
+                                           "directory yet")
+            before = entries_of(data, self.base)
+            monitor_before = data.monitor
+            yield data
+            after = entries_of(data, self.base)
+            if before == after and data.monitor == monitor_before and serial is not None:
+                return
+            self._guarded(lambda: self._write(conn, serial, before, after, data.monitor))
+        finally:
+            _unbind(conn)
+
+    def _write(self, conn: Any, serial: int | None, before: dict[str, Entry],
+               after: dict[str, Entry], monitor: bool) -> None:
+
+        if serial is None:
+            self._initialise(conn)
+            serial = 0
+        try:  # compare-and-swap: fails when another writer moved the serial on
+            conn.modify(self.base, {"krSerial": [(ldap3.MODIFY_DELETE, [str(serial)]),
+                                                 (ldap3.MODIFY_ADD, [str(serial + 1)])]})
+        except (LDAPNoSuchAttributeResult, LDAPAttributeOrValueExistsResult):
+            raise DirectoryConflict(
+                "the directory changed while this command ran (another keyrelay command or "
+                "daemon wrote to it); nothing was written: run the command again") from None
+        depth = lambda dn: dn.count(",")  # noqa: E731
+        for dn in sorted(set(before) - set(after), key=depth, reverse=True):
+            conn.delete(dn)
+        for dn in sorted(after, key=depth):
+            new, old = after[dn], before.get(dn)
+            if old is None:
+                conn.add(dn, attributes={k: list(v) for k, v in new.items()})
+            elif new != old:
+                changes = {name: [(ldap3.MODIFY_REPLACE, list(new.get(name, ())))]
+                           for name in set(new) | set(old)
+                           if name != "objectClass" and new.get(name) != old.get(name)}
+                conn.modify(dn, changes)
+        conn.modify(self.base, {"krSerial": [(ldap3.MODIFY_REPLACE, [str(serial + 2)])],
+                                "krMonitor": [(ldap3.MODIFY_REPLACE,
+                                               ["TRUE"] if monitor else [])]})
+
+    def _initialise(self, conn: Any) -> None:
+        """Make the base entry a keyrelay directory and add the containers."""
+
+        conn.modify(self.base, {"objectClass": [(ldap3.MODIFY_ADD, ["krDirectory"])],
+                                "krSerial": [(ldap3.MODIFY_ADD, ["0"])]})
+        for name in CONTAINERS:
+            with contextlib.suppress(LDAPEntryAlreadyExistsResult):
+                conn.add(f"ou={name},{self.base}", attributes={
+                    "objectClass": ["top", "organizationalUnit"], "ou": [name]})
+
+
+def _attrs(item: Mapping[str, Any]) -> dict[str, list[str]]:
+    """An ldap3 response item's raw attributes, names lowercased, values decoded."""
+    raw = item.get("raw_attributes", {})
+    return {name.lower(): [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+            for name, values in raw.items()}
+
+
+def _reason(exc: Exception) -> str:
+    description = getattr(exc, "description", None)
+    message = getattr(exc, "message", None)
+    text = " ".join(str(p) for p in (description, message) if p) or str(exc) or type(exc).__name__
+    return text.strip()
+
+
+def _unbind(conn: Any) -> None:
+    with contextlib.suppress(Exception):
+        conn.unbind()
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "ldap"
+    folder.mkdir(exist_ok=True)
+    (folder / "keyrelay.schema").write_text(schema_file())
+    (folder / "keyrelay.ldif").write_text(schema_ldif())
+    print(f"wrote {folder / 'keyrelay.schema'} and {folder / 'keyrelay.ldif'}")

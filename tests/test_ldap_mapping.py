@@ -1,0 +1,88 @@
+"""The LDAP backend's mapping between records and entries, without a server; and the generated
+schema files. (The backend against a real slapd: tests/test_directory_contract.py.)"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from test_yaml_directory import build_rich_directory
+
+from keyrelay.directory import ldapdir
+from keyrelay.directory.ldapdir import ATTRIBUTES, OBJECT_CLASSES, _Reader, entries_of
+from keyrelay.directory.model import DirectoryData
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = "ou=keyrelay,dc=example,dc=net"
+
+
+def as_server_returns(entries: dict[str, dict[str, tuple[str, ...]]]
+                      ) -> list[tuple[str, dict[str, list[str]]]]:
+    """What a search returns: attribute names in any case (lowercased here), lists."""
+    return [(dn, {name.lower(): list(values) for name, values in attrs.items()})
+            for dn, attrs in entries.items()]
+
+
+def test_every_record_survives_entries_and_back() -> None:
+    data = DirectoryData()
+    build_rich_directory(data)
+    problems: list[str] = []
+    back = _Reader(problems).read(as_server_returns(entries_of(data, BASE)))
+    back.monitor = data.monitor  # kept on the base entry, not in the records
+    assert problems == []
+    assert back == data
+    assert len(back.keys) == 4 and len(back.domains["example.com"].selectors) == 3
+
+
+def test_entries_never_hold_the_key_secret_and_dns_are_escaped() -> None:
+    data = DirectoryData()
+    build_rich_directory(data)
+    entries = entries_of(data, BASE)
+    hashes = {k.secret_hash for k in data.keys.values()}
+    stored = {v for attrs in entries.values() for v in attrs.get("krSecretHash", ())}
+    assert stored == hashes
+    sender_dns = [dn for dn in entries if dn.startswith("krAddress=")]
+    assert sender_dns and all("+krPrincipal=" in dn for dn in sender_dns)
+    assert ldapdir._rdn_value("a+b,c") == "a\\+b\\,c"
+    assert ldapdir._unescape("a\\+b\\,c") == "a+b,c"
+
+
+def test_a_broken_entry_is_reported_and_skipped_not_fatal() -> None:
+    data = DirectoryData()
+    build_rich_directory(data)
+    found = as_server_returns(entries_of(data, BASE))
+    broken_dn, broken = next((dn, a) for dn, a in found if "krapikey" in
+                             {c.lower() for c in a["objectclass"]})
+    del broken["krsecrethash"]
+    problems: list[str] = []
+    back = _Reader(problems).read(found)
+    assert len(back.keys) == len(data.keys) - 1
+    assert problems == [f"{broken_dn}: missing krSecretHash"]
+
+
+def test_times_keep_microseconds_and_time_zone() -> None:
+    from datetime import UTC, datetime
+
+    when = datetime(2026, 11, 28, 15, 4, 5, 123456, tzinfo=UTC)
+    (text,) = ldapdir._time(when)
+    assert text == "20261128150405.123456Z"
+    assert ldapdir._parse_time(text) == when
+    assert ldapdir._parse_time("20261128150405Z") == when.replace(microsecond=0)
+
+
+def test_schema_files_are_generated_from_the_module() -> None:
+    assert (ROOT / "ldap" / "keyrelay.schema").read_text() == ldapdir.schema_file()
+    assert (ROOT / "ldap" / "keyrelay.ldif").read_text() == ldapdir.schema_ldif()
+
+
+def test_schema_oids_are_unique_and_classes_use_known_attributes() -> None:
+    oids = re.findall(r"\( (2\.25\.\d+\.\d+\.\d+) ", ldapdir.schema_file())
+    assert len(oids) == len(set(oids)) == len(ATTRIBUTES) + len(OBJECT_CLASSES)
+    known = {a.name for a in ATTRIBUTES}
+    for cls in OBJECT_CLASSES:
+        assert set(cls.must) | set(cls.may) <= known, cls.name
+    # every attribute a record writes is in the schema
+    data = DirectoryData()
+    build_rich_directory(data)
+    used = {name for attrs in entries_of(data, BASE).values() for name in attrs}
+    assert used - {"objectClass"} <= known
