@@ -196,3 +196,23 @@ def submission_greets(relay: Relay) -> bool:
 def next_source() -> str:
     """A loopback client address no other test has used (brute-force counters are per address)."""
     return next(_sources)
+
+
+def maillog_line(relay: Relay, *needles: str, timeout: float = 30.0) -> str:
+    """Wait for the line of Postfix's log that holds every needle; that line."""
+    found: list[str] = []
+
+    def logged() -> bool:
+        text = relay.settings.maillog.read_text(errors="replace")
+        found[:] = [line for line in text.splitlines() if all(n in line for n in needles)]
+        return bool(found)
+
+    wait_until(logged, timeout, f"a line with {needles!r} in {relay.settings.maillog}")
+    return found[-1]
+
+
+def published_records(relay: Relay, domain: str) -> dict[str, bytes]:
+    """The TXT records ``keyrelay domain dns --json`` tells the customer to publish."""
+    printed = json.loads(kr(relay, "domain", "dns", domain, "--json"))
+    return {record["name"].rstrip(".").lower(): record["value"].encode()
+            for record in printed["records"] if record["type"] == "TXT"}

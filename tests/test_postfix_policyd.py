@@ -20,6 +20,7 @@ from e2e_harness import (
     connect,
     kr,
     log_of,
+    maillog_line,
     message,
     never_delivered,
     new_tenant,
@@ -27,22 +28,8 @@ from e2e_harness import (
     send,
     wait_delivered,
 )
-from policyd_harness import wait_until
 
 from keyrelay.demo import Relay
-
-
-def _maillog_line(relay: Relay, *needles: str, timeout: float = 30.0) -> str:
-    """Wait for the line of Postfix's log that holds every needle; that line."""
-    found: list[str] = []
-
-    def logged() -> bool:
-        text = relay.settings.maillog.read_text(errors="replace")
-        found[:] = [line for line in text.splitlines() if all(n in line for n in needles)]
-        return bool(found)
-
-    wait_until(logged, timeout, f"a line with {needles!r} in {relay.settings.maillog}")
-    return found[-1]
 
 
 def test_api_key_login_sends_mail_out_through_the_principals_ip_pool(demo_relay: Relay) -> None:
@@ -56,7 +43,7 @@ def test_api_key_login_sends_mail_out_through_the_principals_ip_pool(demo_relay:
     assert delivered["X-Client-Addr"] == "127.0.0.2"
     assert "relay.demo.example" in delivered["X-Helo-Args"]
     # Postfix logs the SASL login under the principal and key id policyd answered with
-    line = _maillog_line(demo_relay, f"sasl_username={tenant.principal}:{tenant.key_id}")
+    line = maillog_line(demo_relay, f"sasl_username={tenant.principal}:{tenant.key_id}")
     assert "sasl_method=PLAIN" in line or "sasl_method=LOGIN" in line, line
     secret = tenant.key.split(".")[-1]
     assert secret not in demo_relay.settings.maillog.read_text(errors="replace")
