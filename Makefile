@@ -18,12 +18,18 @@ DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 	postfix swaks libnet-ssleay-perl openssl \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base
 
-.PHONY: help run test deps check lint typecheck unit demo clean distclean
+# Only for bench/postfix_milter_bench.py (make bench-deps), not for make test: the other
+# milters keyrelay-milter is compared with. The bench starts its own instances with its own
+# configuration; ensure-debian-packages keeps the packages' system services from starting.
+BENCH_DEBIAN_PACKAGES := opendkim dkimpy-milter
+
+.PHONY: help run test deps bench-deps check lint typecheck unit demo clean distclean
 
 help:
 	@echo "make run     install missing parts, run the demo relay on loopback (state in $(RUN_DIR)/)"
 	@echo "make test    install missing parts, run pytest, mypy and ruff"
 	@echo "make clean   remove the demo state in $(RUN_DIR)/"
+	@echo "make bench-deps  also install what bench/postfix_milter_bench.py compares with"
 	@echo "make distclean  also remove the virtual environment"
 
 deps: debian-packages $(VENV)/.installed
@@ -39,6 +45,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml | debian-packages
 .PHONY: debian-packages
 debian-packages:
 	@scripts/ensure-debian-packages $(DEBIAN_PACKAGES)
+
+bench-deps: deps
+	@scripts/ensure-debian-packages $(BENCH_DEBIAN_PACKAGES)
 
 unit: deps
 	$(BIN)/python -m pytest

@@ -1,0 +1,892 @@
+"""Postfix with keyrelay-milter, OpenDKIM or dkimpy-milter: messages/s and CPU per message.
+
+NAME
+    postfix_milter_bench.py - one run through a real private Postfix, four milter setups
+
+SYNOPSIS
+    .venv/bin/python bench/postfix_milter_bench.py [--messages M] [--concurrency C]
+        [--body-size BYTES]... [--setup NAME]... [--repeat R] [--warmup W]
+        [--tmpdir DIR] [--keep] [--json FILE]
+
+DESCRIPTION
+    Builds a private Postfix instance the way `make run` does (keyrelay.demo: its own
+    main.cf/master.cf written with `keyrelay postfix apply`, its own queue, `postfix -c DIR`;
+    /etc/postfix is never touched), with keyrelay-policyd for SMTP AUTH and policy, and
+    `smtp-sink` as the Internet. Every address is on loopback; ports are picked free.
+
+    A load client in this process opens C concurrent SMTP sessions to the submission
+    service, logs in with AUTH PLAIN as `apikey` with a keyrelay API key of the demo tenant,
+    and sends M messages in total (From: app@demo.example, one recipient, a body of BYTES
+    bytes), reusing the sessions (MAIL, RCPT and DATA pipelined, as Postfix offers
+    PIPELINING). The same client, the same tenant and the same Postfix service serve every
+    setup; only the service's `smtpd_milters` changes (`postconf -P` and `postfix reload`):
+
+      none       no milter
+      keyrelay   keyrelay-milter, the shipped default shape: the header From check and two
+                 signatures, rsa-sha256 (RSA-2048) and ed25519-sha256, relaxed/relaxed
+      opendkim   OpenDKIM (Debian package opendkim), rsa-sha256 with a 2048-bit key,
+                 relaxed/relaxed, Mode s (it signs mail from InternalHosts, 127.0.0.1)
+      dkimpy     dkimpy-milter (Debian package dkimpy-milter), rsa-sha256 with a 2048-bit
+                 key, relaxed/relaxed, Mode s
+
+    All three milters run during the whole run, each its own process started by this script
+    with a configuration file of its own in the temporary folder (Debian's system services
+    and /etc files are not used), each on a unix socket. Postfix talks to the one selected.
+
+    Each measured run is preceded, after every switch, by W warm-up messages that must all
+    arrive at the sink carrying exactly the signatures of the selected setup (no
+    DKIM-Signature for none; rsa-sha256 and ed25519-sha256 from keyrelay's selectors;
+    one rsa-sha256 with selector `opendkim` or `dkimpy`). The first warm-up of each setup
+    also verifies every signature of one delivered message with dkimpy against the public
+    keys (no DNS: the records are handed to dkimpy directly). After each measured run every
+    message must have reached the sink, and the last one is checked for the same signatures.
+
+    Runs are interleaved: for each of R repetitions, every setup in turn, every body size.
+
+MEASURES
+    msg/s        M divided by the time from the first connection until the last message
+                 has left Postfix's queue (all delivered to the sink): end-to-end throughput
+    accepted/s   M divided by the time until the client had its last 250 after DATA
+    milter ms    CPU time (utime + stime from /proc/PID/stat) the selected milter's process
+                 used during the run, divided by M
+    Postfix ms   the same for the Postfix instance: its master, every live child process and
+                 the children it reaped (cutime + cstime of the master): smtpd, cleanup,
+                 qmgr, trivial-rewrite, smtp, postlogd, ...
+    policyd ms   the same for keyrelay-policyd (SMTP AUTH, the policy requests at RCPT and
+                 DATA); it takes part in every setup
+
+    The table gives, per setup and body size, the median over the R runs and, in brackets,
+    the lowest and highest. The load client runs on the same host and takes CPU from the
+    others; its CPU per message is printed too. The load average before and after is
+    printed, since the host may be shared.
+
+OPTIONS
+    --messages M       messages per measured run (default 1000)
+    --concurrency C    concurrent SMTP sessions (default 4)
+    --body-size BYTES  body size; repeatable (default: 2000 and 20000)
+    --setup NAME       none, keyrelay, opendkim or dkimpy; repeatable (default: all four)
+    --repeat R         measured runs per setup and body size (default 3)
+    --warmup W         warm-up messages after each switch (default 20)
+    --tmpdir DIR       where the temporary folder goes (default: $TMPDIR or /tmp)
+    --keep             keep the temporary folder (configuration, logs, the messages of
+                       the last run at the sink) and print where it is
+    --json FILE        also write every run's figures as JSON
+
+BENCH-ONLY SETTINGS
+    To keep TLS out of the comparison, the submission service runs without TLS
+    (`smtpd_tls_security_level=none`, `smtpd_tls_auth_only=no`,
+    `smtpd_sasl_security_options=noanonymous`) and keyrelay's configuration says
+    `auth: {require_tls: false}`. Never run a relay like that: an API key would cross the
+    network in clear. The tenant's rate limits are lifted (`limits` in keyrelay.yaml) so that
+    policyd does not answer 451 during the run.
+
+    OpenDKIM's RequireSafeKeys is off: its key is mode 0600 in a 0700 folder, but the
+    temporary folder sits in the world-writable /tmp, which OpenDKIM would refuse.
+
+FILES
+    A new folder krbench-XXXXXXXX in --tmpdir, removed at the end unless --keep or an error:
+      relay/            as `make run` lays out run/: keyrelay.yaml, directory.yaml, dkim/,
+                        postfix/etc (main.cf, master.cf), postfix/queue, postfix/maillog,
+                        outbox/ (smtp-sink's files), logs/ (policyd, milter, sink)
+      opendkim/, dkimpy/  each milter's configuration file and private key
+      milters/          their unix sockets (group postfix)
+      logs/             the output of opendkim and dkimpy-milter
+
+REQUIREMENTS
+    Root; Debian 12 with the packages of `make bench-deps` (postfix, opendkim,
+    dkimpy-milter) and the virtual environment of `make deps`. OpenDKIM and dkimpy-milter
+    run as their own users (group postfix, for the sockets); keyrelay-policyd and
+    keyrelay-milter run as root, as under `make run`. Everything started is stopped at the
+    end, also on Ctrl-C or SIGTERM.
+
+EXIT STATUS
+    0 all runs done; 1 a setup failed (a reply other than expected, a message missing or
+    signed otherwise than the setup signs, a process that would not start: the message
+    names it, and the temporary folder is kept); 130 interrupted.
+
+EXAMPLES
+    .venv/bin/python bench/postfix_milter_bench.py --messages 200 --repeat 1
+    .venv/bin/python bench/postfix_milter_bench.py --messages 2000 --repeat 5   # docs/BENCHMARKS.md
+    .venv/bin/python bench/postfix_milter_bench.py --setup none --setup keyrelay --body-size 2000
+    .venv/bin/python bench/postfix_milter_bench.py --concurrency 1 --json /tmp/runs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from keyrelay.demo import (
+    BIN,
+    DEMO_DOMAIN,
+    DEMO_FROM,
+    DEMO_TO,
+    SMTP_SINK,
+    Child,
+    DemoError,
+    Relay,
+    Settings,
+    greets,
+    keyrelay_cli,
+    unix_accepts,
+    wait_until,
+)
+from keyrelay.postfixconf import run_postfix
+
+SETUPS = ("none", "keyrelay", "opendkim", "dkimpy")
+OPENDKIM = "/usr/sbin/opendkim"
+DKIMPY_MILTER = "/usr/bin/dkimpy-milter"
+POSTCONF = "/usr/sbin/postconf"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+FOREIGN_FROM = "ceo@bank.example"
+QUEUE_FOLDERS = ("maildrop", "incoming", "active", "deferred", "hold")
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; the message says why."""
+
+
+# -- CPU accounting from /proc ---------------------------------------------------------------
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: split after the last ')'
+    return text[text.rindex(")") + 2:].split()
+
+
+def process_tree_cpu(root: int, *, reaped: bool = False) -> float:
+    """CPU seconds (utime + stime) of ``root`` and of every live descendant; with ``reaped``
+    also of the children ``root`` has already waited for (cutime + cstime)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is None:
+            continue
+        pid = int(entry.name)
+        stats[pid] = fields
+        children.setdefault(int(fields[1]), []).append(pid)
+    if root not in stats:
+        raise BenchError(f"process {root} is gone")
+    total = 0
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        fields = stats[pid]
+        # fields[0] is the state (field 3 of stat): utime is field 14, stime 15, ...
+        total += int(fields[11]) + int(fields[12])
+        if pid == root and reaped:
+            total += int(fields[13]) + int(fields[14])
+        todo.extend(children.get(pid, ()))
+    return total / CLK_TCK
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# -- DKIM helpers ----------------------------------------------------------------------------
+def rsa_key_pair() -> tuple[bytes, str]:
+    """A 2048-bit RSA key (PKCS#1 PEM, which OpenDKIM and dkimpy both read) and its DKIM
+    TXT record value."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM,
+                            serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
+
+
+def header_block(raw: bytes) -> list[tuple[str, str]]:
+    """The unfolded header fields of a message as smtp-sink stored it."""
+    head = raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode("ascii", "replace")
+    fields: list[tuple[str, str]] = []
+    for line in head.split("\n"):
+        if line[:1] in (" ", "\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + " " + line.strip())
+        elif ":" in line:
+            name, value = line.split(":", 1)
+            fields.append((name.strip(), value.strip()))
+    return fields
+
+
+def signatures(raw: bytes) -> list[tuple[str, str, str]]:
+    """(a=, s=, d=) of every DKIM-Signature, top to bottom."""
+    found = []
+    for name, value in header_block(raw):
+        if name.lower() != "dkim-signature":
+            continue
+        tags = {}
+        for part in value.split(";"):
+            tag, sep, tag_value = part.partition("=")
+            if sep:
+                tags[tag.strip()] = re.sub(r"\s+", "", tag_value)
+        found.append((tags.get("a", ""), tags.get("s", ""), tags.get("d", "")))
+    return found
+
+
+# -- the load client -------------------------------------------------------------------------
+def make_body(size: int) -> bytes:
+    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\r\n"
+    body = (line * (size // len(line) + 1))[:size]
+    return body if body.endswith(b"\r\n") else body[:-2] + b"\r\n"
+
+
+def make_message(number: int, run: str, body: bytes) -> bytes:
+    headers = (
+        f"From: Bench App <{DEMO_FROM}>\r\n"
+        f"To: <{DEMO_TO}>\r\n"
+        f"Subject: bench message {number} of run {run}\r\n"
+        f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
+        f"Message-ID: <{run}.{number}@{DEMO_DOMAIN}>\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n"
+        "Content-Transfer-Encoding: 7bit\r\n"
+        "\r\n"
+    )
+    return headers.encode() + body + b".\r\n"  # the body holds no line starting with "."
+
+
+async def _reply(reader: asyncio.StreamReader, expected: int, what: str) -> None:
+    lines = []
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise BenchError(f"{what}: the server closed the connection")
+        lines.append(line.decode("ascii", "replace").rstrip())
+        if line[3:4] != b"-":
+            break
+    if not lines[-1].startswith(str(expected)):
+        raise BenchError(f"{what}: expected {expected}, got: " + " / ".join(lines))
+
+
+async def _session(host: str, port: int, key: str, todo: list[int],
+                   message: Callable[[int], bytes]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await _reply(reader, 220, "greeting")
+        writer.write(b"EHLO bench-client.example\r\n")
+        await _reply(reader, 250, "EHLO")
+        plain = base64.b64encode(b"\0apikey\0" + key.encode()).decode()
+        writer.write(f"AUTH PLAIN {plain}\r\n".encode())
+        await _reply(reader, 235, "AUTH PLAIN")
+        envelope = f"MAIL FROM:<{DEMO_FROM}>\r\nRCPT TO:<{DEMO_TO}>\r\nDATA\r\n".encode()
+        while todo:
+            number = todo.pop()
+            writer.write(envelope)
+            await _reply(reader, 250, "MAIL FROM")
+            await _reply(reader, 250, "RCPT TO")
+            await _reply(reader, 354, "DATA")
+            writer.write(message(number))
+            await _reply(reader, 250, f"end of DATA of message {number}")
+        writer.write(b"QUIT\r\n")
+        await _reply(reader, 221, "QUIT")
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def _send_all(host: str, port: int, key: str, count: int, concurrency: int,
+                    message: Callable[[int], bytes]) -> None:
+    todo = list(range(count, 0, -1))
+    sessions = [_session(host, port, key, todo, message) for _ in range(min(concurrency, count))]
+    await asyncio.gather(*sessions)
+
+
+def send(host: str, port: int, key: str, count: int, concurrency: int, body: bytes,
+         run: str) -> None:
+    """Send ``count`` messages over ``concurrency`` authenticated sessions; raise on any
+    reply other than the expected one."""
+    def message(number: int) -> bytes:
+        return make_message(number, run, body)
+
+    asyncio.run(_send_all(host, port, key, count, concurrency, message))
+
+
+# -- the setup -------------------------------------------------------------------------------
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            sockets.append(probe)
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+def postconf(etc: Path, *args: str) -> str:
+    result = subprocess.run([POSTCONF, "-c", str(etc), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BenchError(f"postconf {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def version_of(argv: list[str], pattern: str) -> str:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    found = re.search(pattern, result.stdout + result.stderr)
+    return found.group(1) if found else "?"
+
+
+def debian_version(package: str) -> str:
+    return version_of(["dpkg-query", "-W", "-f=${Version}", package], r"(\S+)")
+
+
+@dataclass
+class Milter:
+    """One milter process of the comparison: how Postfix reaches it, which signatures it
+    leaves, and its process."""
+
+    name: str
+    endpoint: str  # smtpd_milters value; empty: no milter
+    expected: Callable[[list[tuple[str, str, str]]], bool]
+    child: Child | None = None
+
+    def pid(self) -> int | None:
+        if self.child is None or self.child.process is None:
+            return None
+        return self.child.process.pid
+
+
+@dataclass
+class RunResult:
+    setup: str
+    body_size: int
+    messages: int
+    concurrency: int
+    seconds: float
+    accept_seconds: float
+    milter_cpu: float
+    postfix_cpu: float
+    policyd_cpu: float
+    client_cpu: float
+    other_milters_cpu: float
+    load_before: str
+    load_after: str
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def accept_rate(self) -> float:
+        return self.messages / self.accept_seconds
+
+    def per_message(self, cpu: float) -> float:
+        return cpu * 1000 / self.messages
+
+
+@dataclass
+class Bench:
+    root: Path
+    args: argparse.Namespace
+    relay: Relay = field(init=False)
+    milters: dict[str, Milter] = field(default_factory=dict)
+    extra: list[Child] = field(default_factory=list)
+    records: dict[str, bytes] = field(default_factory=dict)
+    verified: set[str] = field(default_factory=set)
+    current: str = ""
+    service: str = ""
+
+    # -- building --------------------------------------------------------------------------
+    def build(self) -> None:
+        smtp, submission, alt, submissions, sink = free_ports(5)
+        settings = Settings(run_dir=(self.root / "relay").resolve(), host="127.0.0.1",
+                            smtp_port=smtp, submission_port=submission,
+                            alt_submission_port=alt, submissions_port=submissions,
+                            sink_port=sink, pool_address="127.0.0.2")
+        self.relay = Relay(settings, say=lambda text: print(f"  {text}", flush=True))
+        self.relay.prepare()
+        self._bench_only_settings()
+        printed = json.loads(keyrelay_cli(settings, "domain", "dns", DEMO_DOMAIN, "--json"))
+        self.records = {r["name"].rstrip(".").lower(): r["value"].encode()
+                        for r in printed["records"] if r["type"] == "TXT"}
+        kr_selectors = {name.split("._domainkey.")[0] for name in self.records
+                        if "._domainkey." in name}
+
+        def keyrelay_signed(sigs: list[tuple[str, str, str]]) -> bool:
+            return (sorted(a for a, _, _ in sigs) == ["ed25519-sha256", "rsa-sha256"]
+                    and all(s in kr_selectors and d == DEMO_DOMAIN for _, s, d in sigs))
+
+        def signed_by(selector: str) -> Callable[[list[tuple[str, str, str]]], bool]:
+            return lambda sigs: sigs == [("rsa-sha256", selector, DEMO_DOMAIN)]
+
+        folder = self.root / "milters"
+        folder.mkdir(mode=0o770)
+        shutil.chown(folder, "root", "postfix")
+        folder.chmod(0o770)
+        self.milters = {
+            "none": Milter("none", "", lambda sigs: sigs == []),
+            "keyrelay": Milter("keyrelay", "unix:private/keyrelay-milter", keyrelay_signed),
+            "opendkim": Milter("opendkim", f"unix:{folder / 'opendkim.sock'}",
+                               signed_by("opendkim")),
+            "dkimpy": Milter("dkimpy", f"unix:{folder / 'dkimpy.sock'}", signed_by("dkimpy")),
+        }
+        wanted = set(self.args.setup)
+        if "opendkim" in wanted:
+            self._write_opendkim(folder)
+        if "dkimpy" in wanted:
+            self._write_dkimpy(folder)
+
+    def _bench_only_settings(self) -> None:
+        s = self.relay.settings
+        text = s.config.read_text()
+        config = json.loads(text[text.index("{"):])
+        # bench only: AUTH without TLS, so TLS costs stay out of the comparison
+        config["auth"] = {"require_tls": False}
+        config["limits"] = {"messages_per_minute": 100_000_000,
+                            "messages_per_hour": 1_000_000_000}
+        s.config.write_text("# postfix_milter_bench.py: bench-only settings (AUTH without "
+                            "TLS, no rate limits)\n" + json.dumps(config, indent=2) + "\n")
+        self.service = f"{s.host}:{s.submission_port}"
+        svc = f"{self.service}/inet"
+        postconf(s.postfix_etc, "-P",
+                 f"{svc}/smtpd_tls_security_level=none",
+                 f"{svc}/smtpd_tls_auth_only=no",
+                 f"{svc}/smtpd_sasl_security_options=noanonymous",
+                 f"{svc}/smtpd_milters=")
+        checked = run_postfix(s.postfix_etc, "check")
+        if checked[0] != 0:
+            raise BenchError(f"postfix check: {checked[1]}")
+
+    def _write_opendkim(self, folder: Path) -> None:
+        if not os.access(OPENDKIM, os.X_OK):
+            raise BenchError(f"{OPENDKIM} is missing: run `make bench-deps` (Debian "
+                             "package opendkim), or leave out --setup opendkim")
+        home = self.root / "opendkim"
+        home.mkdir(mode=0o700)
+        pem, record = rsa_key_pair()
+        key = home / "opendkim.key"
+        key.write_bytes(pem)
+        key.chmod(0o600)
+        shutil.chown(key, "opendkim", "opendkim")
+        shutil.chown(home, "opendkim", "opendkim")
+        self.records[f"opendkim._domainkey.{DEMO_DOMAIN}"] = record.encode()
+        conf = home / "opendkim.conf"
+        conf.write_text(f"""\
+# postfix_milter_bench.py: OpenDKIM signing rsa-sha256 for {DEMO_DOMAIN}
+Syslog                  no
+Mode                    s
+Domain                  {DEMO_DOMAIN}
+Selector                opendkim
+KeyFile                 {key}
+# the key is 0600 in a 0700 folder, but the temporary folder sits in a world-writable /tmp
+RequireSafeKeys         no
+Canonicalization        relaxed/relaxed
+SignatureAlgorithm      rsa-sha256
+OversignHeaders         From
+InternalHosts           127.0.0.1
+Socket                  local:{folder / 'opendkim.sock'}
+UMask                   007
+UserID                  opendkim:postfix
+PidFile                 {home / 'opendkim.pid'}
+""")
+        sock = folder / "opendkim.sock"
+        self.milters["opendkim"].child = Child(
+            "opendkim", [OPENDKIM, "-f", "-x", str(conf)], self.root / "logs" / "opendkim.log",
+            lambda: unix_accepts(sock))
+
+    def _write_dkimpy(self, folder: Path) -> None:
+        if not os.access(DKIMPY_MILTER, os.X_OK):
+            raise BenchError(f"{DKIMPY_MILTER} is missing: run `make bench-deps` (Debian "
+                             "package dkimpy-milter), or leave out --setup dkimpy")
+        home = self.root / "dkimpy"
+        home.mkdir(mode=0o700)
+        pem, record = rsa_key_pair()
+        key = home / "dkimpy.key"
+        key.write_bytes(pem)  # read as root before dkimpy-milter drops its privileges
+        key.chmod(0o600)
+        self.records[f"dkimpy._domainkey.{DEMO_DOMAIN}"] = record.encode()
+        conf = home / "dkimpy-milter.conf"
+        conf.write_text(f"""\
+# postfix_milter_bench.py: dkimpy-milter signing rsa-sha256 for {DEMO_DOMAIN}
+Syslog                  no
+Mode                    s
+Domain                  {DEMO_DOMAIN}
+Selector                dkimpy
+KeyFile                 {key}
+Canonicalization        relaxed/relaxed
+InternalHosts           127.0.0.1
+Socket                  local:{folder / 'dkimpy.sock'}
+UMask                   007
+UserID                  dkimpy-milter:postfix
+""")
+        sock = folder / "dkimpy.sock"
+        self.milters["dkimpy"].child = Child(
+            "dkimpy-milter", [DKIMPY_MILTER, str(conf)], self.root / "logs" / "dkimpy.log",
+            lambda: unix_accepts(sock))
+
+    # -- processes -------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.relay.settings
+        children = self.relay.children
+        # smtp-sink keeps every message (one file each) so that its signatures can be checked
+        children["sink"] = Child(
+            "smtp-sink", [SMTP_SINK, "-u", "postfix", "-d", f"{s.outbox}/%H%M%S.",
+                          f"{s.host}:{s.sink_port}", "256"],
+            s.logs / "sink.log", lambda: greets(s.host, s.sink_port))
+        children["policyd"] = Child(
+            "keyrelay-policyd", [str(BIN / "keyrelay-policyd"), "--config", str(s.config)],
+            s.logs / "policyd.log",
+            lambda: all(unix_accepts(s.socket(n)) for n in ("auth", "policy", "socketmap")))
+        if "keyrelay" in self.args.setup:
+            children["milter"] = Child(
+                "keyrelay-milter", [str(BIN / "keyrelay-milter"), "--config", str(s.config)],
+                s.logs / "milter.log", lambda: unix_accepts(s.socket("milter")))
+            self.milters["keyrelay"].child = children["milter"]
+        for child in children.values():
+            child.start()
+        for name in ("opendkim", "dkimpy"):
+            child = self.milters[name].child
+            if child is not None:
+                self.extra.append(child)
+                child.start()
+        self.relay.start_postfix()
+
+    def stop(self) -> None:
+        try:
+            if hasattr(self, "relay"):
+                self.relay.stop()
+        finally:
+            for child in self.extra:
+                child.stop()
+
+    # -- one setup at a time ---------------------------------------------------------------
+    def select(self, name: str) -> None:
+        if name == self.current:
+            return
+        etc = self.relay.settings.postfix_etc
+        postconf(etc, "-P", f"{self.service}/inet/smtpd_milters={self.milters[name].endpoint}")
+        status, output = run_postfix(etc, "reload")
+        if status != 0:
+            raise BenchError(f"postfix reload: {output}")
+        self.current = name
+
+    def clear_outbox(self) -> None:
+        for entry in os.scandir(self.relay.settings.outbox):
+            os.unlink(entry.path)
+
+    def outbox(self) -> list[Path]:
+        return sorted(Path(e.path) for e in os.scandir(self.relay.settings.outbox))
+
+    def queue_empty(self) -> bool:
+        queue = self.relay.settings.queue
+        for name in QUEUE_FOLDERS:
+            for _, _, files in os.walk(queue / name):
+                if files:
+                    return False
+        return True
+
+    def wait_drained(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.queue_empty():
+            if time.monotonic() > deadline:
+                raise BenchError(f"Postfix's queue did not empty within {timeout:g}s; see "
+                                 f"{self.relay.settings.maillog}")
+            time.sleep(0.01)
+
+    def deliver(self, count: int, size: int, run: str) -> None:
+        s = self.relay.settings
+        send(s.host, s.submission_port, self.relay.key, count, self.args.concurrency,
+             make_body(size), run)
+
+    def check_delivered(self, name: str, count: int, paths: Iterable[Path]) -> None:
+        milter = self.milters[name]
+        for path in paths:
+            sigs = signatures(path.read_bytes())
+            if not milter.expected(sigs):
+                raise BenchError(f"{name}: {path.name} arrived with DKIM-Signatures "
+                                 f"{sigs or 'none'}, not those of {name}")
+
+    def warm_up(self, name: str, size: int) -> None:
+        """Send the warm-up messages until they all arrive signed as ``name`` signs (an
+        smtpd of before the reload may still serve the first session)."""
+        count = max(1, self.args.warmup)
+        for attempt in range(10):
+            self.clear_outbox()
+            self.deliver(count, size, f"warmup-{name}-{size}-{attempt}")
+            self.wait_drained()
+            wait_until(lambda: len(self.outbox()) >= count, 30,
+                       f"{count} warm-up messages at the sink")
+            try:
+                self.check_delivered(name, count, self.outbox())
+                break
+            except BenchError:
+                if attempt == 9:
+                    raise
+                time.sleep(0.5)
+        if name not in self.verified:
+            self.verify(name, self.outbox()[-1])
+            if name == "keyrelay":
+                self.check_from_refused()
+            self.verified.add(name)
+
+    def check_from_refused(self) -> None:
+        """keyrelay-milter's From check is on: a header From that is not the tenant's is
+        refused at the end of DATA."""
+        s = self.relay.settings
+        text = (f"From: <{FOREIGN_FROM}>\r\nTo: <{DEMO_TO}>\r\nSubject: not mine\r\n"
+                f"Message-ID: <foreign.{time.time_ns()}@{DEMO_DOMAIN}>\r\n\r\nhello\r\n")
+        with smtplib.SMTP(s.host, s.submission_port, timeout=30) as client:
+            client.login("apikey", self.relay.key)
+            try:
+                client.sendmail(DEMO_FROM, [DEMO_TO], text)
+            except smtplib.SMTPDataError as exc:
+                if exc.smtp_code == 550:
+                    print(f"  keyrelay: From: {FOREIGN_FROM} refused at end of DATA "
+                          f"({exc.smtp_code} {exc.smtp_error.decode(errors='replace')})",
+                          flush=True)
+                    return
+                raise BenchError(f"keyrelay: From: {FOREIGN_FROM}: {exc}") from None
+        raise BenchError(f"keyrelay: a message with From: {FOREIGN_FROM} was accepted; "
+                         "keyrelay-milter's From check is not in effect")
+
+    def verify(self, name: str, path: Path) -> None:
+        raw = path.read_bytes()
+        count = len(signatures(raw))
+
+        def dnsfunc(qname: bytes, timeout: int = 5) -> bytes | None:
+            return self.records.get(qname.decode().rstrip(".").lower())
+
+        if count == 0:
+            print(f"  {name}: no DKIM-Signature at the sink, as expected", flush=True)
+            return
+        verifier = dkim.DKIM(raw)
+        for index in range(count):
+            if not verifier.verify(idx=index, dnsfunc=dnsfunc):
+                raise BenchError(f"{name}: signature {index + 1} of {count} in {path} does "
+                                 "not verify with dkimpy")
+        print(f"  {name}: {count} DKIM signature(s) verified with dkimpy", flush=True)
+
+    def measure(self, name: str, size: int, rep: int) -> RunResult:
+        self.select(name)
+        self.warm_up(name, size)
+        self.clear_outbox()
+        count = self.args.messages
+        master = int((self.relay.settings.queue / "pid" / "master.pid").read_text().split()[0])
+        policyd = self.relay.children["policyd"].process
+        assert policyd is not None
+        milter_pids = {n: m.pid() for n, m in self.milters.items() if m.pid() is not None}
+
+        def snapshot() -> tuple[dict[str, float], float, float, float]:
+            milters = {n: process_tree_cpu(p) for n, p in milter_pids.items() if p}
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            return (milters, process_tree_cpu(master, reaped=True),
+                    process_tree_cpu(policyd.pid), usage.ru_utime + usage.ru_stime)
+
+        load_before = load_average()
+        before = snapshot()
+        start = time.perf_counter()
+        self.deliver(count, size, f"run-{name}-{size}-{rep}")
+        accepted = time.perf_counter()
+        self.wait_drained()
+        done = time.perf_counter()
+        after = snapshot()
+        delivered = self.outbox()
+        if len(delivered) != count:
+            time.sleep(0.5)
+            delivered = self.outbox()
+            if len(delivered) != count:
+                raise BenchError(f"{name}: {len(delivered)} of {count} messages reached the "
+                                 "sink")
+        self.check_delivered(name, count, delivered[-1:])
+        milter_cpu = {n: after[0][n] - before[0][n] for n in before[0]}
+        return RunResult(
+            setup=name, body_size=size, messages=count, concurrency=self.args.concurrency,
+            seconds=done - start, accept_seconds=accepted - start,
+            milter_cpu=milter_cpu.get(name, 0.0),
+            postfix_cpu=after[1] - before[1], policyd_cpu=after[2] - before[2],
+            client_cpu=after[3] - before[3],
+            other_milters_cpu=sum(v for n, v in milter_cpu.items() if n != name),
+            load_before=load_before, load_after=load_average())
+
+
+# -- output ----------------------------------------------------------------------------------
+def spread(values: list[float], digits: int) -> str:
+    median = statistics.median(values)
+    if len(values) == 1:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def size_label(size: int) -> str:
+    return f"{size / 1000:g} KB" if size >= 1000 else f"{size} B"
+
+
+def table(results: list[RunResult], setups: list[str], sizes: list[int]) -> str:
+    header = ("| setup | body | msg/s | accepted/s | milter CPU ms/msg | Postfix CPU ms/msg "
+              "| policyd CPU ms/msg | client CPU ms/msg |")
+    lines = [header, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for size in sizes:
+        for name in setups:
+            runs = [r for r in results if r.setup == name and r.body_size == size]
+            if not runs:
+                continue
+            milter = ("-" if name == "none"
+                      else spread([r.per_message(r.milter_cpu) for r in runs], 2))
+            lines.append(
+                f"| {name} | {size_label(size)} | {spread([r.rate for r in runs], 0)} "
+                f"| {spread([r.accept_rate for r in runs], 0)} | {milter} "
+                f"| {spread([r.per_message(r.postfix_cpu) for r in runs], 2)} "
+                f"| {spread([r.per_message(r.policyd_cpu) for r in runs], 2)} "
+                f"| {spread([r.per_message(r.client_cpu) for r in runs], 2)} |")
+    return "\n".join(lines)
+
+
+def describe_host() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    postfix = version_of([POSTCONF, "-d", "-h", "mail_version"], r"(\S+)")
+    return (f"host: {os.cpu_count()} CPUs, {cpu}; Python {platform.python_version()}; "
+            f"Postfix {postfix}; opendkim {debian_version('opendkim')}; "
+            f"dkimpy-milter {debian_version('dkimpy-milter')}")
+
+
+# -- main ------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    doc = __doc__ or ""
+    head, rest = doc.split("\nOPTIONS\n", 1)
+    parser = argparse.ArgumentParser(
+        prog="postfix_milter_bench.py",
+        description=head.split("\n\n", 1)[1],
+        epilog="BENCH-ONLY SETTINGS\n" + rest.split("\nBENCH-ONLY SETTINGS\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=1000, metavar="M",
+                        help="messages per measured run (default 1000)")
+    parser.add_argument("--concurrency", type=int, default=4, metavar="C",
+                        help="concurrent SMTP sessions (default 4)")
+    parser.add_argument("--body-size", type=int, action="append", metavar="BYTES",
+                        help="body size in bytes; repeatable (default: 2000 and 20000)")
+    parser.add_argument("--setup", action="append", choices=SETUPS, metavar="NAME",
+                        help="none, keyrelay, opendkim or dkimpy; repeatable "
+                             "(default: all four)")
+    parser.add_argument("--repeat", type=int, default=3, metavar="R",
+                        help="measured runs per setup and body size, interleaved (default 3)")
+    parser.add_argument("--warmup", type=int, default=20, metavar="W",
+                        help="warm-up messages after each switch (default 20)")
+    parser.add_argument("--tmpdir", type=Path, metavar="DIR",
+                        help="where the temporary folder goes (default: $TMPDIR or /tmp)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary folder and print where it is")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write every run's figures to FILE as JSON")
+    args = parser.parse_args(argv)
+    args.setup = [name for name in SETUPS if name in (args.setup or SETUPS)]
+    args.body_size = args.body_size or [2000, 20000]
+    for name in ("messages", "concurrency", "repeat"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if any(size < 2 for size in args.body_size):
+        parser.error("--body-size must be at least 2")
+    if args.warmup < 0:
+        parser.error("--warmup must not be negative")
+    return args
+
+
+def _stop_on_signal(number: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {number}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("postfix_milter_bench.py: error: run as root (it starts a private Postfix "
+              "instance and the milters as their own users)", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    root = Path(tempfile.mkdtemp(prefix="krbench-", dir=args.tmpdir))
+    root.chmod(0o755)
+    (root / "logs").mkdir()
+    bench = Bench(root, args)
+    results: list[RunResult] = []
+    print(describe_host())
+    print(f"load average before: {load_average()}")
+    print(f"setting up in {root} ...", flush=True)
+    status = 0
+    try:
+        bench.build()
+        bench.start()
+        print(f"{args.messages} messages per run, {args.concurrency} sessions, "
+              f"{args.repeat} run(s) per setup and body size, interleaved", flush=True)
+        for rep in range(1, args.repeat + 1):
+            for name in args.setup:
+                for size in args.body_size:
+                    result = bench.measure(name, size, rep)
+                    results.append(result)
+                    milter = ("" if name == "none" else
+                              f", milter {result.per_message(result.milter_cpu):.2f} ms")
+                    print(f"  run {rep} {name:8} {size_label(size):>6}: {result.rate:6.0f} "
+                          f"msg/s{milter}, Postfix {result.per_message(result.postfix_cpu):.2f}"
+                          f" ms, policyd {result.per_message(result.policyd_cpu):.2f} ms per "
+                          f"message (load {result.load_before} -> {result.load_after})",
+                          flush=True)
+    except (BenchError, DemoError, OSError, subprocess.SubprocessError) as exc:
+        print(f"postfix_milter_bench.py: error: {exc}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        print("postfix_milter_bench.py: interrupted", file=sys.stderr)
+        status = 130
+    finally:
+        print("stopping Postfix, the milters, keyrelay-policyd and smtp-sink ...", flush=True)
+        bench.stop()
+    print(f"load average after: {load_average()}")
+    if results:
+        print(f"\n{args.messages} messages per run, {args.concurrency} concurrent "
+              "authenticated sessions; median (lowest-highest) of "
+              f"{args.repeat} interleaved run(s)\n")
+        print(table(results, args.setup, args.body_size))
+        if args.json:
+            args.json.write_text(json.dumps(
+                [dict(vars(r), rate=r.rate, accept_rate=r.accept_rate) for r in results],
+                indent=2) + "\n")
+    if args.keep or status == 1:
+        print(f"\nkept {root} (configuration, logs, the last messages at the sink)")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
