@@ -13,10 +13,15 @@ BIN := $(VENV)/bin
 RUN_DIR := run
 
 # Everything the project needs from Debian, for building the Python
-# dependencies (pymilter links against libmilter) and for the tests.
+# dependencies (pymilter links against libmilter) and for the tests. slapd (with
+# slapadd) is for the LDAP backend's tests, which start private slapd instances on
+# loopback (tests/slapd_harness.py); the system slapd is installed unconfigured and
+# disabled (scripts/ensure-debian-packages). ldap-utils: ldapsearch/ldapadd, the
+# commands docs/ldap.md uses, for looking into a test server.
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 	postfix swaks libnet-ssleay-perl openssl \
-	libmail-dkim-perl libcryptx-perl dnsmasq-base
+	libmail-dkim-perl libcryptx-perl dnsmasq-base \
+	slapd ldap-utils
 
 # Only for bench/postfix_milter_bench.py (make bench-deps), not for make test: the other
 # milters keyrelay-milter is compared with. The bench starts its own instances with its own

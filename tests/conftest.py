@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from policyd_harness import free_port
+from slapd_harness import DEFAULT_INDEXES, KEYRELAY_INDEXES, SLAPD, Slapd, keyrelay_schemas
 
 from keyrelay.demo import Relay, Settings
 
@@ -42,3 +43,22 @@ def demo_relay() -> Iterator[Relay]:
     finally:
         relay.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slapd() -> Iterator[Slapd]:
+    """A private OpenLDAP slapd on free loopback ports for the session (tests/slapd_harness.py).
+
+    Debian's core schemas plus ``ldap/keyrelay.ldif`` when the repository has it (then with
+    the indexes of docs/ldap.md), suffix ``dc=keyrelay,dc=test``, keyrelay's records under
+    ``slapd.base_dn``, the default ACLs. Clients use ``slapd.url`` (StartTLS) or
+    ``slapd.ldaps_url`` with ``slapd.ca_file``, bind as ``slapd.service_dn`` with the password
+    in ``slapd.service_password_file`` (``slapd.directory_config()`` is keyrelay's
+    ``directory:`` section for it). Shared by the session: a test that stops or pauses the
+    server, or needs other ACLs, starts its own ``Slapd``.
+    """
+    if not SLAPD.exists():
+        pytest.skip("slapd is not installed (make test installs it)")
+    schemas = keyrelay_schemas()
+    with Slapd(schemas=schemas, indexes=KEYRELAY_INDEXES if schemas else DEFAULT_INDEXES) as server:
+        yield server
