@@ -1,5 +1,5 @@
 """The LDAP backend's mapping between records and entries, without a server; and the generated
-schema files. (The backend against a real slapd: tests/test_directory_contract.py.)"""
+schema files. (The backend against a real slapd: tests/test_directory_ldap.py.)"""
 
 from __future__ import annotations
 
@@ -86,3 +86,10 @@ def test_schema_oids_are_unique_and_classes_use_known_attributes() -> None:
     build_rich_directory(data)
     used = {name for attrs in entries_of(data, BASE).values() for name in attrs}
     assert used - {"objectClass"} <= known
+
+
+def test_schema_descriptions_hold_no_quote_slapd_would_stop_at() -> None:
+    for a in ATTRIBUTES:
+        assert "'" not in a.description, a.name
+    for c in OBJECT_CLASSES:
+        assert "'" not in c.description, c.name

@@ -98,7 +98,7 @@ ATTRIBUTES = [
     Attribute(2, "krStatus", _IA5, True, "active or suspended"),
     Attribute(3, "krMonitor", _BOOL, True, "monitor mode: log would-be refusals, let mail pass"),
     Attribute(4, "krIpAllow", _IA5, False, "CIDR a principal may log in and send from"),
-    Attribute(5, "krPool", _IA5, True, "name of the IP pool the principal's mail leaves by"),
+    Attribute(5, "krPool", _IA5, True, "name of the IP pool the mail of the principal leaves by"),
     Attribute(6, "krMessagesPerMinute", _INT, True, "messages per minute"),
     Attribute(7, "krMessagesPerHour", _INT, True, "messages per hour"),
     Attribute(8, "krRecipientsPerMessage", _INT, True, "recipients per message"),
@@ -106,7 +106,7 @@ ATTRIBUTES = [
     Attribute(10, "krAccount", _IA5, True, "account a subuser belongs to"),
     Attribute(11, "krPrincipal", _IA5, True, "principal: ACCOUNT or ACCOUNT/SUBUSER"),
     Attribute(12, "krKeyId", _IA5, True, "public id of an API key"),
-    Attribute(13, "krSecretHash", _EXACT, True, "hash of an API key's secret (never the key)"),
+    Attribute(13, "krSecretHash", _EXACT, True, "hash of the secret of an API key (never the key)"),
     Attribute(14, "krScope", _IA5, False, "scope granted to an API key, e.g. mail.send"),
     Attribute(15, "krExpires", _TIME, True, "when an API key expires"),
     Attribute(16, "krRevoked", _TIME, True, "when an API key was revoked"),
@@ -125,7 +125,7 @@ ATTRIBUTES = [
     Attribute(29, "krBind", _IA5, False, "outbound source address of an IP pool"),
     Attribute(30, "krHelo", _IA5, True, "HELO name of an IP pool"),
     Attribute(31, "krSerial", _INT, True, "change serial, raised by every keyrelay write"),
-    Attribute(32, "krPosition", _INT, True, "place of a selector in its domain's list"),
+    Attribute(32, "krPosition", _INT, True, "place of a selector in the list of its domain"),
 ]
 
 _LIMITS = ("krMessagesPerMinute", "krMessagesPerHour", "krRecipientsPerMessage")
@@ -495,12 +495,14 @@ class LdapDirectory:
         servers = []
         for url in cfg.urls:
             servers.append(ldap3.Server(url, use_ssl=url.startswith("ldaps://"), tls=tls,
-                                        get_info=ldap3.NONE, connect_timeout=cfg.timeout))
+                                        get_info=ldap3.NONE,
+                                        connect_timeout=max(1, round(cfg.timeout))))
         pool = ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=False)
         password = self._read_password() if cfg.bind_dn else None
         try:
             conn = ldap3.Connection(pool, user=cfg.bind_dn or None, password=password,
-                                    receive_timeout=cfg.timeout, raise_exceptions=True,
+                                    receive_timeout=max(1, round(cfg.timeout)),  # ldap3 #1068: int
+                                    raise_exceptions=True,
                                     auto_bind=ldap3.AUTO_BIND_NONE, read_only=False)
             conn.open()
             if cfg.start_tls and not conn.server.ssl:
@@ -521,9 +523,9 @@ class LdapDirectory:
         if not conn.entries and not conn.response:
             raise DirectoryUnavailable(f"LDAP base {self.base} not found")
         attrs = _attrs(conn.response[0])
-        serial = attrs.get("krserial", [None])[0]
+        serial = (attrs.get("krserial") or [None])[0]  # ldap3 lists absent ones as []
         return (None if serial is None else int(serial),
-                attrs.get("krmonitor", ["FALSE"])[0] == "TRUE")
+                (attrs.get("krmonitor") or ["FALSE"])[0] == "TRUE")
 
     def _read_all(self, conn: Any) -> tuple[DirectoryData, int | None]:
 
