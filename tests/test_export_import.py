@@ -1,5 +1,5 @@
-"""``keyrelay export`` / ``keyrelay import`` with the real CLI (YAML on both sides here; the
-YAML <-> LDAP round trip is in tests/test_directory_contract.py)."""
+"""``keyrelay export`` / ``keyrelay import`` with the real CLI (YAML on both sides here;
+the LDAP side of the mapping is in tests/test_ldap_mapping.py and tests/test_directory_ldap.py)."""
 
 from __future__ import annotations
 
