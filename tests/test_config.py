@@ -204,7 +204,7 @@ ERRORS = [
     ("keys:\n  last_used_flush_interval: 0.5\n", "keys.last_used_flush_interval", "at least 1s"),
     ("keys:\n  default_expiry: 0\n", "keys.default_expiry", "at least 1s, got 0s"),
     ("logging:\n  level: verbose\n", "logging.level", "must be one of 'debug', 'info'"),
-    ("directory:\n  backend: ldap\n", "directory.backend", "must be one of 'yaml'"),
+    ("directory:\n  backend: sql\n", "directory.backend", "must be one of 'yaml', 'ldap'"),
     ("keys:\n  default_expiry: 3 months\n", "keys.default_expiry", "invalid duration"),
     ("domains:\n  failing_grace: 2y\n", "domains.failing_grace", "unknown unit 'y'"),
     ("domains:\n  failing_grace: -5\n", "domains.failing_grace", "non-negative"),
