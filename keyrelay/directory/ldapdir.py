@@ -523,8 +523,8 @@ class LdapDirectory:
         if not conn.entries and not conn.response:
             raise DirectoryUnavailable(f"LDAP base {self.base} not found")
         attrs = _attrs(conn.response[0])
-        serial = (attrs.get("krserial") or [None])[0]  # ldap3 lists absent ones as []
-        return (None if serial is None else int(serial),
+        serials = attrs.get("krserial") or []  # ldap3 lists an absent attribute as []
+        return (int(serials[0]) if serials else None,
                 (attrs.get("krmonitor") or ["FALSE"])[0] == "TRUE")
 
     def _read_all(self, conn: Any) -> tuple[DirectoryData, int | None]:
