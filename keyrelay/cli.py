@@ -685,7 +685,8 @@ def check_config(ctx: Context, args: argparse.Namespace) -> None:
 
 # -- export / import -------------------------------------------------------------------------
 def export_directory(ctx: Context, args: argparse.Namespace) -> None:
-    text = render_directory(ctx.read())
+    data = ctx.read()
+    text = render_directory(data)
     if args.output in (None, "-"):
         ctx.out.write(text)
         return
@@ -693,7 +694,6 @@ def export_directory(ctx: Context, args: argparse.Namespace) -> None:
     fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
-    data = ctx.read()
     ctx.say(f"Exported {len(data.accounts)} accounts, {len(data.subusers)} subusers, "
             f"{len(data.keys)} keys, {len(data.domains)} domains, {len(data.senders)} senders "
             f"and {len(data.pools)} pools to {args.output}.")

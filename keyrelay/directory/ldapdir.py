@@ -467,6 +467,7 @@ class LdapDirectory:
         self._refresher: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
+        self._poll_conn: Any = None  # the refresher's connection, reused between polls
         self.problems: list[str] = []  # entries the last load skipped
 
     def __repr__(self) -> str:
@@ -486,8 +487,8 @@ class LdapDirectory:
         return self._password
 
     def connect(self) -> Any:
-        """A bound ldap3 connection (StartTLS first when configured); DirectoryUnavailable
-        with the server's reason otherwise."""
+        """A bound ldap3 connection (StartTLS first when configured); callers go through
+        ``_guarded``, which turns LDAP and socket errors into ``DirectoryUnavailable``."""
 
         cfg = self.config
         tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=cfg.ca_file or None,
@@ -499,19 +500,14 @@ class LdapDirectory:
                                         connect_timeout=max(1, round(cfg.timeout))))
         pool = ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=False)
         password = self._read_password() if cfg.bind_dn else None
-        try:
-            conn = ldap3.Connection(pool, user=cfg.bind_dn or None, password=password,
-                                    receive_timeout=max(1, round(cfg.timeout)),  # ldap3 #1068: int
-                                    raise_exceptions=True,
-                                    auto_bind=ldap3.AUTO_BIND_NONE, read_only=False)
-            conn.open()
-            if cfg.start_tls and not conn.server.ssl:
-                conn.start_tls()
-            conn.bind()
-        except LDAPException as exc:
-            raise DirectoryUnavailable(f"LDAP {', '.join(cfg.urls)}: {_reason(exc)}") from None
-        except OSError as exc:
-            raise DirectoryUnavailable(f"LDAP {', '.join(cfg.urls)}: {exc}") from None
+        conn = ldap3.Connection(pool, user=cfg.bind_dn or None, password=password,
+                                receive_timeout=max(1, round(cfg.timeout)),  # ldap3 #1068: int
+                                raise_exceptions=True,
+                                auto_bind=ldap3.AUTO_BIND_NONE, read_only=False)
+        conn.open()
+        if cfg.start_tls and not conn.server.ssl:
+            conn.start_tls()
+        conn.bind()
         return conn
 
     # -- reading -------------------------------------------------------------------------
@@ -584,7 +580,11 @@ class LdapDirectory:
         return snapshot
 
     def _refresh(self, force: bool = False) -> None:
-        conn = self._guarded(self.connect)
+        """Poll krSerial, reload when it moved; the connection is kept between polls and
+        opened again only after an error."""
+        if self._poll_conn is None:
+            self._poll_conn = self._guarded(self.connect)
+        conn = self._poll_conn
         try:
             serial, _ = self._guarded(lambda: self._serial_of(conn))
             now = self._clock()
@@ -598,8 +598,10 @@ class LdapDirectory:
                 self._serial = serial
                 self._loaded_at = now
             self._contact = now
-        finally:
+        except BaseException:
+            self._poll_conn = None
             _unbind(conn)
+            raise
 
     def _start_refresher(self) -> None:
         if self._refresher is not None:
@@ -619,6 +621,8 @@ class LdapDirectory:
 
     def close(self) -> None:
         self._stop.set()
+        if self._poll_conn is not None:
+            _unbind(self._poll_conn)
 
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
