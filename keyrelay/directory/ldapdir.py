@@ -51,7 +51,7 @@ from ldap3.core.exceptions import (
 )
 
 from .. import names
-from ..errors import DirectoryUnavailable, KeyrelayError
+from ..errors import DirectoryConflict, DirectoryUnavailable, KeyrelayError
 from .model import (
     Account,
     Algorithm,
@@ -443,10 +443,6 @@ def _unescape(value: str) -> str:
 
 
 # -- the backend -----------------------------------------------------------------------------
-class DirectoryConflict(KeyrelayError):
-    """Someone else changed the directory during this transaction; nothing was written."""
-
-
 _FILTER = "(|" + "".join(f"(objectClass={c.name})" for c in OBJECT_CLASSES[1:]) + ")"
 
 
@@ -487,28 +483,37 @@ class LdapDirectory:
         return self._password
 
     def connect(self) -> Any:
-        """A bound ldap3 connection (StartTLS first when configured); callers go through
-        ``_guarded``, which turns LDAP and socket errors into ``DirectoryUnavailable``."""
+        """A bound ldap3 connection to the first of ``urls`` that answers (StartTLS first when
+        configured). Raises ``DirectoryUnavailable`` naming every server's fault; callers go
+        through ``_guarded``, which turns later LDAP and socket errors into the same.
 
+        The servers are tried here, in order, rather than by an ldap3 ``ServerPool``: after a
+        failed round the pool waits ``POOLING_LOOP_TIMEOUT`` (10 s) before giving up, which
+        held a refresh, and every command of the CLI, for 10 s whenever LDAP was down.
+        """
         cfg = self.config
         tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=cfg.ca_file or None,
                         version=ssl.PROTOCOL_TLS_CLIENT)
-        servers = []
-        for url in cfg.urls:
-            servers.append(ldap3.Server(url, use_ssl=url.startswith("ldaps://"), tls=tls,
-                                        get_info=ldap3.NONE,
-                                        connect_timeout=max(1, round(cfg.timeout))))
-        pool = ldap3.ServerPool(servers, ldap3.FIRST, active=1, exhaust=False)
         password = self._read_password() if cfg.bind_dn else None
-        conn = ldap3.Connection(pool, user=cfg.bind_dn or None, password=password,
-                                receive_timeout=max(1, round(cfg.timeout)),  # ldap3 #1068: int
-                                raise_exceptions=True,
-                                auto_bind=ldap3.AUTO_BIND_NONE, read_only=False)
-        conn.open()
-        if cfg.start_tls and not conn.server.ssl:
-            conn.start_tls()
-        conn.bind()
-        return conn
+        timeout = max(1, round(cfg.timeout))  # ldap3 #1068: whole seconds
+        faults = []
+        for url in cfg.urls:
+            server = ldap3.Server(url, use_ssl=url.startswith("ldaps://"), tls=tls,
+                                  get_info=ldap3.NONE, connect_timeout=timeout)
+            conn = ldap3.Connection(server, user=cfg.bind_dn or None, password=password,
+                                    receive_timeout=timeout, raise_exceptions=True,
+                                    auto_bind=ldap3.AUTO_BIND_NONE, read_only=False)
+            try:
+                conn.open()
+                if cfg.start_tls and not server.ssl:
+                    conn.start_tls()
+                conn.bind()
+            except (LDAPException, OSError) as exc:
+                _unbind(conn)
+                faults.append(f"{url}: {_reason(exc)}")
+                continue
+            return conn
+        raise DirectoryUnavailable(f"LDAP {'; '.join(faults)}")
 
     # -- reading -------------------------------------------------------------------------
     def _serial_of(self, conn: Any) -> tuple[int | None, bool]:
@@ -538,14 +543,17 @@ class LdapDirectory:
         self.problems = problems
         return data, serial
 
-    def load(self) -> DirectoryData:
-        """Everything, read now (the CLI's listings)."""
+    def load(self, missing_ok: bool = False) -> DirectoryData:
+        """Everything, read now (the CLI's listings). With ``missing_ok``, a base that is not
+        a keyrelay directory yet is an empty directory."""
         conn = self._guarded(self.connect)
         try:
             data: DirectoryData
             data, serial = self._guarded(lambda: self._read_all(conn))
         finally:
             _unbind(conn)
+        if serial is None and missing_ok:
+            return DirectoryData()
         if serial is None:
             raise DirectoryUnavailable(
                 f"LDAP base {self.base} is not a keyrelay directory yet (no krDirectory "
