@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .postfixconf import run_postfix
 
@@ -80,7 +81,8 @@ class DemoError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
-    """Where the demo lives and listens; every field can come from the environment."""
+    """Where the demo lives and listens; every field but ``directory`` can come from the
+    environment."""
 
     run_dir: Path
     host: str = "127.0.0.1"
@@ -90,6 +92,9 @@ class Settings:
     submissions_port: int = 10465
     sink_port: int = 10026
     pool_address: str = "127.0.0.2"
+    # keyrelay's directory section; None: the embedded YAML file in the run directory (the
+    # tests pass an LDAP one: tests/test_e2e_ldap.py)
+    directory: Mapping[str, Any] | None = None
 
     @classmethod
     def from_env(cls, run_dir: Path, env: Mapping[str, str] = os.environ) -> Settings:
@@ -227,7 +232,8 @@ def write_config(settings: Settings) -> None:
     """The demo's keyrelay.yaml, rewritten on every start (ports come from the environment)."""
     run, host = settings.run_dir, settings.host
     config = {
-        "directory": {"backend": "yaml", "path": str(run / "directory.yaml")},
+        "directory": (dict(settings.directory) if settings.directory is not None
+                      else {"backend": "yaml", "path": str(run / "directory.yaml")}),
         "dkim": {"key_dir": str(run / "dkim")},
         "logging": {"audit_log": str(run / "audit.log")},
         "policyd": {
