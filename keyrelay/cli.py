@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,10 +34,11 @@ from .directory.model import (
 )
 from .directory.yamlfile import render as render_directory
 from .durations import format_duration, parse_duration
-from .errors import ConfigError, KeyrelayError, UserError
+from .errors import ConfigError, DirectoryConflict, KeyrelayError, UserError
 from .output import dump_json, table, when
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+CONFLICT_ATTEMPTS = 8  # runs of a command whose LDAP transaction met another writer's
 
 
 @dataclass
@@ -48,10 +51,9 @@ class Context:
     json: bool
 
     def read(self) -> DirectoryData:
-        """A fresh read for listings; no directory file yet means an empty directory."""
-        if not os.path.exists(self.config.directory.path):
-            return DirectoryData()
-        return self.directory.load()
+        """A fresh read for listings; a directory not created yet (no file, an LDAP base
+        without keyrelay's entries) is an empty directory."""
+        return self.directory.load(missing_ok=True)
 
     @contextmanager
     def change(self, action: str, **details: str) -> Iterator[DirectoryData]:
@@ -679,7 +681,7 @@ def monitor_status(ctx: Context, args: argparse.Namespace) -> None:
 # -- config ----------------------------------------------------------------------------------
 def check_config(ctx: Context, args: argparse.Namespace) -> None:
     data = ctx.read()  # the directory must parse too
-    ctx.say(f"{ctx.config_path}: OK; directory {ctx.config.directory.path}: "
+    ctx.say(f"{ctx.config_path}: OK; directory {ctx.config.directory.location}: "
             f"{len(data.accounts)} accounts, {len(data.keys)} keys, {len(data.domains)} domains")
 
 
@@ -994,6 +996,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_handler(handler: Handler, ctx: Context, args: argparse.Namespace,
+                attempts: int = CONFLICT_ATTEMPTS) -> None:
+    """Run a command; again when another writer changed the directory under it.
+
+    Only LDAP refuses a transaction that overlapped another writer's (the YAML file is
+    locked instead), and it then wrote nothing; every command prints only after its
+    transaction, so running it again is what the admin would do by hand.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            handler(ctx, args)
+            return
+        except DirectoryConflict:
+            if attempt == attempts:
+                raise
+            time.sleep(random.uniform(0.05, 0.2) * attempt)  # noqa: S311 - jitter, not a secret
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1011,7 +1031,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=sys.stdout,
             json=getattr(args, "json", False),
         )
-        args.handler(ctx, args)
+        run_handler(args.handler, ctx, args)
     except (ConfigError, KeyrelayError) as exc:
         # one line, as promised: some messages quote multi-line parser errors (PyYAML's)
         message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())

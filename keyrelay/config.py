@@ -166,6 +166,13 @@ class DirectoryConfig:
         metadata={"doc": "The LDAP directory (backend: ldap)."},
     )
 
+    @property
+    def location(self) -> str:
+        """Where the directory is, for messages: the file, or the LDAP servers and base."""
+        if self.backend == "ldap":
+            return f"{' '.join(self.ldap.urls)} (base {self.ldap.base_dn})"
+        return self.path
+
 
 @dataclass(frozen=True, slots=True)
 class DkimConfig:

@@ -41,3 +41,10 @@ class Conflict(UserError):
 
 class DirectoryUnavailable(KeyrelayError):
     """The directory cannot be read right now; every front end answers temporarily."""
+
+
+class DirectoryConflict(KeyrelayError):
+    """Someone else changed the directory during a transaction; nothing was written.
+
+    Only backends without a writers' lock raise it (LDAP); the CLI runs the command again.
+    """

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{PROG}: warning: {problem}", file=sys.stderr)
         print(textwrap.dedent(f"""\
             {PROG}: configuration {path} is valid
-            {PROG}: directory {config.directory.path} is valid
+            {PROG}: directory {config.directory.location} is valid
             {PROG}: {loaded} DKIM keys load, {len(problems)} do not"""))
         return
     try:

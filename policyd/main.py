@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.check_config:
         print(textwrap.dedent(f"""\
             keyrelay-policyd: configuration {path} is valid
-            keyrelay-policyd: directory {config.directory.path} is valid"""))
+            keyrelay-policyd: directory {config.directory.location} is valid"""))
         return
     _raise_fd_limit()
     try:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from keyrelay import admin, keys
+from keyrelay import admin
 from keyrelay.directory import DirectoryData, YamlDirectory, yamlfile
 from keyrelay.directory.model import (
     Algorithm,
@@ -641,36 +641,4 @@ def test_failed_rename_leaves_the_file_untouched_and_no_temporary_file(
     assert "gamma" in YamlDirectory(str(path)).load().accounts
 
 
-# --- concurrency ----------------------------------------------------------------------------
-
-
-def test_parallel_cli_key_creations_lose_no_update(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
-    setup = run_cli(config, "account", "add", "acme")
-    assert setup.returncode == 0, setup.stderr
-    count = 20
-
-    procs = [
-        subprocess.Popen(
-            [str(KEYRELAY), "--config", str(config), "key", "create", "acme",
-             "--name", f"k{i}", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(count)
-    ]
-    results = [(p, *p.communicate(timeout=60)) for p in procs]
-
-    for proc, _, err in results:
-        assert proc.returncode == 0, err
-    printed = {json.loads(out)["key_id"]: json.loads(out)["key"] for _, out, _ in results}
-    data = YamlDirectory(str(directory_path(tmp_path))).load()
-    assert sorted(k.name for k in data.keys.values()) == sorted(f"k{i}" for i in range(count))
-    assert set(data.keys) == set(printed)
-    for key_id, text in printed.items():  # every printed key works against what was stored
-        presented = keys.parse(text)
-        assert presented is not None
-        assert keys.secret_matches(presented, data.keys[key_id].secret_hash)
-    audit_lines = (tmp_path / "audit.log").read_text(encoding="utf-8").splitlines()
-    assert sum(json.loads(line)["action"] == "key.create" for line in audit_lines) == count
-    assert files_in(tmp_path) == {"keyrelay.yaml", "directory.yaml", "directory.yaml.lock",
-                                  "audit.log"}
+# Concurrent CLI writers: test_directory_contract.py, for every backend.

@@ -101,8 +101,11 @@ class YamlDirectory:
             assert self._snapshot is not None
             return self._snapshot
 
-    def load(self) -> DirectoryData:
-        """Parse the file now (no cache); raises ``ConfigError`` naming file, key and reason."""
+    def load(self, missing_ok: bool = False) -> DirectoryData:
+        """Parse the file now (no cache); raises ``ConfigError`` naming file, key and reason.
+        With ``missing_ok``, a file that does not exist yet is an empty directory."""
+        if missing_ok and not os.path.exists(self.path):
+            return DirectoryData()
         return self._read()
 
     def _read(self) -> DirectoryData:
