@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from keyrelay import admin
 from keyrelay.config import Config
 from keyrelay.decisions import Action, Settings, Verdict
 from keyrelay.directory import Directory, DirectoryBackend
@@ -86,8 +85,7 @@ class Context:
         Last-used is bookkeeping: a failure is logged and never affects mail.
         """
         try:
-            with self.directory.transaction(create=False) as data:
-                admin.record_key_use(data, pending)
+            self.directory.record_key_use(pending)
         except (OSError, KeyrelayError) as exc:
             log.warning("could not record keys' last-used times: %s", exc)
             return False

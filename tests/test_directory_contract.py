@@ -14,7 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +202,21 @@ def test_a_directory_not_created_yet_is_unavailable_to_the_daemons(store: Store)
     with pytest.raises((DirectoryUnavailable, ConfigError),
                        match=r"not a keyrelay directory|does not exist"):
         store.open().load()
+
+
+def test_last_used_times_only_move_forward(store: Store) -> None:
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    with store.open().transaction() as data:
+        admin.add_account(data, "acme", t0)
+        new = admin.create_key(data, "acme", "crm", ("mail.send",), None, t0)
+    daemon = store.open()
+
+    daemon.record_key_use({new.key_id: t0, "aaaaaaaaaaaaaaaa": t0})  # a removed key: skipped
+    assert store.open().load().keys[new.key_id].last_used == t0
+    daemon.record_key_use({new.key_id: t0 - timedelta(hours=1)})  # another node, behind
+    assert store.open().load().keys[new.key_id].last_used == t0
+    daemon.record_key_use({new.key_id: t0 + timedelta(minutes=1)})
+    assert store.open().load().keys[new.key_id].last_used == t0 + timedelta(minutes=1)
 
 
 # -- writers ---------------------------------------------------------------------------------

@@ -41,6 +41,21 @@ def test_a_concurrent_writer_is_refused_not_lost(ldap_dir: LdapDirectory) -> Non
     assert set(ldap_dir.load().accounts) == {"second"}
 
 
+
+def test_last_used_times_do_not_make_the_readers_reload(ldap_dir: LdapDirectory) -> None:
+    with ldap_dir.transaction() as data:
+        admin.add_account(data, "acme", datetime.now(UTC))
+        new = admin.create_key(data, "acme", "crm", ("mail.send",), None, datetime.now(UTC))
+    reader = LdapDirectory(ldap_dir.config)
+    first = reader.snapshot()
+
+    ldap_dir.record_key_use({new.key_id: datetime.now(UTC)})
+    time.sleep(1.0)  # five refresh intervals
+
+    assert reader.snapshot() is first  # the serial did not move: nothing to reload
+    assert ldap_dir.load().keys[new.key_id].last_used is not None
+    reader.close()
+
 @pytest.fixture
 def own_slapd() -> Iterator[Slapd]:
     """A slapd this test may stop and pause (the session's is shared)."""

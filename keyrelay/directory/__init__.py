@@ -1,15 +1,18 @@
 """The account directory: data model, backend interface and the backends.
 
-Every backend offers the same two operations: ``snapshot()`` (a frozen ``Directory`` for the
-hot path, cheap when nothing changed; raises ``DirectoryUnavailable``) and ``transaction()``
-(a context manager yielding ``DirectoryData`` to change; written back when the block ends
-without an exception). All rules about what a change may do live in ``keyrelay.admin``, once,
+Every backend offers the same operations: ``snapshot()`` (a frozen ``Directory`` for the hot
+path, cheap when nothing changed; raises ``DirectoryUnavailable``), ``load()`` (a fresh read),
+``transaction()`` (a context manager yielding ``DirectoryData`` to change; written back when
+the block ends without an exception) and ``record_key_use()`` (the daemons' last-used
+times, which no decision reads: the LDAP backend writes them without making every reader
+reload). All rules about what a change may do live in ``keyrelay.admin``, once,
 for every backend.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 from .model import Directory, DirectoryData
@@ -25,6 +28,8 @@ class DirectoryBackend(Protocol):
     def load(self, missing_ok: bool = False) -> DirectoryData: ...
 
     def transaction(self, create: bool = True) -> AbstractContextManager[DirectoryData]: ...
+
+    def record_key_use(self, used: dict[str, datetime]) -> None: ...
 
 
 def open_directory(config: Config) -> DirectoryBackend:

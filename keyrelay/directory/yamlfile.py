@@ -123,6 +123,13 @@ class YamlDirectory:
             raise ConfigError(self.path, "", f"not valid YAML: {exc}") from None
         return _Parser(self.path).document(document)
 
+    def record_key_use(self, used: dict[str, datetime]) -> None:
+        """Keys' last-used times from a daemon; never creates the file."""
+        from .. import admin  # here: keyrelay.admin imports this package
+
+        with self.transaction(create=False) as data:
+            admin.record_key_use(data, used)
+
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
     def transaction(self, create: bool = True) -> Iterator[DirectoryData]:
