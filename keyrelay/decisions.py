@@ -14,9 +14,10 @@ is no principal to trust) nor to temporary faults of ours.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import NamedTuple
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 from . import keys, names
 from .directory.model import (
@@ -138,8 +139,9 @@ class LoginFacts:
     secured: bool = True  # the connection is under TLS (Dovecot protocol's "secured")
 
 
-@dataclass(frozen=True, slots=True)
-class EnvelopeFacts:
+class EnvelopeFacts(NamedTuple):
+    """Immutable; a NamedTuple like ``Verdict``: built for every policy request."""
+
     identity: str  # Postfix's sasl_username; "" for an unauthenticated session
     submission: bool  # a submission service (587/465/2525), where AUTH is required
     client_address: str
@@ -156,8 +158,9 @@ class HeaderFacts:
     now: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class RateFacts:
+class RateFacts(NamedTuple):
+    """Immutable; a NamedTuple like ``Verdict``: built for every policy request."""
+
     identity: str
     messages_last_minute: int  # including the message being decided
     messages_last_hour: int
@@ -171,6 +174,7 @@ def format_identity(principal: str, key_id: str) -> str:
     return f"{principal}:{key_id}"
 
 
+@lru_cache(maxsize=4096)  # asked several times per policy request; logins are few
 def parse_identity(identity: str) -> tuple[str, str] | None:
     principal, colon, key_id = identity.rpartition(":")
     if not colon or not principal or not keys.KEY_ID_RE.match(key_id):
@@ -418,7 +422,67 @@ def _pool_transport(
 
 
 def decide_envelope(directory: Directory, settings: Settings, facts: EnvelopeFacts) -> Verdict:
-    """MAIL FROM / RCPT TO on the policy service: login, IP rules, sender, routing."""
+    """MAIL FROM / RCPT TO on the policy service: login, IP rules, sender, routing.
+
+    Postfix asks this at MAIL, at every RCPT and at DATA, nearly always with the same login,
+    client and sender as the request before. A plain allow is remembered with the snapshot
+    (which never changes: a changed directory is a new snapshot) until the first moment time
+    alone could change it (``_allow_horizon``). Refusals and monitored allows are decided
+    every time: they are rare, and some of them could turn back into an allow if the clock
+    were set back.
+    """
+    memo: _EnvelopeMemo = _memo(directory, settings, "envelope")
+    question = (facts.identity, facts.submission, facts.client_address, facts.sender)
+    known = memo.get(question)
+    if known is not None and facts.now < known[1]:
+        return known[0]
+    verdict = _decide_envelope(directory, settings, facts)
+    if verdict.action is Action.ALLOW and verdict.monitored is None and verdict.key_id:
+        if len(memo) >= _ENVELOPE_MEMO_MAX:
+            memo.clear()  # bounded: an owned domain has any number of sender addresses
+        memo[question] = (verdict, _allow_horizon(directory, settings, verdict, facts.sender))
+    return verdict
+
+
+# Allowed envelopes remembered per snapshot (see decide_envelope); about 300 bytes each.
+_ENVELOPE_MEMO_MAX = 65536
+_FOREVER = datetime.max.replace(tzinfo=UTC)
+_EnvelopeMemo = dict[tuple[str, bool, str, str], tuple[Verdict, datetime]]
+
+
+class _SettingsMemo(NamedTuple):
+    settings: Settings  # compared by identity: hashing Settings would cost more than a lookup
+    values: dict[Any, Any]
+
+
+def _memo(directory: Directory, settings: Settings, name: str) -> dict[Any, Any]:
+    """Values derived from this snapshot and these settings, computed once (the snapshot
+    never changes; other settings, after a reload, start a new memo)."""
+    found = directory.derived.get(name)
+    if isinstance(found, _SettingsMemo) and found.settings is settings:
+        return found.values
+    memo = directory.derived[name] = _SettingsMemo(settings, {})
+    return memo.values
+
+
+def _allow_horizon(
+    directory: Directory, settings: Settings, verdict: Verdict, sender: str
+) -> datetime:
+    """The first moment at which an envelope allowed now could be decided otherwise by time
+    alone: the login's key expires, or the sender's domain, failing DNS checks, reaches the
+    end of its grace period (``_key_problem``, ``domain_may_send``). Allowed until then."""
+    horizon = _FOREVER
+    key = directory.keys.get(verdict.key_id or "")
+    if key is not None and key.expires is not None:
+        horizon = key.expires
+    address = _normal_address(sender) or ""
+    domain = directory.domains.get(address.rpartition("@")[2])
+    if domain is not None and domain.state is DomainState.FAILING and domain.verified_at:
+        horizon = min(horizon, domain.verified_at + settings.failing_grace)
+    return horizon
+
+
+def _decide_envelope(directory: Directory, settings: Settings, facts: EnvelopeFacts) -> Verdict:
     if not facts.identity:
         if facts.submission:
             return _refuse(530, "5.7.0", "auth_required", "Authentication required")
@@ -467,10 +531,10 @@ def decide_envelope(directory: Directory, settings: Settings, facts: EnvelopeFac
 # -- rate limits -----------------------------------------------------------------------------
 def limits_for(directory: Directory, settings: Settings, principal: str) -> Limits:
     """The principal's effective limits: its own, else its account's, else the defaults."""
-    memo = ("limits", principal, settings.default_limits)
-    found = directory.derived.get(memo)
+    memo = _memo(directory, settings, "limits")
+    found = memo.get(principal)
     if found is None:
-        found = directory.derived[memo] = _limits_for(directory, settings, principal)
+        found = memo[principal] = _limits_for(directory, settings, principal)
     assert isinstance(found, Limits)
     return found
 

@@ -26,7 +26,6 @@ from keyrelay.decisions import (
     Verdict,
     decide_envelope,
     decide_rate,
-    parse_identity,
 )
 from keyrelay.errors import DirectoryUnavailable
 
@@ -86,7 +85,8 @@ class PolicyService:
             now=now,
         )
         verdict = decide_envelope(directory, ctx.settings, facts)
-        if not verdict.allowed or parse_identity(identity) is None:
+        # An allow without a principal is a session without login (port 25): nothing to count.
+        if not verdict.allowed or verdict.principal is None:
             return verdict
         if stage == "RCPT":
             # Postfix sends recipient_count=0 until DATA (POSTFIX-REFERENCE.md section 2):

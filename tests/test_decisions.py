@@ -14,7 +14,7 @@ from datetime import timedelta
 import pytest
 from factories import NOW, World, key_id
 
-from keyrelay import admin
+from keyrelay import admin, decisions
 from keyrelay.config import default_config
 from keyrelay.decisions import (
     Action,
@@ -516,6 +516,57 @@ def test_envelope_failing_grace_period_comes_from_settings() -> None:
     verdict = envelope(w, identity(w, w.key("acme")), "x@acme.example",
                        settings=settings)
     assert_refused(verdict, 550, "5.7.1", "sender_not_owned")
+
+
+def test_envelope_remembered_allow_ends_when_the_key_expires_on_the_same_snapshot(
+    world: World,
+) -> None:
+    ident = identity(world, world.key("acme", expires=NOW + timedelta(minutes=5)))
+    directory = world.snapshot()
+    for minutes, allowed in [(0, True), (4, True), (5, False), (4, True), (6, False)]:
+        facts = EnvelopeFacts(ident, True, INSIDE, "x@acme.example",
+                              NOW + timedelta(minutes=minutes))
+        assert decide_envelope(directory, DEFAULTS, facts).allowed is allowed, minutes
+
+
+def test_envelope_remembered_allow_ends_with_the_failing_domains_grace_period() -> None:
+    w = World()
+    w.account("acme")
+    w.domain("acme", "acme.example", state=DomainState.FAILING, verified_at=NOW)
+    ident = identity(w, w.key("acme"))
+    directory = w.snapshot()
+    for hours, allowed in [(0, True), (72, True), (73, False), (1, True)]:
+        facts = EnvelopeFacts(ident, True, INSIDE, "X@Acme.Example", NOW + timedelta(hours=hours))
+        verdict = decide_envelope(directory, DEFAULTS, facts)
+        assert verdict.allowed is allowed, hours
+
+
+def test_envelope_remembered_allow_follows_other_settings_and_a_new_snapshot(
+    world: World,
+) -> None:
+    text = world.key("acme")
+    ident = identity(world, text)
+    directory = world.snapshot()
+    facts = EnvelopeFacts(ident, True, INSIDE, "x@acme.example", NOW)
+    assert decide_envelope(directory, DEFAULTS, facts).transport == "kr-pool-acme-out"
+    prefixed = replace(DEFAULTS, transport_prefix="out-")
+    assert decide_envelope(directory, prefixed, facts).transport == "out-acme-out"
+    assert decide_envelope(directory, DEFAULTS, facts).transport == "kr-pool-acme-out"
+    admin.revoke_key(world.data, key_id(text), NOW)
+    assert_refused(decide_envelope(world.snapshot(), DEFAULTS, facts), 550, "5.7.1",
+                   "revoked_key")
+
+
+def test_envelope_remembers_at_most_a_bounded_number_of_allows(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decisions, "_ENVELOPE_MEMO_MAX", 3)
+    ident = identity(world, world.key("acme"))
+    directory = world.snapshot()
+    for n in range(10):
+        facts = EnvelopeFacts(ident, True, INSIDE, f"user{n}@acme.example", NOW)
+        assert decide_envelope(directory, DEFAULTS, facts).allowed
+        assert len(decisions._memo(directory, DEFAULTS, "envelope")) <= 3
 
 
 def test_envelope_null_sender_from_an_application_is_refused(world: World) -> None:
