@@ -196,20 +196,30 @@ class Client:
         self.writer.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat`` utime, stime)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def drive(service: str, endpoint: str, issued: list[tuple[str, str]], connections: int,
-                seconds: float, rate: float) -> tuple[int, float, list[float]]:
+                seconds: float, rate: float, pid: int) -> tuple[int, float, list[float], float]:
+    """(requests, seconds, latencies, policyd's CPU seconds) of the measured run."""
     clients = [Client(service, endpoint, issued) for _ in range(connections)]
     await asyncio.gather(*(c.connect() for c in clients))
     interval = connections / rate if rate else 0.0
     warm: list[float] = []
     await asyncio.gather(*(c.run(time.perf_counter() + 1.0, warm, interval) for c in clients))
     latencies: list[float] = []
+    cpu = cpu_seconds(pid)
     started = time.perf_counter()
     await asyncio.gather(*(c.run(started + seconds, latencies, interval) for c in clients))
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(pid) - cpu
     for c in clients:
         c.close()
-    return len(latencies), elapsed, latencies
+    return len(latencies), elapsed, latencies, cpu
 
 
 def main() -> None:
@@ -249,8 +259,9 @@ def main() -> None:
         try:
             services = ["policy", "auth"] if args.service == "both" else [args.service]
             for service in services:
-                count, elapsed, lat = asyncio.run(drive(
-                    service, listen[service], issued, args.connections, args.seconds, args.rate
+                count, elapsed, lat, cpu = asyncio.run(drive(
+                    service, listen[service], issued, args.connections, args.seconds, args.rate,
+                    proc.pid,
                 ))
                 lat.sort()
                 p50 = statistics.median(lat) * 1e3
@@ -259,6 +270,8 @@ def main() -> None:
                 mode += f", {args.transport}"
                 print(f"{service:6s} {count / elapsed:9.0f} req/s  p50 {p50:.2f} ms  "
                       f"p99 {p99:.2f} ms  max {lat[-1] * 1e3:.2f} ms  "
+                      f"policyd CPU {cpu / count * 1e6:.0f} us/request "
+                      f"({100 * cpu / elapsed:.0f} % of a core)  "
                       f"({count} requests, {args.connections} connections, {mode}, "
                       f"{elapsed:.1f}s)")
         finally:
