@@ -105,7 +105,8 @@ def uncreate(slapd: Any) -> None:
         if "krDirectory" in found[slapd.base_dn.lower()]:
             conn.modify(slapd.base_dn, {"objectClass": [(ldap3.MODIFY_DELETE, ["krDirectory"])],
                                         "krSerial": [(ldap3.MODIFY_REPLACE, [])],
-                                        "krMonitor": [(ldap3.MODIFY_REPLACE, [])]})
+                                        "krMonitor": [(ldap3.MODIFY_REPLACE, [])],
+                                        "krChange": [(ldap3.MODIFY_REPLACE, [])]})
     finally:
         conn.unbind()
 

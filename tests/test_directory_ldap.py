@@ -12,14 +12,17 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import ldap3
 import pytest
 from policyd_harness import free_port, wait_until
 from slapd_harness import KEYRELAY_INDEXES, SLAPD, Slapd
+from test_yaml_directory import build_rich_directory
 
 from keyrelay import admin
 from keyrelay.config import parse_config
+from keyrelay.directory import ldapdir
 from keyrelay.directory.ldapdir import LdapDirectory
-from keyrelay.directory.model import DirectoryData
+from keyrelay.directory.model import Directory, DirectoryData
 from keyrelay.errors import DirectoryConflict, DirectoryUnavailable
 
 
@@ -54,6 +57,97 @@ def test_last_used_times_do_not_make_the_readers_reload(ldap_dir: LdapDirectory)
 
     assert reader.snapshot() is first  # the serial did not move: nothing to reload
     assert ldap_dir.load().keys[new.key_id].last_used is not None
+    reader.close()
+
+
+# -- the change log: readers fetch only what a write changed ---------------------------------
+def manual_reader(ldap_dir: LdapDirectory, reads: list[int]) -> LdapDirectory:
+    """A reader whose refresher never runs by itself (the test calls ``_refresh``), counting
+    its full reads in ``reads``."""
+    config = parse_config({"directory": {"backend": "ldap", "ldap": {
+        **_ldap_settings(ldap_dir), "refresh_interval": 3600}}}, "t.yaml")
+    reader = LdapDirectory(config.directory.ldap)
+    whole = reader._read_entries
+
+    def counted(conn: Any) -> Any:
+        reads.append(1)
+        return whole(conn)
+
+    reader._read_entries = counted  # type: ignore[method-assign]
+    return reader
+
+
+def _ldap_settings(directory: LdapDirectory) -> dict[str, Any]:
+    c = directory.config
+    return {"urls": list(c.urls), "start_tls": c.start_tls, "ca_file": c.ca_file,
+            "base_dn": c.base_dn, "bind_dn": c.bind_dn,
+            "bind_password_file": c.bind_password_file}
+
+
+def same(snapshot: Directory, data: DirectoryData) -> bool:
+    return (dict(snapshot.accounts) == data.accounts and dict(snapshot.subusers) == data.subusers
+            and dict(snapshot.keys) == data.keys and dict(snapshot.domains) == data.domains
+            and dict(snapshot.pools) == data.pools and snapshot.monitor == data.monitor
+            and all(p in snapshot.senders_of(a) for p, a in data.senders))
+
+
+def test_a_reader_follows_writes_by_fetching_only_the_changed_entries(
+        ldap_dir: LdapDirectory) -> None:
+    reads: list[int] = []
+    reader = manual_reader(ldap_dir, reads)
+    reader.snapshot()  # the first, full read
+    t0 = datetime.now(UTC)
+    steps = [
+        lambda d: build_rich_directory(d),
+        lambda d: admin.revoke_key(d, next(k for k in d.keys.values()
+                                           if k.revoked is None).key_id, t0),
+        lambda d: admin.set_monitor(d, None, False),
+        lambda d: admin.ungrant_domain(d, "example.com", "acme/marketing"),
+        lambda d: admin.remove_sender(d, "beta", "news@example.org"),
+        lambda d: admin.remove_domain(d, "example.com"),  # with its selectors
+        lambda d: admin.remove_subuser(d, "acme/marketing"),  # with its key and sender
+        lambda d: admin.remove_account(d, "beta"),
+    ]
+    for step in steps:
+        with ldap_dir.transaction() as data:
+            step(data)
+        reader._refresh()
+        assert same(reader.snapshot(), ldap_dir.load()), step
+    assert len(reads) == 1
+    reader.close()
+
+
+def test_a_write_too_large_to_list_makes_readers_read_everything(
+        ldap_dir: LdapDirectory, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+    reader = manual_reader(ldap_dir, reads)
+    reader.snapshot()
+    monkeypatch.setattr(ldapdir, "CHANGE_LIST_LIMIT", 3)
+    with ldap_dir.transaction() as data:
+        build_rich_directory(data)  # far more than 3 entries
+    reader._refresh()
+    assert len(reads) == 2 and same(reader.snapshot(), ldap_dir.load())
+    reader.close()
+
+
+def test_the_change_log_is_pruned_and_a_reader_too_far_behind_reads_everything(
+        ldap_dir: LdapDirectory, slapd: Slapd, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ldapdir, "CHANGE_LOG_SERIALS", 6)  # three writes
+    reads: list[int] = []
+    reader = manual_reader(ldap_dir, reads)
+    reader.snapshot()
+    for name in ("a1", "a2", "a3", "a4", "a5"):
+        with ldap_dir.transaction() as data:
+            admin.add_account(data, name, datetime.now(UTC))
+    conn = slapd.admin()
+    conn.search(slapd.base_dn, "(objectClass=*)", search_scope=ldap3.BASE,
+                attributes=["krChange"])
+    logged = sorted(str(v) for v in conn.entries[0].krChange.values)
+    conn.unbind()
+    assert len(logged) == 3 and all(",ou=accounts," in v for v in logged)
+
+    reader._refresh()  # five writes behind, the log keeps three: everything again
+    assert len(reads) == 2 and same(reader.snapshot(), ldap_dir.load())
     reader.close()
 
 @pytest.fixture

@@ -16,8 +16,12 @@ from ``ATTRIBUTES`` and ``OBJECT_CLASSES`` below (``python -m keyrelay.directory
 
 Reads for the daemons: ``snapshot()`` never waits for LDAP once the first copy is loaded. A
 background thread asks for the base entry's ``krSerial`` every ``refresh_interval`` (one
-base-scope read) and loads the whole directory again when it changed, or every
-``full_reload_interval`` to catch changes made without the keyrelay CLI. A copy is served only
+base-scope read). When it moved, the base entry's change log (``krChange`` values "SERIAL DN",
+written by every keyrelay write) names the entries to fetch again, one base-scope read each;
+the copy is rebuilt from memory. The whole directory is read again only when the log cannot
+say (a write of more than ``CHANGE_LIST_LIMIT`` entries, a reader more than
+``CHANGE_LOG_SERIALS`` behind), and every ``full_reload_interval`` to catch changes made
+without the keyrelay CLI. A copy is served only
 while the last successful contact is at most ``refresh_interval + timeout`` old (plus
 ``stale_grace`` when the admin allows stale answers); after that, ``snapshot()`` raises
 ``DirectoryUnavailable`` and every front end answers temporarily. Unknown key ids are answered
@@ -28,7 +32,8 @@ caller change the records, then writes only the difference, entry by entry. ``kr
 compare-and-swap lock: the write starts by replacing the serial it read with serial+1 (an LDAP
 modify that deletes the old value fails if someone else changed it) and ends with serial+2,
 so a concurrent writer is refused ("run it again") instead of losing an update, and readers
-reload after the whole change.
+take the change after the whole of it is written. Keys' last-used times are written to the key
+entries alone (``record_key_use``): no decision reads them, so readers need not follow.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from ldap3.core.exceptions import (
     LDAPEntryAlreadyExistsResult,
     LDAPException,
     LDAPNoSuchAttributeResult,
+    LDAPNoSuchObjectResult,
 )
 from ldap3.utils.conv import escape_filter_chars
 
@@ -80,6 +86,7 @@ OID_ARC = "2.25.120329571994599312318798701806835401756"
 
 _STRING = ("1.3.6.1.4.1.1466.115.121.1.15", "caseIgnoreMatch", "caseIgnoreSubstringsMatch")
 _EXACT = ("1.3.6.1.4.1.1466.115.121.1.26", "caseExactIA5Match", None)
+_TEXT = ("1.3.6.1.4.1.1466.115.121.1.15", "caseExactMatch", None)
 _IA5 = ("1.3.6.1.4.1.1466.115.121.1.26", "caseIgnoreIA5Match", "caseIgnoreIA5SubstringsMatch")
 _INT = ("1.3.6.1.4.1.1466.115.121.1.27", "integerMatch", None)
 _BOOL = ("1.3.6.1.4.1.1466.115.121.1.7", "booleanMatch", None)
@@ -128,6 +135,8 @@ ATTRIBUTES = [
     Attribute(30, "krHelo", _IA5, True, "HELO name of an IP pool"),
     Attribute(31, "krSerial", _INT, True, "change serial, raised by every keyrelay write"),
     Attribute(32, "krPosition", _INT, True, "place of a selector in the list of its domain"),
+    Attribute(33, "krChange", _TEXT, False,
+              "SERIAL DN: an entry a keyrelay write changed; readers fetch only these"),
 ]
 
 _LIMITS = ("krMessagesPerMinute", "krMessagesPerHour", "krRecipientsPerMessage")
@@ -144,7 +153,7 @@ class ObjectClass:
 
 
 OBJECT_CLASSES = [
-    ObjectClass(1, "krDirectory", "AUXILIARY", ("krSerial",), ("krMonitor",),
+    ObjectClass(1, "krDirectory", "AUXILIARY", ("krSerial",), ("krMonitor", "krChange"),
                 "base entry of a keyrelay directory"),
     ObjectClass(2, "krAccount", "STRUCTURAL", ("krName", "krStatus"),
                 ("krMonitor", "krIpAllow", "krPool", *_LIMITS, "krCreated"), "a tenant"),
@@ -220,6 +229,12 @@ def schema_ldif() -> str:
 
 # -- records <-> entries ---------------------------------------------------------------------
 Entry = dict[str, tuple[str, ...]]  # attribute -> values (objectClass included)
+Raw = tuple[str, dict[str, list[str]]]  # an entry as read: DN, lowercased attribute -> values
+# The change log on the base entry (krChange "SERIAL DN"): a write lists every entry it
+# added, changed or removed, or "SERIAL *" when it touched more than CHANGE_LIST_LIMIT; the
+# values of the last CHANGE_LOG_SERIALS serials are kept (a write moves the serial by 2).
+CHANGE_LIST_LIMIT = 500
+CHANGE_LOG_SERIALS = 2000
 CONTAINERS = ("accounts", "keys", "domains", "senders", "pools")
 
 
@@ -472,6 +487,7 @@ class LdapDirectory:
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
         self._poll_conn: Any = None  # the refresher's connection, reused between polls
+        self._entries: dict[str, Raw] = {}  # the copy's entries by lowercased DN
         self.problems: list[str] = []  # entries the last load skipped
 
     def __repr__(self) -> str:
@@ -537,19 +553,53 @@ class LdapDirectory:
                 (attrs.get("krmonitor") or ["FALSE"])[0] == "TRUE")
 
     def _read_all(self, conn: Any) -> tuple[DirectoryData, int | None]:
+        entries, serial, monitor = self._read_entries(conn)
+        return self._records(entries, monitor), serial
 
+    def _read_entries(self, conn: Any) -> tuple[dict[str, Raw], int | None, bool]:
+        """Every keyrelay entry by lowercased DN, the serial and the directory-wide monitor."""
         serial, monitor = self._serial_of(conn)
-        entries = []
+        entries: dict[str, Raw] = {}
         for item in conn.extend.standard.paged_search(
                 self.base, _FILTER, search_scope=ldap3.SUBTREE, attributes=["*"],
                 paged_size=1000, generator=True):
             if item.get("type") == "searchResEntry":
-                entries.append((item["dn"], _attrs(item)))
+                entries[item["dn"].lower()] = (item["dn"], _attrs(item))
+        return entries, serial, monitor
+
+    def _records(self, entries: dict[str, Raw], monitor: bool) -> DirectoryData:
         problems: list[str] = []
-        data = _Reader(problems).read(entries)
+        data = _Reader(problems).read(list(entries.values()))
         data.monitor = monitor
         self.problems = problems
-        return data, serial
+        return data
+
+    def _changed_since(self, conn: Any, serial: int, now: int) -> set[str] | None:
+        """Lowercased DNs the writes after ``serial`` up to ``now`` changed, from the change
+        log; None when the log cannot say (a large write, or ``serial`` too far behind)."""
+        if now < serial or now - serial >= CHANGE_LOG_SERIALS:
+            return None
+        conn.search(self.base, "(objectClass=*)", search_scope=ldap3.BASE,
+                    attributes=["krChange"])
+        changed: set[str] = set()
+        for value in _attrs(conn.response[0]).get("krchange") or []:
+            number, _, dn = value.partition(" ")
+            if number.isdigit() and serial < int(number) <= now:
+                if dn == "*":
+                    return None
+                changed.add(dn.lower())
+        return changed
+
+    def _fetch(self, conn: Any, dn: str) -> Raw | None:
+        """One entry, read now; None when it no longer exists."""
+        try:
+            conn.search(dn, _FILTER, search_scope=ldap3.BASE, attributes=["*"])
+        except LDAPNoSuchObjectResult:
+            return None
+        for item in conn.response or ():
+            if item.get("type") == "searchResEntry":
+                return item["dn"], _attrs(item)
+        return None
 
     def load(self, missing_ok: bool = False) -> DirectoryData:
         """Everything, read now (the CLI's listings). With ``missing_ok``, a base that is not
@@ -602,22 +652,46 @@ class LdapDirectory:
             self._poll_conn = self._guarded(self.connect)
         conn = self._poll_conn
         try:
-            serial, _ = self._guarded(lambda: self._serial_of(conn))
-            now = self._clock()
+            serial, monitor = self._guarded(lambda: self._serial_of(conn))
+            now, known = self._clock(), self._serial
             stale = now - self._loaded_at > self.config.full_reload_interval
-            if force or stale or serial != self._serial:
-                data, serial = self._guarded(lambda: self._read_all(conn))
-                if serial is None:
-                    raise DirectoryUnavailable(
-                        f"LDAP base {self.base} is not a keyrelay directory yet")
-                self._snapshot = Directory(data)
-                self._serial = serial
-                self._loaded_at = now
+            if force or stale or known is None or serial is None:
+                self._reload(conn, now)
+            elif serial != known:
+                changed = self._guarded(lambda: self._changed_since(conn, known, serial))
+                if changed is None:
+                    self._reload(conn, now)
+                else:
+                    self._apply(conn, changed, serial, monitor)
             self._contact = now
         except BaseException:
             self._poll_conn = None
             _unbind(conn)
             raise
+
+    def _reload(self, conn: Any, now: float) -> None:
+        """Everything again: the first load, every full_reload_interval, and whenever the
+        change log cannot say what changed."""
+        entries, serial, monitor = self._guarded(lambda: self._read_entries(conn))
+        if serial is None:
+            raise DirectoryUnavailable(f"LDAP base {self.base} is not a keyrelay directory yet")
+        self._snapshot = Directory(self._records(entries, monitor))
+        self._entries = entries
+        self._serial = serial
+        self._loaded_at = now
+
+    def _apply(self, conn: Any, changed: set[str], serial: int, monitor: bool) -> None:
+        """Fetch only the entries the change log names and rebuild the copy from memory."""
+        entries = dict(self._entries)
+        for dn in sorted(changed):
+            found = self._guarded(lambda: self._fetch(conn, dn))  # noqa: B023 - called now
+            if found is None:
+                entries.pop(dn, None)
+            else:
+                entries[dn] = found
+        self._snapshot = Directory(self._records(entries, monitor))
+        self._entries = entries
+        self._serial = serial
 
     def _start_refresher(self) -> None:
         if self._refresher is not None:
@@ -674,7 +748,8 @@ class LdapDirectory:
                 "the directory changed while this command ran (another keyrelay command or "
                 "daemon wrote to it); nothing was written: run the command again") from None
         depth = lambda dn: dn.count(",")  # noqa: E731
-        for dn in sorted(set(before) - set(after), key=depth, reverse=True):
+        changed = sorted(set(before) - set(after), key=depth, reverse=True)
+        for dn in changed:
             conn.delete(dn)
         for dn in sorted(after, key=depth):
             new, old = after[dn], before.get(dn)
@@ -685,9 +760,33 @@ class LdapDirectory:
                            for name in set(new) | set(old)
                            if name != "objectClass" and new.get(name) != old.get(name)}
                 conn.modify(dn, changes)
-        conn.modify(self.base, {"krSerial": [(ldap3.MODIFY_REPLACE, [str(serial + 2)])],
-                                "krMonitor": [(ldap3.MODIFY_REPLACE,
-                                               ["TRUE"] if monitor else [])]})
+            else:
+                continue
+            changed.append(dn)
+        final = serial + 2
+        log: list[tuple[str, list[str]]] = []
+        expired = self._expired_changes(conn, final)
+        if expired:
+            log.append((ldap3.MODIFY_DELETE, expired))
+        listed = ([f"{final} {dn}" for dn in changed] if len(changed) <= CHANGE_LIST_LIMIT
+                  else [f"{final} *"])
+        if listed:
+            log.append((ldap3.MODIFY_ADD, listed))
+        update: dict[str, Any] = {
+            "krSerial": [(ldap3.MODIFY_REPLACE, [str(final)])],
+            "krMonitor": [(ldap3.MODIFY_REPLACE, ["TRUE"] if monitor else [])]}
+        if log:
+            update["krChange"] = log
+        conn.modify(self.base, update)
+
+    def _expired_changes(self, conn: Any, final: int) -> list[str]:
+        """Change-log values too old to keep once the serial is ``final``."""
+        conn.search(self.base, "(objectClass=*)", search_scope=ldap3.BASE,
+                    attributes=["krChange"])
+        values = _attrs(conn.response[0]).get("krchange") or []
+        return [v for v in values
+                if not v.partition(" ")[0].isdigit()
+                or int(v.partition(" ")[0]) <= final - CHANGE_LOG_SERIALS]
 
     def record_key_use(self, used: dict[str, datetime]) -> None:
         """Keys' last-used times from a daemon, written to the key entries directly.
