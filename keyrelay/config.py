@@ -501,7 +501,8 @@ class PolicydConfig:
     shutdown_grace: Duration = field(
         default=Duration(10.0),
         metadata={
-            "doc": "On SIGTERM, how long requests in progress may take to finish.",
+            "doc": "On SIGTERM, how long requests in progress may take to finish, and then "
+            "how long writing the last keys' last-used times may take.",
             "min": 0,
         },
     )

@@ -79,14 +79,19 @@ class Context:
             if key_id not in self.used_keys or self.used_keys[key_id] < when:
                 self.used_keys[key_id] = when
 
-    def write_key_use(self, pending: dict[str, datetime]) -> bool:
+    def write_key_use(self, pending: dict[str, datetime],
+                      give_up_at: float | None = None) -> bool:
         """Write last-used times to the directory (in a worker thread); False on failure.
 
-        Last-used is bookkeeping: a failure is logged and never affects mail.
+        Last-used is bookkeeping: a failure is logged and never affects mail. ``give_up_at``
+        (``time.monotonic()``): a stopping daemon's deadline; what is left then is dropped.
         """
         try:
-            self.directory.record_key_use(pending)
+            left = self.directory.record_key_use(pending, give_up_at)
         except (OSError, KeyrelayError) as exc:
             log.warning("could not record keys' last-used times: %s", exc)
             return False
+        if left:
+            log.warning("stopping: last-used times of %d of %d keys not recorded (no time "
+                        "left within policyd.shutdown_grace)", len(left), len(pending))
         return True

@@ -11,6 +11,7 @@ import resource
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
@@ -126,7 +127,8 @@ class Daemon:
         await self.shutdown()
         for task in tasks:
             task.cancel()
-        await self.flush()
+        # the last flush may not hold up the stop: an LDAP directory writes key by key
+        await self.flush(give_up_at=time.monotonic() + self.context.config.policyd.shutdown_grace)
 
     async def every(self, seconds: float, job: Callable[[], None]) -> None:
         while True:
@@ -146,11 +148,11 @@ class Daemon:
             await asyncio.sleep(self.context.config.keys.last_used_flush_interval)
             await self.flush()
 
-    async def flush(self) -> None:
+    async def flush(self, give_up_at: float | None = None) -> None:
         pending = self.context.take_key_use()
         if not pending:
             return
-        written = await asyncio.to_thread(self.context.write_key_use, pending)
+        written = await asyncio.to_thread(self.context.write_key_use, pending, give_up_at)
         if written:
             log.info("recorded last-used times of %d keys", len(pending))
         else:

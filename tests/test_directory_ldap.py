@@ -60,6 +60,22 @@ def test_last_used_times_do_not_make_the_readers_reload(ldap_dir: LdapDirectory)
     reader.close()
 
 
+
+def test_a_stopping_daemon_gives_up_writing_last_used_times_at_its_deadline(
+        ldap_dir: LdapDirectory) -> None:
+    with ldap_dir.transaction() as data:
+        admin.add_account(data, "acme", datetime.now(UTC))
+        new = admin.create_key(data, "acme", "crm", ("mail.send",), None, datetime.now(UTC))
+
+    left = ldap_dir.record_key_use({new.key_id: datetime.now(UTC)},
+                                   give_up_at=time.monotonic() - 1)
+
+    assert left == {new.key_id}
+    assert ldap_dir.load().keys[new.key_id].last_used is None
+    assert ldap_dir.record_key_use({new.key_id: datetime.now(UTC)},
+                                   give_up_at=time.monotonic() + 60) == set()
+    assert ldap_dir.load().keys[new.key_id].last_used is not None
+
 # -- the change log: readers fetch only what a write changed ---------------------------------
 def manual_reader(ldap_dir: LdapDirectory, reads: list[int]) -> LdapDirectory:
     """A reader whose refresher never runs by itself (the test calls ``_refresh``), counting

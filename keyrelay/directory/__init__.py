@@ -29,7 +29,8 @@ class DirectoryBackend(Protocol):
 
     def transaction(self, create: bool = True) -> AbstractContextManager[DirectoryData]: ...
 
-    def record_key_use(self, used: dict[str, datetime]) -> None: ...
+    def record_key_use(self, used: dict[str, datetime],
+                       give_up_at: float | None = None) -> set[str]: ...
 
 
 def open_directory(config: Config) -> DirectoryBackend:

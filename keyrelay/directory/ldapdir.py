@@ -788,22 +788,30 @@ class LdapDirectory:
                 if not v.partition(" ")[0].isdigit()
                 or int(v.partition(" ")[0]) <= final - CHANGE_LOG_SERIALS]
 
-    def record_key_use(self, used: dict[str, datetime]) -> None:
-        """Keys' last-used times from a daemon, written to the key entries directly.
+    def record_key_use(self, used: dict[str, datetime],
+                       give_up_at: float | None = None) -> set[str]:
+        """Keys' last-used times from a daemon, written to the key entries directly; the
+        ids not recorded because ``give_up_at`` (``time.monotonic()``) passed.
 
         No decision reads them, so ``krSerial`` is left alone: a flush would otherwise make
         every relay node read the whole directory again. A time is only ever moved forward
-        (several nodes flush the same key); keys removed meanwhile are skipped.
+        (several nodes flush the same key); keys removed meanwhile are skipped. One modify
+        per key (about 8 ms each against a local slapd that syncs every write): a stopping
+        daemon gives up at its deadline rather than hold up its stop.
         """
         conn = self._guarded(self.connect)
         try:
-            self._guarded(lambda: self._write_key_use(conn, used))
+            left: set[str] = self._guarded(lambda: self._write_key_use(conn, used, give_up_at))
         finally:
             _unbind(conn)
+        return left
 
-    def _write_key_use(self, conn: Any, used: dict[str, datetime]) -> None:
+    def _write_key_use(self, conn: Any, used: dict[str, datetime],
+                       give_up_at: float | None) -> set[str]:
         ids = sorted(used)
         for start in range(0, len(ids), 200):  # filters of a sensible size
+            if give_up_at is not None and time.monotonic() > give_up_at:
+                return set(ids[start:])
             wanted = "".join(f"(krKeyId={escape_filter_chars(i)})" for i in ids[start:start + 200])
             conn.search(f"ou=keys,{self.base}", f"(&(objectClass=krApiKey)(|{wanted}))",
                         search_scope=ldap3.LEVEL, attributes=["krKeyId", "krLastUsed"])
@@ -814,6 +822,7 @@ class LdapDirectory:
                 if not stored or _parse_time(stored[0]) < when:
                     conn.modify(item["dn"], {"krLastUsed": [(ldap3.MODIFY_REPLACE,
                                                              list(_time(when)))]})
+        return set()
 
     def _initialise(self, conn: Any) -> None:
         """Make the base entry a keyrelay directory and add the containers."""

@@ -123,12 +123,16 @@ class YamlDirectory:
             raise ConfigError(self.path, "", f"not valid YAML: {exc}") from None
         return _Parser(self.path).document(document)
 
-    def record_key_use(self, used: dict[str, datetime]) -> None:
-        """Keys' last-used times from a daemon; never creates the file."""
+    def record_key_use(self, used: dict[str, datetime],
+                       give_up_at: float | None = None) -> set[str]:
+        """Keys' last-used times from a daemon; never creates the file. One write, so
+        ``give_up_at`` (a ``time.monotonic()`` deadline) never leaves any out: returns the
+        empty set of keys not recorded."""
         from .. import admin  # here: keyrelay.admin imports this package
 
         with self.transaction(create=False) as data:
             admin.record_key_use(data, used)
+        return set()
 
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
