@@ -90,10 +90,14 @@ def can_connect(endpoint: str) -> bool:
     return True
 
 
-def start_policyd(folder: Path, listen: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_policyd(folder: Path, listen: dict[str, str],
+                  directory: str | None = None) -> subprocess.Popen[bytes]:
+    """A policyd on ``folder``'s directory.yaml, or on the ``directory`` section given (YAML
+    flow text, e.g. an LDAP one: ldap_bench.py); returns once every service accepts."""
     config = folder / "keyrelay.yaml"
+    section = directory or f"{{path: {folder / 'directory.yaml'}}}"
     config.write_text(
-        f"directory: {{path: {folder / 'directory.yaml'}}}\n"
+        f"directory: {section}\n"
         f"logging: {{audit_log: ''}}\n"
         "policyd:\n"
         f"  auth_listen: {listen['auth']}\n"
@@ -222,13 +226,18 @@ async def drive(service: str, endpoint: str, issued: list[tuple[str, str]], conn
     return len(latencies), elapsed, latencies, cpu
 
 
-def main() -> None:
-    try:  # the load generator must not be the bottleneck: use the faster loop when present
+def install_uvloop() -> None:
+    """The load generator must not be the bottleneck: the faster loop when it is there."""
+    try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
+
+
+def main() -> None:
+    install_uvloop()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=10000)
     parser.add_argument("--connections", type=int, default=50)

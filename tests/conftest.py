@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from policyd_harness import free_port
+from e2e_harness import private_relay
 from slapd_harness import DEFAULT_INDEXES, KEYRELAY_INDEXES, SLAPD, Slapd, keyrelay_schemas
 
-from keyrelay.demo import Relay, Settings
+from keyrelay.demo import Relay
 
 
 @pytest.fixture(scope="session")
@@ -24,25 +22,8 @@ def demo_relay() -> Iterator[Relay]:
     """
     if not Path("/usr/sbin/postfix").exists():
         pytest.skip("Postfix is not installed (make test installs it)")
-    # a short folder: unix socket paths inside the queue must stay under 108 bytes
-    run_dir = Path(tempfile.mkdtemp(prefix="kr-e2e-"))
-    settings = Settings(
-        run_dir=run_dir,
-        smtp_port=free_port(),
-        submission_port=free_port(),
-        alt_submission_port=free_port(),
-        submissions_port=free_port(),
-        sink_port=free_port(),
-        pool_address="127.0.0.2",
-    )
-    said: list[str] = []
-    relay = Relay(settings, say=said.append)
-    relay.start()
-    try:
+    with private_relay("127.0.0.2") as relay:
         yield relay
-    finally:
-        relay.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

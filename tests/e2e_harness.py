@@ -14,17 +14,21 @@ import email.message
 import email.policy
 import itertools
 import json
+import shutil
 import smtplib
 import ssl
 import subprocess
+import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from policyd_harness import wait_until
+from policyd_harness import free_port, wait_until
 
-from keyrelay.demo import Relay, greets, keyrelay_cli
+from keyrelay.demo import Relay, Settings, greets, keyrelay_cli
 
 SUBMISSION_PORTS = ["submission", "alt_submission", "submissions"]
 _sources = (f"127.0.1.{i}" for i in itertools.count(1))
@@ -32,6 +36,27 @@ _names = (f"t{i}" for i in itertools.count(1))
 
 
 # -- helpers ---------------------------------------------------------------------------------
+@contextmanager
+def private_relay(pool_address: str, directory: Mapping[str, Any] | None = None
+                  ) -> Iterator[Relay]:
+    """The relay ``make run`` starts (keyrelay.demo) on free loopback ports, in a temporary
+    folder, stopped and removed afterwards; ``directory``: keyrelay's directory section
+    (default: the demo's YAML file)."""
+    # a short folder: unix socket paths inside the queue must stay under 108 bytes
+    run_dir = Path(tempfile.mkdtemp(prefix="kr-e2e-"))
+    settings = Settings(
+        run_dir=run_dir, smtp_port=free_port(), submission_port=free_port(),
+        alt_submission_port=free_port(), submissions_port=free_port(), sink_port=free_port(),
+        pool_address=pool_address, directory=directory)
+    relay = Relay(settings, say=lambda text: None)
+    relay.start()
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def tls() -> ssl.SSLContext:
     context = ssl.create_default_context()
     context.check_hostname = False

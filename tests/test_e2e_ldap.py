@@ -6,9 +6,7 @@ when it is back, without a restart.
 
 from __future__ import annotations
 
-import shutil
 import smtplib
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,15 +21,16 @@ from e2e_harness import (
     never_delivered,
     new_key,
     new_tenant,
+    private_relay,
     published_records,
     reply_of,
     send,
     wait_delivered,
 )
-from policyd_harness import free_port, wait_until
+from policyd_harness import wait_until
 from slapd_harness import KEYRELAY_INDEXES, SLAPD, Slapd
 
-from keyrelay.demo import Relay, Settings
+from keyrelay.demo import Relay
 
 # the relay's LDAP settings: short, so the test waits little (defaults: docs/ldap.md)
 REFRESH, TIMEOUT = 0.5, 1
@@ -51,20 +50,9 @@ def slapd_for_relay() -> Iterator[Slapd]:
 def ldap_relay(slapd_for_relay: Slapd) -> Iterator[Relay]:
     if not Path("/usr/sbin/postfix").exists():
         pytest.skip("Postfix is not installed (make test installs it)")
-    run_dir = Path(tempfile.mkdtemp(prefix="kr-ldap-"))
-    settings = Settings(
-        run_dir=run_dir, smtp_port=free_port(), submission_port=free_port(),
-        alt_submission_port=free_port(), submissions_port=free_port(), sink_port=free_port(),
-        pool_address="127.0.0.3",
-        directory=slapd_for_relay.directory_config(refresh_interval=REFRESH, timeout=TIMEOUT),
-    )
-    relay = Relay(settings, say=lambda text: None)
-    relay.start()
-    try:
+    section = slapd_for_relay.directory_config(refresh_interval=REFRESH, timeout=TIMEOUT)
+    with private_relay("127.0.0.3", section) as relay:
         yield relay
-    finally:
-        relay.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_the_directory_is_in_ldap_not_in_a_file(ldap_relay: Relay,
