@@ -328,10 +328,20 @@ def _session_principal(
         )
     principal, key_id = parsed
     key = directory.keys.get(key_id)
-    if key is None or key.principal != principal:
+    if key is None:
+        # The login was checked against a key that this copy of the directory lacks: a key
+        # created a moment ago that this daemon's copy (LDAP: refreshed every
+        # refresh_interval) does not hold yet, or, rarely, one deleted since. Temporary, so a
+        # stale copy never refuses good mail for good; a deleted key fails the next login.
+        return Verdict(
+            Action.TEMPFAIL, "unknown_key", 451, "4.7.1",
+            f"API key {key_id} is not in this server's copy of the directory yet (or was "
+            "deleted since login); try again in a moment", principal=principal, key_id=key_id,
+        )
+    if key.principal != principal:
         return _refuse(
-            550, "5.7.1", "unknown_key", f"API key {key_id} no longer exists; use a current key",
-            principal, key_id,
+            550, "5.7.1", "unknown_key", f"API key {key_id} does not belong to {principal}; "
+            "log in again", principal, key_id,
         )
     problem = _key_problem(key, now)
     if problem:

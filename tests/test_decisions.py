@@ -359,7 +359,6 @@ def _drop_subuser_record(w: World, text: str) -> None:
 
 SINCE_LOGIN: dict[str, tuple[str, Callable[[World, str], None]]] = {
     "key revoked": ("revoked_key", lambda w, t: w.revoke(t)),
-    "key deleted": ("unknown_key", _delete_key),
     "account suspended": ("principal_inactive", lambda w, t: w.suspend("acme")),
     "subuser suspended": ("principal_inactive", lambda w, t: w.suspend("acme/marketing")),
     "scope removed": ("missing_scope", _drop_scope),
@@ -378,6 +377,16 @@ def test_envelope_refuses_identity_that_became_invalid_since_login(
     change(world, text)
     verdict = envelope(world, ident, "x@news.acme.example")
     assert_refused(verdict, 550, "5.7.1", reason)
+
+
+def test_a_key_missing_from_the_copy_is_a_temporary_refusal(world: World) -> None:
+    """A daemon whose copy lags (LDAP) must not refuse for good a key the login accepted."""
+    text = world.key("acme/marketing")
+    ident = identity(world, text)
+    _delete_key(world, text)
+    verdict = envelope(world, ident, "x@news.acme.example")
+    assert_refused(verdict, 451, "4.7.1", "unknown_key")
+    assert "try again in a moment" in verdict.text
 
 
 def test_envelope_refuses_key_expired_since_login(world: World) -> None:

@@ -7,11 +7,13 @@ under tmp_path; readiness is its "ready" log line, never a sleep.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -99,16 +101,28 @@ def test_check_config_warns_about_a_key_that_does_not_load(site: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="checking for another user needs root")
-def test_check_config_warns_about_keys_the_daemon_user_cannot_read(site: Path) -> None:
+def directory_for_everyone(config: Path, request: pytest.FixtureRequest) -> None:
+    """Point ``config`` at a copy of its directory that every user can read, in a folder of
+    its own: pytest sets /tmp/pytest-of-root back to 0700 whenever another pytest session
+    starts, so opening up the test's own folder would race with other runs."""
+    directory = Path(yaml.safe_load(config.read_text())["directory"]["path"])
+    shared = Path(tempfile.mkdtemp(prefix="kr-nobody-"))
+    shared.chmod(0o755)
+    readable = shared / "directory.yaml"
+    shutil.copyfile(directory, readable)
+    readable.chmod(0o644)
+    config.write_text(config.read_text().replace(str(directory), str(readable)))
+    request.addfinalizer(lambda: shutil.rmtree(shared, ignore_errors=True))
+
+
+def test_check_config_warns_about_keys_the_daemon_user_cannot_read(
+        site: Path, request: pytest.FixtureRequest) -> None:
     # `keyrelay domain add` run as root writes root-owned 0600 keys: root reads them, nobody not
     config = yaml.safe_load(site.read_text())
     config["milter"]["user"] = "nobody"
     site.write_text(yaml.safe_dump(config))
     # the directory itself must be readable by nobody, or --check-config stops there
-    directory = Path(config["directory"]["path"])
-    directory.chmod(0o644)
-    for folder in directory.parents:
-        folder.chmod(folder.stat().st_mode | 0o001)
+    directory_for_everyone(site, request)
     result = run("--config", str(site), "--check-config")
     assert result.returncode == 0
     assert "0 DKIM keys load, 2 do not" in result.stdout
@@ -196,7 +210,7 @@ def test_daemon_listens_then_stops_cleanly_on_sigterm(site: Path, daemons: list[
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_daemon_binds_a_unix_socket_as_root_then_runs_as_the_configured_user(
-    tmp_path: Path, site: Path, daemons: list[Daemon]
+    tmp_path: Path, site: Path, daemons: list[Daemon], request: pytest.FixtureRequest
 ) -> None:
     sockets = tmp_path / "sockets"
     sockets.mkdir()
@@ -204,10 +218,7 @@ def test_daemon_binds_a_unix_socket_as_root_then_runs_as_the_configured_user(
     config = write_config(tmp_path, {"listen": f"unix:{socket_path}", "user": "nobody",
                                      "socket_mode": "0640"})
     # nobody must be able to read the directory, or the daemon refuses to start
-    directory = Path(yaml.safe_load(config.read_text())["directory"]["path"])
-    directory.chmod(0o644)
-    for folder in directory.parents:
-        folder.chmod(folder.stat().st_mode | 0o001)
+    directory_for_everyone(config, request)
     daemon = Daemon(config)
     daemons.append(daemon)
     assert daemon.uid() == 65534
