@@ -308,9 +308,35 @@ def mark_verified(data: DirectoryData, name: str, now: datetime) -> Domain:
         state=DomainState.VERIFIED,
         verified_at=now,
         verified_by="manual",
+        failed_checks=0,
         selectors=activate_published(dom),
     )
     return data.domains[dom.name]
+
+
+def record_check(data: DirectoryData, name: str, passed: bool, pending_published: bool,
+                 now: datetime, fail_after: int) -> Domain:
+    """The result of a DNS check that could be made (``keyrelay domain verify/check``).
+
+    Passed: the domain is verified (again), its failures forgotten, and pending selectors
+    whose records are all published start signing (rotation). Failed: a pending domain
+    stays pending; a verified one counts the failure and becomes failing after
+    ``fail_after`` in a row (it keeps ``verified_at``, the last success, for the grace
+    period); a failing one stays failing.
+    """
+    dom = domain(data, name)
+    if passed:
+        selectors = activate_published(dom) if pending_published else dom.selectors
+        new = replace(dom, state=DomainState.VERIFIED, verified_at=now, verified_by="dns",
+                      failed_checks=0, selectors=selectors)
+    else:
+        failures = dom.failed_checks + 1
+        state = dom.state
+        if state is DomainState.VERIFIED and failures >= fail_after:
+            state = DomainState.FAILING
+        new = replace(dom, state=state, failed_checks=failures)
+    data.domains[dom.name] = new
+    return new
 
 
 def retire_selector(data: DirectoryData, name: str, selector: str) -> Selector:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__, admin, audit, dkimkeys, names, postfixconf
+from . import __version__, admin, audit, dkimkeys, domaincheck, names, postfixconf
 from .config import Config, load_config, render_example, resolve_config_path
 from .directory import DirectoryBackend, YamlDirectory, open_directory
 from .directory.model import (
@@ -26,6 +26,7 @@ from .directory.model import (
     ApiKey,
     DirectoryData,
     Domain,
+    DomainState,
     Limits,
     Pool,
     SelectorState,
@@ -34,7 +35,7 @@ from .directory.model import (
 )
 from .directory.yamlfile import render as render_directory
 from .durations import format_duration, parse_duration
-from .errors import ConfigError, DirectoryConflict, KeyrelayError, UserError
+from .errors import ConfigError, DirectoryConflict, DirectoryUnavailable, KeyrelayError, UserError
 from .output import dump_json, table, when
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -559,6 +560,104 @@ def domain_mark_verified(ctx: Context, args: argparse.Namespace) -> None:
             f"Signing selectors: {' '.join(s.name for s in dom.signing_selectors())}.")
 
 
+def _checked(ctx: Context, name: str) -> tuple[domaincheck.Report, Domain, Domain | None]:
+    """Check a domain over DNS and record what the check proves (an unknown outcome changes
+    nothing): (report, the domain before, the domain after or None when unchanged)."""
+    before = admin.domain(ctx.read(), name)
+    report = domaincheck.verify_domain(ctx.config, ctx.read(), before)
+    if report.outcome is domaincheck.Outcome.UNKNOWN:
+        return report, before, None
+    passed = report.outcome is domaincheck.Outcome.PASSED
+    with ctx.change("domain.check", domain=before.name, result=str(report.outcome)) as data:
+        after = admin.record_check(data, before.name, passed, report.published_pending,
+                                   ctx.now, ctx.config.domains.fail_after)
+    return report, before, after
+
+
+def _report_json(report: domaincheck.Report, dom: Domain) -> dict[str, Any]:
+    return {
+        "domain": report.domain, "outcome": str(report.outcome), "state": str(dom.state),
+        "failed_checks": dom.failed_checks, "verified_at": when(dom.verified_at, "") or None,
+        "checks": [{"check": c.kind, "name": c.subject, "result": str(c.status),
+                    "required": c.required, "expected": c.expected, "found": c.found,
+                    "advice": c.advice} for c in report.checks],
+    }
+
+
+def _print_report(ctx: Context, report: domaincheck.Report) -> None:
+    rows = []
+    for c in report.checks:
+        what = c.kind.upper() + ("" if c.required else " (advice)" if c.kind == "dmarc"
+                                 else " (pending)" if c.kind == "dkim" else "")
+        rows.append([what, c.subject, str(c.status), c.found])
+    table(ctx.out, ["CHECK", "NAME", "RESULT", "FOUND"], rows)
+    advice = [f"- {c.subject}: {c.advice}" for c in report.checks
+              if c.advice and c.status is not domaincheck.Status.PASS]
+    advice += [f"- {c.subject}: {c.advice}" for c in report.checks
+               if c.advice and c.status is domaincheck.Status.PASS]
+    if advice:
+        ctx.out.write("\nTo do:\n" + "\n".join(advice) + "\n")
+
+
+def domain_verify(ctx: Context, args: argparse.Namespace) -> None:
+    report, before, after = _checked(ctx, args.domain)
+    dom = after or before
+    if ctx.json:
+        dump_json(ctx.out, _report_json(report, dom))
+    else:
+        _print_report(ctx, report)
+        ctx.out.write(f"\n{dom.name}: {_state_text(before, after)}\n")
+    if report.outcome is domaincheck.Outcome.UNKNOWN:
+        raise DirectoryUnavailable(
+            f"{dom.name}: DNS could not be checked (see the results above); its state "
+            f"({dom.state}) is unchanged: try again later")
+    if report.outcome is not domaincheck.Outcome.PASSED:
+        still = " (it may still send: see failing in docs/domains.md)" if dom.state in (
+            DomainState.VERIFIED, DomainState.FAILING) else ""
+        raise UserError(f"{dom.name} did not pass{still}: fix what failed above, then run "
+                        f"keyrelay domain verify {dom.name} again")
+
+
+def _state_text(before: Domain, after: Domain | None) -> str:
+    if after is None:
+        return f"could not check; still {before.state}"
+    text = (f"{before.state} -> {after.state}" if after.state is not before.state
+            else f"{after.state} (unchanged)")
+    if after.failed_checks:
+        last = when(after.verified_at, "never")
+        text += f"; {after.failed_checks} failed check(s) in a row, last success {last}"
+    active = " ".join(s.name for s in after.signing_selectors())
+    return text + (f"; active selectors {active}" if active else "")
+
+
+def domain_check(ctx: Context, args: argparse.Namespace) -> None:
+    data = ctx.read()
+    wanted = sorted(data.domains) if args.all else [names.domain(d) for d in args.domains]
+    if not wanted:
+        raise UserError("name the domains to check, or --all")
+    unknown = []
+    results = []
+    for name in wanted:
+        report, before, after = _checked(ctx, name)
+        if after is None:
+            unknown.append(name)
+        results.append(_report_json(report, after or before) if ctx.json else None)
+        line = f"{name}: {_state_text(before, after)}"
+        failed = [c.subject for c in report.checks
+                  if c.required and c.status is not domaincheck.Status.PASS]
+        if failed:
+            line += f" ({', '.join(failed)}: {report.outcome})"
+        if not ctx.json:
+            ctx.out.write(line + "\n")
+        if after is not None and after.state is not before.state:
+            print(f"keyrelay: {line}", file=sys.stderr)  # state changes reach the journal
+    if ctx.json:
+        dump_json(ctx.out, results)
+    if unknown:
+        raise DirectoryUnavailable(f"DNS could not be checked for {', '.join(unknown)}; their "
+                                   "states are unchanged: the next run tries again")
+
+
 # -- senders ---------------------------------------------------------------------------------
 def sender_add(ctx: Context, args: argparse.Namespace) -> None:
     with ctx.change("sender.add", principal=args.principal, address=args.address) as data:
@@ -924,6 +1023,14 @@ def build_parser() -> argparse.ArgumentParser:
                   "remove a selector that no longer signs (refused while it is active)")
     retire.add_argument("domain", metavar="DOMAIN")
     retire.add_argument("selector", metavar="SELECTOR")
+    _cmd(dom, "verify", domain_verify,
+         "check the domain's DKIM, SPF and DMARC records over DNS and record the result "
+         "(exit 0 only when verified)", json=True).add_argument("domain", metavar="DOMAIN")
+    check = _cmd(dom, "check", domain_check,
+                 "re-check domains over DNS (for a timer): verified ones that fail "
+                 "domains.fail_after times in a row become failing", json=True)
+    check.add_argument("domains", nargs="*", metavar="DOMAIN")
+    check.add_argument("--all", action="store_true", help="every domain in the directory")
     _cmd(dom, "mark-verified", domain_mark_verified,
          "mark a domain verified by hand, without checking DNS (audited as manual)"
          ).add_argument("domain", metavar="DOMAIN")

@@ -83,6 +83,7 @@ class InvalidField(ValueError):
 
 _LDAP_URL = re.compile(r"ldaps?://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?/?")
 _LDAP_URL_TEXT = "ldap://host[:port] or ldaps://host[:port]"
+_IP_ADDRESS = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*")
 _DN = re.compile(r"[A-Za-z][A-Za-z0-9-]*=[^,]+(?:,[A-Za-z][A-Za-z0-9-]*=[^,]+)*")
 
 
@@ -271,6 +272,15 @@ class DomainsConfig:
             "before it is refused."
         },
     )
+    fail_after: int = field(
+        default=3,
+        metadata={
+            "doc": "DNS checks (keyrelay domain check) that must fail in a row before a "
+            "verified domain becomes failing; a check that could not be made (DNS timeout, "
+            "SERVFAIL) never counts.",
+            "min": 1,
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +302,23 @@ class DnsConfig:
             "pattern": (_MAILBOX, "a mailbox such as dmarc@example.com (without mailto:)"),
             "allow_empty": True,
         },
+    )
+    nameservers: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "doc": "Resolvers that keyrelay domain verify/check ask (IP addresses); empty: "
+            "those of /etc/resolv.conf. Use a validating resolver that sees the public DNS.",
+            "pattern": (_IP_ADDRESS, "an IPv4 or IPv6 address such as 127.0.0.1"),
+        },
+    )
+    port: int = field(
+        default=53,
+        metadata={"doc": "Port of the nameservers.", "min": 1, "max": 65535},
+    )
+    timeout: Duration = field(
+        default=Duration(5.0),
+        metadata={"doc": "How long one DNS check may wait for answers before it counts as "
+                  "could-not-check.", "min": 1},
     )
 
 

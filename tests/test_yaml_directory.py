@@ -98,6 +98,7 @@ def build_rich_directory(data: DirectoryData) -> None:
         T0,
     )
     admin.mark_verified(data, "example.com", T0 + timedelta(hours=4))
+    admin.record_check(data, "example.com", False, False, T0 + timedelta(hours=5), 3)
     admin.rotate_domain(
         data, "example.com",
         (selector("kr20260201-rsa", Algorithm.RSA_SHA256, SelectorState.PENDING),),

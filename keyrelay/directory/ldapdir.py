@@ -44,7 +44,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +137,7 @@ ATTRIBUTES = [
     Attribute(32, "krPosition", _INT, True, "place of a selector in the list of its domain"),
     Attribute(33, "krChange", _TEXT, False,
               "SERIAL DN: an entry a keyrelay write changed; readers fetch only these"),
+    Attribute(34, "krFailedChecks", _INT, True, "DNS checks of a domain failed in a row"),
 ]
 
 _LIMITS = ("krMessagesPerMinute", "krMessagesPerHour", "krRecipientsPerMessage")
@@ -163,7 +164,8 @@ OBJECT_CLASSES = [
                 ("krKeyId", "krPrincipal", "krName", "krSecretHash", "krCreated"),
                 ("krScope", "krExpires", "krRevoked", "krLastUsed"), "an API key"),
     ObjectClass(5, "krDomain", "STRUCTURAL", ("krDomain", "krPrincipal", "krDomainState"),
-                ("krGrant", "krCreated", "krVerifiedAt", "krVerifiedBy"), "a sending domain"),
+                ("krGrant", "krCreated", "krVerifiedAt", "krVerifiedBy", "krFailedChecks"),
+                "a sending domain"),
     ObjectClass(6, "krSelector", "STRUCTURAL",
                 ("krSelector", "krAlgorithm", "krSelectorState", "krKeyFile", "krPublicKey",
                  "krCreated"), ("krPosition",), "a DKIM selector of a domain"),
@@ -322,7 +324,8 @@ def entries_of(data: DirectoryData, base: str) -> dict[str, Entry]:
             "krDomain": (dom.name,), "krPrincipal": (dom.owner,),
             "krDomainState": (str(dom.state),), "krGrant": tuple(dom.grants),
             "krCreated": _time(dom.created), "krVerifiedAt": _time(dom.verified_at),
-            "krVerifiedBy": _opt(dom.verified_by)})
+            "krVerifiedBy": _opt(dom.verified_by),
+            "krFailedChecks": (str(dom.failed_checks),) if dom.failed_checks else ()})
         for position, sel in enumerate(dom.selectors):
             put(f"krSelector={_rdn_value(sel.name)},{dn}", ("top", "krSelector"), {
                 "krPosition": (str(position),),
@@ -413,7 +416,8 @@ class _Reader:
                         grants=tuple(attrs.get("krgrant", [])),
                         created=self.time(attrs, "krCreated"),
                         verified_at=self.time(attrs, "krVerifiedAt"),
-                        verified_by=self.maybe(attrs, "krVerifiedBy"))
+                        verified_by=self.maybe(attrs, "krVerifiedBy"),
+                        failed_checks=int(self.maybe(attrs, "krFailedChecks") or 0))
                 elif "krselector" in classes:
                     domain = dn.split(",", 2)[1].partition("=")[2]
                     created = self.time(attrs, "krCreated")
@@ -445,10 +449,7 @@ class _Reader:
                 found.sort(key=lambda p: (p[0], p[1].created,
                                           list(Algorithm).index(p[1].algorithm), p[1].name))
                 dom = data.domains[domain]
-                data.domains[domain] = Domain(
-                    name=dom.name, owner=dom.owner, state=dom.state, grants=dom.grants,
-                    selectors=tuple(sel for _, sel in found), created=dom.created,
-                    verified_at=dom.verified_at, verified_by=dom.verified_by)
+                data.domains[domain] = replace(dom, selectors=tuple(sel for _, sel in found))
         return data
 
 

@@ -123,6 +123,7 @@ class Domain:
     created: datetime | None = None
     verified_at: datetime | None = None  # last time the domain was (re)verified
     verified_by: str | None = None  # "manual" or "dns"
+    failed_checks: int = 0  # DNS checks failed in a row since the last success
 
     def signing_selectors(self) -> tuple[Selector, ...]:
         return tuple(s for s in self.selectors if s.state is SelectorState.ACTIVE)

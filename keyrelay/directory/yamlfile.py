@@ -297,6 +297,7 @@ def render(data: DirectoryData) -> str:
                 "created": _ts(d.created),
                 "verified_at": _ts(d.verified_at),
                 "verified_by": d.verified_by,
+                "failed_checks": d.failed_checks,
                 "selectors": {
                     s.name: {
                         "algorithm": str(s.algorithm),
@@ -396,6 +397,11 @@ class _Parser:
     def integer(self, value: object, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise self.fail(key, f"expected a positive integer, got {value!r}")
+        return value
+
+    def count(self, value: object, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.fail(key, f"expected 0 or a positive integer, got {value!r}")
         return value
 
     def str_list(self, value: object, key: str) -> list[str]:
@@ -503,7 +509,8 @@ class _Parser:
         )
 
     def domain(self, data: DirectoryData, name: str, value: object, key: str) -> None:
-        allowed = ("owner", "state", "grants", "created", "verified_at", "verified_by", "selectors")
+        allowed = ("owner", "state", "grants", "created", "verified_at", "verified_by",
+                   "failed_checks", "selectors")
         doc = self.mapping(value, key, allowed)
         if self.checked(names.domain, name, key) != name:
             raise self.fail(key, f"write the domain in normal form: {names.domain(name)}")
@@ -542,6 +549,7 @@ class _Parser:
             verified_at=self.time(doc.get("verified_at"), f"{key}.verified_at"),
             verified_by=self.string(doc.get("verified_by"), f"{key}.verified_by", optional=True)
             or None,
+            failed_checks=self.count(doc.get("failed_checks", 0), f"{key}.failed_checks"),
         )
 
     def check_references(self, data: DirectoryData) -> None:
