@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from . import keys, names
 from .directory.model import (
@@ -287,7 +287,7 @@ def rotate_domain(data: DirectoryData, name: str, selectors: tuple[Selector, ...
     return data.domains[dom.name]
 
 
-def activate_published(dom: Domain) -> tuple[Selector, ...]:
+def activate_published(dom: Domain, now: datetime) -> tuple[Selector, ...]:
     """Pending selectors become active; those they replace (same algorithm) start retiring."""
     pending = {s.algorithm for s in dom.selectors if s.state is SelectorState.PENDING}
     result = []
@@ -295,7 +295,7 @@ def activate_published(dom: Domain) -> tuple[Selector, ...]:
         if sel.state is SelectorState.PENDING:
             sel = replace(sel, state=SelectorState.ACTIVE)
         elif sel.state is SelectorState.ACTIVE and sel.algorithm in pending:
-            sel = replace(sel, state=SelectorState.RETIRING)
+            sel = replace(sel, state=SelectorState.RETIRING, retiring_since=now)
         result.append(sel)
     return tuple(result)
 
@@ -309,7 +309,7 @@ def mark_verified(data: DirectoryData, name: str, now: datetime) -> Domain:
         verified_at=now,
         verified_by="manual",
         failed_checks=0,
-        selectors=activate_published(dom),
+        selectors=activate_published(dom, now),
     )
     return data.domains[dom.name]
 
@@ -326,7 +326,7 @@ def record_check(data: DirectoryData, name: str, passed: bool, pending_published
     """
     dom = domain(data, name)
     if passed:
-        selectors = activate_published(dom) if pending_published else dom.selectors
+        selectors = activate_published(dom, now) if pending_published else dom.selectors
         new = replace(dom, state=DomainState.VERIFIED, verified_at=now, verified_by="dns",
                       failed_checks=0, selectors=selectors)
     else:
@@ -339,7 +339,8 @@ def record_check(data: DirectoryData, name: str, passed: bool, pending_published
     return new
 
 
-def retire_selector(data: DirectoryData, name: str, selector: str) -> Selector:
+def retire_selector(data: DirectoryData, name: str, selector: str, now: datetime,
+                    overlap: timedelta, force: bool = False) -> Selector:
     dom = domain(data, name)
     found = next((s for s in dom.selectors if s.name == selector), None)
     if found is None:
@@ -348,6 +349,14 @@ def retire_selector(data: DirectoryData, name: str, selector: str) -> Selector:
         raise Conflict(
             f"selector {selector} still signs mail for {dom.name}; rotate (keyrelay domain "
             "rotate) and verify the new selectors before retiring it"
+        )
+    if (found.state is SelectorState.RETIRING and found.retiring_since is not None
+            and now < found.retiring_since + overlap and not force):
+        until = found.retiring_since + overlap
+        raise Conflict(
+            f"selector {selector} stopped signing at {found.retiring_since:%Y-%m-%d %H:%M} UTC; "
+            f"mail it signed may still be verified until {until:%Y-%m-%d %H:%M} UTC "
+            "(dkim.retiring_overlap): retire it then, or now with --force"
         )
     data.domains[dom.name] = replace(
         dom, selectors=tuple(s for s in dom.selectors if s.name != selector)

@@ -377,7 +377,8 @@ def _domain_json(dom: Domain) -> dict[str, Any]:
         "created": when(dom.created, ""),
         "selectors": [
             {"selector": s.name, "algorithm": str(s.algorithm), "state": str(s.state),
-             "key_file": s.key_file, "created": when(s.created, "")}
+             "key_file": s.key_file, "created": when(s.created, ""),
+             "retiring_since": when(s.retiring_since, "") or None}
             for s in dom.selectors
         ],
     }
@@ -545,11 +546,12 @@ def domain_rotate(ctx: Context, args: argparse.Namespace) -> None:
 
 def domain_retire_selector(ctx: Context, args: argparse.Namespace) -> None:
     with ctx.change("domain.retire-selector", domain=args.domain, selector=args.selector) as data:
-        sel = admin.retire_selector(data, args.domain, args.selector)
+        sel = admin.retire_selector(
+            data, args.domain, args.selector, ctx.now,
+            timedelta(seconds=ctx.config.dkim.retiring_overlap), args.force)
     _delete_key_files([sel.key_file])
     ctx.say(f"Retired selector {sel.name}; remove its DNS record "
-            f"{sel.name}._domainkey.{names.domain(args.domain)} once mail signed with it "
-            "has been delivered.")
+            f"{sel.name}._domainkey.{names.domain(args.domain)} now.")
 
 
 def domain_mark_verified(ctx: Context, args: argparse.Namespace) -> None:
@@ -587,8 +589,8 @@ def _report_json(report: domaincheck.Report, dom: Domain) -> dict[str, Any]:
 def _print_report(ctx: Context, report: domaincheck.Report) -> None:
     rows = []
     for c in report.checks:
-        what = c.kind.upper() + ("" if c.required else " (advice)" if c.kind == "dmarc"
-                                 else " (pending)" if c.kind == "dkim" else "")
+        what = c.kind.upper() + ("" if c.required else f" ({c.selector_state})"
+                                 if c.selector_state else " (advice)")
         rows.append([what, c.subject, str(c.status), c.found])
     table(ctx.out, ["CHECK", "NAME", "RESULT", "FOUND"], rows)
     advice = [f"- {c.subject}: {c.advice}" for c in report.checks
@@ -1023,6 +1025,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "remove a selector that no longer signs (refused while it is active)")
     retire.add_argument("domain", metavar="DOMAIN")
     retire.add_argument("selector", metavar="SELECTOR")
+    retire.add_argument("--force", action="store_true",
+                        help="retire a replaced selector before dkim.retiring_overlap ends")
     _cmd(dom, "verify", domain_verify,
          "check the domain's DKIM, SPF and DMARC records over DNS and record the result "
          "(exit 0 only when verified)", json=True).add_argument("domain", metavar="DOMAIN")

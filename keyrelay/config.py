@@ -193,6 +193,14 @@ class DkimConfig:
             "pattern": (_SELECTOR, "a lowercase letter followed by up to 15 letters or digits"),
         },
     )
+    retiring_overlap: Duration = field(
+        default=Duration(7 * 86400.0),
+        metadata={
+            "doc": "After rotation, how long a replaced selector stays published before "
+            "keyrelay domain retire-selector may remove it (mail signed with it may still be "
+            "verified: queued, forwarded, re-checked by receivers).",
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,8 +55,8 @@ class Check:
     expected: str
     found: str
     advice: str = ""
-    required: bool = True  # counts for the outcome (DMARC and pending selectors do not)
-    selector: str = ""
+    required: bool = True  # counts for the outcome (DMARC, pending and retiring selectors not)
+    selector_state: str = ""  # dkim: the selector's state
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,7 @@ class Report:
 
     @property
     def published_pending(self) -> bool:
-        pending = [c for c in self.checks if c.kind == "dkim" and not c.required]
+        pending = [c for c in self.checks if c.selector_state == SelectorState.PENDING]
         return bool(pending) and all(c.status is Status.PASS for c in pending)
 
 
@@ -113,14 +113,20 @@ def txt_records(resolver: dns.resolver.Resolver, name: str) -> list[str]:
 # -- DKIM ------------------------------------------------------------------------------------
 def check_dkim(resolver: dns.resolver.Resolver, domain: str, selector: Selector) -> Check:
     wanted = dkim_record(domain, selector)
-    pending = selector.state is SelectorState.PENDING
     expected = f"k={_DNS_K[selector.algorithm]}; p={selector.public_key[:24]}..."
 
     def result(status: Status, found: str, advice: str = "") -> Check:
         if status is Status.FAIL and not advice:
             advice = f"publish TXT {wanted.name} \"{wanted.value}\" (keyrelay domain dns {domain})"
+        if status is Status.FAIL and selector.state is SelectorState.RETIRING:
+            # no longer signs: only mail it signed before rotation depends on the record
+            status, advice = Status.WARN, (
+                f"keep {wanted.name} published until keyrelay domain retire-selector "
+                f"{domain} {selector.name}: mail signed before the rotation is verified with "
+                "it")
         return Check("dkim", wanted.name, status, expected, found, advice,
-                     required=not pending, selector=selector.name)
+                     required=selector.state is SelectorState.ACTIVE,
+                     selector_state=str(selector.state))
 
     try:
         records = txt_records(resolver, wanted.name)
@@ -236,8 +242,7 @@ def verify_domain(config: Config, data: DirectoryData, dom: Domain,
     from .admin import pools_for_domain  # keyrelay.admin imports the directory package
 
     resolver = resolver or make_resolver(config)
-    checks = [check_dkim(resolver, dom.name, sel) for sel in dom.selectors
-              if sel.state is not SelectorState.RETIRING]
+    checks = [check_dkim(resolver, dom.name, sel) for sel in dom.selectors]
     if not dom.signing_selectors():
         checks.append(Check("dkim", dom.name, Status.FAIL, "an active selector", "none",
                             f"keyrelay domain rotate {dom.name} creates new selectors"))

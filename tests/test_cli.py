@@ -645,9 +645,12 @@ def test_domain_rotate_keeps_old_selectors_until_retired(fresh: Relay) -> None:
     dom = fresh.json("domain show example.net")
     assert [(s["selector"], s["state"]) for s in dom["selectors"]] == [
         (old[0], "retiring"), (old[1], "retiring"), (new[0], "active"), (new[1], "active")]
-    assert fresh.ok(f"domain retire-selector example.net {old[0]}") == (
+    assert dom["selectors"][0]["retiring_since"] is not None
+    assert "may still be verified until" in fresh.refused(  # dkim.retiring_overlap: 7 days
+        f"domain retire-selector example.net {old[0]}")
+    assert fresh.ok(f"domain retire-selector example.net {old[0]} --force") == (
         f"Retired selector {old[0]}; remove its DNS record {old[0]}._domainkey.example.net "
-        "once mail signed with it has been delivered.\n")
+        "now.\n")
     assert key_files(fresh) == sorted(f"example.net/{s}.pem" for s in [old[1], *new])
 
 

@@ -299,6 +299,15 @@ def test_rotation_switches_only_once_the_new_records_are_published(tenant: Tenan
 
     status, _, err = tenant.cli("domain", "retire-selector", DOMAIN, new[0])
     assert status == 1 and "still signs mail" in err
+    # the old records deleted too early: a warning, since the old selectors no longer sign
+    tenant.publish({n: v for n, v in all_good(tenant).items() if n.split(".")[0] not in old})
+    status, report, _ = tenant.verify()
+    early = [c for c in report["checks"] if c["name"].split(".")[0] in old]
+    assert status == 0 and {c["result"] for c in early} == {"warning"}
+    assert "keep " in early[0]["advice"] and "until keyrelay domain retire-selector" in early[0][
+        "advice"]
+    status, _, err = tenant.cli("domain", "retire-selector", DOMAIN, old[0])
+    assert status == 1 and "may still be verified until" in err  # dkim.retiring_overlap
     for name in old:
-        tenant.ok("domain", "retire-selector", DOMAIN, name)
+        tenant.ok("domain", "retire-selector", DOMAIN, name, "--force")
     assert [s.name for s in tenant.domain().selectors] == new

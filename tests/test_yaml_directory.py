@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,9 @@ def build_rich_directory(data: DirectoryData) -> None:
         (selector("kr20260201-rsa", Algorithm.RSA_SHA256, SelectorState.PENDING),),
     )
     admin.grant_domain(data, "example.com", "acme/marketing")
-    admin.add_domain(data, "acme/billing", "bücher.example", (), T0)
+    retired = replace(selector("kr20250101-ed", Algorithm.ED25519_SHA256,
+                               SelectorState.RETIRING), retiring_since=T0 + timedelta(days=2))
+    admin.add_domain(data, "acme/billing", "bücher.example", (retired,), T0)
     admin.add_sender(data, "acme", "Alerts@Example.net", T0)
     admin.add_sender(data, "acme/marketing", "news@example.org", T0)
     admin.add_sender(data, "beta", "news@example.org", T0)

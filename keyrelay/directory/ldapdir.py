@@ -138,6 +138,7 @@ ATTRIBUTES = [
     Attribute(33, "krChange", _TEXT, False,
               "SERIAL DN: an entry a keyrelay write changed; readers fetch only these"),
     Attribute(34, "krFailedChecks", _INT, True, "DNS checks of a domain failed in a row"),
+    Attribute(35, "krRetiringSince", _TIME, True, "when a DKIM selector stopped signing"),
 ]
 
 _LIMITS = ("krMessagesPerMinute", "krMessagesPerHour", "krRecipientsPerMessage")
@@ -168,7 +169,7 @@ OBJECT_CLASSES = [
                 "a sending domain"),
     ObjectClass(6, "krSelector", "STRUCTURAL",
                 ("krSelector", "krAlgorithm", "krSelectorState", "krKeyFile", "krPublicKey",
-                 "krCreated"), ("krPosition",), "a DKIM selector of a domain"),
+                 "krCreated"), ("krPosition", "krRetiringSince"), "a DKIM selector of a domain"),
     ObjectClass(7, "krSender", "STRUCTURAL", ("krAddress", "krPrincipal"), ("krCreated",),
                 "a verified single sender address"),
     ObjectClass(8, "krPool", "STRUCTURAL", ("krName", "krHelo"), ("krBind", "krCreated"),
@@ -331,7 +332,8 @@ def entries_of(data: DirectoryData, base: str) -> dict[str, Entry]:
                 "krPosition": (str(position),),
                 "krSelector": (sel.name,), "krAlgorithm": (str(sel.algorithm),),
                 "krSelectorState": (str(sel.state),), "krKeyFile": (sel.key_file,),
-                "krPublicKey": (sel.public_key,), "krCreated": _time(sel.created)})
+                "krPublicKey": (sel.public_key,), "krCreated": _time(sel.created),
+                "krRetiringSince": _time(sel.retiring_since)})
     for snd in data.senders.values():
         put(f"krAddress={_rdn_value(snd.address)}+krPrincipal={_rdn_value(snd.principal)},"
             f"ou=senders,{base}", ("top", "krSender"), {
@@ -428,7 +430,8 @@ class _Reader:
                         algorithm=Algorithm(self.one(attrs, "krAlgorithm")),
                         state=SelectorState(self.one(attrs, "krSelectorState")),
                         key_file=self.one(attrs, "krKeyFile"),
-                        public_key=self.one(attrs, "krPublicKey"), created=created)))
+                        public_key=self.one(attrs, "krPublicKey"), created=created,
+                        retiring_since=self.time(attrs, "krRetiringSince"))))
                 elif "krsender" in classes:
                     snd = Sender(address=self.one(attrs, "krAddress"),
                                  principal=self.one(attrs, "krPrincipal"),

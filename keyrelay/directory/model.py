@@ -111,6 +111,7 @@ class Selector:
     key_file: str
     public_key: str  # base64 of the DNS p= value
     created: datetime
+    retiring_since: datetime | None = None  # when it stopped signing (replaced by rotation)
 
 
 @dataclass(frozen=True, slots=True)

@@ -305,6 +305,7 @@ def render(data: DirectoryData) -> str:
                         "key_file": s.key_file,
                         "public_key": s.public_key,
                         "created": _ts(s.created),
+                        "retiring_since": _ts(s.retiring_since),
                     }
                     for s in d.selectors
                 },
@@ -518,7 +519,8 @@ class _Parser:
         for sel, sdoc in self.mapping(doc.get("selectors"), f"{key}.selectors").items():
             where = f"{key}.selectors.{sel}"
             sd = self.mapping(
-                sdoc, where, ("algorithm", "state", "key_file", "public_key", "created")
+                sdoc, where,
+                ("algorithm", "state", "key_file", "public_key", "created", "retiring_since")
             )
             selectors.append(
                 Selector(
@@ -534,6 +536,7 @@ class _Parser:
                     key_file=self.string(sd.get("key_file"), f"{where}.key_file"),
                     public_key=self.string(sd.get("public_key"), f"{where}.public_key"),
                     created=self.time(sd.get("created"), f"{where}.created") or datetime.now(UTC),
+                    retiring_since=self.time(sd.get("retiring_since"), f"{where}.retiring_since"),
                 )
             )
         data.domains[name] = Domain(
