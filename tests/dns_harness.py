@@ -51,10 +51,12 @@ def _txt_option(name: str, value: str) -> str:
 
 
 class DnsServer:
-    """dnsmasq on 127.0.0.1 serving some TXT records and nothing else."""
+    """dnsmasq on 127.0.0.1 serving some TXT records (and CNAMEs to them) and nothing else."""
 
-    def __init__(self, records: dict[str, str], log: Path, domains: list[str]) -> None:
+    def __init__(self, records: dict[str, str], log: Path, domains: list[str],
+                 cnames: dict[str, str] | None = None) -> None:
         self.records = records
+        self.cnames = cnames or {}  # alias -> target (a name of ``records``)
         self.domains = domains  # answered here only: nothing leaks to other resolvers
         self.port = _free_udp_port()
         self.log = log
@@ -69,6 +71,7 @@ class DnsServer:
         ]
         args += [f"--local=/{domain}/" for domain in self.domains]
         args += [_txt_option(name, value) for name, value in self.records.items()]
+        args += [f"--cname={alias},{target}" for alias, target in self.cnames.items()]
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         self._wait_ready()

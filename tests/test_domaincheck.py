@@ -63,11 +63,12 @@ class Tenant:
         printed = json.loads(self.ok("domain", "dns", DOMAIN, "--json"))
         return {r["name"]: r["value"] for r in printed["records"]}
 
-    def publish(self, records: dict[str, str]) -> None:
-        """Serve exactly ``records`` (and nothing else under example.com) from now on."""
+    def publish(self, records: dict[str, str], cnames: dict[str, str] | None = None) -> None:
+        """Serve exactly ``records`` and ``cnames`` (nothing else under example.com and
+        example.net) from now on."""
         self.stop()
         self.zone = DnsServer(records or {"placeholder.example.com": "x"},
-                              self.folder / "dnsmasq.log", [DOMAIN])
+                              self.folder / "dnsmasq.log", [DOMAIN, "example.net"], cnames)
         self.zone.port = self.port
         self.zone.start()
         self.published = dict(records)
@@ -176,6 +177,31 @@ def test_a_missing_selector_record_fails(tenant: Tenant) -> None:
 
     assert status == 1
     assert check_of(report, "dkim", rsa)[0]["found"] == "no TXT record"
+
+
+def test_dkim_records_delegated_by_cname_are_followed(tenant: Tenant) -> None:
+    """A customer may CNAME its selectors to a host the relay's admin controls."""
+    records = all_good(tenant)
+    cnames = {}
+    for name in [n for n in records if "._domainkey." in n]:
+        target = f"{name.split('.')[0]}.dkim.example.net"
+        records[target] = records.pop(name)
+        cnames[name] = target
+    tenant.publish(records, cnames)
+
+    status, report, _ = tenant.verify()
+
+    assert status == 0
+    assert [c["result"] for c in check_of(report, "dkim")] == ["pass", "pass"]
+
+
+def test_a_bad_domain_name_gets_a_clear_error(tenant: Tenant) -> None:
+    for bad in ("exa mple.com", "example..com", "a" * 64 + ".com"):
+        status, out, err = tenant.cli("domain", "verify", bad)
+        assert (status, out) == (1, "") and err.startswith("keyrelay: error: ")
+        assert err.count("\n") == 1 and "Traceback" not in err
+    status, _, err = tenant.cli("domain", "verify", "other.example")
+    assert status == 1 and "other.example" in err and "keyrelay domain list" in err
 
 
 def test_a_record_in_testing_mode_passes_with_advice(tenant: Tenant) -> None:
