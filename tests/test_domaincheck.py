@@ -195,6 +195,19 @@ def test_dkim_records_delegated_by_cname_are_followed(tenant: Tenant) -> None:
     assert [c["result"] for c in check_of(report, "dkim")] == ["pass", "pass"]
 
 
+def test_whitespace_inside_a_dkim_record_is_tolerated(tenant: Tenant) -> None:
+    records = all_good(tenant)
+    rsa = next(n for n, v in records.items() if "k=rsa;" in v)
+    key = records[rsa].rpartition("p=")[2]
+    spaced = " ".join(key[i:i + 64] for i in range(0, len(key), 64))  # as zone files wrap it
+    records[rsa] = f"v=DKIM1 ;  k=rsa;\tp={spaced} "
+    tenant.publish(records)
+
+    status, report, _ = tenant.verify()
+
+    assert status == 0 and check_of(report, "dkim", rsa)[0]["result"] == "pass"
+
+
 def test_a_bad_domain_name_gets_a_clear_error(tenant: Tenant) -> None:
     for bad in ("exa mple.com", "example..com", "a" * 64 + ".com"):
         status, out, err = tenant.cli("domain", "verify", bad)
