@@ -457,16 +457,45 @@ class _Reader:
 
 
 def _unescape(value: str) -> str:
-    out, escaped = [], False
-    for char in value:
-        if escaped:
-            out.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
+    """An RDN value as written in a DN (RFC 4514: ``\\c`` or ``\\XX`` hex escapes) in clear:
+    keyrelay escapes with ``\\c``, slapd answers with ``\\XX``."""
+    out, i = bytearray(), 0
+    while i < len(value):
+        char = value[i]
+        if char == "\\" and re.fullmatch(r"[0-9A-Fa-f]{2}", value[i + 1:i + 3]):
+            out.append(int(value[i + 1:i + 3], 16))
+            i += 3
+        elif char == "\\" and i + 1 < len(value):
+            out += value[i + 1].encode()
+            i += 2
         else:
-            out.append(char)
-    return "".join(out)
+            out += char.encode()
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
+def _dn_key(dn: str) -> str:
+    """One spelling of a DN however it was escaped or cased: the reader's copy and the
+    change log meet on it. (ldap3's parse_dn refuses a ``#`` inside a value, which RFC 4514
+    allows and slapd returns unescaped.)"""
+    rdns: list[list[str]] = [[]]
+    part, i = "", 0
+    while i <= len(dn):
+        char = dn[i] if i < len(dn) else ","
+        if char == "\\":
+            part += dn[i:i + 2]
+            i += 2
+            continue
+        if char in ",+":
+            attribute, _, value = part.partition("=")
+            rdns[-1].append(f"{attribute.strip().lower()}={_unescape(value.strip()).lower()}")
+            if char == ",":
+                rdns.append([])
+            part = ""
+        else:
+            part += char
+        i += 1
+    return ",".join("+".join(sorted(parts)) for parts in rdns if parts)
 
 
 # -- the backend -----------------------------------------------------------------------------
@@ -491,7 +520,7 @@ class LdapDirectory:
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
         self._poll_conn: Any = None  # the refresher's connection, reused between polls
-        self._entries: dict[str, Raw] = {}  # the copy's entries by lowercased DN
+        self._entries: dict[str, Raw] = {}  # the copy's entries by _dn_key
         self.problems: list[str] = []  # entries the last load skipped
 
     def __repr__(self) -> str:
@@ -530,7 +559,10 @@ class LdapDirectory:
                                   get_info=ldap3.NONE, connect_timeout=timeout)
             conn = ldap3.Connection(server, user=cfg.bind_dn or None, password=password,
                                     receive_timeout=timeout, raise_exceptions=True,
-                                    auto_bind=ldap3.AUTO_BIND_NONE, read_only=False)
+                                    auto_bind=ldap3.AUTO_BIND_NONE, read_only=False,
+                                    # a replica's referral for a write: an error, never a
+                                    # second bind elsewhere (ldap3 would skip StartTLS there)
+                                    auto_referrals=False)
             try:
                 conn.open()
                 if cfg.start_tls and not server.ssl:
@@ -561,14 +593,17 @@ class LdapDirectory:
         return self._records(entries, monitor), serial
 
     def _read_entries(self, conn: Any) -> tuple[dict[str, Raw], int | None, bool]:
-        """Every keyrelay entry by lowercased DN, the serial and the directory-wide monitor."""
+        """Every keyrelay entry by ``_dn_key``, the serial and the directory-wide monitor."""
         serial, monitor = self._serial_of(conn)
         entries: dict[str, Raw] = {}
         for item in conn.extend.standard.paged_search(
                 self.base, _FILTER, search_scope=ldap3.SUBTREE, attributes=["*"],
                 paged_size=1000, generator=True):
             if item.get("type") == "searchResEntry":
-                entries[item["dn"].lower()] = (item["dn"], _attrs(item))
+                entries[_dn_key(item["dn"])] = (item["dn"], _attrs(item))
+        # a size or time limit ends the search early without an exception: never serve half
+        _done(conn, (conn.result or {}).get("result") == 0, "reading the whole directory "
+              "(raise the service DN's olcLimits: docs/ldap.md)")
         return entries, serial, monitor
 
     def _records(self, entries: dict[str, Raw], monitor: bool) -> DirectoryData:
@@ -578,21 +613,29 @@ class LdapDirectory:
         self.problems = problems
         return data
 
-    def _changed_since(self, conn: Any, serial: int, now: int) -> set[str] | None:
-        """Lowercased DNs the writes after ``serial`` up to ``now`` changed, from the change
-        log; None when the log cannot say (a large write, or ``serial`` too far behind)."""
+    def _changed_since(self, conn: Any, serial: int) -> tuple[int, bool, list[str]] | None:
+        """(serial now, monitor, the DNs the writes after ``serial`` changed), serial and log
+        read together; None when the log cannot say (a large write, ``serial`` too far
+        behind or ahead, a base that is no keyrelay directory)."""
+        conn.search(self.base, "(objectClass=*)", search_scope=ldap3.BASE,
+                    attributes=["krSerial", "krMonitor", "krChange"])
+        attrs = _attrs(conn.response[0])
+        serials = attrs.get("krserial") or []
+        if not serials:
+            return None
+        now = int(serials[0])
+        # the log keeps every value newer than now - CHANGE_LOG_SERIALS (the writer prunes
+        # relative to the serial it sets, and this is that serial, read with the log)
         if now < serial or now - serial >= CHANGE_LOG_SERIALS:
             return None
-        conn.search(self.base, "(objectClass=*)", search_scope=ldap3.BASE,
-                    attributes=["krChange"])
-        changed: set[str] = set()
-        for value in _attrs(conn.response[0]).get("krchange") or []:
+        changed: list[str] = []
+        for value in attrs.get("krchange") or []:
             number, _, dn = value.partition(" ")
             if number.isdigit() and serial < int(number) <= now:
                 if dn == "*":
                     return None
-                changed.add(dn.lower())
-        return changed
+                changed.append(dn)
+        return now, (attrs.get("krmonitor") or ["FALSE"])[0] == "TRUE", changed
 
     def _fetch(self, conn: Any, dn: str) -> Raw | None:
         """One entry, read now; None when it no longer exists."""
@@ -656,17 +699,17 @@ class LdapDirectory:
             self._poll_conn = self._guarded(self.connect)
         conn = self._poll_conn
         try:
-            serial, monitor = self._guarded(lambda: self._serial_of(conn))
+            serial, _ = self._guarded(lambda: self._serial_of(conn))
             now, known = self._clock(), self._serial
             stale = now - self._loaded_at > self.config.full_reload_interval
             if force or stale or known is None or serial is None:
                 self._reload(conn, now)
             elif serial != known:
-                changed = self._guarded(lambda: self._changed_since(conn, known, serial))
-                if changed is None:
+                log = self._guarded(lambda: self._changed_since(conn, known))
+                if log is None:
                     self._reload(conn, now)
                 else:
-                    self._apply(conn, changed, serial, monitor)
+                    self._apply(conn, *log)
             self._contact = now
         except BaseException:
             self._poll_conn = None
@@ -684,15 +727,15 @@ class LdapDirectory:
         self._serial = serial
         self._loaded_at = now
 
-    def _apply(self, conn: Any, changed: set[str], serial: int, monitor: bool) -> None:
+    def _apply(self, conn: Any, serial: int, monitor: bool, changed: list[str]) -> None:
         """Fetch only the entries the change log names and rebuild the copy from memory."""
         entries = dict(self._entries)
-        for dn in sorted(changed):
+        for dn in dict.fromkeys(changed):
             found = self._guarded(lambda: self._fetch(conn, dn))  # noqa: B023 - called now
             if found is None:
-                entries.pop(dn, None)
+                entries.pop(_dn_key(dn), None)
             else:
-                entries[dn] = found
+                entries[_dn_key(found[0])] = found
         self._snapshot = Directory(self._records(entries, monitor))
         self._entries = entries
         self._serial = serial
@@ -745,8 +788,9 @@ class LdapDirectory:
             self._initialise(conn)
             serial = 0
         try:  # compare-and-swap: fails when another writer moved the serial on
-            conn.modify(self.base, {"krSerial": [(ldap3.MODIFY_DELETE, [str(serial)]),
-                                                 (ldap3.MODIFY_ADD, [str(serial + 1)])]})
+            _done(conn, conn.modify(self.base, {
+                "krSerial": [(ldap3.MODIFY_DELETE, [str(serial)]),
+                             (ldap3.MODIFY_ADD, [str(serial + 1)])]}), "the write")
         except (LDAPNoSuchAttributeResult, LDAPAttributeOrValueExistsResult):
             raise DirectoryConflict(
                 "the directory changed while this command ran (another keyrelay command or "
@@ -754,16 +798,17 @@ class LdapDirectory:
         depth = lambda dn: dn.count(",")  # noqa: E731
         changed = sorted(set(before) - set(after), key=depth, reverse=True)
         for dn in changed:
-            conn.delete(dn)
+            _done(conn, conn.delete(dn), f"removing {dn}")
         for dn in sorted(after, key=depth):
             new, old = after[dn], before.get(dn)
             if old is None:
-                conn.add(dn, attributes={k: list(v) for k, v in new.items()})
+                _done(conn, conn.add(dn, attributes={k: list(v) for k, v in new.items()}),
+                      f"adding {dn}")
             elif new != old:
                 changes = {name: [(ldap3.MODIFY_REPLACE, list(new.get(name, ())))]
                            for name in set(new) | set(old)
                            if name != "objectClass" and new.get(name) != old.get(name)}
-                conn.modify(dn, changes)
+                _done(conn, conn.modify(dn, changes), f"changing {dn}")
             else:
                 continue
             changed.append(dn)
@@ -781,7 +826,7 @@ class LdapDirectory:
             "krMonitor": [(ldap3.MODIFY_REPLACE, ["TRUE"] if monitor else [])]}
         if log:
             update["krChange"] = log
-        conn.modify(self.base, update)
+        _done(conn, conn.modify(self.base, update), "the end of the write")
 
     def _expired_changes(self, conn: Any, final: int) -> list[str]:
         """Change-log values too old to keep once the serial is ``final``."""
@@ -813,30 +858,66 @@ class LdapDirectory:
     def _write_key_use(self, conn: Any, used: dict[str, datetime],
                        give_up_at: float | None) -> set[str]:
         ids = sorted(used)
+        left = set(ids)
         for start in range(0, len(ids), 200):  # filters of a sensible size
-            if give_up_at is not None and time.monotonic() > give_up_at:
-                return set(ids[start:])
             wanted = "".join(f"(krKeyId={escape_filter_chars(i)})" for i in ids[start:start + 200])
             conn.search(f"ou=keys,{self.base}", f"(&(objectClass=krApiKey)(|{wanted}))",
                         search_scope=ldap3.LEVEL, attributes=["krKeyId", "krLastUsed"])
-            for item in list(conn.response or ()):
-                attrs = _attrs(item)
-                when = used[attrs["krkeyid"][0]]
-                stored = attrs.get("krlastused") or []
-                if not stored or _parse_time(stored[0]) < when:
-                    conn.modify(item["dn"], {"krLastUsed": [(ldap3.MODIFY_REPLACE,
-                                                             list(_time(when)))]})
-        return set()
+            found = [(item["dn"], _attrs(item)) for item in conn.response or ()
+                     if item.get("type") == "searchResEntry"]
+            left -= set(ids[start:start + 200])
+            for dn, attrs in found:
+                if give_up_at is not None and time.monotonic() > give_up_at:
+                    return left | {a["krkeyid"][0] for _, a in found}
+                key_id = attrs["krkeyid"][0]
+                when = used[key_id]
+                values = attrs.get("krlastused") or []
+                stored = values[0] if values else None
+                try:
+                    if stored is not None and _parse_time(stored) >= when:
+                        continue
+                except ValueError:
+                    pass  # not as keyrelay writes it: replace it
+                # delete exactly the value read, add the new one: if another node wrote a
+                # time meanwhile the modify fails and that (newer or equal) time stays
+                change = [(ldap3.MODIFY_DELETE, [stored])] if stored is not None else []
+                change.append((ldap3.MODIFY_ADD, list(_time(when))))
+                try:
+                    _done(conn, conn.modify(dn, {"krLastUsed": change}), f"changing {dn}")
+                except (LDAPNoSuchAttributeResult, LDAPAttributeOrValueExistsResult,
+                        LDAPNoSuchObjectResult):
+                    continue  # another node wrote a time, or the key is gone
+        return left
 
     def _initialise(self, conn: Any) -> None:
         """Make the base entry a keyrelay directory and add the containers."""
 
-        conn.modify(self.base, {"objectClass": [(ldap3.MODIFY_ADD, ["krDirectory"])],
-                                "krSerial": [(ldap3.MODIFY_ADD, ["0"])]})
+        try:
+            _done(conn, conn.modify(self.base, {
+                "objectClass": [(ldap3.MODIFY_ADD, ["krDirectory"])],
+                "krSerial": [(ldap3.MODIFY_ADD, ["0"])]}), "creating the directory")
+        except (LDAPAttributeOrValueExistsResult, LDAPNoSuchAttributeResult):
+            raise DirectoryConflict("another keyrelay command created the directory at the "
+                                    "same time; nothing was written: run the command again"
+                                    ) from None
         for name in CONTAINERS:
             with contextlib.suppress(LDAPEntryAlreadyExistsResult):
                 conn.add(f"ou={name},{self.base}", attributes={
                     "objectClass": ["top", "organizationalUnit"], "ou": [name]})
+
+
+def _done(conn: Any, ok: bool, what: str) -> None:
+    """Raise when an operation did not succeed without raising itself: ldap3 returns False
+    for a referral (a read-only replica asked to write), a size or a time limit."""
+    if ok:
+        return
+    result = conn.result or {}
+    text = " ".join(str(p) for p in (result.get("description"), result.get("message")) if p)
+    referrals = result.get("referrals")
+    if referrals:
+        text += (f" (referral to {', '.join(referrals)}: a read-only replica; give the "
+                 "keyrelay CLI a configuration whose urls list the provider first)")
+    raise DirectoryUnavailable(f"LDAP refused {what}: {text or 'no reason given'}")
 
 
 def _attrs(item: Mapping[str, Any]) -> dict[str, list[str]]:
