@@ -80,16 +80,19 @@ class Context:
                 self.used_keys[key_id] = when
 
     def write_key_use(self, pending: dict[str, datetime],
-                      give_up_at: float | None = None) -> bool:
+                      give_up: Callable[[], bool] | None = None) -> bool:
         """Write last-used times to the directory (in a worker thread); False on failure.
 
-        Last-used is bookkeeping: a failure is logged and never affects mail. ``give_up_at``
-        (``time.monotonic()``): a stopping daemon's deadline; what is left then is dropped.
+        Last-used is bookkeeping: a failure is logged and never affects mail. ``give_up``
+        turns true when a stopping daemon's time is up; what is left then is dropped.
         """
         try:
-            left = self.directory.record_key_use(pending, give_up_at)
+            left = self.directory.record_key_use(pending, give_up)
         except (OSError, KeyrelayError) as exc:
             log.warning("could not record keys' last-used times: %s", exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - bookkeeping must not stop the flush loop
+            log.warning("could not record keys' last-used times: internal error %r", exc)
             return False
         if left:
             log.warning("stopping: last-used times of %d of %d keys not recorded (no time "

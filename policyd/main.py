@@ -104,6 +104,7 @@ class Daemon:
         self.socketmap = SocketmapService(self.context)
         self.listeners = server.listeners(config.policyd, self.auth, self.policy, self.socketmap)
         self.stopping = asyncio.Event()
+        self.stop_by: float | None = None  # set at SIGTERM: when a flush must give up
 
     def decision_log(self, config: Config) -> DecisionLog:
         loop = asyncio.get_running_loop()
@@ -125,10 +126,12 @@ class Daemon:
         log.info("keyrelay-policyd %s ready (pid %d)", __version__, os.getpid())
         await self.stopping.wait()
         await self.shutdown()
+        # the last flush, and one already running in its thread, may not hold up the stop
+        # for longer than shutdown_grace: an LDAP directory writes key by key
+        self.stop_by = time.monotonic() + self.context.config.policyd.shutdown_grace
         for task in tasks:
             task.cancel()
-        # the last flush may not hold up the stop: an LDAP directory writes key by key
-        await self.flush(give_up_at=time.monotonic() + self.context.config.policyd.shutdown_grace)
+        await self.flush()
 
     async def every(self, seconds: float, job: Callable[[], None]) -> None:
         while True:
@@ -148,11 +151,15 @@ class Daemon:
             await asyncio.sleep(self.context.config.keys.last_used_flush_interval)
             await self.flush()
 
-    async def flush(self, give_up_at: float | None = None) -> None:
+    def time_is_up(self) -> bool:
+        """Read by a flush's worker thread: the daemon is stopping and its grace is over."""
+        return self.stop_by is not None and time.monotonic() > self.stop_by
+
+    async def flush(self) -> None:
         pending = self.context.take_key_use()
         if not pending:
             return
-        written = await asyncio.to_thread(self.context.write_key_use, pending, give_up_at)
+        written = await asyncio.to_thread(self.context.write_key_use, pending, self.time_is_up)
         if written:
             log.info("recorded last-used times of %d keys", len(pending))
         else:

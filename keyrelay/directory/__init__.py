@@ -11,6 +11,7 @@ for every backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
@@ -30,7 +31,7 @@ class DirectoryBackend(Protocol):
     def transaction(self, create: bool = True) -> AbstractContextManager[DirectoryData]: ...
 
     def record_key_use(self, used: dict[str, datetime],
-                       give_up_at: float | None = None) -> set[str]: ...
+                       give_up: Callable[[], bool] | None = None) -> set[str]: ...
 
 
 def open_directory(config: Config) -> DirectoryBackend:

@@ -838,9 +838,9 @@ class LdapDirectory:
                 or int(v.partition(" ")[0]) <= final - CHANGE_LOG_SERIALS]
 
     def record_key_use(self, used: dict[str, datetime],
-                       give_up_at: float | None = None) -> set[str]:
+                       give_up: Callable[[], bool] | None = None) -> set[str]:
         """Keys' last-used times from a daemon, written to the key entries directly; the
-        ids not recorded because ``give_up_at`` (``time.monotonic()``) passed.
+        ids not recorded because ``give_up()`` turned true (a stopping daemon's deadline).
 
         No decision reads them, so ``krSerial`` is left alone: a flush would otherwise make
         every relay node read the whole directory again. A time is only ever moved forward
@@ -850,13 +850,13 @@ class LdapDirectory:
         """
         conn = self._guarded(self.connect)
         try:
-            left: set[str] = self._guarded(lambda: self._write_key_use(conn, used, give_up_at))
+            left: set[str] = self._guarded(lambda: self._write_key_use(conn, used, give_up))
         finally:
             _unbind(conn)
         return left
 
     def _write_key_use(self, conn: Any, used: dict[str, datetime],
-                       give_up_at: float | None) -> set[str]:
+                       give_up: Callable[[], bool] | None) -> set[str]:
         ids = sorted(used)
         left = set(ids)
         for start in range(0, len(ids), 200):  # filters of a sensible size
@@ -867,7 +867,7 @@ class LdapDirectory:
                      if item.get("type") == "searchResEntry"]
             left -= set(ids[start:start + 200])
             for dn, attrs in found:
-                if give_up_at is not None and time.monotonic() > give_up_at:
+                if give_up is not None and give_up():
                     return left | {a["krkeyid"][0] for _, a in found}
                 key_id = attrs["krkeyid"][0]
                 when = used[key_id]

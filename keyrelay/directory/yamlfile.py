@@ -124,9 +124,9 @@ class YamlDirectory:
         return _Parser(self.path).document(document)
 
     def record_key_use(self, used: dict[str, datetime],
-                       give_up_at: float | None = None) -> set[str]:
-        """Keys' last-used times from a daemon; never creates the file. One write, so
-        ``give_up_at`` (a ``time.monotonic()`` deadline) never leaves any out: returns the
+                       give_up: Callable[[], bool] | None = None) -> set[str]:
+        """Keys' last-used times from a daemon; never creates the file. One quick write, so
+        ``give_up`` (a stopping daemon's "time is up") never leaves any out: returns the
         empty set of keys not recorded."""
         from .. import admin  # here: keyrelay.admin imports this package
 
