@@ -35,7 +35,14 @@ from .directory.model import (
 )
 from .directory.yamlfile import render as render_directory
 from .durations import format_duration, parse_duration
-from .errors import ConfigError, DirectoryConflict, DirectoryUnavailable, KeyrelayError, UserError
+from .errors import (
+    ConfigError,
+    DirectoryConflict,
+    DirectoryUnavailable,
+    KeyrelayError,
+    NotFound,
+    UserError,
+)
 from .output import dump_json, table, when
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -564,16 +571,40 @@ def domain_mark_verified(ctx: Context, args: argparse.Namespace) -> None:
 
 def _checked(ctx: Context, name: str) -> tuple[domaincheck.Report, Domain, Domain | None]:
     """Check a domain over DNS and record what the check proves (an unknown outcome changes
-    nothing): (report, the domain before, the domain after or None when unchanged)."""
-    before = admin.domain(ctx.read(), name)
-    report = domaincheck.verify_domain(ctx.config, ctx.read(), before)
+    nothing): (report, the domain before, the domain after or None when unchanged).
+
+    The DNS checks take seconds: if the domain or its pools changed meanwhile (a rotation,
+    a pool assigned), what was checked is not what would be recorded, so the command is
+    run again (DirectoryConflict)."""
+    data = ctx.read()
+    before = admin.domain(data, name)
+    pools = admin.pools_for_domain(data, before, ctx.config.routing.default_pool or None)
+    report = domaincheck.verify_domain(ctx.config, data, before)
     if report.outcome is domaincheck.Outcome.UNKNOWN:
         return report, before, None
     passed = report.outcome is domaincheck.Outcome.PASSED
-    with ctx.change("domain.check", domain=before.name, result=str(report.outcome)) as data:
-        after = admin.record_check(data, before.name, passed, report.published_pending,
+    with ctx.change("domain.check", domain=before.name, result=str(report.outcome)) as now:
+        current = admin.domain(now, name)
+        if current != before or admin.pools_for_domain(
+                now, current, ctx.config.routing.default_pool or None) != pools:
+            raise DirectoryConflict(f"{name} or its pools changed during the DNS check; "
+                                    "nothing was recorded: run the command again")
+        after = admin.record_check(now, before.name, passed, report.published_pending,
                                    ctx.now, ctx.config.domains.fail_after)
     return report, before, after
+
+
+def _checked_again(ctx: Context, name: str) -> tuple[domaincheck.Report, Domain, Domain | None]:
+    """``_checked`` with its own retries: `domain check` records one domain at a time and
+    must not run the whole command again (domains already recorded would count twice)."""
+    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+        try:
+            return _checked(ctx, name)
+        except DirectoryConflict:
+            if attempt == CONFLICT_ATTEMPTS:
+                raise
+            time.sleep(random.uniform(0.05, 0.2) * attempt)  # noqa: S311 - jitter
+    raise AssertionError("unreachable")
 
 
 def _report_json(report: domaincheck.Report, dom: Domain) -> dict[str, Any]:
@@ -640,7 +671,13 @@ def domain_check(ctx: Context, args: argparse.Namespace) -> None:
     unknown = []
     results = []
     for name in wanted:
-        report, before, after = _checked(ctx, name)
+        try:
+            report, before, after = _checked_again(ctx, name)
+        except NotFound:
+            if not args.all:
+                raise
+            ctx.say(f"{name}: removed while the others were checked")
+            continue
         if after is None:
             unknown.append(name)
         results.append(_report_json(report, after or before) if ctx.json else None)
@@ -1112,8 +1149,9 @@ def run_handler(handler: Handler, ctx: Context, args: argparse.Namespace,
     """Run a command; again when another writer changed the directory under it.
 
     Only LDAP refuses a transaction that overlapped another writer's (the YAML file is
-    locked instead), and it then wrote nothing; every command prints only after its
-    transaction, so running it again is what the admin would do by hand.
+    locked instead), and it then wrote nothing; a command prints only after its one
+    transaction, so running it again is what the admin would do by hand. (`domain check`
+    writes once per domain and retries each one itself.)
     """
     for attempt in range(1, attempts + 1):
         try:

@@ -30,6 +30,7 @@ import spf
 from .config import Config
 from .directory.model import Algorithm, DirectoryData, Domain, Selector, SelectorState
 from .dkimkeys import dkim_record, dmarc_record, spf_record
+from .errors import UserError
 
 _DNS_K = {Algorithm.RSA_SHA256: "rsa", Algorithm.ED25519_SHA256: "ed25519"}
 
@@ -85,7 +86,11 @@ class CouldNotCheck(Exception):
 
 def make_resolver(config: Config) -> dns.resolver.Resolver:
     cfg = config.dns
-    resolver = dns.resolver.Resolver(configure=not cfg.nameservers)
+    try:
+        resolver = dns.resolver.Resolver(configure=not cfg.nameservers)
+    except dns.resolver.NoResolverConfiguration:
+        raise UserError("no resolver to ask: /etc/resolv.conf lists none; set dns.nameservers "
+                        "in the configuration") from None
     if cfg.nameservers:
         resolver.nameservers = list(cfg.nameservers)
     resolver.port = cfg.port
@@ -169,7 +174,8 @@ def check_dkim(resolver: dns.resolver.Resolver, domain: str, selector: Selector)
 # -- SPF -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _spf_resolver(resolver: dns.resolver.Resolver) -> Iterator[None]:
-    """pyspf asks dnspython's default resolver: point it at ours for the check."""
+    """pyspf asks dnspython's default resolver: point it at ours for the check. A process
+    global: only the (single-threaded) keyrelay CLI checks domains, never a daemon."""
     saved = dns.resolver.default_resolver
     dns.resolver.default_resolver = resolver
     try:

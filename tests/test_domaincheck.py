@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from dns_harness import DNSMASQ, DnsServer
 
-from keyrelay import cli
+from keyrelay import cli, domaincheck
 from keyrelay.config import load_config
 from keyrelay.decisions import Settings, domain_may_send
 from keyrelay.directory import open_directory
@@ -95,7 +95,7 @@ def tenant(tmp_path: Path) -> Iterator[Tenant]:
         "directory": {"path": str(tmp_path / "directory.yaml")},
         "dkim": {"key_dir": str(tmp_path / "dkim")},
         "logging": {"audit_log": str(tmp_path / "audit.log")},
-        "dns": {"nameservers": ["127.0.0.1"], "port": made.port, "timeout": "1s"},
+        "dns": {"nameservers": ["127.0.0.1"], "port": made.port, "timeout": "3s"},
         "domains": {"fail_after": 3, "failing_grace": "1h"},
     }))
     made.ok("account", "add", "acme")
@@ -350,3 +350,30 @@ def test_rotation_switches_only_once_the_new_records_are_published(tenant: Tenan
     for name in old:
         tenant.ok("domain", "retire-selector", DOMAIN, name, "--force")
     assert [s.name for s in tenant.domain().selectors] == new
+
+
+def test_a_rotation_during_the_dns_check_is_checked_again_not_activated_unpublished(
+        tenant: Tenant, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks take seconds: a change made meanwhile must not be recorded as checked."""
+    tenant.publish(all_good(tenant))
+    assert tenant.verify()[0] == 0
+    real = domaincheck.verify_domain
+    calls = []
+
+    def rotated_meanwhile(*args: Any, **kwargs: Any) -> domaincheck.Report:
+        report = real(*args, **kwargs)
+        calls.append(report)
+        if len(calls) == 1:  # another admin rotates while the first check runs
+            tenant.ok("domain", "rotate", DOMAIN)
+        return report
+
+    monkeypatch.setattr(domaincheck, "verify_domain", rotated_meanwhile)
+    status, report, _ = tenant.verify()
+
+    assert len(calls) == 2  # checked again, with the new selectors
+    assert status == 0 and report["state"] == "verified"
+    pending = [s for s in tenant.domain().selectors if s.state is SelectorState.PENDING]
+    assert len(pending) == 2  # not published: they must not sign
+    assert [c["result"] for c in report["checks"] if c["name"].split(".")[0] in
+            {s.name for s in pending}] == ["fail", "fail"]
+
