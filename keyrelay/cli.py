@@ -1066,7 +1066,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="retire a replaced selector before dkim.retiring_overlap ends")
     _cmd(dom, "verify", domain_verify,
          "check the domain's DKIM, SPF and DMARC records over DNS and record the result "
-         "(exit 0 only when verified)", json=True).add_argument("domain", metavar="DOMAIN")
+         "(exit 0 only when every required check passed)", json=True).add_argument(
+             "domain", metavar="DOMAIN")
     check = _cmd(dom, "check", domain_check,
                  "re-check domains over DNS (for a timer): verified ones that fail "
                  "domains.fail_after times in a row become failing", json=True)
