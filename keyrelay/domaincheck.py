@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import dkim.util
@@ -248,7 +248,21 @@ def verify_domain(config: Config, data: DirectoryData, dom: Domain,
     from .admin import pools_for_domain  # keyrelay.admin imports the directory package
 
     resolver = resolver or make_resolver(config)
-    checks = [check_dkim(resolver, dom.name, sel) for sel in dom.selectors]
+    pending = [check_dkim(resolver, dom.name, s) for s in dom.selectors
+               if s.state is SelectorState.PENDING]
+    # When every new selector of a rotation is published, the selectors they replace are
+    # judged as the retiring ones they become on success: a rotation made because an old
+    # key leaked, with its record already pulled, can then complete.
+    switching = bool(pending) and all(c.status is Status.PASS for c in pending)
+    replaced = {s.algorithm for s in dom.selectors if s.state is SelectorState.PENDING}
+    checks = []
+    for sel in dom.selectors:
+        if sel.state is SelectorState.PENDING:
+            checks.append(pending.pop(0))
+            continue
+        if switching and sel.state is SelectorState.ACTIVE and sel.algorithm in replaced:
+            sel = replace(sel, state=SelectorState.RETIRING)
+        checks.append(check_dkim(resolver, dom.name, sel))
     if not dom.signing_selectors():
         checks.append(Check("dkim", dom.name, Status.FAIL, "an active selector", "none",
                             f"keyrelay domain rotate {dom.name} creates new selectors"))

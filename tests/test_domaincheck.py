@@ -377,3 +377,19 @@ def test_a_rotation_during_the_dns_check_is_checked_again_not_activated_unpublis
     assert [c["result"] for c in report["checks"] if c["name"].split(".")[0] in
             {s.name for s in pending}] == ["fail", "fail"]
 
+
+def test_a_rotation_completes_when_the_old_records_were_already_pulled(tenant: Tenant) -> None:
+    """A key leaked: the admin rotates, pulls the old records and publishes the new ones."""
+    tenant.publish(all_good(tenant))
+    assert tenant.verify()[0] == 0
+    old = {s.name for s in tenant.domain().selectors}
+    tenant.ok("domain", "rotate", DOMAIN)
+    tenant.publish({n: v for n, v in all_good(tenant).items() if n.split(".")[0] not in old})
+
+    status, report, _ = tenant.verify()
+
+    assert status == 0
+    assert {s.name for s in tenant.domain().signing_selectors()}.isdisjoint(old)
+    pulled = [c for c in report["checks"] if c["name"].split(".")[0] in old]
+    assert {(c["result"], c["required"]) for c in pulled} == {("warning", False)}
+
