@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from . import __version__, admin, audit, dkimkeys, domaincheck, names, postfixconf
 from .config import Config, load_config, render_example, resolve_config_path
@@ -47,6 +47,7 @@ from .output import dump_json, table, when
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 CONFLICT_ATTEMPTS = 8  # runs of a command whose LDAP transaction met another writer's
+T = TypeVar("T")
 
 
 @dataclass
@@ -597,14 +598,7 @@ def _checked(ctx: Context, name: str) -> tuple[domaincheck.Report, Domain, Domai
 def _checked_again(ctx: Context, name: str) -> tuple[domaincheck.Report, Domain, Domain | None]:
     """``_checked`` with its own retries: `domain check` records one domain at a time and
     must not run the whole command again (domains already recorded would count twice)."""
-    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
-        try:
-            return _checked(ctx, name)
-        except DirectoryConflict:
-            if attempt == CONFLICT_ATTEMPTS:
-                raise
-            time.sleep(random.uniform(0.05, 0.2) * attempt)  # noqa: S311 - jitter
-    raise AssertionError("unreachable")
+    return retrying_conflicts(lambda: _checked(ctx, name))
 
 
 def _report_json(report: domaincheck.Report, dom: Domain) -> dict[str, Any]:
@@ -1154,14 +1148,18 @@ def run_handler(handler: Handler, ctx: Context, args: argparse.Namespace,
     transaction, so running it again is what the admin would do by hand. (`domain check`
     writes once per domain and retries each one itself.)
     """
-    for attempt in range(1, attempts + 1):
+    retrying_conflicts(lambda: handler(ctx, args), attempts)
+
+
+def retrying_conflicts(action: Callable[[], T], attempts: int = CONFLICT_ATTEMPTS) -> T:
+    """``action()``, run again after a short random pause while it raises
+    DirectoryConflict (nothing was written), at most ``attempts`` times."""
+    for attempt in range(1, attempts):
         try:
-            handler(ctx, args)
-            return
+            return action()
         except DirectoryConflict:
-            if attempt == attempts:
-                raise
             time.sleep(random.uniform(0.05, 0.2) * attempt)  # noqa: S311 - jitter, not a secret
+    return action()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from .directory.model import Algorithm, Pool, Selector, SelectorState
 
 RSA_BITS = 2048
 _SUFFIX = {Algorithm.RSA_SHA256: "rsa", Algorithm.ED25519_SHA256: "ed"}
-_DNS_K = {Algorithm.RSA_SHA256: "rsa", Algorithm.ED25519_SHA256: "ed25519"}
+DNS_K = {Algorithm.RSA_SHA256: "rsa", Algorithm.ED25519_SHA256: "ed25519"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +110,7 @@ def dkim_record(domain: str, selector: Selector) -> DnsRecord:
     return DnsRecord(
         name=f"{selector.name}._domainkey.{domain}",
         type="TXT",
-        value=f"v=DKIM1; k={_DNS_K[selector.algorithm]}; p={selector.public_key}",
+        value=f"v=DKIM1; k={DNS_K[selector.algorithm]}; p={selector.public_key}",
         purpose=f"DKIM {selector.algorithm} selector {selector.name} ({selector.state})",
     )
 

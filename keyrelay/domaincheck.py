@@ -28,11 +28,9 @@ import dns.resolver
 import spf
 
 from .config import Config
-from .directory.model import Algorithm, DirectoryData, Domain, Selector, SelectorState
-from .dkimkeys import dkim_record, dmarc_record, spf_record
+from .directory.model import DirectoryData, Domain, Selector, SelectorState
+from .dkimkeys import DNS_K, dkim_record, dmarc_record, spf_record
 from .errors import UserError
-
-_DNS_K = {Algorithm.RSA_SHA256: "rsa", Algorithm.ED25519_SHA256: "ed25519"}
 
 
 class Status(StrEnum):
@@ -118,7 +116,7 @@ def txt_records(resolver: dns.resolver.Resolver, name: str) -> list[str]:
 # -- DKIM ------------------------------------------------------------------------------------
 def check_dkim(resolver: dns.resolver.Resolver, domain: str, selector: Selector) -> Check:
     wanted = dkim_record(domain, selector)
-    expected = f"k={_DNS_K[selector.algorithm]}; p={selector.public_key[:24]}..."
+    expected = f"k={DNS_K[selector.algorithm]}; p={selector.public_key[:24]}..."
 
     def result(status: Status, found: str, advice: str = "") -> Check:
         if status is Status.FAIL and not advice:
@@ -159,7 +157,7 @@ def check_dkim(resolver: dns.resolver.Resolver, domain: str, selector: Selector)
         return result(Status.FAIL, f"v={tags['v']} (must be DKIM1 or absent)")
     if not public:
         return result(Status.FAIL, "an empty p= (the key is revoked)")
-    if algorithm != _DNS_K[selector.algorithm]:
+    if algorithm != DNS_K[selector.algorithm]:
         return result(Status.FAIL, f"k={algorithm}")
     if public != selector.public_key:
         return result(Status.FAIL, f"another key: p={public[:24]}...")
