@@ -13,12 +13,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from . import __version__, admin, audit, dkimkeys, domaincheck, names, postfixconf
+from . import __version__, admin, audit, declare, dkimkeys, domaincheck, names, postfixconf
 from .config import Config, load_config, render_example, resolve_config_path
 from .directory import DirectoryBackend, YamlDirectory, open_directory
 from .directory.model import (
@@ -850,6 +850,52 @@ def import_directory(ctx: Context, args: argparse.Namespace) -> None:
         ctx.say(f"  {line}")
 
 
+def _copy(data: DirectoryData) -> DirectoryData:
+    """A copy whose collections can change without touching ``data`` (records are frozen)."""
+    copied = DirectoryData(**{f.name: getattr(data, f.name) for f in fields(DirectoryData)})
+    for name in ("accounts", "subusers", "keys", "domains", "senders", "pools"):
+        setattr(copied, name, dict(getattr(data, name)))
+    return copied
+
+
+def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
+    declared = declare.load(args.file)  # ConfigError names the file, key and reason
+    existing = ctx.read()
+    trial = _copy(existing)  # refuse a clash before any DKIM key is made
+    declare.apply(trial, declared, ctx.now, {n: () for n in declared.new_domains(existing)})
+    changes = admin.differences(existing, trial)
+    if not changes:
+        ctx.say(f"Nothing to do: the directory already holds what {args.file} declares.")
+        return
+    if args.dry_run:
+        ctx.say(f"Dry run: would make {len(changes)} change(s):")
+        for line in changes:
+            ctx.say(f"  {line}")
+        return
+    made = {
+        name: dkimkeys.create_selectors(
+            ctx.config.dkim.key_dir, name,
+            dkimkeys.selector_names(ctx.config.dkim.selector_prefix, ctx.now, set()),
+            SelectorState.ACTIVE, ctx.now)
+        for name in declared.new_domains(existing)
+    }
+    try:
+        with ctx.change("directory.sync", source=args.file) as data:
+            before = _copy(data)
+            removed = declare.apply(data, declared, ctx.now, made)
+            changes = admin.differences(before, data)
+    except BaseException:
+        _delete_key_files([s.key_file for sels in made.values() for s in sels])
+        raise
+    _delete_key_files([s.key_file for dom in removed for s in dom.selectors])
+    ctx.say(f"Made {len(changes)} change(s):")
+    for line in changes:
+        ctx.say(f"  {line}")
+    for name in made:
+        ctx.say(f"Domain {name} is pending: publish its records (keyrelay domain dns {name}), "
+                f"then run keyrelay domain verify {name}.")
+
+
 # -- postfix ---------------------------------------------------------------------------------
 def _postfix_plan(
     ctx: Context, config_dir: str | None
@@ -1112,6 +1158,14 @@ def build_parser() -> argparse.ArgumentParser:
                "wrote from another backend); a second run changes nothing")
     imp.add_argument("file", metavar="FILE")
     imp.add_argument("--dry-run", action="store_true",
+                     help="list what would be added, changed and removed; change nothing")
+
+    syn = _cmd(sub, "sync", sync_directory,
+               "make the directory hold what a declaration file says (pools, accounts, "
+               "subusers, IP rules, senders, limits, domains; never API keys); objects it "
+               "does not name are left alone; a second run changes nothing")
+    syn.add_argument("file", metavar="FILE")
+    syn.add_argument("--dry-run", action="store_true",
                      help="list what would be added, changed and removed; change nothing")
 
     pfx = _group(sub, "postfix", "merge keyrelay's settings into a Postfix configuration")

@@ -1,0 +1,373 @@
+"""A declared directory: what ``keyrelay sync FILE`` makes the directory hold.
+
+A declaration is a YAML file (the Ansible role writes it from ``keyrelay_directory``) that
+names outbound IP pools, accounts with their subusers, IP access rules, single senders,
+limits and monitor flags, and sending domains with their owner and grants. It never holds
+API keys: keys are created with ``keyrelay key create`` and their secret is shown once.
+
+Sync is additive and field by field, so that the directory can also be changed by hand:
+
+- an object the file names is created, or changed to match the fields the file gives; a
+  field the file leaves out keeps its value (a new object takes the default);
+- a list the file gives (``ip_allow``, ``senders``, ``grants``, ``bind``) is exact: entries
+  not in it are removed;
+- an object the file does not name is left alone; ``state: absent`` removes one (an account
+  or subuser with its keys and senders, a domain with its private keys);
+- a new domain gets its DKIM keys (RSA-2048 and Ed25519) and starts pending: verification
+  stays a DNS matter (``keyrelay domain verify``).
+
+A second run with the same file changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import admin, names
+from .directory.model import DirectoryData, Domain, Limits, Pool, Selector, Status
+from .errors import ConfigError, Conflict, UserError
+
+_ABSENT = "absent"
+_PRESENT = "present"
+_LIMIT_FIELDS = ("messages_per_minute", "messages_per_hour", "recipients_per_message")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDecl:
+    name: str
+    absent: bool = False
+    bind: tuple[str, ...] | None = None
+    helo: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrincipalDecl:
+    """An account (``pid`` without a slash) or a subuser; ``None``: the file leaves it out."""
+
+    pid: str
+    absent: bool = False
+    status: Status | None = None
+    pool: str | None = None
+    pool_given: bool = False  # pool: null (no pool of its own) differs from no pool key
+    limits: Limits | None = None
+    monitor: bool | None = None  # accounts only
+    ip_allow: tuple[str, ...] | None = None  # accounts only
+    senders: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DomainDecl:
+    name: str
+    absent: bool = False
+    owner: str | None = None
+    grants: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    path: str
+    pools: tuple[PoolDecl, ...]
+    principals: tuple[PrincipalDecl, ...]  # each account before its subusers
+    domains: tuple[DomainDecl, ...]
+
+    def new_domains(self, data: DirectoryData) -> list[str]:
+        """Domains to be created: the ones that need DKIM keys made before the transaction."""
+        return [d.name for d in self.domains if not d.absent and d.name not in data.domains]
+
+
+# -- reading ---------------------------------------------------------------------------------
+class _Reader:
+    """Checks one declaration file; every error names the file, the key and the reason."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, key, reason)
+
+    def mapping(self, value: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        for name in value:
+            if name == "keys":
+                raise self.fail(f"{key}.keys" if key else "keys",
+                                "API keys are never declared; create them with "
+                                "`keyrelay key create PRINCIPAL` (the secret is shown once)")
+            if name not in allowed:
+                raise self.fail(f"{key}.{name}" if key else str(name),
+                                f"unknown key; expected one of: {', '.join(allowed)}")
+        return value
+
+    def entries(self, value: Any, key: str) -> dict[str, Any]:
+        """A mapping of NAME -> settings (settings may be empty)."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping of names, got {type(value).__name__}")
+        return {str(name): settings for name, settings in value.items()}
+
+    def checked(self, check: Callable[[str], Any], text: Any, key: str) -> Any:
+        if not isinstance(text, str):
+            raise self.fail(key, f"expected a string, got {type(text).__name__}")
+        try:
+            return check(text)
+        except UserError as exc:
+            raise self.fail(key, str(exc)) from None
+
+    def strings(self, check: Callable[[str], Any], value: Any, key: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail(key, f"expected a list, got {type(value).__name__}")
+        found = [str(self.checked(check, item, f"{key}[{i}]")) for i, item in enumerate(value)]
+        return tuple(dict.fromkeys(found))
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, "expected true or false")
+        return value
+
+    def state(self, settings: dict[str, Any], key: str) -> bool:
+        """True when the entry says ``state: absent``."""
+        state = settings.get("state", _PRESENT)
+        if state not in (_PRESENT, _ABSENT):
+            raise self.fail(f"{key}.state", "expected present or absent")
+        return bool(state == _ABSENT)
+
+    def status(self, settings: dict[str, Any], key: str) -> Status | None:
+        if "status" not in settings:
+            return None
+        try:
+            return Status(settings["status"])
+        except ValueError:
+            raise self.fail(f"{key}.status", "expected active or suspended") from None
+
+    def limits(self, settings: dict[str, Any], key: str) -> Limits | None:
+        if "limits" not in settings:
+            return None
+        given = self.mapping(settings["limits"], f"{key}.limits", _LIMIT_FIELDS)
+        values: dict[str, int | None] = {}
+        for name in _LIMIT_FIELDS:
+            number = given.get(name)
+            if number is not None and (isinstance(number, bool) or not isinstance(number, int)
+                                       or number < 0):
+                raise self.fail(f"{key}.limits.{name}",
+                                "expected a whole number >= 0 (0 or null: inherit)")
+            values[name] = number or None
+        return Limits(**values)
+
+    def pool_ref(self, settings: dict[str, Any], key: str) -> tuple[str | None, bool]:
+        if "pool" not in settings:
+            return None, False
+        if settings["pool"] is None:
+            return None, True
+        return self.checked(names.account_name, settings["pool"], f"{key}.pool"), True
+
+    def principal(self, pid: str, settings: Any, key: str, account: bool) -> PrincipalDecl:
+        allowed: tuple[str, ...] = ("state", "status", "pool", "limits", "senders")
+        if account:
+            allowed += ("monitor", "ip_allow", "subusers")
+        body = self.mapping(settings, key, allowed)
+        pool, pool_given = self.pool_ref(body, key)
+        return PrincipalDecl(
+            pid=pid,
+            absent=self.state(body, key),
+            status=self.status(body, key),
+            pool=pool,
+            pool_given=pool_given,
+            limits=self.limits(body, key),
+            monitor=self.boolean(body["monitor"], f"{key}.monitor") if "monitor" in body else None,
+            ip_allow=(self.strings(names.network, body["ip_allow"], f"{key}.ip_allow")
+                      if "ip_allow" in body else None),
+            senders=(self.strings(names.address, body["senders"], f"{key}.senders")
+                     if "senders" in body else None),
+        )
+
+
+def load(path: str | Path) -> Declaration:
+    """Read and check a declaration file; ConfigError says where and why it is wrong."""
+    where = str(path)
+    reader = _Reader(where)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(where, "", f"cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        raise ConfigError(where, "", f"{line}not valid YAML") from None
+    top = reader.mapping(raw, "", ("pools", "accounts", "domains"))
+
+    pools = []
+    for name, settings in reader.entries(top.get("pools"), "pools").items():
+        key = f"pools.{name}"
+        reader.checked(names.account_name, name, key)
+        body = reader.mapping(settings, key, ("state", "bind", "helo"))
+        pools.append(PoolDecl(
+            name=name,
+            absent=reader.state(body, key),
+            bind=(reader.strings(names.ip_address, body["bind"], f"{key}.bind")
+                  if "bind" in body else None),
+            helo=reader.checked(names.domain, body["helo"], f"{key}.helo") if "helo" in body
+            else None,
+        ))
+
+    principals = []
+    for name, settings in reader.entries(top.get("accounts"), "accounts").items():
+        key = f"accounts.{name}"
+        reader.checked(names.account_name, name, key)
+        principals.append(reader.principal(name, settings, key, account=True))
+        subusers = settings.get("subusers") if isinstance(settings, dict) else None
+        for sub, sub_settings in reader.entries(subusers, f"{key}.subusers").items():
+            sub_key = f"{key}.subusers.{sub}"
+            reader.checked(names.account_name, sub, sub_key)
+            principals.append(reader.principal(f"{name}/{sub}", sub_settings, sub_key,
+                                               account=False))
+
+    domains = []
+    for name, settings in reader.entries(top.get("domains"), "domains").items():
+        key = f"domains.{name}"
+        normal = reader.checked(names.domain, name, key)
+        body = reader.mapping(settings, key, ("state", "owner", "grants"))
+        absent = reader.state(body, key)
+        if not absent and "owner" not in body:
+            raise reader.fail(f"{key}.owner", "required: the account or subuser it belongs to")
+        domains.append(DomainDecl(
+            name=normal,
+            absent=absent,
+            owner=(reader.checked(_principal, body["owner"], f"{key}.owner")
+                   if "owner" in body else None),
+            grants=(reader.strings(_principal, body["grants"], f"{key}.grants")
+                    if "grants" in body else None),
+        ))
+    return Declaration(where, tuple(pools), tuple(principals), tuple(domains))
+
+
+def _principal(text: str) -> str:
+    names.principal_id(text)
+    return text
+
+
+# -- applying --------------------------------------------------------------------------------
+def apply(data: DirectoryData, declared: Declaration, now: datetime,
+          new_selectors: Mapping[str, tuple[Selector, ...]]) -> list[Domain]:
+    """Make ``data`` hold what ``declared`` says; return the domains it removed (whose
+    private key files the caller deletes once the change is written).
+
+    ``new_selectors`` holds the DKIM selectors (keys already made) of every domain that
+    ``declared.new_domains`` named; a UserError says what clashes, before anything is written.
+    """
+    try:
+        return _apply(data, declared, now, new_selectors)
+    except UserError as exc:
+        raise UserError(f"{declared.path}: {exc}") from None
+
+
+def _apply(data: DirectoryData, declared: Declaration, now: datetime,
+           new_selectors: Mapping[str, tuple[Selector, ...]]) -> list[Domain]:
+    removed: list[Domain] = []
+    # removals first, domains before their owners, principals before the pools they use
+    for dom in declared.domains:
+        if dom.absent and dom.name in data.domains:
+            removed.append(admin.remove_domain(data, dom.name))
+    for who in reversed(declared.principals):  # subusers before their account
+        if who.absent and (who.pid in data.accounts or who.pid in data.subusers):
+            if "/" in who.pid:
+                admin.remove_subuser(data, who.pid)
+            else:
+                admin.remove_account(data, who.pid)
+
+    for pool in declared.pools:
+        if not pool.absent:
+            _sync_pool(data, pool, now)
+    for who in declared.principals:
+        if not who.absent:
+            _sync_principal(data, who, now)
+    for pool in declared.pools:
+        if pool.absent and pool.name in data.pools:
+            admin.remove_pool(data, pool.name)
+    for dom in declared.domains:
+        if not dom.absent:
+            _sync_domain(data, dom, now, new_selectors)
+    return removed
+
+
+def _sync_pool(data: DirectoryData, decl: PoolDecl, now: datetime) -> None:
+    old = data.pools.get(decl.name)
+    if old is None:
+        if decl.bind is None or decl.helo is None:
+            raise UserError(f"pools.{decl.name}: a new pool needs bind and helo")
+        admin.add_pool(data, decl.name, list(decl.bind), decl.helo, now)
+        return
+    new = replace(old, bind=(tuple(names.ip_address(b) for b in decl.bind)
+                             if decl.bind is not None else old.bind),
+                  helo=decl.helo if decl.helo is not None else old.helo)
+    if new == old:
+        return
+    if not new.bind:
+        raise UserError(f"pools.{decl.name}.bind: a pool needs at least one address")
+    for other in data.pools.values():
+        shared = set(new.bind) & set(other.bind) if other.name != new.name else set()
+        if shared:
+            raise Conflict(f"{', '.join(map(str, shared))} already belongs to pool {other.name}")
+    data.pools[new.name] = Pool(name=new.name, bind=new.bind, helo=new.helo, created=old.created)
+
+
+def _sync_principal(data: DirectoryData, decl: PrincipalDecl, now: datetime) -> None:
+    pid = decl.pid
+    if "/" in pid:
+        if pid not in data.subusers:
+            admin.add_subuser(data, pid, now)
+    elif pid not in data.accounts:
+        admin.add_account(data, pid, now)
+    if decl.status is not None:
+        admin.set_status(data, pid, decl.status)
+    if decl.pool_given:
+        admin.assign_pool(data, pid, decl.pool)
+    if decl.limits is not None:
+        admin.set_limits(data, pid, decl.limits)
+    if decl.monitor is not None:
+        admin.set_monitor(data, pid, decl.monitor)
+    if decl.ip_allow is not None:
+        rules = tuple(names.network(c) for c in decl.ip_allow)
+        data.accounts[pid] = replace(data.accounts[pid], ip_allow=rules)
+    if decl.senders is not None:
+        wanted = set(decl.senders)
+        for (owner, address) in list(data.senders):
+            if owner == pid and address not in wanted:
+                admin.remove_sender(data, pid, address)
+        for address in decl.senders:
+            if (pid, address) not in data.senders:
+                admin.add_sender(data, pid, address, now)
+
+
+def _sync_domain(data: DirectoryData, decl: DomainDecl, now: datetime,
+                 new_selectors: Mapping[str, tuple[Selector, ...]]) -> None:
+    assert decl.owner is not None  # load() requires it of a present domain
+    dom = data.domains.get(decl.name)
+    if dom is None:
+        selectors = new_selectors.get(decl.name)
+        if selectors is None:  # someone added it between the plan and this transaction
+            raise Conflict(f"domain {decl.name} appeared while syncing; run sync again")
+        admin.add_domain(data, decl.owner, decl.name, selectors, now)
+    elif dom.owner != decl.owner:
+        raise Conflict(f"domains.{decl.name}.owner: it belongs to {dom.owner}, not "
+                       f"{decl.owner}; remove it (state: absent) and declare it again to move it")
+    if decl.grants is not None:
+        wanted = set(decl.grants)
+        for grantee in data.domains[decl.name].grants:
+            if grantee not in wanted:
+                admin.ungrant_domain(data, decl.name, grantee)
+        for grantee in decl.grants:
+            if grantee not in data.domains[decl.name].grants:
+                admin.grant_domain(data, decl.name, grantee)

@@ -1,0 +1,189 @@
+"""``keyrelay sync FILE``: a declared directory (what the Ansible role's keyrelay_directory
+becomes), run with the real CLI against a YAML directory in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import yaml
+from test_yaml_directory import run_cli, write_config
+
+from keyrelay.directory import YamlDirectory
+
+DECLARED = {
+    "pools": {"mkt": {"bind": ["192.0.2.10"], "helo": "mkt.relay.example.net"}},
+    "accounts": {
+        "acme": {
+            "ip_allow": ["192.0.2.0/24", "2001:db8::/32"],
+            "limits": {"messages_per_minute": 100},
+            "senders": ["alerts@partner.example"],
+            "subusers": {"marketing": {"pool": "mkt"}, "billing": {}},
+        },
+    },
+    "domains": {"acme.example": {"owner": "acme", "grants": ["acme/marketing"]}},
+}
+
+
+def declare(folder: Path, content: object, name: str = "declared.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(content), encoding="utf-8")
+    return path
+
+
+def sync(config: Path, path: Path, *options: str) -> str:
+    result = run_cli(config, "sync", str(path), *options)
+    assert (result.returncode, result.stderr) == (0, ""), result
+    return result.stdout
+
+
+def test_sync_creates_what_is_declared_and_a_second_run_changes_nothing(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    path = declare(tmp_path, DECLARED)
+
+    planned = sync(config, path, "--dry-run")
+    assert planned.startswith("Dry run: would make 6 change(s):"), planned
+    assert not (tmp_path / "directory.yaml").exists()
+
+    made = sync(config, path)
+    assert made.splitlines()[1:7] == [
+        "  add account acme", "  add subuser acme/billing", "  add subuser acme/marketing",
+        "  add domain acme.example", "  add sender acme alerts@partner.example", "  add pool mkt",
+    ]
+    assert "Domain acme.example is pending" in made
+    data = YamlDirectory(str(tmp_path / "directory.yaml")).load()
+    acme = data.accounts["acme"]
+    assert [str(n) for n in acme.ip_allow] == ["192.0.2.0/24", "2001:db8::/32"]
+    assert acme.limits.messages_per_minute == 100 and acme.limits.messages_per_hour is None
+    assert data.subusers["acme/marketing"].pool == "mkt"
+    domain = data.domains["acme.example"]
+    assert (domain.owner, domain.grants, str(domain.state)) == (
+        "acme", ("acme/marketing",), "pending")
+    assert sorted(str(s.algorithm) for s in domain.selectors) == ["ed25519-sha256", "rsa-sha256"]
+    for selector in domain.selectors:  # the domain's own DKIM keys, readable by the owner only
+        assert stat.S_IMODE(Path(selector.key_file).stat().st_mode) == 0o600
+
+    written = (tmp_path / "directory.yaml").read_bytes()
+    assert sync(config, path) == (
+        f"Nothing to do: the directory already holds what {path} declares.\n")
+    assert sync(config, path, "--dry-run").startswith("Nothing to do")
+    assert (tmp_path / "directory.yaml").read_bytes() == written  # not even rewritten
+
+
+def test_sync_keeps_keys_and_what_it_does_not_name_and_makes_given_lists_exact(
+        tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    sync(config, declare(tmp_path, DECLARED))
+    created = json.loads(run_cli(config, "key", "create", "acme/marketing", "--name", "app",
+                                 "--json").stdout)
+    for command in (["account", "add", "by-hand"], ["subuser", "suspend", "acme/billing"]):
+        assert run_cli(config, *command).returncode == 0
+    changed = json.loads(json.dumps(DECLARED))
+    changed["accounts"]["acme"]["ip_allow"] = ["192.0.2.0/24"]
+    changed["accounts"]["acme"]["senders"] = ["news@partner.example"]
+    changed["domains"]["acme.example"]["grants"] = []
+
+    made = sync(config, declare(tmp_path, changed))
+
+    assert made.splitlines()[1:] == [
+        "  change account acme", "  change domain acme.example",
+        "  add sender acme news@partner.example", "  remove sender acme alerts@partner.example",
+    ]
+    data = YamlDirectory(str(tmp_path / "directory.yaml")).load()
+    assert [str(n) for n in data.accounts["acme"].ip_allow] == ["192.0.2.0/24"]
+    assert data.domains["acme.example"].grants == ()
+    assert created["key_id"] in data.keys  # keys are never the declaration's business
+    assert "by-hand" in data.accounts  # not named: left alone
+    assert str(data.subusers["acme/billing"].status) == "suspended"  # status not given: kept
+
+
+def test_state_absent_removes_a_subuser_with_its_keys_and_a_domain_with_its_key_files(
+        tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    sync(config, declare(tmp_path, DECLARED))
+    created = json.loads(run_cli(config, "key", "create", "acme/billing", "--name", "app",
+                                 "--json").stdout)
+    key_files = [Path(s.key_file) for s in
+                 YamlDirectory(str(tmp_path / "directory.yaml")).load()
+                 .domains["acme.example"].selectors]
+    gone = json.loads(json.dumps(DECLARED))
+    gone["accounts"]["acme"]["subusers"]["billing"] = {"state": "absent"}
+    gone["domains"]["acme.example"] = {"state": "absent"}
+
+    made = sync(config, declare(tmp_path, gone))
+
+    assert "  remove subuser acme/billing" in made and "  remove domain acme.example" in made
+    assert f"  remove key {created['key_id']}" in made
+    data = YamlDirectory(str(tmp_path / "directory.yaml")).load()
+    assert "acme/billing" not in data.subusers and "acme.example" not in data.domains
+    assert not any(p.exists() for p in key_files)
+    assert sync(config, declare(tmp_path, gone)).startswith("Nothing to do")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ({"accounts": {"acme": {"keys": {"k1": {"sha256": "00"}}}}},
+     "accounts.acme.keys: API keys are never declared; create them with `keyrelay key create"),
+    ({"accounts": {"acme": {"ip_allow": ["192.0.2.1/24"]}}},
+     "accounts.acme.ip_allow[0]: invalid CIDR '192.0.2.1/24': host bits are set; did you mean "
+     "192.0.2.0/24?"),
+    ({"accounts": {"acme": {"subusers": {"Bad_Name": {}}}}},
+     "accounts.acme.subusers.Bad_Name: invalid name 'Bad_Name'"),
+    ({"accounts": {"acme": {"limits": {"messages_per_minute": -1}}}},
+     "accounts.acme.limits.messages_per_minute: expected a whole number >= 0"),
+    ({"accounts": {"acme": {"colour": "red"}}},
+     "accounts.acme.colour: unknown key; expected one of: state, status, pool"),
+    ({"accounts": {"acme": {"status": "paused"}}},
+     "accounts.acme.status: expected active or suspended"),
+    ({"domains": {"acme.example": {"grants": []}}},
+     "domains.acme.example.owner: required"),
+    ({"pools": {"mkt": {"bind": ["192.0.2.300"], "helo": "x.example"}}},
+     "pools.mkt.bind[0]: invalid IP address '192.0.2.300'"),
+    (["accounts"], "expected a mapping, got list"),
+])
+def test_a_broken_declaration_is_refused_with_file_key_and_reason(
+        tmp_path: Path, content: object, message: str) -> None:
+    config = write_config(tmp_path)
+    path = declare(tmp_path, content)
+
+    result = run_cli(config, "sync", str(path))
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert result.stderr.startswith(f"keyrelay: error: {path}: {message}"), result.stderr
+    assert not (tmp_path / "directory.yaml").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ({"accounts": {"acme": {}}, "domains": {"acme.example": {"owner": "acme/missing"}}},
+     "unknown subuser 'acme/missing'"),
+    ({"accounts": {"acme": {"pool": "nowhere"}}}, "unknown pool 'nowhere'"),
+    ({"pools": {"a": {"bind": ["192.0.2.1"], "helo": "a.example"},
+                "b": {"bind": ["192.0.2.1"], "helo": "b.example"}}},
+     "192.0.2.1 already belongs to pool a"),
+    ({"accounts": {"acme": {}, "other": {"subusers": {"x": {}}}},
+      "domains": {"acme.example": {"owner": "acme", "grants": ["other/x"]}}},
+     "other/x is not a subuser of acme"),
+])
+def test_a_declaration_that_clashes_changes_nothing_and_leaves_no_key_behind(
+        tmp_path: Path, content: object, message: str) -> None:
+    config = write_config(tmp_path)
+    result = run_cli(config, "sync", str(declare(tmp_path, content)))
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert message in result.stderr
+    assert not (tmp_path / "directory.yaml").exists()
+    assert [p for p in tmp_path.joinpath("dkim").rglob("*") if p.is_file()] == []
+
+
+def test_a_domain_owned_by_someone_else_is_not_moved_silently(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    sync(config, declare(tmp_path, DECLARED))
+    moved = {"accounts": {"other": {}}, "domains": {"acme.example": {"owner": "other"}}}
+
+    result = run_cli(config, "sync", str(declare(tmp_path, moved, "moved.yaml")))
+
+    assert result.returncode == 1, result
+    assert "domains.acme.example.owner: it belongs to acme, not other" in result.stderr
+    data = YamlDirectory(str(tmp_path / "directory.yaml")).load()
+    assert data.domains["acme.example"].owner == "acme" and "other" not in data.accounts
