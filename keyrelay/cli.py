@@ -1164,7 +1164,7 @@ def build_parser() -> argparse.ArgumentParser:
                "make the directory hold what a declaration file says (pools, accounts, "
                "subusers, IP rules, senders, limits, domains; never API keys); objects it "
                "does not name are left alone; a second run changes nothing")
-    syn.add_argument("file", metavar="FILE")
+    syn.add_argument("file", metavar="FILE", help="the declaration (YAML); - reads standard input")
     syn.add_argument("--dry-run", action="store_true",
                      help="list what would be added, changed and removed; change nothing")
 

@@ -21,6 +21,7 @@ A second run with the same file changes nothing.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -193,11 +194,12 @@ class _Reader:
 
 
 def load(path: str | Path) -> Declaration:
-    """Read and check a declaration file; ConfigError says where and why it is wrong."""
+    """Read and check a declaration file (``-``: standard input, as the Ansible role gives it);
+    ConfigError says where and why it is wrong."""
     where = str(path)
     reader = _Reader(where)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = sys.stdin.read() if where == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(where, "", f"cannot read: {exc.strerror}") from None
     try:

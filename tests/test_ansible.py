@@ -1,76 +1,109 @@
 """The Ansible role (ansible/roles/keyrelay) run for real with ansible-playbook against
 localhost (connection: local), aimed by its variables at a private Postfix configuration
 folder and a private keyrelay folder pre-seeded with a site's own settings: never the
-machine's /etc/postfix or systemd. keyrelay itself comes from the project's virtual
-environment (keyrelay_source empty), packages, users and units are switched off.
+machine's /etc/postfix or systemd. Packages and users are switched off; the systemd units
+are written into a folder of the test and started by hand from their ExecStart lines.
+
+The first tests take keyrelay from the project's virtual environment (keyrelay_source
+empty); the deployment test installs it from the checkout into a new prefix, starts the
+deployed instance with the site's own milter still in front and sends through it with swaks.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from email import message_from_bytes
 from pathlib import Path
+from typing import Any
 
+import dkim
 import pytest
 import yaml
-from policyd_harness import free_port
+from e2e_harness import as_sent
+from policyd_harness import free_port, wait_until
 
-from keyrelay.demo import BASE_MASTER_CF, make_certificate
+from keyrelay.demo import BASE_MASTER_CF, SMTP_SINK, greets, make_certificate, unix_accepts
 
 REPO = Path(__file__).resolve().parent.parent
 PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 POSTFIX = Path("/usr/sbin/postfix")
+SWAKS = shutil.which("swaks")
 
 pytestmark = pytest.mark.skipif(not PLAYBOOK.exists() or not POSTFIX.exists(),
                                 reason="ansible-core and Postfix come with make test")
 
+SITE_MILTER_PORT = free_port()
 SITE_MAIN_CF = {  # the admin's own settings, which must survive
-    "smtpd_milters": "inet:127.0.0.1:8891",  # an existing OpenDKIM
+    "smtpd_milters": f"inet:127.0.0.1:{SITE_MILTER_PORT}",  # an existing OpenDKIM, say
     "non_smtpd_milters": "$smtpd_milters",
     "message_size_limit": "12345678",
     "smtpd_recipient_restrictions": "permit_mynetworks, reject_unauth_destination",
 }
 SITE_SERVICE = "127.0.0.1:10999 inet n - n - - smtpd -o syslog_name=site-own"
+UNITS = ("keyrelay-policyd.service", "keyrelay-milter.service")
 
 
-def site(tmp_path: Path) -> tuple[Path, Path]:
+@contextmanager
+def short_folder() -> Iterator[Path]:
+    """A folder Postfix's unprivileged daemons can enter (pytest's tmp_path is 0700), with
+    a path short enough for unix sockets inside the queue."""
+    root = Path(tempfile.mkdtemp(prefix="kr-ans-"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def site(root: Path, main_cf: dict[str, str] | None = None,
+         **variables: Any) -> tuple[Path, Path]:
     """(Postfix configuration folder, playbook) of a host that runs Postfix already."""
-    etc, queue, data = tmp_path / "postfix", tmp_path / "queue", tmp_path / "data"
+    etc, queue, data = root / "postfix", root / "queue", root / "data"
     for folder in (etc, queue / "private", data):
         folder.mkdir(parents=True)
+    for folder in (data, queue / "private"):  # as a Postfix host has them
+        shutil.chown(folder, "postfix")
     main = {
         "compatibility_level": "3.6", "queue_directory": str(queue),
         "data_directory": str(data), "mail_owner": "postfix", "setgid_group": "postdrop",
         "inet_interfaces": "127.0.0.1", "inet_protocols": "ipv4",
         "myhostname": "relay.site.example", "mydestination": "", **SITE_MAIN_CF,
+        **(main_cf or {}),
     }
     (etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
     (etc / "master.cf").write_text(BASE_MASTER_CF + SITE_SERVICE + "\n")
-    make_certificate(tmp_path / "tls", "relay.site.example")
-    variables = {
+    make_certificate(root / "tls", "relay.site.example")
+    settings = {
         "ansible_python_interpreter": "/usr/bin/python3",  # the host's, as on a real target
         "keyrelay_manage_packages": False, "keyrelay_manage_user": False,
-        "keyrelay_manage_systemd": False,
+        "keyrelay_manage_systemd": False, "keyrelay_manage_services": False,
         "keyrelay_prefix": sys.prefix, "keyrelay_source": "",
         "keyrelay_user": "root", "keyrelay_group": "root",
-        "keyrelay_etc_dir": str(tmp_path / "keyrelay"),
-        "keyrelay_log_dir": str(tmp_path / "log"),
+        "keyrelay_etc_dir": str(root / "keyrelay"),
+        "keyrelay_log_dir": str(root / "log"),
         "keyrelay_postfix_config_dir": str(etc),
         "keyrelay_socket_dir": str(queue / "private"),
         "keyrelay_smtp_service": f"127.0.0.1:{free_port()}",
         "keyrelay_submission_services": [f"127.0.0.1:{free_port()}"],
         "keyrelay_submissions_services": [],
-        "keyrelay_tls_chain_files": f"{tmp_path / 'tls' / 'key.pem'}, "
-                                    f"{tmp_path / 'tls' / 'cert.pem'}",
+        "keyrelay_tls_chain_files": f"{root / 'tls' / 'key.pem'}, {root / 'tls' / 'cert.pem'}",
         "keyrelay_limits": {"messages_per_minute": 60, "messages_per_hour": 1000,
                             "recipients_per_message": 10},
+        **variables,
     }
-    playbook = tmp_path / "site.yml"
+    playbook = root / "site.yml"
     playbook.write_text(yaml.safe_dump([{
         "hosts": "localhost", "connection": "local", "gather_facts": False,
-        "roles": ["keyrelay"], "vars": variables}]))
+        "roles": ["keyrelay"], "vars": settings}]))
     return etc, playbook
 
 
@@ -113,9 +146,10 @@ def test_the_role_deploys_once_then_changes_nothing_and_keeps_the_sites_settings
     assert (status, changed) == (0, 0), output
 
     # the site's OpenDKIM stays first on keyrelay's services, keyrelay's milter comes after
-    assert postconf(etc, "keyrelay_submission_milters") == "inet:127.0.0.1:8891, $keyrelay_milter"
+    assert postconf(etc, "keyrelay_submission_milters") == (
+        f"inet:127.0.0.1:{SITE_MILTER_PORT}, $keyrelay_milter")
     assert postconf(etc, "keyrelay_milter") == "unix:private/keyrelay-milter"
-    assert postconf(etc, "smtpd_milters") == "inet:127.0.0.1:8891"  # the site's own, as it was
+    assert postconf(etc, "smtpd_milters") == SITE_MAIN_CF["smtpd_milters"]  # as it was
     assert postconf(etc, "message_size_limit") == "12345678"
     assert SITE_SERVICE.split()[0] in (etc / "master.cf").read_text()
     check = subprocess.run([str(POSTFIX), "-c", str(etc), "check"], capture_output=True,
@@ -135,3 +169,127 @@ def test_a_changed_variable_is_applied_on_the_next_run(tmp_path: Path) -> None:
     assert status == 0 and changed == 1, output  # keyrelay.yaml only; Postfix unchanged
     config = yaml.safe_load((tmp_path / "keyrelay" / "keyrelay.yaml").read_text())
     assert config["monitor_mode"] is True
+
+
+# -- a real deployment: installed from the checkout, started, relaying and signing ---------------
+DECLARED = {
+    "accounts": {"site": {"ip_allow": ["127.0.0.0/8"], "subusers": {"app": {}}}},
+    "domains": {"site.example": {"owner": "site", "grants": ["site/app"]}},
+}
+
+
+def unit_commands(unit: Path) -> tuple[list[str], list[str], dict[str, str]]:
+    """(ExecStartPre, ExecStart, Environment) of an installed unit file."""
+    values: dict[str, str] = {}
+    for line in unit.read_text().splitlines():
+        name, equals, value = line.partition("=")
+        if equals and name in ("ExecStartPre", "ExecStart", "Environment"):
+            values[name] = value
+    variable, _, setting = values["Environment"].partition("=")
+    return values["ExecStartPre"].split(), values["ExecStart"].split(), {variable: setting}
+
+
+@contextmanager
+def running(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[
+        subprocess.Popen[bytes]]:
+    with log.open("ab") as output:
+        process = subprocess.Popen(argv, stdout=output, stderr=output, stdin=subprocess.DEVNULL,
+                                   env={**os.environ, **(env or {})})
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def deployed_cli(prefix: Path, config: Path, *args: str) -> str:
+    result = subprocess.run([str(prefix / "bin" / "keyrelay"), "--config", str(config), *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SWAKS is None, reason="swaks comes with make test")
+def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_milter() -> None:
+    with short_folder() as root:
+        sink_port, outbox = free_port(), root / "outbox"
+        outbox.mkdir()
+        shutil.chown(outbox, "postfix")
+        sink = f"[127.0.0.1]:{sink_port}"
+        etc, playbook = site(
+            root,
+            {"relayhost": sink, "default_filter_nexthop": sink,
+             "maillog_file": str(root / "maillog"), "maillog_file_prefixes": str(root)},
+            keyrelay_source=str(REPO), keyrelay_prefix=str(root / "opt"),
+            keyrelay_manage_systemd=True, keyrelay_systemd_dir=str(root / "units"),
+            keyrelay_directory=DECLARED)
+        (root / "units").mkdir()
+        submission = yaml.safe_load(playbook.read_text())[0]["vars"][
+            "keyrelay_submission_services"][0]
+
+        status, changed, output = run_playbook(playbook)
+        assert status == 0 and changed > 0, output
+        status, changed, output = run_playbook(playbook)  # pip, sync, units, Postfix: settled
+        assert (status, changed) == (0, 0), output
+
+        prefix, config = root / "opt", root / "keyrelay" / "keyrelay.yaml"
+        assert "site.example" in deployed_cli(prefix, config, "domain", "list")
+        deployed_cli(prefix, config, "domain", "mark-verified", "site.example")
+        key = json.loads(deployed_cli(prefix, config, "key", "create", "site/app", "--name",
+                                      "ansible-test", "--json"))["key"]
+        logs, sockets = root / "log", root / "queue" / "private"
+        with (running([SMTP_SINK, "-u", "postfix", "-d", f"{outbox}/%Y%m%d-%H%M%S.",
+                       f"127.0.0.1:{sink_port}", "100"], logs / "sink.log"),
+              running([sys.executable, str(Path(__file__).with_name("site_milter.py")),
+                       f"inet:{SITE_MILTER_PORT}@127.0.0.1"], logs / "site-milter.log")):
+            daemons = []
+            for unit in UNITS:  # as systemd would start them
+                check, start, env = unit_commands(root / "units" / unit)
+                assert check[0].startswith(str(prefix)) and start[0].startswith(str(prefix))
+                result = subprocess.run(check, env={**os.environ, **env}, capture_output=True,
+                                        text=True)
+                assert result.returncode == 0, result.stderr
+                daemons.append(running(start, logs / f"{unit}.log", env))
+            with daemons[0], daemons[1]:
+                wait_until(lambda: all(unix_accepts(sockets / f"keyrelay-{n}") for n in
+                                       ("auth", "policy", "socketmap", "milter")),
+                           30, "the deployed daemons' sockets")
+                started = subprocess.run([str(POSTFIX), "-c", str(etc), "start"],
+                                         capture_output=True, text=True)
+                maillog = root / "maillog"
+                assert started.returncode == 0, started.stderr + (
+                    maillog.read_text() if maillog.exists() else "")
+                try:
+                    host, port = submission.split(":")
+                    wait_until(lambda: greets(host, int(port)), 30, "Postfix's submission port")
+                    message_id = f"<{uuid.uuid4()}@site.example>"
+                    sent = subprocess.run(
+                        [SWAKS, "--server", submission, "--tls", "--auth", "PLAIN",
+                         "--auth-user", "apikey", "--auth-password", key,
+                         "--from", "app@site.example", "--to", "someone@elsewhere.example",
+                         "--header", f"Message-Id: {message_id}"],
+                        capture_output=True, text=True, timeout=60)
+                    assert sent.returncode == 0, sent.stdout + sent.stderr
+                    wait_until(lambda: any(message_id.encode() in p.read_bytes()
+                                           for p in outbox.iterdir()), 30, "the sink")
+                finally:
+                    subprocess.run([str(POSTFIX), "-c", str(etc), "stop"], capture_output=True)
+        assert key not in (root / "maillog").read_text()
+        dumps = [p.read_bytes() for p in outbox.iterdir() if message_id.encode() in p.read_bytes()]
+        assert len(dumps) == 1
+        wire = as_sent(dumps[0])
+        assert message_from_bytes(wire)["X-Site-Milter"] == "passed"  # the site's milter ran
+        records = {r["name"].rstrip(".").lower(): r["value"].encode() for r in json.loads(
+            deployed_cli(prefix, config, "domain", "dns", "site.example", "--json"))["records"]
+            if r["type"] == "TXT"}
+        signatures = [line for line in wire.split(b"\r\n") if line.startswith(b"DKIM-Signature:")]
+        assert len(signatures) == 2
+        for index in range(2):
+            assert dkim.DKIM(wire).verify(
+                idx=index, dnsfunc=lambda name, timeout=5: records.get(
+                    name.decode().rstrip(".").lower())), f"signature {index}"
