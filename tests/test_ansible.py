@@ -30,6 +30,7 @@ import pytest
 import yaml
 from e2e_harness import as_sent
 from policyd_harness import free_port, wait_until
+from slapd_harness import Slapd
 
 from keyrelay.demo import BASE_MASTER_CF, SMTP_SINK, greets, make_certificate, unix_accepts
 
@@ -269,7 +270,7 @@ def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_m
                     wait_until(lambda: greets(host, int(port)), 30, "Postfix's submission port")
                     message_id = f"<{uuid.uuid4()}@site.example>"
                     sent = subprocess.run(
-                        [SWAKS, "--server", submission, "--tls", "--auth", "PLAIN",
+                        [str(SWAKS), "--server", submission, "--tls", "--auth", "PLAIN",
                          "--auth-user", "apikey", "--auth-password", key,
                          "--from", "app@site.example", "--to", "someone@elsewhere.example",
                          "--header", f"Message-Id: {message_id}"],
@@ -293,3 +294,43 @@ def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_m
             assert dkim.DKIM(wire).verify(
                 idx=index, dnsfunc=lambda name, timeout=5: records.get(
                     name.decode().rstrip(".").lower())), f"signature {index}"
+
+
+def test_ansible_lint_passes_on_the_role_and_the_example_playbook() -> None:
+    lint = Path(sys.executable).with_name("ansible-lint")
+    assert lint.exists(), "ansible-lint comes with the test extras (setup.cfg)"
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "ansible" / "roles"),
+           "NO_COLOR": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run([str(lint), "--offline", "--profile", "production", "ansible/"],
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Passed" in result.stdout + result.stderr
+
+
+def test_the_ldap_backend_variables_give_a_working_configuration_and_sync_into_ldap(
+        tmp_path: Path, slapd: Slapd) -> None:
+    account = f"ans{uuid.uuid4().hex[:8]}"
+    _, playbook = site(
+        tmp_path, keyrelay_backend="ldap", keyrelay_ldap_urls=[slapd.url],
+        keyrelay_ldap_base_dn=slapd.base_dn, keyrelay_ldap_bind_dn=slapd.service_dn,
+        keyrelay_ldap_bind_password_file=str(tmp_path / "keyrelay" / "ldap.secret"),
+        keyrelay_ldap_bind_password=slapd.service_password,  # written by the role, not logged
+        keyrelay_ldap_ca_file=str(slapd.ca_file),
+        keyrelay_directory={"accounts": {account: {"ip_allow": ["192.0.2.0/24"],
+                                                   "subusers": {"app": {}}}}})
+
+    status, changed, output = run_playbook(playbook)  # the template is validated by
+    assert status == 0 and changed > 0, output        # check-config, which reads LDAP
+    assert slapd.service_password not in output
+    secret = tmp_path / "keyrelay" / "ldap.secret"
+    assert secret.read_text() == slapd.service_password + "\n"
+    assert secret.stat().st_mode & 0o777 == 0o640
+    status, changed, output = run_playbook(playbook)
+    assert (status, changed) == (0, 0), output
+
+    config = tmp_path / "keyrelay" / "keyrelay.yaml"
+    assert yaml.safe_load(config.read_text())["directory"]["backend"] == "ldap"
+    listed = json.loads(deployed_cli(Path(sys.prefix), config, "account", "list", "--json"))
+    mine = [a for a in listed if a["name"] == account]
+    assert mine and mine[0]["subusers"] == ["app"] and mine[0]["ip_allow"] == ["192.0.2.0/24"]
