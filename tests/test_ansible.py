@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")
 POSTFIX = Path("/usr/sbin/postfix")
 SWAKS = shutil.which("swaks")
+ANALYZE = shutil.which("systemd-analyze")
 
 pytestmark = pytest.mark.skipif(not PLAYBOOK.exists() or not POSTFIX.exists(),
                                 reason="ansible-core and Postfix come with make test")
@@ -239,6 +240,12 @@ def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_m
         assert (status, changed) == (0, 0), output
 
         prefix, config = root / "opt", root / "keyrelay" / "keyrelay.yaml"
+        if ANALYZE is not None:  # the installed units name programs that exist, and parse
+            units = sorted(str(p) for p in (root / "units").iterdir())
+            assert len(units) == 4
+            verified = subprocess.run([ANALYZE, "verify", *units], capture_output=True,
+                                      text=True)
+            assert verified.returncode == 0, verified.stdout + verified.stderr
         assert "site.example" in deployed_cli(prefix, config, "domain", "list")
         deployed_cli(prefix, config, "domain", "mark-verified", "site.example")
         key = json.loads(deployed_cli(prefix, config, "key", "create", "site/app", "--name",
@@ -334,3 +341,25 @@ def test_the_ldap_backend_variables_give_a_working_configuration_and_sync_into_l
     listed = json.loads(deployed_cli(Path(sys.prefix), config, "account", "list", "--json"))
     mine = [a for a in listed if a["name"] == account]
     assert mine and mine[0]["subusers"] == ["app"] and mine[0]["ip_allow"] == ["192.0.2.0/24"]
+
+
+def test_check_mode_reports_a_declared_directory_change_without_making_it(
+        tmp_path: Path) -> None:
+    _, playbook = site(tmp_path, keyrelay_directory={"accounts": {"acme": {}}})
+    assert run_playbook(playbook)[0] == 0
+    directory = tmp_path / "keyrelay" / "directory.yaml"
+    before = directory.read_bytes()
+    play = yaml.safe_load(playbook.read_text())
+    play[0]["vars"]["keyrelay_directory"]["accounts"]["acme"] = {"ip_allow": ["192.0.2.0/24"]}
+    playbook.write_text(yaml.safe_dump(play))
+
+    status, changed, output = run_playbook(playbook, "--check", "-v")  # -v: commands' output
+    assert (status, changed) == (0, 1), output
+    assert "change account acme" in output and directory.read_bytes() == before
+
+    status, changed, output = run_playbook(playbook)
+    assert (status, changed) == (0, 1), output  # the sync; Postfix has nothing new
+    config = tmp_path / "keyrelay" / "keyrelay.yaml"
+    shown = json.loads(deployed_cli(Path(sys.prefix), config, "account", "show", "acme",
+                                    "--json"))
+    assert shown["ip_allow"] == ["192.0.2.0/24"]
