@@ -17,11 +17,12 @@ RUN_DIR := run
 # slapadd) is for the LDAP backend's tests, which start private slapd instances on
 # loopback (tests/slapd_harness.py); the system slapd is installed unconfigured and
 # disabled (scripts/ensure-debian-packages). ldap-utils: ldapsearch/ldapadd, the
-# commands docs/ldap.md uses, for looking into a test server.
+# commands docs/ldap.md uses, for looking into a test server. python3-apt: Ansible's apt
+# module (tests/test_ansible.py runs the role's package task).
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 	postfix swaks libnet-ssleay-perl openssl \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
-	slapd ldap-utils
+	slapd ldap-utils python3-apt
 
 # Only for bench/postfix_milter_bench.py (make bench-deps), not for make test: the other
 # milters keyrelay-milter is compared with. The bench starts its own instances with its own

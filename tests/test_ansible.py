@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -52,6 +53,7 @@ SITE_MAIN_CF = {  # the admin's own settings, which must survive
 }
 SITE_SERVICE = "127.0.0.1:10999 inet n - n - - smtpd -o syslog_name=site-own"
 UNITS = ("keyrelay-policyd.service", "keyrelay-milter.service")
+SERVICE_USER = "kr-ansible-test"
 
 
 @contextmanager
@@ -215,9 +217,22 @@ def deployed_cli(prefix: Path, config: Path, *args: str) -> str:
     return result.stdout
 
 
+@pytest.fixture
+def service_user() -> Iterator[str]:
+    """The role creates SERVICE_USER; it is removed afterwards (and before, if left over)."""
+    def remove() -> None:
+        subprocess.run(["userdel", SERVICE_USER], capture_output=True)
+        subprocess.run(["groupdel", SERVICE_USER], capture_output=True)
+
+    remove()
+    yield SERVICE_USER
+    remove()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(SWAKS is None, reason="swaks comes with make test")
-def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_milter() -> None:
+def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_milter(
+        service_user: str) -> None:
     with short_folder() as root:
         sink_port, outbox = free_port(), root / "outbox"
         outbox.mkdir()
@@ -229,6 +244,10 @@ def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_m
              "maillog_file": str(root / "maillog"), "maillog_file_prefixes": str(root)},
             keyrelay_source=str(REPO), keyrelay_prefix=str(root / "opt"),
             keyrelay_manage_systemd=True, keyrelay_systemd_dir=str(root / "units"),
+            # the packages make test installed: apt reports them present, changes nothing
+            keyrelay_manage_packages=True,
+            # a service user of its own, removed afterwards: the daemons drop to it
+            keyrelay_manage_user=True, keyrelay_user=SERVICE_USER, keyrelay_group=SERVICE_USER,
             keyrelay_directory=DECLARED)
         (root / "units").mkdir()
         submission = yaml.safe_load(playbook.read_text())[0]["vars"][
@@ -240,6 +259,11 @@ def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_m
         assert (status, changed) == (0, 0), output
 
         prefix, config = root / "opt", root / "keyrelay" / "keyrelay.yaml"
+        key_files = [p for p in (root / "keyrelay" / "dkim").rglob("*") if p.is_file()]
+        assert len(key_files) == 2  # the sync's new domain: RSA and Ed25519
+        for key_file in key_files:
+            assert key_file.owner() == service_user
+            assert key_file.stat().st_mode & 0o777 == 0o600
         if ANALYZE is not None:  # the installed units name programs that exist, and parse
             units = sorted(str(p) for p in (root / "units").iterdir())
             assert len(units) == 4
@@ -263,10 +287,14 @@ def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_m
                                         text=True)
                 assert result.returncode == 0, result.stderr
                 daemons.append(running(start, logs / f"{unit}.log", env))
-            with daemons[0], daemons[1]:
+            with daemons[0] as policyd, daemons[1] as milter:
                 wait_until(lambda: all(unix_accepts(sockets / f"keyrelay-{n}") for n in
                                        ("auth", "policy", "socketmap", "milter")),
                            30, "the deployed daemons' sockets")
+                uid = pwd.getpwnam(service_user).pw_uid
+                for daemon in (policyd, milter):  # started as root, running as the user
+                    status = Path(f"/proc/{daemon.pid}/status").read_text()
+                    assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s", status, re.M), status
                 started = subprocess.run([str(POSTFIX), "-c", str(etc), "start"],
                                          capture_output=True, text=True)
                 maillog = root / "maillog"
