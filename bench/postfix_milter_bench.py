@@ -368,6 +368,75 @@ def debian_version(package: str) -> str:
     return version_of(["dpkg-query", "-W", "-f=${Version}", package], r"(\S+)")
 
 
+def opendkim_child(root: Path, folder: Path, domains: list[str]) -> tuple[Child, str]:
+    """OpenDKIM (not started) signing rsa-sha256 with selector ``opendkim`` and one new
+    2048-bit key for every domain of ``domains``, its socket in ``folder``; and the key's
+    DKIM record value. Its configuration and key go to ``root/opendkim``."""
+    if not os.access(OPENDKIM, os.X_OK):
+        raise BenchError(f"{OPENDKIM} is missing: run `make bench-deps` (Debian "
+                         "package opendkim), or leave out --setup opendkim")
+    home = root / "opendkim"
+    home.mkdir(mode=0o700)
+    pem, record = rsa_key_pair()
+    key = home / "opendkim.key"
+    key.write_bytes(pem)
+    key.chmod(0o600)
+    shutil.chown(key, "opendkim", "opendkim")
+    shutil.chown(home, "opendkim", "opendkim")
+    conf = home / "opendkim.conf"
+    conf.write_text(f"""\
+# OpenDKIM signing rsa-sha256 for the benchmark's domains
+Syslog                  no
+Mode                    s
+Domain                  {",".join(domains)}
+Selector                opendkim
+KeyFile                 {key}
+# the key is 0600 in a 0700 folder, but the temporary folder sits in a world-writable /tmp
+RequireSafeKeys         no
+Canonicalization        relaxed/relaxed
+SignatureAlgorithm      rsa-sha256
+OversignHeaders         From
+InternalHosts           127.0.0.1
+Socket                  local:{folder / 'opendkim.sock'}
+UMask                   007
+UserID                  opendkim:postfix
+PidFile                 {home / 'opendkim.pid'}
+""")
+    sock = folder / "opendkim.sock"
+    return Child("opendkim", [OPENDKIM, "-f", "-x", str(conf)], root / "logs" / "opendkim.log",
+                 lambda: unix_accepts(sock)), record
+
+
+def dkimpy_child(root: Path, folder: Path, domains: list[str]) -> tuple[Child, str]:
+    """dkimpy-milter (not started), as ``opendkim_child`` with selector ``dkimpy``."""
+    if not os.access(DKIMPY_MILTER, os.X_OK):
+        raise BenchError(f"{DKIMPY_MILTER} is missing: run `make bench-deps` (Debian "
+                         "package dkimpy-milter), or leave out --setup dkimpy")
+    home = root / "dkimpy"
+    home.mkdir(mode=0o700)
+    pem, record = rsa_key_pair()
+    key = home / "dkimpy.key"
+    key.write_bytes(pem)  # read as root before dkimpy-milter drops its privileges
+    key.chmod(0o600)
+    conf = home / "dkimpy-milter.conf"
+    conf.write_text(f"""\
+# dkimpy-milter signing rsa-sha256 for the benchmark's domains
+Syslog                  no
+Mode                    s
+Domain                  {",".join(domains)}
+Selector                dkimpy
+KeyFile                 {key}
+Canonicalization        relaxed/relaxed
+InternalHosts           127.0.0.1
+Socket                  local:{folder / 'dkimpy.sock'}
+UMask                   007
+UserID                  dkimpy-milter:postfix
+""")
+    sock = folder / "dkimpy.sock"
+    return Child("dkimpy-milter", [DKIMPY_MILTER, str(conf)], root / "logs" / "dkimpy.log",
+                 lambda: unix_accepts(sock)), record
+
+
 @dataclass
 class Milter:
     """One milter process of the comparison: how Postfix reaches it, which signatures it
@@ -486,71 +555,14 @@ class Bench:
             raise BenchError(f"postfix check: {checked[1]}")
 
     def _write_opendkim(self, folder: Path) -> None:
-        if not os.access(OPENDKIM, os.X_OK):
-            raise BenchError(f"{OPENDKIM} is missing: run `make bench-deps` (Debian "
-                             "package opendkim), or leave out --setup opendkim")
-        home = self.root / "opendkim"
-        home.mkdir(mode=0o700)
-        pem, record = rsa_key_pair()
-        key = home / "opendkim.key"
-        key.write_bytes(pem)
-        key.chmod(0o600)
-        shutil.chown(key, "opendkim", "opendkim")
-        shutil.chown(home, "opendkim", "opendkim")
+        child, record = opendkim_child(self.root, folder, [DEMO_DOMAIN])
         self.records[f"opendkim._domainkey.{DEMO_DOMAIN}"] = record.encode()
-        conf = home / "opendkim.conf"
-        conf.write_text(f"""\
-# postfix_milter_bench.py: OpenDKIM signing rsa-sha256 for {DEMO_DOMAIN}
-Syslog                  no
-Mode                    s
-Domain                  {DEMO_DOMAIN}
-Selector                opendkim
-KeyFile                 {key}
-# the key is 0600 in a 0700 folder, but the temporary folder sits in a world-writable /tmp
-RequireSafeKeys         no
-Canonicalization        relaxed/relaxed
-SignatureAlgorithm      rsa-sha256
-OversignHeaders         From
-InternalHosts           127.0.0.1
-Socket                  local:{folder / 'opendkim.sock'}
-UMask                   007
-UserID                  opendkim:postfix
-PidFile                 {home / 'opendkim.pid'}
-""")
-        sock = folder / "opendkim.sock"
-        self.milters["opendkim"].child = Child(
-            "opendkim", [OPENDKIM, "-f", "-x", str(conf)], self.root / "logs" / "opendkim.log",
-            lambda: unix_accepts(sock))
+        self.milters["opendkim"].child = child
 
     def _write_dkimpy(self, folder: Path) -> None:
-        if not os.access(DKIMPY_MILTER, os.X_OK):
-            raise BenchError(f"{DKIMPY_MILTER} is missing: run `make bench-deps` (Debian "
-                             "package dkimpy-milter), or leave out --setup dkimpy")
-        home = self.root / "dkimpy"
-        home.mkdir(mode=0o700)
-        pem, record = rsa_key_pair()
-        key = home / "dkimpy.key"
-        key.write_bytes(pem)  # read as root before dkimpy-milter drops its privileges
-        key.chmod(0o600)
+        child, record = dkimpy_child(self.root, folder, [DEMO_DOMAIN])
         self.records[f"dkimpy._domainkey.{DEMO_DOMAIN}"] = record.encode()
-        conf = home / "dkimpy-milter.conf"
-        conf.write_text(f"""\
-# postfix_milter_bench.py: dkimpy-milter signing rsa-sha256 for {DEMO_DOMAIN}
-Syslog                  no
-Mode                    s
-Domain                  {DEMO_DOMAIN}
-Selector                dkimpy
-KeyFile                 {key}
-Canonicalization        relaxed/relaxed
-InternalHosts           127.0.0.1
-Socket                  local:{folder / 'dkimpy.sock'}
-UMask                   007
-UserID                  dkimpy-milter:postfix
-""")
-        sock = folder / "dkimpy.sock"
-        self.milters["dkimpy"].child = Child(
-            "dkimpy-milter", [DKIMPY_MILTER, str(conf)], self.root / "logs" / "dkimpy.log",
-            lambda: unix_accepts(sock))
+        self.milters["dkimpy"].child = child
 
     # -- processes -------------------------------------------------------------------------
     def start(self) -> None:

@@ -1,0 +1,852 @@
+"""The whole relay under authenticated TLS load, side by side with Postfix's usual signers.
+
+NAME
+    e2e_bench.py - messages/s, latency, CPU and memory through a real private Postfix
+
+SYNOPSIS
+    .venv/bin/python bench/e2e_bench.py [--setup NAME]... [--size BYTES]... [--repeat R]
+        [--messages M] [--large-messages L] [--per-session K] [--connection-cost N]
+        [--concurrency C] [--tls starttls|implicit] [--paced-seconds S]
+        [--accounts A] [--subusers U] [--warmup W] [--json FILE] [--chart FILE]
+        [--markdown FILE] [--docs] [--tmpdir DIR] [--keep]
+
+DESCRIPTION
+    Builds a private Postfix instance the way `make run` does (keyrelay.demo: main.cf and
+    master.cf written with `keyrelay postfix apply`, its own queue, `postfix -c DIR`;
+    /etc/postfix is never touched), with keyrelay-policyd, keyrelay-milter, OpenDKIM and
+    dkimpy-milter each in a process of its own, and `smtp-sink` as the Internet. Everything
+    listens on loopback; ports are picked free.
+
+    The directory holds A accounts with U subusers each; every account and every subuser is
+    a sending principal with its own API key, its own From address (the account's verified
+    domain, granted to its subusers) and its own recipient. The load generator
+    (bench/loadgen.py) runs C concurrent sessions like sending applications: EHLO,
+    STARTTLS (or implicit TLS), EHLO, AUTH PLAIN as `apikey` with a principal's key, then K
+    messages (MAIL, RCPT and DATA pipelined), QUIT, and the next session with the next
+    principal. The same load runs against each setup; only the submission service's
+    restrictions and milters change between them (`postconf -P`, `postfix reload`):
+
+      baseline   Postfix with TLS and keyrelay's auth service (keyrelay-policyd answers
+                 SMTP AUTH); no policy service, no milter
+      keyrelay   keyrelay complete, as `keyrelay postfix apply` configures it: auth, the
+                 policy service at RCPT and DATA, keyrelay-milter's header From check and
+                 two DKIM signatures (RSA-2048 and Ed25519)
+      opendkim   the baseline plus OpenDKIM (Debian), rsa-sha256 with a 2048-bit key
+      dkimpy     the baseline plus dkimpy-milter (Debian), rsa-sha256 with a 2048-bit key
+
+    Runs are interleaved: for each of R repetitions, each body size, each setup. After each
+    switch W warm-up messages must all arrive signed exactly as the setup signs (the first
+    of each setup is also verified with dkimpy against the published keys, and for keyrelay
+    a foreign header From must be refused with 550). A measured run sends M messages (L for
+    sizes of 500 KB and more), waits until Postfix's queue is empty, then reads every file
+    smtp-sink wrote: each accepted message must be there exactly once, signed as the setup
+    signs. Then, unless --connection-cost 0, the same with one message per session (the
+    cost of a connection: TCP, TLS handshake, AUTH) for the first body size. Last, unless
+    --paced-seconds 0, keyrelay complete runs R times at 80 % of its measured throughput
+    (the median at the first size) on a schedule (open loop), for the latency target.
+
+MEASURES
+    msg/s        messages delivered to the sink divided by the time from the first
+                 connection until Postfix's queue was empty: end-to-end throughput
+    vs baseline  msg/s as a share of the baseline's (medians, same size and session shape)
+    p50/p99 ms   per-message latency at the client: writing MAIL FROM to the 250 after
+                 the end of DATA (TLS handshake and AUTH not included)
+    CPU ms/msg   CPU time (utime + stime, /proc/PID/stat) over the run divided by the
+                 messages: Postfix (master, every child, and the children it reaped),
+                 keyrelay-policyd, the setup's milter, the load client
+    peak RSS     the highest resident memory seen (sampled every 0.25 s): Postfix's whole
+                 process tree summed, keyrelay-policyd, the setup's milter
+    errors       refusals by reply and stage, and broken sessions; lost (accepted, not at
+                 the sink), duplicated (at the sink twice), unexpected (at the sink, not
+                 accepted), unsigned (at the sink, not signed as the setup signs)
+
+    Every figure is the median of the R runs, with the lowest and highest in brackets.
+
+TARGETS (issue 9, this 2-core machine, same run)
+    keyrelay msg/s >= 60 % of the baseline's; keyrelay faster than OpenDKIM; no message
+    lost, duplicated or unsigned; p99 latency under 50 ms at 80 % of keyrelay's throughput.
+    The report says for each whether it was met.
+
+OUTPUT
+    A line per run, then the tables and the targets on standard output. --markdown writes
+    the report (command, date, host, tables, targets) to FILE; --chart draws msg/s per
+    setup and size (matplotlib) to a PNG; --json writes every run's figures; --docs does
+    both for docs/: the report replaces the section between the e2e_bench markers in
+    docs/BENCHMARKS.md and the chart is docs/e2e-bench.png.
+
+BENCH-ONLY SETTINGS
+    The principals' rate limits are lifted (`limits` in keyrelay.yaml) so that the policy
+    service does not answer 451 during the run. TLS, AUTH and everything else is as
+    `keyrelay postfix apply` writes it. OpenDKIM's RequireSafeKeys is off (its key is 0600
+    in a 0700 folder, but the temporary folder is in the world-writable /tmp).
+
+REQUIREMENTS
+    Root; the packages of `make bench-deps` (opendkim, dkimpy-milter, matplotlib for the
+    chart) and the virtual environment of `make deps`. `make bench` runs the full
+    benchmark and writes docs/. Everything started is stopped at the end, also on Ctrl-C.
+
+EXIT STATUS
+    0 every run done (whether the targets were met is in the report); 1 a setup failed
+    (a process would not start, warm-up mail signed otherwise than the setup signs, a
+    message lost or duplicated: the message says which; the temporary folder is kept);
+    2 usage error; 130 interrupted.
+
+EXAMPLES
+    .venv/bin/python bench/e2e_bench.py --docs                      # make bench
+    .venv/bin/python bench/e2e_bench.py --setup baseline --setup keyrelay --size 2000 \\
+        --repeat 1 --messages 300 --connection-cost 0 --paced-seconds 0
+    .venv/bin/python bench/e2e_bench.py --tls implicit --per-session 1 --messages 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shlex
+import shutil
+import signal
+import smtplib
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dkim
+from loadgen import Load, Outcome, Principal, client_tls, make_body, send
+from postfix_milter_bench import (
+    FOREIGN_FROM,
+    QUEUE_FOLDERS,
+    BenchError,
+    describe_host,
+    dkimpy_child,
+    free_ports,
+    load_average,
+    opendkim_child,
+    postconf,
+    process_tree_cpu,
+    signatures,
+)
+
+from keyrelay.demo import (
+    BIN,
+    SMTP_SINK,
+    Child,
+    DemoError,
+    Relay,
+    Settings,
+    greets,
+    keyrelay_cli,
+    unix_accepts,
+    wait_until,
+)
+from keyrelay.postfixconf import run_postfix
+
+SETUPS = ("baseline", "keyrelay", "opendkim", "dkimpy")
+TITLES = {
+    "baseline": "baseline: Postfix, TLS, keyrelay auth",
+    "keyrelay": "keyrelay complete",
+    "opendkim": "baseline + OpenDKIM (RSA)",
+    "dkimpy": "baseline + dkimpy-milter (RSA)",
+}
+# (smtpd_relay_restrictions, smtpd_data_restrictions) of the submission service
+RESTRICTIONS = {
+    "keyrelay": ("$keyrelay_submission_relay_restrictions",
+                 "$keyrelay_submission_data_restrictions"),
+    "auth-only": ("permit_sasl_authenticated,reject", ""),  # postconf -P: no spaces
+}
+LARGE = 500_000
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+MARK_START, MARK_END = "<!-- e2e_bench:start -->", "<!-- e2e_bench:end -->"
+ID_RE = re.compile(rb"^Message-ID: <([^.>]+)\.(\d+)@([^>]+)>", re.M | re.I)
+
+
+# -- processes: CPU and memory -----------------------------------------------------------------
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                text = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(text[text.rindex(")") + 2:].split()[1])
+            tree.setdefault(parent, []).append(int(entry.name))
+    return tree
+
+
+def tree_rss_mb(root: int, tree: dict[int, list[int]]) -> float:
+    """Resident memory of ``root`` and its live descendants, in MB."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            pass
+        todo.extend(tree.get(pid, ()))
+    return total / 1024
+
+
+class RssSampler(threading.Thread):
+    """Samples the resident memory of named process trees every 0.25 s; keeps the peaks."""
+
+    def __init__(self, roots: dict[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.roots = roots
+        self.peaks = dict.fromkeys(roots, 0.0)
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            tree = _children()
+            for name, pid in self.roots.items():
+                self.peaks[name] = max(self.peaks[name], tree_rss_mb(pid, tree))
+            self.halt.wait(0.25)
+
+    def stop(self) -> dict[str, float]:
+        self.halt.set()
+        self.join()
+        return self.peaks
+
+
+# -- one measured run ------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    setup: str
+    size: int
+    per_session: int
+    concurrency: int
+    messages: int
+    paced_rate: float | None
+    seconds: float
+    accepted: int
+    delivered: int
+    errors: dict[str, int]
+    lost: int
+    duplicated: int
+    unexpected: int
+    unsigned: int
+    p50_ms: float
+    p99_ms: float
+    cpu_ms: dict[str, float]  # per delivered message
+    peak_rss_mb: dict[str, float]
+    load_before: str
+    load_after: str
+
+    @property
+    def rate(self) -> float:
+        return self.delivered / self.seconds if self.seconds else 0.0
+
+
+def percentile(values: list[float], share: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+# -- the bench -------------------------------------------------------------------------------
+@dataclass
+class Milter:
+    name: str
+    endpoint: str  # smtpd_milters value
+    child: Child | None = None
+
+
+@dataclass
+class Bench:
+    root: Path
+    args: argparse.Namespace
+    relay: Relay = field(init=False)
+    principals: list[Principal] = field(default_factory=list)
+    records: dict[str, bytes] = field(default_factory=dict)
+    selectors: dict[str, set[str]] = field(default_factory=dict)  # keyrelay's, by domain
+    milters: dict[str, Milter] = field(default_factory=dict)
+    extra: list[Child] = field(default_factory=list)
+    current: str = ""
+    service: str = ""
+    port: int = 0
+    checked: set[str] = field(default_factory=set)
+
+    # -- building --------------------------------------------------------------------------
+    def build(self) -> None:
+        smtp, submission, alt, submissions, sink = free_ports(5)
+        settings = Settings(run_dir=(self.root / "relay").resolve(), host="127.0.0.1",
+                            smtp_port=smtp, submission_port=submission,
+                            alt_submission_port=alt, submissions_port=submissions,
+                            sink_port=sink, pool_address="127.0.0.2")
+        self.relay = Relay(settings, say=lambda text: print(f"  {text}", flush=True))
+        self.relay.prepare()
+        s = settings
+        text = s.config.read_text()
+        config = json.loads(text[text.index("{"):])
+        config["limits"] = {"messages_per_minute": 100_000_000,
+                            "messages_per_hour": 1_000_000_000}
+        s.config.write_text("# e2e_bench.py: the demo's configuration, rate limits lifted\n"
+                            + json.dumps(config, indent=2) + "\n")
+        self.port = s.submissions_port if self.args.tls == "implicit" else s.submission_port
+        self.service = f"{s.host}:{self.port}"
+        self._principals()
+        folder = self.root / "milters"
+        folder.mkdir(mode=0o770)
+        shutil.chown(folder, "root", "postfix")
+        folder.chmod(0o770)
+        domains = sorted({p.domain for p in self.principals})
+        self.milters = {"baseline": Milter("baseline", ""),
+                        "keyrelay": Milter("keyrelay", "$keyrelay_milter")}
+        for name, make in (("opendkim", opendkim_child), ("dkimpy", dkimpy_child)):
+            if name in self.args.setup:
+                child, record = make(self.root, folder, domains)
+                self.milters[name] = Milter(name, f"unix:{folder / (name + '.sock')}", child)
+                for domain in domains:
+                    self.records[f"{name}._domainkey.{domain}"] = record.encode()
+
+    def _principals(self) -> None:
+        """A accounts with U subusers each, a verified domain per account, a key each."""
+        s = self.relay.settings
+        accounts = {f"bench{i}": {"subusers": {f"app{j}": {} for j in
+                                               range(1, self.args.subusers + 1)}}
+                    for i in range(1, self.args.accounts + 1)}
+        domains = {f"{name}.example": {"owner": name, "grants": [
+            f"{name}/app{j}" for j in range(1, self.args.subusers + 1)]} for name in accounts}
+        declared = self.root / "bench-directory.yaml"
+        declared.write_text(json.dumps({"accounts": accounts, "domains": domains}))
+        keyrelay_cli(s, "sync", str(declared))
+        for domain in domains:
+            keyrelay_cli(s, "domain", "mark-verified", domain)
+            printed = json.loads(keyrelay_cli(s, "domain", "dns", domain, "--json"))
+            for record in printed["records"]:
+                if record["type"] == "TXT" and "._domainkey." in record["name"]:
+                    name = record["name"].rstrip(".").lower()
+                    self.records[name] = record["value"].encode()
+                    self.selectors.setdefault(domain, set()).add(name.split(".")[0])
+        for account in accounts:
+            for pid in (account, *(f"{account}/app{j}" for j in
+                                   range(1, self.args.subusers + 1))):
+                key = json.loads(keyrelay_cli(s, "key", "create", pid, "--name", "bench",
+                                              "--json"))["key"]
+                who = pid.replace("/", "-")
+                self.principals.append(Principal(pid, key, f"{who}@{account}.example",
+                                                 f"{who}@sink.example"))
+
+    # -- processes -------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.relay.settings
+        children = self.relay.children
+        children["sink"] = Child(
+            "smtp-sink", [SMTP_SINK, "-u", "postfix", "-d", f"{s.outbox}/%H%M%S.",
+                          f"{s.host}:{s.sink_port}", "512"],
+            s.logs / "sink.log", lambda: greets(s.host, s.sink_port))
+        children["policyd"] = Child(
+            "keyrelay-policyd", [str(BIN / "keyrelay-policyd"), "--config", str(s.config)],
+            s.logs / "policyd.log",
+            lambda: all(unix_accepts(s.socket(n)) for n in ("auth", "policy", "socketmap")))
+        children["milter"] = Child(
+            "keyrelay-milter", [str(BIN / "keyrelay-milter"), "--config", str(s.config)],
+            s.logs / "milter.log", lambda: unix_accepts(s.socket("milter")))
+        self.milters["keyrelay"].child = children["milter"]
+        for child in children.values():
+            child.start()
+        for milter in self.milters.values():
+            if milter.child is not None and milter.name not in ("keyrelay",):
+                self.extra.append(milter.child)
+                milter.child.start()
+        self.relay.start_postfix()
+
+    def stop(self) -> None:
+        try:
+            if hasattr(self, "relay"):
+                self.relay.stop()
+        finally:
+            for child in self.extra:
+                child.stop()
+
+    def pid(self, name: str) -> int:
+        if name == "postfix":
+            return int((self.relay.settings.queue / "pid" / "master.pid").read_text().split()[0])
+        child = (self.relay.children["policyd"] if name == "policyd"
+                 else self.milters[name].child)
+        if child is None or child.process is None:
+            raise BenchError(f"{name} is not running")
+        return child.process.pid
+
+    # -- one setup at a time ---------------------------------------------------------------
+    def select(self, name: str) -> None:
+        if name == self.current:
+            return
+        relay, data = RESTRICTIONS["keyrelay" if name == "keyrelay" else "auth-only"]
+        etc = self.relay.settings.postfix_etc
+        svc = f"{self.service}/inet"
+        postconf(etc, "-P", f"{svc}/smtpd_milters={self.milters[name].endpoint}",
+                 f"{svc}/smtpd_relay_restrictions={relay}",
+                 f"{svc}/smtpd_data_restrictions={data}")
+        status, output = run_postfix(etc, "reload")
+        if status != 0:
+            raise BenchError(f"postfix reload: {output}")
+        self.current = name
+
+    def outbox(self) -> list[Path]:
+        return sorted(Path(e.path) for e in os.scandir(self.relay.settings.outbox))
+
+    def clear_outbox(self) -> None:
+        for path in self.outbox():
+            path.unlink()
+
+    def queue_empty(self) -> bool:
+        queue = self.relay.settings.queue
+        return not any(files for name in QUEUE_FOLDERS for _, _, files in os.walk(queue / name))
+
+    def wait_drained(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.queue_empty():
+            if time.monotonic() > deadline:
+                raise BenchError(f"Postfix's queue did not empty within {timeout:g}s; see "
+                                 f"{self.relay.settings.maillog}")
+            time.sleep(0.01)
+
+    def signed_as(self, name: str, domain: str, raw: bytes) -> bool:
+        found = signatures(raw)
+        if name == "baseline":
+            return found == []
+        if name == "keyrelay":
+            return (sorted(a for a, _, _ in found) == ["ed25519-sha256", "rsa-sha256"]
+                    and all(d == domain and s in self.selectors.get(domain, ())
+                            for _, s, d in found))
+        return found == [("rsa-sha256", name, domain)]
+
+    def load(self, count: int, size: int, per_session: int, run: str,
+             rate: float | None = None) -> Load:
+        return Load(host=self.relay.settings.host, port=self.port,
+                    implicit_tls=self.args.tls == "implicit", principals=self.principals,
+                    body=make_body(size), tag=run, count=count, per_session=per_session,
+                    concurrency=self.args.concurrency, rate=rate)
+
+    def sink_census(self, run: str, name: str) -> tuple[Counter[int], int]:
+        """How often each message of ``run`` is at the sink, and how many are not signed as
+        ``name`` signs."""
+        seen: Counter[int] = Counter()
+        unsigned = 0
+        for path in self.outbox():
+            with path.open("rb") as handle:
+                head = handle.read(32768)
+            found = ID_RE.search(head)
+            if found is None or found.group(1).decode() != run:
+                continue
+            seen[int(found.group(2))] += 1
+            if not self.signed_as(name, found.group(3).decode(), head):
+                unsigned += 1
+        return seen, unsigned
+
+    def warm_up(self, name: str, size: int) -> None:
+        """Warm-up mail until all of it arrives signed as ``name`` signs (an smtpd of before
+        the reload may still serve the first session); the first time, verify signatures."""
+        count = max(1, self.args.warmup)
+        for attempt in range(10):
+            self.clear_outbox()
+            run = f"warm{attempt}{name}{size}"
+            outcome = send(self.load(count, size, max(1, count // 2), run))
+            self.wait_drained()
+            if outcome.errors:
+                raise BenchError(f"{name}: warm-up refused: {dict(outcome.errors)}")
+            wait_until(lambda: len(self.outbox()) >= count, 30,
+                       f"{count} warm-up messages at the sink")
+            seen, unsigned = self.sink_census(run, name)
+            if sum(seen.values()) == count and unsigned == 0:
+                break
+            if attempt == 9:
+                raise BenchError(f"{name}: {unsigned} of {count} warm-up messages were not "
+                                 f"signed as {name} signs")
+            time.sleep(0.5)
+        if name not in self.checked:
+            self.verify(name, self.outbox()[-1])
+            if name == "keyrelay":
+                self.check_from_refused()
+            self.checked.add(name)
+
+    def verify(self, name: str, path: Path) -> None:
+        raw = path.read_bytes()
+        count = len(signatures(raw))
+
+        def dnsfunc(qname: bytes, timeout: int = 5) -> bytes | None:
+            return self.records.get(qname.decode().rstrip(".").lower())
+
+        verifier = dkim.DKIM(raw)
+        for index in range(count):
+            if not verifier.verify(idx=index, dnsfunc=dnsfunc):
+                raise BenchError(f"{name}: signature {index + 1} of {count} in {path} does "
+                                 "not verify with dkimpy")
+        print(f"  {name}: {count} DKIM signature(s) verified with dkimpy", flush=True)
+
+    def check_from_refused(self) -> None:
+        """keyrelay's From check is on: a foreign header From is refused at end of DATA."""
+        s, who = self.relay.settings, self.principals[0]
+        text = (f"From: <{FOREIGN_FROM}>\r\nTo: <{who.rcpt_to}>\r\nSubject: not mine\r\n"
+                f"Message-ID: <foreign.{time.time_ns()}@{who.domain}>\r\n\r\nhello\r\n")
+        with smtplib.SMTP(s.host, s.submission_port, timeout=30) as client:
+            client.starttls(context=client_tls())
+            client.login("apikey", who.key)
+            try:
+                client.sendmail(who.mail_from, [who.rcpt_to], text)
+            except smtplib.SMTPDataError as exc:
+                if exc.smtp_code == 550:
+                    print(f"  keyrelay: From: {FOREIGN_FROM} refused at end of DATA "
+                          f"({exc.smtp_code})", flush=True)
+                    return
+                raise BenchError(f"keyrelay: From: {FOREIGN_FROM}: {exc}") from None
+        raise BenchError(f"keyrelay: a message with From: {FOREIGN_FROM} was accepted")
+
+    def measure(self, name: str, size: int, per_session: int, count: int, label: str,
+                rate: float | None = None) -> RunResult:
+        self.select(name)
+        self.warm_up(name, size)
+        self.clear_outbox()
+        run = f"{label}{name}{size}k{per_session}"
+        roots = {"postfix": self.pid("postfix"), "policyd": self.pid("policyd")}
+        if name != "baseline":
+            roots["milter"] = self.pid(name)
+
+        def cpu() -> dict[str, float]:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            return {**{n: process_tree_cpu(p, reaped=n == "postfix") for n, p in roots.items()},
+                    "client": usage.ru_utime + usage.ru_stime}
+
+        load_before = load_average()
+        sampler = RssSampler(roots)
+        sampler.start()
+        before = cpu()
+        start = time.perf_counter()
+        outcome: Outcome = send(self.load(count, size, per_session, run, rate))
+        self.wait_drained()
+        seconds = time.perf_counter() - start
+        after = cpu()
+        peaks = sampler.stop()
+        accepted = set(outcome.accepted)
+        try:
+            wait_until(lambda: sum(self.sink_census(run, name)[0].values()) >= len(accepted),
+                       10, "the sink's files")
+        except DemoError:
+            pass  # counted as lost below
+        seen, unsigned = self.sink_census(run, name)
+        delivered = sum(seen.values())
+        latencies = outcome.latencies_ms()
+        return RunResult(
+            setup=name, size=size, per_session=per_session, concurrency=self.args.concurrency,
+            messages=count, paced_rate=rate, seconds=seconds, accepted=len(accepted),
+            delivered=delivered, errors=dict(outcome.errors),
+            lost=len(accepted - set(seen)), duplicated=sum(n - 1 for n in seen.values() if n > 1),
+            unexpected=len(set(seen) - accepted), unsigned=unsigned,
+            p50_ms=percentile(latencies, 0.50), p99_ms=percentile(latencies, 0.99),
+            cpu_ms={n: (after[n] - before[n]) * 1000 / max(1, delivered) for n in after},
+            peak_rss_mb=peaks, load_before=load_before, load_after=load_average())
+
+
+# -- the report ------------------------------------------------------------------------------
+def spread(values: list[float], digits: int) -> str:
+    values = [v for v in values if v == v]  # no NaN
+    if not values:
+        return "-"
+    median = statistics.median(values)
+    if len(values) == 1 or min(values) == max(values):
+        return f"{median:,.{digits}f}"
+    return f"{median:,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
+
+
+def size_label(size: int) -> str:
+    if size >= 1_000_000:
+        return f"{size / 1_000_000:g} MB"
+    return f"{size / 1000:g} KB" if size >= 1000 else f"{size} B"
+
+
+def median_rate(results: list[RunResult], name: str, size: int, per_session: int) -> float:
+    rates = [r.rate for r in results if (r.setup, r.size, r.per_session, r.paced_rate) ==
+             (name, size, per_session, None)]
+    return statistics.median(rates) if rates else float("nan")
+
+
+def table(results: list[RunResult], setups: list[str], size: int, per_session: int) -> str:
+    lines = ["| setup | msg/s | vs baseline | p50 ms | p99 ms | CPU ms/msg: Postfix "
+             "| policyd | milter | client | peak RSS MB: Postfix | policyd | milter "
+             "| errors | lost / dup / unsigned |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: | --- | --- |"]
+    base = median_rate(results, "baseline", size, per_session)
+    for name in setups:
+        runs = [r for r in results if (r.setup, r.size, r.per_session, r.paced_rate) ==
+                (name, size, per_session, None)]
+        if not runs:
+            continue
+        share = median_rate(results, name, size, per_session) / base
+        errors: Counter[str] = Counter()
+        for r in runs:
+            errors.update(r.errors)
+        lines.append(
+            f"| {TITLES[name]} | {spread([r.rate for r in runs], 0)} "
+            f"| {'-' if share != share else f'{share:.0%}'} "
+            f"| {spread([r.p50_ms for r in runs], 1)} | {spread([r.p99_ms for r in runs], 1)} "
+            + "".join(f"| {spread([r.cpu_ms[n] for r in runs if n in r.cpu_ms], 2)} "
+                      for n in ("postfix", "policyd", "milter", "client"))
+            + "".join(f"| {spread([r.peak_rss_mb[n] for r in runs if n in r.peak_rss_mb], 0)} "
+                      for n in ("postfix", "policyd", "milter"))
+            + f"| {', '.join(f'{k}: {v}' for k, v in sorted(errors.items())) or 'none'} "
+            f"| {sum(r.lost for r in runs)} / {sum(r.duplicated for r in runs)} / "
+            f"{sum(r.unsigned for r in runs)} |")
+    return "\n".join(lines)
+
+
+def targets(results: list[RunResult], args: argparse.Namespace) -> list[str]:
+    lines = []
+    k = args.per_session
+    for size in args.size:
+        base = median_rate(results, "baseline", size, k)
+        mine = median_rate(results, "keyrelay", size, k)
+        other = median_rate(results, "opendkim", size, k)
+        if base == base and mine == mine:
+            lines.append(f"- {size_label(size)}: keyrelay complete at {mine / base:.0%} of the "
+                         f"baseline ({mine:,.0f} vs {base:,.0f} msg/s; target >= 60 %): "
+                         f"**{'met' if mine >= 0.6 * base else 'missed'}**")
+        if other == other and mine == mine:
+            lines.append(f"- {size_label(size)}: keyrelay complete {mine:,.0f} vs OpenDKIM "
+                         f"{other:,.0f} msg/s (target: faster): "
+                         f"**{'met' if mine > other else 'missed'}**")
+    bad = sum(r.lost + r.duplicated + r.unexpected + r.unsigned for r in results)
+    lines.append(f"- lost, duplicated, unexpected or unsigned messages in all "
+                 f"{len(results)} runs: {bad} (target 0): **{'met' if bad == 0 else 'missed'}**")
+    paced = [r for r in results if r.paced_rate]
+    if paced:
+        p99 = statistics.median(r.p99_ms for r in paced)
+        lines.append(f"- p99 latency at 80 % of keyrelay's throughput "
+                     f"({paced[0].paced_rate:,.0f} msg/s offered, {size_label(paced[0].size)}"
+                     f"): {spread([r.p99_ms for r in paced], 1)} ms, p50 "
+                     f"{spread([r.p50_ms for r in paced], 1)} ms, achieved "
+                     f"{spread([r.rate for r in paced], 0)} msg/s (target p99 < 50 ms): "
+                     f"**{'met' if p99 < 50 else 'missed'}**")
+    return lines
+
+
+def report(results: list[RunResult], args: argparse.Namespace, command: str,
+           started: str, host: str, chart: str | None) -> str:
+    parts = [f"Command: `{command}` (as root), {started}.", "", f"Machine: {host}.", "",
+             f"Load: {args.concurrency} concurrent sessions, "
+             f"{'STARTTLS' if args.tls == 'starttls' else 'implicit TLS'}, AUTH PLAIN, "
+             f"{args.accounts * (args.subusers + 1)} principals ({args.accounts} accounts with "
+             f"{args.subusers} subusers each), {args.messages} messages per run "
+             f"({args.large_messages} at {size_label(LARGE)} and more); median (lowest-highest)"
+             f" of {args.repeat} interleaved runs."]
+    shapes = [(args.per_session, size) for size in args.size]
+    if args.connection_cost:
+        shapes.append((1, args.size[0]))
+    for per_session, size in shapes:
+        what = (f"{per_session} messages per session" if per_session > 1
+                else "one message per session (connection cost)")
+        parts += ["", f"#### {size_label(size)}, {what}", "",
+                  table(results, args.setup, size, per_session)]
+    parts += ["", "#### Targets", "", *targets(results, args)]
+    if chart:
+        parts += ["", f"![messages/s per setup]({chart})"]
+    return "\n".join(parts) + "\n"
+
+
+def draw_chart(results: list[RunResult], args: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes, setups = args.size, args.setup
+    figure, axes = plt.subplots(figsize=(9, 4.5), dpi=110)
+    width = 0.8 / len(setups)
+    for i, name in enumerate(setups):
+        medians, low, high = [], [], []
+        for size in sizes:
+            rates = [r.rate for r in results if (r.setup, r.size, r.per_session,
+                                                 r.paced_rate) == (name, size, args.per_session,
+                                                                   None)]
+            m = statistics.median(rates) if rates else 0.0
+            medians.append(m)
+            low.append(m - min(rates, default=0.0))
+            high.append(max(rates, default=0.0) - m)
+        positions = [x + (i - (len(setups) - 1) / 2) * width for x in range(len(sizes))]
+        axes.bar(positions, medians, width, yerr=[low, high], capsize=3, label=TITLES[name])
+    axes.set_xticks(range(len(sizes)), [size_label(s) for s in sizes])
+    axes.set_ylabel("messages/s (median, min-max)")
+    axes.set_title(f"End to end through Postfix, {args.concurrency} TLS sessions, "
+                   f"{args.per_session} messages each")
+    axes.legend(fontsize="small")
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_docs(text: str) -> None:
+    path = DOCS / "BENCHMARKS.md"
+    doc = path.read_text()
+    section = f"{MARK_START}\n{text}{MARK_END}"
+    if MARK_START in doc and MARK_END in doc:
+        before, rest = doc.split(MARK_START, 1)
+        doc = before + section + rest.split(MARK_END, 1)[1]
+    else:
+        doc = doc.rstrip("\n") + "\n\n## End to end (bench/e2e_bench.py)\n\n" + section + "\n"
+    path.write_text(doc)
+
+
+# -- main ------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    doc = __doc__ or ""
+    head, rest = doc.split("\nMEASURES\n", 1)
+    parser = argparse.ArgumentParser(
+        prog="e2e_bench.py", description=head.split("\n\n", 1)[1],
+        epilog="MEASURES\n" + rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--setup", action="append", choices=SETUPS, metavar="NAME",
+        help="baseline, keyrelay, opendkim or dkimpy; repeatable (default: all four)")
+    add("--size", type=int, action="append", metavar="BYTES",
+        help="message body size; repeatable (default: 2000, 20000 and 1000000)")
+    add("--repeat", type=int, default=3, metavar="R", help="runs per setup and size (3)")
+    add("--messages", type=int, default=2000, metavar="M", help="messages per run (2000)")
+    add("--large-messages", type=int, default=200, metavar="L",
+        help="messages per run at 500 KB and more (200)")
+    add("--per-session", type=int, default=20, metavar="K",
+        help="messages per SMTP session (20)")
+    add("--connection-cost", type=int, default=1000, metavar="N",
+        help="messages of the one-message-per-session runs at the first size; 0: none (1000)")
+    add("--concurrency", type=int, default=16, metavar="C",
+        help="concurrent sessions (16)")
+    add("--tls", choices=("starttls", "implicit"), default="starttls",
+        help="STARTTLS on the submission service, or implicit TLS on submissions")
+    add("--paced-seconds", type=float, default=20.0, metavar="S",
+        help="length of each run at 80 %% of keyrelay's throughput; 0: none (20)")
+    add("--accounts", type=int, default=2, metavar="A", help="accounts (2)")
+    add("--subusers", type=int, default=2, metavar="U", help="subusers per account (2)")
+    add("--warmup", type=int, default=20, metavar="W", help="warm-up messages (20)")
+    add("--json", type=Path, metavar="FILE", help="write every run's figures as JSON")
+    add("--chart", type=Path, metavar="FILE", help="draw msg/s per setup and size (PNG)")
+    add("--markdown", type=Path, metavar="FILE", help="write the report as Markdown")
+    add("--docs", action="store_true",
+        help="write the report into docs/BENCHMARKS.md and the chart to docs/e2e-bench.png")
+    add("--tmpdir", type=Path, metavar="DIR", help="where the temporary folder goes")
+    add("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+    args.setup = [name for name in SETUPS if name in (args.setup or SETUPS)]
+    args.size = args.size or [2000, 20000, 1_000_000]
+    for name in ("repeat", "messages", "large_messages", "per_session", "concurrency",
+                 "accounts"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("connection_cost", "subusers", "warmup", "paced_seconds"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if any(size < 2 for size in args.size):
+        parser.error("--size must be at least 2")
+    if args.docs:
+        args.chart = args.chart or DOCS / "e2e-bench.png"
+    return args
+
+
+def _stop_on_signal(number: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {number}")
+
+
+def run_all(bench: Bench, args: argparse.Namespace, results: list[RunResult],
+            say: Callable[[str], None]) -> None:
+    def record(result: RunResult) -> None:
+        results.append(result)
+        problems = (result.lost + result.duplicated + result.unexpected + result.unsigned)
+        say(f"  {result.setup:8} {size_label(result.size):>6} x{result.per_session:<3}"
+            f"{'' if not result.paced_rate else f' paced {result.paced_rate:,.0f}/s'}: "
+            f"{result.rate:7,.1f} msg/s, p50 {result.p50_ms:6.1f} ms, p99 {result.p99_ms:6.1f}"
+            f" ms, CPU ms/msg Postfix {result.cpu_ms['postfix']:.2f} policyd "
+            f"{result.cpu_ms['policyd']:.2f} milter {result.cpu_ms.get('milter', 0):.2f}"
+            f"{', errors ' + str(result.errors) if result.errors else ''}"
+            f"{f', {problems} lost/dup/unsigned' if problems else ''} (load "
+            f"{result.load_before} -> {result.load_after})")
+        if result.lost or result.duplicated:
+            raise BenchError(f"{result.setup}: {result.lost} lost and {result.duplicated} "
+                             "duplicated messages")
+
+    for rep in range(1, args.repeat + 1):
+        say(f"repetition {rep} of {args.repeat}")
+        for size in args.size:
+            count = args.large_messages if size >= LARGE else args.messages
+            for name in args.setup:
+                record(bench.measure(name, size, args.per_session, count, f"r{rep}"))
+        if args.connection_cost:
+            for name in args.setup:
+                record(bench.measure(name, args.size[0], 1, args.connection_cost, f"c{rep}"))
+    if args.paced_seconds and "keyrelay" in args.setup:
+        rate = 0.8 * median_rate(results, "keyrelay", args.size[0], args.per_session)
+        say(f"keyrelay complete at 80 % of its throughput: {rate:,.0f} msg/s offered")
+        for rep in range(1, args.repeat + 1):
+            record(bench.measure("keyrelay", args.size[0], args.per_session,
+                                 max(1, int(rate * args.paced_seconds)), f"p{rep}", rate))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("e2e_bench.py: error: run as root (it starts a private Postfix instance and "
+              "the milters as their own users)", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    command = shlex.join(["bench/e2e_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    root = Path(tempfile.mkdtemp(prefix="kre2e-", dir=args.tmpdir))
+    root.chmod(0o755)
+    (root / "logs").mkdir()
+    bench = Bench(root, args)
+    results: list[RunResult] = []
+    host = describe_host()
+    print(host)
+    print(f"load average before: {load_average()}")
+    print(f"setting up in {root} ...", flush=True)
+    status = 0
+    try:
+        bench.build()
+        bench.start()
+        run_all(bench, args, results, lambda text: print(text, flush=True))
+    except (BenchError, DemoError, OSError, subprocess.SubprocessError) as exc:
+        print(f"e2e_bench.py: error: {exc}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        print("e2e_bench.py: interrupted", file=sys.stderr)
+        status = 130
+    finally:
+        print("stopping Postfix, the milters, keyrelay-policyd and smtp-sink ...", flush=True)
+        bench.stop()
+    print(f"load average after: {load_average()}")
+    if args.json and results:
+        args.json.write_text(json.dumps([dict(asdict(r), rate=r.rate) for r in results],
+                                        indent=2) + "\n")
+    if results and status == 0:
+        chart = None
+        if args.chart:
+            draw_chart(results, args, args.chart)
+            chart = args.chart.name if args.docs else str(args.chart)
+        text = report(results, args, command, started, host, chart)
+        print("\n" + text)
+        if args.markdown:
+            args.markdown.write_text(text)
+        if args.docs:
+            write_docs(text)
+            print(f"wrote docs/BENCHMARKS.md and {args.chart}")
+    if args.keep or status == 1:
+        print(f"kept {root} (configuration, logs, the last messages at the sink)")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""An SMTP load generator that behaves like sending applications (bench/e2e_bench.py).
+
+Each session connects, says EHLO, starts TLS (STARTTLS, or implicit TLS on a port 465
+service), says EHLO again, logs in with AUTH PLAIN as ``apikey`` with one principal's API
+key, sends a batch of messages (MAIL, RCPT and DATA pipelined, as Postfix offers
+PIPELINING) and says QUIT. ``concurrency`` sessions run at once; each takes the next batch
+of ``per_session`` messages and the next principal in turn, until every message was tried.
+
+Per message it records the latency from writing MAIL FROM to the 250 after the end of DATA,
+or the SMTP reply that refused it (code, enhanced status and the stage: ``451 4.3.0 at
+RCPT``), or ``connection: REASON`` when the session broke. Nothing is retried: a benchmark
+counts what happened. With ``rate`` the messages are sent on a schedule (message i is due
+``i / rate`` seconds after the start: an open-loop load at a fixed rate) instead of as fast
+as the sessions go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+TIMEOUT = 120.0  # seconds for any one reply (a 1 MB message through a busy milter included)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """One sending application: its principal, API key, envelope sender and recipient."""
+
+    pid: str
+    key: str = field(repr=False)
+    mail_from: str
+    rcpt_to: str
+
+    @property
+    def domain(self) -> str:
+        return self.mail_from.rpartition("@")[2]
+
+
+@dataclass
+class Outcome:
+    """What the client saw: accepted messages with their latency, refusals by reply."""
+
+    accepted: dict[int, float] = field(default_factory=dict)  # message number -> seconds
+    errors: Counter[str] = field(default_factory=Counter)
+    refused: set[int] = field(default_factory=set)
+    sessions: int = 0
+    seconds: float = 0.0  # first connection to the last reply
+
+    def latencies_ms(self) -> list[float]:
+        return sorted(v * 1000 for v in self.accepted.values())
+
+
+class ProtocolError(Exception):
+    """The server answered a session step (greeting, EHLO, STARTTLS, AUTH) otherwise."""
+
+    def __init__(self, stage: str, reply: str) -> None:
+        super().__init__(f"{stage}: {reply}")
+        self.stage = stage
+        self.reply = reply
+
+
+def message_id(run: str, number: int, domain: str) -> str:
+    return f"<{run}.{number}@{domain}>"
+
+
+def make_body(size: int) -> bytes:
+    """``size`` bytes of text in CRLF lines, none starting with a dot."""
+    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\r\n"
+    body = (line * (size // len(line) + 1))[:size]
+    return body if body.endswith(b"\r\n") else body[:-2] + b"\r\n"
+
+
+def make_head(principal: Principal, run: str, number: int) -> bytes:
+    return (
+        f"From: Bench App <{principal.mail_from}>\r\n"
+        f"To: <{principal.rcpt_to}>\r\n"
+        f"Subject: bench message {number} of run {run}\r\n"
+        f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
+        f"Message-ID: {message_id(run, number, principal.domain)}\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n"
+        "Content-Transfer-Encoding: 7bit\r\n"
+        "\r\n"
+    ).encode()
+
+
+def client_tls() -> ssl.SSLContext:
+    """TLS as an application that trusts this relay's (self-signed) certificate would do."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
+    lines = []
+    while True:
+        line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        if not line:
+            raise ConnectionError("the server closed the connection")
+        lines.append(line.decode("ascii", "replace").rstrip())
+        if line[3:4] != b"-":
+            break
+    text = lines[-1]
+    return (int(text[:3]) if text[:3].isdigit() else 0), text
+
+
+def _label(text: str, stage: str) -> str:
+    """``451 4.3.0 at RCPT``: the code and enhanced status of a reply and where it came."""
+    parts = text.split()
+    status = parts[1] if len(parts) > 1 and parts[1][:1].isdigit() and "." in parts[1] else ""
+    return f"{parts[0] if parts else '?'} {status} at {stage}".replace("  ", " ")
+
+
+@dataclass
+class Load:
+    host: str
+    port: int
+    implicit_tls: bool
+    principals: Sequence[Principal]
+    body: bytes
+    tag: str  # the run's name, in every Message-ID
+    count: int
+    per_session: int
+    concurrency: int
+    rate: float | None = None  # messages/s on a schedule; None: as fast as possible
+
+    async def _expect(self, reader: asyncio.StreamReader, code: int, stage: str) -> None:
+        got, text = await _reply(reader)
+        if got != code:
+            raise ProtocolError(stage, text)
+
+    async def _session(self, principal: Principal, batch: list[int], outcome: Outcome,
+                       start: float, tls: ssl.SSLContext) -> None:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            self.host, self.port, ssl=tls if self.implicit_tls else None), TIMEOUT)
+        outcome.sessions += 1
+        try:
+            await self._expect(reader, 220, "greeting")
+            writer.write(b"EHLO bench-client.example\r\n")
+            await self._expect(reader, 250, "EHLO")
+            if not self.implicit_tls:
+                writer.write(b"STARTTLS\r\n")
+                await self._expect(reader, 220, "STARTTLS")
+                await asyncio.wait_for(writer.start_tls(tls), TIMEOUT)
+                writer.write(b"EHLO bench-client.example\r\n")
+                await self._expect(reader, 250, "EHLO after STARTTLS")
+            plain = base64.b64encode(b"\0apikey\0" + principal.key.encode()).decode()
+            writer.write(f"AUTH PLAIN {plain}\r\n".encode())
+            await self._expect(reader, 235, "AUTH")
+            envelope = (f"MAIL FROM:<{principal.mail_from}>\r\n"
+                        f"RCPT TO:<{principal.rcpt_to}>\r\nDATA\r\n").encode()
+            while batch:
+                number = batch[0]
+                if self.rate:
+                    delay = start + number / self.rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                began = time.perf_counter()
+                writer.write(envelope)
+                replies = [await _reply(reader) for _ in range(3)]
+                if replies[2][0] == 354:
+                    writer.write(make_head(principal, self.tag, number))
+                    writer.write(self.body)
+                    writer.write(b".\r\n")
+                    await writer.drain()
+                    code, text = await _reply(reader)
+                    batch.pop(0)
+                    if code == 250:
+                        outcome.accepted[number] = time.perf_counter() - began
+                    else:
+                        outcome.errors[_label(text, "end of DATA")] += 1
+                        outcome.refused.add(number)
+                    continue
+                batch.pop(0)
+                stage, text = next(((s, t) for s, (c, t) in zip(
+                    ("MAIL", "RCPT", "DATA"), replies, strict=True) if c >= 400),
+                    ("DATA", replies[2][1]))
+                outcome.errors[_label(text, stage)] += 1
+                outcome.refused.add(number)
+                writer.write(b"RSET\r\n")
+                await self._expect(reader, 250, "RSET")
+            writer.write(b"QUIT\r\n")
+            await self._expect(reader, 221, "QUIT")
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (OSError, ssl.SSLError):
+                pass
+
+    async def run(self) -> Outcome:
+        outcome = Outcome()
+        tls = client_tls()
+        numbers = list(range(self.count))
+        batches = [numbers[i:i + self.per_session]
+                   for i in range(0, self.count, self.per_session)]
+        todo = list(enumerate(batches))
+        todo.reverse()
+        start = time.perf_counter()
+
+        async def worker() -> None:
+            while todo:
+                index, batch = todo.pop()
+                principal = self.principals[index % len(self.principals)]
+                try:
+                    await self._session(principal, batch, outcome, start, tls)
+                except ProtocolError as exc:
+                    outcome.errors[_label(exc.reply, exc.stage)] += len(batch)
+                    outcome.refused.update(batch)
+                except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
+                    reason = type(exc).__name__
+                    outcome.errors[f"connection: {reason}"] += len(batch)
+                    outcome.refused.update(batch)
+
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(batches)))))
+        outcome.seconds = time.perf_counter() - start
+        return outcome
+
+
+def send(load: Load) -> Outcome:
+    return asyncio.run(load.run())
