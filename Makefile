@@ -24,17 +24,19 @@ DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
 	slapd ldap-utils python3-apt
 
-# Only for bench/postfix_milter_bench.py (make bench-deps), not for make test: the other
+# Only for the benchmarks (make bench-deps, make bench), not for make test: the other
 # milters keyrelay-milter is compared with. The bench starts its own instances with its own
 # configuration; ensure-debian-packages keeps the packages' system services from starting.
 BENCH_DEBIAN_PACKAGES := opendkim dkimpy-milter
 
-.PHONY: help run test deps bench-deps check lint typecheck unit demo clean distclean
+.PHONY: help run test deps bench bench-deps check lint typecheck unit demo clean distclean
 
 help:
 	@echo "make run     install missing parts, run the demo relay on loopback (state in $(RUN_DIR)/)"
 	@echo "make test    install missing parts, run pytest, mypy and ruff"
 	@echo "make clean   remove the demo state in $(RUN_DIR)/"
+	@echo "make bench   install what it compares with, run the end-to-end benchmark (about"
+	@echo "             20 minutes) and write its report into docs/BENCHMARKS.md"
 	@echo "make bench-deps  also install what bench/postfix_milter_bench.py compares with"
 	@echo "make distclean  also remove the virtual environment"
 
@@ -54,6 +56,12 @@ debian-packages:
 
 bench-deps: deps
 	@scripts/ensure-debian-packages $(BENCH_DEBIAN_PACKAGES)
+
+# The end-to-end benchmark of issue 9 (bench/e2e_bench.py --help): baseline, keyrelay,
+# OpenDKIM and dkimpy-milter side by side; rewrites its section of docs/BENCHMARKS.md and
+# docs/e2e-bench.png.
+bench: bench-deps
+	$(BIN)/python bench/e2e_bench.py --docs
 
 unit: deps
 	$(BIN)/python -m pytest
