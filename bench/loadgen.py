@@ -3,8 +3,9 @@
 Each session connects, says EHLO, starts TLS (STARTTLS, or implicit TLS on a port 465
 service), says EHLO again, logs in with AUTH PLAIN as ``apikey`` with one principal's API
 key, sends a batch of messages (MAIL, RCPT and DATA pipelined, as Postfix offers
-PIPELINING) and says QUIT. ``concurrency`` sessions run at once; each takes the next batch
-of ``per_session`` messages and the next principal in turn, until every message was tried.
+PIPELINING) and says QUIT. ``concurrency`` sessions run at once, each with the next
+principal in turn; a session takes the next message from a shared queue until it has sent
+``per_session``, then the next session starts, until every message was tried.
 
 Per message it records the latency from writing MAIL FROM to the 250 after the end of DATA,
 or the SMTP reply that refused it (code, enhanced status and the stage: ``451 4.3.0 at
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import ssl
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +50,7 @@ class Outcome:
     accepted: dict[int, float] = field(default_factory=dict)  # message number -> seconds
     errors: Counter[str] = field(default_factory=Counter)
     refused: set[int] = field(default_factory=set)
+    lag: dict[int, float] = field(default_factory=dict)  # paced: seconds sent after due
     sessions: int = 0
     seconds: float = 0.0  # first connection to the last reply
 
@@ -136,8 +139,10 @@ class Load:
         if got != code:
             raise ProtocolError(stage, text)
 
-    async def _session(self, principal: Principal, batch: list[int], outcome: Outcome,
-                       start: float, tls: ssl.SSLContext) -> None:
+    async def _session(self, principal: Principal, todo: deque[int], outcome: Outcome,
+                       start: float, tls: ssl.SSLContext, current: list[int]) -> None:
+        """One session: up to ``per_session`` messages taken from ``todo``; the one being
+        sent is in ``current`` (so that a broken session's message can be counted)."""
         reader, writer = await asyncio.wait_for(asyncio.open_connection(
             self.host, self.port, ssl=tls if self.implicit_tls else None), TIMEOUT)
         outcome.sessions += 1
@@ -156,12 +161,16 @@ class Load:
             await self._expect(reader, 235, "AUTH")
             envelope = (f"MAIL FROM:<{principal.mail_from}>\r\n"
                         f"RCPT TO:<{principal.rcpt_to}>\r\nDATA\r\n").encode()
-            while batch:
-                number = batch[0]
+            for _ in range(self.per_session):
+                if not todo:
+                    break
+                number = todo.popleft()
+                current.append(number)
                 if self.rate:
-                    delay = start + number / self.rate - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+                    due = start + number / self.rate
+                    if due > time.perf_counter():
+                        await asyncio.sleep(due - time.perf_counter())
+                    outcome.lag[number] = time.perf_counter() - due
                 began = time.perf_counter()
                 writer.write(envelope)
                 replies = [await _reply(reader) for _ in range(3)]
@@ -171,14 +180,14 @@ class Load:
                     writer.write(b".\r\n")
                     await writer.drain()
                     code, text = await _reply(reader)
-                    batch.pop(0)
+                    current.pop()
                     if code == 250:
                         outcome.accepted[number] = time.perf_counter() - began
                     else:
                         outcome.errors[_label(text, "end of DATA")] += 1
                         outcome.refused.add(number)
                     continue
-                batch.pop(0)
+                current.pop()
                 stage, text = next(((s, t) for s, (c, t) in zip(
                     ("MAIL", "RCPT", "DATA"), replies, strict=True) if c >= 400),
                     ("DATA", replies[2][1]))
@@ -198,28 +207,30 @@ class Load:
     async def run(self) -> Outcome:
         outcome = Outcome()
         tls = client_tls()
-        numbers = list(range(self.count))
-        batches = [numbers[i:i + self.per_session]
-                   for i in range(0, self.count, self.per_session)]
-        todo = list(enumerate(batches))
-        todo.reverse()
+        todo = deque(range(self.count))  # shared: each session takes the next message
+        sessions = itertools.count()
         start = time.perf_counter()
+
+        def fail(current: list[int], label: str) -> None:
+            # the message being sent or, for a session that broke before it took one, the
+            # next (so that a refused login cannot loop forever)
+            number = current[0] if current else (todo.popleft() if todo else None)
+            if number is not None:
+                outcome.errors[label] += 1
+                outcome.refused.add(number)
 
         async def worker() -> None:
             while todo:
-                index, batch = todo.pop()
-                principal = self.principals[index % len(self.principals)]
+                principal = self.principals[next(sessions) % len(self.principals)]
+                current: list[int] = []
                 try:
-                    await self._session(principal, batch, outcome, start, tls)
+                    await self._session(principal, todo, outcome, start, tls, current)
                 except ProtocolError as exc:
-                    outcome.errors[_label(exc.reply, exc.stage)] += len(batch)
-                    outcome.refused.update(batch)
+                    fail(current, _label(exc.reply, exc.stage))
                 except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
-                    reason = type(exc).__name__
-                    outcome.errors[f"connection: {reason}"] += len(batch)
-                    outcome.refused.update(batch)
+                    fail(current, f"connection: {type(exc).__name__}")
 
-        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(batches)))))
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, self.count))))
         outcome.seconds = time.perf_counter() - start
         return outcome
 

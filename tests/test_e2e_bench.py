@@ -37,6 +37,7 @@ def test_a_small_run_counts_every_message_at_the_sink_exactly_once(tmp_path: Pat
     shapes = sorted((r["setup"], r["size"], r["per_session"], r["paced_rate"] is not None)
                     for r in runs)
     assert shapes == [("baseline", 2000, 1, False), ("baseline", 2000, 4, False),
+                      ("baseline", 2000, 4, True), ("baseline", 2000, 4, True),
                       ("baseline", 30000, 4, False), ("keyrelay", 2000, 1, False),
                       ("keyrelay", 2000, 4, False), ("keyrelay", 2000, 4, True),
                       ("keyrelay", 30000, 4, False)]
@@ -50,7 +51,7 @@ def test_a_small_run_counts_every_message_at_the_sink_exactly_once(tmp_path: Pat
 
     report = report_file.read_text()
     assert "| keyrelay complete |" in report and "#### Targets" in report
-    assert "lost, duplicated, unexpected or unsigned messages in all 7 runs: 0" in report
+    assert "lost, duplicated, unexpected or unsigned messages in all 9 runs: 0" in report
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the principals' keys are in the bench's directory only, never in what it prints
     assert not re.search(r"kr\.[a-z0-9]+\.", result.stdout + result.stderr + report)
