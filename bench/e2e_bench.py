@@ -109,9 +109,7 @@ import resource
 import shlex
 import shutil
 import signal
-import smtplib
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -121,35 +119,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import dkim
-from loadgen import Load, Outcome, Principal, client_tls, make_body, send
+from loadgen import Load, Outcome, Principal, make_body, send
 from postfix_milter_bench import (
-    FOREIGN_FROM,
-    QUEUE_FOLDERS,
-    BenchError,
     describe_host,
     dkimpy_child,
-    free_ports,
     load_average,
     opendkim_child,
-    postconf,
     process_tree_cpu,
-    signatures,
 )
+from privaterelay import BenchError, PrivateRelay, run_guarded, signatures
 
 from keyrelay.demo import (
-    BIN,
-    SMTP_SINK,
     Child,
     DemoError,
-    Relay,
-    Settings,
-    greets,
     keyrelay_cli,
-    unix_accepts,
     wait_until,
 )
-from keyrelay.postfixconf import run_postfix
 
 SETUPS = ("baseline", "keyrelay", "opendkim", "dkimpy")
 TITLES = {
@@ -268,43 +253,24 @@ class Milter:
 
 
 @dataclass
-class Bench:
-    root: Path
-    args: argparse.Namespace
-    relay: Relay = field(init=False)
+class Bench(PrivateRelay):
+    args: argparse.Namespace = field(default_factory=argparse.Namespace)
     principals: list[Principal] = field(default_factory=list)
-    records: dict[str, bytes] = field(default_factory=dict)
     selectors: dict[str, set[str]] = field(default_factory=dict)  # keyrelay's, by domain
     milters: dict[str, Milter] = field(default_factory=dict)
-    extra: list[Child] = field(default_factory=list)
-    current: str = ""
-    service: str = ""
     port: int = 0
     checked: set[str] = field(default_factory=set)
 
     # -- building --------------------------------------------------------------------------
     def build(self) -> None:
-        smtp, submission, alt, submissions, sink = free_ports(5)
-        settings = Settings(run_dir=(self.root / "relay").resolve(), host="127.0.0.1",
-                            smtp_port=smtp, submission_port=submission,
-                            alt_submission_port=alt, submissions_port=submissions,
-                            sink_port=sink, pool_address="127.0.0.2")
-        self.relay = Relay(settings, say=lambda text: print(f"  {text}", flush=True))
-        self.relay.prepare()
-        s = settings
-        text = s.config.read_text()
-        config = json.loads(text[text.index("{"):])
-        config["limits"] = {"messages_per_minute": 100_000_000,
-                            "messages_per_hour": 1_000_000_000}
-        s.config.write_text("# e2e_bench.py: the demo's configuration, rate limits lifted\n"
-                            + json.dumps(config, indent=2) + "\n")
+        s = self.prepare()
+        self.rewrite_config("e2e_bench.py: the demo's configuration, rate limits lifted",
+                            limits={"messages_per_minute": 100_000_000,
+                                    "messages_per_hour": 1_000_000_000})
         self.port = s.submissions_port if self.args.tls == "implicit" else s.submission_port
         self.service = f"{s.host}:{self.port}"
         self._principals()
-        folder = self.root / "milters"
-        folder.mkdir(mode=0o770)
-        shutil.chown(folder, "root", "postfix")
-        folder.chmod(0o770)
+        folder = self.milter_folder()
         domains = sorted({p.domain for p in self.principals})
         self.milters = {"baseline": Milter("baseline", ""),
                         "keyrelay": Milter("keyrelay", "$keyrelay_milter")}
@@ -344,40 +310,14 @@ class Bench:
                                                  f"{who}@sink.example"))
 
     # -- processes -------------------------------------------------------------------------
-    def start(self) -> None:
-        s = self.relay.settings
-        children = self.relay.children
-        children["sink"] = Child(
-            "smtp-sink", [SMTP_SINK, "-u", "postfix", "-d", f"{s.outbox}/%H%M%S.",
-                          f"{s.host}:{s.sink_port}", "512"],
-            s.logs / "sink.log", lambda: greets(s.host, s.sink_port))
-        children["policyd"] = Child(
-            "keyrelay-policyd", [str(BIN / "keyrelay-policyd"), "--config", str(s.config)],
-            s.logs / "policyd.log",
-            lambda: all(unix_accepts(s.socket(n)) for n in ("auth", "policy", "socketmap")))
-        children["milter"] = Child(
-            "keyrelay-milter", [str(BIN / "keyrelay-milter"), "--config", str(s.config)],
-            s.logs / "milter.log", lambda: unix_accepts(s.socket("milter")))
-        self.milters["keyrelay"].child = children["milter"]
-        for child in children.values():
-            child.start()
-        for milter in self.milters.values():
-            if milter.child is not None and milter.name not in ("keyrelay",):
-                self.extra.append(milter.child)
-                milter.child.start()
-        self.relay.start_postfix()
-
-    def stop(self) -> None:
-        try:
-            if hasattr(self, "relay"):
-                self.relay.stop()
-        finally:
-            for child in self.extra:
-                child.stop()
+    def start_all(self) -> None:
+        self.start(True, [m.child for m in self.milters.values()
+                          if m.child is not None and m.name != "keyrelay"])
+        self.milters["keyrelay"].child = self.relay.children["milter"]
 
     def pid(self, name: str) -> int:
         if name == "postfix":
-            return int((self.relay.settings.queue / "pid" / "master.pid").read_text().split()[0])
+            return self.master_pid()
         child = (self.relay.children["policyd"] if name == "policyd"
                  else self.milters[name].child)
         if child is None or child.process is None:
@@ -386,37 +326,9 @@ class Bench:
 
     # -- one setup at a time ---------------------------------------------------------------
     def select(self, name: str) -> None:
-        if name == self.current:
-            return
         relay, data = RESTRICTIONS["keyrelay" if name == "keyrelay" else "auth-only"]
-        etc = self.relay.settings.postfix_etc
-        svc = f"{self.service}/inet"
-        postconf(etc, "-P", f"{svc}/smtpd_milters={self.milters[name].endpoint}",
-                 f"{svc}/smtpd_relay_restrictions={relay}",
-                 f"{svc}/smtpd_data_restrictions={data}")
-        status, output = run_postfix(etc, "reload")
-        if status != 0:
-            raise BenchError(f"postfix reload: {output}")
-        self.current = name
-
-    def outbox(self) -> list[Path]:
-        return sorted(Path(e.path) for e in os.scandir(self.relay.settings.outbox))
-
-    def clear_outbox(self) -> None:
-        for path in self.outbox():
-            path.unlink()
-
-    def queue_empty(self) -> bool:
-        queue = self.relay.settings.queue
-        return not any(files for name in QUEUE_FOLDERS for _, _, files in os.walk(queue / name))
-
-    def wait_drained(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.queue_empty():
-            if time.monotonic() > deadline:
-                raise BenchError(f"Postfix's queue did not empty within {timeout:g}s; see "
-                                 f"{self.relay.settings.maillog}")
-            time.sleep(0.01)
+        self.switch(name, smtpd_milters=self.milters[name].endpoint,
+                    smtpd_relay_restrictions=relay, smtpd_data_restrictions=data)
 
     def signed_as(self, name: str, domain: str, raw: bytes) -> bool:
         found = signatures(raw)
@@ -474,40 +386,10 @@ class Bench:
         if name not in self.checked:
             self.verify(name, self.outbox()[-1])
             if name == "keyrelay":
-                self.check_from_refused()
+                who = self.principals[0]
+                self.check_from_refused(who.key, who.mail_from, who.rcpt_to,
+                                        starttls=True)  # the submission service: STARTTLS
             self.checked.add(name)
-
-    def verify(self, name: str, path: Path) -> None:
-        raw = path.read_bytes()
-        count = len(signatures(raw))
-
-        def dnsfunc(qname: bytes, timeout: int = 5) -> bytes | None:
-            return self.records.get(qname.decode().rstrip(".").lower())
-
-        verifier = dkim.DKIM(raw)
-        for index in range(count):
-            if not verifier.verify(idx=index, dnsfunc=dnsfunc):
-                raise BenchError(f"{name}: signature {index + 1} of {count} in {path} does "
-                                 "not verify with dkimpy")
-        print(f"  {name}: {count} DKIM signature(s) verified with dkimpy", flush=True)
-
-    def check_from_refused(self) -> None:
-        """keyrelay's From check is on: a foreign header From is refused at end of DATA."""
-        s, who = self.relay.settings, self.principals[0]
-        text = (f"From: <{FOREIGN_FROM}>\r\nTo: <{who.rcpt_to}>\r\nSubject: not mine\r\n"
-                f"Message-ID: <foreign.{time.time_ns()}@{who.domain}>\r\n\r\nhello\r\n")
-        with smtplib.SMTP(s.host, s.submission_port, timeout=30) as client:
-            client.starttls(context=client_tls())
-            client.login("apikey", who.key)
-            try:
-                client.sendmail(who.mail_from, [who.rcpt_to], text)
-            except smtplib.SMTPDataError as exc:
-                if exc.smtp_code == 550:
-                    print(f"  keyrelay: From: {FOREIGN_FROM} refused at end of DATA "
-                          f"({exc.smtp_code})", flush=True)
-                    return
-                raise BenchError(f"keyrelay: From: {FOREIGN_FROM}: {exc}") from None
-        raise BenchError(f"keyrelay: a message with From: {FOREIGN_FROM} was accepted")
 
     def measure(self, name: str, size: int, per_session: int, count: int, label: str,
                 rate: float | None = None) -> RunResult:
@@ -834,26 +716,19 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="kre2e-", dir=args.tmpdir))
     root.chmod(0o755)
     (root / "logs").mkdir()
-    bench = Bench(root, args)
+    bench = Bench(root, args=args)
     results: list[RunResult] = []
     host = describe_host()
     print(host)
     print(f"load average before: {load_average()}")
     print(f"setting up in {root} ...", flush=True)
-    status = 0
-    try:
+
+    def body() -> None:
         bench.build()
-        bench.start()
+        bench.start_all()
         run_all(bench, args, results, lambda text: print(text, flush=True))
-    except (BenchError, DemoError, OSError, subprocess.SubprocessError) as exc:
-        print(f"e2e_bench.py: error: {exc}", file=sys.stderr)
-        status = 1
-    except KeyboardInterrupt:
-        print("e2e_bench.py: interrupted", file=sys.stderr)
-        status = 130
-    finally:
-        print("stopping Postfix, the milters, keyrelay-policyd and smtp-sink ...", flush=True)
-        bench.stop()
+
+    status = run_guarded("e2e_bench.py", bench, body)
     print(f"load average after: {load_average()}")
     if args.json and results:
         args.json.write_text(json.dumps([dict(asdict(r), rate=r.rate) for r in results],

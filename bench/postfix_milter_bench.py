@@ -123,8 +123,6 @@ import re
 import resource
 import shutil
 import signal
-import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -134,21 +132,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from loadgen import make_body
+from privaterelay import POSTCONF, BenchError, PrivateRelay, postconf, run_guarded, signatures
 
 from keyrelay.demo import (
-    BIN,
     DEMO_DOMAIN,
     DEMO_FROM,
     DEMO_TO,
-    SMTP_SINK,
     Child,
-    DemoError,
-    Relay,
-    Settings,
-    greets,
     keyrelay_cli,
     unix_accepts,
     wait_until,
@@ -158,14 +151,7 @@ from keyrelay.postfixconf import run_postfix
 SETUPS = ("none", "keyrelay", "opendkim", "dkimpy")
 OPENDKIM = "/usr/sbin/opendkim"
 DKIMPY_MILTER = "/usr/bin/dkimpy-milter"
-POSTCONF = "/usr/sbin/postconf"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-FOREIGN_FROM = "ceo@bank.example"
-QUEUE_FOLDERS = ("maildrop", "incoming", "active", "deferred", "hold")
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says why."""
 
 
 # -- CPU accounting from /proc ---------------------------------------------------------------
@@ -224,42 +210,7 @@ def rsa_key_pair() -> tuple[bytes, str]:
     return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
 
 
-def header_block(raw: bytes) -> list[tuple[str, str]]:
-    """The unfolded header fields of a message as smtp-sink stored it."""
-    head = raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode("ascii", "replace")
-    fields: list[tuple[str, str]] = []
-    for line in head.split("\n"):
-        if line[:1] in (" ", "\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + " " + line.strip())
-        elif ":" in line:
-            name, value = line.split(":", 1)
-            fields.append((name.strip(), value.strip()))
-    return fields
-
-
-def signatures(raw: bytes) -> list[tuple[str, str, str]]:
-    """(a=, s=, d=) of every DKIM-Signature, top to bottom."""
-    found = []
-    for name, value in header_block(raw):
-        if name.lower() != "dkim-signature":
-            continue
-        tags = {}
-        for part in value.split(";"):
-            tag, sep, tag_value = part.partition("=")
-            if sep:
-                tags[tag.strip()] = re.sub(r"\s+", "", tag_value)
-        found.append((tags.get("a", ""), tags.get("s", ""), tags.get("d", "")))
-    return found
-
-
 # -- the load client -------------------------------------------------------------------------
-def make_body(size: int) -> bytes:
-    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\r\n"
-    body = (line * (size // len(line) + 1))[:size]
-    return body if body.endswith(b"\r\n") else body[:-2] + b"\r\n"
-
-
 def make_message(number: int, run: str, body: bytes) -> bytes:
     headers = (
         f"From: Bench App <{DEMO_FROM}>\r\n"
@@ -335,26 +286,6 @@ def send(host: str, port: int, key: str, count: int, concurrency: int, body: byt
 
 
 # -- the setup -------------------------------------------------------------------------------
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
-            sockets.append(probe)
-        return [probe.getsockname()[1] for probe in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
-
-
-def postconf(etc: Path, *args: str) -> str:
-    result = subprocess.run([POSTCONF, "-c", str(etc), *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise BenchError(f"postconf {' '.join(args)}: {result.stderr.strip()}")
-    return result.stdout.strip()
-
-
 def version_of(argv: list[str], pattern: str) -> str:
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -482,26 +413,14 @@ class RunResult:
 
 
 @dataclass
-class Bench:
-    root: Path
-    args: argparse.Namespace
-    relay: Relay = field(init=False)
+class Bench(PrivateRelay):
+    args: argparse.Namespace = field(default_factory=argparse.Namespace)
     milters: dict[str, Milter] = field(default_factory=dict)
-    extra: list[Child] = field(default_factory=list)
-    records: dict[str, bytes] = field(default_factory=dict)
     verified: set[str] = field(default_factory=set)
-    current: str = ""
-    service: str = ""
 
     # -- building --------------------------------------------------------------------------
     def build(self) -> None:
-        smtp, submission, alt, submissions, sink = free_ports(5)
-        settings = Settings(run_dir=(self.root / "relay").resolve(), host="127.0.0.1",
-                            smtp_port=smtp, submission_port=submission,
-                            alt_submission_port=alt, submissions_port=submissions,
-                            sink_port=sink, pool_address="127.0.0.2")
-        self.relay = Relay(settings, say=lambda text: print(f"  {text}", flush=True))
-        self.relay.prepare()
+        settings = self.prepare()
         self._bench_only_settings()
         printed = json.loads(keyrelay_cli(settings, "domain", "dns", DEMO_DOMAIN, "--json"))
         self.records = {r["name"].rstrip(".").lower(): r["value"].encode()
@@ -516,10 +435,7 @@ class Bench:
         def signed_by(selector: str) -> Callable[[list[tuple[str, str, str]]], bool]:
             return lambda sigs: sigs == [("rsa-sha256", selector, DEMO_DOMAIN)]
 
-        folder = self.root / "milters"
-        folder.mkdir(mode=0o770)
-        shutil.chown(folder, "root", "postfix")
-        folder.chmod(0o770)
+        folder = self.milter_folder()
         self.milters = {
             "none": Milter("none", "", lambda sigs: sigs == []),
             "keyrelay": Milter("keyrelay", "unix:private/keyrelay-milter", keyrelay_signed),
@@ -527,22 +443,19 @@ class Bench:
                                signed_by("opendkim")),
             "dkimpy": Milter("dkimpy", f"unix:{folder / 'dkimpy.sock'}", signed_by("dkimpy")),
         }
-        wanted = set(self.args.setup)
-        if "opendkim" in wanted:
-            self._write_opendkim(folder)
-        if "dkimpy" in wanted:
-            self._write_dkimpy(folder)
+        for name, make in (("opendkim", opendkim_child), ("dkimpy", dkimpy_child)):
+            if name in self.args.setup:
+                child, record = make(self.root, folder, [DEMO_DOMAIN])
+                self.records[f"{name}._domainkey.{DEMO_DOMAIN}"] = record.encode()
+                self.milters[name].child = child
 
     def _bench_only_settings(self) -> None:
         s = self.relay.settings
-        text = s.config.read_text()
-        config = json.loads(text[text.index("{"):])
         # bench only: AUTH without TLS, so TLS costs stay out of the comparison
-        config["auth"] = {"require_tls": False}
-        config["limits"] = {"messages_per_minute": 100_000_000,
-                            "messages_per_hour": 1_000_000_000}
-        s.config.write_text("# postfix_milter_bench.py: bench-only settings (AUTH without "
-                            "TLS, no rate limits)\n" + json.dumps(config, indent=2) + "\n")
+        self.rewrite_config("postfix_milter_bench.py: bench-only settings (AUTH without TLS, "
+                            "no rate limits)", auth={"require_tls": False},
+                            limits={"messages_per_minute": 100_000_000,
+                                    "messages_per_hour": 1_000_000_000})
         self.service = f"{s.host}:{s.submission_port}"
         svc = f"{self.service}/inet"
         postconf(s.postfix_etc, "-P",
@@ -554,84 +467,17 @@ class Bench:
         if checked[0] != 0:
             raise BenchError(f"postfix check: {checked[1]}")
 
-    def _write_opendkim(self, folder: Path) -> None:
-        child, record = opendkim_child(self.root, folder, [DEMO_DOMAIN])
-        self.records[f"opendkim._domainkey.{DEMO_DOMAIN}"] = record.encode()
-        self.milters["opendkim"].child = child
-
-    def _write_dkimpy(self, folder: Path) -> None:
-        child, record = dkimpy_child(self.root, folder, [DEMO_DOMAIN])
-        self.records[f"dkimpy._domainkey.{DEMO_DOMAIN}"] = record.encode()
-        self.milters["dkimpy"].child = child
-
     # -- processes -------------------------------------------------------------------------
-    def start(self) -> None:
-        s = self.relay.settings
-        children = self.relay.children
-        # smtp-sink keeps every message (one file each) so that its signatures can be checked
-        children["sink"] = Child(
-            "smtp-sink", [SMTP_SINK, "-u", "postfix", "-d", f"{s.outbox}/%H%M%S.",
-                          f"{s.host}:{s.sink_port}", "256"],
-            s.logs / "sink.log", lambda: greets(s.host, s.sink_port))
-        children["policyd"] = Child(
-            "keyrelay-policyd", [str(BIN / "keyrelay-policyd"), "--config", str(s.config)],
-            s.logs / "policyd.log",
-            lambda: all(unix_accepts(s.socket(n)) for n in ("auth", "policy", "socketmap")))
-        if "keyrelay" in self.args.setup:
-            children["milter"] = Child(
-                "keyrelay-milter", [str(BIN / "keyrelay-milter"), "--config", str(s.config)],
-                s.logs / "milter.log", lambda: unix_accepts(s.socket("milter")))
-            self.milters["keyrelay"].child = children["milter"]
-        for child in children.values():
-            child.start()
-        for name in ("opendkim", "dkimpy"):
-            child = self.milters[name].child
-            if child is not None:
-                self.extra.append(child)
-                child.start()
-        self.relay.start_postfix()
-
-    def stop(self) -> None:
-        try:
-            if hasattr(self, "relay"):
-                self.relay.stop()
-        finally:
-            for child in self.extra:
-                child.stop()
+    def start_all(self) -> None:
+        keyrelay = "keyrelay" in self.args.setup
+        self.start(keyrelay, [m.child for n, m in self.milters.items()
+                              if m.child is not None and n != "keyrelay"])
+        if keyrelay:
+            self.milters["keyrelay"].child = self.relay.children["milter"]
 
     # -- one setup at a time ---------------------------------------------------------------
     def select(self, name: str) -> None:
-        if name == self.current:
-            return
-        etc = self.relay.settings.postfix_etc
-        postconf(etc, "-P", f"{self.service}/inet/smtpd_milters={self.milters[name].endpoint}")
-        status, output = run_postfix(etc, "reload")
-        if status != 0:
-            raise BenchError(f"postfix reload: {output}")
-        self.current = name
-
-    def clear_outbox(self) -> None:
-        for entry in os.scandir(self.relay.settings.outbox):
-            os.unlink(entry.path)
-
-    def outbox(self) -> list[Path]:
-        return sorted(Path(e.path) for e in os.scandir(self.relay.settings.outbox))
-
-    def queue_empty(self) -> bool:
-        queue = self.relay.settings.queue
-        for name in QUEUE_FOLDERS:
-            for _, _, files in os.walk(queue / name):
-                if files:
-                    return False
-        return True
-
-    def wait_drained(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.queue_empty():
-            if time.monotonic() > deadline:
-                raise BenchError(f"Postfix's queue did not empty within {timeout:g}s; see "
-                                 f"{self.relay.settings.maillog}")
-            time.sleep(0.01)
+        self.switch(name, smtpd_milters=self.milters[name].endpoint)
 
     def deliver(self, count: int, size: int, run: str) -> None:
         s = self.relay.settings
@@ -666,52 +512,15 @@ class Bench:
         if name not in self.verified:
             self.verify(name, self.outbox()[-1])
             if name == "keyrelay":
-                self.check_from_refused()
+                self.check_from_refused(self.relay.key, DEMO_FROM, DEMO_TO, starttls=False)
             self.verified.add(name)
-
-    def check_from_refused(self) -> None:
-        """keyrelay-milter's From check is on: a header From that is not the tenant's is
-        refused at the end of DATA."""
-        s = self.relay.settings
-        text = (f"From: <{FOREIGN_FROM}>\r\nTo: <{DEMO_TO}>\r\nSubject: not mine\r\n"
-                f"Message-ID: <foreign.{time.time_ns()}@{DEMO_DOMAIN}>\r\n\r\nhello\r\n")
-        with smtplib.SMTP(s.host, s.submission_port, timeout=30) as client:
-            client.login("apikey", self.relay.key)
-            try:
-                client.sendmail(DEMO_FROM, [DEMO_TO], text)
-            except smtplib.SMTPDataError as exc:
-                if exc.smtp_code == 550:
-                    print(f"  keyrelay: From: {FOREIGN_FROM} refused at end of DATA "
-                          f"({exc.smtp_code} {exc.smtp_error.decode(errors='replace')})",
-                          flush=True)
-                    return
-                raise BenchError(f"keyrelay: From: {FOREIGN_FROM}: {exc}") from None
-        raise BenchError(f"keyrelay: a message with From: {FOREIGN_FROM} was accepted; "
-                         "keyrelay-milter's From check is not in effect")
-
-    def verify(self, name: str, path: Path) -> None:
-        raw = path.read_bytes()
-        count = len(signatures(raw))
-
-        def dnsfunc(qname: bytes, timeout: int = 5) -> bytes | None:
-            return self.records.get(qname.decode().rstrip(".").lower())
-
-        if count == 0:
-            print(f"  {name}: no DKIM-Signature at the sink, as expected", flush=True)
-            return
-        verifier = dkim.DKIM(raw)
-        for index in range(count):
-            if not verifier.verify(idx=index, dnsfunc=dnsfunc):
-                raise BenchError(f"{name}: signature {index + 1} of {count} in {path} does "
-                                 "not verify with dkimpy")
-        print(f"  {name}: {count} DKIM signature(s) verified with dkimpy", flush=True)
 
     def measure(self, name: str, size: int, rep: int) -> RunResult:
         self.select(name)
         self.warm_up(name, size)
         self.clear_outbox()
         count = self.args.messages
-        master = int((self.relay.settings.queue / "pid" / "master.pid").read_text().split()[0])
+        master = self.master_pid()
         policyd = self.relay.children["policyd"].process
         assert policyd is not None
         milter_pids = {n: m.pid() for n, m in self.milters.items() if m.pid() is not None}
@@ -851,15 +660,15 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="krbench-", dir=args.tmpdir))
     root.chmod(0o755)
     (root / "logs").mkdir()
-    bench = Bench(root, args)
+    bench = Bench(root, args=args)
     results: list[RunResult] = []
     print(describe_host())
     print(f"load average before: {load_average()}")
     print(f"setting up in {root} ...", flush=True)
-    status = 0
-    try:
+
+    def body() -> None:
         bench.build()
-        bench.start()
+        bench.start_all()
         print(f"{args.messages} messages per run, {args.concurrency} sessions, "
               f"{args.repeat} run(s) per setup and body size, interleaved", flush=True)
         for rep in range(1, args.repeat + 1):
@@ -874,15 +683,8 @@ def main(argv: list[str] | None = None) -> int:
                           f" ms, policyd {result.per_message(result.policyd_cpu):.2f} ms per "
                           f"message (load {result.load_before} -> {result.load_after})",
                           flush=True)
-    except (BenchError, DemoError, OSError, subprocess.SubprocessError) as exc:
-        print(f"postfix_milter_bench.py: error: {exc}", file=sys.stderr)
-        status = 1
-    except KeyboardInterrupt:
-        print("postfix_milter_bench.py: interrupted", file=sys.stderr)
-        status = 130
-    finally:
-        print("stopping Postfix, the milters, keyrelay-policyd and smtp-sink ...", flush=True)
-        bench.stop()
+
+    status = run_guarded("postfix_milter_bench.py", bench, body)
     print(f"load average after: {load_average()}")
     if results:
         print(f"\n{args.messages} messages per run, {args.concurrency} concurrent "
