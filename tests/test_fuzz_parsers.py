@@ -1,0 +1,258 @@
+"""Property tests (hypothesis) of every parser that reads peer or untrusted input: whatever
+arrives, each answers or refuses with its own error type (which the daemons turn into a
+clean answer or a closed connection), never another exception; valid input survives
+being cut into arbitrary pieces.
+
+- dovecot auth lines (policyd/dovecot.py: LineReader, ServerSession)
+- policy attribute blocks (policyd/attributes.py: RequestReader)
+- socketmap netstrings (policyd/netstring.py: NetstringReader)
+- header From/Sender values (keyrelay/headers.py: mailboxes)
+- the configuration (keyrelay/config.py: parse_config) and the YAML directory file
+- the declared directory of ``keyrelay sync`` (keyrelay/declare.py: load)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_yaml_directory import write_rich
+
+from keyrelay import declare
+from keyrelay.config import parse_config
+from keyrelay.directory import YamlDirectory
+from keyrelay.errors import ConfigError
+from keyrelay.headers import HeaderError, mailboxes
+from policyd.attributes import RequestReader
+from policyd.dovecot import LineReader, ServerSession
+from policyd.errors import BadRequest
+from policyd.netstring import Lookup, NetstringReader
+
+MAX = 4096
+# make test: 400 inputs per property; KEYRELAY_FUZZ_PROFILE=long for 20,000 (docs/RELIABILITY.md)
+settings.register_profile("default", max_examples=400, deadline=2000)
+settings.register_profile("long", max_examples=20_000, deadline=2000)
+settings.load_profile(os.environ.get("KEYRELAY_FUZZ_PROFILE", "default"))
+EXAMPLES = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    """``data`` cut at the given offsets (any order, duplicates allowed)."""
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+# -- socketmap -------------------------------------------------------------------------------
+names = st.text(st.characters(blacklist_characters=" \0", blacklist_categories=("Cs",)),
+                min_size=1, max_size=20)
+keys = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+               max_size=60)
+
+
+@EXAMPLES
+@given(st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=8))
+def test_a_netstring_reader_answers_or_refuses_whatever_arrives(
+        data: bytes, cuts: list[int]) -> None:
+    reader = NetstringReader(MAX)
+    try:
+        for piece in pieces(data, cuts):
+            for lookup in reader.feed(piece):
+                assert isinstance(lookup, Lookup)
+    except BadRequest:
+        pass
+
+
+@EXAMPLES
+@given(st.lists(st.tuples(names, keys), min_size=1, max_size=5),
+       st.lists(st.integers(0, 2000), max_size=10))
+def test_valid_netstrings_come_out_whole_however_they_are_cut(
+        requests: list[tuple[str, str]], cuts: list[int]) -> None:
+    wire = b"".join(b"%d:%s," % (len(p), p) for p in
+                    (f"{name} {key}".encode() for name, key in requests))
+    reader = NetstringReader(MAX)
+    got = [lookup for piece in pieces(wire, cuts) for lookup in reader.feed(piece)]
+    assert got == [Lookup(name, key) for name, key in requests] and not reader.pending
+
+
+# -- policy delegation -----------------------------------------------------------------------
+attr_names = st.text(st.characters(blacklist_characters="=\n\0", blacklist_categories=("Cs",)),
+                     min_size=1, max_size=20)
+attr_values = st.text(st.characters(blacklist_characters="\n\0", blacklist_categories=("Cs",)),
+                      max_size=60)
+
+
+@EXAMPLES
+@given(st.binary(max_size=400), st.lists(st.integers(0, 500), max_size=8))
+def test_a_policy_reader_answers_or_refuses_whatever_arrives(
+        data: bytes, cuts: list[int]) -> None:
+    reader = RequestReader(MAX)
+    try:
+        for piece in pieces(data, cuts):
+            for request in reader.feed(piece):
+                assert request and all(isinstance(v, str) for v in request.values())
+    except BadRequest:
+        pass
+
+
+@EXAMPLES
+@given(st.lists(st.dictionaries(attr_names, attr_values, min_size=1, max_size=8),
+                min_size=1, max_size=4),
+       st.lists(st.integers(0, 3000), max_size=10))
+def test_valid_policy_requests_come_out_whole_however_they_are_cut(
+        requests: list[dict[str, str]], cuts: list[int]) -> None:
+    wire = b"".join("".join(f"{k}={v}\n" for k, v in r.items()).encode() + b"\n"
+                    for r in requests)
+    reader = RequestReader(MAX)
+    got = [request for piece in pieces(wire, cuts) for request in reader.feed(piece)]
+    assert got == requests and not reader.pending
+
+
+# -- dovecot auth ----------------------------------------------------------------------------
+auth_words = st.sampled_from(["VERSION\t1\t2", "CPID\t4242", "AUTH", "CONT", "PLAIN", "LOGIN",
+                              "service=smtp", "secured", "rip=192.0.2.1", "resp=", "1", "2",
+                              "nologin", "\t", "VERSION\t2\t0", ""])
+
+
+@EXAMPLES
+@given(st.lists(st.one_of(st.lists(auth_words, max_size=6).map("\t".join),
+                          st.text(max_size=80)), max_size=8),
+       st.binary(max_size=200))
+def test_an_auth_session_answers_or_refuses_whatever_lines_arrive(
+        lines: list[str], raw: bytes) -> None:
+    session, reader = ServerSession(), LineReader(MAX)
+    wire = "\n".join(lines).encode("utf-8", "surrogatepass") + b"\n" + raw
+    try:
+        for line in reader.feed(wire):
+            session.receive(line)
+    except BadRequest:
+        pass
+
+
+# -- headers ---------------------------------------------------------------------------------
+@EXAMPLES
+@given(st.one_of(st.text(max_size=300),
+                 st.lists(st.sampled_from(['"', "<", ">", "@", ",", ";", ":", "(", ")",
+                                           "\\", " ", "\t", "\r\n ", "a", "b.example",
+                                           "=?utf-8?q?x?=", "[", "]", "."]),
+                          max_size=60).map("".join)))
+def test_a_header_value_gives_addresses_or_a_header_error(value: str) -> None:
+    try:
+        found = mailboxes(value)
+    except HeaderError:
+        return
+    assert found and all(isinstance(a, str) for a in found)
+
+
+# -- configuration and directory files -------------------------------------------------------
+json_values: st.SearchStrategy[Any] = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner,
+                                                                 max_size=3),
+    max_leaves=12)
+config_keys = st.sampled_from(["directory", "dkim", "auth", "keys", "limits", "routing",
+                               "logging", "policyd", "milter", "postfix", "monitor_mode",
+                               "domains", "dns", "brute_force", "path", "backend", "listen"])
+
+
+@EXAMPLES
+@given(st.dictionaries(config_keys, json_values, max_size=4) | json_values)
+def test_a_configuration_is_loaded_or_refused_with_a_config_error(data: object) -> None:
+    try:
+        parse_config(data, "fuzz.yaml")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.yaml: ")
+
+
+def _mutations(document: Any) -> st.SearchStrategy[Any]:
+    """The document with one value somewhere replaced by an arbitrary JSON value."""
+    paths: list[tuple[Any, ...]] = []
+
+    def walk(node: Any, path: tuple[Any, ...]) -> None:
+        paths.append(path)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*path, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, (*path, i))
+
+    walk(document, ())
+
+    def replaced(path: tuple[Any, ...], value: Any) -> Any:
+        copy = json.loads(json.dumps(document))
+        if not path:
+            return value
+        node = copy
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+        return copy
+
+    return st.builds(replaced, st.sampled_from(paths), json_values)
+
+
+def _rich_document(folder: Path) -> Any:
+    path = folder / "rich.yaml"
+    write_rich(path)
+    text = path.read_text()
+    return json.loads(text[text.index("{"):])
+
+
+def test_a_directory_file_is_loaded_or_refused_with_a_config_error(tmp_path: Path) -> None:
+    document = _rich_document(tmp_path)
+    target = tmp_path / "directory.yaml"
+
+    @EXAMPLES
+    @given(_mutations(document))
+    def check(mutated: Any) -> None:
+        target.write_text(json.dumps(mutated))
+        try:
+            YamlDirectory(str(target)).load()
+        except ConfigError as exc:
+            assert str(exc).startswith(f"{target}: ")
+
+    check()
+
+
+@EXAMPLES
+@given(st.text(max_size=300))
+def test_any_text_as_a_directory_file_is_loaded_or_refused(text: str) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "directory.yaml"
+        target.write_text(text, encoding="utf-8", errors="surrogatepass")
+        try:
+            YamlDirectory(str(target)).load()
+        except ConfigError:
+            pass
+
+
+declared_keys = st.sampled_from(["pools", "accounts", "domains", "subusers", "ip_allow",
+                                 "senders", "state", "owner", "grants", "bind", "helo",
+                                 "limits", "status", "pool", "monitor", "keys", "acme",
+                                 "acme.example", "app"])
+declared_values: st.SearchStrategy[Any] = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.sampled_from(
+        ["absent", "present", "active", "suspended", "acme", "acme/app", "192.0.2.0/24",
+         "192.0.2.1", "a@acme.example", "x.example", "Bad Name", ""]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(declared_keys, inner,
+                                                                 max_size=4),
+    max_leaves=15)
+
+
+@EXAMPLES
+@given(st.dictionaries(declared_keys, declared_values, max_size=3) | declared_values)
+def test_a_declaration_is_read_or_refused_with_a_config_error(data: object) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "declared.yaml"
+        target.write_text(yaml.safe_dump(data))
+        try:
+            declare.load(target)
+        except ConfigError as exc:
+            assert str(exc).startswith(f"{target}: ")
