@@ -50,6 +50,11 @@ class Outcome:
     accepted: dict[int, float] = field(default_factory=dict)  # message number -> seconds
     errors: Counter[str] = field(default_factory=Counter)
     refused: set[int] = field(default_factory=set)
+    reply_of: dict[int, str] = field(default_factory=dict)  # refused: the reply's label
+    refused_by: dict[int, str] = field(default_factory=dict)  # refused: the principal
+    in_doubt: set[int] = field(default_factory=set)  # broke after the end of DATA was sent
+    sent_by: dict[int, str] = field(default_factory=dict)  # accepted: the principal
+    accepted_at: dict[int, float] = field(default_factory=dict)  # accepted: time.time()
     lag: dict[int, float] = field(default_factory=dict)  # paced: seconds sent after due
     sessions: int = 0
     seconds: float = 0.0  # first connection to the last reply
@@ -133,6 +138,7 @@ class Load:
     per_session: int
     concurrency: int
     rate: float | None = None  # messages/s on a schedule; None: as fast as possible
+    numbers: Sequence[int] | None = None  # which messages (default: 0 .. count-1)
 
     async def _expect(self, reader: asyncio.StreamReader, code: int, stage: str) -> None:
         got, text = await _reply(reader)
@@ -179,20 +185,21 @@ class Load:
                     writer.write(self.body)
                     writer.write(b".\r\n")
                     await writer.drain()
+                    current.append(-1)  # the end of DATA is out: a break now leaves doubt
                     code, text = await _reply(reader)
-                    current.pop()
+                    current.clear()
                     if code == 250:
                         outcome.accepted[number] = time.perf_counter() - began
+                        outcome.sent_by[number] = principal.pid
+                        outcome.accepted_at[number] = time.time()
                     else:
-                        outcome.errors[_label(text, "end of DATA")] += 1
-                        outcome.refused.add(number)
+                        _refuse(outcome, number, _label(text, "end of DATA"), principal)
                     continue
                 current.pop()
                 stage, text = next(((s, t) for s, (c, t) in zip(
                     ("MAIL", "RCPT", "DATA"), replies, strict=True) if c >= 400),
                     ("DATA", replies[2][1]))
-                outcome.errors[_label(text, stage)] += 1
-                outcome.refused.add(number)
+                _refuse(outcome, number, _label(text, stage), principal)
                 writer.write(b"RSET\r\n")
                 await self._expect(reader, 250, "RSET")
             writer.write(b"QUIT\r\n")
@@ -207,17 +214,19 @@ class Load:
     async def run(self) -> Outcome:
         outcome = Outcome()
         tls = client_tls()
-        todo = deque(range(self.count))  # shared: each session takes the next message
+        # shared: each session takes the next message
+        todo = deque(range(self.count) if self.numbers is None else self.numbers)
         sessions = itertools.count()
         start = time.perf_counter()
 
-        def fail(current: list[int], label: str) -> None:
+        def fail(current: list[int], label: str, principal: Principal) -> None:
             # the message being sent or, for a session that broke before it took one, the
             # next (so that a refused login cannot loop forever)
             number = current[0] if current else (todo.popleft() if todo else None)
             if number is not None:
-                outcome.errors[label] += 1
-                outcome.refused.add(number)
+                _refuse(outcome, number, label, principal)
+                if current[1:] == [-1]:
+                    outcome.in_doubt.add(number)
 
         async def worker() -> None:
             while todo:
@@ -226,13 +235,20 @@ class Load:
                 try:
                     await self._session(principal, todo, outcome, start, tls, current)
                 except ProtocolError as exc:
-                    fail(current, _label(exc.reply, exc.stage))
+                    fail(current, _label(exc.reply, exc.stage), principal)
                 except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as exc:
-                    fail(current, f"connection: {type(exc).__name__}")
+                    fail(current, f"connection: {type(exc).__name__}", principal)
 
-        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, self.count))))
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(todo)))))
         outcome.seconds = time.perf_counter() - start
         return outcome
+
+
+def _refuse(outcome: Outcome, number: int, label: str, principal: Principal) -> None:
+    outcome.errors[label] += 1
+    outcome.refused.add(number)
+    outcome.reply_of[number] = label
+    outcome.refused_by[number] = principal.pid
 
 
 def send(load: Load) -> Outcome:

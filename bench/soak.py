@@ -1,0 +1,368 @@
+"""Fault-injection soak: mail accounting through the whole relay while its parts fail.
+
+NAME
+    soak.py - send a fixed number of messages while keyrelay's processes and directory fail
+
+SYNOPSIS
+    .venv/bin/python bench/soak.py [--messages N] [--concurrency C] [--size BYTES]
+        [--faults-every SECONDS] [--max-seconds S] [--seed N] [--keep]
+
+DESCRIPTION
+    Builds the private relay of bench/e2e_bench.py (keyrelay complete: auth, policy, From
+    check, DKIM signing; 2 accounts with 2 subusers each, each with a key) and sends N
+    messages with bench/loadgen.py: sessions like sending applications (STARTTLS, AUTH
+    PLAIN, 20 messages per session). Like a real application the client sends again, in
+    the next round, every message that got a temporary answer (4xx) or whose session broke;
+    a permanent answer (5xx) to a valid message is a failure of the relay.
+
+    Meanwhile a driver, at random moments (on average every --faults-every seconds), does
+    one of: kill keyrelay-policyd with SIGKILL and start it again; the same for
+    keyrelay-milter; replace the directory file with garbage for a while; remove it for a
+    while (both holding the CLI's write lock, as a broken deployment would); and another
+    thread keeps adding and removing accounts with the `keyrelay` CLI. Part-way through,
+    the driver revokes one of the keys in use (an extra key of one subuser, used by its own
+    sessions), and it keeps sending messages whose header From is not the principal's.
+
+ACCOUNTING
+    At the end, after Postfix's queue is empty, every file smtp-sink wrote is read:
+      - every message the client saw accepted is at the sink exactly once (messages whose
+        session broke after the end of DATA was sent are "in doubt": they may arrive once
+        and are sent again, so they are counted apart);
+      - nothing is at the sink that was not accepted (in doubt excepted);
+      - every delivered message carries keyrelay's two DKIM signatures (nothing unchecked);
+      - no message sent with the revoked key was accepted more than 2 s after the CLI
+        returned; no message with a foreign From was accepted;
+      - no valid message got a permanent (5xx) answer; messages still refused when
+        --max-seconds ran out are listed with their last (temporary) answer.
+    The counts are printed; any loss, duplicate, unchecked or forbidden acceptance, or
+    permanent refusal makes the exit status 1.
+
+OPTIONS
+    --messages N          messages to deliver (default 20000)
+    --concurrency C       concurrent sessions (default 8)
+    --size BYTES          body size (default 2000)
+    --faults-every S      mean seconds between faults (default 3)
+    --max-seconds S       give up re-sending after S seconds (default 1800)
+    --seed N              seed of the fault schedule (default: random, printed)
+    --keep                keep the temporary folder
+
+REQUIREMENTS
+    Root, the virtual environment of `make deps`. A short run is part of `make test`
+    (tests/test_soak.py); docs/RELIABILITY.md records the full run's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import random
+import shutil
+import signal
+import smtplib
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from e2e_bench import Bench
+from loadgen import Load, Principal, client_tls, make_body, send
+from privaterelay import FOREIGN_FROM, run_guarded
+
+from keyrelay.demo import keyrelay_cli
+
+REVOKE_GRACE = 2.0  # seconds a session checked before the revocation may still finish
+
+
+class Driver(threading.Thread):
+    """Injects one fault at a time at random moments until stopped; keeps a journal."""
+
+    def __init__(self, bench: Bench, rng: random.Random, mean: float,
+                 revoke: Callable[[], None]) -> None:
+        super().__init__(daemon=True)
+        self.bench, self.rng, self.mean, self.revoke = bench, rng, mean, revoke
+        self.halt = threading.Event()
+        self.journal: Counter[str] = Counter()
+        self.error: BaseException | None = None
+        self.revoke_after = 0  # faults before the revocation
+
+    def run(self) -> None:
+        faults = [self.kill_policyd, self.kill_milter, self.garbage, self.remove]
+        done = 0
+        try:
+            while not self.halt.wait(self.rng.expovariate(1 / self.mean)):
+                if done == self.revoke_after:
+                    self.revoke()
+                    self.journal["key revoked"] += 1
+                self.rng.choice(faults)()
+                done += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            self.error = exc
+
+    def restart(self, name: str) -> None:
+        child = self.bench.relay.children[name]
+        child.kill()  # SIGKILL: no clean shutdown
+        time.sleep(self.rng.uniform(0.2, 1.5))
+        child.start()
+
+    def kill_policyd(self) -> None:
+        self.restart("policyd")
+        self.journal["keyrelay-policyd killed (SIGKILL) and restarted"] += 1
+
+    def kill_milter(self) -> None:
+        self.restart("milter")
+        self.journal["keyrelay-milter killed (SIGKILL) and restarted"] += 1
+
+    @contextmanager
+    def directory_locked(self) -> Any:
+        path = self.bench.relay.settings.run_dir / "directory.yaml"
+        fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            os.close(fd)
+
+    def garbage(self) -> None:
+        with self.directory_locked() as path:
+            good = path.read_bytes()
+            path.write_bytes(b"{ this is not a directory")
+            time.sleep(self.rng.uniform(0.5, 2.0))
+            path.write_bytes(good)
+        self.journal["directory file garbage for a while"] += 1
+
+    def remove(self) -> None:
+        with self.directory_locked() as path:
+            away = path.with_suffix(".away")
+            path.rename(away)
+            time.sleep(self.rng.uniform(0.5, 2.0))
+            away.rename(path)
+        self.journal["directory file removed for a while"] += 1
+
+
+class Writer(threading.Thread):
+    """Keeps writing the directory with the CLI (accounts added and removed)."""
+
+    def __init__(self, bench: Bench) -> None:
+        super().__init__(daemon=True)
+        self.bench = bench
+        self.halt = threading.Event()
+        self.done = Counter[str]()
+
+    def run(self) -> None:
+        number = 0
+        while not self.halt.wait(0.2):
+            number += 1
+            for action in ("add", "remove"):
+                try:
+                    keyrelay_cli(self.bench.relay.settings, "account", action, f"soak{number}")
+                    self.done[f"account {action}: done"] += 1
+                except Exception:  # noqa: BLE001 - the directory may be broken right now
+                    self.done[f"account {action}: refused (directory broken)"] += 1
+
+
+class Spoofer(threading.Thread):
+    """Keeps sending messages whose header From is not the principal's."""
+
+    def __init__(self, bench: Bench, who: Principal) -> None:
+        super().__init__(daemon=True)
+        self.bench, self.who = bench, who
+        self.halt = threading.Event()
+        self.answers = Counter[str]()
+
+    def run(self) -> None:
+        s, who = self.bench.relay.settings, self.who
+        while not self.halt.wait(0.5):
+            text = (f"From: <{FOREIGN_FROM}>\r\nTo: <{who.rcpt_to}>\r\nSubject: spoof\r\n"
+                    f"Message-ID: <spoof.{time.time_ns()}@{who.domain}>\r\n\r\nhello\r\n")
+            try:
+                with smtplib.SMTP(s.host, s.submission_port, timeout=60) as client:
+                    client.starttls(context=client_tls())
+                    client.login("apikey", who.key)
+                    client.sendmail(who.mail_from, [who.rcpt_to], text)
+                self.answers["250 accepted"] += 1
+            except smtplib.SMTPResponseException as exc:
+                self.answers[f"{exc.smtp_code}"] += 1
+            except (OSError, smtplib.SMTPException) as exc:
+                self.answers[f"connection: {type(exc).__name__}"] += 1
+
+
+def soak(bench: Bench, args: argparse.Namespace, rng: random.Random) -> bool:
+    s = bench.relay.settings
+    bench.select("keyrelay")
+    bench.warm_up("keyrelay", args.size)
+    bench.clear_outbox()
+    victim = bench.principals[1]
+    created = json.loads(keyrelay_cli(s, "key", "create", victim.pid, "--name", "revokee",
+                                      "--json"))
+    revokee = Principal(f"{victim.pid} (key to revoke)", created["key"], victim.mail_from,
+                        victim.rcpt_to)
+    principals = [*bench.principals, revokee]
+    revoked_at: list[float] = []
+
+    def revoke() -> None:
+        keyrelay_cli(s, "key", "revoke", created["key_id"])
+        revoked_at.append(time.time())
+
+    driver = Driver(bench, rng, args.faults_every, revoke)
+    driver.revoke_after = 2
+    writer, spoofer = Writer(bench), Spoofer(bench, bench.principals[0])
+    run, body = f"soak{rng.randrange(10**6)}", make_body(args.size)
+    todo = list(range(args.messages))
+    accepted: dict[int, str] = {}
+    accepted_at: dict[int, float] = {}
+    in_doubt: set[int] = set()
+    permanent: dict[int, str] = {}
+    last_reply: dict[int, str] = {}
+    replies: Counter[str] = Counter()
+    revoked_refusals: Counter[str] = Counter()
+    rounds = 0
+    start = time.monotonic()
+    for thread in (driver, writer, spoofer):
+        thread.start()
+    try:
+        while todo and time.monotonic() - start < args.max_seconds:
+            rounds += 1
+            outcome = send(Load(host=s.host, port=s.submission_port, implicit_tls=False,
+                                principals=principals, body=body, tag=run, count=len(todo),
+                                per_session=20, concurrency=args.concurrency, numbers=todo))
+            replies.update(outcome.errors)
+            accepted.update(outcome.sent_by)
+            accepted_at.update(outcome.accepted_at)
+            in_doubt |= outcome.in_doubt
+            todo = []
+            for number, label in sorted(outcome.reply_of.items()):
+                last_reply[number] = label
+                if outcome.refused_by[number] == revokee.pid and label[:1] == "5":
+                    # the revoked key refused, at login or (a session that logged in before
+                    # the revocation) at RCPT: right; another principal sends it again
+                    revoked_refusals[label] += 1
+                    todo.append(number)
+                elif label[:1] == "4" or label.startswith("connection"):
+                    todo.append(number)  # temporary, or the session broke: send it again
+                else:
+                    permanent[number] = label
+            print(f"  round {rounds}: {len(outcome.accepted)} accepted, {len(todo)} to send "
+                  f"again, {len(permanent)} refused permanently so far", flush=True)
+            if todo:
+                time.sleep(0.5)
+    finally:
+        for thread in (driver, writer, spoofer):
+            thread.halt.set()
+        for thread in (driver, writer, spoofer):
+            thread.join()
+    if driver.error is not None:
+        raise driver.error
+    for name in ("policyd", "milter"):  # a fault may have been the last thing done
+        if not bench.relay.children[name].running():
+            bench.relay.children[name].start()
+    bench.wait_drained()
+    time.sleep(1)
+    seen, unsigned = bench.sink_census(run, "keyrelay")
+
+    lost = sorted(set(accepted) - set(seen))
+    duplicated = sorted(n for n, c in seen.items() if c > 1 and n not in in_doubt)
+    doubtful_twice = sorted(n for n, c in seen.items() if c > 1 and n in in_doubt)
+    unexpected = sorted(set(seen) - set(accepted) - in_doubt)
+    after = [n for n, who in accepted.items() if who == revokee.pid and revoked_at
+             and accepted_at[n] > revoked_at[0] + REVOKE_GRACE]
+    before = sum(1 for who in accepted.values() if who == revokee.pid) - len(after)
+    spoofs = spoofer.answers.get("250 accepted", 0)
+    print(f"\n{args.messages} messages, {rounds} rounds, "
+          f"{time.monotonic() - start:.0f} s; faults injected:")
+    for what, count in sorted(driver.journal.items()):
+        print(f"  {count:5} {what}")
+    for what, count in sorted(writer.done.items()):
+        print(f"  {count:5} CLI {what}")
+    print("answers that made the client send again or give up:")
+    for what, count in sorted(replies.items()):
+        print(f"  {count:5} {what}")
+    print(f"accounting:\n"
+          f"  accepted by the relay           {len(accepted)}\n"
+          f"  at the sink                     {sum(seen.values())} "
+          f"({len(seen)} distinct)\n"
+          f"  lost (accepted, not at sink)    {len(lost)}\n"
+          f"  duplicated                      {len(duplicated)}\n"
+          f"  in doubt (session broke after the end of DATA): {len(in_doubt)}, of which "
+          f"at the sink twice: {len(doubtful_twice)}\n"
+          f"  at the sink, not accepted       {len(unexpected)}\n"
+          f"  delivered unsigned (unchecked)  {unsigned}\n"
+          f"  refused permanently (5xx)       {len(permanent)} "
+          f"{dict(Counter(permanent.values())) or ''}\n"
+          f"  given up, last answer temporary {len(todo)} "
+          f"{dict(Counter(last_reply[n] for n in todo)) or ''}\n"
+          f"  revoked key: accepted before the revocation {before}, after it "
+          f"(+{REVOKE_GRACE:g} s) {len(after)}; its refusals {dict(revoked_refusals)}\n"
+          f"  foreign From: {dict(spoofer.answers)} (accepted: {spoofs})")
+    failed = bool(lost or duplicated or unexpected or unsigned or permanent or after or spoofs
+                  or not revoked_at)
+    print("\nRESULT: " + ("FAILED" if failed else "every promise kept"))
+    return not failed
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    doc = __doc__ or ""
+    head, rest = doc.split("\nOPTIONS\n", 1)
+    parser = argparse.ArgumentParser(
+        prog="soak.py", description=head.split("\n\n", 1)[1],
+        epilog="REQUIREMENTS\n" + rest.split("\nREQUIREMENTS\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=20000, metavar="N")
+    parser.add_argument("--concurrency", type=int, default=8, metavar="C")
+    parser.add_argument("--size", type=int, default=2000, metavar="BYTES")
+    parser.add_argument("--faults-every", type=float, default=3.0, metavar="S")
+    parser.add_argument("--max-seconds", type=float, default=1800.0, metavar="S")
+    parser.add_argument("--seed", type=int, metavar="N")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args(argv)
+    if args.messages < 1 or args.concurrency < 1 or args.size < 2 or args.faults_every <= 0:
+        parser.error("--messages, --concurrency and --faults-every must be positive, "
+                     "--size at least 2")
+    # what bench/e2e_bench.py's Bench reads
+    args.setup, args.tls, args.accounts, args.subusers, args.warmup = (
+        ["keyrelay"], "starttls", 2, 2, 10)
+    return args
+
+
+def _stop_on_signal(number: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {number}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("soak.py: error: run as root (it starts a private Postfix)", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    root = Path(tempfile.mkdtemp(prefix="krsoak-"))
+    root.chmod(0o755)
+    (root / "logs").mkdir()
+    bench = Bench(root, args=args)
+    kept: list[bool] = []
+
+    def body() -> None:
+        bench.build()
+        bench.start_all()
+        kept.append(soak(bench, args, rng))
+
+    status = run_guarded("soak.py", bench, body)
+    if status == 0 and kept and not kept[0]:
+        status = 1
+    if args.keep or status == 1:
+        print(f"kept {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
