@@ -10,7 +10,9 @@ principal in turn; a session takes the next message from a shared queue until it
 Per message it records the latency from writing MAIL FROM to the 250 after the end of DATA,
 or the SMTP reply that refused it (code, enhanced status and the stage: ``451 4.3.0 at
 RCPT``), or ``connection: REASON`` when the session broke. Nothing is retried: a benchmark
-counts what happened. With ``rate`` the messages are sent on a schedule (message i is due
+counts what happened (bench/soak.py sends the refused ones again, as ``numbers``, and
+needs to know which session broke after the end of DATA had been sent: ``in_doubt``). With
+``rate`` the messages are sent on a schedule (message i is due
 ``i / rate`` seconds after the start: an open-loop load at a fixed rate) instead of as fast
 as the sessions go.
 """
