@@ -108,10 +108,8 @@ import re
 import resource
 import shlex
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -127,7 +125,7 @@ from postfix_milter_bench import (
     opendkim_child,
     process_tree_cpu,
 )
-from privaterelay import BenchError, PrivateRelay, run_guarded, signatures
+from privaterelay import BenchError, PrivateRelay, bench_folder, run_guarded, signatures
 
 from keyrelay.demo import (
     Child,
@@ -658,9 +656,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _stop_on_signal(number: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {number}")
-
 
 def run_all(bench: Bench, args: argparse.Namespace, results: list[RunResult],
             say: Callable[[str], None]) -> None:
@@ -706,16 +701,11 @@ def run_all(bench: Bench, args: argparse.Namespace, results: list[RunResult],
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("e2e_bench.py: error: run as root (it starts a private Postfix instance and "
-              "the milters as their own users)", file=sys.stderr)
+    root = bench_folder("e2e_bench.py", "kre2e-", args.tmpdir)
+    if root is None:
         return 1
-    signal.signal(signal.SIGTERM, _stop_on_signal)
     command = shlex.join(["bench/e2e_bench.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    root = Path(tempfile.mkdtemp(prefix="kre2e-", dir=args.tmpdir))
-    root.chmod(0o755)
-    (root / "logs").mkdir()
     bench = Bench(root, args=args)
     results: list[RunResult] = []
     host = describe_host()

@@ -122,11 +122,9 @@ import platform
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -135,7 +133,15 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from loadgen import make_body
-from privaterelay import POSTCONF, BenchError, PrivateRelay, postconf, run_guarded, signatures
+from privaterelay import (
+    POSTCONF,
+    BenchError,
+    PrivateRelay,
+    bench_folder,
+    postconf,
+    run_guarded,
+    signatures,
+)
 
 from keyrelay.demo import (
     DEMO_DOMAIN,
@@ -646,20 +652,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _stop_on_signal(number: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {number}")
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("postfix_milter_bench.py: error: run as root (it starts a private Postfix "
-              "instance and the milters as their own users)", file=sys.stderr)
+    root = bench_folder("postfix_milter_bench.py", "krbench-", args.tmpdir)
+    if root is None:
         return 1
-    signal.signal(signal.SIGTERM, _stop_on_signal)
-    root = Path(tempfile.mkdtemp(prefix="krbench-", dir=args.tmpdir))
-    root.chmod(0o755)
-    (root / "logs").mkdir()
     bench = Bench(root, args=args)
     results: list[RunResult] = []
     print(describe_host())

@@ -14,10 +14,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -264,3 +266,21 @@ def run_guarded(prog: str, bench: PrivateRelay, body: Callable[[], None]) -> int
         print("stopping Postfix, the milters, keyrelay-policyd and smtp-sink ...", flush=True)
         bench.stop()
     return status
+
+
+def _stop_on_signal(number: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {number}")
+
+
+def bench_folder(prog: str, prefix: str, tmpdir: Path | None = None) -> Path | None:
+    """As root: SIGTERM stops the benchmark like Ctrl-C (everything started is stopped), and
+    a new temporary folder (0755, with logs/) is made; not as root: None, said on stderr."""
+    if os.geteuid() != 0:
+        print(f"{prog}: error: run as root (it starts a private Postfix instance and the "
+              "milters as their own users)", file=sys.stderr)
+        return None
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=tmpdir))
+    root.chmod(0o755)
+    (root / "logs").mkdir()
+    return root

@@ -59,21 +59,18 @@ import json
 import os
 import random
 import shutil
-import signal
 import smtplib
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from e2e_bench import Bench
 from loadgen import Load, Principal, client_tls, make_body, send
-from privaterelay import FOREIGN_FROM, run_guarded
+from privaterelay import FOREIGN_FROM, bench_folder, run_guarded
 
 from keyrelay.demo import keyrelay_cli
 
@@ -330,22 +327,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _stop_on_signal(number: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {number}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("soak.py: error: run as root (it starts a private Postfix)", file=sys.stderr)
+    root = bench_folder("soak.py", "krsoak-", None)
+    if root is None:
         return 1
-    signal.signal(signal.SIGTERM, _stop_on_signal)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     print(f"seed {seed}")
     rng = random.Random(seed)
-    root = Path(tempfile.mkdtemp(prefix="krsoak-"))
-    root.chmod(0o755)
-    (root / "logs").mkdir()
     bench = Bench(root, args=args)
     kept: list[bool] = []
 
