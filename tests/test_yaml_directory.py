@@ -465,9 +465,18 @@ def test_good_file_with_every_key_written_by_hand_loads(tmp_path: Path) -> None:
     assert data.domains["example.com"].grants == ("acme/web",)
 
 
-def test_empty_file_is_an_empty_directory(tmp_path: Path) -> None:
+def test_an_empty_file_is_refused_and_unavailable_but_an_empty_mapping_is_empty(
+        tmp_path: Path) -> None:
+    # An editor that truncates before it writes shows readers an empty file for a moment:
+    # read as "no accounts", every login in that moment was refused permanently (535), as
+    # the fault-injection soak found (bench/soak.py, docs/RELIABILITY.md).
     path = directory_path(tmp_path)
     path.write_text("# nothing yet\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="the file is empty; an empty directory is written"):
+        YamlDirectory(str(path)).load()
+    with pytest.raises(DirectoryUnavailable):
+        YamlDirectory(str(path)).snapshot()
+    path.write_text("{}\n", encoding="utf-8")
     assert YamlDirectory(str(path)).load() == DirectoryData()
     assert YamlDirectory(str(path)).snapshot().accounts == {}
 

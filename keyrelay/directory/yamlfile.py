@@ -419,7 +419,9 @@ class _Parser:
     def document(self, document: object) -> DirectoryData:
         data = DirectoryData()
         if document is None:
-            return data
+            # not "no accounts": a file caught between an editor's truncate and its write
+            # reads empty for a moment, and must not refuse every login permanently
+            raise self.fail("", "the file is empty; an empty directory is written {}")
         top = self.mapping(document, "", ("version", "monitor", "pools", "accounts", "domains"))
         if top.get("version", FORMAT_VERSION) != FORMAT_VERSION:
             raise self.fail("version", f"unsupported format version {top['version']!r}")
