@@ -50,12 +50,16 @@ def mailboxes(value: str) -> tuple[str, ...]:
     try:
         header = HeaderRegistry()("from", unfolded)
     # stdlib parser edge cases: besides its own errors it raises IndexError ("a@"),
-    # AttributeError ("g:9a[<\"x\";9"), TypeError ("\t.,\ud800@") and RecursionError
-    # (one level per nested comment "((((...") on hostile input
-    except (HeaderParseError, IndexError, ValueError, AttributeError, TypeError) as exc:
-        raise HeaderError(f"cannot be parsed ({exc})") from None
+    # AttributeError ("g:9a[<\"x\";9"), TypeError ("\t.,\ud800@"), UnboundLocalError
+    # ("0@[ ", found by the fuzzer) and RecursionError (one level per nested comment
+    # "((((...") on hostile input. Whatever it raises, the header cannot be read: a clear
+    # refusal, not an internal error (which would be a 451 the sender retries forever).
     except RecursionError:
         raise HeaderError("cannot be parsed (too deeply nested)") from None
+    except HeaderParseError as exc:
+        raise HeaderError(f"cannot be parsed ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - see above
+        raise HeaderError(f"cannot be parsed ({type(exc).__name__} in Python's parser)") from None
     if header.defects:
         raise HeaderError(f"is malformed ({header.defects[0]})")
     found = []

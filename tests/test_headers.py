@@ -94,6 +94,8 @@ UNREADABLE: dict[str, str] = {
     "deeply nested comments": "(" * 1500 + "jane@example.com",
     "stdlib AttributeError input": 'g:9a[<"x";9',
     "stdlib TypeError input": "\t.,\ud800@",
+    "stdlib UnboundLocalError input (found by the fuzzer)": "0@[ ",
+    "stdlib UnboundLocalError input, bracketed": "<0@[ ",
     "too long, otherwise valid": "a" * MAX_LENGTH + "@example.com",
     "too long list": "a@example.com, " * 1000,
     "very long blanks": " " * 100_000 + "x",
