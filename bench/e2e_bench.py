@@ -538,7 +538,8 @@ def targets(results: list[RunResult], args: argparse.Namespace) -> list[str]:
 
 def report(results: list[RunResult], args: argparse.Namespace, command: str,
            started: str, host: str, chart: str | None) -> str:
-    parts = [f"Command: `{command}` (as root), {started}.", "", f"Machine: {host}.", "",
+    machine = host.removeprefix("host: ")
+    parts = [f"Command: `{command}` (as root), {started}.", "", f"Machine: {machine}.", "",
              f"Load: {args.concurrency} concurrent sessions, "
              f"{'STARTTLS' if args.tls == 'starttls' else 'implicit TLS'}, AUTH PLAIN, "
              f"{args.accounts * (args.subusers + 1)} principals ({args.accounts} accounts with "
