@@ -16,9 +16,10 @@ DESCRIPTION
     a permanent answer (5xx) to a valid message is a failure of the relay.
 
     Meanwhile a driver, at random moments (on average every --faults-every seconds), does
-    one of: kill keyrelay-policyd with SIGKILL and start it again; the same for
-    keyrelay-milter; replace the directory file with garbage for a while; remove it for a
-    while (both holding the CLI's write lock, as a broken deployment would); and another
+    one of these, each kind once in random order and then again: kill keyrelay-policyd
+    with SIGKILL and start it again; the same for keyrelay-milter; replace the directory
+    file with garbage for a while; remove it for a while (both holding the CLI's write
+    lock, as a broken deployment would); and another
     thread keeps adding and removing accounts with the `keyrelay` CLI. Part-way through,
     the driver revokes one of the keys in use (an extra key of one subuser, used by its own
     sessions), and it keeps sending messages whose header From is not the principal's.
@@ -43,6 +44,8 @@ OPTIONS
     --size BYTES          body size (default 2000)
     --faults-every S      mean seconds between faults (default 3)
     --max-seconds S       give up re-sending after S seconds (default 1800)
+    --fault-seconds S     inject faults only during the first S seconds (default 0: all
+                          along); the rest of the run shows the relay recovering
     --seed N              seed of the fault schedule (default: random, printed)
     --keep                keep the temporary folder
 
@@ -88,16 +91,22 @@ class Driver(threading.Thread):
         self.journal: Counter[str] = Counter()
         self.error: BaseException | None = None
         self.revoke_after = 0  # faults before the revocation
+        self.until = 0.0  # time.monotonic() after which no more faults; 0: the whole run
 
     def run(self) -> None:
         faults = [self.kill_policyd, self.kill_milter, self.garbage, self.remove]
+        order: list[Callable[[], None]] = []
         done = 0
         try:
             while not self.halt.wait(self.rng.expovariate(1 / self.mean)):
+                if self.until and time.monotonic() > self.until:
+                    break  # the rest of the run on a healthy relay
                 if done == self.revoke_after:
                     self.revoke()
                     self.journal["key revoked"] += 1
-                self.rng.choice(faults)()
+                if not order:  # every kind of fault once, in random order, then again
+                    order = self.rng.sample(faults, len(faults))
+                order.pop()()
                 done += 1
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             self.error = exc
@@ -208,7 +217,9 @@ def soak(bench: Bench, args: argparse.Namespace, rng: random.Random) -> bool:
         revoked_at.append(time.time())
 
     driver = Driver(bench, rng, args.faults_every, revoke)
-    driver.revoke_after = 2
+    driver.revoke_after = 1
+    if args.fault_seconds:
+        driver.until = time.monotonic() + args.fault_seconds
     writer, spoofer = Writer(bench), Spoofer(bench, bench.principals[0])
     run, body = f"soak{rng.randrange(10**6)}", make_body(args.size)
     todo = list(range(args.messages))
@@ -299,6 +310,9 @@ def soak(bench: Bench, args: argparse.Namespace, rng: random.Random) -> bool:
           f"  foreign From: {dict(spoofer.answers)} (accepted: {spoofs})")
     failed = bool(lost or duplicated or unexpected or unsigned or permanent or after or spoofs
                   or not revoked_at)
+    if not revoked_at:
+        print("the key was never revoked: the run was too short for the driver "
+              "(fewer than 2 faults); use more --messages or a smaller --faults-every")
     print("\nRESULT: " + ("FAILED" if failed else "every promise kept"))
     return not failed
 
@@ -315,6 +329,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=2000, metavar="BYTES")
     parser.add_argument("--faults-every", type=float, default=3.0, metavar="S")
     parser.add_argument("--max-seconds", type=float, default=1800.0, metavar="S")
+    parser.add_argument("--fault-seconds", type=float, default=0.0, metavar="S")
     parser.add_argument("--seed", type=int, metavar="N")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
