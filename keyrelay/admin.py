@@ -27,6 +27,7 @@ from .directory.model import (
     Subuser,
 )
 from .errors import Conflict, NotFound, UserError
+from .names import IPAddress
 
 SCOPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 
@@ -220,6 +221,14 @@ def ip_allow(data: DirectoryData, account_name: str, cidr: str) -> Account:
     return data.accounts[account_name]
 
 
+def set_ip_rules(data: DirectoryData, account_name: str, cidrs: list[str]) -> Account:
+    """Replace the account's IP access list (``[]``: from any address)."""
+    acc = account(data, account_name)
+    rules = tuple(dict.fromkeys(names.network(c) for c in cidrs))
+    data.accounts[account_name] = replace(acc, ip_allow=rules)
+    return data.accounts[account_name]
+
+
 def ip_remove(data: DirectoryData, account_name: str, cidr: str) -> Account:
     acc = account(data, account_name)
     net = names.network(cidr)
@@ -389,16 +398,34 @@ def add_pool(
     names.account_name(name)
     if name in data.pools:
         raise Conflict(f"pool {name!r} already exists")
+    addresses = _pool_addresses(data, name, binds)
+    data.pools[name] = Pool(name=name, bind=addresses, helo=names.domain(helo), created=now)
+    return data.pools[name]
+
+
+def change_pool(
+    data: DirectoryData, name: str, binds: list[str] | None, helo: str | None
+) -> Pool:
+    """New bind addresses and/or HELO name for a pool (``None``: keep)."""
+    old = pool(data, name)
+    data.pools[name] = replace(
+        old,
+        bind=old.bind if binds is None else _pool_addresses(data, name, binds),
+        helo=old.helo if helo is None else names.domain(helo),
+    )
+    return data.pools[name]
+
+
+def _pool_addresses(data: DirectoryData, name: str, binds: list[str]) -> tuple[IPAddress, ...]:
     if not binds:
         raise UserError("a pool needs at least one --bind address")
     addresses = tuple(dict.fromkeys(names.ip_address(b) for b in binds))
     for other in data.pools.values():
-        shared = set(addresses) & set(other.bind)
+        shared = set(addresses) & set(other.bind) if other.name != name else set()
         if shared:
             # one address in two pools would mix the pools' reputations
             raise Conflict(f"{', '.join(map(str, shared))} already belongs to pool {other.name}")
-    data.pools[name] = Pool(name=name, bind=addresses, helo=names.domain(helo), created=now)
-    return data.pools[name]
+    return addresses
 
 
 def remove_pool(data: DirectoryData, name: str) -> None:

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -850,18 +850,10 @@ def import_directory(ctx: Context, args: argparse.Namespace) -> None:
         ctx.say(f"  {line}")
 
 
-def _copy(data: DirectoryData) -> DirectoryData:
-    """A copy whose collections can change without touching ``data`` (records are frozen)."""
-    copied = DirectoryData(**{f.name: getattr(data, f.name) for f in fields(DirectoryData)})
-    for name in ("accounts", "subusers", "keys", "domains", "senders", "pools"):
-        setattr(copied, name, dict(getattr(data, name)))
-    return copied
-
-
 def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
     declared = declare.load(args.file)  # ConfigError names the file, key and reason
     existing = ctx.read()
-    trial = _copy(existing)  # refuse a clash before any DKIM key is made
+    trial = existing.copy()  # refuse a clash before any DKIM key is made
     declare.apply(trial, declared, ctx.now, {n: () for n in declared.new_domains(existing)})
     changes = admin.differences(existing, trial)
     if not changes:
@@ -881,7 +873,7 @@ def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
     }
     try:
         with ctx.change("directory.sync", source=args.file) as data:
-            before = _copy(data)
+            before = data.copy()
             removed = declare.apply(data, declared, ctx.now, made)
             changes = admin.differences(before, data)
     except BaseException:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from . import admin, names
-from .directory.model import DirectoryData, Domain, Limits, Pool, Selector, Status
+from .directory.model import DirectoryData, Domain, Limits, Selector, Status
 from .errors import ConfigError, Conflict, UserError
 
 _ABSENT = "absent"
@@ -305,24 +305,13 @@ def _apply(data: DirectoryData, declared: Declaration, now: datetime,
 
 
 def _sync_pool(data: DirectoryData, decl: PoolDecl, now: datetime) -> None:
-    old = data.pools.get(decl.name)
-    if old is None:
-        if decl.bind is None or decl.helo is None:
-            raise UserError(f"pools.{decl.name}: a new pool needs bind and helo")
+    if decl.name in data.pools:
+        admin.change_pool(data, decl.name, None if decl.bind is None else list(decl.bind),
+                          decl.helo)
+    elif decl.bind is None or decl.helo is None:
+        raise UserError(f"pools.{decl.name}: a new pool needs bind and helo")
+    else:
         admin.add_pool(data, decl.name, list(decl.bind), decl.helo, now)
-        return
-    new = replace(old, bind=(tuple(names.ip_address(b) for b in decl.bind)
-                             if decl.bind is not None else old.bind),
-                  helo=decl.helo if decl.helo is not None else old.helo)
-    if new == old:
-        return
-    if not new.bind:
-        raise UserError(f"pools.{decl.name}.bind: a pool needs at least one address")
-    for other in data.pools.values():
-        shared = set(new.bind) & set(other.bind) if other.name != new.name else set()
-        if shared:
-            raise Conflict(f"{', '.join(map(str, shared))} already belongs to pool {other.name}")
-    data.pools[new.name] = Pool(name=new.name, bind=new.bind, helo=new.helo, created=old.created)
 
 
 def _sync_principal(data: DirectoryData, decl: PrincipalDecl, now: datetime) -> None:
@@ -341,8 +330,7 @@ def _sync_principal(data: DirectoryData, decl: PrincipalDecl, now: datetime) -> 
     if decl.monitor is not None:
         admin.set_monitor(data, pid, decl.monitor)
     if decl.ip_allow is not None:
-        rules = tuple(names.network(c) for c in decl.ip_allow)
-        data.accounts[pid] = replace(data.accounts[pid], ip_allow=rules)
+        admin.set_ip_rules(data, pid, list(decl.ip_allow))
     if decl.senders is not None:
         wanted = set(decl.senders)
         for (owner, address) in list(data.senders):

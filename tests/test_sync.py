@@ -187,3 +187,21 @@ def test_a_domain_owned_by_someone_else_is_not_moved_silently(tmp_path: Path) ->
     assert "domains.acme.example.owner: it belongs to acme, not other" in result.stderr
     data = YamlDirectory(str(tmp_path / "directory.yaml")).load()
     assert data.domains["acme.example"].owner == "acme" and "other" not in data.accounts
+
+
+def test_a_pool_is_changed_in_place_and_may_not_take_another_pools_address(
+        tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    pools = {"pools": {"mkt": {"bind": ["192.0.2.10"], "helo": "mkt.relay.example.net"},
+                       "tx": {"bind": ["192.0.2.20"], "helo": "tx.relay.example.net"}}}
+    sync(config, declare(tmp_path, pools))
+    pools["pools"]["mkt"] = {"bind": ["192.0.2.11", "192.0.2.10"]}  # helo not given: kept
+
+    assert sync(config, declare(tmp_path, pools)).splitlines()[1:] == ["  change pool mkt"]
+    mkt = YamlDirectory(str(tmp_path / "directory.yaml")).load().pools["mkt"]
+    assert ([str(a) for a in mkt.bind], mkt.helo) == (
+        ["192.0.2.11", "192.0.2.10"], "mkt.relay.example.net")
+
+    pools["pools"]["tx"] = {"bind": ["192.0.2.11"]}
+    result = run_cli(config, "sync", str(declare(tmp_path, pools)))
+    assert result.returncode == 1 and "192.0.2.11 already belongs to pool mkt" in result.stderr

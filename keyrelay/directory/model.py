@@ -8,7 +8,7 @@ snapshot, with the indexes the hot path needs, that the decision engine reads.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
@@ -160,6 +160,14 @@ class DirectoryData:
     def principals(self) -> Iterator[str]:
         yield from self.accounts
         yield from self.subusers
+
+    def copy(self) -> DirectoryData:
+        """A copy whose collections can change without touching these (records are frozen)."""
+        return replace(
+            self, accounts=dict(self.accounts), subusers=dict(self.subusers),
+            keys=dict(self.keys), domains=dict(self.domains), senders=dict(self.senders),
+            pools=dict(self.pools),
+        )
 
 
 class Directory:
