@@ -107,7 +107,6 @@ import os
 import re
 import resource
 import shlex
-import shutil
 import statistics
 import sys
 import threading
@@ -125,7 +124,14 @@ from postfix_milter_bench import (
     opendkim_child,
     process_tree_cpu,
 )
-from privaterelay import BenchError, PrivateRelay, bench_folder, run_guarded, signatures
+from privaterelay import (
+    BenchError,
+    PrivateRelay,
+    bench_folder,
+    leave_folder,
+    run_guarded,
+    signatures,
+)
 
 from keyrelay.demo import (
     Child,
@@ -736,11 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.docs:
             write_docs(text)
             print(f"wrote docs/BENCHMARKS.md and {args.chart}")
-    if args.keep or status == 1:
-        print(f"kept {root} (configuration, logs, the last messages at the sink)")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
-    return status
+    return leave_folder(root, status, args.keep)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,7 @@ from privaterelay import (
     BenchError,
     PrivateRelay,
     bench_folder,
+    leave_folder,
     postconf,
     run_guarded,
     signatures,
@@ -693,11 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(
                 [dict(vars(r), rate=r.rate, accept_rate=r.accept_rate) for r in results],
                 indent=2) + "\n")
-    if args.keep or status == 1:
-        print(f"\nkept {root} (configuration, logs, the last messages at the sink)")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
-    return status
+    return leave_folder(root, status, args.keep)
 
 
 if __name__ == "__main__":

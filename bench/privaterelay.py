@@ -284,3 +284,13 @@ def bench_folder(prog: str, prefix: str, tmpdir: Path | None = None) -> Path | N
     root.chmod(0o755)
     (root / "logs").mkdir()
     return root
+
+
+def leave_folder(root: Path, status: int, keep: bool) -> int:
+    """Keep the benchmark's folder when asked to or when it failed (to look into); remove it
+    otherwise. Returns ``status``."""
+    if keep or status == 1:
+        print(f"kept {root} (configuration, logs, the last messages at the sink)")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    return status

@@ -61,7 +61,6 @@ import fcntl
 import json
 import os
 import random
-import shutil
 import smtplib
 import sys
 import threading
@@ -73,7 +72,7 @@ from typing import Any
 
 from e2e_bench import Bench
 from loadgen import Load, Principal, client_tls, make_body, send
-from privaterelay import FOREIGN_FROM, bench_folder, run_guarded
+from privaterelay import FOREIGN_FROM, bench_folder, leave_folder, run_guarded
 
 from keyrelay.demo import keyrelay_cli
 
@@ -361,11 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     status = run_guarded("soak.py", bench, body)
     if status == 0 and kept and not kept[0]:
         status = 1
-    if args.keep or status == 1:
-        print(f"kept {root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
-    return status
+    return leave_folder(root, status, args.keep)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ def mailboxes(value: str) -> tuple[str, ...]:
         raise HeaderError("cannot be parsed (too deeply nested)") from None
     except HeaderParseError as exc:
         raise HeaderError(f"cannot be parsed ({exc})") from None
+    except MemoryError:
+        raise  # ours, not the header's: the milter answers 451 and the sender retries
     except Exception as exc:  # noqa: BLE001 - see above
         raise HeaderError(f"cannot be parsed ({type(exc).__name__} in Python's parser)") from None
     if header.defects:
