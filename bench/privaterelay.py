@@ -110,6 +110,7 @@ class PrivateRelay:
     extra: list[Child] = field(default_factory=list)  # milters other than keyrelay's
     service: str = ""  # the measured master.cf service, host:port
     current: str = ""  # the setup selected last
+    directory: dict[str, Any] | None = None  # keyrelay's directory section; None: YAML file
 
     # -- building --------------------------------------------------------------------------
     def prepare(self) -> Settings:
@@ -118,7 +119,8 @@ class PrivateRelay:
         settings = Settings(run_dir=(self.root / "relay").resolve(), host="127.0.0.1",
                             smtp_port=smtp, submission_port=submission,
                             alt_submission_port=alt, submissions_port=submissions,
-                            sink_port=sink, pool_address="127.0.0.2")
+                            sink_port=sink, pool_address="127.0.0.2",
+                            directory=self.directory)
         self.relay = Relay(settings, say=lambda text: print(f"  {text}", flush=True))
         self.relay.prepare()
         return settings

@@ -4,8 +4,9 @@ NAME
     soak.py - send a fixed number of messages while keyrelay's processes and directory fail
 
 SYNOPSIS
-    .venv/bin/python bench/soak.py [--messages N] [--concurrency C] [--size BYTES]
-        [--faults-every SECONDS] [--max-seconds S] [--seed N] [--keep]
+    .venv/bin/python bench/soak.py [--backend yaml|ldap] [--messages N] [--concurrency C]
+        [--size BYTES] [--faults-every SECONDS] [--max-seconds S] [--fault-seconds S]
+        [--seed N] [--keep]
 
 DESCRIPTION
     Builds the private relay of bench/e2e_bench.py (keyrelay complete: auth, policy, From
@@ -17,12 +18,20 @@ DESCRIPTION
 
     Meanwhile a driver, at random moments (on average every --faults-every seconds), does
     one of these, each kind once in random order and then again: kill keyrelay-policyd
-    with SIGKILL and start it again; the same for keyrelay-milter; replace the directory
-    file with garbage for a while; remove it for a while (both holding the CLI's write
-    lock, as a broken deployment would); and another
-    thread keeps adding and removing accounts with the `keyrelay` CLI. Part-way through,
-    the driver revokes one of the keys in use (an extra key of one subuser, used by its own
-    sessions), and it keeps sending messages whose header From is not the principal's.
+    with SIGKILL and start it again; the same for keyrelay-milter; and, with the YAML
+    directory (the default), replace the directory file with garbage for a while, or
+    remove it for a while (both holding the CLI's write lock, as a broken deployment
+    would). Another thread keeps adding and removing accounts with the `keyrelay` CLI.
+    Part-way through, the driver revokes one of the keys in use (an extra key of one
+    subuser, used by its own sessions), and it keeps sending messages whose header From is
+    not the principal's.
+
+    With --backend ldap the directory is in a private slapd (tests/slapd_harness.py,
+    StartTLS, the shipped schema; the daemons' refresh_interval and timeout 1 s) and the
+    directory faults are LDAP's: slapd stopped (SIGTERM), killed (SIGKILL) or hung
+    (SIGSTOP) for 0.5-5 s, long enough now and then for the daemons' copy to go stale;
+    and one daemon killed while slapd is down, which must refuse to start (docs/ldap.md)
+    and is started again, as systemd would, once slapd is back.
 
 ACCOUNTING
     At the end, after Postfix's queue is empty, every file smtp-sink wrote is read:
@@ -32,20 +41,23 @@ ACCOUNTING
       - nothing is at the sink that was not accepted (in doubt excepted);
       - every delivered message carries keyrelay's two DKIM signatures (nothing unchecked);
       - no message sent with the revoked key was accepted more than 2 s after the CLI
-        returned; no message with a foreign From was accepted;
+        returned (LDAP: 4 s, refresh_interval + timeout + 2 s); no message with a foreign
+        From was accepted;
       - no valid message got a permanent (5xx) answer; messages still refused when
         --max-seconds ran out are listed with their last (temporary) answer.
     The counts are printed; any loss, duplicate, unchecked or forbidden acceptance, or
     permanent refusal makes the exit status 1.
 
 OPTIONS
+    --backend yaml|ldap   where the directory is (default yaml: the demo's file)
     --messages N          messages to deliver (default 20000)
     --concurrency C       concurrent sessions (default 8)
     --size BYTES          body size (default 2000)
     --faults-every S      mean seconds between faults (default 3)
     --max-seconds S       give up re-sending after S seconds (default 1800)
-    --fault-seconds S     inject faults only during the first S seconds (default 0: all
-                          along); the rest of the run shows the relay recovering
+    --fault-seconds S     inject faults only during the first S seconds, but every kind
+                          at least once (default 0: all along); the rest of the run
+                          shows the relay recovering
     --seed N              seed of the fault schedule (default: random, printed)
     --keep                keep the temporary folder
 
@@ -68,24 +80,39 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from e2e_bench import Bench
 from loadgen import Load, Principal, client_tls, make_body, send
-from privaterelay import FOREIGN_FROM, bench_folder, leave_folder, run_guarded
+from privaterelay import FOREIGN_FROM, BenchError, bench_folder, leave_folder, run_guarded
+from slapd_harness import KEYRELAY_INDEXES, Slapd
 
-from keyrelay.demo import keyrelay_cli
+from keyrelay.demo import DemoError, keyrelay_cli
 
-REVOKE_GRACE = 2.0  # seconds a session checked before the revocation may still finish
+# the daemons' LDAP settings in the soak: a change is seen within REFRESH; a copy older than
+# REFRESH + TIMEOUT is not served (every answer temporary); docs/ldap.md
+LDAP_REFRESH, LDAP_TIMEOUT = 1.0, 1.0
+# seconds after the revocation during which a message of the revoked key may still be
+# accepted: a session checked before it (YAML); with LDAP also the copy's refresh, or its
+# last answer before slapd failed, still being served
+REVOKE_GRACE = {"yaml": 2.0, "ldap": LDAP_REFRESH + LDAP_TIMEOUT + 2.0}
+
+
+class SoakError(BenchError):
+    """A promise broken while the faults were injected."""
 
 
 class Driver(threading.Thread):
     """Injects one fault at a time at random moments until stopped; keeps a journal."""
 
     def __init__(self, bench: Bench, rng: random.Random, mean: float,
-                 revoke: Callable[[], None]) -> None:
+                 revoke: Callable[[], None], slapd: Slapd | None) -> None:
         super().__init__(daemon=True)
         self.bench, self.rng, self.mean, self.revoke = bench, rng, mean, revoke
+        self.slapd = slapd
         self.halt = threading.Event()
         self.journal: Counter[str] = Counter()
         self.error: BaseException | None = None
@@ -93,13 +120,15 @@ class Driver(threading.Thread):
         self.until = 0.0  # time.monotonic() after which no more faults; 0: the whole run
 
     def run(self) -> None:
-        faults = [self.kill_policyd, self.kill_milter, self.garbage, self.remove]
+        faults = [self.kill_policyd, self.kill_milter]
+        faults += ([self.garbage, self.remove] if self.slapd is None else
+                   [self.stop_slapd, self.kill_slapd, self.hang_slapd, self.start_without_ldap])
         order: list[Callable[[], None]] = []
         done = 0
         try:
             while not self.halt.wait(self.rng.expovariate(1 / self.mean)):
-                if self.until and time.monotonic() > self.until:
-                    break  # the rest of the run on a healthy relay
+                if self.until and time.monotonic() > self.until and done >= len(faults):
+                    break  # every kind done once: the rest of the run on a healthy relay
                 if done == self.revoke_after:
                     self.revoke()
                     self.journal["key revoked"] += 1
@@ -151,6 +180,56 @@ class Driver(threading.Thread):
         self.journal["directory file removed for a while"] += 1
 
 
+    # -- LDAP ------------------------------------------------------------------------------
+    def outage(self) -> float:
+        """How long slapd stays away: now and then longer than the daemons' copy is served."""
+        return self.rng.uniform(0.5, 2 * (LDAP_REFRESH + LDAP_TIMEOUT) + 1)
+
+    def stop_slapd(self) -> None:
+        assert self.slapd is not None
+        self.slapd.stop()
+        time.sleep(self.outage())
+        self.slapd.start()
+        self.journal["slapd stopped (SIGTERM) for a while"] += 1
+
+    def kill_slapd(self) -> None:
+        assert self.slapd is not None
+        self.slapd.kill()
+        time.sleep(self.outage())
+        self.slapd.start()
+        self.journal["slapd killed (SIGKILL) and started again"] += 1
+
+    def hang_slapd(self) -> None:
+        assert self.slapd is not None
+        self.slapd.pause()
+        time.sleep(self.outage())
+        self.slapd.resume()
+        self.journal["slapd hung (SIGSTOP) for a while"] += 1
+
+    def start_without_ldap(self) -> None:
+        """A daemon killed while slapd is down must not start (it would serve an empty
+        copy); it is started again once slapd is back, as systemd's Restart= would."""
+        assert self.slapd is not None
+        name = self.rng.choice(["policyd", "milter"])
+        child = self.bench.relay.children[name]
+        self.slapd.stop()
+        child.kill()
+        try:
+            child.start(timeout=15)
+        except DemoError:
+            refused = True
+        else:
+            refused = False
+        time.sleep(self.outage())
+        self.slapd.start()
+        if not refused:
+            raise SoakError(f"keyrelay-{name} started while slapd was down: it must not "
+                            "serve without its directory (docs/ldap.md)")
+        child.start()
+        self.journal[f"keyrelay-{name} killed while slapd was down: refused to start, "
+                     "started once slapd was back"] += 1
+
+
 class Writer(threading.Thread):
     """Keeps writing the directory with the CLI (accounts added and removed)."""
 
@@ -198,8 +277,27 @@ class Spoofer(threading.Thread):
                 self.answers[f"connection: {type(exc).__name__}"] += 1
 
 
-def soak(bench: Bench, args: argparse.Namespace, rng: random.Random) -> bool:
+def wait_accepted(bench: Bench, who: Principal, seconds: float = 15) -> None:
+    """Until a login with ``who``'s key succeeds: with LDAP the daemons take a new key
+    within refresh_interval, and the key must not be refused as unknown once the load runs."""
     s = bench.relay.settings
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with smtplib.SMTP(s.host, s.submission_port, timeout=30) as client:
+                client.starttls(context=client_tls())
+                client.login("apikey", who.key)
+                return
+        except smtplib.SMTPException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def soak(bench: Bench, args: argparse.Namespace, rng: random.Random,
+         slapd: Slapd | None) -> bool:
+    s = bench.relay.settings
+    grace = REVOKE_GRACE[args.backend]
     bench.select("keyrelay")
     bench.warm_up("keyrelay", args.size)
     bench.clear_outbox()
@@ -209,13 +307,14 @@ def soak(bench: Bench, args: argparse.Namespace, rng: random.Random) -> bool:
     revokee = Principal(f"{victim.pid} (key to revoke)", created["key"], victim.mail_from,
                         victim.rcpt_to)
     principals = [*bench.principals, revokee]
+    wait_accepted(bench, revokee)
     revoked_at: list[float] = []
 
     def revoke() -> None:
         keyrelay_cli(s, "key", "revoke", created["key_id"])
         revoked_at.append(time.time())
 
-    driver = Driver(bench, rng, args.faults_every, revoke)
+    driver = Driver(bench, rng, args.faults_every, revoke, slapd)
     driver.revoke_after = 1
     if args.fault_seconds:
         driver.until = time.monotonic() + args.fault_seconds
@@ -266,6 +365,8 @@ def soak(bench: Bench, args: argparse.Namespace, rng: random.Random) -> bool:
             thread.join()
     if driver.error is not None:
         raise driver.error
+    if slapd is not None and not slapd.running:
+        slapd.start()
     for name in ("policyd", "milter"):  # a fault may have been the last thing done
         if not bench.relay.children[name].running():
             bench.relay.children[name].start()
@@ -278,10 +379,10 @@ def soak(bench: Bench, args: argparse.Namespace, rng: random.Random) -> bool:
     doubtful_twice = sorted(n for n, c in seen.items() if c > 1 and n in in_doubt)
     unexpected = sorted(set(seen) - set(accepted) - in_doubt)
     after = [n for n, who in accepted.items() if who == revokee.pid and revoked_at
-             and accepted_at[n] > revoked_at[0] + REVOKE_GRACE]
+             and accepted_at[n] > revoked_at[0] + grace]
     before = sum(1 for who in accepted.values() if who == revokee.pid) - len(after)
     spoofs = spoofer.answers.get("250 accepted", 0)
-    print(f"\n{args.messages} messages, {rounds} rounds, "
+    print(f"\n{args.messages} messages ({args.backend} directory), {rounds} rounds, "
           f"{time.monotonic() - start:.0f} s; faults injected:")
     for what, count in sorted(driver.journal.items()):
         print(f"  {count:5} {what}")
@@ -305,7 +406,7 @@ def soak(bench: Bench, args: argparse.Namespace, rng: random.Random) -> bool:
           f"  given up, last answer temporary {len(todo)} "
           f"{dict(Counter(last_reply[n] for n in todo)) or ''}\n"
           f"  revoked key: accepted before the revocation {before}, after it "
-          f"(+{REVOKE_GRACE:g} s) {len(after)}; its refusals {dict(revoked_refusals)}\n"
+          f"(+{grace:g} s) {len(after)}; its refusals {dict(revoked_refusals)}\n"
           f"  foreign From: {dict(spoofer.answers)} (accepted: {spoofs})")
     failed = bool(lost or duplicated or unexpected or unsigned or permanent or after or spoofs
                   or not revoked_at)
@@ -323,6 +424,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="soak.py", description=head.split("\n\n", 1)[1],
         epilog="REQUIREMENTS\n" + rest.split("\nREQUIREMENTS\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("yaml", "ldap"), default="yaml")
     parser.add_argument("--messages", type=int, default=20000, metavar="N")
     parser.add_argument("--concurrency", type=int, default=8, metavar="C")
     parser.add_argument("--size", type=int, default=2000, metavar="BYTES")
@@ -349,15 +451,27 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     print(f"seed {seed}")
     rng = random.Random(seed)
-    bench = Bench(root, args=args)
+    slapd: Slapd | None = None
+    directory = None
+    if args.backend == "ldap":
+        slapd = Slapd(indexes=KEYRELAY_INDEXES)
+        directory = slapd.directory_config(refresh_interval=LDAP_REFRESH,
+                                           timeout=LDAP_TIMEOUT)
+    bench = Bench(root, args=args, directory=directory)
     kept: list[bool] = []
 
     def body() -> None:
+        if slapd is not None:
+            slapd.start()
         bench.build()
         bench.start_all()
-        kept.append(soak(bench, args, rng))
+        kept.append(soak(bench, args, rng, slapd))
 
-    status = run_guarded("soak.py", bench, body)
+    try:
+        status = run_guarded("soak.py", bench, body)
+    finally:
+        if slapd is not None:
+            slapd.close()
     if status == 0 and kept and not kept[0]:
         status = 1
     return leave_folder(root, status, args.keep)

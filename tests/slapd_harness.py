@@ -14,7 +14,8 @@
   even about why it could not start (a port taken); ``Slapd(debug="none")`` logs slapd's
   uncategorised messages, which include those, and nothing per operation. ``stop()`` sends
   SIGTERM; ``stop()`` then ``start()`` is a restart on the same ports and data; ``pause()``
-  and ``resume()`` (SIGSTOP/SIGCONT) make a server that accepts connections but never answers.
+  and ``resume()`` (SIGSTOP/SIGCONT) make a server that accepts connections but never answers;
+  ``kill()`` (SIGKILL) is a crash.
 - As root the server runs as Debian's ``openldap`` user (``-u openldap -g openldap``, the
   folder is given to that user), as any other user it runs as that user.
 
@@ -390,6 +391,14 @@ class Slapd:
         assert self.proc is not None, "slapd is not running"
         self.proc.send_signal(signal.SIGCONT)
         self.paused = False
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no clean shutdown (``start()`` starts it again)."""
+        proc, self.proc = self.proc, None
+        self.paused = False
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (and SIGCONT when paused), wait; SIGKILL after ``timeout``. The status."""
