@@ -106,6 +106,14 @@ def default_acls(secret_attribute: bool) -> list[str]:
     return acls
 
 
+def records_hidden_acls() -> list[str]:
+    """ACLs that let every user bind and read the base entry, and nobody see what is under
+    it: a directory the service DN cannot read, though the server answers."""
+    return ["to attrs=userPassword by anonymous auth by * none",
+            f'to dn.base="{BASE_DN}" by users read by * none',
+            "to * by * none"]
+
+
 def ssha(password: str) -> str:
     """RFC 2307 ``{SSHA}`` (SHA-1 over password and salt, then the salt), as slappasswd makes."""
     salt = secrets.token_bytes(8)
@@ -424,6 +432,15 @@ class Slapd:
         """Stop the server and remove its folder."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def set_acls(self, acls: Sequence[str]) -> None:
+        """Replace the database's ``olcAccess`` (values without ``{n}``) while it runs."""
+        conn = self.connect(self.config_admin_dn, self.admin_password)
+        try:
+            conn.modify("olcDatabase={1}mdb,cn=config", {"olcAccess": [
+                (ldap3.MODIFY_REPLACE, [f"{{{i}}}{acl}" for i, acl in enumerate(acls)])]})
+        finally:
+            conn.unbind()
 
     # -- clients -----------------------------------------------------------------------
     def tls(self, ca_file: Path | None = None) -> ldap3.Tls:

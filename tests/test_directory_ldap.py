@@ -15,7 +15,7 @@ from typing import Any
 import ldap3
 import pytest
 from policyd_harness import free_port, wait_until
-from slapd_harness import KEYRELAY_INDEXES, SLAPD, Slapd
+from slapd_harness import KEYRELAY_INDEXES, SLAPD, Slapd, records_hidden_acls
 from test_yaml_directory import build_rich_directory
 
 from keyrelay import admin
@@ -228,6 +228,36 @@ def test_a_hung_server_is_unavailable_then_recovers(own_slapd: Slapd) -> None:
     finally:
         own_slapd.resume()
     wait_until(lambda: available(reader), 10, "the reader serving again")
+    reader.close()
+
+
+def test_records_hidden_by_acls_are_unavailable_not_an_empty_directory(
+        own_slapd: Slapd) -> None:
+    reader = reader_of(own_slapd, full_reload_interval=1)
+    with reader.transaction() as data:
+        admin.add_account(data, "acme", datetime.now(UTC))
+    assert available(reader)
+
+    # the service DN still binds and reads the base entry (its serial), nothing under it: a
+    # search finds nothing, which must not pass for an empty directory (every key unknown)
+    own_slapd.set_acls(records_hidden_acls())
+    try:
+        with pytest.raises(DirectoryUnavailable) as info:
+            reader_of(own_slapd).snapshot()  # a daemon starting now
+        assert str(info.value) == (
+            f"LDAP base {own_slapd.base_dn} is a keyrelay directory, but ou=accounts, "
+            f"ou=keys, ou=domains, ou=senders, ou=pools cannot be read as "
+            f"{own_slapd.service_dn}: the server's ACLs hide the records (docs/ldap.md: "
+            "The service DN, ACLs and limits)")
+        with pytest.raises(DirectoryUnavailable, match="ACLs hide the records"), \
+                reader.transaction():
+            pass  # the CLI writes nothing
+        # the running reader: unavailable once its full read failed and its copy is old
+        wait_until(lambda: not available(reader), 1 + 0.2 + 1 + 3, "the reader unavailable")
+    finally:
+        own_slapd.set_acls(own_slapd.acls)
+    wait_until(lambda: available(reader) and "acme" in reader.snapshot().accounts, 10,
+               "the reader serving again")
     reader.close()
 
 

@@ -595,6 +595,8 @@ class LdapDirectory:
     def _read_entries(self, conn: Any) -> tuple[dict[str, Raw], int | None, bool]:
         """Every keyrelay entry by ``_dn_key``, the serial and the directory-wide monitor."""
         serial, monitor = self._serial_of(conn)
+        if serial is not None:
+            self._check_readable(conn)
         entries: dict[str, Raw] = {}
         for item in conn.extend.standard.paged_search(
                 self.base, _FILTER, search_scope=ldap3.SUBTREE, attributes=["*"],
@@ -605,6 +607,21 @@ class LdapDirectory:
         _done(conn, (conn.result or {}).get("result") == 0, "reading the whole directory "
               "(raise the service DN's olcLimits: docs/ldap.md)")
         return entries, serial, monitor
+
+    def _check_readable(self, conn: Any) -> None:
+        """A keyrelay directory always has its containers: when the bind DN cannot see
+        them, ACLs hide the records, and what the search returns would look like an empty
+        directory (every key refused as unknown, permanently). Unavailable instead."""
+        conn.search(self.base, "(objectClass=organizationalUnit)", search_scope=ldap3.LEVEL,
+                    attributes=["ou"])
+        seen = {value.lower() for item in conn.response or ()
+                if item.get("type") == "searchResEntry" for value in _attrs(item).get("ou", [])}
+        hidden = [f"ou={name}" for name in CONTAINERS if name not in seen]
+        if hidden:
+            raise DirectoryUnavailable(
+                f"LDAP base {self.base} is a keyrelay directory, but {', '.join(hidden)} "
+                f"cannot be read as {self.config.bind_dn or 'anonymous'}: the server's ACLs "
+                "hide the records (docs/ldap.md: The service DN, ACLs and limits)")
 
     def _records(self, entries: dict[str, Raw], monitor: bool) -> DirectoryData:
         problems: list[str] = []
