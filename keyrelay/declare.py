@@ -34,6 +34,7 @@ from . import admin, names
 from .directory.model import DirectoryData, Domain, Limits, Selector, Status
 from .errors import ConfigError, Conflict, UserError
 
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _ABSENT = "absent"
 _PRESENT = "present"
 _LIMIT_FIELDS = ("messages_per_minute", "messages_per_hour", "recipients_per_message")
@@ -202,12 +203,20 @@ def load(path: str | Path) -> Declaration:
         text = sys.stdin.read() if where == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(where, "", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(where, "", f"not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
-        raw = yaml.safe_load(text)
+        # libyaml's loader, as for the configuration and the directory file: PyYAML's pure
+        # Python one recurses once per nesting level (RecursionError on "[[[[...").
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""
         raise ConfigError(where, "", f"{line}not valid YAML") from None
+    except ValueError as exc:  # PyYAML's constructors: a date 2026-13-45, `!!int x`
+        raise ConfigError(where, "", f"not valid YAML: {exc}") from None
+    except RecursionError:  # only without libyaml (PyYAML's pure Python loader)
+        raise ConfigError(where, "", "not valid YAML: nested too deeply") from None
     top = reader.mapping(raw, "", ("pools", "accounts", "domains"))
 
     pools = []

@@ -154,6 +154,28 @@ def test_a_broken_declaration_is_refused_with_file_key_and_reason(
     assert not (tmp_path / "directory.yaml").exists()
 
 
+@pytest.mark.parametrize(("raw", "message"), [
+    (b"accounts:\n  acme: {}\n# caf\xe9\n", "not UTF-8 text (byte 26: invalid continuation byte)"),
+    (b"accounts: 2026-13-45\n", "not valid YAML: month must be in 1..12"),
+    (b"accounts: !!int x\n", "not valid YAML: invalid literal for int()"),
+    (b"[" * 3000 + b"]" * 3000, "line 1: not valid YAML"),  # libyaml: at most 1000 levels
+], ids=["latin-1", "impossible-date", "int-tag-on-text", "nested-3000-deep"])
+def test_a_declaration_that_is_no_yaml_text_is_refused_in_one_line(
+        tmp_path: Path, raw: bytes, message: str) -> None:
+    # These were tracebacks: the atheris fuzzer (fuzz/run.py --target declaration) found the
+    # UnicodeDecodeError; the ValueErrors and the RecursionError of PyYAML's pure Python
+    # loader turned up while fixing it.
+    config = write_config(tmp_path)
+    path = tmp_path / "declared.yaml"
+    path.write_bytes(raw)
+
+    result = run_cli(config, "sync", str(path))
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert result.stderr.startswith(f"keyrelay: error: {path}: {message}"), result.stderr
+    assert not (tmp_path / "directory.yaml").exists()
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ({"accounts": {"acme": {}}, "domains": {"acme.example": {"owner": "acme/missing"}}},
      "unknown subuser 'acme/missing'"),
