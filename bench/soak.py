@@ -30,8 +30,9 @@ DESCRIPTION
     StartTLS, the shipped schema; the daemons' refresh_interval and timeout 1 s) and the
     directory faults are LDAP's: slapd stopped (SIGTERM), killed (SIGKILL) or hung
     (SIGSTOP) for 0.5-5 s, long enough now and then for the daemons' copy to go stale;
-    and one daemon killed while slapd is down, which must refuse to start (docs/ldap.md)
-    and is started again, as systemd would, once slapd is back.
+    and one daemon killed while slapd is down, or while the server's ACLs hide the records
+    from the service DN (the directory is unreadable though slapd answers): it must refuse
+    to start (docs/ldap.md) and is started again, as systemd would, once LDAP is mended.
 
 ACCOUNTING
     At the end, after Postfix's queue is empty, every file smtp-sink wrote is read:
@@ -88,7 +89,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from e2e_bench import Bench
 from loadgen import Load, Principal, client_tls, make_body, send
 from privaterelay import FOREIGN_FROM, BenchError, bench_folder, leave_folder, run_guarded
-from slapd_harness import KEYRELAY_INDEXES, Slapd
+from slapd_harness import KEYRELAY_INDEXES, Slapd, records_hidden_acls
 
 from keyrelay.demo import DemoError, keyrelay_cli
 
@@ -122,7 +123,8 @@ class Driver(threading.Thread):
     def run(self) -> None:
         faults = [self.kill_policyd, self.kill_milter]
         faults += ([self.garbage, self.remove] if self.slapd is None else
-                   [self.stop_slapd, self.kill_slapd, self.hang_slapd, self.start_without_ldap])
+                   [self.stop_slapd, self.kill_slapd, self.hang_slapd,
+                    self.start_without_ldap, self.start_with_records_hidden])
         order: list[Callable[[], None]] = []
         done = 0
         try:
@@ -207,12 +209,23 @@ class Driver(threading.Thread):
         self.journal["slapd hung (SIGSTOP) for a while"] += 1
 
     def start_without_ldap(self) -> None:
-        """A daemon killed while slapd is down must not start (it would serve an empty
-        copy); it is started again once slapd is back, as systemd's Restart= would."""
         assert self.slapd is not None
+        self.kept_down("slapd was down", self.slapd.stop, self.slapd.start)
+
+    def start_with_records_hidden(self) -> None:
+        slapd = self.slapd
+        assert slapd is not None
+        self.kept_down("the ACLs hid the records",
+                       lambda: slapd.set_acls(records_hidden_acls()),
+                       lambda: slapd.set_acls(slapd.acls))
+
+    def kept_down(self, what: str, fail: Callable[[], None], mend: Callable[[], None]) -> None:
+        """A daemon killed while LDAP cannot be read must not start (it would serve an
+        empty copy); it is started again once LDAP is mended, as systemd's Restart= would.
+        The other daemon keeps serving its copy meanwhile."""
         name = self.rng.choice(["policyd", "milter"])
         child = self.bench.relay.children[name]
-        self.slapd.stop()
+        fail()
         child.kill()
         try:
             child.start(timeout=15)
@@ -221,13 +234,13 @@ class Driver(threading.Thread):
         else:
             refused = False
         time.sleep(self.outage())
-        self.slapd.start()
+        mend()
         if not refused:
-            raise SoakError(f"keyrelay-{name} started while slapd was down: it must not "
-                            "serve without its directory (docs/ldap.md)")
+            raise SoakError(f"keyrelay-{name} started while {what}: it must not serve "
+                            "without its directory (docs/ldap.md)")
         child.start()
-        self.journal[f"keyrelay-{name} killed while slapd was down: refused to start, "
-                     "started once slapd was back"] += 1
+        self.journal[f"keyrelay-{name} killed while {what}: refused to start, started "
+                     "once LDAP was mended"] += 1
 
 
 class Writer(threading.Thread):
