@@ -3,6 +3,7 @@ one line, give its unix sockets to the right owner, and drop root once they are 
 
 from __future__ import annotations
 
+import ctypes
 import grp
 import logging
 import os
@@ -10,10 +11,11 @@ import pwd
 import socket
 import stat
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from .directory import Directory, open_directory
-from .errors import DirectoryUnavailable
+from .errors import DirectoryUnavailable, one_line
 
 if TYPE_CHECKING:
     from .config import Config
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 
 def fail(program: str, message: str) -> NoReturn:
     """One line on stderr, exit status 1: how every daemon reports a fatal error."""
-    print(f"{program}: error: {message}", file=sys.stderr)
+    print(f"{program}: error: {one_line(message)}", file=sys.stderr)
     raise SystemExit(1)
 
 
@@ -36,6 +38,29 @@ def socket_owner(user: str, group: str) -> tuple[int, int] | None:
     uid = pwd.getpwnam(user).pw_uid if user else 0
     gid = grp.getgrnam(group).gr_gid if group else os.getegid()
     return uid, gid
+
+
+_PR_CAPBSET_DROP = 24  # <linux/prctl.h>
+
+
+def empty_bounding_set(user: str, log: logging.Logger) -> None:
+    """As root with a ``user`` to become: empty the capability bounding set, first thing,
+    while the process has one thread (the set is per thread; threads started later inherit
+    it). Root keeps the capabilities it holds to bind and chown the sockets; once it has
+    become ``user`` none can come back, not even through an executable's file capabilities.
+    Needs CAP_SETPCAP (the units grant it); without it, a warning says so and the daemon
+    goes on (dropping root still leaves it no capability)."""
+    if not user or os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last + 1):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            error = ctypes.get_errno()
+            log.warning("cannot empty the capability bounding set (prctl PR_CAPBSET_DROP: "
+                        "%s): give the service CAP_SETPCAP in CapabilityBoundingSet=",
+                        os.strerror(error))
+            return
 
 
 def drop_privileges(user: str, log: logging.Logger) -> None:

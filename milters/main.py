@@ -21,6 +21,7 @@ from keyrelay.config import Config, load_config, resolve_config_path
 from keyrelay.directory import Directory, open_directory
 from keyrelay.errors import ConfigError, DirectoryUnavailable
 from keyrelay.logs import DecisionLog
+from keyrelay.usage import ArgumentParser
 
 from .dkimsign import KeyStore, KeyUnavailable
 from .milter import KeyrelayMilter
@@ -62,11 +63,10 @@ exit status:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="PATH",
                         help="configuration file (default: $KEYRELAY_CONFIG or "
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         fail(str(exc))
     logs.configure(config.logging)
+    if not args.check_config:
+        daemon.empty_bounding_set(config.milter.user, log)  # before any thread starts
     snapshot = check(config)
     if args.check_config:
         reader = config.milter.user if os.geteuid() == 0 else ""

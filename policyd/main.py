@@ -20,6 +20,7 @@ from keyrelay.config import Config, load_config, resolve_config_path
 from keyrelay.directory import open_directory
 from keyrelay.errors import ConfigError
 from keyrelay.logs import DecisionLog
+from keyrelay.usage import ArgumentParser
 
 from . import server
 from .auth import AuthService
@@ -56,11 +57,10 @@ exit status:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="keyrelay-policyd",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="PATH",
                         help="configuration file (default: $KEYRELAY_CONFIG or "
@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         fail(str(exc))
     logs.configure(config.logging)
+    if not args.check_config:
+        daemon.empty_bounding_set(config.policyd.user, log)  # before any thread starts
     check(config)
     if args.check_config:
         print(textwrap.dedent(f"""\

@@ -646,6 +646,18 @@ def peer_name(sock: socket.socket) -> str:
     return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else "unix"
 
 
-def proc_status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+def proc_status(pid: int, task: int | None = None) -> dict[str, str]:
+    where = f"/proc/{pid}" if task is None else f"/proc/{pid}/task/{task}"
+    lines = Path(f"{where}/status").read_text().splitlines()
     return {name: value.strip() for name, _, value in (line.partition(":") for line in lines)}
+
+
+def capabilities_of_every_thread(pid: int) -> dict[int, dict[str, int]]:
+    """Per thread of ``pid``: its capability sets (permitted, effective, inheritable,
+    bounding, ambient) as numbers; capabilities are per thread."""
+    found = {}
+    for task in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        status = proc_status(pid, task)
+        found[task] = {name: int(status[name], 16) for name in
+                       ("CapPrm", "CapEff", "CapInh", "CapBnd", "CapAmb")}
+    return found

@@ -296,7 +296,7 @@ def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_m
                     status = Path(f"/proc/{daemon.pid}/status").read_text()
                     assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s", status, re.M), status
                     # and with no capability left once the sockets are bound
-                    for line in ("CapPrm", "CapEff"):
+                    for line in ("CapPrm", "CapEff", "CapBnd"):
                         assert re.search(rf"^{line}:\s+0+$", status, re.M), status
                 started = subprocess.run([str(POSTFIX), "-c", str(etc), "start"],
                                          capture_output=True, text=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from factories import CREATED, NOW, World
-from policyd_harness import free_port, wait_until
+from policyd_harness import capabilities_of_every_thread, free_port, wait_until
 from postfix_harness import port_open
 from test_dkimsign import make_selectors
 
@@ -223,6 +223,10 @@ def test_daemon_binds_a_unix_socket_as_root_then_runs_as_the_configured_user(
     daemons.append(daemon)
     assert daemon.uid() == 65534
     assert "running as user nobody" in daemon.text()
+    # no capability left in any thread (libmilter's included), not even in the bounding set
+    threads = capabilities_of_every_thread(daemon.process.pid)
+    assert len(threads) > 1 and all(set(caps.values()) == {0} for caps in threads.values()), \
+        threads
     mode = socket_path.stat().st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o640
     # the keys are root's (0600): nobody cannot preload them, which is a warning, not a

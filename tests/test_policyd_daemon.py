@@ -39,6 +39,7 @@ from policyd_harness import (
     add_verified_domain,
     b64,
     broken_directory,
+    capabilities_of_every_thread,
     closed_by_peer,
     connect,
     encode_policy,
@@ -1113,6 +1114,9 @@ def test_daemon_started_as_root_runs_as_policyd_user_once_the_sockets_are_bound(
     assert status["Gid"].split() == [str(nobody.pw_gid)] * 4
     assert Path(daemon.endpoint("auth")[5:]).stat().st_uid == nobody.pw_uid
     assert "running as user nobody" in daemon.log()
+    # no capability left in any thread, not even in the bounding set (emptied at start)
+    threads = capabilities_of_every_thread(daemon.pid)
+    assert threads and all(set(caps.values()) == {0} for caps in threads.values()), threads
     key = daemon.keys["acme"]
     assert login_reply(daemon, APIKEY, key.text, fresh_address()).status == "OK"
     assert daemon.stop() == 0
