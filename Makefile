@@ -29,7 +29,7 @@ DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 # configuration; ensure-debian-packages keeps the packages' system services from starting.
 BENCH_DEBIAN_PACKAGES := opendkim dkimpy-milter
 
-.PHONY: help run test deps bench bench-deps check lint typecheck unit demo clean distclean
+.PHONY: help run test deps bench bench-deps fuzz check lint typecheck unit demo clean distclean
 
 help:
 	@echo "make run     install missing parts, run the demo relay on loopback (state in $(RUN_DIR)/)"
@@ -38,6 +38,9 @@ help:
 	@echo "make bench   install what it compares with, run the end-to-end benchmark (about"
 	@echo "             20 minutes) and write its report into docs/BENCHMARKS.md"
 	@echo "make bench-deps  also install what bench/postfix_milter_bench.py compares with"
+	@echo "make fuzz    coverage-guided fuzzing (atheris) of every parser, one target at a"
+	@echo "             time, FUZZ_SECONDS=$(FUZZ_SECONDS) each (about 35 minutes); findings"
+	@echo "             in fuzz/work/ (fuzz/run.py --help)"
 	@echo "make distclean  also remove the virtual environment"
 
 deps: debian-packages $(VENV)/.installed
@@ -62,6 +65,13 @@ bench-deps: deps
 # docs/e2e-bench.png.
 bench: bench-deps
 	$(BIN)/python bench/e2e_bench.py --docs
+
+# The long run of the atheris fuzzer (issue 10): every parser target for FUZZ_SECONDS each,
+# one at a time; its smoke run is part of make test (tests/test_fuzz_atheris.py).
+FUZZ_SECONDS := 240
+
+fuzz: deps
+	$(BIN)/python fuzz/run.py --target all --seconds $(FUZZ_SECONDS)
 
 unit: deps
 	$(BIN)/python -m pytest
