@@ -42,8 +42,10 @@ from .errors import (
     KeyrelayError,
     NotFound,
     UserError,
+    one_line,
 )
 from .output import dump_json, table, when
+from .usage import ArgumentParser
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 CONFLICT_ATTEMPTS = 8  # runs of a command whose LDAP transaction met another writer's
@@ -972,14 +974,6 @@ exit status:
   0 done; 1 refused or failed (one line on stderr says why); 2 usage error"""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with our wording; usage errors keep argparse's exit status 2."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-
 def _group(sub: Any, name: str, help_text: str) -> Any:
     parser = sub.add_parser(name, help=help_text, description=help_text)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -997,13 +991,13 @@ def _cmd(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="keyrelay", description=_DESCRIPTION, epilog=_EPILOG)
+    parser = ArgumentParser(prog="keyrelay", description=_DESCRIPTION, epilog=_EPILOG)
     parser.add_argument("--config", metavar="PATH",
                         help="configuration file (default: $KEYRELAY_CONFIG or "
                              "/etc/keyrelay/keyrelay.yaml)")
     parser.add_argument("--version", action="version", version=f"keyrelay {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                parser_class=_Parser)
+                                parser_class=ArgumentParser)
 
     _cmd(sub, "check-config", check_config,
          "validate the configuration and the directory; exit 1 on any error")
@@ -1228,12 +1222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_handler(args.handler, ctx, args)
     except (ConfigError, KeyrelayError) as exc:
         # one line, as promised: some messages quote multi-line parser errors (PyYAML's)
-        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"keyrelay: error: {message}", file=sys.stderr)
+        print(f"keyrelay: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"keyrelay: error: cannot access{where}: {exc.strerror}", file=sys.stderr)
+        print(f"keyrelay: error: {one_line(f'cannot access{where}: {exc.strerror}')}",
+              file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

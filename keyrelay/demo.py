@@ -20,7 +20,6 @@ KEYRELAY_SUBMISSIONS_PORT (10465), KEYRELAY_SINK_PORT (10026), KEYRELAY_POOL_ADD
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .postfixconf import run_postfix
+from .usage import ArgumentParser
 
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
@@ -591,11 +591,10 @@ Then look at the DKIM-signed message in {s.outbox}/.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m keyrelay.demo",
         description="Run a keyrelay demo relay on loopback in the foreground (make run).",
         epilog=__doc__.split("Environment", 1)[1].join(("environment", "")) if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run_dir", nargs="?", default="run", help="state folder (default: run)")
     args = parser.parse_args(argv)

@@ -23,8 +23,24 @@ class ConfigError(KeyrelayError):
         self.path = path
         self.key = key
         self.reason = reason
-        where = f"{path}: {key}: " if key else f"{path}: "
+        # a file name or a YAML key may hold a newline or an escape sequence
+        where = f"{printable(path)}: {printable(key)}: " if key else f"{printable(path)}: "
         super().__init__(where + reason)
+
+
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable escaped as Python writes it
+    (``\\n``, ``\\x1b``, ``\\udcff`` for a byte that is not UTF-8): shown on a terminal or in
+    the journal, it stays on its line and cannot drive the terminal."""
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
+def one_line(message: str) -> str:
+    """An error ``message`` as the one line the programs promise: its lines (PyYAML's
+    messages have several) joined with "; ", every character printable."""
+    return "; ".join(printable(line.strip()) for line in message.splitlines() if line.strip())
 
 
 class UserError(KeyrelayError):

@@ -744,6 +744,21 @@ def test_help_and_config_example_need_no_config_file(fresh: Relay) -> None:
     assert example.out.startswith("# keyrelay configuration.")
 
 
+def test_control_characters_in_arguments_and_file_names_stay_escaped_on_the_error_line(
+    fresh: Relay,
+) -> None:
+    # found by tests/test_fuzz_cli.py: argparse echoed unrecognised arguments as they came,
+    # file names were printed raw, so a newline split the one error line in two and an
+    # escape sequence reached the terminal
+    usage = assert_refused(fresh.run(["account", "list", "a\nb\x1b[2J"]), 2)
+    assert usage.endswith(r"error: unrecognized arguments: a\nb\x1b[2J"), usage
+    config = assert_refused(fresh.run(["check-config"], config=fresh.root / "a\nb.yaml"))
+    assert config == rf"keyrelay: error: {fresh.root}/a\nb.yaml: file not found"
+    output = assert_refused(fresh.run(["export", "-o", f"{fresh.root}/missing\x1b/x"]))
+    assert output == (rf"keyrelay: error: cannot access {fresh.root}/missing\x1b/x: "
+                      "No such file or directory")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 def test_domain_keys_belong_to_the_owner_of_the_key_folder(tmp_path: Path) -> None:
     # `keyrelay domain add` runs as root; the milter reads the keys as the daemon user

@@ -149,6 +149,19 @@ def test_configuration_error_is_one_line_naming_file_key_and_reason(
     assert result.stderr.count("\n") == 1
 
 
+def test_control_characters_in_the_config_path_and_arguments_stay_on_one_line(
+    site: Path,
+) -> None:
+    # found by tests/test_fuzz_cli.py: both were printed raw, a newline made two lines
+    result = run("--config", f"{site.parent}/a\nb.yaml", "--check-config")
+    assert (result.returncode, result.stderr) == (
+        1, f"keyrelay-milter: error: {site.parent}/a\\nb.yaml: file not found\n")
+    result = run("--check-config", "x\x1b[2J")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        r"keyrelay-milter: error: unrecognized arguments: x\x1b[2J")
+
+
 def test_missing_directory_is_an_error_at_start(site: Path) -> None:
     (site.parent / "directory.yaml").unlink()
     result = run("--config", str(site), "--check-config")
