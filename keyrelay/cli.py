@@ -990,6 +990,14 @@ def _cmd(
     return parser
 
 
+def _path(text: str) -> str:
+    """A FILE or DIR argument. An empty one is a mistake (an unset shell variable), not the
+    working directory that ``Path("")`` would make of it."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names no file")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="keyrelay", description=_DESCRIPTION, epilog=_EPILOG)
     parser.add_argument("--config", metavar="PATH",
@@ -1137,12 +1145,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = _cmd(sub, "export", export_directory,
                "write the whole directory as a YAML directory file (from any backend)")
-    exp.add_argument("--output", "-o", metavar="FILE",
+    exp.add_argument("--output", "-o", metavar="FILE", type=_path,
                      help="write to FILE (mode 0600: it holds the keys' hashes); default: stdout")
     imp = _cmd(sub, "import", import_directory,
                "make the directory equal to a YAML directory file (e.g. one `keyrelay export` "
                "wrote from another backend); a second run changes nothing")
-    imp.add_argument("file", metavar="FILE")
+    imp.add_argument("file", metavar="FILE", type=_path)
     imp.add_argument("--dry-run", action="store_true",
                      help="list what would be added, changed and removed; change nothing")
 
@@ -1150,7 +1158,8 @@ def build_parser() -> argparse.ArgumentParser:
                "make the directory hold what a declaration file says (pools, accounts, "
                "subusers, IP rules, senders, limits, domains; never API keys); objects it "
                "does not name are left alone; a second run changes nothing")
-    syn.add_argument("file", metavar="FILE", help="the declaration (YAML); - reads standard input")
+    syn.add_argument("file", metavar="FILE", type=_path,
+                     help="the declaration (YAML); - reads standard input")
     syn.add_argument("--dry-run", action="store_true",
                      help="list what would be added, changed and removed; change nothing")
 
@@ -1158,12 +1167,12 @@ def build_parser() -> argparse.ArgumentParser:
     show = _cmd(pfx, "show", postfix_show,
                 "print keyrelay's main.cf parameters and master.cf services; with --config-dir, "
                 "merged with that configuration as apply would write them")
-    show.add_argument("--config-dir", metavar="DIR",
+    show.add_argument("--config-dir", metavar="DIR", type=_path,
                       help="an existing Postfix configuration directory, e.g. /etc/postfix")
     papply = _cmd(pfx, "apply", postfix_apply,
                   "write keyrelay's settings into an existing Postfix configuration with "
                   "postconf (idempotent; unrelated settings are kept), then run postfix check")
-    papply.add_argument("--config-dir", metavar="DIR", required=True,
+    papply.add_argument("--config-dir", metavar="DIR", required=True, type=_path,
                         help="the Postfix configuration directory, e.g. /etc/postfix")
     papply.add_argument("--dry-run", action="store_true",
                         help="print the changes without making them")

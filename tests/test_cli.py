@@ -517,6 +517,12 @@ REFUSALS: dict[str, Refusal] = {
     "missing-argument": Refusal("subuser add", 2, "the following arguments are required"),
     "missing-option": Refusal("key create acme", 2, "the following arguments are required: --name"),
     "not-a-number": Refusal("limits set acme --per-minute lots", 2, "invalid int value: 'lots'"),
+    # an empty FILE or DIR (an unset shell variable) named no file, or the working directory
+    "empty-output": Refusal("export -o ''", 2,
+                            "argument --output/-o: an empty path names no file"),
+    "empty-declaration": Refusal("sync ''", 2, "argument FILE: an empty path names no file"),
+    "empty-postfix-dir": Refusal("postfix apply --config-dir ''", 2,
+                                 "argument --config-dir: an empty path names no file"),
 }
 
 BROKEN_FILES = {
