@@ -747,7 +747,7 @@ def load_config(path: str) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(path, "", f"not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
-        data = yaml.load(text, Loader=_SafeLoader)
+        data = _load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -756,6 +756,45 @@ def load_config(path: str) -> Config:
         # PyYAML's constructors raise ValueError for e.g. an impossible date 2026-13-45
         raise ConfigError(path, "", f"invalid YAML: {exc}") from None
     return parse_config(data, path)
+
+
+def _load_yaml(text: str) -> object:
+    """``yaml.load`` with the safe loader, refusing a key given twice in one mapping: PyYAML
+    keeps the last one silently, so a second ``logging:`` section would drop every setting
+    of the first (an audit log written to the default path instead of the one configured)."""
+    loader = _SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:  # an empty file
+            return None
+        _refuse_duplicate_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(root: Any) -> None:
+    """Raise a ConstructorError (a MarkedYAMLError: line and column) at the second of two
+    equal keys of a mapping node anywhere under ``root``."""
+    merge = "tag:yaml.org,2002:merge"  # "<<: *anchor" keys may repeat what they merge
+    stack, visited = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:  # an alias repeats a node; anchors can even form a cycle
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], Any] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != merge:
+                    earlier = first.setdefault((key.tag, key.value), key)
+                    if earlier is not key:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"the key {key.value!r} is given twice (first at line "
+                            f"{earlier.start_mark.line + 1}); keep one", key.start_mark)
+                stack += [key, value]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
 
 
 def parse_config(data: object, path: str) -> Config:

@@ -263,6 +263,29 @@ def test_yaml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
     assert "invalid YAML at line 3, column" in error.reason
 
 
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    # PyYAML keeps the last of two equal keys: the second logging section silently dropped
+    # the first one's audit_log, and the CLI wrote /var/log/keyrelay/audit.log (found when
+    # a configuration of tests/test_fuzz_cli.py did this)
+    error = load_error(tmp_path, "logging:\n  audit_log: /srv/audit.log\n"
+                                 "dkim:\n  key_dir: /srv/dkim\nlogging:\n  level: debug\n")
+    assert error.key == ""
+    assert error.reason == ("invalid YAML at line 5, column 1: the key 'logging' is given "
+                            "twice (first at line 1); keep one")
+    nested = load_error(tmp_path, "limits:\n  messages_per_hour: 5\n  messages_per_hour: 6\n")
+    assert "line 3, column 3: the key 'messages_per_hour' is given twice" in nested.reason
+
+
+def test_yaml_merge_keys_and_aliases_are_not_duplicates(tmp_path: Path) -> None:
+    text = ("limits: &l {messages_per_minute: 5}\n"
+            "x-defaults: &d {messages_per_hour: 7, recipients_per_message: 3}\n")
+    error = load_error(tmp_path, text)  # x-defaults: only an unknown key, not a duplicate
+    assert error.key == "x-defaults"
+    config = load_config(write(tmp_path, "limits:\n  <<: {messages_per_minute: 5}\n"
+                                         "  messages_per_minute: 6\n"))
+    assert config.limits.messages_per_minute == 6
+
+
 def test_impossible_yaml_date_is_a_config_error_not_a_traceback(tmp_path: Path) -> None:
     # PyYAML raises ValueError (not YAMLError) while constructing a timestamp like this one
     error = load_error(tmp_path, "monitor_mode: 2026-13-45\n")
