@@ -45,7 +45,7 @@ from .errors import (
     one_line,
 )
 from .output import dump_json, table, when
-from .usage import ArgumentParser
+from .usage import ArgumentParser, echo_undecodable_arguments
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 CONFLICT_ATTEMPTS = 8  # runs of a command whose LDAP transaction met another writer's
@@ -1212,6 +1212,7 @@ def retrying_conflicts(action: Callable[[], T], attempts: int = CONFLICT_ATTEMPT
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    echo_undecodable_arguments()
     parser = build_parser()
     args = parser.parse_args(argv)
     config_path = resolve_config_path(args.config)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .postfixconf import run_postfix
-from .usage import ArgumentParser
+from .usage import ArgumentParser, echo_undecodable_arguments
 
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
@@ -591,6 +591,7 @@ Then look at the DKIM-signed message in {s.outbox}/.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    echo_undecodable_arguments()
     parser = ArgumentParser(
         prog="python -m keyrelay.demo",
         description="Run a keyrelay demo relay on loopback in the foreground (make run).",

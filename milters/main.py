@@ -21,7 +21,7 @@ from keyrelay.config import Config, load_config, resolve_config_path
 from keyrelay.directory import Directory, open_directory
 from keyrelay.errors import ConfigError, DirectoryUnavailable
 from keyrelay.logs import DecisionLog
-from keyrelay.usage import ArgumentParser
+from keyrelay.usage import ArgumentParser, echo_undecodable_arguments
 
 from .dkimsign import KeyStore, KeyUnavailable
 from .milter import KeyrelayMilter
@@ -200,6 +200,7 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    echo_undecodable_arguments()
     args = parse_args(argv)
     path = resolve_config_path(args.config)
     try:

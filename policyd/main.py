@@ -20,7 +20,7 @@ from keyrelay.config import Config, load_config, resolve_config_path
 from keyrelay.directory import open_directory
 from keyrelay.errors import ConfigError
 from keyrelay.logs import DecisionLog
-from keyrelay.usage import ArgumentParser
+from keyrelay.usage import ArgumentParser, echo_undecodable_arguments
 
 from . import server
 from .auth import AuthService
@@ -237,6 +237,7 @@ def _raise_fd_limit() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    echo_undecodable_arguments()
     args = parse_args(argv)
     path = resolve_config_path(args.config)
     try:

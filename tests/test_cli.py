@@ -765,6 +765,19 @@ def test_control_characters_in_arguments_and_file_names_stay_escaped_on_the_erro
                       "No such file or directory")
 
 
+def test_a_file_name_that_is_not_utf8_is_echoed_as_given_not_a_traceback(fresh: Relay) -> None:
+    # found by tests/test_fuzz_cli.py: with the strict stdout of a UTF-8 locale other than
+    # C.UTF-8, `export -o` a name holding a byte that is not UTF-8 wrote the file, then died
+    # with a traceback printing where
+    target = os.fsencode(fresh.root) + b"/export-\x80.yaml"
+    assert KEYRELAY
+    proc = subprocess.run([KEYRELAY, "--config", str(fresh.config), "export", "-o", target],
+                          capture_output=True, env={**ENV, "PYTHONIOENCODING": "utf-8:strict"},
+                          timeout=60, check=False)
+    assert (proc.returncode, proc.stderr) == (0, b""), proc
+    assert proc.stdout.endswith(b" to " + target + b".\n") and os.path.exists(target)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 def test_domain_keys_belong_to_the_owner_of_the_key_folder(tmp_path: Path) -> None:
     # `keyrelay domain add` runs as root; the milter reads the keys as the daemon user

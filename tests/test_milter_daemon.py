@@ -162,6 +162,20 @@ def test_control_characters_in_the_config_path_and_arguments_stay_on_one_line(
         r"keyrelay-milter: error: unrecognized arguments: x\x1b[2J")
 
 
+def test_check_config_names_a_config_path_that_is_not_utf8_without_a_traceback(
+    site: Path,
+) -> None:
+    # found by tests/test_fuzz_cli.py: the strict stdout of a UTF-8 locale other than C.UTF-8
+    # could not print "configuration <path> is valid"
+    config = os.fsencode(site.parent) + b"/keyrelay-\x80.yaml"
+    shutil.copy(site, config)
+    result = subprocess.run([str(MILTER), "--config", config, "--check-config"],
+                            capture_output=True, timeout=60, check=False,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert result.returncode == 0, result
+    assert b"keyrelay-milter: configuration " + config + b" is valid\n" in result.stdout
+
+
 def test_missing_directory_is_an_error_at_start(site: Path) -> None:
     (site.parent / "directory.yaml").unlink()
     result = run("--config", str(site), "--check-config")
