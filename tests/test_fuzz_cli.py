@@ -380,6 +380,9 @@ class DnsStub:
 
 
 Vocabulary = dict[str, tuple[list[str], list[str]]]
+# what the seed made, for the strategies (st.deferred: drawn from once the fixture has run);
+# @given stays on the test functions, so --hypothesis-show-statistics counts their examples
+VOCABULARY: Vocabulary = {}
 
 
 @dataclass
@@ -521,9 +524,9 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[State]:
         patch.setenv("KEYRELAY_CONFIG", str(root / "keyrelay.yaml"))
         os.chdir(root)
         try:
-            vocabulary = _seed(root, stub.port)
+            VOCABULARY.update(_seed(root, stub.port))
             shutil.copytree(root, seed, symlinks=True)
-            yield State(root, seed, root / "keyrelay.yaml", snapshot(seed), vocabulary)
+            yield State(root, seed, root / "keyrelay.yaml", snapshot(seed), VOCABULARY)
         finally:
             os.chdir(cwd)
             stub.close()
@@ -713,34 +716,31 @@ def side_effect(path: str, content: bytes) -> bool:
 _RECORD_THEN_REFUSE = {("domain", "verify"), ("domain", "check")}
 
 
+@FUZZ
+@given(argv=st.deferred(lambda: keyrelay_argv(VOCABULARY)), stdin=stdin_content)
 def test_keyrelay_answers_every_argument_vector_or_refuses_it_in_one_clear_line(
-        state: State) -> None:
-    @FUZZ
-    @given(keyrelay_argv(state.vocabulary), stdin_content)
-    def check(argv: list[str], stdin: bytes) -> None:
-        state.restore()
-        outcome = run_main(cli.main, argv, state.root, stdin)
-        args = parsed(PARSER, argv)
-        assert_clean(outcome, state, lambda: state.full_config(config_named(args)))
-        assert outcome.code in (0, 1, 2), outcome
-        after = snapshot(state.root)
-        if outcome.code == 2:
-            assert_usage_error(outcome, "keyrelay")
-        if outcome.code == 1:
-            assert_error_line(outcome, "keyrelay")
-        if outcome.code == 0:
-            assert not re.search(r"^keyrelay: error", outcome.err, re.M), outcome
-            if os.path.exists(state.root / "directory.yaml"):
-                YamlDirectory(str(state.root / "directory.yaml")).load()
-            return
-        command = (getattr(args, "command", ""), getattr(args, "action", ""))
-        if outcome.code == 2 or command not in _RECORD_THEN_REFUSE:
-            changed = sorted(k for k in after.keys() | state.seeded.keys()
-                             if after.get(k) != state.seeded.get(k) and not (
-                                 k not in state.seeded and side_effect(k, after[k])))
-            assert not changed, f"a refusal changed {changed}\n{outcome}"
-
-    check()
+        state: State, argv: list[str], stdin: bytes) -> None:
+    state.restore()
+    outcome = run_main(cli.main, argv, state.root, stdin)
+    args = parsed(PARSER, argv)
+    assert_clean(outcome, state, lambda: state.full_config(config_named(args)))
+    assert outcome.code in (0, 1, 2), outcome
+    after = snapshot(state.root)
+    if outcome.code == 2:
+        assert_usage_error(outcome, "keyrelay")
+    if outcome.code == 1:
+        assert_error_line(outcome, "keyrelay")
+    if outcome.code == 0:
+        assert not re.search(r"^keyrelay: error", outcome.err, re.M), outcome
+        if os.path.exists(state.root / "directory.yaml"):
+            YamlDirectory(str(state.root / "directory.yaml")).load()
+        return
+    command = (getattr(args, "command", ""), getattr(args, "action", ""))
+    if outcome.code == 2 or command not in _RECORD_THEN_REFUSE:
+        changed = sorted(k for k in after.keys() | state.seeded.keys()
+                         if after.get(k) != state.seeded.get(k) and not (
+                             k not in state.seeded and side_effect(k, after[k])))
+        assert not changed, f"a refusal changed {changed}\n{outcome}"
 
 
 # -- the daemons -----------------------------------------------------------------------------
@@ -793,29 +793,26 @@ def _parses(parser: Callable[[list[str] | None], argparse.Namespace],
 
 
 @pytest.mark.parametrize("daemon", DAEMONS, ids=[d.program for d in DAEMONS])
+@FUZZ
+@given(argv=st.deferred(lambda: daemon_argv(VOCABULARY)))
 def test_a_daemon_answers_every_argument_vector_or_refuses_it_in_one_clear_line(
-        state: State, daemon: Daemon) -> None:
-    @FUZZ
-    @given(daemon_argv(state.vocabulary))
-    def check(argv: list[str]) -> None:
-        state.restore()
-        with serving_recorded() as started:
-            outcome = run_main(daemon.main, argv, state.root)
-        args = _parses(daemon.parser, argv)
-        assert_clean(outcome, state, lambda: state.full_config(config_named(args)))
-        assert outcome.code in (0, 1, 2), outcome
-        if outcome.code == 2:
-            assert_usage_error(outcome, daemon.program)
-        elif outcome.code == 1:
-            assert_error_line(outcome, daemon.program)
-            assert not started, outcome
-        elif started:  # it would serve: only when asked to, with a configuration that loads
-            assert args is not None and not args.check_config, outcome
-        elif args is not None and args.check_config:
-            assert f"{daemon.program}: configuration " in outcome.out, outcome
-        assert snapshot(state.root) == state.seeded, f"the daemon changed the state\n{outcome}"
-
-    check()
+        state: State, daemon: Daemon, argv: list[str]) -> None:
+    state.restore()
+    with serving_recorded() as started:
+        outcome = run_main(daemon.main, argv, state.root)
+    args = _parses(daemon.parser, argv)
+    assert_clean(outcome, state, lambda: state.full_config(config_named(args)))
+    assert outcome.code in (0, 1, 2), outcome
+    if outcome.code == 2:
+        assert_usage_error(outcome, daemon.program)
+    elif outcome.code == 1:
+        assert_error_line(outcome, daemon.program)
+        assert not started, outcome
+    elif started:  # it would serve: only when asked to, with a configuration that loads
+        assert args is not None and not args.check_config, outcome
+    elif args is not None and args.check_config:
+        assert f"{daemon.program}: configuration " in outcome.out, outcome
+    assert snapshot(state.root) == state.seeded, f"the daemon changed the state\n{outcome}"
 
 
 # -- the demo --------------------------------------------------------------------------------
@@ -823,32 +820,31 @@ class WouldStart(Exception):
     """The demo got past its argument checks: from here on it starts Postfix."""
 
 
-def test_the_demo_refuses_bad_arguments_before_starting_anything(state: State) -> None:
-    def from_env(run_dir: Path) -> None:
-        raise WouldStart(str(run_dir))
+def would_start(run_dir: Path) -> None:
+    raise WouldStart(str(run_dir))
 
-    @FUZZ
-    @given(st.lists(st.one_of(arbitrary, st.sampled_from(["run", "-h", "--help", "--x"])),
-                    max_size=4))
-    def check(argv: list[str]) -> None:
-        handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(keyrelay.demo.Settings, "from_env", from_env)
-                outcome = run_main(keyrelay.demo.main, argv, state.root)
-        finally:
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
-        if "WouldStart" in outcome.crash:
-            return  # a run folder and nothing else: the demo would start
-        assert_clean(outcome, state, lambda: True)
-        assert outcome.code in (0, 1, 2), outcome
-        if outcome.code == 2:
-            assert_usage_error(outcome, re.escape("python -m keyrelay.demo"))
-        elif outcome.code == 1:  # not root
-            assert_error_line(outcome, "keyrelay demo")
 
-    check()
+@FUZZ
+@given(argv=st.lists(st.one_of(arbitrary, st.sampled_from(["run", "-h", "--help", "--x"])),
+                     max_size=4))
+def test_the_demo_refuses_bad_arguments_before_starting_anything(
+        state: State, argv: list[str]) -> None:
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(keyrelay.demo.Settings, "from_env", would_start)
+            outcome = run_main(keyrelay.demo.main, argv, state.root)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    if "WouldStart" in outcome.crash:
+        return  # a run folder and nothing else: the demo would start
+    assert_clean(outcome, state, lambda: True)
+    assert outcome.code in (0, 1, 2), outcome
+    if outcome.code == 2:
+        assert_usage_error(outcome, re.escape("python -m keyrelay.demo"))
+    elif outcome.code == 1:  # not root
+        assert_error_line(outcome, "keyrelay demo")
 
 
 # -- the installed console scripts -----------------------------------------------------------
@@ -889,33 +885,34 @@ def safe_to_run(program: str, argv: list[str], state: State) -> bool:
         os.path.join(state.root / "work", output)).startswith(f"{state.root}{os.sep}")
 
 
-@pytest.mark.parametrize("program", ["keyrelay", "keyrelay-policyd", "keyrelay-milter"])
+SCRIPT_PREFIXES = {  # program -> argument vectors the odd words are appended to
+    "keyrelay": [[], [b"account", b"add"], [b"key", b"create", b"acme", b"--name"], [b"sync"],
+                 [b"export", b"-o"], [b"domain", b"verify"], [b"ip", b"allow"]],
+    "keyrelay-policyd": [[b"--check-config"], [], [b"--config"]],
+    "keyrelay-milter": [[b"--check-config"], [], [b"--config"]],
+}
+
+
+@pytest.mark.parametrize("program", SCRIPT_PREFIXES)
+@SCRIPTS
+@given(data=st.data(), words=st.lists(raw_word, max_size=4))
 def test_a_console_script_shows_no_traceback_for_odd_bytes_in_argv(
-        state: State, program: str) -> None:
+        state: State, program: str, data: st.DataObject, words: list[bytes]) -> None:
     script = BIN / program
     assert script.exists(), f"{script}: pip install -e ."
-    prefixes = ([[], [b"account", b"add"], [b"key", b"create", b"acme", b"--name"],
-                 [b"sync"], [b"export", b"-o"], [b"domain", b"verify"], [b"ip", b"allow"]]
-                if program == "keyrelay" else [[b"--check-config"], [], [b"--config"]])
-
-    @SCRIPTS
-    @given(st.sampled_from(prefixes), st.lists(raw_word, max_size=4))
-    def check(prefix: list[bytes], words: list[bytes]) -> None:
-        argv = [*prefix, *words]
-        if not safe_to_run(program, [os.fsdecode(w) for w in argv], state):
-            reject()
-        state.restore()
-        proc = subprocess.run([script, *argv], capture_output=True, env=script_env(state),
-                              stdin=subprocess.DEVNULL, cwd=state.root / "work", timeout=60,
-                              check=False, preexec_fn=limit_memory)
-        err = proc.stderr.decode("utf-8", "replace")
-        shown = f"argv {argv!r}\nexit {proc.returncode}\n--- stderr\n{err}"
-        assert "Traceback" not in err, shown
-        assert proc.returncode in (0, 1, 2), shown
-        if proc.returncode:
-            last = err.splitlines()[-1] if err.strip() else ""
-            assert re.match(rf"{program}( \S+)*: error: ", last), shown
-        if program != "keyrelay":
-            assert snapshot(state.root) == state.seeded, shown
-
-    check()
+    argv = [*data.draw(st.sampled_from(SCRIPT_PREFIXES[program]), label="prefix"), *words]
+    if not safe_to_run(program, [os.fsdecode(w) for w in argv], state):
+        reject()
+    state.restore()
+    proc = subprocess.run([script, *argv], capture_output=True, env=script_env(state),
+                          stdin=subprocess.DEVNULL, cwd=state.root / "work", timeout=60,
+                          check=False, preexec_fn=limit_memory)
+    err = proc.stderr.decode("utf-8", "replace")
+    shown = f"argv {argv!r}\nexit {proc.returncode}\n--- stderr\n{err}"
+    assert "Traceback" not in err, shown
+    assert proc.returncode in (0, 1, 2), shown
+    if proc.returncode:
+        last = err.splitlines()[-1] if err.strip() else ""
+        assert re.match(rf"{program}( \S+)*: error: ", last), shown
+    if program != "keyrelay":
+        assert snapshot(state.root) == state.seeded, shown
