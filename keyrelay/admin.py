@@ -52,6 +52,10 @@ def principal(data: DirectoryData, pid: str) -> str:
 def key(data: DirectoryData, key_id: str) -> ApiKey:
     found = data.keys.get(key_id)
     if found is None:
+        pasted = keys.parse(key_id.strip())
+        if pasted is not None:  # a whole key where its id belongs: never echo the secret
+            raise UserError(f"that is a whole API key, not a key id; give only its id "
+                            f"{pasted.key_id!r} (the key was not shown or stored)")
         raise NotFound(f"unknown key id {key_id!r} (see: keyrelay key list)")
     return found
 

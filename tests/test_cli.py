@@ -612,6 +612,20 @@ def test_key_set_scopes_and_revoke(fresh: Relay) -> None:
     assert fresh.json("account list")[0]["keys"] == 0
 
 
+def test_a_whole_key_given_as_a_key_id_is_refused_without_echoing_its_secret(
+        fresh: Relay) -> None:
+    fresh.ok("account add acme")
+    new = fresh.json("key create acme --name pasted")
+    secret = new["key"].split(".")[2]
+    for command in ("key revoke", "key show", "key set-scopes"):
+        args = f"{new['key']} mail.send" if command == "key set-scopes" else new["key"]
+        said = fresh.refused(f"{command} {args}")
+        assert secret not in said, command
+        assert f"that is a whole API key, not a key id; give only its id '{new['key_id']}'" \
+            in said, command
+    assert fresh.json(f"key show {new['key_id']}")["state"] == "active"
+
+
 def test_key_lifetime_follows_default_and_max_expiry(tmp_path: Path) -> None:
     relay = Relay(tmp_path, "keys:\n  default_expiry: 7d\n  max_expiry: 30d\n")
     relay.ok("account add acme")

@@ -121,13 +121,18 @@ def client_of(relay: Relay, tenant: Tenant, holder: list[smtplib.SMTP]) -> smtpl
 def arrived(relay: Relay, token: bytes, timeout: float = 30.0) -> list[Path]:
     """The sink's files holding ``token``, once one is there (a second copy would come
     right behind the first)."""
-    seen: dict[Path, bool] = {}
+    seen: dict[tuple[Path, int], bool] = {}
 
     def holding() -> list[Path]:
+        found = []
         for path in relay.settings.outbox.iterdir():
-            if path not in seen:  # files are written once; read each once
-                seen[path] = token in path.read_bytes()
-        return [path for path, has in seen.items() if has]
+            # read each file again only when it grew: smtp-sink may still be writing it
+            key = (path, path.stat().st_size)
+            if key not in seen:
+                seen[key] = token in path.read_bytes()
+            if seen[key]:
+                found.append(path)
+        return found
 
     deadline = time.monotonic() + timeout
     while not holding() and time.monotonic() < deadline:
