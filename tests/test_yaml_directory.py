@@ -34,7 +34,7 @@ from keyrelay.directory.model import (
     SelectorState,
     Status,
 )
-from keyrelay.errors import ConfigError, DirectoryUnavailable
+from keyrelay.errors import ConfigError, DirectoryUnavailable, printable
 
 T0 = datetime(2026, 1, 31, 12, 0, 0, tzinfo=UTC)
 KEYRELAY = Path(sys.executable).with_name("keyrelay")
@@ -437,7 +437,8 @@ def test_bad_file_is_refused_naming_file_key_and_reason(
     assert info.value.path == str(path)
     assert info.value.key == key
     assert reason in info.value.reason
-    expected_start = f"{path}: {key}: " if key else f"{path}: "
+    # the message is one printable line: a newline in the key is shown escaped
+    expected_start = f"{path}: {printable(key)}: " if key else f"{path}: "
     assert str(info.value).startswith(expected_start)
     # the hot path turns the same fault into a temporary "directory unavailable"
     with pytest.raises(DirectoryUnavailable) as unavailable:
