@@ -119,6 +119,7 @@ class Driver(threading.Thread):
         self.error: BaseException | None = None
         self.revoke_after = 0  # faults before the revocation
         self.until = 0.0  # time.monotonic() after which no more faults; 0: the whole run
+        self.every_kind = threading.Event()  # set once each kind of fault was done
 
     def run(self) -> None:
         faults = [self.kill_policyd, self.kill_milter]
@@ -138,6 +139,8 @@ class Driver(threading.Thread):
                     order = self.rng.sample(faults, len(faults))
                 order.pop()()
                 done += 1
+                if done >= len(faults):
+                    self.every_kind.set()
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             self.error = exc
 
@@ -371,6 +374,10 @@ def soak(bench: Bench, args: argparse.Namespace, rng: random.Random,
                   f"again, {len(permanent)} refused permanently so far", flush=True)
             if todo:
                 time.sleep(0.5)
+        if driver.until:
+            # a fast run may end before every kind of fault was done: the rest of them
+            # happen while the foreign-From sender and the CLI writer keep going
+            driver.every_kind.wait(timeout=180)
     finally:
         for thread in (driver, writer, spoofer):
             thread.halt.set()

@@ -55,7 +55,7 @@ def test_a_short_soak_keeps_every_promise_while_the_relay_fails() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not SLAPD.exists(), reason="slapd is not installed (make test installs it)")
 def test_a_short_soak_with_ldap_keeps_every_promise_while_slapd_fails() -> None:
-    output = soak("ldap", 800)
+    output = soak("ldap", 1500)
     assert "(ldap directory)" in output
     for fault in ("slapd stopped (SIGTERM) for a while", "slapd killed (SIGKILL) and started",
                   "slapd hung (SIGSTOP) for a while",
