@@ -377,7 +377,10 @@ def soak(bench: Bench, args: argparse.Namespace, rng: random.Random,
         if driver.until:
             # a fast run may end before every kind of fault was done: the rest of them
             # happen while the foreign-From sender and the CLI writer keep going
-            driver.every_kind.wait(timeout=180)
+            deadline = time.monotonic() + 180
+            while (driver.is_alive() and not driver.every_kind.wait(0.5)
+                   and time.monotonic() < deadline):
+                pass  # a driver that failed ends the wait at once (its error is raised below)
     finally:
         for thread in (driver, writer, spoofer):
             thread.halt.set()
