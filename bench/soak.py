@@ -190,26 +190,26 @@ class Driver(threading.Thread):
         """How long slapd stays away: now and then longer than the daemons' copy is served."""
         return self.rng.uniform(0.5, 2 * (LDAP_REFRESH + LDAP_TIMEOUT) + 1)
 
+    def slapd_away(self, what: str, fail: Callable[[], None], mend: Callable[[], None]) -> None:
+        fail()
+        time.sleep(self.outage())
+        mend()
+        self.journal[what] += 1
+
     def stop_slapd(self) -> None:
         assert self.slapd is not None
-        self.slapd.stop()
-        time.sleep(self.outage())
-        self.slapd.start()
-        self.journal["slapd stopped (SIGTERM) for a while"] += 1
+        self.slapd_away("slapd stopped (SIGTERM) for a while", self.slapd.stop,
+                        self.slapd.start)
 
     def kill_slapd(self) -> None:
         assert self.slapd is not None
-        self.slapd.kill()
-        time.sleep(self.outage())
-        self.slapd.start()
-        self.journal["slapd killed (SIGKILL) and started again"] += 1
+        self.slapd_away("slapd killed (SIGKILL) and started again", self.slapd.kill,
+                        self.slapd.start)
 
     def hang_slapd(self) -> None:
         assert self.slapd is not None
-        self.slapd.pause()
-        time.sleep(self.outage())
-        self.slapd.resume()
-        self.journal["slapd hung (SIGSTOP) for a while"] += 1
+        self.slapd_away("slapd hung (SIGSTOP) for a while", self.slapd.pause,
+                        self.slapd.resume)
 
     def start_without_ldap(self) -> None:
         assert self.slapd is not None
@@ -230,12 +230,11 @@ class Driver(threading.Thread):
         child = self.bench.relay.children[name]
         fail()
         child.kill()
+        refused = False
         try:
             child.start(timeout=15)
         except DemoError:
             refused = True
-        else:
-            refused = False
         time.sleep(self.outage())
         mend()
         if not refused:
