@@ -149,6 +149,19 @@ class LdapConfig:
                   "LDAP is unreachable; 0: answer temporarily (4xx) at once. A revoked key "
                   "may work this much longer.", "min": 0},
     )
+    read_through_per_second: int = field(
+        default=20,
+        metadata={"doc": "Key ids not in a daemon's copy that may be read from LDAP per "
+                  "second (read-through: a key created a moment ago works at its first "
+                  "login). Past this budget such a login is answered temporarily (454), "
+                  "never refused; guessed key ids cannot flood LDAP.", "min": 1},
+    )
+    negative_cache: Duration = field(
+        default=Duration(10.0),
+        metadata={"doc": "How long a key id that LDAP said does not exist is refused from "
+                  "memory without asking again. Key ids are random: only a guess can ask "
+                  "for one before it is created.", "min": 0},
+    )
 
 
 @dataclass(frozen=True, slots=True)

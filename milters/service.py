@@ -161,6 +161,12 @@ class MilterService:
                 message.identity,
             ))
         directory = self.directory.snapshot() if message.identity else Directory.empty()
+        parsed = parse_identity(message.identity) if message.identity else None
+        if parsed and parsed[1] not in directory.keys and self.directory.reads_through:
+            # logged in with a key this process's copy lacks (created a moment ago, checked by
+            # policyd's own read-through): look it up rather than defer the message (this
+            # runs in libmilter's thread for the connection, so waiting blocks no one else)
+            directory = self.directory.fresh_for_key(parsed[1])
         facts = HeaderFacts(
             identity=message.identity,
             from_values=_values(message.headers, "from"),

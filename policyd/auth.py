@@ -43,8 +43,28 @@ class AuthService:
         )
         self.by_key = FailureTracker(bf.max_failures_per_key, bf.window, bf.lockout, bf.max_tracked)
 
-    def login(self, attempt: dovecot.Attempt) -> Verdict:
-        """Decide one attempt; every fault of ours becomes a TEMPFAIL verdict."""
+    def login(self, attempt: dovecot.Attempt) -> Verdict | KeyLookup:
+        """Decide one attempt; every fault of ours becomes a TEMPFAIL verdict.
+
+        A ``KeyLookup`` instead means: the key id is not in this node's copy of the directory
+        but may exist (a key created a moment ago). The caller runs ``lookup.run()`` off the
+        event loop, then ``looked_up`` decides on the refreshed copy.
+        """
+        return self._login(attempt, may_look_up=True)
+
+    def looked_up(self, attempt: dovecot.Attempt, lookup: KeyLookup) -> Verdict:
+        """Decide an attempt after its key id was looked up in the directory."""
+        if lookup.fault is not None:
+            # our own fault (LDAP away, or the read-through budget spent): temporary, and
+            # counted against nobody, since the key may well exist
+            log.error("API key %s not in this copy and cannot be looked up: %s",
+                      lookup.key_id, lookup.fault)
+            return unavailable("directory_unavailable")
+        verdict = self._login(attempt, may_look_up=False)
+        assert isinstance(verdict, Verdict)
+        return verdict
+
+    def _login(self, attempt: dovecot.Attempt, may_look_up: bool) -> Verdict | KeyLookup:
         ctx = self.context
         now = ctx.monotonic()
         address = attempt.client_address
@@ -65,6 +85,10 @@ class AuthService:
             return unavailable("directory_unavailable")
         facts = LoginFacts(attempt.username, attempt.password, address, ctx.clock(),
                            secured=attempt.secured)
+        if (may_look_up and key_id and key_id not in directory.keys
+                and ctx.directory.reads_through and attempt.username == ctx.settings.username
+                and (attempt.secured or not ctx.settings.require_tls)):
+            return KeyLookup(ctx, key_id)
         verdict = decide_login(directory, ctx.settings, facts)
         if verdict.action is Action.REFUSE and verdict.reason in GUESSING:
             if self.by_address.fail(client, now):
@@ -109,6 +133,34 @@ class AuthService:
             "reply": f"535 5.7.8 {reply.failure}",
         }
         self.context.decisions.emit(log.name, "login", fields)
+
+
+class KeyLookup:
+    """A key id to look up in the directory before the login can be decided.
+
+    Only for a backend whose copy may lag (LDAP): an "unknown key" from a stale copy would be
+    a permanent 535 for a valid key, counted as a guess. ``run`` blocks (one bounded LDAP
+    search, and a refresh when the key exists) and never raises: a fault is kept in ``fault``.
+    """
+
+    __slots__ = ("context", "fault", "key_id")
+
+    def __init__(self, context: Context, key_id: str) -> None:
+        self.context = context
+        self.key_id = key_id
+        self.fault: DirectoryUnavailable | None = None
+
+    def __repr__(self) -> str:
+        return f"KeyLookup({self.key_id!r})"
+
+    def run(self) -> None:
+        try:
+            self.context.directory.fresh_for_key(self.key_id)
+        except DirectoryUnavailable as exc:
+            self.fault = exc
+        except Exception as exc:
+            log.exception("internal error looking up API key %s", self.key_id)
+            self.fault = DirectoryUnavailable(f"internal error: {exc!r}")
 
 
 def client_key(address: str) -> str:

@@ -223,12 +223,16 @@ class AuthConnection(Connection):
         self.session = dovecot.ServerSession()
         self.cuid = cuid
         self.reader = dovecot.LineReader(listener.limits.max_request_size)
+        # a login waiting for its key id to be looked up (auth.KeyLookup), and the lines that
+        # arrived meanwhile: answered in order once it is decided
+        self.lookup: asyncio.Future[None] | None = None
+        self.backlog: list[str] = []
 
     def opened(self) -> None:
         self.send(dovecot.greeting(os.getpid(), self.cuid, secrets.token_hex(16)))
 
     def pending(self) -> bool:
-        return self.reader.pending
+        return self.reader.pending or self.lookup is not None
 
     def received(self, data: bytes) -> None:
         for line in self.reader.feed(data):
@@ -237,6 +241,9 @@ class AuthConnection(Connection):
                 break
 
     def line(self, text: str) -> None:
+        if self.lookup is not None:
+            self.backlog.append(text)
+            return
         event = self.session.receive(text)
         if event is None:
             return
@@ -245,13 +252,48 @@ class AuthConnection(Connection):
                 self.service.log_exchange_failure(event)
             self.send(event.data)
             return
-        verdict = self.service.login(event)
+        result = self.service.login(event)
+        if isinstance(result, auth.KeyLookup):
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self.lookup = asyncio.ensure_future(self.look_up(event, result))
+            return
+        self.answer(event, result)
+
+    def answer(self, event: dovecot.Attempt, verdict: Verdict) -> None:
         self.service.log(event, verdict)
         reply = auth.render(event.request_id, verdict)
         if reply is None:
             self.close_quietly()  # Postfix answers 454 4.7.0: the client retries
         else:
             self.send(reply)
+
+    async def look_up(self, event: dovecot.Attempt, lookup: auth.KeyLookup) -> None:
+        """Look the key id up in a worker thread (the event loop never waits for LDAP), then
+        decide, answer, and go on with what arrived meanwhile."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, lookup.run)
+        finally:
+            self.lookup = None
+        if self.closing:
+            return  # the sweep closed it (request_timeout): Postfix answered 454
+        try:
+            self.answer(event, self.service.looked_up(event, lookup))
+            while self.backlog and self.lookup is None and not self.closing:
+                self.line(self.backlog.pop(0))
+        except BadRequest as exc:
+            self.abort(str(exc))
+            return
+        except Exception:  # the one catch-all per connection (STYLE.md)
+            log.exception("%s: internal error on connection from %s; closing it",
+                          self.listener.name, self.peer)
+            self.internal_error()
+            return
+        if self.lookup is None and not self.closing:
+            if not self.pending():
+                self.request_started = 0.0
+            if self.transport is not None:
+                self.transport.resume_reading()
 
 
 class PolicyConnection(Connection):

@@ -2,6 +2,8 @@
 
 Every backend offers the same operations: ``snapshot()`` (a frozen ``Directory`` for the hot
 path, cheap when nothing changed; raises ``DirectoryUnavailable``), ``load()`` (a fresh read),
+``fresh_for_key()`` (a snapshot brought up to date when it lacks a key id that the backend
+has: a key created a moment ago works at its first login; may block, bounded),
 ``transaction()`` (a context manager yielding ``DirectoryData`` to change; written back when
 the block ends without an exception) and ``record_key_use()`` (the daemons' last-used
 times, which no decision reads: the LDAP backend writes them without making every reader
@@ -24,7 +26,14 @@ if TYPE_CHECKING:
 
 
 class DirectoryBackend(Protocol):
+    # True when a key id missing from snapshot() may still exist in the backend (a copy that
+    # is refreshed in the background): the front ends then ask fresh_for_key before they
+    # refuse a login as unknown. False: snapshot() is always current (the YAML file).
+    reads_through: bool
+
     def snapshot(self) -> Directory: ...
+
+    def fresh_for_key(self, key_id: str) -> Directory: ...
 
     def load(self, missing_ok: bool = False) -> DirectoryData: ...
 

@@ -24,8 +24,15 @@ say (a write of more than ``CHANGE_LIST_LIMIT`` entries, a reader more than
 without the keyrelay CLI. A copy is served only
 while the last successful contact is at most ``refresh_interval + timeout`` old (plus
 ``stale_grace`` when the admin allows stale answers); after that, ``snapshot()`` raises
-``DirectoryUnavailable`` and every front end answers temporarily. Unknown key ids are answered
-from the in-memory copy, so guessing costs LDAP nothing (negative caching for free).
+``DirectoryUnavailable`` and every front end answers temporarily.
+
+Read-through (``fresh_for_key``): a login with a key id that the copy lacks may be a key
+created a moment ago, so that one key id is looked up in LDAP (one subtree search by
+``krKeyId``). Found: the copy is refreshed at once (the change log brings the key and its
+principal) and the login decided on it. Not found: the key id is remembered as absent for
+``negative_cache`` seconds and the login refused. At most ``read_through_per_second`` such
+searches run per second (a token bucket); past that, and whenever LDAP does not answer, the
+lookup raises ``DirectoryUnavailable`` (a temporary answer), never "unknown key".
 
 Writes (the CLI, the daemons' last-used times): ``transaction()`` reads everything, lets the
 caller change the records, then writes only the difference, entry by entry. ``krSerial`` is a
@@ -39,6 +46,7 @@ entries alone (``record_key_use``): no decision reads them, so readers need not 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import ssl
 import threading
@@ -499,6 +507,8 @@ def _dn_key(dn: str) -> str:
 
 
 # -- the backend -----------------------------------------------------------------------------
+log = logging.getLogger("keyrelay.directory.ldap")
+_ABSENT_LIMIT = 100_000  # key ids remembered as absent; a flood of guesses stays bounded
 _FILTER = "(|" + "".join(f"(objectClass={c.name})" for c in OBJECT_CLASSES[1:]) + ")"
 
 
@@ -521,6 +531,13 @@ class LdapDirectory:
         self._stop = threading.Event()
         self._poll_conn: Any = None  # the refresher's connection, reused between polls
         self._entries: dict[str, Raw] = {}  # the copy's entries by _dn_key
+        self._refresh_lock = threading.Lock()  # one refresh at a time (refresher, lookups)
+        self._gate = threading.Lock()  # the read-through budget and the absent key ids
+        self._lookup_lock = threading.Lock()  # the read-through's own connection
+        self._lookup_conn: Any = None
+        self._tokens = float(config.read_through_per_second)
+        self._tokens_at = clock()
+        self._absent: dict[str, float] = {}  # key id -> until when LDAP's "no such key" holds
         self.problems: list[str] = []  # entries the last load skipped
 
     def __repr__(self) -> str:
@@ -709,7 +726,73 @@ class LdapDirectory:
                                        f"{self._error}")
         return snapshot
 
+    # -- read-through -------------------------------------------------------------------
+    reads_through = True  # a key id missing from the copy may exist: ask (fresh_for_key)
+
+    def fresh_for_key(self, key_id: str) -> Directory:
+        """The copy, brought up to date first when it lacks ``key_id`` and LDAP has it.
+
+        Blocks for at most one LDAP search and one refresh (call it off the event loop).
+        The copy it returns still lacks ``key_id`` when LDAP has no such key (now, or
+        within ``negative_cache``). Raises ``DirectoryUnavailable`` when LDAP cannot be
+        asked: unreachable, or over the ``read_through_per_second`` budget.
+        """
+        snapshot = self.snapshot()
+        if key_id in snapshot.keys:
+            return snapshot
+        now = self._clock()
+        with self._gate:
+            if self._absent.get(key_id, 0.0) > now:
+                return snapshot
+            rate = float(self.config.read_through_per_second)
+            self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+            self._tokens_at = now
+            if self._tokens < 1.0:
+                raise DirectoryUnavailable(
+                    f"more than {self.config.read_through_per_second} logins per second with "
+                    "key ids not in this copy (directory.ldap.read_through_per_second); "
+                    "answering temporarily")
+            self._tokens -= 1.0
+        if not self._key_in_ldap(key_id):
+            with self._gate:
+                if len(self._absent) >= _ABSENT_LIMIT:
+                    now = self._clock()
+                    self._absent = {k: t for k, t in self._absent.items() if t > now}
+                    while len(self._absent) >= _ABSENT_LIMIT:  # the oldest go first
+                        del self._absent[next(iter(self._absent))]
+                self._absent[key_id] = self._clock() + self.config.negative_cache
+            return self.snapshot()
+        log.info("API key %s is in LDAP but not in this copy yet: refreshing now", key_id)
+        self._refresh()
+        if key_id not in self.snapshot().keys:
+            # written without the keyrelay CLI (krSerial did not move): read everything
+            self._refresh(force=True)
+        return self.snapshot()
+
+    def _key_in_ldap(self, key_id: str) -> bool:
+        """One subtree search for the key's entry, on the read-through's own connection."""
+        with self._lookup_lock:
+            if self._lookup_conn is None:
+                self._lookup_conn = self._guarded(self.connect)
+            conn = self._lookup_conn
+            try:
+                return bool(self._guarded(lambda: self._search_key(conn, key_id)))
+            except BaseException:
+                self._lookup_conn = None
+                _unbind(conn)
+                raise
+
+    def _search_key(self, conn: Any, key_id: str) -> bool:
+        conn.search(f"ou=keys,{self.base}",
+                    f"(&(objectClass=krApiKey)(krKeyId={escape_filter_chars(key_id)}))",
+                    search_scope=ldap3.LEVEL, attributes=["krKeyId"], size_limit=1)
+        return any(item.get("type") == "searchResEntry" for item in conn.response or ())
+
     def _refresh(self, force: bool = False) -> None:
+        with self._refresh_lock:
+            self._refresh_now(force)
+
+    def _refresh_now(self, force: bool = False) -> None:
         """Poll krSerial, reload when it moved; the connection is kept between polls and
         opened again only after an error."""
         if self._poll_conn is None:
@@ -777,6 +860,8 @@ class LdapDirectory:
         self._stop.set()
         if self._poll_conn is not None:
             _unbind(self._poll_conn)
+        if self._lookup_conn is not None:
+            _unbind(self._lookup_conn)
 
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager

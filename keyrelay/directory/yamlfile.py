@@ -66,6 +66,12 @@ class YamlDirectory:
         return f"YamlDirectory({self.path!r})"
 
     # -- reading -------------------------------------------------------------------------
+    # snapshot() reads the file again whenever it changed: a key missing from it is absent
+    reads_through = False
+
+    def fresh_for_key(self, key_id: str) -> Directory:
+        return self.snapshot()
+
     def snapshot(self) -> Directory:
         """The current directory; re-parsed only when the file changed since the last call.
 
