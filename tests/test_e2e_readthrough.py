@@ -1,0 +1,159 @@
+"""A key created a moment ago works at its very first login (issue 18), through the real private
+Postfix, keyrelay-policyd and keyrelay-milter reading a real slapd.
+
+The relay here refreshes its copy of the directory only every five minutes, so within these
+tests only the read-through (docs/ldap.md, "Read-through") can bring a new key to the daemons:
+without it every first login below is a 535. slapd runs with ``-d stats``, so the LDAP reads
+that guessed key ids cause are counted from slapd's own log, not from keyrelay's counters.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e_harness import (
+    connect,
+    message,
+    new_key,
+    new_tenant,
+    private_relay,
+    send,
+    wait_delivered,
+)
+from policyd_harness import DovecotClient, wait_until
+from policyd_harness import connect as connect_socket
+from slapd_harness import KEYRELAY_INDEXES, SLAPD, Slapd
+
+from keyrelay import keys
+from keyrelay.demo import Relay
+
+REFRESH = 300.0  # longer than the module runs: no background refresh brings a new key
+BUDGET = 10  # directory.ldap.read_through_per_second
+# Generous deadlines for conditions (never a measure of speed): a slow machine meets them.
+DEADLINE = 60.0
+
+
+@pytest.fixture(scope="module")
+def slapd_stats() -> Iterator[Slapd]:
+    if not SLAPD.exists():
+        pytest.skip("slapd is not installed (make test installs it)")
+    with Slapd(indexes=KEYRELAY_INDEXES, debug="stats") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def relay(slapd_stats: Slapd) -> Iterator[Relay]:
+    if not Path("/usr/sbin/postfix").exists():
+        pytest.skip("Postfix is not installed (make test installs it)")
+    section = slapd_stats.directory_config(
+        refresh_interval=f"{REFRESH:g}s", full_reload_interval=f"{REFRESH:g}s",
+        read_through_per_second=BUDGET, negative_cache="60s")
+    with private_relay("127.0.0.4", section) as started:
+        yield started
+
+
+def login(relay: Relay, key: str, source: str | None = None) -> tuple[int, str]:
+    with connect(relay, "submission", source=source) as client:
+        try:
+            return client.login("apikey", key)[0], ""
+        except smtplib.SMTPAuthenticationError as exc:
+            return exc.smtp_code, exc.smtp_error.decode()
+        except smtplib.SMTPServerDisconnected:
+            return 0, "disconnected"
+
+
+def test_a_new_tenant_sends_at_its_first_try_and_twenty_new_keys_each_log_in_at_once(
+        relay: Relay) -> None:
+    # a new account, subuser, domain and key, all written to LDAP after the daemons loaded
+    # their copy: the login (policyd) and the message (milter) each read the key through
+    tenant = new_tenant(relay)
+    mid, text = message(tenant.sender, "rcpt@example.net", "first try")
+    send(relay, "submission", tenant.key, tenant.sender, text)  # no retry: raises on a 4xx
+    dump, _ = wait_delivered(relay, mid)
+    assert dump.count(b"DKIM-Signature:") == 2
+
+    answers = []
+    for _ in range(20):
+        key, _ = new_key(relay, tenant.principal)
+        answers.append(login(relay, key))
+    assert answers == [(235, "")] * 20
+
+
+def guessing_searches(slapd: Slapd, guessed: set[str]) -> int:
+    """slapd's SRCH operations (its -d stats log) that asked for one of ``guessed``."""
+    text = slapd.log_path.read_text(errors="replace")
+    return sum(1 for match in re.finditer(r"SRCH base=.*krKeyId=([a-z2-7]{16})\)", text)
+               if match.group(1) in guessed)
+
+
+def test_guessed_key_ids_at_a_high_rate_cost_ldap_only_the_budget_and_lock_only_the_guesser(
+        relay: Relay, slapd_stats: Slapd) -> None:
+    tenant = new_tenant(relay)
+    assert login(relay, tenant.key) == (235, "")  # now in the copy
+    endpoint = f"unix:{relay.settings.socket('auth')}"
+
+    # 1. one address guessing: locked out after max_failures_per_address (10) real misses
+    guess = keys.generate().text
+    with DovecotClient(connect_socket(endpoint)) as client:
+        client.handshake()
+        replies = [client.plain("apikey", guess, rip="127.66.0.1") for _ in range(11)]
+    assert [r.status for r in replies] == ["FAIL"] * 11
+    assert "too many failed logins from 127.66.0.1" in replies[-1].reason
+
+    # 2. a flood of guessed key ids from many addresses, each used once, by four clients
+    guesses = [keys.generate() for _ in range(4000)]
+    guessed = {g.key_id for g in guesses}
+    before = guessing_searches(slapd_stats, guessed)
+    statuses: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def flood(part: list[keys.NewKey], worker: int) -> None:
+        client: DovecotClient | None = None
+        for n, key in enumerate(part):
+            if client is None:
+                client = DovecotClient(connect_socket(endpoint))
+                client.handshake()
+            reply = client.plain("apikey", key.text, rip=f"127.{100 + worker}.{n // 250}.{n % 250}")
+            with lock:
+                statuses[reply.status] = statuses.get(reply.status, 0) + 1
+            if reply.status == "CLOSED":  # a temporary answer: Postfix's 454, a new connection
+                client.close()
+                client = None
+        if client is not None:
+            client.close()
+
+    threads = [threading.Thread(target=flood, args=(guesses[i::4], i)) for i in range(4)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    print(f"{len(guesses)} guesses in {elapsed:.2f}s ({len(guesses) / elapsed:.0f}/s): "
+          f"{statuses}")
+    assert sum(statuses.values()) == len(guesses)
+    assert set(statuses) <= {"FAIL", "CLOSED"}  # refused or temporary, never OK
+    assert statuses.get("CLOSED", 0) > 0, "the budget was never reached: no test of it"
+
+    # slapd's own count: the burst plus the budget for every second the flood lasted
+    searches = guessing_searches(slapd_stats, guessed) - before
+    assert 0 < searches <= BUDGET * (elapsed + 1) + BUDGET, (searches, elapsed)
+
+    # 3. nobody else is locked out: the tenant's key, and a brand-new key, from another
+    # address (a new key may get a temporary 454 while the budget refills; never a 535)
+    assert login(relay, tenant.key, source="127.0.2.1") == (235, "")
+    fresh, _ = new_key(relay, tenant.principal)
+    answers: list[tuple[int, str]] = []
+
+    def logged_in() -> bool:
+        answers.append(login(relay, fresh, source="127.0.2.2"))
+        return answers[-1][0] == 235
+
+    wait_until(logged_in, DEADLINE, "the new key accepted")
+    assert all(code in (235, 454, 0) for code, _ in answers), answers
