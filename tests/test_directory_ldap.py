@@ -289,3 +289,116 @@ def test_servers_are_tried_in_order_and_every_fault_is_named(slapd: Slapd) -> No
     text = str(info.value)
     assert f"{dead}: socket connection error" in text and "Connection refused" in text
     assert f"{slapd.ldaps_url}: " in text and "certificate verify failed" in text.lower()
+
+
+# -- read-through (issue 18): a key created a moment ago works at its first login ----------------
+class FrozenClock:
+    """The reader's monotonic clock, moved only by the test: the budget is exact."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counting_reader(server: Slapd, clock: FrozenClock, **overrides: Any
+                    ) -> tuple[LdapDirectory, list[str]]:
+    """A reader whose background refresh never runs during the test, and the key ids it
+    searched LDAP for."""
+    settings = {"refresh_interval": 600, "timeout": 1, **overrides}
+    config = parse_config({"directory": server.directory_config(**settings)}, "t.yaml")
+    reader = LdapDirectory(config.directory.ldap, clock=clock)
+    searched: list[str] = []
+    search = reader._search_key
+
+    def counted(conn: Any, key_id: str) -> bool:
+        searched.append(key_id)
+        return search(conn, key_id)
+
+    reader._search_key = counted  # type: ignore[method-assign]
+    return reader, searched
+
+
+def test_a_key_created_after_the_copy_was_loaded_is_read_through(own_slapd: Slapd) -> None:
+    writer = reader_of(own_slapd)
+    with writer.transaction() as data:
+        admin.add_account(data, "acme", datetime.now(UTC))
+    reader, searched = counting_reader(own_slapd, FrozenClock())
+    assert reader.reads_through and not reader.snapshot().keys  # the copy is loaded
+    with writer.transaction() as data:
+        admin.add_subuser(data, "acme/app", datetime.now(UTC))
+        created = admin.create_key(data, "acme/app", "new", ("mail.send",), None,
+                                   datetime.now(UTC))
+    key_id = created.key_id
+    assert key_id not in reader.snapshot().keys  # no refresh ran
+    fresh = reader.fresh_for_key(key_id)
+    assert fresh.keys[key_id].principal == "acme/app" and "acme/app" in fresh.subusers
+    assert reader.snapshot() is fresh and searched == [key_id]
+    assert reader.fresh_for_key(key_id) is fresh and searched == [key_id]  # in the copy now
+    reader.close()
+
+
+def test_an_absent_key_id_is_asked_once_within_the_negative_cache_and_reads_are_budgeted(
+        own_slapd: Slapd) -> None:
+    with reader_of(own_slapd).transaction() as data:
+        admin.add_account(data, "acme", datetime.now(UTC))
+    clock = FrozenClock()
+    reader, searched = counting_reader(own_slapd, clock, read_through_per_second=3,
+                                       negative_cache=5)
+    reader.snapshot()
+    guesses = [f"{'abcdefgh'[i]}" * 16 for i in range(5)]
+    assert guesses[0] not in reader.fresh_for_key(guesses[0]).keys
+    assert guesses[0] not in reader.fresh_for_key(guesses[0]).keys  # remembered: not asked
+    assert searched == [guesses[0]]
+    reader.fresh_for_key(guesses[1])
+    reader.fresh_for_key(guesses[2])
+    with pytest.raises(DirectoryUnavailable, match="read_through_per_second"):
+        reader.fresh_for_key(guesses[3])  # the burst of 3 is spent: temporary, not "absent"
+    assert searched == guesses[:3]
+    clock.now += 1 / 3  # a third of a second earns one read
+    reader.fresh_for_key(guesses[3])
+    with pytest.raises(DirectoryUnavailable):
+        reader.fresh_for_key(guesses[4])
+    clock.now += 5.1  # the negative cache ran out: asked again
+    reader.fresh_for_key(guesses[0])
+    assert searched == [*guesses[:4], guesses[0]]
+    reader.close()
+
+
+def test_a_key_written_without_the_cli_is_found_by_reading_everything(
+        own_slapd: Slapd) -> None:
+    writer = reader_of(own_slapd)
+    with writer.transaction() as data:
+        admin.add_account(data, "acme", datetime.now(UTC))
+        created = admin.create_key(data, "acme", "first", ("mail.send",), None,
+                                   datetime.now(UTC))
+    reader, _ = counting_reader(own_slapd, FrozenClock())
+    reader.snapshot()
+    # an LDAP admin copies the key's entry under a new id by hand: krSerial does not move
+    conn = own_slapd.admin()
+    try:
+        base = own_slapd.base_dn
+        conn.search(f"ou=keys,{base}", f"(krKeyId={created.key_id})", attributes=["*"])
+        entry = conn.response[0]["attributes"]
+        new_id = "z" * 16
+        attrs = {k: v for k, v in entry.items() if k not in ("krKeyId", "krLastUsed")}
+        assert conn.add(f"krKeyId={new_id},ou=keys,{base}", attributes={**attrs,
+                                                                         "krKeyId": new_id})
+    finally:
+        conn.unbind()
+    assert new_id in reader.fresh_for_key(new_id).keys
+    reader.close()
+
+
+def test_a_read_through_while_ldap_is_down_is_unavailable_not_absent(own_slapd: Slapd) -> None:
+    with reader_of(own_slapd).transaction() as data:
+        admin.add_account(data, "acme", datetime.now(UTC))
+    reader, _ = counting_reader(own_slapd, FrozenClock())
+    reader.snapshot()
+    own_slapd.stop()
+    with pytest.raises(DirectoryUnavailable, match=re.escape(own_slapd.url)):
+        reader.fresh_for_key("q" * 16)
+    own_slapd.start()
+    assert "q" * 16 not in reader.fresh_for_key("q" * 16).keys  # asked again: not remembered
+    reader.close()

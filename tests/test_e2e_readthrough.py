@@ -157,3 +157,40 @@ def test_guessed_key_ids_at_a_high_rate_cost_ldap_only_the_budget_and_lock_only_
 
     wait_until(logged_in, DEADLINE, "the new key accepted")
     assert all(code in (235, 454, 0) for code, _ in answers), answers
+
+
+def test_a_lookup_waiting_for_ldap_holds_up_no_other_login_and_ends_temporarily(
+        relay: Relay, slapd_stats: Slapd) -> None:
+    tenant = new_tenant(relay)
+    assert login(relay, tenant.key) == (235, "")  # now in the copy
+    endpoint = f"unix:{relay.settings.socket('auth')}"
+    finished: list[str] = []
+    waiting: dict[str, str] = {}
+
+    def guess() -> None:
+        # LDAP hung: the lookup waits for directory.ldap.timeout (5 s), then gives up
+        with DovecotClient(connect_socket(endpoint), timeout=DEADLINE) as client:
+            client.handshake()
+            waiting["status"] = client.plain("apikey", keys.generate().text,
+                                             rip="127.77.0.1").status
+        finished.append("guess")
+
+    slapd_stats.pause()
+    try:
+        guesser = threading.Thread(target=guess)
+        guesser.start()
+        with DovecotClient(connect_socket(endpoint), timeout=DEADLINE) as client:
+            client.handshake()
+            reply = client.plain("apikey", tenant.key, rip="127.77.0.2")
+        finished.append("known key")
+        guesser.join(DEADLINE)
+    finally:
+        slapd_stats.resume()
+    assert reply.status == "OK"
+    # the known key was answered from the copy while the other login waited for LDAP (the
+    # event loop never waits for LDAP); that one then ended temporarily (Postfix: 454)
+    assert finished == ["known key", "guess"] and waiting["status"] == "CLOSED"
+    # a temporary answer counts against nobody: the same address logs in
+    with DovecotClient(connect_socket(endpoint)) as client:
+        client.handshake()
+        assert client.plain("apikey", tenant.key, rip="127.77.0.1").status == "OK"
