@@ -52,9 +52,12 @@ MEASURES
     vs baseline  msg/s as a share of the baseline's (medians, same size and session shape)
     p50/p99 ms   per-message latency at the client: writing MAIL FROM to the 250 after
                  the end of DATA (TLS handshake and AUTH not included)
-    CPU ms/msg   CPU time (utime + stime, /proc/PID/stat) over the run divided by the
-                 messages: Postfix (master, every child, and the children it reaped),
-                 keyrelay-policyd, the setup's milter, the load client
+    CPU ms/msg   CPU time over the run divided by the messages: Postfix (master, every
+                 child, and the children it reaped), keyrelay-policyd, the setup's milter,
+                 the load client. Live processes are read from the kernel's per-process
+                 CPU clock (exact, threads that ended included); reaped children from
+                 the master's cutime + cstime (10 ms ticks; /proc/PID/stat's utime and
+                 stime also count in ticks, which read 0 for a short run)
     peak RSS     the highest resident memory seen (sampled every 0.25 s): Postfix's whole
                  process tree summed, keyrelay-policyd, the setup's milter
     errors       refusals by reply and stage, and broken sessions; lost (accepted, not at
