@@ -149,21 +149,28 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self.last_active = now = _now()
-        try:
-            self.received(data)
-        except BadRequest as exc:
-            self.abort(str(exc))
-            return
-        except Exception:  # the one catch-all per connection (STYLE.md)
-            log.exception("%s: internal error on connection from %s; closing it",
-                          self.listener.name, self.peer)
-            self.internal_error()
+        if not self.guarded(self.received, data):
             return
         if self.pending():
             if not self.request_started:
                 self.request_started = now
         else:
             self.request_started = 0.0
+
+    def guarded(self, action: Callable[[bytes], None], data: bytes) -> bool:
+        """Run ``action(data)``; a bad request or a fault of ours closes this connection
+        only (False)."""
+        try:
+            action(data)
+        except BadRequest as exc:
+            self.abort(str(exc))
+            return False
+        except Exception:  # the one catch-all per connection (STYLE.md)
+            log.exception("%s: internal error on connection from %s; closing it",
+                          self.listener.name, self.peer)
+            self.internal_error()
+            return False
+        return True
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -277,17 +284,13 @@ class AuthConnection(Connection):
             self.lookup = None
         if self.closing:
             return  # the sweep closed it (request_timeout): Postfix answered 454
-        try:
+
+        def decide_and_go_on(_: bytes) -> None:
             self.answer(event, self.service.looked_up(event, lookup))
             while self.backlog and self.lookup is None and not self.closing:
                 self.line(self.backlog.pop(0))
-        except BadRequest as exc:
-            self.abort(str(exc))
-            return
-        except Exception:  # the one catch-all per connection (STYLE.md)
-            log.exception("%s: internal error on connection from %s; closing it",
-                          self.listener.name, self.peer)
-            self.internal_error()
+
+        if not self.guarded(decide_and_go_on, b""):
             return
         if self.lookup is None and not self.closing:
             if not self.pending():
