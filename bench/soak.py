@@ -303,8 +303,11 @@ def wait_accepted(bench: Bench, who: Principal, seconds: float = 15) -> None:
                 client.starttls(context=client_tls())
                 client.login("apikey", who.key)
                 return
-        except smtplib.SMTPException:
-            if time.monotonic() > deadline:
+        except smtplib.SMTPException as exc:
+            # only a temporary answer is waited out: a 535 is final (and every retry of it
+            # would count towards the address's lock-out)
+            code = getattr(exc, "smtp_code", 0)
+            if 500 <= code < 600 or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 
