@@ -41,8 +41,11 @@ POSTFIX = Path("/usr/sbin/postfix")
 SWAKS = shutil.which("swaks")
 ANALYZE = shutil.which("systemd-analyze")
 
-pytestmark = pytest.mark.skipif(not PLAYBOOK.exists() or not POSTFIX.exists(),
-                                reason="ansible-core and Postfix come with make test")
+# setup.cfg's 300 s per test is too short here: a test runs ansible-playbook up to twice,
+# each allowed 300 s (pip installs on a slow machine)
+TIMEOUT = pytest.mark.timeout(1500)
+pytestmark = [TIMEOUT, pytest.mark.skipif(not PLAYBOOK.exists() or not POSTFIX.exists(),
+                                reason="ansible-core and Postfix come with make test")]
 
 SITE_MILTER_PORT = free_port()
 SITE_MAIN_CF = {  # the admin's own settings, which must survive
