@@ -57,6 +57,9 @@ class Outcome:
     in_doubt: set[int] = field(default_factory=set)  # broke after the end of DATA was sent
     sent_by: dict[int, str] = field(default_factory=dict)  # accepted: the principal
     accepted_at: dict[int, float] = field(default_factory=dict)  # accepted: time.time()
+    # accepted: time.time() just before its MAIL FROM was sent (every check of the message
+    # by the server came after it)
+    mail_sent_at: dict[int, float] = field(default_factory=dict)
     lag: dict[int, float] = field(default_factory=dict)  # paced: seconds sent after due
     sessions: int = 0
     seconds: float = 0.0  # first connection to the last reply
@@ -179,7 +182,7 @@ class Load:
                     if due > time.perf_counter():
                         await asyncio.sleep(due - time.perf_counter())
                     outcome.lag[number] = time.perf_counter() - due
-                began = time.perf_counter()
+                began, mail_sent = time.perf_counter(), time.time()
                 writer.write(envelope)
                 replies = [await _reply(reader) for _ in range(3)]
                 if replies[2][0] == 354:
@@ -194,6 +197,7 @@ class Load:
                         outcome.accepted[number] = time.perf_counter() - began
                         outcome.sent_by[number] = principal.pid
                         outcome.accepted_at[number] = time.time()
+                        outcome.mail_sent_at[number] = mail_sent
                     else:
                         _refuse(outcome, number, _label(text, "end of DATA"), principal)
                     continue

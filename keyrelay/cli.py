@@ -48,7 +48,11 @@ from .output import dump_json, table, when
 from .usage import ArgumentParser, echo_undecodable_arguments
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-CONFLICT_ATTEMPTS = 8  # runs of a command whose LDAP transaction met another writer's
+# a command whose LDAP transaction met another writer's runs again, after a jittered pause
+# that doubles each time (from 0.05 s up to 2 s), until CONFLICT_SECONDS have passed: many
+# writers at once on a slow machine all get through, whatever their number (a fixed count of
+# attempts gave up after ~6 s)
+CONFLICT_SECONDS = 60.0
 T = TypeVar("T")
 
 
@@ -1188,8 +1192,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_handler(handler: Handler, ctx: Context, args: argparse.Namespace,
-                attempts: int = CONFLICT_ATTEMPTS) -> None:
+def run_handler(handler: Handler, ctx: Context, args: argparse.Namespace) -> None:
     """Run a command; again when another writer changed the directory under it.
 
     Only LDAP refuses a transaction that overlapped another writer's (the YAML file is
@@ -1197,18 +1200,25 @@ def run_handler(handler: Handler, ctx: Context, args: argparse.Namespace,
     transaction, so running it again is what the admin would do by hand. (`domain check`
     writes once per domain and retries each one itself.)
     """
-    retrying_conflicts(lambda: handler(ctx, args), attempts)
+    retrying_conflicts(lambda: handler(ctx, args))
 
 
-def retrying_conflicts(action: Callable[[], T], attempts: int = CONFLICT_ATTEMPTS) -> T:
-    """``action()``, run again after a short random pause while it raises
-    DirectoryConflict (nothing was written), at most ``attempts`` times."""
-    for attempt in range(1, attempts):
+def retrying_conflicts(action: Callable[[], T], seconds: float = CONFLICT_SECONDS,
+                       clock: Callable[[], float] = time.monotonic,
+                       sleep: Callable[[float], None] = time.sleep) -> T:
+    """``action()``, run again while it raises DirectoryConflict (nothing was written):
+    after a random pause of 0.5-1.5 times 0.05 s, doubled at each conflict up to 2 s, for
+    ``seconds``; the last conflict is raised after that."""
+    deadline = clock() + seconds
+    pause = 0.05
+    while True:
         try:
             return action()
         except DirectoryConflict:
-            time.sleep(random.uniform(0.05, 0.2) * attempt)  # noqa: S311 - jitter, not a secret
-    return action()
+            if clock() >= deadline:
+                raise
+        sleep(pause * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not a secret
+        pause = min(2.0, pause * 2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,12 +64,18 @@ def free_port() -> int:
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``condition`` until it is true; a readiness check with a deadline, not a sleep."""
+    """Poll ``condition`` until it is true; a readiness check with a deadline, not a sleep.
+
+    The pause between polls starts at 20 ms and doubles up to 0.25 s, so a condition that
+    costs something (an SMTP session, a login) is not asked thousands of times while a slow
+    machine catches up."""
     deadline = time.monotonic() + timeout
+    pause = 0.02
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(pause)
+        pause = min(0.25, pause * 2)
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

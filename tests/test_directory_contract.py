@@ -265,12 +265,24 @@ def test_the_cli_gives_up_after_repeated_conflicts_with_a_clear_error(
         raise DirectoryConflict("the directory changed while this command ran; nothing was "
                                 "written: run the command again")
 
-    monkeypatch.setattr(cli.time, "sleep", lambda seconds: None)
+    clock = [0.0]  # the retries' clock: each pause advances it, nothing really waits
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        clock[0] += seconds
+
+    real = cli.retrying_conflicts
+    monkeypatch.setattr(cli, "retrying_conflicts", lambda action: real(
+        action, clock=lambda: clock[0], sleep=pause))
     monkeypatch.setattr(cli, "account_list", always_conflicting)
     status = cli.main(["--config", str(store.config_path), "account", "list"])
 
     assert status == cli.EXIT_FAILED
-    assert len(calls) == cli.CONFLICT_ATTEMPTS
+    # tried again until CONFLICT_SECONDS had passed, with pauses growing up to 2 s (jittered)
+    assert len(calls) == len(pauses) + 1
+    assert cli.CONFLICT_SECONDS <= clock[0] < cli.CONFLICT_SECONDS + 3
+    assert pauses[0] < 0.1 and 1.0 <= max(pauses) <= 3.0
     err = capsys.readouterr().err
     assert err.startswith("keyrelay: error: the directory changed") and err.count("\n") == 1
 

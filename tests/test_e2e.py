@@ -387,7 +387,9 @@ def _retry_delivers_once(relay: Relay, tenant: Tenant, mid: str, text: str) -> N
             return False
         return True
 
-    wait_until(sent, 90, "the client's retry to be accepted")
+    # Postfix's master throttles a service whose process failed for service_throttle_time
+    # (60 s by default): 180 s covers that, a slow restart and a slow machine
+    wait_until(sent, 180, "the client's retry to be accepted")
     wait_delivered(relay, mid)
 
 

@@ -58,6 +58,18 @@ def relay(slapd_stats: Slapd) -> Iterator[Relay]:
         yield started
 
 
+def unread_by_slapd(port: int) -> int:
+    """Bytes that clients sent to slapd's ``port`` and slapd has not read yet (the receive
+    queues of its established loopback connections, from /proc/net/tcp)."""
+    waiting = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        if int(local.rpartition(":")[2], 16) == port and state == "01":  # ESTABLISHED
+            waiting += int(queues.partition(":")[2], 16)
+    return waiting
+
+
 def login(relay: Relay, key: str, source: str | None = None) -> tuple[int, str]:
     with connect(relay, "submission", source=source) as client:
         try:
@@ -182,6 +194,10 @@ def test_a_lookup_waiting_for_ldap_holds_up_no_other_login_and_ends_temporarily(
     try:
         guesser = threading.Thread(target=guess)
         guesser.start()
+        # the guess's lookup is in flight: its request waits, unread, in the stopped slapd's
+        # socket (nothing else asks LDAP here: the relay refreshes every REFRESH seconds)
+        wait_until(lambda: unread_by_slapd(slapd_stats.port), DEADLINE,
+                   "the guess's LDAP request to reach the stopped slapd")
         with DovecotClient(connect_socket(endpoint), timeout=DEADLINE) as client:
             client.handshake()
             reply = client.plain("apikey", tenant.key, rip="127.77.0.2")

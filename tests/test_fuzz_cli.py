@@ -124,11 +124,12 @@ if _profile not in PROFILES:
     raise ValueError(f"KEYRELAY_FUZZ_PROFILE={_profile!r}: use one of {', '.join(PROFILES)}")
 IN_PROCESS_EXAMPLES, SCRIPT_EXAMPLES, TIMEOUT = PROFILES[_profile]
 pytestmark = pytest.mark.timeout(TIMEOUT)  # a long run takes longer than setup.cfg's 300 s
-FUZZ = settings(max_examples=IN_PROCESS_EXAMPLES, deadline=2000,
+# no per-example deadline: how long one call takes (an RSA key generated, a console script's
+# interpreter started: 0.3 s here, seconds on a loaded machine) says nothing about its
+# correctness; a call that hangs is caught by the test's timeout (pytestmark below)
+FUZZ = settings(max_examples=IN_PROCESS_EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
-# a console script starts a Python interpreter and imports keyrelay: about 0.3 s, more on a
-# loaded machine
-SCRIPTS = settings(max_examples=SCRIPT_EXAMPLES, deadline=20_000,
+SCRIPTS = settings(max_examples=SCRIPT_EXAMPLES, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow])
 MEMORY_LIMIT = 64 << 20  # bytes the process's peak size may grow by in one call
 SCRIPT_MEMORY = 1 << 30  # address space of one console script run (RLIMIT_AS)

@@ -27,16 +27,23 @@ import base64
 import email.utils
 import os
 import smtplib
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import dkim
 import pytest
-from e2e_harness import Tenant, as_sent, connect, new_tenant, published_records
+from e2e_harness import (
+    Tenant,
+    as_sent,
+    connect,
+    new_tenant,
+    published_records,
+    queue_empty,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from policyd_harness import wait_until
 
 from keyrelay.demo import Relay
 
@@ -118,9 +125,10 @@ def client_of(relay: Relay, tenant: Tenant, holder: list[smtplib.SMTP]) -> smtpl
     return client
 
 
-def arrived(relay: Relay, token: bytes, timeout: float = 30.0) -> list[Path]:
-    """The sink's files holding ``token``, once one is there (a second copy would come
-    right behind the first)."""
+def arrived(relay: Relay, token: bytes, timeout: float = 60.0) -> list[Path]:
+    """The sink's files holding ``token``, once one is there and Postfix's queue is empty
+    (so that a second copy would be there too); ``timeout`` for each (generous: a slow
+    machine)."""
     seen: dict[tuple[Path, int], bool] = {}
 
     def holding() -> list[Path]:
@@ -134,10 +142,8 @@ def arrived(relay: Relay, token: bytes, timeout: float = 30.0) -> list[Path]:
                 found.append(path)
         return found
 
-    deadline = time.monotonic() + timeout
-    while not holding() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.1)
+    wait_until(holding, timeout, "the message at the sink")
+    wait_until(lambda: queue_empty(relay), timeout, "Postfix's queue to empty")
     return holding()
 
 

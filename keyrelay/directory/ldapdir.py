@@ -794,11 +794,14 @@ class LdapDirectory:
 
     def _refresh_now(self, force: bool = False) -> None:
         """Poll krSerial, reload when it moved; the connection is kept between polls and
-        opened again only after an error."""
+        opened again only after an error. The contact time recorded is the moment the serial
+        was asked for, not its answer: the copy's age counts from the moment LDAP was asked,
+        so a slow answer does not lengthen how long a change may go unseen."""
         if self._poll_conn is None:
             self._poll_conn = self._guarded(self.connect)
         conn = self._poll_conn
         try:
+            asked = self._clock()
             serial, _ = self._guarded(lambda: self._serial_of(conn))
             now, known = self._clock(), self._serial
             stale = now - self._loaded_at > self.config.full_reload_interval
@@ -810,7 +813,7 @@ class LdapDirectory:
                     self._reload(conn, now)
                 else:
                     self._apply(conn, *log)
-            self._contact = now
+            self._contact = asked
         except BaseException:
             self._poll_conn = None
             _unbind(conn)
