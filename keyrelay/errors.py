@@ -2,7 +2,7 @@
 
 Front ends map these to answers in one place each: a ``UserError`` is the caller's mistake
 (a permanent, explained refusal or CLI exit 1), a ``DirectoryUnavailable`` is our fault and
-always becomes a temporary answer (DESIGN.md, "Decisions and what the client hears").
+always becomes a temporary answer (docs/ARCHITECTURE.md, "Failures"; docs/answers.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A key reads ``kr.<key id>.<secret>``. The key id (16 base32 characters, 80 random bits) is public
 and makes lookup O(1); the secret is 256 random bits from ``secrets`` (43 URL-safe base64
 characters). Only SHA-256 of the secret is ever stored: for a 256-bit random token a slow KDF
-adds nothing (DESIGN.md, "API keys and login"). Comparison is constant-time.
+adds nothing (docs/ARCHITECTURE.md, "Secrets"). Comparison is constant-time.
 """
 
 from __future__ import annotations

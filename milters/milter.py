@@ -1,6 +1,6 @@
 """The pymilter glue: milter callbacks in, a ``MilterService`` outcome rendered back out.
 
-Negotiated with Postfix (POSTFIX-REFERENCE.md section 4): only MAIL, the headers, the body and
+Negotiated with Postfix (docs/postfix-hooks.md section 4): only MAIL, the headers, the body and
 end-of-message are sent to us, all but end-of-message without waiting for a reply
 (``@noreply``), and only the macros used are asked for: ``{auth_authen}`` and
 ``{client_addr}`` at MAIL, ``i`` (the queue id) at end-of-message; Postfix then sends these
@@ -18,9 +18,9 @@ from typing import Any, TypeVar, cast
 
 import Milter
 
-from keyrelay.decisions import Action
+from keyrelay.decisions import Action, Reason, temporary
 
-from .service import Message, MilterService, Outcome, temporary
+from .service import Message, MilterService, Outcome
 
 log = logging.getLogger("keyrelay.milter")
 
@@ -129,9 +129,7 @@ class KeyrelayMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type
             return self.render(outcome)
         except Exception:  # e.g. the MTA refused an action: never let the mail through
             log.exception("cannot answer Postfix for this message")
-            return self.render(Outcome(temporary(
-                "internal_error", "temporary relay failure; try again later"
-            )))
+            return self.render(Outcome(temporary(Reason.INTERNAL_ERROR)))
 
     def abort(self) -> int:
         self._done()

@@ -1,10 +1,10 @@
 """What keyrelay-milter does with one message, apart from the milter protocol.
 
 The milter glue (``milters.milter``) hands over the session's login, the headers and the body
-as they arrive, and renders the ``Outcome`` it gets back; everything between is here: the
-decision engine's header verdict (From/Sender identity and the DKIM plan, DESIGN.md
-"Decisions"), signing, the temporary answers for our own faults, and the one log line per
-message.
+as they arrive, and renders the ``Outcome`` it gets back; everything between is here: asking
+the decision engine for the header verdict (From/Sender identity and the DKIM plan,
+keyrelay/decisions/message.py), signing, turning our own faults into the engine's temporary
+answers, and the one log line per message.
 
 Memory per message is bounded: the body is only streamed through the body hash, and only the
 headers that are signed or checked are kept.
@@ -20,12 +20,13 @@ from datetime import UTC, datetime
 
 from keyrelay.config import Config
 from keyrelay.decisions import (
-    Action,
     HeaderFacts,
+    Reason,
     Settings,
     Verdict,
     decide_headers,
     parse_identity,
+    temporary,
 )
 from keyrelay.directory import Directory, DirectoryBackend
 from keyrelay.errors import DirectoryUnavailable
@@ -73,15 +74,6 @@ class Message:
             self.body_hash.update(chunk)
 
 
-def temporary(reason: str, text: str, identity: str = "") -> Verdict:
-    """Our own fault: always temporary (451 4.3.0), so the client retries and nothing is lost."""
-    parsed = parse_identity(identity) if identity else None
-    principal, key_id = parsed if parsed else (None, None)
-    return Verdict(
-        Action.TEMPFAIL, reason, 451, "4.3.0", text, principal=principal, key_id=key_id
-    )
-
-
 class MilterService:
     """Shared by every milter connection: configuration, directory, keys and the log."""
 
@@ -99,7 +91,6 @@ class MilterService:
         self.decisions = decisions
         self.keys = keys if keys is not None else KeyStore()
         self.clock = clock
-        self.check_sender = config.milter.check_sender
         self.sign = config.milter.sign
         self.kept_headers = dkimsign.SIGNED_HEADERS if self.sign else _CHECKED
         self._lock = threading.Lock()
@@ -129,21 +120,13 @@ class MilterService:
             outcome = self._decide(message)
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable: %s", exc)
-            outcome = Outcome(temporary(
-                "directory_unavailable",
-                "account directory temporarily unavailable; try again later", identity,
-            ))
+            outcome = Outcome(temporary(Reason.DIRECTORY_UNAVAILABLE, identity))
         except KeyUnavailable as exc:
             log.error("DKIM key unavailable: %s", exc)
-            outcome = Outcome(temporary(
-                "dkim_key_unavailable", "DKIM signing temporarily unavailable; try again later",
-                identity,
-            ))
+            outcome = Outcome(temporary(Reason.DKIM_KEY_UNAVAILABLE, identity))
         except Exception:  # the one catch-all: an answer, a traceback, and mail is kept safe
             log.exception("internal error deciding message %s", queue_id or "(no queue id)")
-            outcome = Outcome(temporary(
-                "internal_error", "temporary relay failure; try again later", identity,
-            ))
+            outcome = Outcome(temporary(Reason.INTERNAL_ERROR, identity))
         self._log(message, queue_id, outcome)
         return outcome
 
@@ -156,10 +139,7 @@ class MilterService:
             # checked, and an empty address would read as "outside the rules" (permanent).
             log.error("Postfix sent no {client_addr}: milter macro negotiation failed "
                       "(milter_protocol must be 6); deferring authenticated mail")
-            return Outcome(temporary(
-                "client_address_missing", "temporary relay failure; try again later",
-                message.identity,
-            ))
+            return Outcome(temporary(Reason.CLIENT_ADDRESS_MISSING, message.identity))
         directory = self.directory.snapshot() if message.identity else Directory.empty()
         parsed = parse_identity(message.identity) if message.identity else None
         if parsed and parsed[1] not in directory.keys and self.directory.reads_through:
@@ -175,17 +155,9 @@ class MilterService:
             now=now,
         )
         verdict = decide_headers(directory, self.settings, facts)
-        if verdict.action is Action.REFUSE and not self.check_sender:
-            # check switched off: log the refusal as monitor mode does, pass unsigned
-            verdict = Verdict(
-                Action.ALLOW, "not_checked", principal=verdict.principal,
-                key_id=verdict.key_id, monitored=verdict,
-            )
         plan = verdict.signing
-        if not verdict.allowed or plan is None:
+        if not verdict.allowed or plan is None:  # refused, or nothing to sign (milter.sign)
             return Outcome(verdict)
-        if not self.sign:
-            return Outcome(verdict._replace(signing=None))
         if message.body_hash is None:
             raise RuntimeError("a message to sign has no body hash")
         keys = self.keys.keys_for(plan.selectors)

@@ -1,4 +1,4 @@
-"""Postfix's policy delegation protocol (SMTPD_POLICY_README; POSTFIX-REFERENCE.md section 2).
+"""Postfix's policy delegation protocol (SMTPD_POLICY_README; docs/postfix-hooks.md section 2).
 
 A request is ``name=value`` lines ended by an empty line; the answer is ``action=...`` and an
 empty line. Connections stay open across requests. This module splits a byte stream into

@@ -1,35 +1,40 @@
 """The SASL auth service: decides one login attempt and renders the verdict for Postfix.
 
 Brute-force protection sits in front of the decision engine, keyed on the client address and
-on the key id (every username is ``apikey``, so the username is useless as a key). Only
-*guessing* failures count: a wrong username, a password that is not a key, an unknown key id
-or a wrong secret. A revoked or expired key, a suspended principal or a refused address is a
-known key used in the wrong place, answered clearly every time without locking anyone out.
+on the key id (every username is ``apikey``, so the username is useless as a key). This module
+keeps the counts; what counts as a guess and what a locked-out client is told is the engine's
+(keyrelay/decisions/login.py): a wrong username, a password that is not a key, an unknown key
+id or a wrong secret count; a revoked or expired key, a suspended principal or a refused
+address is a known key used in the wrong place, answered clearly every time without locking
+anyone out.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 
 from keyrelay import keys, names
 from keyrelay.config import BruteForceConfig
-from keyrelay.decisions import Action, LoginFacts, Verdict, decide_login
+from keyrelay.decisions import (
+    Action,
+    LoginFacts,
+    Reason,
+    Verdict,
+    counts_against_key,
+    counts_as_guess,
+    decide_login,
+    locked_out,
+    minutes,
+    temporary,
+)
 from keyrelay.errors import DirectoryUnavailable, UserError
 
 from . import dovecot
-from .context import Context, unavailable
+from .context import Context
 from .counters import FailureTracker
 
 log = logging.getLogger("keyrelay.policyd.auth")
-
-GUESSING = frozenset({"bad_username", "malformed_key", "unknown_key"})
-
-
-def _minutes(seconds: float) -> str:
-    minutes = max(1, math.ceil(seconds / 60))
-    return f"{minutes} minute{'s' if minutes > 1 else ''}"
 
 
 class AuthService:
@@ -59,7 +64,7 @@ class AuthService:
             # counted against nobody, since the key may well exist
             log.error("API key %s not in this copy and cannot be looked up: %s",
                       lookup.key_id, lookup.fault)
-            return unavailable("directory_unavailable")
+            return temporary(Reason.DIRECTORY_UNAVAILABLE)
         verdict = self._login(attempt, may_look_up=False)
         assert isinstance(verdict, Verdict)
         return verdict
@@ -73,16 +78,16 @@ class AuthService:
         key_id = presented.key_id if presented else None
         locked = self.by_address.locked_for(client, now)
         if locked:
-            return self._locked("address_locked_out", f"too many failed logins from {address}",
-                                locked, key_id)
+            return locked_out(Reason.ADDRESS_LOCKED_OUT, f"too many failed logins from {address}",
+                              locked, key_id)
         if key_id and (locked := self.by_key.locked_for(key_id, now)):
-            return self._locked("key_locked_out", f"too many failed logins for API key {key_id}",
-                                locked, key_id)
+            return locked_out(Reason.KEY_LOCKED_OUT,
+                              f"too many failed logins for API key {key_id}", locked, key_id)
         try:
             directory = ctx.snapshot()
         except DirectoryUnavailable as exc:
             log.error("directory unavailable: %s", exc)
-            return unavailable("directory_unavailable")
+            return temporary(Reason.DIRECTORY_UNAVAILABLE)
         facts = LoginFacts(attempt.username, attempt.password, address, ctx.clock(),
                            secured=attempt.secured)
         if (may_look_up and key_id and key_id not in directory.keys
@@ -90,26 +95,16 @@ class AuthService:
                 and (attempt.secured or not ctx.settings.require_tls)):
             return KeyLookup(ctx, key_id)
         verdict = decide_login(directory, ctx.settings, facts)
-        if verdict.action is Action.REFUSE and verdict.reason in GUESSING:
+        if counts_as_guess(verdict):
             if self.by_address.fail(client, now):
                 log.warning("client %s locked out for %s after repeated failed logins",
-                            address, _minutes(ctx.config.policyd.bruteforce.lockout))
-            # a wrong secret for a key id that exists: someone may be guessing that key (a
-            # wrong username with the right key is a client's mistake, not a guess at the key)
-            guessing_key = verdict.reason == "unknown_key" and key_id in directory.keys
-            if key_id and guessing_key and self.by_key.fail(key_id, now):
+                            address, minutes(ctx.config.policyd.bruteforce.lockout))
+            if key_id and counts_against_key(verdict) and self.by_key.fail(key_id, now):
                 log.warning("API key %s locked out for %s after repeated wrong secrets",
-                            key_id, _minutes(ctx.config.policyd.bruteforce.lockout))
+                            key_id, minutes(ctx.config.policyd.bruteforce.lockout))
         elif verdict.allowed and verdict.key_id:
             ctx.key_used(verdict.key_id, facts.now)
         return verdict
-
-    @staticmethod
-    def _locked(reason: str, what: str, seconds: float, key_id: str | None) -> Verdict:
-        return Verdict(
-            Action.REFUSE, reason, 535, "5.7.8",
-            f"{what}; try again in {_minutes(seconds)}", key_id=key_id,
-        )
 
     def log(self, attempt: dovecot.Attempt, verdict: Verdict) -> None:
         fields = {
@@ -118,7 +113,7 @@ class AuthService:
             "mechanism": attempt.mechanism,
             **verdict.log_fields(),
         }
-        if verdict.action is not Action.ALLOW and verdict.reason == "bad_username":
+        if verdict.action is not Action.ALLOW and verdict.reason is Reason.BAD_USERNAME:
             fields["username"] = loggable_username(attempt.username)
         self.context.decisions.emit(log.name, "login", fields)
 
@@ -129,7 +124,7 @@ class AuthService:
             "client": reply.client_address,
             "mechanism": reply.mechanism,
             "verdict": "refuse",
-            "reason": "malformed_exchange",
+            "reason": str(Reason.MALFORMED_EXCHANGE),
             "reply": f"535 5.7.8 {reply.failure}",
         }
         self.context.decisions.emit(log.name, "login", fields)
@@ -190,7 +185,7 @@ def render(request_id: str, verdict: Verdict) -> bytes | None:
 
     Postfix 3.7 turns every ``FAIL`` into a permanent 535 whatever flags it carries, so a
     temporary fault is signalled the only way Postfix understands: the connection drops and
-    the client gets ``454 4.7.0`` (POSTFIX-REFERENCE.md section 1).
+    the client gets ``454 4.7.0`` (docs/postfix-hooks.md section 1).
     """
     if verdict.action is Action.ALLOW:
         assert verdict.identity is not None

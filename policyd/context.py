@@ -2,7 +2,7 @@
 and the last-used times of keys waiting to be written back.
 
 Built once in ``main()`` from a validated ``Config`` and rebuilt on SIGHUP; nothing here is a
-module-level global (STYLE.md, Configuration).
+module-level global (docs/ARCHITECTURE.md, "Configuration").
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from keyrelay.config import Config
-from keyrelay.decisions import Action, Settings, Verdict
+from keyrelay.decisions import Settings
 from keyrelay.directory import Directory, DirectoryBackend
 from keyrelay.errors import KeyrelayError
 from keyrelay.logs import DecisionLog
@@ -25,14 +25,6 @@ log = logging.getLogger("keyrelay.policyd")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def unavailable(reason: str) -> Verdict:
-    """Our own fault: always temporary, so the client retries and nothing is lost."""
-    return Verdict(
-        Action.TEMPFAIL, reason, 451, "4.3.0", "account directory temporarily unavailable; "
-        "try again later",
-    )
 
 
 @dataclass(slots=True)

@@ -3,7 +3,7 @@
 Both are bounded: rate counters hold two numbers per principal and window; failure trackers
 keep at most ``max_tracked`` entries and forget the least recently failed first, so an attack
 from many addresses cannot grow memory without limit. (Several relay nodes sharing limits need
-a shared store such as Redis; DESIGN.md, Deployment.)
+a shared store such as Redis, a later step.)
 """
 
 from __future__ import annotations

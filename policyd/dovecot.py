@@ -1,5 +1,5 @@
 """The Dovecot authentication protocol, server side, as Postfix's ``smtpd_sasl_type = dovecot``
-speaks it (POSTFIX-REFERENCE.md section 1; Postfix ``xsasl_dovecot_server.c``).
+speaks it (docs/postfix-hooks.md section 1; Postfix ``xsasl_dovecot_server.c``).
 
 Lines are TAB-separated fields ending in LF. On connect the server sends its handshake
 (``VERSION``, ``MECH``..., ``SPID``, ``CUID``, ``COOKIE``, ``DONE``); the client sends

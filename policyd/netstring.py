@@ -1,4 +1,4 @@
-"""Postfix socketmap tables: netstrings (POSTFIX-REFERENCE.md section 3; ``dict_sockmap.c``).
+"""Postfix socketmap tables: netstrings (docs/postfix-hooks.md section 3; ``dict_sockmap.c``).
 
 A request is the netstring ``<len>:<name> <key>,``; the reply is a netstring holding
 ``OK <value>``, ``NOTFOUND ``, ``TEMP <reason>``, ``TIMEOUT <reason>`` or ``PERM <reason>``.

@@ -20,16 +20,20 @@ import math
 from collections import OrderedDict
 
 from keyrelay.decisions import (
+    STAGE_NOT_CHECKED,
     Action,
     EnvelopeFacts,
     RateFacts,
+    Reason,
     Verdict,
     decide_envelope,
     decide_rate,
+    temporary,
+    with_rate,
 )
 from keyrelay.errors import DirectoryUnavailable
 
-from .context import Context, unavailable
+from .context import Context
 from .counters import SlidingWindow
 
 log = logging.getLogger("keyrelay.policyd.policy")
@@ -68,13 +72,13 @@ class PolicyService:
         """Decide one request; directory trouble becomes a temporary verdict."""
         stage = request.get("protocol_state", "").upper()
         if request.get("request") != "smtpd_access_policy" or stage not in ENVELOPE_STAGES:
-            return Verdict(Action.ALLOW, "not_checked_at_" + (stage.lower() or "unknown"))
+            return STAGE_NOT_CHECKED
         ctx = self.context
         try:
             directory = ctx.snapshot()
         except DirectoryUnavailable as exc:
             log.error("directory unavailable: %s", exc)
-            return unavailable("directory_unavailable")
+            return temporary(Reason.DIRECTORY_UNAVAILABLE)
         now = ctx.clock()
         identity = request.get("sasl_username", "")
         facts = EnvelopeFacts(
@@ -89,7 +93,7 @@ class PolicyService:
         if not verdict.allowed or verdict.principal is None:
             return verdict
         if stage == "RCPT":
-            # Postfix sends recipient_count=0 until DATA (POSTFIX-REFERENCE.md section 2):
+            # Postfix sends recipient_count=0 until DATA (docs/postfix-hooks.md section 2):
             # count this message's RCPTs ourselves, per instance.
             recipients = self._recipients.get(request.get("instance", ""), 0) + 1
         else:
@@ -106,20 +110,16 @@ class PolicyService:
                 now=now,
             ),
         )
-        if not rate.allowed:
-            return rate
+        answer = with_rate(verdict, rate)
+        if not answer.allowed:
+            return answer  # refused: nothing counted
         if stage == "RCPT":
             self._count_recipient(request.get("instance", ""), recipients)
         if counted and verdict.principal:
             self.per_minute.add(verdict.principal, tick)
             self.per_hour.add(verdict.principal, tick)
             self._remember(request)
-        if rate.monitored and not verdict.monitored:
-            return Verdict(
-                Action.ALLOW, "monitor", principal=verdict.principal, key_id=verdict.key_id,
-                transport=verdict.transport, monitored=rate.monitored,
-            )
-        return verdict
+        return answer
 
     @staticmethod
     def _rate(window: SlidingWindow, verdict: Verdict, tick: float, counted: bool) -> int:
@@ -154,7 +154,7 @@ class PolicyService:
         self.per_hour.prune(tick)
 
     def log(self, request: dict[str, str], verdict: Verdict) -> None:
-        if verdict.reason.startswith("not_checked"):
+        if verdict.reason is Reason.STAGE_NOT_CHECKED:
             return
         fields = {
             "service": "policy",

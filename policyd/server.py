@@ -24,7 +24,7 @@ from typing import cast
 
 from keyrelay import daemon
 from keyrelay.config import PolicydConfig
-from keyrelay.decisions import Action, Verdict
+from keyrelay.decisions import Reason, Verdict, temporary
 
 from . import attributes, auth, dovecot, netstring, policy
 from .auth import AuthService
@@ -165,7 +165,7 @@ class Connection(asyncio.Protocol):
         except BadRequest as exc:
             self.abort(str(exc))
             return False
-        except Exception:  # the one catch-all per connection (STYLE.md)
+        except Exception:  # the one catch-all per connection (docs/ARCHITECTURE.md, "Failures")
             log.exception("%s: internal error on connection from %s; closing it",
                           self.listener.name, self.peer)
             self.internal_error()
@@ -320,8 +320,7 @@ class PolicyConnection(Connection):
     def internal_error(self) -> None:
         # The policy protocol can carry a temporary answer: better than a dropped connection,
         # which Postfix would retry and then answer with its own default action.
-        verdict = Verdict(Action.TEMPFAIL, "internal_error", 451, "4.3.0",
-                          "internal error in the relay's policy service; try again later")
+        verdict = temporary(Reason.INTERNAL_ERROR)
         if self.request:
             self.service.log(self.request, verdict)
             self.send(attributes.encode_action(policy.render(verdict)))

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import logging
 
-from keyrelay import names
-from keyrelay.decisions import domain_may_send, format_identity, key_usable, principal_active
-from keyrelay.directory import Directory
-from keyrelay.errors import DirectoryUnavailable, UserError
+from keyrelay.decisions import LookupResult, sender_logins
+from keyrelay.errors import DirectoryUnavailable
 
 from . import netstring
 from .context import Context
@@ -29,50 +27,30 @@ class SocketmapService:
     def __init__(self, context: Context) -> None:
         self.context = context
 
-    def lookup(self, request: netstring.Lookup) -> tuple[bytes, str]:
-        """The reply netstring and a short outcome for the log."""
+    def lookup(self, request: netstring.Lookup) -> tuple[bytes, LookupResult]:
+        """The reply netstring and its outcome for the log (keyrelay/decisions/reasons.py)."""
         if request.map_name not in MAPS:
-            return netstring.perm(f"unknown map {request.map_name[:40]!r}"), "unknown_map"
+            return (netstring.perm(f"unknown map {request.map_name[:40]!r}"),
+                    LookupResult.UNKNOWN_MAP)
+        ctx = self.context
         try:
-            directory = self.context.snapshot()
+            directory = ctx.snapshot()
         except DirectoryUnavailable as exc:
             log.error("directory unavailable: %s", exc)
-            return netstring.temp("account directory temporarily unavailable"), "unavailable"
-        logins = self.sender_logins(directory, request.key.lower())
+            return (netstring.temp("account directory temporarily unavailable"),
+                    LookupResult.UNAVAILABLE)
+        logins = sender_logins(directory, ctx.settings, request.key.lower(), ctx.clock())
         if not logins:
-            return netstring.not_found(), "notfound"
+            return netstring.not_found(), LookupResult.NOTFOUND
         value = ",".join(logins)
         if len(value.encode()) > netstring.MAX_REPLY - 8:
             # Postfix refuses longer replies; say why every message for it is deferred
             log.error("sender_login for %s lists %d logins, more than Postfix's 100000-byte "
                       "socketmap reply holds; answering TEMP", request.key[:256], len(logins))
-            return netstring.temp("too many logins for one address"), "too_long"
-        return netstring.ok(value), "ok"
+            return netstring.temp("too many logins for one address"), LookupResult.TOO_LONG
+        return netstring.ok(value), LookupResult.OK
 
-    def sender_logins(self, directory: Directory, key: str) -> list[str]:
-        try:
-            address = names.address(key)
-        except UserError:
-            return []
-        ctx = self.context
-        now = ctx.clock()
-        owners = set(directory.senders_of(address))
-        domain = directory.domains.get(address.rpartition("@")[2])
-        if domain is not None and domain_may_send(domain, ctx.settings, now):
-            owners.add(domain.owner)
-            owners.update(domain.grants)
-        logins: list[str] = []
-        for principal in sorted(owners):
-            if not principal_active(directory, principal):
-                continue
-            logins.extend(
-                format_identity(principal, k.key_id)
-                for k in directory.keys_of(principal)
-                if key_usable(k, now)
-            )
-        return logins
-
-    def log(self, request: netstring.Lookup, outcome: str) -> None:
+    def log(self, request: netstring.Lookup, outcome: LookupResult) -> None:
         fields = {"service": "socketmap", "map": request.map_name[:40], "key": request.key[:256],
-                  "result": outcome}
+                  "result": str(outcome)}
         self.context.decisions.emit(log.name, "lookup", fields)

@@ -1,4 +1,4 @@
-"""The decision engine (keyrelay.decisions) against DESIGN.md's "Decisions" table.
+"""The decision engine (keyrelay.decisions) against docs/answers.md, question by question.
 
 Every test builds its directory through the admin operations (tests/factories.py), asks the
 engine one question and checks the whole answer a client would hear: action, SMTP code,
@@ -13,8 +13,9 @@ from datetime import timedelta
 
 import pytest
 from factories import NOW, World, key_id
+from test_reasons import text_matches
 
-from keyrelay import admin, decisions
+from keyrelay import admin
 from keyrelay.config import default_config
 from keyrelay.decisions import (
     Action,
@@ -22,16 +23,27 @@ from keyrelay.decisions import (
     HeaderFacts,
     LoginFacts,
     RateFacts,
+    Reason,
     Settings,
     Verdict,
+    counts_against_key,
+    counts_as_guess,
     decide_envelope,
     decide_headers,
     decide_login,
     decide_rate,
     format_identity,
     limits_for,
+    locked_out,
     parse_identity,
+    temporary,
+    with_rate,
 )
+from keyrelay.decisions import envelope as envelope_module
+from keyrelay.decisions import (
+    minutes as lockout_minutes,
+)
+from keyrelay.decisions.reasons import TEMPORARY_TEXTS
 from keyrelay.directory.model import DomainState, Limits, SelectorState
 
 INSIDE = "203.0.113.5"  # a client address; only globex has IP access rules
@@ -134,6 +146,7 @@ def assert_refused(verdict: Verdict, code: int, status: str, reason: str) -> Non
     assert verdict.monitored is None
     assert verdict.smtp_reply == f"{code} {status} {verdict.text}"
     assert verdict.text, "every refusal tells the user what to fix"
+    assert text_matches(reason, verdict.text), f"not in docs/answers.md: {verdict.text!r}"
 
 
 # -- login -----------------------------------------------------------------------------------
@@ -213,7 +226,7 @@ LOGIN_REFUSALS: dict[str, tuple[str, LoginCase]] = {
     "no secret": ("malformed_key", lambda w: ("apikey", w.key("acme").rpartition(".")[0], INSIDE)),
     "uppercase key id": ("malformed_key", lambda w: ("apikey", w.key("acme").upper(), INSIDE)),
     "unknown key id": ("unknown_key", _unknown_id),
-    "wrong secret for a known id": ("unknown_key", _wrong_secret),
+    "wrong secret for a known id": ("wrong_secret", _wrong_secret),
     "revoked": ("revoked_key", _revoked),
     "expired": ("expired_key", _expired),
     "expires at this very moment": ("expired_key", _expires_now),
@@ -252,9 +265,30 @@ def test_login_unknown_id_and_wrong_secret_give_the_same_answer(world: World) ->
     _, unknown, _ = _unknown_id(world)
     a = login(world, wrong)
     b = login(world, unknown)
-    assert (a.reason, a.smtp_reply, a.principal, a.key_id) == (
-        b.reason, b.smtp_reply, None, None
-    )
+    assert (a.action, a.smtp_reply, a.principal) == (b.action, b.smtp_reply, None)
+    # only the log tells them apart, for the admin: a wrong secret names the key it tried
+    assert (a.reason, a.key_id) == ("wrong_secret", key_id(wrong))
+    assert (b.reason, b.key_id) == ("unknown_key", None)
+    assert counts_as_guess(a) and counts_as_guess(b)
+    assert counts_against_key(a) and not counts_against_key(b)
+
+
+def test_a_locked_out_login_is_535_and_says_for_how_many_minutes() -> None:
+    verdict = locked_out(Reason.ADDRESS_LOCKED_OUT, "too many failed logins from 192.0.2.1",
+                         61, None)
+    assert verdict.smtp_reply == ("535 5.7.8 too many failed logins from 192.0.2.1; try again "
+                                  "in 2 minutes")
+    assert verdict.reason == "address_locked_out" and not counts_as_guess(verdict)
+    assert lockout_minutes(1) == "1 minute" and lockout_minutes(900) == "15 minutes"
+
+
+def test_our_own_faults_are_one_temporary_answer_per_reason_in_every_service() -> None:
+    for reason, text in TEMPORARY_TEXTS.items():
+        verdict = temporary(reason, "acme/billing:" + "a" * 16)
+        assert (verdict.action, verdict.code, verdict.status, verdict.text) == (
+            Action.TEMPFAIL, 451, "4.3.0", text)
+        assert (verdict.principal, verdict.key_id) == ("acme/billing", "a" * 16)
+    assert temporary(Reason.INTERNAL_ERROR).principal is None
 
 
 def test_login_refusal_of_a_known_key_names_principal_and_key_id(world: World) -> None:
@@ -385,7 +419,7 @@ def test_a_key_missing_from_the_copy_is_a_temporary_refusal(world: World) -> Non
     ident = identity(world, text)
     _delete_key(world, text)
     verdict = envelope(world, ident, "x@news.acme.example")
-    assert_refused(verdict, 451, "4.7.1", "unknown_key")
+    assert_refused(verdict, 451, "4.7.1", "key_not_in_copy")
     assert "try again in a moment" in verdict.text
 
 
@@ -401,7 +435,7 @@ def test_envelope_refuses_identity_naming_another_principal_than_the_key(world: 
     text = world.key("acme/billing")
     forged = format_identity("acme/marketing", key_id(text))
     verdict = envelope(world, forged, "x@news.acme.example")
-    assert_refused(verdict, 550, "5.7.1", "unknown_key")
+    assert_refused(verdict, 550, "5.7.1", "key_of_other_principal")
 
 
 def test_envelope_refuses_login_that_is_not_a_keyrelay_identity(world: World) -> None:
@@ -569,13 +603,13 @@ def test_envelope_remembered_allow_follows_other_settings_and_a_new_snapshot(
 def test_envelope_remembers_at_most_a_bounded_number_of_allows(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(decisions, "_ENVELOPE_MEMO_MAX", 3)
+    monkeypatch.setattr(envelope_module, "_ENVELOPE_MEMO_MAX", 3)
     ident = identity(world, world.key("acme"))
     directory = world.snapshot()
     for n in range(10):
         facts = EnvelopeFacts(ident, True, INSIDE, f"user{n}@acme.example", NOW)
         assert decide_envelope(directory, DEFAULTS, facts).allowed
-        assert len(decisions._memo(directory, DEFAULTS, "envelope")) <= 3
+        assert len(envelope_module._memo(directory, DEFAULTS, "envelope")) <= 3
 
 
 def test_envelope_null_sender_from_an_application_is_refused(world: World) -> None:
@@ -817,7 +851,7 @@ def test_headers_retiring_and_pending_selectors_do_not_sign(world: World) -> Non
 
 
 def test_headers_single_sender_in_own_unverified_domain_is_not_signed(world: World) -> None:
-    # DESIGN.md, DKIM: sign only once the From domain is the principal's *verified* domain.
+    # docs/milters.md, DKIM: sign only once the From domain is the principal's *verified* domain.
     world.sender("acme", "boss@pending.acme.example")
     ident = identity(world, world.key("acme"))
     verdict = headers(world, ident, ("boss@pending.acme.example",))
@@ -937,6 +971,36 @@ def test_monitor_mode_keeps_the_first_refusal_when_several_apply(world: World) -
     signed = headers(world, ident, ("x@acme.example",), client="203.0.113.9")
     assert signed.monitored is not None and signed.monitored.reason == "ip_not_allowed"
     assert signed.signing is None, "a From that is not the principal's is never signed"
+
+
+def test_policy_answer_with_a_rate_refusal_in_monitor_mode_keeps_the_route(
+        world: World) -> None:
+    world.monitor("acme")
+    ident = identity(world, world.key("acme/marketing"))
+    sent = envelope(world, ident, "x@news.acme.example")
+    assert sent.allowed and sent.monitored is None
+    over = rate(world, ident, minute=10**6)
+    assert over.allowed and over.monitored is not None
+    answer = with_rate(sent, over)
+    assert (answer.reason, answer.transport) == ("monitor", "kr-pool-mkt-out")
+    assert answer.monitored is not None and answer.monitored.reason == "rate_limited"
+    # a refusal of the envelope is the one logged, not the rate's
+    other = envelope(world, ident, "x@globex.example")
+    assert with_rate(other, over).monitored == other.monitored
+    # without monitor mode the rate's refusal is the answer
+    admin.set_monitor(world.data, "acme", False)
+    refused = rate(world, ident, minute=10**6)
+    assert with_rate(sent, refused) is refused
+
+
+def test_check_sender_off_lets_a_header_refusal_pass_unsigned_as_not_checked(
+        world: World) -> None:
+    ident = identity(world, world.key("acme/marketing"))
+    unchecked = replace(DEFAULTS, check_sender=False)
+    verdict = headers(world, ident, ("x@globex.example",), settings=unchecked)
+    assert verdict.allowed and verdict.reason == "not_checked" and verdict.signing is None
+    assert verdict.monitored is not None and verdict.monitored.reason == "header_from_not_owned"
+    assert headers(world, ident, ("x@news.acme.example",), settings=unchecked).signing
 
 
 def test_monitor_mode_envelope_still_routes_through_the_pool(world: World) -> None:

@@ -1,4 +1,4 @@
-"""End to end through real Postfix: every row of DESIGN.md's decision table, as the client sees it.
+"""End to end through real Postfix: the answers of docs/answers.md a client meets, as it sees them.
 
 The relay is the one ``make run`` starts (fixture ``demo_relay``): a private Postfix set up by
 ``keyrelay postfix apply``, keyrelay-policyd, keyrelay-milter and smtp-sink writing delivered

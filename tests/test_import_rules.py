@@ -1,4 +1,4 @@
-"""The import rules of DESIGN.md ("Components"), checked on the source with ``ast``.
+"""The import rules of docs/ARCHITECTURE.md ("Import rules"), checked on the source with ``ast``.
 
 - ``keyrelay`` (the shared core) imports neither ``policyd`` nor ``milters`` nor pymilter
   (``Milter``, ``milter``);
@@ -202,3 +202,54 @@ def test_checker_resolves_relative_imports() -> None:
     ]
     package = Source("keyrelay.directory", True, "<synthetic>", "from .yamlfile import x\n")
     assert imported_modules(package)[0] == (1, "keyrelay.directory.yamlfile")
+
+
+# --- front ends never decide (docs/ARCHITECTURE.md, "Where each decision lives") ------------
+# A front end (policyd, milters) parses, asks the engine (keyrelay.decisions), renders and
+# logs. It never builds a verdict: no ``Verdict(...)``, no ``verdict._replace(...)``, and no
+# import of the engine's builders and internal checks.
+ENGINE_INTERNALS = ("keyrelay.decisions.verdict", "keyrelay.decisions.checks")
+
+
+def verdicts_built(source: Source) -> list[str]:
+    """One message per place where ``source`` builds or alters a verdict itself."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source.text, filename=source.filename)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else (
+                func.attr if isinstance(func, ast.Attribute) else "")
+            if name in {"Verdict", "_replace"}:
+                found.append(f"{source.filename}:{node.lineno}: {source.module} calls {name}")
+    first: dict[int, str] = {}
+    for line, name in imported_modules(source):
+        if name.startswith(ENGINE_INTERNALS):
+            first.setdefault(line, name)
+    found.extend(f"{source.filename}:{line}: {source.module} imports {name}"
+                 for line, name in first.items())
+    return found
+
+
+@pytest.mark.parametrize("package", ["policyd", "milters"])
+def test_front_ends_never_build_a_verdict(package: str) -> None:
+    found = [v for s in sources(package) for v in verdicts_built(s)]
+    assert found == []
+
+
+@pytest.mark.parametrize("text", [
+    "from keyrelay.decisions import Verdict\nv = Verdict('allow', 'ok')\n",
+    "import keyrelay.decisions as d\nv = d.Verdict('refuse', 'x', 550)\n",
+    "def f(verdict):\n    return verdict._replace(code=451)\n",
+    "from keyrelay.decisions.verdict import refuse\n",
+    "from keyrelay.decisions.checks import monitored\n",
+])
+def test_checker_flags_a_front_end_that_builds_a_verdict(text: str) -> None:
+    source = Source("policyd.policy", False, "<synthetic policyd.policy>", text)
+    assert len(verdicts_built(source)) == 1
+
+
+def test_checker_accepts_a_front_end_that_asks_the_engine() -> None:
+    text = ("from keyrelay.decisions import Reason, decide_envelope, temporary\n"
+            "v = decide_envelope(d, s, f)\nw = temporary(Reason.INTERNAL_ERROR)\n"
+            "if v.action is Action.ALLOW:\n    pass\n")
+    assert verdicts_built(Source("policyd.policy", False, "<synthetic>", text)) == []

@@ -2,7 +2,7 @@
 delegation attributes and socketmap netstrings, without sockets or accounts.
 
 Golden transcripts (tests/golden/policyd/*.transcript) record what Postfix 3.7.11 sends
-(POSTFIX-REFERENCE.md sections 1-3; the Dovecot lines follow the format strings of Postfix's
+(docs/postfix-hooks.md sections 1-3; the Dovecot lines follow the format strings of Postfix's
 ``xsasl_dovecot_server.c``) and the exact bytes the codec answers. The codecs decide nothing,
 so where a real daemon would ask the decision engine these tests answer with a fixed fake
 decision, named in each transcript's header; that keeps every transcript complete.

@@ -1,0 +1,86 @@
+"""The decision engine: every "may this happen?" answered once, without I/O.
+
+Each ``decide_*`` function takes a directory snapshot, the engine settings and the facts of one
+event (a login, an envelope, a header set, a rate count) and returns one frozen ``Verdict``
+(docs/ARCHITECTURE.md, "Where each decision lives"). Front ends (policyd, milters) parse their
+protocol, call the engine, render the verdict and log it; they never build a verdict
+(tests/test_import_rules.py).
+
+- ``reasons``: the catalogue of reason tags and the answers that go with them
+  (docs/answers.md);
+- ``verdict``: ``Verdict`` and its builders, ``temporary`` for every fault of ours;
+- ``facts``: the settings and the facts the engine is asked about, the login identity;
+- ``checks``: what every decision shares (key usable, principal active, IP rules, sender
+  ownership, monitor mode, the session check of each message);
+- ``login``: SMTP AUTH and the brute-force answers; ``envelope``: the policy service's
+  envelope, routing and rate decisions; ``message``: the milter's header From and DKIM plan;
+  ``lookups``: the socketmap's table of who may use an address.
+
+Monitor mode (per account, directory-wide, or in the config) turns a *refusal* into an allow
+that carries the verdict it replaced in ``monitored``, so front ends log what would have
+happened. It never applies to credentials (wrong username, unknown/revoked/expired key: there
+is no principal to trust) nor to temporary faults of ours.
+"""
+
+from .checks import (
+    SEND_SCOPE,
+    domain_may_send,
+    key_usable,
+    principal_active,
+    sender_problem,
+)
+from .envelope import (
+    STAGE_NOT_CHECKED,
+    decide_envelope,
+    decide_rate,
+    limits_for,
+    with_rate,
+)
+from .facts import (
+    EnvelopeFacts,
+    HeaderFacts,
+    LoginFacts,
+    RateFacts,
+    Settings,
+    format_identity,
+    parse_identity,
+)
+from .login import counts_against_key, counts_as_guess, decide_login, locked_out, minutes
+from .lookups import sender_logins
+from .message import decide_headers
+from .reasons import ANSWERS, LookupResult, Reason
+from .verdict import Action, SigningPlan, Verdict, temporary
+
+__all__ = [
+    "ANSWERS",
+    "SEND_SCOPE",
+    "STAGE_NOT_CHECKED",
+    "Action",
+    "EnvelopeFacts",
+    "HeaderFacts",
+    "LoginFacts",
+    "LookupResult",
+    "RateFacts",
+    "Reason",
+    "Settings",
+    "SigningPlan",
+    "Verdict",
+    "counts_against_key",
+    "counts_as_guess",
+    "decide_envelope",
+    "decide_headers",
+    "decide_login",
+    "decide_rate",
+    "domain_may_send",
+    "format_identity",
+    "key_usable",
+    "limits_for",
+    "locked_out",
+    "minutes",
+    "parse_identity",
+    "principal_active",
+    "sender_logins",
+    "sender_problem",
+    "temporary",
+    "with_rate",
+]

@@ -1,0 +1,97 @@
+"""What the engine is asked about: the settings it reads and the facts of one event (a
+login, an envelope, a header set, a rate count), and the SASL identity a login hands on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import NamedTuple
+
+from .. import keys
+from ..directory.model import Limits
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The parts of the configuration the engine reads (built once from ``Config``)."""
+
+    username: str = "apikey"
+    require_tls: bool = True
+    monitor_mode: bool = False
+    failing_grace: timedelta = timedelta(hours=72)
+    default_limits: Limits = field(default_factory=lambda: Limits(600, 20000, 100))
+    default_pool: str | None = None
+    transport_prefix: str = "kr-pool-"
+    check_sender: bool = True  # milter.check_sender: off lets a header refusal pass, unsigned
+    sign: bool = True  # milter.sign: off plans no DKIM signature
+
+    @classmethod
+    def from_config(cls, config: object) -> Settings:
+        c = config  # typed loosely so the engine does not import the config loader
+        return cls(
+            username=c.auth.username,  # type: ignore[attr-defined]
+            require_tls=c.auth.require_tls,  # type: ignore[attr-defined]
+            monitor_mode=c.monitor_mode,  # type: ignore[attr-defined]
+            failing_grace=timedelta(seconds=c.domains.failing_grace),  # type: ignore[attr-defined]
+            default_limits=Limits(
+                c.limits.messages_per_minute,  # type: ignore[attr-defined]
+                c.limits.messages_per_hour,  # type: ignore[attr-defined]
+                c.limits.recipients_per_message,  # type: ignore[attr-defined]
+            ),
+            default_pool=c.routing.default_pool or None,  # type: ignore[attr-defined]
+            transport_prefix=c.routing.transport_prefix,  # type: ignore[attr-defined]
+            check_sender=c.milter.check_sender,  # type: ignore[attr-defined]
+            sign=c.milter.sign,  # type: ignore[attr-defined]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFacts:
+    username: str
+    password: str = field(repr=False)  # the API key: never in a repr or a log
+    client_address: str
+    now: datetime
+    secured: bool = True  # the connection is under TLS (Dovecot protocol's "secured")
+
+
+class EnvelopeFacts(NamedTuple):
+    """Immutable; a NamedTuple like ``Verdict``: built for every policy request."""
+
+    identity: str  # Postfix's sasl_username; "" for an unauthenticated session
+    submission: bool  # a submission service (587/465/2525), where AUTH is required
+    client_address: str
+    sender: str  # envelope sender without brackets; "" is the null sender
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderFacts:
+    identity: str  # milter {auth_authen}; "" for an unauthenticated session
+    from_values: tuple[str, ...]  # every From: header value, in order
+    sender_values: tuple[str, ...]  # every Sender: header value
+    client_address: str
+    now: datetime
+
+
+class RateFacts(NamedTuple):
+    """Immutable; a NamedTuple like ``Verdict``: built for every policy request."""
+
+    identity: str
+    messages_last_minute: int  # including the message being decided
+    messages_last_hour: int
+    recipients: int  # recipients of this message so far
+    now: datetime
+
+
+def format_identity(principal: str, key_id: str) -> str:
+    """The SASL user name of a login: principal and key id, never the secret."""
+    return f"{principal}:{key_id}"
+
+
+@lru_cache(maxsize=4096)  # asked several times per policy request; logins are few
+def parse_identity(identity: str) -> tuple[str, str] | None:
+    principal, colon, key_id = identity.rpartition(":")
+    if not colon or not principal or not keys.KEY_ID_RE.match(key_id):
+        return None
+    return principal, key_id

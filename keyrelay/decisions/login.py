@@ -1,0 +1,109 @@
+"""SMTP AUTH: who may log in, and the answers of the brute-force protection.
+
+The counting itself (failures per address and per key id, lock-outs) is state and lives in
+the auth service (policyd/auth.py, policyd/counters.py); what counts as a guess, and what a
+locked-out client is told, is decided here.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import keys
+from ..directory.model import ApiKey, Directory
+from .checks import (
+    SEND_SCOPE,
+    client_allowed,
+    key_problem,
+    monitored,
+    principal_inactive,
+)
+from .facts import LoginFacts, Settings, format_identity
+from .reasons import GUESSES, KEY_GUESSES, Reason
+from .verdict import Action, Verdict, refuse
+
+# Compared against when the key id is unknown, so unknown and wrong keys take the same time.
+_DUMMY_HASH = "0" * 64
+# What a client reads for an unknown key id and for a wrong secret alike: the reply must not
+# tell a guesser which key ids exist (the log's reason does tell the admin).
+_UNKNOWN_KEY_TEXT = "unknown API key; check that the whole key was copied"
+
+
+def decide_login(directory: Directory, settings: Settings, facts: LoginFacts) -> Verdict:
+    """SMTP AUTH: username ``apikey``, password an active key of an active principal."""
+
+    def no(reason: Reason, text: str, key: ApiKey | None = None) -> Verdict:
+        if key is None:
+            return refuse(535, "5.7.8", reason, text)
+        return refuse(535, "5.7.8", reason, text, key.principal, key.key_id)
+
+    if settings.require_tls and not facts.secured:
+        return no(
+            Reason.TLS_REQUIRED,
+            "log in over TLS (STARTTLS, or port 465): API keys are not accepted on a "
+            "plaintext connection",
+        )
+    if facts.username != settings.username:
+        return no(
+            Reason.BAD_USERNAME,
+            f"log in with username {settings.username!r} and an API key as the password",
+        )
+    presented = keys.parse(facts.password)
+    if presented is None:
+        return no(
+            Reason.MALFORMED_KEY,
+            "the password is not a keyrelay API key (kr.<id>.<secret>); "
+            "account passwords are not accepted",
+        )
+    key = directory.keys.get(presented.key_id)
+    matches = keys.secret_matches(presented, key.secret_hash if key else _DUMMY_HASH)
+    if key is None:
+        return no(Reason.UNKNOWN_KEY, _UNKNOWN_KEY_TEXT)
+    if not matches:
+        return refuse(535, "5.7.8", Reason.WRONG_SECRET, _UNKNOWN_KEY_TEXT,
+                      key_id=key.key_id)  # not the principal's doing: no principal named
+    problem = key_problem(key, facts.now)
+    if problem:
+        return no(*problem, key)
+    inactive = principal_inactive(directory, key.principal)
+    if inactive:
+        return no(Reason.PRINCIPAL_INACTIVE, inactive, key)
+    if SEND_SCOPE not in key.scopes:
+        return no(Reason.MISSING_SCOPE, f"API key {key.key_id} lacks the {SEND_SCOPE} scope",
+                  key)
+    account = directory.accounts[key.account]
+    identity = format_identity(key.principal, key.key_id)
+    if not client_allowed(account, facts.client_address):
+        refusal = no(
+            Reason.IP_NOT_ALLOWED,
+            f"client address {facts.client_address} is not in the IP access list of "
+            f"account {account.name}",
+            key,
+        )
+        verdict = monitored(directory, settings, refusal)
+        return verdict._replace(identity=identity) if verdict.allowed else verdict
+    return Verdict(Action.ALLOW, Reason.OK, principal=key.principal, key_id=key.key_id,
+                   identity=identity)
+
+
+def counts_as_guess(verdict: Verdict) -> bool:
+    """The refusal counts towards the client address's lock-out (policyd.bruteforce)."""
+    return verdict.action is Action.REFUSE and verdict.reason in GUESSES
+
+
+def counts_against_key(verdict: Verdict) -> bool:
+    """The refusal also counts against its key id: a wrong secret for a key that exists
+    (a wrong username with a good key is a client's mistake, not a guess at the key)."""
+    return verdict.action is Action.REFUSE and verdict.reason in KEY_GUESSES
+
+
+def locked_out(reason: Reason, what: str, seconds: float, key_id: str | None) -> Verdict:
+    """The answer to a login from a locked-out address or for a locked-out key id."""
+    return Verdict(Action.REFUSE, reason, 535, "5.7.8",
+                   f"{what}; try again in {minutes(seconds)}", key_id=key_id)
+
+
+def minutes(seconds: float) -> str:
+    """A lock-out's length as a client and an admin read it: whole minutes, at least one."""
+    count = max(1, math.ceil(seconds / 60))
+    return f"{count} minute{'s' if count > 1 else ''}"
