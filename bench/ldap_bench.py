@@ -43,7 +43,7 @@ from slapd_harness import KEYRELAY_INDEXES, SLAPD, Slapd
 
 from keyrelay import admin, keys
 from keyrelay.config import parse_config
-from keyrelay.directory.ldapdir import LdapDirectory
+from keyrelay.directory.ldap import LdapDirectory
 from keyrelay.directory.model import ApiKey
 from keyrelay.directory.yamlfile import YamlDirectory
 

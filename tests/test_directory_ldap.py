@@ -20,8 +20,7 @@ from test_yaml_directory import build_rich_directory
 
 from keyrelay import admin
 from keyrelay.config import parse_config
-from keyrelay.directory import ldapdir
-from keyrelay.directory.ldapdir import LdapDirectory
+from keyrelay.directory.ldap import LdapDirectory, changelog
 from keyrelay.directory.model import Directory, DirectoryData
 from keyrelay.errors import DirectoryConflict, DirectoryUnavailable
 
@@ -146,7 +145,7 @@ def test_a_write_too_large_to_list_makes_readers_read_everything(
     reads: list[int] = []
     reader = manual_reader(ldap_dir, reads)
     reader.snapshot()
-    monkeypatch.setattr(ldapdir, "CHANGE_LIST_LIMIT", 3)
+    monkeypatch.setattr(changelog, "CHANGE_LIST_LIMIT", 3)
     with ldap_dir.transaction() as data:
         build_rich_directory(data)  # far more than 3 entries
     reader._refresh()
@@ -156,7 +155,7 @@ def test_a_write_too_large_to_list_makes_readers_read_everything(
 
 def test_the_change_log_is_pruned_and_a_reader_too_far_behind_reads_everything(
         ldap_dir: LdapDirectory, slapd: Slapd, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ldapdir, "CHANGE_LOG_SERIALS", 6)  # three writes
+    monkeypatch.setattr(changelog, "CHANGE_LOG_SERIALS", 6)  # three writes
     reads: list[int] = []
     reader = manual_reader(ldap_dir, reads)
     reader.snapshot()

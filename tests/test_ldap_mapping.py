@@ -8,8 +8,9 @@ from pathlib import Path
 
 from test_yaml_directory import build_rich_directory
 
-from keyrelay.directory import ldapdir
-from keyrelay.directory.ldapdir import ATTRIBUTES, OBJECT_CLASSES, _Reader, entries_of
+from keyrelay.directory.ldap import mapping, schema
+from keyrelay.directory.ldap.mapping import entries_of, records_of
+from keyrelay.directory.ldap.schema import ATTRIBUTES, OBJECT_CLASSES
 from keyrelay.directory.model import DirectoryData
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ def test_every_record_survives_entries_and_back() -> None:
     data = DirectoryData()
     build_rich_directory(data)
     problems: list[str] = []
-    back = _Reader(problems).read(as_server_returns(entries_of(data, BASE)))
+    back = records_of(as_server_returns(entries_of(data, BASE)), problems)
     back.monitor = data.monitor  # kept on the base entry, not in the records
     assert problems == []
     assert back == data
@@ -43,8 +44,8 @@ def test_entries_never_hold_the_key_secret_and_dns_are_escaped() -> None:
     assert stored == hashes
     sender_dns = [dn for dn in entries if dn.startswith("krAddress=")]
     assert sender_dns and all("+krPrincipal=" in dn for dn in sender_dns)
-    assert ldapdir._rdn_value("a+b,c") == "a\\+b\\,c"
-    assert ldapdir._unescape("a\\+b\\,c") == "a+b,c"
+    assert mapping.escape_rdn("a+b,c") == "a\\+b\\,c"
+    assert mapping.unescape_rdn("a\\+b\\,c") == "a+b,c"
 
 
 def test_a_broken_entry_is_reported_and_skipped_not_fatal() -> None:
@@ -55,7 +56,7 @@ def test_a_broken_entry_is_reported_and_skipped_not_fatal() -> None:
                              {c.lower() for c in a["objectclass"]})
     del broken["krsecrethash"]
     problems: list[str] = []
-    back = _Reader(problems).read(found)
+    back = records_of(found, problems)
     assert len(back.keys) == len(data.keys) - 1
     assert problems == [f"{broken_dn}: missing krSecretHash"]
 
@@ -64,19 +65,23 @@ def test_times_keep_microseconds_and_time_zone() -> None:
     from datetime import UTC, datetime
 
     when = datetime(2026, 11, 28, 15, 4, 5, 123456, tzinfo=UTC)
-    (text,) = ldapdir._time(when)
+    (text,) = mapping.ldap_time(when)
     assert text == "20261128150405.123456Z"
-    assert ldapdir._parse_time(text) == when
-    assert ldapdir._parse_time("20261128150405Z") == when.replace(microsecond=0)
+    assert mapping.parse_time(text) == when
+    assert mapping.parse_time("20261128150405Z") == when.replace(microsecond=0)
 
 
-def test_schema_files_are_generated_from_the_module() -> None:
-    assert (ROOT / "ldap" / "keyrelay.schema").read_text() == ldapdir.schema_file()
-    assert (ROOT / "ldap" / "keyrelay.ldif").read_text() == ldapdir.schema_ldif()
+def test_schema_files_are_generated_from_the_module(tmp_path: Path) -> None:
+    assert (ROOT / "ldap" / "keyrelay.schema").read_text() == schema.schema_file()
+    assert (ROOT / "ldap" / "keyrelay.ldif").read_text() == schema.schema_ldif()
+    # what `python -m keyrelay.directory.ldap` writes (here into a scratch folder)
+    written = schema.write_files(tmp_path / "ldap")
+    assert [p.name for p in written] == ["keyrelay.schema", "keyrelay.ldif"]
+    assert [p.read_text() for p in written] == [schema.schema_file(), schema.schema_ldif()]
 
 
 def test_schema_oids_are_unique_and_classes_use_known_attributes() -> None:
-    oids = re.findall(r"\( (2\.25\.\d+\.\d+\.\d+) ", ldapdir.schema_file())
+    oids = re.findall(r"\( (2\.25\.\d+\.\d+\.\d+) ", schema.schema_file())
     assert len(oids) == len(set(oids)) == len(ATTRIBUTES) + len(OBJECT_CLASSES)
     known = {a.name for a in ATTRIBUTES}
     for cls in OBJECT_CLASSES:

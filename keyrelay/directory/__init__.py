@@ -47,7 +47,7 @@ def open_directory(config: Config) -> DirectoryBackend:
     """The backend the configuration selects (``directory.backend``)."""
     if config.directory.backend == "ldap":
         # imported here: ldap3 is loaded only where LDAP is used
-        from .ldapdir import LdapDirectory
+        from .ldap import LdapDirectory
 
         return LdapDirectory(config.directory.ldap)
     return YamlDirectory(config.directory.path)
