@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from pathlib import Path
 
 import pytest
 from factories import NOW, World, key_id
+from policyd_harness import policy_request
 
 from keyrelay.config import parse_config
+from keyrelay.decisions import format_identity
 from keyrelay.directory import YamlDirectory
+from keyrelay.directory.model import Limits
 from keyrelay.directory.yamlfile import render
 from keyrelay.logs import DecisionLog
 from policyd import netstring
 from policyd.auth import client_key, loggable_username
 from policyd.context import Context
+from policyd.policy import PolicyService
+from policyd.policy import render as render_policy
 from policyd.socketmap import SocketmapService
 
 
@@ -103,3 +109,72 @@ def test_a_new_directory_file_and_lock_belong_to_the_folders_owner(tmp_path: Pat
         st = (folder / name).stat()
         assert (st.st_uid, st.st_gid) == (65534, 65534), name
         assert stat.S_IMODE(st.st_mode) == mode, name
+
+
+# -- the policy service's counting, on a clock the test moves ---------------------------------
+class Policy:
+    """A PolicyService on a YAML directory, with its monotonic clock in the test's hand."""
+
+    def __init__(self, tmp_path: Path, world: World) -> None:
+        path = tmp_path / "directory.yaml"
+        path.write_text(render(world.data))
+        config = parse_config({"directory": {"path": str(path)}}, "test")
+        log = DecisionLog(config.logging, (tmp_path / "log").open("w"))
+        self.tick = 1000.0  # seconds; moved only by the test
+        self.service = PolicyService(Context(config, YamlDirectory(str(path)), log,
+                                             clock=lambda: NOW, monotonic=lambda: self.tick))
+        self.instances = itertools.count(1)
+
+    def message(self, identity: str, *stages: str) -> list[str]:
+        """The answers to one message's requests, as Postfix asks them at each stage."""
+        instance = f"{next(self.instances):x}.0"
+        answers = []
+        for stage in stages:
+            at_data = stage in ("DATA", "END-OF-MESSAGE")
+            request = policy_request(
+                sasl_method="PLAIN", sasl_username=identity, sender="app@acme.example",
+                protocol_state=stage, instance=instance, queue_id="4XyZ1",
+                recipient_count="1" if at_data else "0", recipient="rcpt@example.net")
+            answers.append(render_policy(self.service.decide(request)))
+        return answers
+
+
+def _limited(tmp_path: Path, per_minute: int) -> tuple[Policy, str]:
+    world = World()
+    world.account("acme", limits=Limits(per_minute, None, None))
+    world.domain("acme", "acme.example")
+    text = world.key("acme")
+    return Policy(tmp_path, world), format_identity("acme", key_id(text))
+
+
+def test_a_message_beyond_the_per_minute_limit_is_deferred_451_at_data(tmp_path: Path) -> None:
+    policy, identity = _limited(tmp_path, 3)
+    sent = [policy.message(identity, "RCPT", "DATA") for _ in range(4)]
+    assert sent[:3] == [["DUNNO", "DUNNO"]] * 3
+    assert sent[3] == ["DUNNO", "451 4.7.1 limit of 3 messages per minute reached for acme; "
+                                "try again later"]
+    # a refused message is not counted; a minute later the window has slid past all of them
+    policy.tick += 60
+    assert policy.message(identity, "RCPT", "DATA") == ["DUNNO", "DUNNO"]
+
+
+def test_a_message_asked_at_data_and_end_of_message_is_counted_once(tmp_path: Path) -> None:
+    policy, identity = _limited(tmp_path, 2)
+    # counted twice, the second message's DATA would already be the third
+    first = policy.message(identity, "RCPT", "DATA", "END-OF-MESSAGE")
+    second = policy.message(identity, "RCPT", "DATA", "END-OF-MESSAGE")
+    third = policy.message(identity, "RCPT", "DATA")
+    assert first == second == ["DUNNO"] * 3
+    assert third[1] == "451 4.7.1 limit of 2 messages per minute reached for acme; try again later"
+
+
+def test_the_rate_window_slides_a_message_counts_less_as_it_ages(tmp_path: Path) -> None:
+    policy, identity = _limited(tmp_path, 2)
+    for _ in range(2):
+        assert policy.message(identity, "DATA") == ["DUNNO"]
+    assert policy.message(identity, "DATA") == [
+        "451 4.7.1 limit of 2 messages per minute reached for acme; try again later"]
+    policy.tick += 30  # still inside the minute: the two count fully or in part
+    assert policy.message(identity, "DATA")[0].startswith("451 4.7.1")
+    policy.tick += 61  # the first minute's messages have slid out
+    assert policy.message(identity, "DATA") == ["DUNNO"]
