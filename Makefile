@@ -1,7 +1,8 @@
 # keyrelay — the two commands a new user needs:
 #   make run    install what is missing, then run a keyrelay relay on loopback in the
 #               foreground (private Postfix, policyd, milter, smtp-sink); Ctrl-C stops it
-#   make test   install what is missing, then run every test, mypy and ruff
+#   make test   install what is missing, then run ruff, mypy and every test
+#   (make check: ruff, mypy and the in-process tests only, the edit loop)
 # Both are idempotent: a second run installs nothing.
 
 SHELL := /bin/sh
@@ -33,7 +34,8 @@ BENCH_DEBIAN_PACKAGES := opendkim dkimpy-milter
 
 help:
 	@echo "make run     install missing parts, run the demo relay on loopback (state in $(RUN_DIR)/)"
-	@echo "make test    install missing parts, run pytest, mypy and ruff"
+	@echo "make test    install missing parts, run ruff, mypy and every test (cheap ones first)"
+	@echo "make check   ruff, mypy and the in-process tests only (about a minute: the edit loop)"
 	@echo "make clean   remove the demo state in $(RUN_DIR)/"
 	@echo "make bench   install what it compares with, run the end-to-end benchmark (about"
 	@echo "             20 minutes) and write its report into docs/BENCHMARKS.md"
@@ -82,10 +84,17 @@ typecheck: deps
 lint: deps
 	$(BIN)/ruff check .
 
-test: deps
-	$(BIN)/python -m pytest
-	$(BIN)/mypy
+# The edit loop: lint, types and the tests that run in process (no Postfix, slapd, DNS
+# server, Ansible or daemon process; tests/conftest.py IN_PROCESS). About a minute.
+check: deps
 	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -m "not system"
+
+# Everything, cheap checks first so that a mistake fails fast: lint, types, the in-process
+# tests, then the tests that start Postfix, slapd, DNS, Ansible and the daemons.
+test: check
+	$(BIN)/python -m pytest -m system
 
 run: deps
 	$(BIN)/python -m keyrelay.demo $(RUN_DIR)

@@ -43,3 +43,22 @@ def slapd() -> Iterator[Slapd]:
     schemas = keyrelay_schemas()
     with Slapd(schemas=schemas, indexes=KEYRELAY_INDEXES if schemas else DEFAULT_INDEXES) as server:
         yield server
+
+
+# -- make check and make test ------------------------------------------------------------------
+# The modules that run everything in process: no Postfix, slapd, DNS server, Ansible or daemon
+# process. `make check` (the edit loop) runs only these (`pytest -m "not system"`); `make test`
+# runs them first, then the rest. Every other module is marked ``system`` here, so a new module
+# is a system test until it is added to this list.
+IN_PROCESS = frozenset({
+    "test_config", "test_decisions", "test_dkimsign", "test_export_import",
+    "test_fuzz_parsers", "test_headers", "test_import_rules", "test_ldap_mapping", "test_logs",
+    "test_milter", "test_names", "test_policyd_codecs", "test_policyd_counters",
+    "test_policyd_services", "test_reasons", "test_sync",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem not in IN_PROCESS:
+            item.add_marker(pytest.mark.system)
