@@ -9,7 +9,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO, TypeVar
@@ -54,11 +54,9 @@ class Context:
             keys.written()
         audit.record(self.config.logging.audit_log, self.now, action, **details)
 
-    @contextmanager
-    def new_keys(self) -> Iterator[dkimkeys.NewKeys]:
+    def new_keys(self) -> AbstractContextManager[dkimkeys.NewKeys]:
         """``dkimkeys.new_keys`` in dkim.key_dir, a file it cannot delete a warning."""
-        with dkimkeys.new_keys(self.config.dkim.key_dir, warn) as keys:
-            yield keys
+        return dkimkeys.new_keys(self.config.dkim.key_dir, warn)
 
     def say(self, text: str) -> None:
         if not self.json:
