@@ -273,7 +273,7 @@ SANDBOX_SETUP = (
 
 
 class CliSandbox:
-    """``keyrelay`` (keyrelay/cli.py: ``main``) run in-process against a configuration,
+    """``keyrelay`` (keyrelay/cli/: ``main``) run in-process against a configuration,
     directory, DKIM key folder and audit log in a scratch folder, reset before each run."""
 
     def __init__(self) -> None:

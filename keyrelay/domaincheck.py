@@ -13,6 +13,9 @@ do. ``Report.outcome`` says what the checks prove:
 DMARC is advice only (a warning with a suggested record). Pending selectors (made by
 ``keyrelay domain rotate``) are checked too; ``Report.published_pending`` is true when every
 one of them is published, which is when rotation may switch to them.
+
+``check_and_record`` checks a domain and records what the check proves in the directory
+(``admin.record_check``), unless the domain or its pools changed during the check.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import StrEnum
 
 import dkim.util
@@ -27,10 +31,12 @@ import dns.exception
 import dns.resolver
 import spf
 
+from . import admin, audit
 from .config import Config
+from .directory import DirectoryBackend
 from .directory.model import DirectoryData, Domain, Selector, SelectorState
 from .dkimkeys import DNS_K, dkim_record, dmarc_record, spf_record
-from .errors import UserError
+from .errors import DirectoryConflict, UserError
 
 
 class Status(StrEnum):
@@ -243,8 +249,6 @@ def check_dmarc(resolver: dns.resolver.Resolver, domain: str, rua: str) -> Check
 def verify_domain(config: Config, data: DirectoryData, dom: Domain,
                   resolver: dns.resolver.Resolver | None = None) -> Report:
     """Every check of ``dom``, with the pools of ``data`` (see the module doc)."""
-    from .admin import pools_for_domain  # keyrelay.admin imports the directory package
-
     resolver = resolver or make_resolver(config)
     pending = [check_dkim(resolver, dom.name, s) for s in dom.selectors
                if s.state is SelectorState.PENDING]
@@ -264,7 +268,7 @@ def verify_domain(config: Config, data: DirectoryData, dom: Domain,
     if not dom.signing_selectors():
         checks.append(Check("dkim", dom.name, Status.FAIL, "an active selector", "none",
                             f"keyrelay domain rotate {dom.name} creates new selectors"))
-    pools = pools_for_domain(data, dom, config.routing.default_pool or None)
+    pools = admin.pools_for_domain(data, dom, config.routing.default_pool or None)
     suggestion = spf_record(dom.name, pools, config.dns.spf_include).value
     for pool in pools:
         for address in pool.bind:
@@ -278,3 +282,40 @@ def verify_domain(config: Config, data: DirectoryData, dom: Domain,
     checks.append(check_dmarc(resolver, dom.name, config.dns.dmarc_rua))
     return Report(dom.name, tuple(checks))
 
+
+
+# -- checked and recorded --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Checked:
+    report: Report
+    before: Domain  # the domain as it was checked
+    after: Domain | None  # as recorded; None when the outcome was unknown (nothing recorded)
+
+
+def check_and_record(config: Config, directory: DirectoryBackend, name: str,
+                     now: datetime) -> Checked:
+    """Check a domain over DNS and record what the check proves (``admin.record_check``),
+    audited as ``domain.check``; an unknown outcome records nothing.
+
+    The DNS checks take seconds: if the domain or its pools changed meanwhile (a rotation,
+    a pool assigned), what was checked is not what would be recorded, so nothing is written
+    and ``DirectoryConflict`` asks for the check to be run again. Raises ``NotFound`` for a
+    domain that is not (or no longer) in the directory.
+    """
+    default_pool = config.routing.default_pool or None
+    data = directory.load(missing_ok=True)
+    before = admin.domain(data, name)
+    pools = admin.pools_for_domain(data, before, default_pool)
+    report = verify_domain(config, data, before)
+    if report.outcome is Outcome.UNKNOWN:
+        return Checked(report, before, None)
+    with directory.transaction() as current:
+        found = admin.domain(current, name)
+        if found != before or admin.pools_for_domain(current, found, default_pool) != pools:
+            raise DirectoryConflict(f"{name} or its pools changed during the DNS check; "
+                                    "nothing was recorded: run the command again")
+        after = admin.record_check(current, before.name, report.outcome is Outcome.PASSED,
+                                   report.published_pending, now, config.domains.fail_after)
+    audit.record(config.logging.audit_log, now, "domain.check", domain=before.name,
+                 result=str(report.outcome))
+    return Checked(report, before, after)

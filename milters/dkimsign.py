@@ -1,8 +1,9 @@
 """DKIM signing without a milter: header values and body bytes in, DKIM-Signature values out.
 
-What it signs (DESIGN.md, "DKIM"): ``c=relaxed/relaxed``, one signature per active selector,
-``rsa-sha256`` (RFC 6376) with the domain's RSA-2048 key and ``ed25519-sha256`` (RFC 8463)
-with its Ed25519 key; both hash the same canonical body, so the body is hashed once.
+What it signs (docs/milters.md, "DKIM details"): ``c=relaxed/relaxed``, one signature per
+active selector, ``rsa-sha256`` (RFC 6376) with the domain's RSA-2048 key and
+``ed25519-sha256`` (RFC 8463) with its Ed25519 key; both hash the same canonical body, so the
+body is hashed once.
 
 - The body is canonicalised while it streams in (``RelaxedBodyHash``), so memory does not grow
   with the message: Postfix hands a milter the body in 64 KB chunks.
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 from dkim.canonicalization import Relaxed
 
 from keyrelay.directory.model import Algorithm, Selector
+from keyrelay.dkimkeys import PrivateKey, public_key_value
 from keyrelay.errors import KeyrelayError
 
 log = logging.getLogger("keyrelay.milter")
@@ -67,7 +69,8 @@ _NAME_WIDTH = len("DKIM-Signature: ")
 class KeyUnavailable(KeyrelayError):
     """A selector's private key cannot be used (unreadable, malformed, not the published one).
 
-    Our fault, never the sender's: the milter answers temporarily (DESIGN.md, "Decisions").
+    Our fault, never the sender's: the milter answers temporarily (docs/milters.md, "What it
+    answers").
     """
 
 
@@ -137,8 +140,6 @@ class RelaxedBodyHash:
 
 
 # -- keys ----------------------------------------------------------------------------------
-PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-
 
 class SigningKey:
     """One selector's private key, ready to sign. Its ``repr`` never shows the key."""
@@ -234,22 +235,14 @@ def _load(selector: Selector, st: os.stat_result) -> SigningKey:
         if not isinstance(private, rsa.RSAPrivateKey):
             raise KeyUnavailable(f"{path}: not an RSA key, but selector {selector.name} is "
                                  f"{selector.algorithm}")
-        public = private.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        key = SigningKey(selector.name, selector.algorithm, private)
-    else:
-        if not isinstance(private, ed25519.Ed25519PrivateKey):
-            raise KeyUnavailable(f"{path}: not an Ed25519 key, but selector {selector.name} is "
-                                 f"{selector.algorithm}")
-        public = private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        key = SigningKey(selector.name, selector.algorithm, private)
-    if base64.b64encode(public).decode("ascii") != selector.public_key:
+    elif not isinstance(private, ed25519.Ed25519PrivateKey):
+        raise KeyUnavailable(f"{path}: not an Ed25519 key, but selector {selector.name} is "
+                             f"{selector.algorithm}")
+    if public_key_value(private) != selector.public_key:
         # signing with it would give signatures that fail against the published DNS record
         raise KeyUnavailable(f"{path}: does not match the public key of selector "
                              f"{selector.name} (its DNS record)")
+    key = SigningKey(selector.name, selector.algorithm, private)
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("DKIM key file %s is accessible to group or others (mode %04o); "
                     "chmod 600 it", path, stat.S_IMODE(st.st_mode))

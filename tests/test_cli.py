@@ -1,11 +1,15 @@
-"""The admin CLI ``keyrelay``, run as the installed console script against files in tmp_path.
+"""The admin CLI ``keyrelay`` against files in tmp_path.
 
-Every test runs the real executable (the ``keyrelay`` script beside ``sys.executable``) with a
-configuration whose directory, DKIM key folder and audit log live in a temporary folder.
+Commands run in-process (``keyrelay.cli.main`` with stdout and stderr captured): what the
+CLI prints and exits with, without a new interpreter per command. A few tests run the real
+console script (the ``keyrelay`` script beside ``sys.executable``, ``Relay.script``): its
+exit codes, ``--help``, an argument that is not UTF-8, and what happens to DKIM keys when a
+command is interrupted or loses a race with another writer. Each test uses a configuration
+whose directory, DKIM key folder and audit log live in a temporary folder.
 
 - One installation for the whole module (``shared``) goes through what a new user does first
   (WALKTHROUGH); the listing tests only read it and the refusal tests are refused by it, so it
-  never changes afterwards. Its read-only commands run in parallel to keep the file fast.
+  never changes afterwards.
 - Lifecycle tests (revoke, rotate, suspend, remove, ...) start from an empty installation of
   their own (``fresh``).
 - Text output is compared with golden files under tests/golden/cli/ after ``normalise()`` has
@@ -16,18 +20,22 @@ configuration whose directory, DKIM key folder and audit log live in a temporary
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
+import io
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,9 +45,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from keyrelay import admin, cli
+from keyrelay.directory import YamlDirectory
+from keyrelay.directory.yamlfile import render
+
 KEYRELAY = shutil.which("keyrelay", path=os.path.dirname(sys.executable))
 GOLDEN = Path(__file__).resolve().parent / "golden" / "cli"
 UPDATE_ENV = "KEYRELAY_UPDATE_GOLDEN"
+# the console script's environment (Relay.script)
 ENV = {k: v for k, v in os.environ.items()
        if k not in ("KEYRELAY_CONFIG", "PYTHONDONTWRITEBYTECODE")}
 # Without cached bytecode every run compiles keyrelay again (PYTHONDONTWRITEBYTECODE=1 is set in
@@ -83,22 +96,29 @@ class Relay:
         self.config.write_text(CONFIG.format(root=root) + extra_config, encoding="utf-8")
 
     def run(self, command: str | Sequence[str], config: Path | None = None) -> Result:
-        """Run ``keyrelay --config CONFIG COMMAND`` (a string is split like a shell would)."""
+        """``keyrelay --config CONFIG COMMAND`` in-process (a string is split like a shell
+        would)."""
         args = tuple(shlex.split(command) if isinstance(command, str) else command)
-        return self.run_bare(["--config", str(config or self.config), *args], shown=args)
+        return run_main(["--config", str(config or self.config), *args], shown=args)
 
-    def run_bare(self, argv: Sequence[str], shown: Sequence[str] | None = None) -> Result:
-        assert KEYRELAY, "no keyrelay console script beside sys.executable: pip install -e ."
-        proc = subprocess.run(
-            [KEYRELAY, *argv], capture_output=True, text=True, env=ENV, timeout=60, check=False
-        )
-        return Result(tuple(argv if shown is None else shown), proc.returncode, proc.stdout,
-                      proc.stderr)
+    def script(self, argv: Sequence[str], config: bool = True) -> Result:
+        """The installed console script, ``keyrelay [--config CONFIG] ARGV``."""
+        full = ["--config", str(self.config), *argv] if config else list(argv)
+        proc = subprocess.run([script(), *full], capture_output=True, text=True, env=ENV,
+                              timeout=60, check=False)
+        return Result(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+
+    def start(self, argv: Sequence[str]) -> subprocess.Popen[str]:
+        """The console script started, not waited for; Ctrl-C (SIGINT) raises
+        KeyboardInterrupt in it, as in a terminal (even if this test run ignores SIGINT)."""
+        return subprocess.Popen(
+            [script(), "--config", str(self.config), *argv], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=ENV,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def run_all(self, commands: Sequence[str]) -> dict[str, Result]:
-        """Run read-only commands in parallel; results by command."""
-        with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 2)) as pool:
-            return dict(zip(commands, pool.map(self.run, commands), strict=True))
+        """Run read-only commands; results by command."""
+        return {command: self.run(command) for command in commands}
 
     def ok(self, command: str) -> str:
         """Run a command that must succeed silently on stderr; its stdout."""
@@ -119,6 +139,40 @@ class Relay:
 
     def normalise(self, text: str) -> str:
         return normalise(text, self.root, self.masks)
+
+
+def run_main(argv: Sequence[str], shown: Sequence[str] | None = None) -> Result:
+    """``keyrelay.cli.main(argv)`` with stdout and stderr captured; a usage error or
+    ``--help`` (SystemExit from argparse) gives its exit status. Any other exception is a
+    bug, and fails the test with its traceback."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exc:
+            assert isinstance(exc.code, int), exc.code
+            code = exc.code
+    return Result(tuple(argv if shown is None else shown), code, out.getvalue(),
+                  err.getvalue())
+
+
+def script() -> str:
+    assert KEYRELAY, "no keyrelay console script beside sys.executable: pip install -e ."
+    return KEYRELAY
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], what: str,
+             seconds: float = 60.0) -> None:
+    """Wait until ``condition()`` while ``proc`` runs; 60 s is a generous deadline for one
+    keyrelay command, even on a loaded machine."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"keyrelay exited {proc.returncode} before {what}:\n{out}{err}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {seconds:g} s: {what}")
+        time.sleep(0.02)
 
 
 def assert_refused(result: Result, code: int = 1) -> str:
@@ -548,19 +602,17 @@ def _state(relay: Relay) -> tuple[bytes, bytes, list[str]]:
 
 @pytest.fixture(scope="module")
 def refused(shared: Shared) -> Refused:
-    """Every REFUSALS case, run in parallel against the shared installation."""
+    """Every REFUSALS case, run against the shared installation."""
     relay = shared.relay
     for name, text in BROKEN_FILES.items():
         (relay.root / name).parent.mkdir(exist_ok=True)
         (relay.root / name).write_text(text.format(root=relay.root), encoding="utf-8")
     before = _state(relay)
-    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 2)) as pool:
-        futures = {
-            case_id: pool.submit(relay.run, case.command,
-                                 (relay.root / case.config).resolve() if case.config else None)
-            for case_id, case in REFUSALS.items()
-        }
-        results = {case_id: future.result() for case_id, future in futures.items()}
+    results = {
+        case_id: relay.run(case.command,
+                           (relay.root / case.config).resolve() if case.config else None)
+        for case_id, case in REFUSALS.items()
+    }
     return Refused(results, before, _state(relay))
 
 
@@ -756,12 +808,25 @@ def test_account_and_subuser_suspend_resume_remove(fresh: Relay) -> None:
     assert fresh.json("account list") == []
 
 
+# -- the console script ----------------------------------------------------------------------
 def test_help_and_config_example_need_no_config_file(fresh: Relay) -> None:
-    usage, example = fresh.run_bare(["--help"]), fresh.run_bare(["config", "example"])
+    usage = fresh.script(["--help"], config=False)
+    example = fresh.script(["config", "example"], config=False)
     for result in (usage, example):
         assert (result.code, result.err) == (0, ""), result
     assert "exit status:" in usage.out
     assert example.out.startswith("# keyrelay configuration.")
+
+
+def test_the_console_script_exits_0_done_1_refused_2_usage(fresh: Relay) -> None:
+    done = fresh.script(["account", "add", "acme"])
+    assert (done.code, done.out, done.err) == (0, "Added account acme.\n", ""), done
+    assert [json.loads(line)["action"] for line in fresh.audit_log.read_text().splitlines()] \
+        == ["account.add"]
+    assert assert_refused(fresh.script(["account", "add", "acme"])) == (
+        "keyrelay: error: account 'acme' already exists")
+    assert assert_refused(fresh.script(["account", "frob"]), 2).startswith(
+        "keyrelay account: error: argument ACTION: invalid choice: 'frob'")
 
 
 def test_control_characters_in_arguments_and_file_names_stay_escaped_on_the_error_line(
@@ -784,12 +849,88 @@ def test_a_file_name_that_is_not_utf8_is_echoed_as_given_not_a_traceback(fresh: 
     # C.UTF-8, `export -o` a name holding a byte that is not UTF-8 wrote the file, then died
     # with a traceback printing where
     target = os.fsencode(fresh.root) + b"/export-\x80.yaml"
-    assert KEYRELAY
-    proc = subprocess.run([KEYRELAY, "--config", str(fresh.config), "export", "-o", target],
+    proc = subprocess.run([script(), "--config", str(fresh.config), "export", "-o", target],
                           capture_output=True, env={**ENV, "PYTHONIOENCODING": "utf-8:strict"},
                           timeout=60, check=False)
     assert (proc.returncode, proc.stderr) == (0, b""), proc
     assert proc.stdout.endswith(b" to " + target + b".\n") and os.path.exists(target)
+
+
+# -- DKIM key files and the directory write that names them ----------------------------------
+DECLARATION = "domains:\n  example.com: {owner: acme}\n"
+
+
+def _selectors(relay: Relay) -> list[str]:
+    """The key files of example.com's selectors, as the directory names them."""
+    found = YamlDirectory(str(relay.directory)).load().domains.get("example.com")
+    return sorted(s.key_file for s in found.selectors) if found else []
+
+
+@pytest.mark.parametrize("command", ["domain add", "domain rotate", "sync"])
+def test_dkim_keys_the_directory_names_stay_when_the_command_is_interrupted_after_writing_it(
+        fresh: Relay, command: str) -> None:
+    """Ctrl-C after the directory write, while the audit log is written: the write stands,
+    so its key files must stay (without them the domain cannot sign; they were deleted)."""
+    fresh.ok("account add acme")
+    argv = {"domain add": ["domain", "add", "acme", "example.com"],
+            "domain rotate": ["domain", "rotate", "example.com"],
+            "sync": ["sync", str(fresh.root / "declared.yaml")]}[command]
+    if command == "domain rotate":
+        fresh.ok("domain add acme example.com")
+    (fresh.root / "declared.yaml").write_text(DECLARATION, encoding="utf-8")
+    before = _selectors(fresh)
+    # a FIFO without a reader: the audit write waits in open(), as on a hung log disk
+    fresh.audit_log.unlink()
+    os.mkfifo(fresh.audit_log)
+    proc = fresh.start(argv)
+    try:
+        wait_for(lambda: len(_selectors(fresh)) == len(before) + 2, proc,
+                 "the directory names the new selectors")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (out, err)
+    named = _selectors(fresh)
+    assert len(named) == len(before) + 2
+    assert key_files(fresh) == sorted(str(Path(f).relative_to(fresh.key_dir)) for f in named)
+    for path in named:
+        assert public_half(Path(path)) in {s.public_key for s in YamlDirectory(
+            str(fresh.directory)).load().domains["example.com"].selectors}
+
+
+@pytest.mark.parametrize("command", ["domain add", "sync"])
+def test_dkim_keys_are_deleted_when_the_directory_write_is_refused(
+        fresh: Relay, command: str) -> None:
+    """The keys are made before the directory transaction; another admin removes the account
+    meanwhile, so the write is refused: no key file may stay behind."""
+    fresh.ok("account add acme")
+    (fresh.root / "declared.yaml").write_text(DECLARATION, encoding="utf-8")
+    argv = {"domain add": ["domain", "add", "acme", "example.com"],
+            "sync": ["sync", str(fresh.root / "declared.yaml")]}[command]
+    with open(f"{fresh.directory}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other admin's transaction
+        proc = fresh.start(argv)
+        try:
+            # the keys are written, then the command waits for the lock
+            wait_for(lambda: len(key_files(fresh)) == 2, proc, "two key files are written")
+            data = YamlDirectory(str(fresh.directory)).load()
+            admin.remove_account(data, "acme")
+            fresh.directory.write_text(render(data), encoding="utf-8")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            try:
+                out, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+    assert (proc.returncode, out) == (1, ""), err
+    assert "unknown account 'acme'" in err, err
+    assert key_files(fresh) == []
+    assert YamlDirectory(str(fresh.directory)).load().domains == {}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
@@ -805,8 +946,8 @@ def test_domain_keys_belong_to_the_owner_of_the_key_folder(tmp_path: Path) -> No
         "logging: {audit_log: ''}\n"
     )
     for args in (["account", "add", "acme"], ["domain", "add", "acme", "acme.example"]):
-        subprocess.run([str(Path(sys.executable).parent / "keyrelay"), "--config", str(config),
-                        *args], check=True, capture_output=True)
+        result = run_main(["--config", str(config), *args])
+        assert (result.code, result.err) == (0, ""), result
     made = [key_dir / "acme.example", *sorted((key_dir / "acme.example").iterdir())]
     assert len(made) == 3
     for path in made:

@@ -273,9 +273,9 @@ def test_the_cli_gives_up_after_repeated_conflicts_with_a_clear_error(
         clock[0] += seconds
 
     real = cli.retrying_conflicts
-    monkeypatch.setattr(cli, "retrying_conflicts", lambda action: real(
+    monkeypatch.setattr(cli.core, "retrying_conflicts", lambda action: real(
         action, clock=lambda: clock[0], sleep=pause))
-    monkeypatch.setattr(cli, "account_list", always_conflicting)
+    monkeypatch.setattr(cli.account, "account_list", always_conflicting)
     status = cli.main(["--config", str(store.config_path), "account", "list"])
 
     assert status == cli.EXIT_FAILED

@@ -2,7 +2,8 @@
 
 Keys are made the way `keyrelay domain add` makes them (keyrelay.dkimkeys) and the verifier
 looks up the public keys through a ``dnsfunc`` that serves the very TXT records keyrelay tells
-admins to publish. The helpers at the top are shared with tests/test_milter.py.
+admins to publish. The helpers at the top are shared with tests/test_milter.py. The key
+files keyrelay.dkimkeys makes for a directory write are checked here too.
 
 dkimpy verifies ed25519-sha256 with PyNaCl. Where PyNaCl is not installed, a stand-in backed by
 ``cryptography`` is put in its place (only the last step, checking the Ed25519 signature of a
@@ -12,6 +13,7 @@ hash dkimpy computed; canonicalisation and hashing stay dkimpy's).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import pickle
@@ -506,6 +508,57 @@ def test_key_cache_is_bounded(tmp_path: Path) -> None:
     for i in range(4):
         store.keys_for(make_selectors(tmp_path, f"d{i}.example"))
     assert len(store) == 3
+
+
+# -- key files made for a directory write (keyrelay.dkimkeys) ---------------------------------
+class WriteFailed(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("written", "fails", "kept"),
+    [(False, True, False), (True, True, True), (False, False, False), (True, False, True)],
+    ids=["write-failed", "failed-after-write", "left-without-write", "written"],
+)
+def test_new_keys_stay_only_once_the_directory_write_happened(
+    tmp_path: Path, written: bool, fails: bool, kept: bool
+) -> None:
+    warnings: list[str] = []
+    made: tuple[Selector, ...] = ()
+    with contextlib.suppress(WriteFailed), dkimkeys.new_keys(str(tmp_path), warnings.append) as new:
+        made = new.create("keys.example", {Algorithm.RSA_SHA256: "s-rsa",
+                                           Algorithm.ED25519_SHA256: "s-ed"},
+                          SelectorState.ACTIVE, NOW)
+        assert all(Path(s.key_file).exists() for s in made)
+        if written:
+            new.written()
+        if fails:
+            raise WriteFailed
+    assert [Path(s.key_file).exists() for s in made] == [kept, kept]
+    assert warnings == []
+
+
+def test_a_key_written_before_a_failing_one_is_deleted_too(tmp_path: Path) -> None:
+    taken = tmp_path / "keys.example" / "s-ed.pem"
+    taken.parent.mkdir()
+    taken.write_bytes(b"someone else's file")
+    names = {Algorithm.RSA_SHA256: "s-rsa", Algorithm.ED25519_SHA256: "s-ed"}
+    with pytest.raises(FileExistsError), dkimkeys.new_keys(str(tmp_path), print) as new:
+        new.create("keys.example", names, SelectorState.ACTIVE, NOW)
+    assert sorted(p.name for p in taken.parent.iterdir()) == ["s-ed.pem"]
+    assert taken.read_bytes() == b"someone else's file"
+
+
+def test_public_key_value_is_the_published_p_value(tmp_path: Path) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    spki = rsa_key.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    raw = ed_key.public_key().public_bytes(serialization.Encoding.Raw,
+                                           serialization.PublicFormat.Raw)
+    assert dkimkeys.public_key_value(rsa_key) == base64.b64encode(spki).decode()
+    assert dkimkeys.public_key_value(ed_key) == base64.b64encode(raw).decode()
+    assert len(raw) == 32  # RFC 8463 section 4.2: the bare key, not SubjectPublicKeyInfo
 
 
 # -- no key material anywhere ------------------------------------------------------------------

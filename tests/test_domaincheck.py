@@ -12,7 +12,7 @@ import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from keyrelay.config import load_config
 from keyrelay.decisions import Settings, domain_may_send
 from keyrelay.directory import open_directory
 from keyrelay.directory.model import Domain, DomainState, SelectorState
+from keyrelay.errors import DirectoryConflict
 
 DOMAIN = "example.com"
 POOL_IP = "192.0.2.10"
@@ -376,6 +377,29 @@ def test_a_rotation_during_the_dns_check_is_checked_again_not_activated_unpublis
     assert len(pending) == 2  # not published: they must not sign
     assert [c["result"] for c in report["checks"] if c["name"].split(".")[0] in
             {s.name for s in pending}] == ["fail", "fail"]
+
+
+def test_a_pool_changed_during_the_check_is_not_recorded_as_checked(
+        tenant: Tenant, monkeypatch: pytest.MonkeyPatch) -> None:
+    """domaincheck.check_and_record compares what it checked with what it would record."""
+    tenant.publish(all_good(tenant))
+    config = load_config(str(tenant.config))
+    real = domaincheck.verify_domain
+
+    def pool_changed_meanwhile(*args: Any, **kwargs: Any) -> domaincheck.Report:
+        report = real(*args, **kwargs)
+        tenant.ok("pool", "assign", "acme", "none")  # another admin, during the DNS check
+        return report
+
+    monkeypatch.setattr(domaincheck, "verify_domain", pool_changed_meanwhile)
+    before = tenant.domain()
+    with pytest.raises(DirectoryConflict,
+                       match=f"^{DOMAIN} or its pools changed during the DNS check; nothing"):
+        domaincheck.check_and_record(config, open_directory(config), DOMAIN,
+                                     datetime.now(UTC).replace(microsecond=0))
+    assert tenant.domain() == before  # still pending, no check counted
+    audit = (tenant.folder / "audit.log").read_text(encoding="utf-8").splitlines()
+    assert json.loads(audit[-1])["action"] == "pool.assign"
 
 
 def test_a_rotation_completes_when_the_old_records_were_already_pulled(tenant: Tenant) -> None:

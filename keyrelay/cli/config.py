@@ -1,0 +1,30 @@
+"""``keyrelay check-config`` and ``keyrelay config example``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..config import render_example
+from .core import Context, command, group
+
+
+def check_config(ctx: Context, args: argparse.Namespace) -> None:
+    data = ctx.read()  # the directory must parse too
+    ctx.say(f"{ctx.config_path}: OK; directory {ctx.config.directory.location}: "
+            f"{len(data.accounts)} accounts, {len(data.keys)} keys, {len(data.domains)} domains")
+
+
+def config_example(args: argparse.Namespace) -> None:
+    """Needs no configuration file (run before one is loaded)."""
+    sys.stdout.write(render_example())
+
+
+def register(sub: Any) -> None:
+    command(sub, "check-config", check_config,
+            "validate the configuration and the directory; exit 1 on any error")
+    config = group(sub, "config", "show configuration help")
+    command(config, "example", None,
+            "print the annotated example configuration with every key and its default"
+            ).set_defaults(without_config=config_example)

@@ -1,0 +1,72 @@
+"""``keyrelay subuser``: subusers (ACCOUNT/NAME) of an account."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .. import admin
+from ..directory.model import DirectoryData, Status, Subuser
+from ..output import dump_json, table, when
+from .account import status_setter
+from .core import Context, command, group
+from .limits import limits_json, limits_text
+
+
+def subuser_add(ctx: Context, args: argparse.Namespace) -> None:
+    with ctx.change("subuser.add", principal=args.name) as data:
+        admin.add_subuser(data, args.name, ctx.now)
+    ctx.say(f"Added subuser {args.name}.")
+
+
+def subuser_json(data: DirectoryData, sub: Subuser) -> dict[str, Any]:
+    return {
+        "principal": sub.principal,
+        "account": sub.account,
+        "name": sub.name,
+        "status": str(sub.status),
+        "pool": sub.pool,
+        "limits": limits_json(sub.limits),
+        "created": when(sub.created, ""),
+        "keys": sum(
+            1 for k in data.keys.values() if k.principal == sub.principal and not k.revoked
+        ),
+    }
+
+
+def subuser_list(ctx: Context, args: argparse.Namespace) -> None:
+    data = ctx.read()
+    admin.account(data, args.account)
+    subs = sorted(
+        (s for s in data.subusers.values() if s.account == args.account), key=lambda s: s.name
+    )
+    if ctx.json:
+        dump_json(ctx.out, [subuser_json(data, s) for s in subs])
+        return
+    rows = [
+        [s.principal, str(s.status), s.pool or "-", limits_text(s.limits),
+         str(sum(1 for k in data.keys.values() if k.principal == s.principal and not k.revoked))]
+        for s in subs
+    ]
+    table(ctx.out, ["SUBUSER", "STATUS", "POOL", "LIMITS", "KEYS"], rows)
+
+
+def subuser_remove(ctx: Context, args: argparse.Namespace) -> None:
+    with ctx.change("subuser.remove", principal=args.name) as data:
+        admin.remove_subuser(data, args.name)
+    ctx.say(f"Removed subuser {args.name} with its keys and senders.")
+
+
+def register(sub: Any) -> None:
+    subs = group(sub, "subuser", "manage subusers (ACCOUNT/NAME)")
+    command(subs, "add", subuser_add, "add a subuser").add_argument(
+        "name", metavar="ACCOUNT/NAME")
+    command(subs, "list", subuser_list, "list an account's subusers", json=True).add_argument(
+        "account", metavar="ACCOUNT")
+    command(subs, "remove", subuser_remove, "remove a subuser with its keys and senders"
+            ).add_argument("name", metavar="ACCOUNT/NAME")
+    command(subs, "suspend", status_setter(Status.SUSPENDED, "suspend", subuser=True),
+            "refuse the subuser's logins and messages").add_argument(
+                "name", metavar="ACCOUNT/NAME")
+    command(subs, "resume", status_setter(Status.ACTIVE, "resume", subuser=True),
+            "lift a suspension").add_argument("name", metavar="ACCOUNT/NAME")
