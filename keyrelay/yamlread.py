@@ -142,24 +142,26 @@ class Document:
         return self._root
 
 
-def read_text(path: str, *, stdin: bool = False) -> str:
-    """The file's text; with ``stdin``, ``-`` is standard input. ConfigError says why not."""
+def read_text(path: str, *, stdin: bool = False, missing: str = "file not found") -> str:
+    """The file's text; with ``stdin``, ``-`` is standard input. ConfigError says why not
+    (``missing`` when the file does not exist)."""
     try:
         if stdin and path == "-":
             return sys.stdin.read()
         with open(path, encoding="utf-8") as stream:
             return stream.read()
     except FileNotFoundError:
-        raise ConfigError(path, "", "file not found") from None
+        raise ConfigError(path, "", missing) from None
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read the file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(path, "", f"not UTF-8 text (byte {exc.start}: {exc.reason})") from None
 
 
-def load(path: str, *, stdin: bool = False, json_first: bool = False) -> Document:
+def load(path: str, *, stdin: bool = False, json_first: bool = False,
+         missing: str = "file not found") -> Document:
     """Read and parse the file at ``path`` (see ``read_text`` and ``parse``)."""
-    return parse(read_text(path, stdin=stdin), path, json_first=json_first)
+    return parse(read_text(path, stdin=stdin, missing=missing), path, json_first=json_first)
 
 
 def parse(text: str, path: str, *, json_first: bool = False) -> Document:

@@ -843,7 +843,8 @@ def test_check_config_rejects_an_invalid_configuration_with_file_key_and_reason(
         result = subprocess.run(daemon.command(*args), capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 1
-        assert result.stderr.startswith(f"keyrelay-policyd: error: {daemon.config_path}: {key}: ")
+        where = rf"keyrelay-policyd: error: {re.escape(str(daemon.config_path))}:\d+: "  # :LINE:
+        assert re.match(where + re.escape(f"{key}: "), result.stderr), result.stderr
         assert reason in result.stderr
         assert "Traceback" not in result.stderr + result.stdout
 
@@ -856,7 +857,7 @@ def test_check_config_rejects_an_invalid_directory_naming_it(
     result = subprocess.run(daemon.command("--check-config"), capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 1
-    assert f"{daemon.directory_path}: accounts.acme.status: " in result.stderr
+    assert f"{daemon.directory_path}:3: accounts.acme.status: " in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -495,6 +495,26 @@ def test_written_json_style_file_with_an_account_twice_is_refused_with_its_line(
         YamlDirectory(str(path)).snapshot()
 
 
+def test_every_program_refuses_a_directory_with_an_account_twice_at_the_same_line(
+    tmp_path: Path,
+) -> None:
+    # the bug: a hand-edited directory.yaml with an account given twice was accepted (the
+    # second silently replaced the first, keys and all) and `keyrelay check-config` said OK
+    config = write_config(tmp_path)
+    path = directory_path(tmp_path)
+    path.write_text("accounts:\n  acme:\n    status: active\n  beta: {}\n"
+                    "  acme:\n    status: suspended\n", encoding="utf-8")
+    error = f"{path}:5: accounts.acme: given twice (first at line 2); keep one"
+
+    for program, args in (("keyrelay", ["--config", str(config), "check-config"]),
+                          ("keyrelay-policyd", ["--config", str(config), "--check-config"]),
+                          ("keyrelay-milter", ["--config", str(config), "--check-config"])):
+        result = subprocess.run([str(KEYRELAY.with_name(program)), *args], capture_output=True,
+                                text=True, timeout=60, check=False)
+        assert (result.returncode, result.stdout) == (1, ""), result
+        assert result.stderr == f"{program}: error: {error}\n", result
+
+
 def test_written_json_style_file_with_a_bad_value_names_its_line(tmp_path: Path) -> None:
     # JSON has no line numbers: the error is found on the json module's (fast) reading, and
     # its line from the same text read as YAML

@@ -113,7 +113,8 @@ class YamlDirectory:
         return self._read()
 
     def _read(self) -> DirectoryData:
-        document = yamlread.load(self.path, json_first=True)
+        document = yamlread.load(self.path, json_first=True,
+                                 missing="directory file does not exist")
         return document.build(_Parser(self.path).document)
 
     def record_key_use(self, used: dict[str, datetime],
