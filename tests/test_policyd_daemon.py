@@ -906,7 +906,7 @@ def test_sighup_with_an_invalid_configuration_logs_it_and_keeps_the_running_one(
     daemon.config_path.write_text("auth:\n  username: other\npolicyd:\n  max_connections: lots\n")
     line = daemon.reload()
     assert "ERROR" in line and "configuration not reloaded, keeping the running one" in line
-    assert f"{daemon.config_path}: policyd.max_connections: expected an integer" in line
+    assert f"{daemon.config_path}:4: policyd.max_connections: expected an integer" in line
     assert daemon.running()
     assert login_reply(daemon, APIKEY, key.text, fresh_address()).status == "OK"
 
