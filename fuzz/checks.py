@@ -219,7 +219,8 @@ def loaded_or_config_error(load: Callable[[], T], path: str | Path) -> T | None:
     try:
         return load()
     except ConfigError as exc:
-        expect(str(exc).startswith(f"{path}: "), f"a ConfigError not naming {path}: {exc}")
+        where = f"{path}:{exc.line}: " if exc.line is not None else f"{path}: "  # FILE:LINE:
+        expect(str(exc).startswith(where), f"a ConfigError not naming {path}: {exc}")
         return None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 FUZZ_DIR = Path(__file__).resolve().parent
 SEEDS = FUZZ_DIR / "corpus"
 # The wire readers' request bound in the targets: the smallest policyd.max_request_size the
-# configuration allows (keyrelay/config.py), so inputs up to max_len cross it.
+# configuration allows (keyrelay/config/services.py), so inputs up to max_len cross it.
 MAX_REQUEST = 1024
 
 
@@ -43,16 +43,18 @@ TARGETS = {t.name: t for t in (
     Target("header", "From:/Sender: values as the milter passes them (keyrelay/headers.py: "
            "mailboxes): addresses or HeaderError",
            ("keyrelay.headers", "email._header_value_parser", "email.headerregistry"), 4096),
-    Target("config", "configuration files (keyrelay/config.py: load_config): a Config or a "
-           "ConfigError naming the file", ("keyrelay.config", "keyrelay.durations",
-                                           "yaml.constructor", "yaml.resolver"), 4096),
+    Target("config", "configuration files (keyrelay/config/loader.py: load_config): a Config "
+           "or a ConfigError naming the file",
+           ("keyrelay.config", "keyrelay.yamlread", "keyrelay.durations", "yaml.constructor",
+            "yaml.resolver"), 4096),
     Target("directory", "directory files (keyrelay/directory/yamlfile.py: YamlDirectory.load): "
            "the directory or a ConfigError naming the file",
-           ("keyrelay.directory", "keyrelay.names", "keyrelay.keys", "yaml.constructor",
-            "yaml.resolver"), 8192),
+           ("keyrelay.directory", "keyrelay.yamlread", "keyrelay.names", "keyrelay.keys",
+            "yaml.constructor", "yaml.resolver"), 8192),
     Target("declaration", "keyrelay sync declarations (keyrelay/declare.py: load): a "
            "declaration or a ConfigError naming the file",
-           ("keyrelay.declare", "keyrelay.names", "yaml.constructor", "yaml.resolver"), 4096),
+           ("keyrelay.declare", "keyrelay.yamlread", "keyrelay.names", "yaml.constructor",
+            "yaml.resolver"), 4096),
     Target("cli", "command lines (NUL-separated arguments) of keyrelay, run in a sandbox "
            "directory, and of keyrelay-policyd and keyrelay-milter (argparse only): exit 0, 1 "
            "or 2", ("keyrelay", "policyd.main", "milters.main", "argparse"), 512),

@@ -21,23 +21,18 @@ A second run with the same file changes nothing.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import admin, names
-from .directory.model import DirectoryData, Domain, Limits, Selector, Status
+from . import admin, names, yamlread
+from .directory.model import LIMIT_FIELDS, DirectoryData, Domain, Limits, Selector, Status
 from .errors import ConfigError, Conflict, UserError
 
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _ABSENT = "absent"
 _PRESENT = "present"
-_LIMIT_FIELDS = ("messages_per_minute", "messages_per_hour", "recipients_per_message")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +80,8 @@ class Declaration:
 
 # -- reading ---------------------------------------------------------------------------------
 class _Reader:
-    """Checks one declaration file; every error names the file, the key and the reason."""
+    """Checks one loaded declaration; every error names the file, the key and the reason
+    (yamlread adds the line)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -97,15 +93,15 @@ class _Reader:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+            raise self.fail(key, f"expected a mapping of keys, got {yamlread.got(value)}")
         for name in value:
             if name == "keys":
-                raise self.fail(f"{key}.keys" if key else "keys",
+                raise self.fail(yamlread.join(key, "keys"),
                                 "API keys are never declared; create them with "
                                 "`keyrelay key create PRINCIPAL` (the secret is shown once)")
             if name not in allowed:
-                raise self.fail(f"{key}.{name}" if key else str(name),
-                                f"unknown key; expected one of: {', '.join(allowed)}")
+                raise self.fail(yamlread.join(key, str(name)),
+                                yamlread.unknown_key(name, allowed))
         return value
 
     def entries(self, value: Any, key: str) -> dict[str, Any]:
@@ -113,12 +109,12 @@ class _Reader:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.fail(key, f"expected a mapping of names, got {type(value).__name__}")
+            raise self.fail(key, f"expected a mapping of names, got {yamlread.got(value)}")
         return {str(name): settings for name, settings in value.items()}
 
     def checked(self, check: Callable[[str], Any], text: Any, key: str) -> Any:
         if not isinstance(text, str):
-            raise self.fail(key, f"expected a string, got {type(text).__name__}")
+            raise self.fail(key, f"expected a string, got {yamlread.got(text)}")
         try:
             return check(text)
         except UserError as exc:
@@ -128,20 +124,21 @@ class _Reader:
         if value is None:
             return ()
         if not isinstance(value, list):
-            raise self.fail(key, f"expected a list, got {type(value).__name__}")
+            raise self.fail(key, f"expected a list, got {yamlread.got(value)}")
         found = [str(self.checked(check, item, f"{key}[{i}]")) for i, item in enumerate(value)]
         return tuple(dict.fromkeys(found))
 
     def boolean(self, value: Any, key: str) -> bool:
         if not isinstance(value, bool):
-            raise self.fail(key, "expected true or false")
+            raise self.fail(key, f"expected true or false, got {yamlread.got(value)}")
         return value
 
     def state(self, settings: dict[str, Any], key: str) -> bool:
         """True when the entry says ``state: absent``."""
         state = settings.get("state", _PRESENT)
         if state not in (_PRESENT, _ABSENT):
-            raise self.fail(f"{key}.state", "expected present or absent")
+            raise self.fail(f"{key}.state",
+                            f"expected present or absent, got {yamlread.got(state)}")
         return bool(state == _ABSENT)
 
     def status(self, settings: dict[str, Any], key: str) -> Status | None:
@@ -150,19 +147,20 @@ class _Reader:
         try:
             return Status(settings["status"])
         except ValueError:
-            raise self.fail(f"{key}.status", "expected active or suspended") from None
+            raise self.fail(f"{key}.status", "expected active or suspended, got "
+                            f"{yamlread.got(settings['status'])}") from None
 
     def limits(self, settings: dict[str, Any], key: str) -> Limits | None:
         if "limits" not in settings:
             return None
-        given = self.mapping(settings["limits"], f"{key}.limits", _LIMIT_FIELDS)
+        given = self.mapping(settings["limits"], f"{key}.limits", LIMIT_FIELDS)
         values: dict[str, int | None] = {}
-        for name in _LIMIT_FIELDS:
+        for name in LIMIT_FIELDS:
             number = given.get(name)
             if number is not None and (isinstance(number, bool) or not isinstance(number, int)
                                        or number < 0):
-                raise self.fail(f"{key}.limits.{name}",
-                                "expected a whole number >= 0 (0 or null: inherit)")
+                raise self.fail(f"{key}.limits.{name}", "expected a whole number >= 0 (0 or "
+                                f"null: inherit), got {yamlread.got(number)}")
             values[name] = number or None
         return Limits(**values)
 
@@ -196,27 +194,13 @@ class _Reader:
 
 def load(path: str | Path) -> Declaration:
     """Read and check a declaration file (``-``: standard input, as the Ansible role gives it);
-    ConfigError says where and why it is wrong."""
+    ConfigError says where and why it is wrong (``FILE:LINE: KEY.PATH: reason``)."""
     where = str(path)
+    return yamlread.load(where, stdin=True).build(lambda raw: _declaration(where, raw))
+
+
+def _declaration(where: str, raw: object) -> Declaration:
     reader = _Reader(where)
-    try:
-        text = sys.stdin.read() if where == "-" else Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(where, "", f"cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(where, "", f"not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    try:
-        # libyaml's loader, as for the configuration and the directory file: PyYAML's pure
-        # Python one recurses once per nesting level (RecursionError on "[[[[...").
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(where, "", f"{line}not valid YAML") from None
-    except ValueError as exc:  # PyYAML's constructors: a date 2026-13-45, `!!int x`
-        raise ConfigError(where, "", f"not valid YAML: {exc}") from None
-    except RecursionError:  # only without libyaml (PyYAML's pure Python loader)
-        raise ConfigError(where, "", "not valid YAML: nested too deeply") from None
     top = reader.mapping(raw, "", ("pools", "accounts", "domains"))
 
     pools = []

@@ -16,16 +16,18 @@ class ConfigError(KeyrelayError):
     """A configuration (or directory) file is unreadable or invalid.
 
     The message always names the file, the key (dotted path) and the reason, so an admin can
-    fix it without reading code.
+    fix it without reading code: ``FILE:LINE: KEY.PATH: reason`` (keyrelay/yamlread.py adds
+    the line; without one, or without a key, that part is left out).
     """
 
-    def __init__(self, path: str, key: str, reason: str) -> None:
+    def __init__(self, path: str, key: str, reason: str, line: int | None = None) -> None:
         self.path = path
         self.key = key
         self.reason = reason
+        self.line = line
         # a file name or a YAML key may hold a newline or an escape sequence
-        where = f"{printable(path)}: {printable(key)}: " if key else f"{printable(path)}: "
-        super().__init__(where + reason)
+        where = printable(path) + (f":{line}: " if line is not None else ": ")
+        super().__init__(where + (f"{printable(key)}: " if key else "") + reason)
 
 
 def printable(text: str) -> str:

@@ -554,15 +554,16 @@ REFUSALS: dict[str, Refusal] = {
     "config-missing": Refusal("check-config", 1, "<tmp>/missing.yaml: file not found",
                               "missing.yaml"),
     "config-unknown-key": Refusal("check-config", 1,
-                                  "<tmp>/unknown-key.yaml: directory.bogus: unknown key",
+                                  "<tmp>/unknown-key.yaml:3: directory.bogus: unknown key",
                                   "unknown-key.yaml"),
-    "config-bad-yaml": Refusal("check-config", 1, "<tmp>/bad-yaml.yaml: invalid YAML at line 2",
+    "config-bad-yaml": Refusal("check-config", 1, "<tmp>/bad-yaml.yaml:2: invalid YAML at column",
                                "bad-yaml.yaml"),
-    "directory-bad-yaml": Refusal("check-config", 1, "<tmp>/broken/directory.yaml: not valid YAML",
+    "directory-bad-yaml": Refusal("check-config", 1,
+                                  "<tmp>/broken/directory.yaml:2: invalid YAML at column 1",
                                   "bad-directory-yaml.yaml"),
     "directory-bad-value": Refusal("account list", 1,
-                                   "<tmp>/weird/directory.yaml: accounts.acme.status: expected "
-                                   "one of active, suspended, got 'weird'",
+                                   "<tmp>/weird/directory.yaml:3: accounts.acme.status: "
+                                   "expected one of active, suspended, got a string ('weird')",
                                    "bad-directory-value.yaml"),
     # usage errors
     "no-command": Refusal("", 2, "the following arguments are required: COMMAND"),

@@ -39,9 +39,13 @@ def load_error(tmp_path: Path, text: str | bytes) -> ConfigError:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert info.value.path == path
-    assert str(info.value).startswith(f"{path}: ")
-    return info.value
+    error = info.value
+    assert error.path == path
+    # FILE:LINE: KEY.PATH: reason, on one line (LINE and KEY.PATH when the fault has them)
+    where = f"{path}:{error.line}: " if error.line is not None else f"{path}: "
+    assert str(error) == where + (f"{error.key}: " if error.key else "") + error.reason
+    assert "\n" not in str(error)
+    return error
 
 
 # --- defaults and the example file ---------------------------------------------------------
@@ -181,68 +185,70 @@ def test_parse_config_accepts_already_loaded_yaml_and_names_the_given_path() -> 
 
 ERRORS = [
     # unknown keys, with a suggestion and the allowed keys
-    ("directroy: {}\n", "directroy", "did you mean 'directory'?"),
-    ("dkim:\n  selector: kr\n", "dkim.selector", "did you mean 'selector_prefix'?"),
-    ("limits:\n  zzz: 1\n", "limits.zzz", "allowed here: messages_per_minute, messages_per_hour"),
-    ("1: x\n", "1", "unknown key"),
+    ("directroy: {}\n", 1, "directroy", "did you mean 'directory'?"),
+    ("dkim:\n  selector: kr\n", 2, "dkim.selector", "did you mean 'selector_prefix'?"),
+    ("limits:\n  zzz: 1\n", 2, "limits.zzz",
+     "allowed here: messages_per_minute, messages_per_hour"),
+    ("1: x\n", 1, "1", "unknown key"),
     # wrong types, saying what was expected and what was found
-    ("auth:\n  username: [a, b]\n", "auth.username", "expected a string, got a list"),
-    ("auth:\n  username: null\n", "auth.username", "expected a string, got null"),
-    ("limits:\n  messages_per_minute: '600'\n", "limits.messages_per_minute", "got a string"),
-    ("limits:\n  messages_per_hour: 1.5\n", "limits.messages_per_hour", "expected an integer"),
-    ("limits:\n  messages_per_hour: true\n", "limits.messages_per_hour", "got a boolean (true)"),
-    ("monitor_mode: 'yes'\n", "monitor_mode", "expected true or false, got a string ('yes')"),
-    ("monitor_mode: 1\n", "monitor_mode", "expected true or false, got an integer (1)"),
-    ("keys:\n  max_expiry: [1]\n", "keys.max_expiry", "expected a duration"),
-    ("keys:\n  max_expiry: true\n", "keys.max_expiry", "or null, got a boolean (true)"),
-    ("keys:\n  default_scopes: mail.send\n", "keys.default_scopes", "expected a list"),
-    ("keys:\n  default_scopes: [mail.send, 7]\n", "keys.default_scopes[1]", "expected a string"),
-    ("dkim: /etc/keyrelay/dkim\n", "dkim", "expected a mapping of keys, got a string"),
-    ("logging:\n  level: 2\n", "logging.level", "got an integer (2)"),
+    ("auth:\n  username: [a, b]\n", 2, "auth.username", "expected a string, got a list"),
+    ("auth:\n  username: null\n", 2, "auth.username", "expected a string, got null"),
+    ("limits:\n  messages_per_minute: '600'\n", 2, "limits.messages_per_minute", "got a string"),
+    ("limits:\n  messages_per_hour: 1.5\n", 2, "limits.messages_per_hour", "expected an integer"),
+    ("limits:\n  messages_per_hour: true\n", 2, "limits.messages_per_hour", "got a boolean (true)"),
+    ("monitor_mode: 'yes'\n", 1, "monitor_mode", "expected true or false, got a string ('yes')"),
+    ("monitor_mode: 1\n", 1, "monitor_mode", "expected true or false, got an integer (1)"),
+    ("keys:\n  max_expiry: [1]\n", 2, "keys.max_expiry", "expected a duration"),
+    ("keys:\n  max_expiry: true\n", 2, "keys.max_expiry", "or null, got a boolean (true)"),
+    ("keys:\n  default_scopes: mail.send\n", 2, "keys.default_scopes", "expected a list"),
+    ("keys:\n  default_scopes: [mail.send, 7]\n", 2, "keys.default_scopes[1]", "expected a string"),
+    ("dkim: /etc/keyrelay/dkim\n", 1, "dkim", "expected a mapping of keys, got a string"),
+    ("logging:\n  level: 2\n", 2, "logging.level", "got an integer (2)"),
     # impossible values
-    ("limits:\n  recipients_per_message: 0\n", "limits.recipients_per_message", "at least 1"),
-    ("keys:\n  last_used_flush_interval: 0.5\n", "keys.last_used_flush_interval", "at least 1s"),
-    ("keys:\n  default_expiry: 0\n", "keys.default_expiry", "at least 1s, got 0s"),
-    ("logging:\n  level: verbose\n", "logging.level", "must be one of 'debug', 'info'"),
-    ("directory:\n  backend: sql\n", "directory.backend", "must be one of 'yaml', 'ldap'"),
-    ("keys:\n  default_expiry: 3 months\n", "keys.default_expiry", "invalid duration"),
-    ("domains:\n  failing_grace: 2y\n", "domains.failing_grace", "unknown unit 'y'"),
-    ("domains:\n  failing_grace: -5\n", "domains.failing_grace", "non-negative"),
-    ("dkim:\n  selector_prefix: KR\n", "dkim.selector_prefix", "must be a lowercase letter"),
-    ("dkim:\n  selector_prefix: abcdefghijklmnopq\n", "dkim.selector_prefix", "up to 15"),
-    ("keys:\n  default_scopes: [Mail.Send]\n", "keys.default_scopes[0]", "a dotted lowercase"),
-    ("keys:\n  default_scopes: [mail]\n", "keys.default_scopes[0]", "got 'mail'"),
-    ("auth:\n  username: api key\n", "auth.username", "without whitespace"),
-    ("auth:\n  username: ''\n", "auth.username", "non-empty"),
-    ("routing:\n  transport_prefix: kr_pool\n", "routing.transport_prefix", "got 'kr_pool'"),
-    ("dns:\n  spf_include: not a host\n", "dns.spf_include", "must be a domain name"),
-    ("dns:\n  dmarc_rua: reports\n", "dns.dmarc_rua", "must be a mailbox"),
-    ("dns:\n  dmarc_rua: mailto:d@example.com\n", "dns.dmarc_rua", "without mailto:"),
-    ("directory:\n  path: directory.yaml\n", "directory.path", "must be an absolute path"),
-    ("dkim:\n  key_dir: ./dkim\n", "dkim.key_dir", "must be an absolute path, got './dkim'"),
-    ("logging:\n  audit_log: audit.log\n", "logging.audit_log", "must be an absolute path"),
-    ("milter:\n  listen: 127.0.0.1:8891\n", "milter.listen", "must be inet:host:port"),
-    ("milter:\n  listen: unix:relative\n", "milter.listen", "got 'unix:relative'"),
-    ("milter:\n  socket_mode: '999'\n", "milter.socket_mode", "an octal mode"),
-    ("milter:\n  sign: 'no'\n", "milter.sign", "expected true or false"),
-    ("milter:\n  check_sender: false\n  sign: false\n", "milter.sign",
+    ("limits:\n  recipients_per_message: 0\n", 2, "limits.recipients_per_message", "at least 1"),
+    ("keys:\n  last_used_flush_interval: 0.5\n", 2, "keys.last_used_flush_interval", "at least 1s"),
+    ("keys:\n  default_expiry: 0\n", 2, "keys.default_expiry", "at least 1s, got 0s"),
+    ("logging:\n  level: verbose\n", 2, "logging.level", "must be one of 'debug', 'info'"),
+    ("directory:\n  backend: sql\n", 2, "directory.backend", "must be one of 'yaml', 'ldap'"),
+    ("keys:\n  default_expiry: 3 months\n", 2, "keys.default_expiry", "invalid duration"),
+    ("domains:\n  failing_grace: 2y\n", 2, "domains.failing_grace", "unknown unit 'y'"),
+    ("domains:\n  failing_grace: -5\n", 2, "domains.failing_grace", "non-negative"),
+    ("dkim:\n  selector_prefix: KR\n", 2, "dkim.selector_prefix", "must be a lowercase letter"),
+    ("dkim:\n  selector_prefix: abcdefghijklmnopq\n", 2, "dkim.selector_prefix", "up to 15"),
+    ("keys:\n  default_scopes: [Mail.Send]\n", 2, "keys.default_scopes[0]", "a dotted lowercase"),
+    ("keys:\n  default_scopes: [mail]\n", 2, "keys.default_scopes[0]", "got 'mail'"),
+    ("auth:\n  username: api key\n", 2, "auth.username", "without whitespace"),
+    ("auth:\n  username: ''\n", 2, "auth.username", "non-empty"),
+    ("routing:\n  transport_prefix: kr_pool\n", 2, "routing.transport_prefix", "got 'kr_pool'"),
+    ("dns:\n  spf_include: not a host\n", 2, "dns.spf_include", "must be a domain name"),
+    ("dns:\n  dmarc_rua: reports\n", 2, "dns.dmarc_rua", "must be a mailbox"),
+    ("dns:\n  dmarc_rua: mailto:d@example.com\n", 2, "dns.dmarc_rua", "without mailto:"),
+    ("directory:\n  path: directory.yaml\n", 2, "directory.path", "must be an absolute path"),
+    ("dkim:\n  key_dir: ./dkim\n", 2, "dkim.key_dir", "must be an absolute path, got './dkim'"),
+    ("logging:\n  audit_log: audit.log\n", 2, "logging.audit_log", "must be an absolute path"),
+    ("milter:\n  listen: 127.0.0.1:8891\n", 2, "milter.listen", "must be inet:host:port"),
+    ("milter:\n  listen: unix:relative\n", 2, "milter.listen", "got 'unix:relative'"),
+    ("milter:\n  socket_mode: '999'\n", 2, "milter.socket_mode", "an octal mode"),
+    ("milter:\n  sign: 'no'\n", 2, "milter.sign", "expected true or false"),
+    ("milter:\n  check_sender: false\n  sign: false\n", 3, "milter.sign",
      "check_sender and sign are both false"),
     # a rule across two keys names the one to change
     (
         "keys:\n  default_expiry: 90d\n  max_expiry: 30d\n",
+        2,
         "keys.default_expiry",
         "must not be longer than max_expiry (30d), got 90d",
     ),
 ]
 
 
-@pytest.mark.parametrize(("text", "key", "reason"), ERRORS, ids=[e[1] for e in ERRORS])
-def test_invalid_value_is_an_error_naming_file_key_and_reason(
-    tmp_path: Path, text: str, key: str, reason: str
+@pytest.mark.parametrize(("text", "line", "key", "reason"), ERRORS, ids=[e[2] for e in ERRORS])
+def test_invalid_value_is_an_error_naming_file_line_key_and_reason(
+    tmp_path: Path, text: str, line: int, key: str, reason: str
 ) -> None:
     error = load_error(tmp_path, text)
-    assert error.key == key
-    assert f": {key}: " in str(error)
+    assert (error.line, error.key) == (line, key)
+    assert f"keyrelay.yaml:{line}: {key}: " in str(error)
     assert reason in error.reason
 
 
@@ -259,8 +265,9 @@ def test_expiry_within_max_expiry_is_accepted(tmp_path: Path) -> None:
 
 def test_yaml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
     error = load_error(tmp_path, "limits:\n  messages_per_minute: 1\n bad: [\n")
-    assert error.key == ""
-    assert "invalid YAML at line 3, column" in error.reason
+    assert (error.line, error.key) == (3, "")
+    assert error.reason == ("invalid YAML at column 2: did not find expected key (while parsing "
+                            "a block mapping at line 1)")
 
 
 def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:
@@ -269,11 +276,13 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None
     # a configuration of tests/test_fuzz_cli.py did this)
     error = load_error(tmp_path, "logging:\n  audit_log: /srv/audit.log\n"
                                  "dkim:\n  key_dir: /srv/dkim\nlogging:\n  level: debug\n")
-    assert error.key == ""
-    assert error.reason == ("invalid YAML at line 5, column 1: the key 'logging' is given "
-                            "twice (first at line 1); keep one")
+    assert str(error) == f"{error.path}:5: logging: given twice (first at line 1); keep one"
     nested = load_error(tmp_path, "limits:\n  messages_per_hour: 5\n  messages_per_hour: 6\n")
-    assert "line 3, column 3: the key 'messages_per_hour' is given twice" in nested.reason
+    assert (nested.line, nested.key, nested.reason) == (
+        3, "limits.messages_per_hour", "given twice (first at line 2); keep one")
+    # equal as loaded, not as written: 0x1E and 30 are the same number
+    numbers = load_error(tmp_path, "x:\n  30: a\n  0x1E: b\n")
+    assert (numbers.line, numbers.key) == (3, "x.30")
 
 
 def test_yaml_merge_keys_and_aliases_are_not_duplicates(tmp_path: Path) -> None:
@@ -288,9 +297,9 @@ def test_yaml_merge_keys_and_aliases_are_not_duplicates(tmp_path: Path) -> None:
 
 def test_impossible_yaml_date_is_a_config_error_not_a_traceback(tmp_path: Path) -> None:
     # PyYAML raises ValueError (not YAMLError) while constructing a timestamp like this one
-    error = load_error(tmp_path, "monitor_mode: 2026-13-45\n")
-    assert error.key == ""
-    assert "invalid YAML" in error.reason and "month" in error.reason
+    error = load_error(tmp_path, "logging: {}\nmonitor_mode: 2026-13-45\n")
+    assert (error.line, error.key) == (2, "monitor_mode")
+    assert error.reason == "invalid YAML: month must be in 1..12"
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ being cut into arbitrary pieces.
 - policy attribute blocks (policyd/attributes.py: RequestReader)
 - socketmap netstrings (policyd/netstring.py: NetstringReader)
 - header From/Sender values (keyrelay/headers.py: mailboxes)
-- the configuration (keyrelay/config.py: parse_config) and the YAML directory file
+- the configuration (keyrelay/config/loader.py: parse_config) and the YAML directory file
 - the declared directory of ``keyrelay sync`` (keyrelay/declare.py: load)
 
 What each parser must do is written once, in fuzz/checks.py, which the atheris targets

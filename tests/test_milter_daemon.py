@@ -7,6 +7,7 @@ under tmp_path; readiness is its "ready" log line, never a sleep.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -145,7 +146,8 @@ def test_configuration_error_is_one_line_naming_file_key_and_reason(
     site.write_text(yaml.safe_dump(config))
     result = run("--config", str(site), "--check-config")
     assert result.returncode == 1
-    assert result.stderr.startswith(f"keyrelay-milter: error: {site}: {error}")
+    where = rf"keyrelay-milter: error: {re.escape(str(site))}:\d+: "  # FILE:LINE:
+    assert re.match(where + re.escape(error), result.stderr), result.stderr
     assert result.stderr.count("\n") == 1
 
 

@@ -826,7 +826,8 @@ def test_check_config_rejects_an_invalid_configuration_with_file_key_and_reason(
         result = subprocess.run(daemon.command(*args), capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 1
-        assert result.stderr.startswith(f"keyrelay-policyd: error: {daemon.config_path}: {key}: ")
+        where = rf"keyrelay-policyd: error: {re.escape(str(daemon.config_path))}:\d+: "  # :LINE:
+        assert re.match(where + re.escape(f"{key}: "), result.stderr), result.stderr
         assert reason in result.stderr
         assert "Traceback" not in result.stderr + result.stdout
 
@@ -839,7 +840,7 @@ def test_check_config_rejects_an_invalid_directory_naming_it(
     result = subprocess.run(daemon.command("--check-config"), capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 1
-    assert f"{daemon.directory_path}: accounts.acme.status: " in result.stderr
+    assert f"{daemon.directory_path}:3: accounts.acme.status: " in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -888,7 +889,7 @@ def test_sighup_with_an_invalid_configuration_logs_it_and_keeps_the_running_one(
     daemon.config_path.write_text("auth:\n  username: other\npolicyd:\n  max_connections: lots\n")
     line = daemon.reload()
     assert "ERROR" in line and "configuration not reloaded, keeping the running one" in line
-    assert f"{daemon.config_path}: policyd.max_connections: expected an integer" in line
+    assert f"{daemon.config_path}:4: policyd.max_connections: expected an integer" in line
     assert daemon.running()
     assert login_reply(daemon, APIKEY, key.text, fresh_address()).status == "OK"
 

@@ -124,25 +124,33 @@ def test_state_absent_removes_a_subuser_with_its_keys_and_a_domain_with_its_key_
 
 @pytest.mark.parametrize(("content", "message"), [
     ({"accounts": {"acme": {"keys": {"k1": {"sha256": "00"}}}}},
-     "accounts.acme.keys: API keys are never declared; create them with `keyrelay key create"),
+     "3: accounts.acme.keys: API keys are never declared; create them with `keyrelay key "
+     "create"),
     ({"accounts": {"acme": {"ip_allow": ["192.0.2.1/24"]}}},
-     "accounts.acme.ip_allow[0]: invalid CIDR '192.0.2.1/24': host bits are set; did you mean "
-     "192.0.2.0/24?"),
+     "4: accounts.acme.ip_allow[0]: invalid CIDR '192.0.2.1/24': host bits are set; did you "
+     "mean 192.0.2.0/24?"),
     ({"accounts": {"acme": {"subusers": {"Bad_Name": {}}}}},
-     "accounts.acme.subusers.Bad_Name: invalid name 'Bad_Name'"),
+     "4: accounts.acme.subusers.Bad_Name: invalid name 'Bad_Name'"),
     ({"accounts": {"acme": {"limits": {"messages_per_minute": -1}}}},
-     "accounts.acme.limits.messages_per_minute: expected a whole number >= 0"),
+     "4: accounts.acme.limits.messages_per_minute: expected a whole number >= 0 (0 or null: "
+     "inherit), got an integer (-1)"),
     ({"accounts": {"acme": {"colour": "red"}}},
-     "accounts.acme.colour: unknown key; expected one of: state, status, pool"),
+     "3: accounts.acme.colour: unknown key; allowed here: state, status, pool, limits, "
+     "senders, monitor, ip_allow, subusers"),
+    ({"accounts": {"acme": {"stat": "active"}}},
+     "3: accounts.acme.stat: unknown key; did you mean 'state'? allowed here: state, status"),
     ({"accounts": {"acme": {"status": "paused"}}},
-     "accounts.acme.status: expected active or suspended"),
+     "3: accounts.acme.status: expected active or suspended, got a string ('paused')"),
+    ({"accounts": {"acme": {"monitor": "yes"}}},
+     "3: accounts.acme.monitor: expected true or false, got a string ('yes')"),
+    # a key the file leaves out: the line of the entry that needs it
     ({"domains": {"acme.example": {"grants": []}}},
-     "domains.acme.example.owner: required"),
+     "2: domains.acme.example.owner: required"),
     ({"pools": {"mkt": {"bind": ["192.0.2.300"], "helo": "x.example"}}},
-     "pools.mkt.bind[0]: invalid IP address '192.0.2.300'"),
-    (["accounts"], "expected a mapping, got list"),
+     "4: pools.mkt.bind[0]: invalid IP address '192.0.2.300'"),
+    (["accounts"], "1: expected a mapping of keys, got a list"),
 ])
-def test_a_broken_declaration_is_refused_with_file_key_and_reason(
+def test_a_broken_declaration_is_refused_with_file_line_key_and_reason(
         tmp_path: Path, content: object, message: str) -> None:
     config = write_config(tmp_path)
     path = declare(tmp_path, content)
@@ -150,15 +158,40 @@ def test_a_broken_declaration_is_refused_with_file_key_and_reason(
     result = run_cli(config, "sync", str(path))
 
     assert result.returncode == 1 and "Traceback" not in result.stderr, result
-    assert result.stderr.startswith(f"keyrelay: error: {path}: {message}"), result.stderr
+    assert result.stderr.startswith(f"keyrelay: error: {path}:{message}"), result.stderr
+    assert not (tmp_path / "directory.yaml").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("accounts:\n  acme: {}\n  beta: {}\n  acme:\n    status: suspended\n",
+     "4: accounts.acme: given twice (first at line 2); keep one"),
+    ("domains:\n  acme.example:\n    owner: acme\n  acme.example:\n    owner: beta\n",
+     "4: domains.acme.example: given twice (first at line 2); keep one"),
+    ("accounts:\n  acme:\n    limits:\n      messages_per_hour: 5\n"
+     "      messages_per_hour: 50\n",
+     "5: accounts.acme.limits.messages_per_hour: given twice (first at line 4); keep one"),
+], ids=["account", "domain", "limit"])
+def test_a_declaration_with_a_key_given_twice_is_refused_at_its_line(
+        tmp_path: Path, text: str, message: str) -> None:
+    # YAML keeps the last of two equal keys: the first domain (its owner) was silently gone
+    config = write_config(tmp_path)
+    path = tmp_path / "declared.yaml"
+    path.write_text(text, encoding="utf-8")
+
+    result = run_cli(config, "sync", str(path))
+
+    assert result.returncode == 1, result
+    assert result.stderr == f"keyrelay: error: {path}:{message}\n"
     assert not (tmp_path / "directory.yaml").exists()
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    (b"accounts:\n  acme: {}\n# caf\xe9\n", "not UTF-8 text (byte 26: invalid continuation byte)"),
-    (b"accounts: 2026-13-45\n", "not valid YAML: month must be in 1..12"),
-    (b"accounts: !!int x\n", "not valid YAML: invalid literal for int()"),
-    (b"[" * 3000 + b"]" * 3000, "line 1: not valid YAML"),  # libyaml: at most 1000 levels
+    (b"accounts:\n  acme: {}\n# caf\xe9\n",
+     ": not UTF-8 text (byte 26: invalid continuation byte)"),
+    (b"accounts: 2026-13-45\n", ":1: accounts: invalid YAML: month must be in 1..12"),
+    (b"accounts: !!int x\n", ":1: accounts: invalid YAML: invalid literal for int()"),
+    # libyaml: at most 1000 levels
+    (b"[" * 3000 + b"]" * 3000, ":1: invalid YAML at column 1001: exceeded maximum nesting depth"),
 ], ids=["latin-1", "impossible-date", "int-tag-on-text", "nested-3000-deep"])
 def test_a_declaration_that_is_no_yaml_text_is_refused_in_one_line(
         tmp_path: Path, raw: bytes, message: str) -> None:
@@ -172,7 +205,7 @@ def test_a_declaration_that_is_no_yaml_text_is_refused_in_one_line(
     result = run_cli(config, "sync", str(path))
 
     assert result.returncode == 1 and "Traceback" not in result.stderr, result
-    assert result.stderr.startswith(f"keyrelay: error: {path}: {message}"), result.stderr
+    assert result.stderr.startswith(f"keyrelay: error: {path}{message}"), result.stderr
     assert not (tmp_path / "directory.yaml").exists()
 
 

@@ -1,4 +1,4 @@
-"""The directory's data model (DESIGN.md, "Data model").
+"""The directory's data model (docs/directory.md, "The model").
 
 Records are frozen dataclasses. ``DirectoryData`` is the plain, mutable set of records that a
 backend loads and the admin operations change inside a transaction; ``Directory`` is the frozen
@@ -8,7 +8,7 @@ snapshot, with the indexes the hot path needs, that the decision engine reads.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
@@ -55,6 +55,10 @@ class Limits:
             messages_per_hour=pick(self.messages_per_hour, parent.messages_per_hour),
             recipients_per_message=pick(self.recipients_per_message, parent.recipients_per_message),
         )
+
+
+LIMIT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Limits))
+"""The names of the limits, as the directory file and a declaration write them."""
 
 
 @dataclass(frozen=True, slots=True)

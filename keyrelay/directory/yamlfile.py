@@ -8,7 +8,8 @@ fsync the folder. Concurrent CLI runs therefore serialise and never lose an upda
 Reads: ``snapshot()`` compares the file's identity (inode, size, mtime, ctime) with the one it
 parsed; the file is parsed again only when it changed, so the hot path costs one ``stat``.
 The file is written in JSON style (valid YAML) and read back with the json module when it is
-JSON, which is what keeps a reload of a large directory short.
+JSON, which is what keeps a reload of a large directory short; keyrelay/yamlread.py reads it
+(a key given twice is refused, every error is ``FILE:LINE: KEY.PATH: reason``).
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import yaml
-
-from .. import names
+from .. import names, yamlread
 from ..errors import ConfigError, DirectoryUnavailable, UserError
 from ..keys import KEY_ID_RE
 from .model import (
+    LIMIT_FIELDS,
     Account,
     Algorithm,
     ApiKey,
@@ -48,8 +48,6 @@ from .model import (
 T = TypeVar("T")
 
 FORMAT_VERSION = 1
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_LIMIT_FIELDS = ("messages_per_minute", "messages_per_hour", "recipients_per_message")
 
 
 class YamlDirectory:
@@ -115,19 +113,9 @@ class YamlDirectory:
         return self._read()
 
     def _read(self) -> DirectoryData:
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                text = handle.read()
-        except FileNotFoundError:
-            raise ConfigError(self.path, "", "directory file does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(self.path, "", f"cannot read: {exc}") from None
-        try:
-            document = _parse_text(text)
-        except (yaml.YAMLError, ValueError) as exc:
-            # PyYAML's constructors raise ValueError for e.g. a date 2026-13-45 or `!!int x`
-            raise ConfigError(self.path, "", f"not valid YAML: {exc}") from None
-        return _Parser(self.path).document(document)
+        document = yamlread.load(self.path, json_first=True,
+                                 missing="directory file does not exist")
+        return document.build(_Parser(self.path).document)
 
     def record_key_use(self, used: dict[str, datetime],
                        give_up: Callable[[], bool] | None = None) -> set[str]:
@@ -223,7 +211,7 @@ def _ts(value: datetime | None) -> str | None:
 
 
 def _limits(limits: Limits) -> dict[str, int]:
-    return {f: v for f in _LIMIT_FIELDS if (v := getattr(limits, f)) is not None}
+    return {f: v for f in LIMIT_FIELDS if (v := getattr(limits, f)) is not None}
 
 
 def _principal_doc(
@@ -330,22 +318,10 @@ _HEADER = """\
 """
 
 
-def _parse_text(text: str) -> Any:
-    """The document: JSON fast path (what keyrelay writes), else any YAML."""
-    body = text
-    while body.startswith("#") or body.startswith("\n"):
-        body = body.partition("\n")[2]  # our comment header: JSON has no comments
-    if body.lstrip().startswith("{"):
-        try:
-            return json.loads(body)
-        except ValueError:
-            pass  # YAML flow style that is not strict JSON: let the YAML parser judge it
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
-
-
 # -- parsing ---------------------------------------------------------------------------------
 class _Parser:
-    """Turns the YAML document into records; every error names file, key path and reason."""
+    """Turns the loaded document into records; every error names file, key path and reason
+    (yamlread adds the line)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -357,22 +333,20 @@ class _Parser:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+            raise self.fail(key, f"expected a mapping of keys, got {yamlread.got(value)}")
         for name in value:
             if not isinstance(name, str):
-                raise self.fail(key, f"keys must be strings, got {name!r}")
+                raise self.fail(yamlread.join(key, str(name)),
+                                f"keys must be strings, got {yamlread.got(name)}")
             if allowed and name not in allowed:
-                raise self.fail(
-                    f"{key}.{name}" if key else name,
-                    f"unknown key; allowed: {', '.join(allowed)}",
-                )
+                raise self.fail(yamlread.join(key, name), yamlread.unknown_key(name, allowed))
         return value
 
     def string(self, value: object, key: str, *, optional: bool = False) -> str:
         if value is None and optional:
             return ""
         if not isinstance(value, str) or not value:
-            raise self.fail(key, f"expected a non-empty string, got {value!r}")
+            raise self.fail(key, f"expected a non-empty string, got {yamlread.got(value)}")
         return value
 
     def time(self, value: object, key: str) -> datetime | None:
@@ -387,13 +361,14 @@ class _Parser:
                 pass
             else:
                 return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-        raise self.fail(key, f"expected a UTC time like 2026-01-31T12:00:00Z, got {value!r}")
+        raise self.fail(key, "expected a UTC time like 2026-01-31T12:00:00Z, got "
+                        f"{yamlread.got(value)}")
 
     def enum(self, kind: Callable[[str], T], value: object, key: str, choices: str) -> T:
         try:
             return kind(str(value))
         except ValueError:
-            raise self.fail(key, f"expected one of {choices}, got {value!r}") from None
+            raise self.fail(key, f"expected one of {choices}, got {yamlread.got(value)}") from None
 
     def checked(self, check: Callable[[str], T], value: object, key: str) -> T:
         try:
@@ -403,23 +378,23 @@ class _Parser:
 
     def integer(self, value: object, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise self.fail(key, f"expected a positive integer, got {value!r}")
+            raise self.fail(key, f"expected a positive integer, got {yamlread.got(value)}")
         return value
 
     def count(self, value: object, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.fail(key, f"expected 0 or a positive integer, got {value!r}")
+            raise self.fail(key, f"expected 0 or a positive integer, got {yamlread.got(value)}")
         return value
 
     def str_list(self, value: object, key: str) -> list[str]:
         if value is None:
             return []
         if not isinstance(value, list):
-            raise self.fail(key, f"expected a list, got {type(value).__name__}")
+            raise self.fail(key, f"expected a list, got {yamlread.got(value)}")
         return [self.string(v, f"{key}[{i}]") for i, v in enumerate(value)]
 
     def limits(self, value: object, key: str) -> Limits:
-        doc = self.mapping(value, key, _LIMIT_FIELDS)
+        doc = self.mapping(value, key, LIMIT_FIELDS)
         return Limits(**{f: self.integer(v, f"{key}.{f}") for f, v in doc.items() if v is not None})
 
     def document(self, document: object) -> DirectoryData:
@@ -433,7 +408,7 @@ class _Parser:
             raise self.fail("version", f"unsupported format version {top['version']!r}")
         data.monitor = top.get("monitor", False)
         if not isinstance(data.monitor, bool):
-            raise self.fail("monitor", f"expected true or false, got {data.monitor!r}")
+            raise self.fail("monitor", f"expected true or false, got {yamlread.got(data.monitor)}")
         for name, doc in self.mapping(top.get("pools"), "pools").items():
             self.pool(data, name, doc, f"pools.{name}")
         for name, doc in self.mapping(top.get("accounts"), "accounts").items():
@@ -449,7 +424,8 @@ class _Parser:
         binds = self.str_list(doc.get("bind"), f"{key}.bind")
         if not binds:
             raise self.fail(f"{key}.bind", "a pool needs at least one bind address")
-        addresses = tuple(self.checked(names.ip_address, b, f"{key}.bind") for b in binds)
+        addresses = tuple(self.checked(names.ip_address, b, f"{key}.bind[{i}]")
+                          for i, b in enumerate(binds))
         helo = self.checked(names.domain, doc.get("helo"), f"{key}.helo")
         created = self.time(doc.get("created"), f"{key}.created")
         data.pools[name] = Pool(name=name, bind=addresses, helo=helo, created=created)
@@ -478,10 +454,11 @@ class _Parser:
         status, pool, limits, created = self.principal_parts(data, name, doc, key)
         monitor = doc.get("monitor", False)
         if not isinstance(monitor, bool):
-            raise self.fail(f"{key}.monitor", f"expected true or false, got {monitor!r}")
+            raise self.fail(f"{key}.monitor",
+                            f"expected true or false, got {yamlread.got(monitor)}")
         ip_allow = tuple(
-            self.checked(names.network, n, f"{key}.ip_allow")
-            for n in self.str_list(doc.get("ip_allow"), f"{key}.ip_allow")
+            self.checked(names.network, n, f"{key}.ip_allow[{i}]")
+            for i, n in enumerate(self.str_list(doc.get("ip_allow"), f"{key}.ip_allow"))
         )
         data.accounts[name] = Account(name, status, monitor, ip_allow, pool, limits, created)
         for sub, sdoc in self.mapping(doc.get("subusers"), f"{key}.subusers").items():
@@ -574,10 +551,10 @@ class _Parser:
         for dom in data.domains.values():
             if dom.owner not in data.accounts and dom.owner not in data.subusers:
                 raise self.fail(f"domains.{dom.name}.owner", f"no principal {dom.owner!r}")
-            for grant in dom.grants:
+            for i, grant in enumerate(dom.grants):
                 if data.subusers.get(grant) is None or grant.partition("/")[0] != dom.owner:
                     raise self.fail(
-                        f"domains.{dom.name}.grants",
+                        f"domains.{dom.name}.grants[{i}]",
                         f"{grant!r} is not a subuser of the owning account {dom.owner!r}",
                     )
 

@@ -1,0 +1,303 @@
+"""The schema's sections for keyrelay-policyd (with its brute-force protection),
+keyrelay-milter and what `keyrelay postfix apply` writes into Postfix's main.cf and master.cf.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .base import NO_SPACE, Duration, InvalidField
+
+# Postfix's own endpoint syntax: unix:/absolute/path, or inet:host:port (IPv6 in brackets).
+_ENDPOINT = re.compile(r"unix:/\S+|inet:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
+_ENDPOINT_TEXT = "unix:/absolute/path or inet:host:port (IPv6 as inet:[::1]:port)"
+_OCTAL_MODE = re.compile(r"0?[0-7]{3}")
+_USER = re.compile(r"[a-z_][a-z0-9_-]*\$?")
+
+
+@dataclass(frozen=True, slots=True)
+class BruteForceConfig:
+    max_failures_per_address: int = field(
+        default=10,
+        metadata={
+            "doc": "Guessing failures (wrong username, malformed or unknown key, wrong secret) "
+            "from one client address within `window` before that address is locked out. "
+            "Revoked or expired keys are refused without counting.",
+            "min": 1,
+        },
+    )
+    max_failures_per_key: int = field(
+        default=10,
+        metadata={
+            "doc": "Wrong secrets presented for one existing key id within `window` before that "
+            "key id is locked out from every address (its owner too: rotate the key if this "
+            "happens).",
+            "min": 1,
+        },
+    )
+    window: Duration = field(
+        default=Duration(600.0),
+        metadata={"doc": "How long a failed login counts.", "min": 1},
+    )
+    lockout: Duration = field(
+        default=Duration(900.0),
+        metadata={
+            "doc": "How long a locked-out address or key id is refused at once, whatever it "
+            "presents.",
+            "min": 1,
+        },
+    )
+    max_tracked: int = field(
+        default=100000,
+        metadata={
+            "doc": "Most addresses and key ids remembered (each); the least recently failed "
+            "are forgotten first, so memory stays bounded under attack.",
+            "min": 100,
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicydConfig:
+    auth_listen: str = field(
+        default="unix:/var/spool/postfix/private/keyrelay-auth",
+        metadata={
+            "doc": "SASL auth service (Dovecot protocol), for Postfix's smtpd_sasl_path; "
+            + _ENDPOINT_TEXT
+            + "; empty: not served.",
+            "pattern": (_ENDPOINT, _ENDPOINT_TEXT),
+            "allow_empty": True,
+        },
+    )
+    policy_listen: str = field(
+        default="unix:/var/spool/postfix/private/keyrelay-policy",
+        metadata={
+            "doc": "Policy delegation service, for check_policy_service; empty: not served.",
+            "pattern": (_ENDPOINT, _ENDPOINT_TEXT),
+            "allow_empty": True,
+        },
+    )
+    socketmap_listen: str = field(
+        default="unix:/var/spool/postfix/private/keyrelay-socketmap",
+        metadata={
+            "doc": "Socketmap lookup service (map sender_login, for smtpd_sender_login_maps); "
+            "empty: not served.",
+            "pattern": (_ENDPOINT, _ENDPOINT_TEXT),
+            "allow_empty": True,
+        },
+    )
+    socket_mode: str = field(
+        default="0660",
+        metadata={
+            "doc": "Permissions of the unix sockets, in octal.",
+            "pattern": (_OCTAL_MODE, "an octal mode such as 0660"),
+        },
+    )
+    socket_group: str = field(
+        default="postfix",
+        metadata={
+            "doc": "Group of the unix sockets (Postfix's smtpd must be able to connect); "
+            "empty: the daemon's own group.",
+            "pattern": (_USER, "a group name"),
+            "allow_empty": True,
+        },
+    )
+    user: str = field(
+        default="",
+        metadata={
+            "doc": "User to run as after the sockets are bound, when started as root; empty: "
+            "keep running as the starting user.",
+            "pattern": (_USER, "a user name"),
+            "allow_empty": True,
+        },
+    )
+    submission_ports: tuple[int, ...] = field(
+        default=(587, 465, 2525),
+        metadata={
+            "doc": "Postfix server ports that are submission services: mail there needs SMTP "
+            "AUTH (530 5.7.0 otherwise).",
+            "min": 1,
+            "max": 65535,
+        },
+    )
+    submission_context: str = field(
+        default="submission",
+        metadata={
+            "doc": "A policy_context value (check_policy_service { ..., policy_context=... }) "
+            "that marks a submission service whatever its port.",
+            "pattern": (NO_SPACE, "a word without whitespace"),
+            "allow_empty": True,
+        },
+    )
+    idle_timeout: Duration = field(
+        default=Duration(900.0),
+        metadata={
+            "doc": "A connection with no request for this long is closed (Postfix reconnects "
+            "when it needs to).",
+            "min": 1,
+        },
+    )
+    request_timeout: Duration = field(
+        default=Duration(30.0),
+        metadata={
+            "doc": "A request begun but not finished within this time closes the connection.",
+            "min": 1,
+        },
+    )
+    max_request_size: int = field(
+        default=65536,
+        metadata={
+            "doc": "Largest request in bytes (a policy attribute block, an auth line, a "
+            "netstring); a bigger one closes the connection.",
+            "min": 1024,
+        },
+    )
+    max_connections: int = field(
+        default=4096,
+        metadata={
+            "doc": "Most open connections per service; further ones are closed at once.",
+            "min": 1,
+        },
+    )
+    shutdown_grace: Duration = field(
+        default=Duration(10.0),
+        metadata={
+            "doc": "On SIGTERM, how long requests in progress may take to finish, and then "
+            "how long writing the last keys' last-used times may take.",
+            "min": 0,
+        },
+    )
+    bruteforce: BruteForceConfig = field(
+        default_factory=BruteForceConfig,
+        metadata={"doc": "Brute-force protection of SMTP AUTH."},
+    )
+
+
+# libmilter's endpoint syntax, or Postfix's (as written in smtpd_milters); milters.main converts.
+_MILTER_ENDPOINT = re.compile(
+    r"unix:/\S+"
+    r"|inet6?:[0-9]{1,5}@(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.:-]+)"
+    r"|inet:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}"
+)
+_MILTER_ENDPOINT_TEXT = (
+    "inet:host:port as in smtpd_milters (IPv6 as inet:[::1]:port), libmilter's inet:port@host, "
+    "or unix:/absolute/path"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MilterConfig:
+    listen: str = field(
+        default="unix:/var/spool/postfix/private/keyrelay-milter",
+        metadata={
+            "doc": "Where keyrelay-milter listens: "
+            + _MILTER_ENDPOINT_TEXT
+            + ". Postfix names the default socket unix:private/keyrelay-milter in "
+            "smtpd_milters. Prefer a unix socket: over TCP, Postfix's unanswered milter "
+            "events wait for delayed ACKs (about 40 ms per message).",
+            "pattern": (_MILTER_ENDPOINT, _MILTER_ENDPOINT_TEXT),
+        },
+    )
+    check_sender: bool = field(
+        default=True,
+        metadata={
+            "doc": "Refuse (550 5.7.1) authenticated mail whose From: or Sender: is not the "
+            "logged-in principal's. false: log what would be refused and let it pass unsigned, "
+            "as monitor mode does."
+        },
+    )
+    sign: bool = field(
+        default=True,
+        metadata={
+            "doc": "DKIM-sign authenticated mail from a verified domain of the principal with "
+            "the domain's active selectors (rsa-sha256 and ed25519-sha256)."
+        },
+    )
+    socket_mode: str = field(
+        default="0660",
+        metadata={
+            "doc": "Permissions of a unix socket, in octal.",
+            "pattern": (_OCTAL_MODE, "an octal mode such as 0660"),
+        },
+    )
+    socket_group: str = field(
+        default="postfix",
+        metadata={
+            "doc": "Group of a unix socket (Postfix's smtpd and cleanup must be able to "
+            "connect); empty: the daemon's own group.",
+            "pattern": (_USER, "a group name"),
+            "allow_empty": True,
+        },
+    )
+    user: str = field(
+        default="",
+        metadata={
+            "doc": "User to run as after the socket is bound, when started as root; it must "
+            "be able to read the DKIM key files. Empty: keep running as the starting user.",
+            "pattern": (_USER, "a user name"),
+            "allow_empty": True,
+        },
+    )
+    shutdown_grace: Duration = field(
+        default=Duration(10.0),
+        metadata={
+            "doc": "On SIGTERM, how long messages in progress may take to finish.",
+            "min": 0,
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not (self.check_sender or self.sign):
+            raise InvalidField("sign", "check_sender and sign are both false; nothing to do")
+
+
+_SERVICE = re.compile(r"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):)?[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SERVICE_TEXT = "a master.cf service name: a port number or name, optionally host:port"
+
+
+@dataclass(frozen=True, slots=True)
+class PostfixConfig:
+    smtp_service: str = field(
+        default="smtp",
+        metadata={
+            "doc": "The master.cf smtpd service in the port-25 role: STARTTLS offered, AUTH "
+            "with an API key allowed after STARTTLS, no relaying without it; " + _SERVICE_TEXT
+            + "; empty: keyrelay leaves port 25 alone.",
+            "pattern": (_SERVICE, _SERVICE_TEXT),
+            "allow_empty": True,
+        },
+    )
+    submission_services: tuple[str, ...] = field(
+        default=("submission", "2525"),
+        metadata={
+            "doc": "master.cf smtpd services where STARTTLS is required before AUTH and MAIL "
+            "and every message needs an API key (587 and 2525).",
+            "pattern": (_SERVICE, _SERVICE_TEXT),
+        },
+    )
+    submissions_services: tuple[str, ...] = field(
+        default=("submissions",),
+        metadata={
+            "doc": "master.cf smtpd services with implicit TLS (465) where every message needs "
+            "an API key.",
+            "pattern": (_SERVICE, _SERVICE_TEXT),
+        },
+    )
+    tls_chain_files: str = field(
+        default="",
+        metadata={
+            "doc": "Private key and certificate chain files for smtpd_tls_chain_files in "
+            "main.cf (\"/etc/ssl/private/relay.pem\", or \"key.pem, fullchain.pem\"); empty: "
+            "keep the certificate Postfix already has.",
+            "allow_empty": True,
+        },
+    )
+    policy_timeout: Duration = field(
+        default=Duration(10.0),
+        metadata={
+            "doc": "How long Postfix waits for a policy answer before it answers the client "
+            "451 4.3.0 (try again later).",
+            "min": 1,
+        },
+    )
