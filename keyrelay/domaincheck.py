@@ -39,14 +39,14 @@ from .dkimkeys import DNS_K, dkim_record, dmarc_record, spf_record
 from .errors import DirectoryConflict, UserError
 
 
-class Status(StrEnum):
+class CheckStatus(StrEnum):
     PASS = "pass"  # noqa: S105 - a check result, not a password
     FAIL = "fail"
     WARN = "warning"
     UNKNOWN = "could not check"
 
 
-class Outcome(StrEnum):
+class CheckOutcome(StrEnum):
     PASSED = "passed"
     FAILED = "failed"
     UNKNOWN = "unknown"
@@ -56,7 +56,7 @@ class Outcome(StrEnum):
 class Check:
     kind: str  # dkim | spf | dmarc
     subject: str  # the DNS name, or the address SPF was evaluated for
-    status: Status
+    status: CheckStatus
     expected: str
     found: str
     advice: str = ""
@@ -70,18 +70,18 @@ class Report:
     checks: tuple[Check, ...]
 
     @property
-    def outcome(self) -> Outcome:
+    def outcome(self) -> CheckOutcome:
         required = [c for c in self.checks if c.required]
-        if any(c.status is Status.FAIL for c in required):
-            return Outcome.FAILED
-        if any(c.status is Status.UNKNOWN for c in required):
-            return Outcome.UNKNOWN
-        return Outcome.PASSED
+        if any(c.status is CheckStatus.FAIL for c in required):
+            return CheckOutcome.FAILED
+        if any(c.status is CheckStatus.UNKNOWN for c in required):
+            return CheckOutcome.UNKNOWN
+        return CheckOutcome.PASSED
 
     @property
     def published_pending(self) -> bool:
         pending = [c for c in self.checks if c.selector_state == SelectorState.PENDING]
-        return bool(pending) and all(c.status is Status.PASS for c in pending)
+        return bool(pending) and all(c.status is CheckStatus.PASS for c in pending)
 
 
 class CouldNotCheck(Exception):
@@ -124,12 +124,12 @@ def check_dkim(resolver: dns.resolver.Resolver, domain: str, selector: Selector)
     wanted = dkim_record(domain, selector)
     expected = f"k={DNS_K[selector.algorithm]}; p={selector.public_key[:24]}..."
 
-    def result(status: Status, found: str, advice: str = "") -> Check:
-        if status is Status.FAIL and not advice:
+    def result(status: CheckStatus, found: str, advice: str = "") -> Check:
+        if status is CheckStatus.FAIL and not advice:
             advice = f"publish TXT {wanted.name} \"{wanted.value}\" (keyrelay domain dns {domain})"
-        if status is Status.FAIL and selector.state is SelectorState.RETIRING:
+        if status is CheckStatus.FAIL and selector.state is SelectorState.RETIRING:
             # no longer signs: only mail it signed before rotation depends on the record
-            status, advice = Status.WARN, (
+            status, advice = CheckStatus.WARN, (
                 f"keep {wanted.name} published until keyrelay domain retire-selector "
                 f"{domain} {selector.name}: mail signed before the rotation is verified with "
                 "it")
@@ -140,39 +140,39 @@ def check_dkim(resolver: dns.resolver.Resolver, domain: str, selector: Selector)
     try:
         records = txt_records(resolver, wanted.name)
     except CouldNotCheck as exc:
-        return result(Status.UNKNOWN, str(exc), "try again later")
+        return result(CheckStatus.UNKNOWN, str(exc), "try again later")
     keys = []
     for record in records:
         try:
             tags = {k.decode("ascii", "replace"): v.decode("ascii", "replace")
                     for k, v in dkim.util.parse_tag_value(record.encode()).items()}
         except dkim.util.InvalidTagValueList as exc:
-            return result(Status.FAIL, f"unparseable record {record[:60]!r}: {exc}")
+            return result(CheckStatus.FAIL, f"unparseable record {record[:60]!r}: {exc}")
         if "p" in tags:
             keys.append(tags)
     if not keys:
         found = "no TXT record" if not records else f"no DKIM key record among {len(records)}"
-        return result(Status.FAIL, found)
+        return result(CheckStatus.FAIL, found)
     if len(keys) > 1:
-        return result(Status.FAIL, f"{len(keys)} DKIM key records: receivers may use any "
+        return result(CheckStatus.FAIL, f"{len(keys)} DKIM key records: receivers may use any "
                       "of them", f"leave exactly one TXT record at {wanted.name}")
     tags = keys[0]
     public = "".join(tags["p"].split())
     algorithm = tags.get("k", "rsa").strip()
     if tags.get("v", "DKIM1").strip() != "DKIM1":
-        return result(Status.FAIL, f"v={tags['v']} (must be DKIM1 or absent)")
+        return result(CheckStatus.FAIL, f"v={tags['v']} (must be DKIM1 or absent)")
     if not public:
-        return result(Status.FAIL, "an empty p= (the key is revoked)")
+        return result(CheckStatus.FAIL, "an empty p= (the key is revoked)")
     if algorithm != DNS_K[selector.algorithm]:
-        return result(Status.FAIL, f"k={algorithm}")
+        return result(CheckStatus.FAIL, f"k={algorithm}")
     if public != selector.public_key:
-        return result(Status.FAIL, f"another key: p={public[:24]}...")
+        return result(CheckStatus.FAIL, f"another key: p={public[:24]}...")
     flags = set(tags.get("t", "").replace(" ", "").split(":")) - {""}
     if "y" in flags:
-        return result(Status.PASS, f"the key, in testing mode (t={tags['t']})",
+        return result(CheckStatus.PASS, f"the key, in testing mode (t={tags['t']})",
                       "remove t=y once signing works: receivers may ignore failures in "
                       "testing mode")
-    return result(Status.PASS, "the key")
+    return result(CheckStatus.PASS, "the key")
 
 
 # -- SPF -------------------------------------------------------------------------------------
@@ -205,16 +205,16 @@ def check_spf(resolver: dns.resolver.Resolver, domain: str, address: str, helo: 
                                          querytime=resolver.lifetime)
     found = f"{result}: {explanation}" if explanation else result
     if result == "pass":
-        return Check("spf", subject, Status.PASS, "pass", found)
+        return Check("spf", subject, CheckStatus.PASS, "pass", found)
     if result == "temperror":
-        return Check("spf", subject, Status.UNKNOWN, "pass", found, "try again later")
+        return Check("spf", subject, CheckStatus.UNKNOWN, "pass", found, "try again later")
     advice = (f"{_SPF_ADVICE.get(result, result)}: authorise {address} in the SPF record of "
               f"{domain}, e.g. \"{suggestion}\" (merge with what is there; keyrelay domain dns "
               f"{domain})")
     if result == "permerror":
         advice += "; RFC 7208 allows at most 10 DNS-querying mechanisms (include, a, mx, "\
                   "ptr, exists, redirect) in all"
-    return Check("spf", subject, Status.FAIL, "pass", found, advice)
+    return Check("spf", subject, CheckStatus.FAIL, "pass", found, advice)
 
 
 # -- DMARC -----------------------------------------------------------------------------------
@@ -225,23 +225,24 @@ def check_dmarc(resolver: dns.resolver.Resolver, domain: str, rua: str) -> Check
     try:
         records = [r for r in txt_records(resolver, name) if r.strip().startswith("v=DMARC1")]
     except CouldNotCheck as exc:
-        return Check("dmarc", name, Status.UNKNOWN, "v=DMARC1; p=...", str(exc), required=False)
+        return Check("dmarc", name, CheckStatus.UNKNOWN, "v=DMARC1; p=...", str(exc),
+                     required=False)
     if not records:
-        return Check("dmarc", name, Status.WARN, "v=DMARC1; p=...", "no DMARC record",
+        return Check("dmarc", name, CheckStatus.WARN, "v=DMARC1; p=...", "no DMARC record",
                      advice, required=False)
     if len(records) > 1:
-        return Check("dmarc", name, Status.WARN, "one record", f"{len(records)} records "
+        return Check("dmarc", name, CheckStatus.WARN, "one record", f"{len(records)} records "
                      "(receivers ignore them all)", "leave exactly one", required=False)
     try:
         tags = {k.decode(): v.decode().strip() for k, v in
                 dkim.util.parse_tag_value(records[0].encode()).items()}
     except (dkim.util.InvalidTagValueList, UnicodeDecodeError) as exc:
-        return Check("dmarc", name, Status.WARN, "v=DMARC1; p=...", f"unparseable: {exc}",
+        return Check("dmarc", name, CheckStatus.WARN, "v=DMARC1; p=...", f"unparseable: {exc}",
                      advice, required=False)
     if tags.get("p") not in ("none", "quarantine", "reject"):
-        return Check("dmarc", name, Status.WARN, "p=none|quarantine|reject",
+        return Check("dmarc", name, CheckStatus.WARN, "p=none|quarantine|reject",
                      f"p={tags.get('p', '(missing)')}", advice, required=False)
-    return Check("dmarc", name, Status.PASS, "v=DMARC1; p=...", f"p={tags['p']}",
+    return Check("dmarc", name, CheckStatus.PASS, "v=DMARC1; p=...", f"p={tags['p']}",
                  required=False)
 
 
@@ -255,7 +256,7 @@ def verify_domain(config: Config, data: DirectoryData, dom: Domain,
     # When every new selector of a rotation is published, the selectors they replace are
     # judged as the retiring ones they become on success: a rotation made because an old
     # key leaked, with its record already pulled, can then complete.
-    switching = bool(pending) and all(c.status is Status.PASS for c in pending)
+    switching = bool(pending) and all(c.status is CheckStatus.PASS for c in pending)
     replaced = {s.algorithm for s in dom.selectors if s.state is SelectorState.PENDING}
     checks = []
     for sel in dom.selectors:
@@ -266,7 +267,7 @@ def verify_domain(config: Config, data: DirectoryData, dom: Domain,
             sel = replace(sel, state=SelectorState.RETIRING)
         checks.append(check_dkim(resolver, dom.name, sel))
     if not dom.signing_selectors():
-        checks.append(Check("dkim", dom.name, Status.FAIL, "an active selector", "none",
+        checks.append(Check("dkim", dom.name, CheckStatus.FAIL, "an active selector", "none",
                             f"keyrelay domain rotate {dom.name} creates new selectors"))
     pools = admin.pools_for_domain(data, dom, config.routing.default_pool or None)
     suggestion = spf_record(dom.name, pools, config.dns.spf_include).value
@@ -275,7 +276,7 @@ def verify_domain(config: Config, data: DirectoryData, dom: Domain,
             checks.append(check_spf(resolver, dom.name, str(address), pool.helo, pool.name,
                                     suggestion))
     if not pools:
-        checks.append(Check("spf", dom.name, Status.WARN, "an IP pool", "no IP pool carries "
+        checks.append(Check("spf", dom.name, CheckStatus.WARN, "an IP pool", "no IP pool carries "
                             "this domain: mail leaves from this host's own address",
                             "assign a pool (keyrelay pool assign) so SPF can be checked",
                             required=False))
@@ -307,14 +308,14 @@ def check_and_record(config: Config, directory: DirectoryBackend, name: str,
     before = admin.domain(data, name)
     pools = admin.pools_for_domain(data, before, default_pool)
     report = verify_domain(config, data, before)
-    if report.outcome is Outcome.UNKNOWN:
+    if report.outcome is CheckOutcome.UNKNOWN:
         return Checked(report, before, None)
     with directory.transaction() as current:
         found = admin.domain(current, name)
         if found != before or admin.pools_for_domain(current, found, default_pool) != pools:
             raise DirectoryConflict(f"{name} or its pools changed during the DNS check; "
                                     "nothing was recorded: run the command again")
-        after = admin.record_check(current, before.name, report.outcome is Outcome.PASSED,
+        after = admin.record_check(current, before.name, report.outcome is CheckOutcome.PASSED,
                                    report.published_pending, now, config.domains.fail_after)
     audit.record(config.logging.audit_log, now, "domain.check", domain=before.name,
                  result=str(report.outcome))

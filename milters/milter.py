@@ -20,7 +20,7 @@ import Milter
 
 from keyrelay.decisions import Action, Reason, temporary
 
-from .service import Message, MilterService, Outcome
+from .service import Message, MessageOutcome, MilterService
 
 log = logging.getLogger("keyrelay.milter")
 
@@ -129,7 +129,7 @@ class KeyrelayMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type
             return self.render(outcome)
         except Exception:  # e.g. the MTA refused an action: never let the mail through
             log.exception("cannot answer Postfix for this message")
-            return self.render(Outcome(temporary(Reason.INTERNAL_ERROR)))
+            return self.render(MessageOutcome(temporary(Reason.INTERNAL_ERROR)))
 
     def abort(self) -> int:
         self._done()
@@ -144,7 +144,7 @@ class KeyrelayMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type
             self.message = None
             self.service.end()
 
-    def render(self, outcome: Outcome) -> int:
+    def render(self, outcome: MessageOutcome) -> int:
         """The one place a verdict becomes a milter answer."""
         verdict = outcome.verdict
         if verdict.action is Action.REFUSE:

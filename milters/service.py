@@ -1,7 +1,7 @@
 """What keyrelay-milter does with one message, apart from the milter protocol.
 
 The milter glue (``milters.milter``) hands over the session's login, the headers and the body
-as they arrive, and renders the ``Outcome`` it gets back; everything between is here: asking
+as they arrive, and renders the ``MessageOutcome`` it gets back; everything between is here: asking
 the decision engine for the header verdict (From/Sender identity and the DKIM plan,
 keyrelay/decisions/message.py), signing, turning our own faults into the engine's temporary
 answers, and the one log line per message.
@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 
 from keyrelay.config import Config
 from keyrelay.decisions import (
+    EngineSettings,
     HeaderFacts,
     Reason,
-    Settings,
     Verdict,
     decide_headers,
     parse_identity,
@@ -45,7 +45,7 @@ def utcnow() -> datetime:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class MessageOutcome:
     """The answer for one message: a verdict and the DKIM-Signature values to add on top."""
 
     verdict: Verdict
@@ -86,7 +86,7 @@ class MilterService:
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.config = config
-        self.settings = Settings.from_config(config)
+        self.settings = EngineSettings.from_config(config)
         self.directory = directory
         self.decisions = decisions
         self.keys = keys if keys is not None else KeyStore()
@@ -110,7 +110,7 @@ class MilterService:
         with self._lock:
             self.in_progress -= 1
 
-    def finish(self, message: Message | None, queue_id: str) -> Outcome:
+    def finish(self, message: Message | None, queue_id: str) -> MessageOutcome:
         """Decide, sign and log the message; never raises (faults become 451 4.3.0)."""
         identity = message.identity if message else ""
         try:
@@ -120,17 +120,17 @@ class MilterService:
             outcome = self._decide(message)
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable: %s", exc)
-            outcome = Outcome(temporary(Reason.DIRECTORY_UNAVAILABLE, identity))
+            outcome = MessageOutcome(temporary(Reason.DIRECTORY_UNAVAILABLE, identity))
         except KeyUnavailable as exc:
             log.error("DKIM key unavailable: %s", exc)
-            outcome = Outcome(temporary(Reason.DKIM_KEY_UNAVAILABLE, identity))
+            outcome = MessageOutcome(temporary(Reason.DKIM_KEY_UNAVAILABLE, identity))
         except Exception:  # the one catch-all: an answer, a traceback, and mail is kept safe
             log.exception("internal error deciding message %s", queue_id or "(no queue id)")
-            outcome = Outcome(temporary(Reason.INTERNAL_ERROR, identity))
+            outcome = MessageOutcome(temporary(Reason.INTERNAL_ERROR, identity))
         self._log(message, queue_id, outcome)
         return outcome
 
-    def _decide(self, message: Message) -> Outcome:
+    def _decide(self, message: Message) -> MessageOutcome:
         now = self.clock()
         # Without a login the engine answers before reading the directory, so an outage
         # does not hold up mail that the policy service already let through.
@@ -139,7 +139,7 @@ class MilterService:
             # checked, and an empty address would read as "outside the rules" (permanent).
             log.error("Postfix sent no {client_addr}: milter macro negotiation failed "
                       "(milter_protocol must be 6); deferring authenticated mail")
-            return Outcome(temporary(Reason.CLIENT_ADDRESS_MISSING, message.identity))
+            return MessageOutcome(temporary(Reason.CLIENT_ADDRESS_MISSING, message.identity))
         directory = self.directory.snapshot() if message.identity else Directory.empty()
         parsed = parse_identity(message.identity) if message.identity else None
         if parsed and parsed[1] not in directory.keys and self.directory.reads_through:
@@ -157,7 +157,7 @@ class MilterService:
         verdict = decide_headers(directory, self.settings, facts)
         plan = verdict.signing
         if not verdict.allowed or plan is None:  # refused, or nothing to sign (milter.sign)
-            return Outcome(verdict)
+            return MessageOutcome(verdict)
         if message.body_hash is None:
             raise RuntimeError("a message to sign has no body hash")
         keys = self.keys.keys_for(plan.selectors)
@@ -165,9 +165,9 @@ class MilterService:
             message.headers, message.body_hash.digest(), plan.domain, keys,
             int(now.timestamp()), linesep=b"\n",  # libmilter header values fold with LF
         )
-        return Outcome(verdict, tuple(signatures), tuple(k.selector for k in keys))
+        return MessageOutcome(verdict, tuple(signatures), tuple(k.selector for k in keys))
 
-    def _log(self, message: Message | None, queue_id: str, outcome: Outcome) -> None:
+    def _log(self, message: Message | None, queue_id: str, outcome: MessageOutcome) -> None:
         fields = {
             "service": "milter",
             "queue_id": queue_id,

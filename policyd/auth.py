@@ -31,14 +31,14 @@ from keyrelay.decisions import (
 from keyrelay.errors import DirectoryUnavailable, UserError
 
 from . import dovecot
-from .context import Context
+from .context import ServiceContext
 from .counters import FailureTracker
 
 log = logging.getLogger("keyrelay.policyd.auth")
 
 
 class AuthService:
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: ServiceContext) -> None:
         self.context = context
         self.configure(context.config.policyd.bruteforce)
 
@@ -140,7 +140,7 @@ class KeyLookup:
 
     __slots__ = ("context", "fault", "key_id")
 
-    def __init__(self, context: Context, key_id: str) -> None:
+    def __init__(self, context: ServiceContext, key_id: str) -> None:
         self.context = context
         self.key_id = key_id
         self.fault: DirectoryUnavailable | None = None

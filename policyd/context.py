@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from keyrelay.config import Config
-from keyrelay.decisions import Settings
+from keyrelay.decisions import EngineSettings
 from keyrelay.directory import Directory, DirectoryBackend
 from keyrelay.errors import KeyrelayError
 from keyrelay.logs import DecisionLog
@@ -28,10 +28,10 @@ def utcnow() -> datetime:
 
 
 @dataclass(slots=True)
-class Context:
+class ServiceContext:
     config: Config
     directory: DirectoryBackend
-    settings: Settings = field(init=False)
+    settings: EngineSettings = field(init=False)
     decisions: DecisionLog = field(init=False)
     decision_log: DecisionLog | None = None  # default: every line flushed to stderr
     clock: Callable[[], datetime] = utcnow
@@ -40,7 +40,7 @@ class Context:
     _frozen: Directory | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.settings = Settings.from_config(self.config)
+        self.settings = EngineSettings.from_config(self.config)
         self.decisions = self.decision_log or DecisionLog(self.config.logging)
 
     def snapshot(self) -> Directory:

@@ -24,7 +24,7 @@ from keyrelay.usage import ArgumentParser, echo_undecodable_arguments
 
 from . import server
 from .auth import AuthService
-from .context import Context
+from .context import ServiceContext
 from .policy import PolicyService
 from .socketmap import SocketmapService
 
@@ -98,7 +98,7 @@ class Daemon:
         # does, never fail on them.
         self.log_stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1 << 16,
                                     errors="backslashreplace")
-        self.context = Context(config, open_directory(config), self.decision_log(config))
+        self.context = ServiceContext(config, open_directory(config), self.decision_log(config))
         self.auth = AuthService(self.context)
         self.policy = PolicyService(self.context)
         self.socketmap = SocketmapService(self.context)
@@ -178,7 +178,7 @@ class Daemon:
         logs.configure(config.logging)
         directory = (self.context.directory if config.directory == old.directory
                      else open_directory(config))
-        new = Context(config, directory, self.decision_log(config))
+        new = ServiceContext(config, directory, self.decision_log(config))
         new.used_keys = self.context.used_keys
         self.context = new
         self.auth.context = self.policy.context = self.socketmap.context = new

@@ -33,7 +33,7 @@ from keyrelay.decisions import (
 )
 from keyrelay.errors import DirectoryUnavailable
 
-from .context import Context
+from .context import ServiceContext
 from .counters import SlidingWindow
 
 log = logging.getLogger("keyrelay.policyd.policy")
@@ -53,7 +53,7 @@ def _int(value: str | None) -> int:
 
 
 class PolicyService:
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: ServiceContext) -> None:
         self.context = context
         self.per_minute = SlidingWindow(60.0)
         self.per_hour = SlidingWindow(3600.0)

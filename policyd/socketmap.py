@@ -16,7 +16,7 @@ from keyrelay.decisions import LookupResult, sender_logins
 from keyrelay.errors import DirectoryUnavailable
 
 from . import netstring
-from .context import Context
+from .context import ServiceContext
 
 log = logging.getLogger("keyrelay.policyd.socketmap")
 
@@ -24,7 +24,7 @@ MAPS = ("sender_login",)
 
 
 class SocketmapService:
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: ServiceContext) -> None:
         self.context = context
 
     def lookup(self, request: netstring.Lookup) -> tuple[bytes, LookupResult]:

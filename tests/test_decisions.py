@@ -19,12 +19,12 @@ from keyrelay import admin
 from keyrelay.config import default_config
 from keyrelay.decisions import (
     Action,
+    EngineSettings,
     EnvelopeFacts,
     HeaderFacts,
     LoginFacts,
     RateFacts,
     Reason,
-    Settings,
     Verdict,
     counts_against_key,
     counts_as_guess,
@@ -47,7 +47,7 @@ from keyrelay.decisions.reasons import TEMPORARY_TEXTS
 from keyrelay.directory.model import DomainState, Limits, SelectorState
 
 INSIDE = "203.0.113.5"  # a client address; only globex has IP access rules
-DEFAULTS = Settings()
+DEFAULTS = EngineSettings()
 
 
 # -- fixtures and helpers --------------------------------------------------------------------
@@ -93,7 +93,7 @@ def login(
     *,
     username: str = "apikey",
     client: str = INSIDE,
-    settings: Settings = DEFAULTS,
+    settings: EngineSettings = DEFAULTS,
 ) -> Verdict:
     return decide_login(world.snapshot(), settings, LoginFacts(username, password, client, NOW))
 
@@ -105,7 +105,7 @@ def envelope(
     *,
     submission: bool = True,
     client: str = INSIDE,
-    settings: Settings = DEFAULTS,
+    settings: EngineSettings = DEFAULTS,
 ) -> Verdict:
     return decide_envelope(
         world.snapshot(), settings, EnvelopeFacts(ident, submission, client, sender, NOW)
@@ -119,7 +119,7 @@ def headers(
     sender_values: tuple[str, ...] = (),
     *,
     client: str = INSIDE,
-    settings: Settings = DEFAULTS,
+    settings: EngineSettings = DEFAULTS,
 ) -> Verdict:
     return decide_headers(
         world.snapshot(), settings, HeaderFacts(ident, from_values, sender_values, client, NOW)
@@ -133,7 +133,7 @@ def rate(
     hour: int = 1,
     recipients: int = 1,
     *,
-    settings: Settings = DEFAULTS,
+    settings: EngineSettings = DEFAULTS,
 ) -> Verdict:
     return decide_rate(world.snapshot(), settings, RateFacts(ident, minute, hour, recipients, NOW))
 
@@ -165,7 +165,7 @@ def test_login_with_active_key_returns_identity_of_principal_and_key_id(
 
 def test_login_username_is_configurable(world: World) -> None:
     text = world.key("acme")
-    settings = Settings(username="relaykey")
+    settings = EngineSettings(username="relaykey")
     assert login(world, text, username="relaykey", settings=settings).allowed
     verdict = login(world, text, username="apikey", settings=settings)
     assert_refused(verdict, 535, "5.7.8", "bad_username")
@@ -555,7 +555,7 @@ def test_envelope_failing_grace_period_comes_from_settings() -> None:
     w.domain(
         "acme", "acme.example", state=DomainState.FAILING, verified_at=NOW - timedelta(hours=2)
     )
-    settings = Settings(failing_grace=timedelta(hours=1))
+    settings = EngineSettings(failing_grace=timedelta(hours=1))
     verdict = envelope(w, identity(w, w.key("acme")), "x@acme.example",
                        settings=settings)
     assert_refused(verdict, 550, "5.7.1", "sender_not_owned")
@@ -632,10 +632,12 @@ def test_envelope_invalid_sender_address_is_refused(world: World, sender: str) -
         ("acme/marketing", "x@news.acme.example", DEFAULTS, "kr-pool-mkt-out"),
         ("acme/billing", "x@billing.example", DEFAULTS, "kr-pool-acme-out"),
         ("acme", "x@acme.example", DEFAULTS, "kr-pool-acme-out"),
-        ("initech", "x@initech.example", Settings(default_pool="shared"), "kr-pool-shared"),
+        ("initech", "x@initech.example", EngineSettings(default_pool="shared"), "kr-pool-shared"),
         ("initech", "x@initech.example", DEFAULTS, None),
-        ("acme/marketing", "x@news.acme.example", Settings(transport_prefix="out-"), "out-mkt-out"),
-        ("acme/billing", "x@billing.example", Settings(default_pool="shared"), "kr-pool-acme-out"),
+        ("acme/marketing", "x@news.acme.example", EngineSettings(transport_prefix="out-"),
+         "out-mkt-out"),
+        ("acme/billing", "x@billing.example", EngineSettings(default_pool="shared"),
+         "kr-pool-acme-out"),
     ],
     ids=[
         "subuser's own pool", "subuser without pool uses account pool", "account pool",
@@ -644,7 +646,7 @@ def test_envelope_invalid_sender_address_is_refused(world: World, sender: str) -
     ],
 )
 def test_envelope_routes_through_the_principals_pool_transport(
-    world: World, principal: str, sender: str, settings: Settings, transport: str | None
+    world: World, principal: str, sender: str, settings: EngineSettings, transport: str | None
 ) -> None:
     ident = identity(world, world.key(principal))
     verdict = envelope(world, ident, sender, settings=settings)
@@ -655,7 +657,7 @@ def test_envelope_routes_through_the_principals_pool_transport(
 @pytest.mark.parametrize("monitor", [False, True])
 def test_envelope_missing_default_pool_is_temporary_451_4_3_0(world: World, monitor: bool) -> None:
     ident = identity(world, world.key("initech"))
-    settings = Settings(default_pool="gone", monitor_mode=monitor)
+    settings = EngineSettings(default_pool="gone", monitor_mode=monitor)
     verdict = envelope(world, ident, "x@initech.example", settings=settings)
     assert_refused(verdict, 451, "4.3.0", "routing_error")
 
@@ -693,7 +695,7 @@ def _limited_world() -> World:
 def test_limits_for_inherits_subuser_then_account_then_config(
     principal: str, expected: Limits
 ) -> None:
-    settings = Settings(default_limits=Limits(60, 1000, 20))
+    settings = EngineSettings(default_limits=Limits(60, 1000, 20))
     assert limits_for(_limited_world().snapshot(), settings, principal) == expected
 
 
@@ -726,7 +728,7 @@ def test_rate_limit_reached_is_temporary_451_4_7_1(
 ) -> None:
     w = _limited_world()
     ident = identity(w, w.key(principal))
-    settings = Settings(default_limits=Limits(60, 1000, 20))
+    settings = EngineSettings(default_limits=Limits(60, 1000, 20))
     verdict = rate(w, ident, *counts, settings=settings)
     if allowed:
         assert verdict.action is Action.ALLOW and verdict.principal == principal, verdict
@@ -870,14 +872,14 @@ def test_headers_refusal_says_what_to_fix(world: World) -> None:
 
 
 # -- monitor mode --------------------------------------------------------------------------------
-MONITORS: dict[str, Callable[[World], Settings]] = {
-    "config": lambda w: Settings(monitor_mode=True),
+MONITORS: dict[str, Callable[[World], EngineSettings]] = {
+    "config": lambda w: EngineSettings(monitor_mode=True),
     "directory-wide": lambda w: (w.monitor(None), DEFAULTS)[1],
     "per-account": lambda w: (w.monitor("acme"), w.monitor("globex"), DEFAULTS)[2],
 }
 
 # Each: (build(world, settings) -> verdict, the refusal it would be)
-MonitoredCase = Callable[[World, Settings], Verdict]
+MonitoredCase = Callable[[World, EngineSettings], Verdict]
 MONITORED: dict[str, tuple[MonitoredCase, tuple[int, str, str]]] = {
     "envelope sender not owned": (
         lambda w, s: envelope(w, identity(w, w.key("acme")), "x@globex.example",
@@ -923,7 +925,7 @@ MONITORED: dict[str, tuple[MonitoredCase, tuple[int, str, str]]] = {
 @pytest.mark.parametrize("case", MONITORED.values(), ids=MONITORED.keys())
 def test_monitor_mode_lets_a_refusal_pass_and_keeps_it_in_monitored(
     world: World,
-    mode: Callable[[World], Settings],
+    mode: Callable[[World], EngineSettings],
     case: tuple[MonitoredCase, tuple[int, str, str]],
 ) -> None:
     build, (code, status, reason) = case
@@ -948,7 +950,7 @@ def test_monitor_mode_lets_a_refusal_pass_and_keeps_it_in_monitored(
 def test_monitor_mode_login_still_returns_the_identity(world: World) -> None:
     text = world.key("globex")
     verdict = login(world, text, client="203.0.113.9",
-                    settings=Settings(monitor_mode=True))
+                    settings=EngineSettings(monitor_mode=True))
     assert verdict.identity == identity(world, text)
 
 
@@ -1026,7 +1028,7 @@ def test_monitor_mode_of_the_account_covers_its_subusers(world: World) -> None:
 
 # Refusals monitor mode must never let pass: bad credentials and our own temporary faults.
 def _login_case(build: LoginCase) -> MonitoredCase:
-    def run(w: World, s: Settings) -> Verdict:
+    def run(w: World, s: EngineSettings) -> Verdict:
         username, password, client = build(w)
         return login(w, password, username=username, client=client, settings=s)
 
@@ -1034,7 +1036,7 @@ def _login_case(build: LoginCase) -> MonitoredCase:
 
 
 def _after_login(change: Callable[[World, str], None], check: str) -> MonitoredCase:
-    def run(w: World, s: Settings) -> Verdict:
+    def run(w: World, s: EngineSettings) -> Verdict:
         text = w.key("acme")
         ident = identity(w, text)
         change(w, text)
@@ -1045,7 +1047,7 @@ def _after_login(change: Callable[[World, str], None], check: str) -> MonitoredC
     return run
 
 
-def _pool_missing(w: World, s: Settings) -> Verdict:
+def _pool_missing(w: World, s: EngineSettings) -> Verdict:
     ident = identity(w, w.key("initech"))
     return envelope(w, ident, "x@initech.example", settings=replace(s, default_pool="gone"))
 
@@ -1079,7 +1081,7 @@ def test_monitor_mode_never_covers_credentials_or_temporary_faults(
     world.monitor(None)
     world.monitor("acme")
     world.monitor("initech")
-    verdict = case(world, Settings(monitor_mode=True))
+    verdict = case(world, EngineSettings(monitor_mode=True))
     assert not verdict.allowed, verdict
     assert verdict.monitored is None
 
@@ -1108,7 +1110,7 @@ def test_log_fields_of_a_refusal_carry_the_smtp_reply(world: World) -> None:
 
 
 def test_settings_from_default_config_match_engine_defaults() -> None:
-    assert Settings.from_config(default_config()) == Settings()
+    assert EngineSettings.from_config(default_config()) == EngineSettings()
 
 
 def test_settings_from_config_read_every_engine_setting() -> None:
@@ -1122,7 +1124,7 @@ def test_settings_from_config_read_every_engine_setting() -> None:
                        recipients_per_message=3),
         routing=replace(config.routing, default_pool="shared", transport_prefix="out-"),
     )
-    assert Settings.from_config(config) == Settings(
+    assert EngineSettings.from_config(config) == EngineSettings(
         username="relay",
         monitor_mode=True,
         failing_grace=timedelta(hours=1),

@@ -25,7 +25,7 @@ from test_yaml_directory import build_rich_directory
 
 from keyrelay import admin, cli, keys
 from keyrelay.config import Config, parse_config
-from keyrelay.decisions import LoginFacts, Settings, decide_login
+from keyrelay.decisions import EngineSettings, LoginFacts, decide_login
 from keyrelay.directory import DirectoryBackend, DirectoryData, open_directory
 from keyrelay.errors import ConfigError, DirectoryConflict, DirectoryUnavailable
 
@@ -136,7 +136,7 @@ def login(backend: DirectoryBackend, key: str) -> str:
     snapshot = backend.snapshot()
     if key_id and key_id not in snapshot.keys and backend.reads_through:
         snapshot = backend.fresh_for_key(key_id)
-    return decide_login(snapshot, Settings(), facts).reason
+    return decide_login(snapshot, EngineSettings(), facts).reason
 
 
 # -- records ---------------------------------------------------------------------------------

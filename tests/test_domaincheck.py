@@ -21,7 +21,7 @@ from dns_harness import DNSMASQ, DnsServer
 
 from keyrelay import cli, domaincheck
 from keyrelay.config import load_config
-from keyrelay.decisions import Settings, domain_may_send
+from keyrelay.decisions import EngineSettings, domain_may_send
 from keyrelay.directory import open_directory
 from keyrelay.directory.model import Domain, DomainState, SelectorState
 from keyrelay.errors import DirectoryConflict
@@ -315,7 +315,7 @@ def test_a_verified_domain_fails_after_repeated_checks_and_recovers(tenant: Tena
     assert "verified -> failing" in lines[2][2]  # the state change, for the journal
     dom = tenant.domain()
     assert (dom.state, dom.verified_at) == (DomainState.FAILING, verified_at)
-    settings = Settings(failing_grace=timedelta(hours=1))
+    settings = EngineSettings(failing_grace=timedelta(hours=1))
     assert domain_may_send(dom, settings, verified_at + timedelta(minutes=59))
     assert not domain_may_send(dom, settings, verified_at + timedelta(minutes=61))
 

@@ -19,7 +19,7 @@ from keyrelay.directory.yamlfile import render
 from keyrelay.logs import DecisionLog
 from policyd import netstring
 from policyd.auth import client_key, loggable_username
-from policyd.context import Context
+from policyd.context import ServiceContext
 from policyd.policy import PolicyService
 from policyd.policy import render as render_policy
 from policyd.socketmap import SocketmapService
@@ -56,7 +56,8 @@ def _service(tmp_path: Path, world: World) -> SocketmapService:
     path.write_text(render(world.data))
     config = parse_config({"directory": {"path": str(path)}}, "test")
     log = DecisionLog(config.logging, (tmp_path / "log").open("w"))
-    return SocketmapService(Context(config, YamlDirectory(str(path)), log, clock=lambda: NOW))
+    return SocketmapService(ServiceContext(config, YamlDirectory(str(path)), log,
+                                           clock=lambda: NOW))
 
 
 def test_sender_login_lists_keys_of_owners_and_grantees_but_not_suspended_ones(
@@ -121,7 +122,7 @@ class Policy:
         config = parse_config({"directory": {"path": str(path)}}, "test")
         log = DecisionLog(config.logging, (tmp_path / "log").open("w"))
         self.tick = 1000.0  # seconds; moved only by the test
-        self.service = PolicyService(Context(config, YamlDirectory(str(path)), log,
+        self.service = PolicyService(ServiceContext(config, YamlDirectory(str(path)), log,
                                              clock=lambda: NOW, monotonic=lambda: self.tick))
         self.instances = itertools.count(1)
 

@@ -37,9 +37,9 @@ def _print_report(ctx: Context, report: domaincheck.Report) -> None:
         rows.append([what, c.subject, str(c.status), c.found])
     table(ctx.out, ["CHECK", "NAME", "RESULT", "FOUND"], rows)
     advice = [f"- {c.subject}: {c.advice}" for c in report.checks
-              if c.advice and c.status is not domaincheck.Status.PASS]
+              if c.advice and c.status is not domaincheck.CheckStatus.PASS]
     advice += [f"- {c.subject}: {c.advice}" for c in report.checks
-               if c.advice and c.status is domaincheck.Status.PASS]
+               if c.advice and c.status is domaincheck.CheckStatus.PASS]
     if advice:
         ctx.out.write("\nTo do:\n" + "\n".join(advice) + "\n")
 
@@ -65,11 +65,11 @@ def domain_verify(ctx: Context, args: argparse.Namespace) -> None:
     else:
         _print_report(ctx, report)
         ctx.out.write(f"\n{dom.name}: {_state_text(checked)}\n")
-    if report.outcome is domaincheck.Outcome.UNKNOWN:
+    if report.outcome is domaincheck.CheckOutcome.UNKNOWN:
         raise DirectoryUnavailable(
             f"{dom.name}: DNS could not be checked (see the results above); its state "
             f"({dom.state}) is unchanged: try again later")
-    if report.outcome is not domaincheck.Outcome.PASSED:
+    if report.outcome is not domaincheck.CheckOutcome.PASSED:
         still = " (it may still send: see failing in docs/domains.md)" if dom.state in (
             DomainState.VERIFIED, DomainState.FAILING) else ""
         raise UserError(f"{dom.name} did not pass{still}: fix what failed above, then run "
@@ -99,7 +99,7 @@ def domain_check(ctx: Context, args: argparse.Namespace) -> None:
         results.append(_report_json(report, after or before) if ctx.json else None)
         line = f"{name}: {_state_text(checked)}"
         failed = [c.subject for c in report.checks
-                  if c.required and c.status is not domaincheck.Status.PASS]
+                  if c.required and c.status is not domaincheck.CheckStatus.PASS]
         if failed:
             line += f" ({', '.join(failed)}: {report.outcome})"
         if not ctx.json:

@@ -37,11 +37,11 @@ from .envelope import (
     with_rate,
 )
 from .facts import (
+    EngineSettings,
     EnvelopeFacts,
     HeaderFacts,
     LoginFacts,
     RateFacts,
-    Settings,
     format_identity,
     parse_identity,
 )
@@ -56,13 +56,13 @@ __all__ = [
     "SEND_SCOPE",
     "STAGE_NOT_CHECKED",
     "Action",
+    "EngineSettings",
     "EnvelopeFacts",
     "HeaderFacts",
     "LoginFacts",
     "LookupResult",
     "RateFacts",
     "Reason",
-    "Settings",
     "SigningPlan",
     "Verdict",
     "counts_against_key",

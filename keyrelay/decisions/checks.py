@@ -10,14 +10,14 @@ from datetime import datetime
 from .. import names
 from ..directory.model import Account, ApiKey, Directory, Domain, DomainState, Status
 from ..errors import UserError
-from .facts import Settings, parse_identity
+from .facts import EngineSettings, parse_identity
 from .reasons import Reason
 from .verdict import Action, Verdict, allow, let_pass, refuse
 
 SEND_SCOPE = "mail.send"
 
 
-def monitored(directory: Directory, settings: Settings, verdict: Verdict) -> Verdict:
+def monitored(directory: Directory, settings: EngineSettings, verdict: Verdict) -> Verdict:
     """Let a refusal pass when the principal's account (or everyone) is in monitor mode.
 
     Never for credentials (no principal to trust) nor for our own temporary faults (they
@@ -73,7 +73,7 @@ def key_problem(key: ApiKey, now: datetime) -> tuple[Reason, str] | None:
     return None
 
 
-def domain_may_send(domain: Domain, settings: Settings, now: datetime) -> bool:
+def domain_may_send(domain: Domain, settings: EngineSettings, now: datetime) -> bool:
     """Verified domains send; failing ones only within the grace period after last success."""
     if domain.state is DomainState.VERIFIED:
         return True
@@ -90,7 +90,7 @@ def uses_domain(domain: Domain, principal: str) -> bool:
 
 
 def sender_problem(
-    directory: Directory, settings: Settings, principal: str, address: str, now: datetime
+    directory: Directory, settings: EngineSettings, principal: str, address: str, now: datetime
 ) -> str | None:
     """Why ``principal`` may not send as ``address`` (already normalised), or None.
 
@@ -118,7 +118,8 @@ def normal_address(text: str) -> str | None:
 
 
 def session_principal(
-    directory: Directory, settings: Settings, identity: str, client_address: str, now: datetime
+    directory: Directory, settings: EngineSettings, identity: str, client_address: str,
+    now: datetime,
 ) -> tuple[str, str, Verdict] | Verdict:
     """(principal, key id, allow) of a logged-in session, or the answer that ends it.
 

@@ -8,12 +8,14 @@ from typing import Any, NamedTuple
 
 from ..directory.model import Directory, DomainState, Limits
 from .checks import monitored, normal_address, sender_problem, session_principal
-from .facts import EnvelopeFacts, RateFacts, Settings, parse_identity
+from .facts import EngineSettings, EnvelopeFacts, RateFacts, parse_identity
 from .reasons import Reason
 from .verdict import Action, Verdict, allow, refuse
 
 
-def decide_envelope(directory: Directory, settings: Settings, facts: EnvelopeFacts) -> Verdict:
+def decide_envelope(
+    directory: Directory, settings: EngineSettings, facts: EnvelopeFacts
+) -> Verdict:
     """MAIL FROM / RCPT TO on the policy service: login, IP rules, sender, routing.
 
     Postfix asks this at MAIL, at every RCPT and at DATA, nearly always with the same login,
@@ -43,11 +45,11 @@ _EnvelopeMemo = dict[tuple[str, bool, str, str], tuple[Verdict, datetime]]
 
 
 class _SettingsMemo(NamedTuple):
-    settings: Settings  # compared by identity: hashing Settings would cost more than a lookup
+    settings: EngineSettings  # compared by identity: hashing them would cost more than a lookup
     values: dict[Any, Any]
 
 
-def _memo(directory: Directory, settings: Settings, name: str) -> dict[Any, Any]:
+def _memo(directory: Directory, settings: EngineSettings, name: str) -> dict[Any, Any]:
     """Values derived from this snapshot and these settings, computed once (the snapshot
     never changes; other settings, after a reload, start a new memo)."""
     found = directory.derived.get(name)
@@ -58,7 +60,7 @@ def _memo(directory: Directory, settings: Settings, name: str) -> dict[Any, Any]
 
 
 def _allow_horizon(
-    directory: Directory, settings: Settings, verdict: Verdict, sender: str
+    directory: Directory, settings: EngineSettings, verdict: Verdict, sender: str
 ) -> datetime:
     """The first moment at which an envelope allowed now could be decided otherwise by time
     alone: the login's key expires, or the sender's domain, failing DNS checks, reaches the
@@ -75,7 +77,7 @@ def _allow_horizon(
 
 
 def _pool_transport(
-    directory: Directory, settings: Settings, principal: str
+    directory: Directory, settings: EngineSettings, principal: str
 ) -> tuple[str | None, str | None]:
     """(transport, problem): the Postfix transport of the principal's IP pool."""
     account_name, _, _ = principal.partition("/")
@@ -89,7 +91,9 @@ def _pool_transport(
     return settings.transport_prefix + pool, None
 
 
-def _decide_envelope(directory: Directory, settings: Settings, facts: EnvelopeFacts) -> Verdict:
+def _decide_envelope(
+    directory: Directory, settings: EngineSettings, facts: EnvelopeFacts
+) -> Verdict:
     if not facts.identity:
         if facts.submission:
             return refuse(530, "5.7.0", Reason.AUTH_REQUIRED, "Authentication required")
@@ -136,7 +140,7 @@ def _decide_envelope(directory: Directory, settings: Settings, facts: EnvelopeFa
 
 
 # -- rate limits -----------------------------------------------------------------------------
-def limits_for(directory: Directory, settings: Settings, principal: str) -> Limits:
+def limits_for(directory: Directory, settings: EngineSettings, principal: str) -> Limits:
     """The principal's effective limits: its own, else its account's, else the defaults."""
     memo = _memo(directory, settings, "limits")
     found = memo.get(principal)
@@ -146,7 +150,7 @@ def limits_for(directory: Directory, settings: Settings, principal: str) -> Limi
     return found
 
 
-def _limits_for(directory: Directory, settings: Settings, principal: str) -> Limits:
+def _limits_for(directory: Directory, settings: EngineSettings, principal: str) -> Limits:
     account_name, _, _ = principal.partition("/")
     account = directory.accounts.get(account_name)
     limits = settings.default_limits
@@ -156,7 +160,7 @@ def _limits_for(directory: Directory, settings: Settings, principal: str) -> Lim
     return sub.limits.over(limits) if sub else limits
 
 
-def decide_rate(directory: Directory, settings: Settings, facts: RateFacts) -> Verdict:
+def decide_rate(directory: Directory, settings: EngineSettings, facts: RateFacts) -> Verdict:
     """Per-principal message rate and recipients per message (counts kept by the caller)."""
     parsed = parse_identity(facts.identity)
     if parsed is None:

@@ -13,7 +13,7 @@ from ..directory.model import Limits
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
+class EngineSettings:
     """The parts of the configuration the engine reads (built once from ``Config``)."""
 
     username: str = "apikey"
@@ -27,7 +27,7 @@ class Settings:
     sign: bool = True  # milter.sign: off plans no DKIM signature
 
     @classmethod
-    def from_config(cls, config: object) -> Settings:
+    def from_config(cls, config: object) -> EngineSettings:
         c = config  # typed loosely so the engine does not import the config loader
         return cls(
             username=c.auth.username,  # type: ignore[attr-defined]

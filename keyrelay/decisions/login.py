@@ -18,7 +18,7 @@ from .checks import (
     monitored,
     principal_inactive,
 )
-from .facts import LoginFacts, Settings, format_identity
+from .facts import EngineSettings, LoginFacts, format_identity
 from .reasons import GUESSES, KEY_GUESSES, Reason
 from .verdict import Action, Verdict, refuse
 
@@ -29,7 +29,7 @@ _DUMMY_HASH = "0" * 64
 _UNKNOWN_KEY_TEXT = "unknown API key; check that the whole key was copied"
 
 
-def decide_login(directory: Directory, settings: Settings, facts: LoginFacts) -> Verdict:
+def decide_login(directory: Directory, settings: EngineSettings, facts: LoginFacts) -> Verdict:
     """SMTP AUTH: username ``apikey``, password an active key of an active principal."""
 
     def no(reason: Reason, text: str, key: ApiKey | None = None) -> Verdict:

@@ -9,10 +9,10 @@ from .. import names
 from ..directory.model import Directory
 from ..errors import UserError
 from .checks import domain_may_send, key_usable, principal_active
-from .facts import Settings, format_identity
+from .facts import EngineSettings, format_identity
 
 
-def sender_logins(directory: Directory, settings: Settings, key: str,
+def sender_logins(directory: Directory, settings: EngineSettings, key: str,
                   now: datetime) -> list[str]:
     """Every login (``principal:keyid``) that may send as the address ``key``: each usable
     key of each active principal that owns the address (a verified single sender, or an

@@ -15,7 +15,7 @@ from .checks import (
     session_principal,
     uses_domain,
 )
-from .facts import HeaderFacts, Settings
+from .facts import EngineSettings, HeaderFacts
 from .reasons import Reason
 from .verdict import Action, SigningPlan, Verdict, allow, let_pass, refuse
 
@@ -33,7 +33,7 @@ def _one_address(values: tuple[str, ...], name: str) -> tuple[tuple[str, ...], s
     return found, None
 
 
-def decide_headers(directory: Directory, settings: Settings, facts: HeaderFacts) -> Verdict:
+def decide_headers(directory: Directory, settings: EngineSettings, facts: HeaderFacts) -> Verdict:
     """The header From (and Sender) must belong to the logged-in principal; plan DKIM.
 
     With ``settings.check_sender`` off (milter.check_sender: false) the milter only signs:
@@ -45,7 +45,7 @@ def decide_headers(directory: Directory, settings: Settings, facts: HeaderFacts)
     return verdict
 
 
-def _decide_headers(directory: Directory, settings: Settings, facts: HeaderFacts) -> Verdict:
+def _decide_headers(directory: Directory, settings: EngineSettings, facts: HeaderFacts) -> Verdict:
     if not facts.identity:
         return allow(Reason.UNAUTHENTICATED)  # the policy service decided who may relay
     session = session_principal(
@@ -103,7 +103,7 @@ def _decide_headers(directory: Directory, settings: Settings, facts: HeaderFacts
 
 
 def _signing_plan(
-    directory: Directory, settings: Settings, principal: str, address: str, now: datetime
+    directory: Directory, settings: EngineSettings, principal: str, address: str, now: datetime
 ) -> SigningPlan | None:
     domain = directory.domains.get(address.rpartition("@")[2])
     if domain is None or not uses_domain(domain, principal):
