@@ -57,10 +57,20 @@ def fresh_address() -> str:
     return next(_all_addresses)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port free now and never handed out before in this process: the kernel
+    may give the same free port to two calls in a row (slapd was once started with its ldap://
+    and ldaps:// listeners on one port, and refused to start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
