@@ -296,11 +296,11 @@ def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_m
                            30, "the deployed daemons' sockets")
                 uid = pwd.getpwnam(service_user).pw_uid
                 for daemon in (policyd, milter):  # started as root, running as the user
-                    status = Path(f"/proc/{daemon.pid}/status").read_text()
-                    assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s", status, re.M), status
+                    proc = Path(f"/proc/{daemon.pid}/status").read_text()
+                    assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s", proc, re.M), proc
                     # and with no capability left once the sockets are bound
                     for line in ("CapPrm", "CapEff", "CapBnd"):
-                        assert re.search(rf"^{line}:\s+0+$", status, re.M), status
+                        assert re.search(rf"^{line}:\s+0+$", proc, re.M), proc
                 started = subprocess.run([str(POSTFIX), "-c", str(etc), "start"],
                                          capture_output=True, text=True)
                 maillog = root / "maillog"

@@ -16,7 +16,7 @@ from factories import NOW, World, key_id
 from test_reasons import text_matches
 
 from keyrelay import admin
-from keyrelay.config import default_config
+from keyrelay.config import Duration, default_config
 from keyrelay.decisions import (
     Action,
     EngineSettings,
@@ -872,10 +872,18 @@ def test_headers_refusal_says_what_to_fix(world: World) -> None:
 
 
 # -- monitor mode --------------------------------------------------------------------------------
+def _monitoring(world: World, *accounts: str | None) -> EngineSettings:
+    """Monitor mode switched on in the directory (for each account, or directory-wide with
+    None); the settings stay the defaults."""
+    for account in accounts:
+        world.monitor(account)
+    return DEFAULTS
+
+
 MONITORS: dict[str, Callable[[World], EngineSettings]] = {
     "config": lambda w: EngineSettings(monitor_mode=True),
-    "directory-wide": lambda w: (w.monitor(None), DEFAULTS)[1],
-    "per-account": lambda w: (w.monitor("acme"), w.monitor("globex"), DEFAULTS)[2],
+    "directory-wide": lambda w: _monitoring(w, None),
+    "per-account": lambda w: _monitoring(w, "acme", "globex"),
 }
 
 # Each: (build(world, settings) -> verdict, the refusal it would be)
@@ -1119,7 +1127,7 @@ def test_settings_from_config_read_every_engine_setting() -> None:
         config,
         auth=replace(config.auth, username="relay"),
         monitor_mode=True,
-        domains=replace(config.domains, failing_grace=3600.0),
+        domains=replace(config.domains, failing_grace=Duration(3600.0)),
         limits=replace(config.limits, messages_per_minute=1, messages_per_hour=2,
                        recipients_per_message=3),
         routing=replace(config.routing, default_pool="shared", transport_prefix="out-"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -117,7 +117,7 @@ def test_a_reader_follows_writes_by_fetching_only_the_changed_entries(
     reader = manual_reader(ldap_dir, reads)
     reader.snapshot()  # the first, full read
     t0 = datetime.now(UTC)
-    steps = [
+    steps: list[Callable[[DirectoryData], object]] = [
         lambda d: build_rich_directory(d),
         lambda d: admin.revoke_key(d, next(k for k in d.keys.values()
                                            if k.revoked is None).key_id, t0),

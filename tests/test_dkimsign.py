@@ -412,7 +412,7 @@ def count_loads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         loads.append("load")
         return real(data, password)
 
-    monkeypatch.setattr(dkimsign.serialization, "load_pem_private_key", counting)
+    monkeypatch.setattr("milters.dkimsign.serialization.load_pem_private_key", counting)
     yield loads
 
 

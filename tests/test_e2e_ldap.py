@@ -91,7 +91,8 @@ def test_a_key_revoked_in_ldap_is_refused_at_the_next_login(ldap_relay: Relay) -
             try:
                 return client.login("apikey", tenant.key)[0], ""
             except smtplib.SMTPAuthenticationError as exc:
-                return exc.smtp_code, exc.smtp_error.decode()
+                return exc.smtp_code, (exc.smtp_error.decode() if isinstance(exc.smtp_error, bytes)
+                                   else exc.smtp_error)
 
     # a new key works at its first login, whatever the daemons' copy holds (read-through)
     assert login() == (235, "")

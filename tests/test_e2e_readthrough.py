@@ -75,7 +75,8 @@ def login(relay: Relay, key: str, source: str | None = None) -> tuple[int, str]:
         try:
             return client.login("apikey", key)[0], ""
         except smtplib.SMTPAuthenticationError as exc:
-            return exc.smtp_code, exc.smtp_error.decode()
+            return exc.smtp_code, (exc.smtp_error.decode() if isinstance(exc.smtp_error, bytes)
+                                   else exc.smtp_error)
         except smtplib.SMTPServerDisconnected:
             return 0, "disconnected"
 

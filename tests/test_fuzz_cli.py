@@ -558,7 +558,7 @@ ODD = ["", " ", "-", "--", "---", "-1", "-0", "--1", "=", "--=x", ".", "..", "/"
        "１２", "١٢٣", "0x10", "1_000", "1e309", "nan", "-inf", "9" * 30, "-" + "9" * 30,
        "9" * 5000, "a" * 5000, "acme " * 100, "\udcff", "--json", "-h",
        "--help", "--version"]
-TEXT = st.characters(blacklist_characters="\0", blacklist_categories=("Cs",))
+TEXT = st.characters(exclude_characters="\0", codec="utf-8")
 arbitrary = st.one_of(
     st.text(TEXT, max_size=24),
     st.sampled_from(ODD),
@@ -592,8 +592,10 @@ def well_formed(draw: st.DrawFn, vocabulary: Vocabulary, clean: bool) -> list[st
                 parts.append([draw(st.sampled_from(action.option_strings))])
             continue
         if not action.option_strings:
-            count = {None: 1, "?": draw(st.integers(0, 1)), "*": draw(st.integers(0, 3)),
-                     "+": draw(st.integers(1, 3))}[action.nargs]
+            counts: dict[object, int] = {
+                None: 1, "?": draw(st.integers(0, 1)), "*": draw(st.integers(0, 3)),
+                "+": draw(st.integers(1, 3))}
+            count = counts[action.nargs]
             parts += [[draw(value_for(action, vocabulary, clean))] for _ in range(count)]
             continue
         if not (action.required or draw(st.booleans())):
@@ -614,7 +616,7 @@ def well_formed(draw: st.DrawFn, vocabulary: Vocabulary, clean: bool) -> list[st
         prefix = draw(st.sampled_from([["--config", config], [f"--config={config}"]]))
     argv = [*prefix, *command.path, *words]
     for _ in range(0 if clean else draw(st.integers(0, 2))):
-        if argv and draw(st.booleans()):
+        if len(argv) > 0 and draw(st.booleans()):
             del argv[draw(st.integers(0, len(argv) - 1))]
         else:
             argv.insert(draw(st.integers(0, len(argv))), draw(arbitrary))
@@ -882,8 +884,10 @@ def safe_to_run(program: str, argv: list[str], state: State) -> bool:
     if args.command == "postfix":
         return False  # postconf, postfix check and reload: not fuzzed (module doc)
     output = getattr(args, "output", None)
-    return output in (None, "-") or os.path.abspath(
-        os.path.join(state.root / "work", output)).startswith(f"{state.root}{os.sep}")
+    if output is None or output == "-":
+        return True
+    return os.path.abspath(os.path.join(state.root / "work", str(output))).startswith(
+        f"{state.root}{os.sep}")
 
 
 SCRIPT_PREFIXES = {  # program -> argument vectors the odd words are appended to

@@ -58,9 +58,9 @@ FILE_BOUND = 1 << 20
 
 
 # -- socketmap -------------------------------------------------------------------------------
-names = st.text(st.characters(blacklist_characters=" \0", blacklist_categories=("Cs",)),
+names = st.text(st.characters(exclude_characters=" \0", codec="utf-8"),
                 min_size=1, max_size=20)
-keys = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+keys = st.text(st.characters(exclude_characters="\0", codec="utf-8"),
                max_size=60)
 
 
@@ -85,9 +85,9 @@ def test_valid_netstrings_come_out_whole_however_they_are_cut(
 
 
 # -- policy delegation -----------------------------------------------------------------------
-attr_names = st.text(st.characters(blacklist_characters="=\n\0", blacklist_categories=("Cs",)),
+attr_names = st.text(st.characters(exclude_characters="=\n\0", codec="utf-8"),
                      min_size=1, max_size=20)
-attr_values = st.text(st.characters(blacklist_characters="\n\0", blacklist_categories=("Cs",)),
+attr_values = st.text(st.characters(exclude_characters="\n\0", codec="utf-8"),
                       max_size=60)
 
 

@@ -31,6 +31,7 @@ from keyrelay.directory import YamlDirectory
 from keyrelay.directory.model import DomainState
 from keyrelay.directory.yamlfile import render
 from keyrelay.logs import DecisionLog
+from milters import dkimsign
 from milters import service as service_module
 from milters.milter import KeyrelayMilter, reply_text
 from milters.service import Message, MilterService
@@ -454,7 +455,7 @@ def test_signing_switched_off_checks_but_neither_hashes_nor_signs(
 ) -> None:
     h = harness(relay, monkeypatch, make_config(relay, sign=False))
     hashed: list[bytes] = []
-    monkeypatch.setattr(service_module.RelaxedBodyHash, "update",
+    monkeypatch.setattr(dkimsign.RelaxedBodyHash, "update",
                         lambda self, chunk: hashed.append(chunk))
     result = h.send(message())
     assert (result.rc, result.reply, result.inserted) == (Milter.CONTINUE, None, [])

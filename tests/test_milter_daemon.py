@@ -170,7 +170,7 @@ def test_check_config_names_a_config_path_that_is_not_utf8_without_a_traceback(
     # found by tests/test_fuzz_cli.py: the strict stdout of a UTF-8 locale other than C.UTF-8
     # could not print "configuration <path> is valid"
     config = os.fsencode(site.parent) + b"/keyrelay-\x80.yaml"
-    shutil.copy(site, config)
+    shutil.copy(os.fsencode(site), config)
     result = subprocess.run([str(MILTER), "--config", config, "--check-config"],
                             capture_output=True, timeout=60, check=False,
                             env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})

@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import pytest
 
-from keyrelay.decisions import Action, Verdict
+from keyrelay.decisions import Action, Reason, Verdict
 from policyd import attributes, dovecot, netstring, sasl, server
 from policyd.errors import BadRequest
 
@@ -478,7 +478,7 @@ class _AcceptEveryone:
     """Fake AuthService: allows every attempt as its username (same as fake_decision)."""
 
     def login(self, attempt: dovecot.Attempt) -> Verdict:
-        return Verdict(Action.ALLOW, "fake", identity=attempt.username)
+        return Verdict(Action.ALLOW, Reason.OK, identity=attempt.username)
 
     def log(self, attempt: dovecot.Attempt, verdict: Verdict) -> None:
         pass

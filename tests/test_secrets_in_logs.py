@@ -10,6 +10,7 @@ whole API key, every key hash the directory holds, and every line of every priva
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_no_log_holds_a_key_a_hash_a_password_or_a_private_key(demo_relay: Relay
     for user, secret in (("apikey", wrong), ("apikey", password), ("admin", password),
                          ("apikey", tenant.key[:-1])):
         with connect(demo_relay, "submission", source=next_source()) as client:
-            code, _ = reply_of(lambda u=user, p=secret: client.login(u, p))
+            code, _ = reply_of(functools.partial(client.login, user, secret))
         assert code == 535
     mid, text = message(tenant.sender, "rcpt@example.net", "secrets stay secret")
     send(demo_relay, "submission", tenant.key, tenant.sender, text)
