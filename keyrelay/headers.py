@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from email.errors import HeaderParseError
 from email.headerregistry import HeaderRegistry
+from email.utils import getaddresses
 
 _ADDR = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?"
 # Possessive "*+": the display name and the blanks around it overlap, and plain backtracking
@@ -69,4 +70,11 @@ def mailboxes(value: str) -> tuple[str, ...]:
         if not address.username or not address.domain or address.domain.startswith("["):
             raise HeaderError(f"has an address without a domain name: {address.addr_spec!r}")
         found.append(str(address.addr_spec))
+    # Mail programs do not all parse as fully as RFC 5322 allows: the simpler parser many of
+    # them use (email.utils.getaddresses) reads "app@example.com (,)" as no address at all.
+    # A value the two parsers read differently is ambiguous: refused, never guessed.
+    simpler = [address for _, address in getaddresses([unfolded]) if address]
+    if [a.lower() for a in simpler] != [a.lower() for a in found]:
+        raise HeaderError("is ambiguous: mail programs read different addresses in it; write "
+                          "it as Name <address>")
     return tuple(found)

@@ -102,6 +102,11 @@ UNREADABLE: dict[str, str] = {
     "very long quotes": '"' * 100_001,
     "very long comments": "(a)" * 30_000,
     "very long angle brackets": "<" * 100_000,
+    # read as no address by email.utils.getaddresses, as app@t93.example by the full parser
+    # (found by test_fuzz_e2e.py): mail programs would disagree on who sent it
+    "comment with a comma after the address (found by the fuzzer)": "app@t93.example (,)",
+    "comment with a comma after a bracketed address": "<a@x.example> (x,y)",
+    "comment with a comma, after a bare address": "alice@acme.example (Alice, in a comment)",
 }
 
 

@@ -277,7 +277,7 @@ def test_subuser_signs_with_its_own_domain(h: Harness) -> None:
     "from_",
     [
         b'"Alice \\"Al\\" Example" <alice@acme.example>',
-        b"alice@acme.example (Alice, in a comment)",
+        b"alice@acme.example (Alice in a comment)",
         b"=?utf-8?q?Al=C3=AFce_Exampl=C3=A9?= <alice@acme.example>",
         "Alïce Exämple <alice@acme.example>".encode(),
         b"Alice <ALICE@ACME.EXAMPLE>",
