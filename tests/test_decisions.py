@@ -12,7 +12,6 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from factories import NOW, World, key_id
 
 from keyrelay import admin, decisions
 from keyrelay.config import default_config
@@ -33,6 +32,7 @@ from keyrelay.decisions import (
     parse_identity,
 )
 from keyrelay.directory.model import DomainState, Limits, SelectorState
+from testkit.factories import NOW, World, key_id
 
 INSIDE = "203.0.113.5"  # a client address; only globex has IP access rules
 DEFAULTS = Settings()

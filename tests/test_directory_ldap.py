@@ -14,8 +14,6 @@ from typing import Any
 
 import ldap3
 import pytest
-from policyd_harness import free_port, wait_until
-from slapd_harness import KEYRELAY_INDEXES, SLAPD, Slapd, records_hidden_acls
 from test_yaml_directory import build_rich_directory
 
 from keyrelay import admin
@@ -24,6 +22,8 @@ from keyrelay.directory import ldapdir
 from keyrelay.directory.ldapdir import LdapDirectory
 from keyrelay.directory.model import Directory, DirectoryData
 from keyrelay.errors import DirectoryConflict, DirectoryUnavailable
+from testkit.net import free_port, wait_until
+from testkit.slapd import KEYRELAY_INDEXES, SLAPD, Slapd, records_hidden_acls
 
 
 @pytest.fixture

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dns_harness import DNSMASQ, DnsServer
 
 from keyrelay import cli, domaincheck
 from keyrelay.config import load_config
 from keyrelay.decisions import Settings, domain_may_send
 from keyrelay.directory import open_directory
 from keyrelay.directory.model import Domain, DomainState, SelectorState
+from testkit.dnsserver import DNSMASQ, DnsServer
 
 DOMAIN = "example.com"
 POOL_IP = "192.0.2.10"

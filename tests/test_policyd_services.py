@@ -7,7 +7,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from factories import NOW, World, key_id
 
 from keyrelay.config import parse_config
 from keyrelay.directory import YamlDirectory
@@ -17,6 +16,7 @@ from policyd import netstring
 from policyd.auth import client_key, loggable_username
 from policyd.context import Context
 from policyd.socketmap import SocketmapService
+from testkit.factories import NOW, World, key_id
 
 
 @pytest.mark.parametrize(

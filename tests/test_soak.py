@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from slapd_harness import SLAPD
+
+from testkit.slapd import SLAPD
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,1 @@
+"""The test and bench harness (not shipped)."""
