@@ -40,7 +40,7 @@ help:
 	@echo "make bench-deps  also install what bench/postfix_milter_bench.py compares with"
 	@echo "make fuzz    coverage-guided fuzzing (atheris) of every parser, one target at a"
 	@echo "             time, FUZZ_SECONDS=$(FUZZ_SECONDS) each (about 35 minutes); findings"
-	@echo "             in fuzz/work/ (fuzz/run.py --help)"
+	@echo "             in fuzz/work/ (python -m fuzz.run --help)"
 	@echo "make distclean  also remove the virtual environment"
 
 deps: debian-packages $(VENV)/.installed
@@ -64,14 +64,14 @@ bench-deps: deps
 # OpenDKIM and dkimpy-milter side by side; rewrites its section of docs/BENCHMARKS.md and
 # docs/e2e-bench.png.
 bench: bench-deps
-	$(BIN)/python bench/e2e_bench.py --docs
+	$(BIN)/python -m bench.e2e_bench --docs
 
 # The long run of the atheris fuzzer (issue 10): every parser target for FUZZ_SECONDS each,
 # one at a time; its smoke run is part of make test (tests/test_fuzz_atheris.py).
 FUZZ_SECONDS := 240
 
 fuzz: deps
-	$(BIN)/python fuzz/run.py --target all --seconds $(FUZZ_SECONDS)
+	$(BIN)/python -m fuzz.run --target all --seconds $(FUZZ_SECONDS)
 
 unit: deps
 	$(BIN)/python -m pytest

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from keyrelay.demo import greets, unix_accepts
 
 __all__ = ["client_tls", "free_port", "free_ports", "free_udp_port", "greets", "port_open",
-           "unix_accepts", "wait_until"]
+           "reply_text", "unix_accepts", "wait_until"]
 
 
 def free_ports(count: int) -> list[int]:
@@ -74,3 +74,9 @@ def client_tls() -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_NONE
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def reply_text(value: bytes | str) -> str:
+    """The text of an SMTP reply as smtplib hands it over (typeshed: ``bytes | str``; smtplib
+    gives the reply's bytes)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from keyrelay.demo import Relay, Settings, greets, keyrelay_cli
-from testkit.net import client_tls, free_ports, wait_until
+from testkit.net import client_tls, free_ports, reply_text, wait_until
 
 SUBMISSION_PORTS = ["submission", "alt_submission", "submissions"]
 _sources = (f"127.0.1.{i}" for i in itertools.count(1))
@@ -88,8 +88,7 @@ def reply_of(action: Callable[[], object]) -> tuple[int, str]:
     except smtplib.SMTPSenderRefused as exc:
         return exc.smtp_code, exc.smtp_error.decode()
     except smtplib.SMTPResponseException as exc:
-        error = exc.smtp_error  # typeshed: bytes | str; smtplib gives the reply's bytes
-        return exc.smtp_code, error.decode() if isinstance(error, bytes) else error
+        return exc.smtp_code, reply_text(exc.smtp_error)
     raise AssertionError("the relay accepted what it should have refused")
 
 
