@@ -15,7 +15,7 @@ RUN_DIR := run
 # Everything the project needs from Debian, for building the Python
 # dependencies (pymilter links against libmilter) and for the tests. slapd (with
 # slapadd) is for the LDAP backend's tests, which start private slapd instances on
-# loopback (tests/slapd_harness.py); the system slapd is installed unconfigured and
+# loopback (testkit/slapd.py); the system slapd is installed unconfigured and
 # disabled (scripts/ensure-debian-packages). ldap-utils: ldapsearch/ldapadd, the
 # commands docs/ldap.md uses, for looking into a test server. python3-apt: Ansible's apt
 # module (tests/test_ansible.py runs the role's package task).

@@ -20,7 +20,7 @@ DESCRIPTION
     The directory holds A accounts with U subusers each; every account and every subuser is
     a sending principal with its own API key, its own From address (the account's verified
     domain, granted to its subusers) and its own recipient. The load generator
-    (bench/loadgen.py) runs C concurrent sessions like sending applications: EHLO,
+    (testkit/loadgen.py) runs C concurrent sessions like sending applications: EHLO,
     STARTTLS (or implicit TLS), EHLO, AUTH PLAIN as `apikey` with a principal's key, then K
     messages (MAIL, RCPT and DATA pipelined), QUIT, and the next session with the next
     principal. The same load runs against each setup; only the submission service's
