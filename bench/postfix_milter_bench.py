@@ -219,7 +219,7 @@ def send(host: str, port: int, key: str, count: int, concurrency: int, body: byt
     asyncio.run(_send_all(host, port, key, count, concurrency, message))
 
 
-# -- the setup -------------------------------------------------------------------------------
+# -- one measured run ------------------------------------------------------------------------
 @dataclass
 class RunResult:
     setup: str
@@ -248,6 +248,7 @@ class RunResult:
         return cpu * 1000 / self.messages
 
 
+# -- the bench -------------------------------------------------------------------------------
 Signatures = list[tuple[str, str, str]]  # (a=, s=, d=) of each DKIM-Signature
 
 

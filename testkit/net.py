@@ -4,10 +4,12 @@ certificate."""
 
 from __future__ import annotations
 
+import random
 import socket
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from keyrelay.demo import greets, unix_accepts
 
@@ -15,17 +17,61 @@ __all__ = ["client_tls", "free_port", "free_ports", "free_udp_port", "greets", "
            "reply_text", "unix_accepts", "wait_until"]
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` different TCP ports free on 127.0.0.1 (all probed at once, then released)."""
-    sockets = []
+# Ports are picked below the kernel's ephemeral range: a port from that range (what binding
+# to port 0 gives) can be taken, between the probe and the server's own bind, as the local
+# port of any outgoing connection on the machine (seen: dnsmasq "Address already in use").
+_FIRST_PORT = 10000
+_ports = random.Random()  # noqa: S311 - which port to try, not a secret
+_given: set[int] = set()  # never the same port twice in one process (two servers' ports)
+
+
+def _ephemeral_start() -> int:
     try:
-        for _ in range(count):
-            probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
-            sockets.append(probe)
-        return [int(probe.getsockname()[1]) for probe in sockets]
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _claim(port: int, kinds: tuple[int, ...]) -> list[socket.socket]:
+    """Sockets bound to ``127.0.0.1:port`` for each socket kind, or [] when one is taken."""
+    claimed: list[socket.socket] = []
+    try:
+        for kind in kinds:
+            probe = socket.socket(socket.AF_INET, kind)
+            claimed.append(probe)
+            probe.bind(("127.0.0.1", port))
+    except OSError:
+        for probe in claimed:
+            probe.close()
+        return []
+    return claimed
+
+
+def free_ports(count: int, *, udp: bool = False) -> list[int]:
+    """``count`` different ports free on 127.0.0.1 for TCP (with ``udp``, for UDP too), all
+    probed at once and then released, picked at random below the ephemeral port range and
+    never handed out before by this process."""
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
+    last = _ephemeral_start() - 1
+    held: list[socket.socket] = []
+    found: list[int] = []
+    try:
+        for _ in range(100 * count):
+            if len(found) == count:
+                break
+            port = _ports.randint(_FIRST_PORT, last)
+            if port in found or port in _given:
+                continue
+            claimed = _claim(port, kinds)
+            if claimed:
+                held += claimed
+                found.append(port)
+        if len(found) < count:
+            raise OSError(f"no {count} free ports found between {_FIRST_PORT} and {last}")
+        _given.update(found)
+        return found
     finally:
-        for probe in sockets:
+        for probe in held:
             probe.close()
 
 
@@ -35,10 +81,8 @@ def free_port() -> int:
 
 
 def free_udp_port() -> int:
-    """A UDP port free on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free on 127.0.0.1 for UDP and TCP (a DNS server listens on both)."""
+    return free_ports(1, udp=True)[0]
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
