@@ -16,7 +16,7 @@ RUN_DIR := run
 # Everything the project needs from Debian, for building the Python
 # dependencies (pymilter links against libmilter) and for the tests. slapd (with
 # slapadd) is for the LDAP backend's tests, which start private slapd instances on
-# loopback (tests/slapd_harness.py); the system slapd is installed unconfigured and
+# loopback (testkit/slapd.py); the system slapd is installed unconfigured and
 # disabled (scripts/ensure-debian-packages). ldap-utils: ldapsearch/ldapadd, the
 # commands docs/ldap.md uses, for looking into a test server. python3-apt: Ansible's apt
 # module (tests/test_ansible.py runs the role's package task).
@@ -42,7 +42,7 @@ help:
 	@echo "make bench-deps  also install what bench/postfix_milter_bench.py compares with"
 	@echo "make fuzz    coverage-guided fuzzing (atheris) of every parser, one target at a"
 	@echo "             time, FUZZ_SECONDS=$(FUZZ_SECONDS) each (about 35 minutes); findings"
-	@echo "             in fuzz/work/ (fuzz/run.py --help)"
+	@echo "             in fuzz/work/ (python -m fuzz.run --help)"
 	@echo "make distclean  also remove the virtual environment"
 
 deps: debian-packages $(VENV)/.installed
@@ -66,14 +66,14 @@ bench-deps: deps
 # OpenDKIM and dkimpy-milter side by side; rewrites its section of docs/BENCHMARKS.md and
 # docs/e2e-bench.png.
 bench: bench-deps
-	$(BIN)/python bench/e2e_bench.py --docs
+	$(BIN)/python -m bench.e2e_bench --docs
 
 # The long run of the atheris fuzzer (issue 10): every parser target for FUZZ_SECONDS each,
 # one at a time; its smoke run is part of make test (tests/test_fuzz_atheris.py).
 FUZZ_SECONDS := 240
 
 fuzz: deps
-	$(BIN)/python fuzz/run.py --target all --seconds $(FUZZ_SECONDS)
+	$(BIN)/python -m fuzz.run --target all --seconds $(FUZZ_SECONDS)
 
 unit: deps
 	$(BIN)/python -m pytest

@@ -4,7 +4,7 @@ NAME
     e2e_bench.py - messages/s, latency, CPU and memory through a real private Postfix
 
 SYNOPSIS
-    .venv/bin/python bench/e2e_bench.py [--setup NAME]... [--size BYTES]... [--repeat R]
+    .venv/bin/python -m bench.e2e_bench [--setup NAME]... [--size BYTES]... [--repeat R]
         [--messages M] [--large-messages L] [--per-session K] [--connection-cost N]
         [--concurrency C] [--tls starttls|implicit] [--paced-seconds S]
         [--accounts A] [--subusers U] [--warmup W] [--json FILE] [--chart FILE]
@@ -20,7 +20,7 @@ DESCRIPTION
     The directory holds A accounts with U subusers each; every account and every subuser is
     a sending principal with its own API key, its own From address (the account's verified
     domain, granted to its subusers) and its own recipient. The load generator
-    (bench/loadgen.py) runs C concurrent sessions like sending applications: EHLO,
+    (testkit/loadgen.py) runs C concurrent sessions like sending applications: EHLO,
     STARTTLS (or implicit TLS), EHLO, AUTH PLAIN as `apikey` with a principal's key, then K
     messages (MAIL, RCPT and DATA pipelined), QUIT, and the next session with the next
     principal. The same load runs against each setup; only the submission service's
@@ -96,122 +96,41 @@ EXIT STATUS
     2 usage error; 130 interrupted.
 
 EXAMPLES
-    .venv/bin/python bench/e2e_bench.py --docs                      # make bench
-    .venv/bin/python bench/e2e_bench.py --setup baseline --setup keyrelay --size 2000 \\
+    .venv/bin/python -m bench.e2e_bench --docs                      # make bench
+    .venv/bin/python -m bench.e2e_bench --setup baseline --setup keyrelay --size 2000 \\
         --repeat 1 --messages 300 --connection-cost 0 --paced-seconds 0
-    .venv/bin/python bench/e2e_bench.py --tls implicit --per-session 1 --messages 500
+    .venv/bin/python -m bench.e2e_bench --tls implicit --per-session 1 --messages 500
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import resource
 import shlex
 import statistics
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadgen import Load, Outcome, Principal, make_body, send
-from postfix_milter_bench import (
-    describe_host,
-    dkimpy_child,
-    load_average,
-    opendkim_child,
-    process_tree_cpu,
-)
-from privaterelay import (
-    BenchError,
-    PrivateRelay,
-    bench_folder,
-    leave_folder,
-    run_guarded,
-    signatures,
-)
+from testkit.loadgen import LoadResult, send
+from testkit.loadrelay import SETUPS, LoadRelay, LoadShape
+from testkit.net import wait_until
+from testkit.privaterelay import BenchError, bench_folder, leave_folder, run_guarded
+from testkit.stats import RssSampler, describe_host, load_average, process_tree_cpu
 
-from keyrelay.demo import (
-    Child,
-    DemoError,
-    keyrelay_cli,
-    wait_until,
-)
-
-SETUPS = ("baseline", "keyrelay", "opendkim", "dkimpy")
 TITLES = {
     "baseline": "baseline: Postfix, TLS, keyrelay auth",
     "keyrelay": "keyrelay complete",
     "opendkim": "baseline + OpenDKIM (RSA)",
     "dkimpy": "baseline + dkimpy-milter (RSA)",
 }
-# (smtpd_relay_restrictions, smtpd_data_restrictions) of the submission service
-RESTRICTIONS = {
-    "keyrelay": ("$keyrelay_submission_relay_restrictions",
-                 "$keyrelay_submission_data_restrictions"),
-    "auth-only": ("permit_sasl_authenticated,reject", ""),  # postconf -P: no spaces
-}
 LARGE = 500_000
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MARK_START, MARK_END = "<!-- e2e_bench:start -->", "<!-- e2e_bench:end -->"
-ID_RE = re.compile(rb"^Message-ID: <([^.>]+)\.(\d+)@([^>]+)>", re.M | re.I)
-
-
-# -- processes: CPU and memory -----------------------------------------------------------------
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                text = Path(f"/proc/{entry.name}/stat").read_text()
-            except OSError:
-                continue
-            parent = int(text[text.rindex(")") + 2:].split()[1])
-            tree.setdefault(parent, []).append(int(entry.name))
-    return tree
-
-
-def tree_rss_mb(root: int, tree: dict[int, list[int]]) -> float:
-    """Resident memory of ``root`` and its live descendants, in MB."""
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
-        except OSError:
-            pass
-        todo.extend(tree.get(pid, ()))
-    return total / 1024
-
-
-class RssSampler(threading.Thread):
-    """Samples the resident memory of named process trees every 0.25 s; keeps the peaks."""
-
-    def __init__(self, roots: dict[str, int]) -> None:
-        super().__init__(daemon=True)
-        self.roots = roots
-        self.peaks = dict.fromkeys(roots, 0.0)
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            tree = _children()
-            for name, pid in self.roots.items():
-                self.peaks[name] = max(self.peaks[name], tree_rss_mb(pid, tree))
-            self.halt.wait(0.25)
-
-    def stop(self) -> dict[str, float]:
-        self.halt.set()
-        self.join()
-        return self.peaks
 
 
 # -- one measured run ------------------------------------------------------------------------
@@ -253,74 +172,8 @@ def percentile(values: list[float], share: float) -> float:
 
 # -- the bench -------------------------------------------------------------------------------
 @dataclass
-class Milter:
-    name: str
-    endpoint: str  # smtpd_milters value
-    child: Child | None = None
-
-
-@dataclass
-class Bench(PrivateRelay):
+class Bench(LoadRelay):
     args: argparse.Namespace = field(default_factory=argparse.Namespace)
-    principals: list[Principal] = field(default_factory=list)
-    selectors: dict[str, set[str]] = field(default_factory=dict)  # keyrelay's, by domain
-    milters: dict[str, Milter] = field(default_factory=dict)
-    port: int = 0
-    checked: set[str] = field(default_factory=set)
-
-    # -- building --------------------------------------------------------------------------
-    def build(self) -> None:
-        s = self.prepare()
-        self.rewrite_config("e2e_bench.py: the demo's configuration, rate limits lifted",
-                            limits={"messages_per_minute": 100_000_000,
-                                    "messages_per_hour": 1_000_000_000})
-        self.port = s.submissions_port if self.args.tls == "implicit" else s.submission_port
-        self.service = f"{s.host}:{self.port}"
-        self._principals()
-        folder = self.milter_folder()
-        domains = sorted({p.domain for p in self.principals})
-        self.milters = {"baseline": Milter("baseline", ""),
-                        "keyrelay": Milter("keyrelay", "$keyrelay_milter")}
-        for name, make in (("opendkim", opendkim_child), ("dkimpy", dkimpy_child)):
-            if name in self.args.setup:
-                child, record = make(self.root, folder, domains)
-                self.milters[name] = Milter(name, f"unix:{folder / (name + '.sock')}", child)
-                for domain in domains:
-                    self.records[f"{name}._domainkey.{domain}"] = record.encode()
-
-    def _principals(self) -> None:
-        """A accounts with U subusers each, a verified domain per account, a key each."""
-        s = self.relay.settings
-        accounts = {f"bench{i}": {"subusers": {f"app{j}": {} for j in
-                                               range(1, self.args.subusers + 1)}}
-                    for i in range(1, self.args.accounts + 1)}
-        domains = {f"{name}.example": {"owner": name, "grants": [
-            f"{name}/app{j}" for j in range(1, self.args.subusers + 1)]} for name in accounts}
-        declared = self.root / "bench-directory.yaml"
-        declared.write_text(json.dumps({"accounts": accounts, "domains": domains}))
-        keyrelay_cli(s, "sync", str(declared))
-        for domain in domains:
-            keyrelay_cli(s, "domain", "mark-verified", domain)
-            printed = json.loads(keyrelay_cli(s, "domain", "dns", domain, "--json"))
-            for record in printed["records"]:
-                if record["type"] == "TXT" and "._domainkey." in record["name"]:
-                    name = record["name"].rstrip(".").lower()
-                    self.records[name] = record["value"].encode()
-                    self.selectors.setdefault(domain, set()).add(name.split(".")[0])
-        for account in accounts:
-            for pid in (account, *(f"{account}/app{j}" for j in
-                                   range(1, self.args.subusers + 1))):
-                key = json.loads(keyrelay_cli(s, "key", "create", pid, "--name", "bench",
-                                              "--json"))["key"]
-                who = pid.replace("/", "-")
-                self.principals.append(Principal(pid, key, f"{who}@{account}.example",
-                                                 f"{who}@sink.example"))
-
-    # -- processes -------------------------------------------------------------------------
-    def start_all(self) -> None:
-        self.start(True, [m.child for m in self.milters.values()
-                          if m.child is not None and m.name != "keyrelay"])
-        self.milters["keyrelay"].child = self.relay.children["milter"]
 
     def pid(self, name: str) -> int:
         if name == "postfix":
@@ -330,73 +183,6 @@ class Bench(PrivateRelay):
         if child is None or child.process is None:
             raise BenchError(f"{name} is not running")
         return child.process.pid
-
-    # -- one setup at a time ---------------------------------------------------------------
-    def select(self, name: str) -> None:
-        relay, data = RESTRICTIONS["keyrelay" if name == "keyrelay" else "auth-only"]
-        self.switch(name, smtpd_milters=self.milters[name].endpoint,
-                    smtpd_relay_restrictions=relay, smtpd_data_restrictions=data)
-
-    def signed_as(self, name: str, domain: str, raw: bytes) -> bool:
-        found = signatures(raw)
-        if name == "baseline":
-            return found == []
-        if name == "keyrelay":
-            return (sorted(a for a, _, _ in found) == ["ed25519-sha256", "rsa-sha256"]
-                    and all(d == domain and s in self.selectors.get(domain, ())
-                            for _, s, d in found))
-        return found == [("rsa-sha256", name, domain)]
-
-    def load(self, count: int, size: int, per_session: int, run: str,
-             rate: float | None = None) -> Load:
-        return Load(host=self.relay.settings.host, port=self.port,
-                    implicit_tls=self.args.tls == "implicit", principals=self.principals,
-                    body=make_body(size), tag=run, count=count, per_session=per_session,
-                    concurrency=self.args.concurrency, rate=rate)
-
-    def sink_census(self, run: str, name: str) -> tuple[Counter[int], int]:
-        """How often each message of ``run`` is at the sink, and how many are not signed as
-        ``name`` signs."""
-        seen: Counter[int] = Counter()
-        unsigned = 0
-        for path in self.outbox():
-            with path.open("rb") as handle:
-                head = handle.read(32768)
-            found = ID_RE.search(head)
-            if found is None or found.group(1).decode() != run:
-                continue
-            seen[int(found.group(2))] += 1
-            if not self.signed_as(name, found.group(3).decode(), head):
-                unsigned += 1
-        return seen, unsigned
-
-    def warm_up(self, name: str, size: int) -> None:
-        """Warm-up mail until all of it arrives signed as ``name`` signs (an smtpd of before
-        the reload may still serve the first session); the first time, verify signatures."""
-        count = max(1, self.args.warmup)
-        for attempt in range(10):
-            self.clear_outbox()
-            run = f"warm{attempt}{name}{size}"
-            outcome = send(self.load(count, size, max(1, count // 2), run))
-            self.wait_drained()
-            if outcome.errors:
-                raise BenchError(f"{name}: warm-up refused: {dict(outcome.errors)}")
-            wait_until(lambda: len(self.outbox()) >= count, 30,
-                       f"{count} warm-up messages at the sink")
-            seen, unsigned = self.sink_census(run, name)
-            if sum(seen.values()) == count and unsigned == 0:
-                break
-            if attempt == 9:
-                raise BenchError(f"{name}: {unsigned} of {count} warm-up messages were not "
-                                 f"signed as {name} signs")
-            time.sleep(0.5)
-        if name not in self.checked:
-            self.verify(name, self.outbox()[-1])
-            if name == "keyrelay":
-                who = self.principals[0]
-                self.check_from_refused(who.key, who.mail_from, who.rcpt_to,
-                                        starttls=True)  # the submission service: STARTTLS
-            self.checked.add(name)
 
     def measure(self, name: str, size: int, per_session: int, count: int, label: str,
                 rate: float | None = None) -> RunResult:
@@ -418,7 +204,7 @@ class Bench(PrivateRelay):
         sampler.start()
         before = cpu()
         start = time.perf_counter()
-        outcome: Outcome = send(self.load(count, size, per_session, run, rate))
+        outcome: LoadResult = send(self.load(count, size, per_session, run, rate))
         self.wait_drained()
         seconds = time.perf_counter() - start
         after = cpu()
@@ -427,7 +213,7 @@ class Bench(PrivateRelay):
         try:
             wait_until(lambda: sum(self.sink_census(run, name)[0].values()) >= len(accepted),
                        10, "the sink's files")
-        except DemoError:
+        except TimeoutError:
             pass  # counted as lost below
         seen, unsigned = self.sink_census(run, name)
         delivered = sum(seen.values())
@@ -618,7 +404,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     doc = __doc__ or ""
     head, rest = doc.split("\nMEASURES\n", 1)
     parser = argparse.ArgumentParser(
-        prog="e2e_bench.py", description=head.split("\n\n", 1)[1],
+        prog="python -m bench.e2e_bench", description=head.split("\n\n", 1)[1],
         epilog="MEASURES\n" + rest, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--setup", action="append", choices=SETUPS, metavar="NAME",
@@ -714,9 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     root = bench_folder("e2e_bench.py", "kre2e-", args.tmpdir)
     if root is None:
         return 1
-    command = shlex.join(["bench/e2e_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "bench.e2e_bench",
+                          *(sys.argv[1:] if argv is None else argv)])
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    bench = Bench(root, args=args)
+    bench = Bench(root, args=args, shape=LoadShape(
+        setups=tuple(args.setup), tls=args.tls, accounts=args.accounts, subusers=args.subusers,
+        warmup=args.warmup, concurrency=args.concurrency))
     results: list[RunResult] = []
     host = describe_host()
     print(host)

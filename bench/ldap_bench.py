@@ -1,9 +1,9 @@
 """keyrelay-policyd with its directory in LDAP against the same directory in YAML, in one run.
 
-Builds one directory with --keys API keys (policyd_bench.py's: 100 subusers of one account),
-writes it to a YAML file and, through keyrelay's LDAP backend, into a private slapd started
-for the run (tests/slapd_harness.py: StartTLS, the shipped schema and the indexes of
-docs/ldap.md). Then, in one run:
+Builds one directory with --keys API keys (bench/policyd_bench.py's, testkit/policydload.py:
+100 subusers of one account), writes it to a YAML file and, through keyrelay's LDAP backend,
+into a private slapd started for the run (testkit/slapd.py: StartTLS, the shipped schema and
+the indexes of docs/ldap.md). Then, in one run:
 
 1. LDAP costs: the first import of every entry, and a full read of the directory (what a
    policyd start, and each reload after a change, costs), --reads times;
@@ -14,8 +14,8 @@ docs/ldap.md). Then, in one run:
    catching up): --trials times, a key is created through the backend and AUTH is tried
    every 10 ms until policyd accepts it; the delay from the write to the first OK.
 
-    .venv/bin/python bench/ldap_bench.py --keys 10000
-    .venv/bin/python bench/ldap_bench.py --keys 10000 --rounds 3 --seconds 8 --trials 30
+    .venv/bin/python -m bench.ldap_bench --keys 10000
+    .venv/bin/python -m bench.ldap_bench --keys 10000 --rounds 3 --seconds 8 --trials 30
 
 Needs slapd (`make deps` installs it, disabled: the bench starts its own).
 """
@@ -28,24 +28,19 @@ import base64
 import gc
 import json
 import statistics
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import policyd_bench
-from slapd_harness import KEYRELAY_INDEXES, SLAPD, Slapd
-
 from keyrelay import admin, keys
 from keyrelay.config import parse_config
 from keyrelay.directory.ldap import LdapDirectory
 from keyrelay.directory.model import ApiKey
 from keyrelay.directory.yamlfile import YamlDirectory
+from testkit import policydload
+from testkit.slapd import KEYRELAY_INDEXES, SLAPD, Slapd
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -61,7 +56,7 @@ def ldap_backend(server: Slapd, **overrides: Any) -> LdapDirectory:
 def measure_service(service: str, endpoint: str, issued: list[tuple[str, str]],
                     connections: int, seconds: float, pid: int) -> tuple[float, ...]:
     """(requests/s, p50 ms, p99 ms, policyd CPU us per request), closed loop."""
-    count, elapsed, lat, cpu = asyncio.run(policyd_bench.drive(
+    count, elapsed, lat, cpu = asyncio.run(policydload.drive(
         service, endpoint, issued, connections, seconds, 0.0, pid))
     return (count / elapsed, statistics.median(lat) * 1e3, percentile(lat, 0.99) * 1e3,
             cpu / count * 1e6)
@@ -98,8 +93,9 @@ def change_delay(backend: LdapDirectory, endpoint: str, principal: str) -> tuple
 
 
 def main() -> None:
-    policyd_bench.install_uvloop()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    policydload.install_uvloop()
+    parser = argparse.ArgumentParser(prog="python -m bench.ldap_bench",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, default=10000)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -117,7 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kr-ldap-bench-") as tmp, \
             Slapd(indexes=KEYRELAY_INDEXES) as server:
         folder = Path(tmp)
-        issued = policyd_bench.build_directory(folder / "directory.yaml", args.keys)
+        issued = policydload.build_directory(folder / "directory.yaml", args.keys)
         data = YamlDirectory(str(folder / "directory.yaml")).load()
         gc.collect()
         print(f"directory: {args.keys} keys, {len(data.subusers)} subusers; slapd "
@@ -147,9 +143,9 @@ def main() -> None:
             for kind, section in sections.items():
                 run_dir = folder / kind
                 run_dir.mkdir(exist_ok=True)
-                listen = policyd_bench.endpoints(run_dir, "unix")
+                listen = policydload.endpoints(run_dir, "unix")
                 t0 = time.perf_counter()
-                proc = policyd_bench.start_policyd(run_dir, listen, directory=section)
+                proc = policydload.start_policyd(run_dir, listen, directory=section)
                 ready = time.perf_counter() - t0
                 try:
                     for service in ("policy", "auth"):

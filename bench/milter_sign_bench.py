@@ -16,9 +16,9 @@ Figures are CPU time (``time.process_time``) per message, the best of five round
 --messages / 5 each; they are printed, not checked. --memory also streams bodies of growing
 size through the milter and prints the peak of Python allocations (tracemalloc) for each.
 
-    .venv/bin/python bench/milter_sign_bench.py
-    .venv/bin/python bench/milter_sign_bench.py --messages 5000 --body-size 2000 --body-size 20000
-    .venv/bin/python bench/milter_sign_bench.py --memory
+    .venv/bin/python -m bench.milter_sign_bench
+    .venv/bin/python -m bench.milter_sign_bench --messages 5000 --body-size 2000 --body-size 20000
+    .venv/bin/python -m bench.milter_sign_bench --memory
 """
 
 from __future__ import annotations
@@ -186,7 +186,8 @@ def memory(setup: Setup) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.milter_sign_bench",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--body-size", type=int, action="append",
                         help="body bytes (repeatable; default 2000 and 20000)")

@@ -4,7 +4,7 @@ NAME
     postfix_milter_bench.py - one run through a real private Postfix, four milter setups
 
 SYNOPSIS
-    .venv/bin/python bench/postfix_milter_bench.py [--messages M] [--concurrency C]
+    .venv/bin/python -m bench.postfix_milter_bench [--messages M] [--concurrency C]
         [--body-size BYTES]... [--setup NAME]... [--repeat R] [--warmup W]
         [--tmpdir DIR] [--keep] [--json FILE]
 
@@ -105,10 +105,10 @@ EXIT STATUS
     names it, and the temporary folder is kept); 130 interrupted.
 
 EXAMPLES
-    .venv/bin/python bench/postfix_milter_bench.py --messages 200 --repeat 1
-    .venv/bin/python bench/postfix_milter_bench.py --messages 2000 --repeat 5   # docs/BENCHMARKS.md
-    .venv/bin/python bench/postfix_milter_bench.py --setup none --setup keyrelay --body-size 2000
-    .venv/bin/python bench/postfix_milter_bench.py --concurrency 1 --json /tmp/runs.json
+    .venv/bin/python -m bench.postfix_milter_bench --messages 200 --repeat 1
+    .venv/bin/python -m bench.postfix_milter_bench --messages 2000 --repeat 5   # docs/BENCHMARKS.md
+    .venv/bin/python -m bench.postfix_milter_bench --setup none --setup keyrelay --body-size 2000
+    .venv/bin/python -m bench.postfix_milter_bench --concurrency 1 --json /tmp/runs.json
 """
 
 from __future__ import annotations
@@ -117,24 +117,20 @@ import argparse
 import asyncio
 import base64
 import json
-import os
-import platform
-import re
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from loadgen import make_body
-from privaterelay import (
-    POSTCONF,
+from keyrelay.demo import DEMO_DOMAIN, DEMO_FROM, DEMO_TO, keyrelay_cli
+from keyrelay.postfixconf import run_postfix
+from testkit.loadgen import make_body
+from testkit.net import wait_until
+from testkit.othermilters import MilterUnderTest, dkimpy_child, opendkim_child
+from testkit.privaterelay import (
     BenchError,
     PrivateRelay,
     bench_folder,
@@ -143,97 +139,9 @@ from privaterelay import (
     run_guarded,
     signatures,
 )
-
-from keyrelay.demo import (
-    DEMO_DOMAIN,
-    DEMO_FROM,
-    DEMO_TO,
-    Child,
-    keyrelay_cli,
-    unix_accepts,
-    wait_until,
-)
-from keyrelay.postfixconf import run_postfix
+from testkit.stats import describe_host, load_average, process_tree_cpu
 
 SETUPS = ("none", "keyrelay", "opendkim", "dkimpy")
-OPENDKIM = "/usr/sbin/opendkim"
-DKIMPY_MILTER = "/usr/bin/dkimpy-milter"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-# -- CPU accounting from /proc ---------------------------------------------------------------
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name may hold spaces and parentheses: split after the last ')'
-    return text[text.rindex(")") + 2:].split()
-
-
-def process_cpu_ns(pid: int) -> int | None:
-    """CPU time of a whole process (all its threads, those that ended included) in
-    nanoseconds, from the kernel's per-process CPU clock; None when it is gone.
-
-    /proc/PID/stat's utime and stime count in clock ticks (10 ms): a process that used 9 ms
-    reads 0, and a short run of Postfix, whose work is spread over a handful of processes
-    using a few ms each, read 0 ms in all. The process CPU clock is exact. Python has no
-    clock_getcpuclockid(), so the clock id is made as glibc's MAKE_PROCESS_CPUCLOCK does:
-    ``(~pid << 3) | CPUCLOCK_SCHED``.
-    """
-    try:
-        return time.clock_gettime_ns((~pid << 3) | 2)
-    except OSError:
-        return None
-
-
-def process_tree_cpu(root: int, *, reaped: bool = False) -> float:
-    """CPU seconds of ``root`` and of every live descendant (exact: ``process_cpu_ns``);
-    with ``reaped`` also of the children ``root`` has already waited for (cutime + cstime,
-    which the kernel reports only in clock ticks)."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
-        if fields is None:
-            continue
-        pid = int(entry.name)
-        stats[pid] = fields
-        children.setdefault(int(fields[1]), []).append(pid)
-    if root not in stats:
-        raise BenchError(f"process {root} is gone")
-    ticks, nanoseconds = 0, 0
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        fields = stats[pid]
-        # fields[0] is the state (field 3 of stat): utime is field 14, stime 15, ...
-        # a process gone since the scan is left out: its parent reaps it and, when that is
-        # the root, it is in the root's cutime + cstime
-        nanoseconds += process_cpu_ns(pid) or 0
-        if pid == root and reaped:
-            ticks += int(fields[13]) + int(fields[14])
-        todo.extend(children.get(pid, ()))
-    return ticks / CLK_TCK + nanoseconds / 1e9
-
-
-def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-# -- DKIM helpers ----------------------------------------------------------------------------
-def rsa_key_pair() -> tuple[bytes, str]:
-    """A 2048-bit RSA key (PKCS#1 PEM, which OpenDKIM and dkimpy both read) and its DKIM
-    TXT record value."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM,
-                            serialization.PrivateFormat.TraditionalOpenSSL,
-                            serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-    return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
 
 
 # -- the load client -------------------------------------------------------------------------
@@ -311,105 +219,7 @@ def send(host: str, port: int, key: str, count: int, concurrency: int, body: byt
     asyncio.run(_send_all(host, port, key, count, concurrency, message))
 
 
-# -- the setup -------------------------------------------------------------------------------
-def version_of(argv: list[str], pattern: str) -> str:
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    found = re.search(pattern, result.stdout + result.stderr)
-    return found.group(1) if found else "?"
-
-
-def debian_version(package: str) -> str:
-    return version_of(["dpkg-query", "-W", "-f=${Version}", package], r"(\S+)")
-
-
-def opendkim_child(root: Path, folder: Path, domains: list[str]) -> tuple[Child, str]:
-    """OpenDKIM (not started) signing rsa-sha256 with selector ``opendkim`` and one new
-    2048-bit key for every domain of ``domains``, its socket in ``folder``; and the key's
-    DKIM record value. Its configuration and key go to ``root/opendkim``."""
-    if not os.access(OPENDKIM, os.X_OK):
-        raise BenchError(f"{OPENDKIM} is missing: run `make bench-deps` (Debian "
-                         "package opendkim), or leave out --setup opendkim")
-    home = root / "opendkim"
-    home.mkdir(mode=0o700)
-    pem, record = rsa_key_pair()
-    key = home / "opendkim.key"
-    key.write_bytes(pem)
-    key.chmod(0o600)
-    shutil.chown(key, "opendkim", "opendkim")
-    shutil.chown(home, "opendkim", "opendkim")
-    conf = home / "opendkim.conf"
-    conf.write_text(f"""\
-# OpenDKIM signing rsa-sha256 for the benchmark's domains
-Syslog                  no
-Mode                    s
-Domain                  {",".join(domains)}
-Selector                opendkim
-KeyFile                 {key}
-# the key is 0600 in a 0700 folder, but the temporary folder sits in a world-writable /tmp
-RequireSafeKeys         no
-Canonicalization        relaxed/relaxed
-SignatureAlgorithm      rsa-sha256
-OversignHeaders         From
-InternalHosts           127.0.0.1
-Socket                  local:{folder / 'opendkim.sock'}
-UMask                   007
-UserID                  opendkim:postfix
-PidFile                 {home / 'opendkim.pid'}
-""")
-    sock = folder / "opendkim.sock"
-    return Child("opendkim", [OPENDKIM, "-f", "-x", str(conf)], root / "logs" / "opendkim.log",
-                 lambda: unix_accepts(sock)), record
-
-
-def dkimpy_child(root: Path, folder: Path, domains: list[str]) -> tuple[Child, str]:
-    """dkimpy-milter (not started), as ``opendkim_child`` with selector ``dkimpy``."""
-    if not os.access(DKIMPY_MILTER, os.X_OK):
-        raise BenchError(f"{DKIMPY_MILTER} is missing: run `make bench-deps` (Debian "
-                         "package dkimpy-milter), or leave out --setup dkimpy")
-    home = root / "dkimpy"
-    home.mkdir(mode=0o700)
-    pem, record = rsa_key_pair()
-    key = home / "dkimpy.key"
-    key.write_bytes(pem)  # read as root before dkimpy-milter drops its privileges
-    key.chmod(0o600)
-    conf = home / "dkimpy-milter.conf"
-    conf.write_text(f"""\
-# dkimpy-milter signing rsa-sha256 for the benchmark's domains
-Syslog                  no
-Mode                    s
-Domain                  {",".join(domains)}
-Selector                dkimpy
-KeyFile                 {key}
-Canonicalization        relaxed/relaxed
-InternalHosts           127.0.0.1
-Socket                  local:{folder / 'dkimpy.sock'}
-UMask                   007
-UserID                  dkimpy-milter:postfix
-""")
-    sock = folder / "dkimpy.sock"
-    return Child("dkimpy-milter", [DKIMPY_MILTER, str(conf)], root / "logs" / "dkimpy.log",
-                 lambda: unix_accepts(sock)), record
-
-
-@dataclass
-class Milter:
-    """One milter process of the comparison: how Postfix reaches it, which signatures it
-    leaves, and its process."""
-
-    name: str
-    endpoint: str  # smtpd_milters value; empty: no milter
-    expected: Callable[[list[tuple[str, str, str]]], bool]
-    child: Child | None = None
-
-    def pid(self) -> int | None:
-        if self.child is None or self.child.process is None:
-            return None
-        return self.child.process.pid
-
-
+# -- one measured run ------------------------------------------------------------------------
 @dataclass
 class RunResult:
     setup: str
@@ -438,10 +248,16 @@ class RunResult:
         return cpu * 1000 / self.messages
 
 
+# -- the bench -------------------------------------------------------------------------------
+Signatures = list[tuple[str, str, str]]  # (a=, s=, d=) of each DKIM-Signature
+
+
 @dataclass
 class Bench(PrivateRelay):
     args: argparse.Namespace = field(default_factory=argparse.Namespace)
-    milters: dict[str, Milter] = field(default_factory=dict)
+    milters: dict[str, MilterUnderTest] = field(default_factory=dict)
+    # which signatures a message signed by each setup carries
+    expected: dict[str, Callable[[Signatures], bool]] = field(default_factory=dict)
     verified: set[str] = field(default_factory=set)
 
     # -- building --------------------------------------------------------------------------
@@ -454,21 +270,22 @@ class Bench(PrivateRelay):
         kr_selectors = {name.split("._domainkey.")[0] for name in self.records
                         if "._domainkey." in name}
 
-        def keyrelay_signed(sigs: list[tuple[str, str, str]]) -> bool:
+        def keyrelay_signed(sigs: Signatures) -> bool:
             return (sorted(a for a, _, _ in sigs) == ["ed25519-sha256", "rsa-sha256"]
                     and all(s in kr_selectors and d == DEMO_DOMAIN for _, s, d in sigs))
 
-        def signed_by(selector: str) -> Callable[[list[tuple[str, str, str]]], bool]:
+        def signed_by(selector: str) -> Callable[[Signatures], bool]:
             return lambda sigs: sigs == [("rsa-sha256", selector, DEMO_DOMAIN)]
 
         folder = self.milter_folder()
         self.milters = {
-            "none": Milter("none", "", lambda sigs: sigs == []),
-            "keyrelay": Milter("keyrelay", "unix:private/keyrelay-milter", keyrelay_signed),
-            "opendkim": Milter("opendkim", f"unix:{folder / 'opendkim.sock'}",
-                               signed_by("opendkim")),
-            "dkimpy": Milter("dkimpy", f"unix:{folder / 'dkimpy.sock'}", signed_by("dkimpy")),
+            "none": MilterUnderTest("none", ""),
+            "keyrelay": MilterUnderTest("keyrelay", "unix:private/keyrelay-milter"),
+            "opendkim": MilterUnderTest("opendkim", f"unix:{folder / 'opendkim.sock'}"),
+            "dkimpy": MilterUnderTest("dkimpy", f"unix:{folder / 'dkimpy.sock'}"),
         }
+        self.expected = {"none": lambda sigs: sigs == [], "keyrelay": keyrelay_signed,
+                         "opendkim": signed_by("opendkim"), "dkimpy": signed_by("dkimpy")}
         for name, make in (("opendkim", opendkim_child), ("dkimpy", dkimpy_child)):
             if name in self.args.setup:
                 child, record = make(self.root, folder, [DEMO_DOMAIN])
@@ -511,10 +328,10 @@ class Bench(PrivateRelay):
              make_body(size), run)
 
     def check_delivered(self, name: str, count: int, paths: Iterable[Path]) -> None:
-        milter = self.milters[name]
+        expected = self.expected[name]
         for path in paths:
             sigs = signatures(path.read_bytes())
-            if not milter.expected(sigs):
+            if not expected(sigs):
                 raise BenchError(f"{name}: {path.name} arrived with DKIM-Signatures "
                                  f"{sigs or 'none'}, not those of {name}")
 
@@ -616,27 +433,12 @@ def table(results: list[RunResult], setups: list[str], sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
-def describe_host() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    postfix = version_of([POSTCONF, "-d", "-h", "mail_version"], r"(\S+)")
-    return (f"host: {os.cpu_count()} CPUs, {cpu}; Python {platform.python_version()}; "
-            f"Postfix {postfix}; opendkim {debian_version('opendkim')}; "
-            f"dkimpy-milter {debian_version('dkimpy-milter')}")
-
-
 # -- main ------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     doc = __doc__ or ""
     head, rest = doc.split("\nOPTIONS\n", 1)
     parser = argparse.ArgumentParser(
-        prog="postfix_milter_bench.py",
+        prog="python -m bench.postfix_milter_bench",
         description=head.split("\n\n", 1)[1],
         epilog="BENCH-ONLY SETTINGS\n" + rest.split("\nBENCH-ONLY SETTINGS\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)

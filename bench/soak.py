@@ -4,17 +4,18 @@ NAME
     soak.py - send a fixed number of messages while keyrelay's processes and directory fail
 
 SYNOPSIS
-    .venv/bin/python bench/soak.py [--backend yaml|ldap] [--messages N] [--concurrency C]
+    .venv/bin/python -m bench.soak [--backend yaml|ldap] [--messages N] [--concurrency C]
         [--size BYTES] [--faults-every SECONDS] [--max-seconds S] [--fault-seconds S]
         [--seed N] [--keep]
 
 DESCRIPTION
-    Builds the private relay of bench/e2e_bench.py (keyrelay complete: auth, policy, From
-    check, DKIM signing; 2 accounts with 2 subusers each, each with a key) and sends N
-    messages with bench/loadgen.py: sessions like sending applications (STARTTLS, AUTH
-    PLAIN, 20 messages per session). Like a real application the client sends again, in
-    the next round, every message that got a temporary answer (4xx) or whose session broke;
-    a permanent answer (5xx) to a valid message is a failure of the relay.
+    Builds the private relay of bench/e2e_bench.py (testkit/loadrelay.py; keyrelay
+    complete: auth, policy, From check, DKIM signing; 2 accounts with 2 subusers each, each
+    with a key) and sends N messages with testkit/loadgen.py: sessions like sending
+    applications (STARTTLS, AUTH PLAIN, 20 messages per session). Like a real application
+    the client sends again, in the next round, every message that got a temporary answer
+    (4xx) or whose session broke; a permanent answer (5xx) to a valid message is a failure
+    of the relay.
 
     Meanwhile a driver, at random moments (on average every --faults-every seconds), does
     one of these, each kind once in random order and then again: kill keyrelay-policyd
@@ -26,7 +27,7 @@ DESCRIPTION
     subuser, used by its own sessions), and it keeps sending messages whose header From is
     not the principal's.
 
-    With --backend ldap the directory is in a private slapd (tests/slapd_harness.py,
+    With --backend ldap the directory is in a private slapd (testkit/slapd.py,
     StartTLS, the shipped schema; the daemons' refresh_interval and timeout 1 s) and the
     directory faults are LDAP's: slapd stopped (SIGTERM), killed (SIGKILL) or hung
     (SIGSTOP) for 0.5-5 s, long enough now and then for the daemons' copy to go stale;
@@ -80,19 +81,22 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from e2e_bench import Bench
-from loadgen import Load, Principal, client_tls, make_body, send
-from privaterelay import FOREIGN_FROM, BenchError, bench_folder, leave_folder, run_guarded
-from slapd_harness import KEYRELAY_INDEXES, Slapd, records_hidden_acls
 
 from keyrelay.demo import DemoError, keyrelay_cli
+from testkit.loadgen import Load, Principal, make_body, send
+from testkit.loadrelay import LoadRelay, LoadShape
+from testkit.net import client_tls
+from testkit.privaterelay import (
+    FOREIGN_FROM,
+    BenchError,
+    bench_folder,
+    leave_folder,
+    run_guarded,
+)
+from testkit.slapd import KEYRELAY_INDEXES, Slapd, records_hidden_acls
 
 # the daemons' LDAP settings in the soak: a change is seen within REFRESH; a copy older than
 # REFRESH + TIMEOUT is not served (every answer temporary); docs/ldap.md
@@ -112,7 +116,7 @@ class SoakError(BenchError):
 class Driver(threading.Thread):
     """Injects one fault at a time at random moments until stopped; keeps a journal."""
 
-    def __init__(self, bench: Bench, rng: random.Random, mean: float,
+    def __init__(self, bench: LoadRelay, rng: random.Random, mean: float,
                  revoke: Callable[[], None], slapd: Slapd | None) -> None:
         super().__init__(daemon=True)
         self.bench, self.rng, self.mean, self.revoke = bench, rng, mean, revoke
@@ -162,7 +166,7 @@ class Driver(threading.Thread):
         self.journal["keyrelay-milter killed (SIGKILL) and restarted"] += 1
 
     @contextmanager
-    def directory_locked(self) -> Any:
+    def directory_locked(self) -> Iterator[Path]:
         path = self.bench.relay.settings.run_dir / "directory.yaml"
         fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -193,7 +197,8 @@ class Driver(threading.Thread):
         """How long slapd stays away: now and then longer than the daemons' copy is served."""
         return self.rng.uniform(0.5, 2 * (LDAP_REFRESH + LDAP_TIMEOUT) + 1)
 
-    def slapd_away(self, what: str, fail: Callable[[], None], mend: Callable[[], None]) -> None:
+    def slapd_away(self, what: str, fail: Callable[[], object],
+                   mend: Callable[[], object]) -> None:
         fail()
         time.sleep(self.outage())
         mend()
@@ -225,7 +230,8 @@ class Driver(threading.Thread):
                        lambda: slapd.set_acls(records_hidden_acls()),
                        lambda: slapd.set_acls(slapd.acls))
 
-    def kept_down(self, what: str, fail: Callable[[], None], mend: Callable[[], None]) -> None:
+    def kept_down(self, what: str, fail: Callable[[], object],
+                  mend: Callable[[], object]) -> None:
         """A daemon killed while LDAP cannot be read must not start (it would serve an
         empty copy); it is started again once LDAP is mended, as systemd's Restart= would.
         The other daemon keeps serving its copy meanwhile."""
@@ -251,7 +257,7 @@ class Driver(threading.Thread):
 class Writer(threading.Thread):
     """Keeps writing the directory with the CLI (accounts added and removed)."""
 
-    def __init__(self, bench: Bench) -> None:
+    def __init__(self, bench: LoadRelay) -> None:
         super().__init__(daemon=True)
         self.bench = bench
         self.halt = threading.Event()
@@ -272,7 +278,7 @@ class Writer(threading.Thread):
 class Spoofer(threading.Thread):
     """Keeps sending messages whose header From is not the principal's."""
 
-    def __init__(self, bench: Bench, who: Principal) -> None:
+    def __init__(self, bench: LoadRelay, who: Principal) -> None:
         super().__init__(daemon=True)
         self.bench, self.who = bench, who
         self.halt = threading.Event()
@@ -295,7 +301,7 @@ class Spoofer(threading.Thread):
                 self.answers[f"connection: {type(exc).__name__}"] += 1
 
 
-def wait_accepted(bench: Bench, who: Principal, seconds: float = 15) -> None:
+def wait_accepted(bench: LoadRelay, who: Principal, seconds: float = 15) -> None:
     """Until a login with ``who``'s key succeeds: with LDAP the daemons take a new key
     within refresh_interval, and the key must not be refused as unknown once the load runs."""
     s = bench.relay.settings
@@ -315,7 +321,7 @@ def wait_accepted(bench: Bench, who: Principal, seconds: float = 15) -> None:
             time.sleep(0.2)
 
 
-def soak(bench: Bench, args: argparse.Namespace, rng: random.Random,
+def soak(bench: LoadRelay, args: argparse.Namespace, rng: random.Random,
          slapd: Slapd | None) -> bool:
     s = bench.relay.settings
     grace = REVOKE_GRACE[args.backend]
@@ -449,7 +455,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     doc = __doc__ or ""
     head, rest = doc.split("\nOPTIONS\n", 1)
     parser = argparse.ArgumentParser(
-        prog="soak.py", description=head.split("\n\n", 1)[1],
+        prog="python -m bench.soak", description=head.split("\n\n", 1)[1],
         epilog="REQUIREMENTS\n" + rest.split("\nREQUIREMENTS\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=("yaml", "ldap"), default="yaml")
@@ -465,9 +471,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.messages < 1 or args.concurrency < 1 or args.size < 2 or args.faults_every <= 0:
         parser.error("--messages, --concurrency and --faults-every must be positive, "
                      "--size at least 2")
-    # what bench/e2e_bench.py's Bench reads
-    args.setup, args.tls, args.accounts, args.subusers, args.warmup = (
-        ["keyrelay"], "starttls", 2, 2, 10)
     return args
 
 
@@ -485,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         slapd = Slapd(indexes=KEYRELAY_INDEXES)
         directory = slapd.directory_config(refresh_interval=LDAP_REFRESH,
                                            timeout=LDAP_TIMEOUT)
-    bench = Bench(root, args=args, directory=directory)
+    shape = LoadShape(setups=("keyrelay",), tls="starttls", accounts=2, subusers=2, warmup=10,
+                      concurrency=args.concurrency)
+    bench = LoadRelay(root, shape=shape, directory=directory)
     kept: list[bool] = []
 
     def body() -> None:

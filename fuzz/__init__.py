@@ -5,5 +5,5 @@
   targets, and the per-input memory bound;
 - ``targets``: the atheris targets: names, what they feed, libFuzzer's input size;
 - ``harness``: one target under atheris/libFuzzer (one process per target);
-- ``run``: the runner (``python fuzz/run.py --help``), which ``make fuzz`` calls.
+- ``run``: the runner (``python -m fuzz.run --help``), which ``make fuzz`` calls.
 """

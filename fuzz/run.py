@@ -4,7 +4,7 @@ NAME
     run.py - run keyrelay's atheris targets, one process per target, one target at a time
 
 SYNOPSIS
-    .venv/bin/python fuzz/run.py [--target NAME|all]... (--runs N | --seconds S)
+    .venv/bin/python -m fuzz.run [--target NAME|all]... (--runs N | --seconds S)
         [--timeout S] [--rss-limit-mb MB] [--peak-mb MB] [--max-len BYTES] [--seed N]
         [--work-dir DIR] [--fresh]
 
@@ -69,8 +69,8 @@ OUTPUT
 EXAMPLES
     make fuzz                                         # every target, 240 s each
     make fuzz FUZZ_SECONDS=600                        # every target, 600 s each
-    .venv/bin/python fuzz/run.py --runs 100           # a smoke run (make test does this)
-    .venv/bin/python fuzz/run.py --target header --seconds 600 --peak-mb 8
+    .venv/bin/python -m fuzz.run --runs 100           # a smoke run (make test does this)
+    .venv/bin/python -m fuzz.run --target header --seconds 600 --peak-mb 8
     .venv/bin/python -m fuzz.harness header fuzz/work/header/findings/crash-0a1b...
 
 EXIT STATUS
@@ -92,9 +92,6 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: fuzz/run.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fuzz.targets import FUZZ_DIR, PARSERS, TARGETS, Target
 
@@ -204,7 +201,7 @@ def run_target(target: Target, args: argparse.Namespace, work: Path) -> Result:
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 - mkdtemp in it
     with (tempfile.TemporaryDirectory(prefix=f"keyrelay-fuzz-{target.name}-", dir=shm)
           as scratch, open(log_path, "wb") as log):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": scratch}
+        env = {**os.environ, "TMPDIR": scratch}  # -m from ROOT: fuzz is importable
         started = time.monotonic()
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT)
@@ -228,7 +225,7 @@ def _targets_help() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="fuzz/run.py",
+        prog="python -m fuzz.run",
         description=__doc__.format(targets=_targets_help()) if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage=argparse.SUPPRESS,

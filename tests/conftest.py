@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_harness import private_relay
-from slapd_harness import DEFAULT_INDEXES, KEYRELAY_INDEXES, SLAPD, Slapd, keyrelay_schemas
 
 from keyrelay.demo import Relay
+from testkit.relay import private_relay
+from testkit.slapd import DEFAULT_INDEXES, KEYRELAY_INDEXES, SLAPD, Slapd, keyrelay_schemas
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def demo_relay() -> Iterator[Relay]:
 
 @pytest.fixture(scope="session")
 def slapd() -> Iterator[Slapd]:
-    """A private OpenLDAP slapd on free loopback ports for the session (tests/slapd_harness.py).
+    """A private OpenLDAP slapd on free loopback ports for the session (testkit/slapd.py).
 
     Debian's core schemas plus ``ldap/keyrelay.ldif`` when the repository has it (then with
     the indexes of docs/ldap.md), suffix ``dc=keyrelay,dc=test``, keyrelay's records under

@@ -29,11 +29,11 @@ from typing import Any
 import dkim
 import pytest
 import yaml
-from e2e_harness import as_sent
-from policyd_harness import free_port, wait_until
-from slapd_harness import Slapd
 
 from keyrelay.demo import BASE_MASTER_CF, SMTP_SINK, greets, make_certificate, unix_accepts
+from testkit.net import free_port, wait_until
+from testkit.relay import as_sent
+from testkit.slapd import Slapd
 
 REPO = Path(__file__).resolve().parent.parent
 PLAYBOOK = Path(sys.executable).with_name("ansible-playbook")

@@ -1,17 +1,13 @@
-"""The benchmarks' CPU accounting (bench/postfix_milter_bench.py, used by bench/e2e_bench.py):
-exact, not in clock ticks. A short run of Postfix spreads a few milliseconds over several
-processes; counted in 10 ms ticks that read 0 (issue 18)."""
+"""The benchmarks' CPU accounting (testkit/stats.py, used by bench/postfix_milter_bench.py and
+bench/e2e_bench.py): exact, not in clock ticks. A short run of Postfix spreads a few
+milliseconds over several processes; counted in 10 ms ticks that read 0 (issue 18)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
-
-from postfix_milter_bench import process_cpu_ns, process_tree_cpu  # noqa: E402
+from testkit.stats import process_cpu_ns, process_tree_cpu
 
 # A child that burns a little CPU in a thread that ends, reports its own CPU time (as exact as
 # the kernel keeps it), then waits to be measured.

@@ -12,10 +12,9 @@ from __future__ import annotations
 import base64
 import secrets
 
-from e2e_harness import connect, new_key, new_tenant, next_source
-
 from keyrelay import keys
 from keyrelay.demo import Relay
+from testkit.relay import connect, new_key, new_tenant, next_source
 
 ATTEMPTS_PER_SESSION = 8  # below smtpd_soft_error_limit (10): no error sleep
 

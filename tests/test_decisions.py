@@ -1,6 +1,6 @@
 """The decision engine (keyrelay.decisions) against docs/answers.md, question by question.
 
-Every test builds its directory through the admin operations (tests/factories.py), asks the
+Every test builds its directory through the admin operations (testkit/factories.py), asks the
 engine one question and checks the whole answer a client would hear: action, SMTP code,
 enhanced status and the stable reason tag.
 """
@@ -12,7 +12,6 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from factories import NOW, World, key_id
 from test_reasons import text_matches
 
 from keyrelay import admin
@@ -45,6 +44,7 @@ from keyrelay.decisions import (
 )
 from keyrelay.decisions.reasons import TEMPORARY_TEXTS
 from keyrelay.directory.model import DomainState, Limits, SelectorState
+from testkit.factories import NOW, World, key_id
 
 INSIDE = "203.0.113.5"  # a client address; only globex has IP access rules
 DEFAULTS = EngineSettings()

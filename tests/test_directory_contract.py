@@ -20,7 +20,6 @@ from typing import Any
 
 import ldap3
 import pytest
-from policyd_harness import wait_until
 from test_yaml_directory import build_rich_directory
 
 from keyrelay import admin, cli, keys
@@ -28,6 +27,7 @@ from keyrelay.config import Config, parse_config
 from keyrelay.decisions import EngineSettings, LoginFacts, decide_login
 from keyrelay.directory import DirectoryBackend, DirectoryData, open_directory
 from keyrelay.errors import ConfigError, DirectoryConflict, DirectoryUnavailable
+from testkit.net import wait_until
 
 KEYRELAY = Path(sys.executable).with_name("keyrelay")
 BACKENDS = ("yaml", "ldap")

@@ -1,4 +1,4 @@
-"""What only the LDAP backend does, against a real slapd (tests/slapd_harness.py): a
+"""What only the LDAP backend does, against a real slapd (testkit/slapd.py): a
 concurrent writer is refused instead of losing an update; a server that stops or hangs makes
 the directory unavailable within the documented bound (temporary answers), and it comes back
 by itself, without restarting the reader. What every backend does alike is in
@@ -14,8 +14,6 @@ from typing import Any
 
 import ldap3
 import pytest
-from policyd_harness import free_port, wait_until
-from slapd_harness import KEYRELAY_INDEXES, SLAPD, Slapd, records_hidden_acls
 from test_yaml_directory import build_rich_directory
 
 from keyrelay import admin
@@ -23,6 +21,8 @@ from keyrelay.config import parse_config
 from keyrelay.directory.ldap import LdapDirectory, changelog
 from keyrelay.directory.model import Directory, DirectoryData
 from keyrelay.errors import DirectoryConflict, DirectoryUnavailable
+from testkit.net import free_port, wait_until
+from testkit.slapd import KEYRELAY_INDEXES, SLAPD, Slapd, records_hidden_acls
 
 
 @pytest.fixture

@@ -18,7 +18,11 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
 import pytest
-from dns_harness import (
+
+from keyrelay import dkimkeys
+from keyrelay.directory.model import Algorithm, Selector, SelectorState
+from milters.dkimsign import KeyStore, RelaxedBodyHash, SigningKey, sign
+from testkit.dnsserver import (
     DKIMPROXY_VERIFY,
     DNSMASQ,
     MISSING,
@@ -26,10 +30,6 @@ from dns_harness import (
     dkimproxy_verify,
     perl_has_ed25519,
 )
-
-from keyrelay import dkimkeys
-from keyrelay.directory.model import Algorithm, Selector, SelectorState
-from milters.dkimsign import KeyStore, RelaxedBodyHash, SigningKey, sign
 
 DOMAIN = "example.com"
 pytestmark = pytest.mark.skipif(DKIMPROXY_VERIFY is None or DNSMASQ is None, reason=MISSING)

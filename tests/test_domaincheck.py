@@ -1,5 +1,5 @@
 """``keyrelay domain verify`` and ``domain check`` against a real DNS server (dnsmasq on a
-loopback port, tests/dns_harness.py) serving the zone each test writes: no mocked resolver.
+loopback port, testkit/dnsserver.py) serving the zone each test writes: no mocked resolver.
 
 The tenant: account acme owns example.com, made with the real CLI (real DKIM keys), and its
 mail leaves through pool "out" bound to 192.0.2.10.
@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dns_harness import DNSMASQ, DnsServer
 
 from keyrelay import cli, domaincheck
 from keyrelay.config import load_config
@@ -25,6 +24,7 @@ from keyrelay.decisions import EngineSettings, domain_may_send
 from keyrelay.directory import open_directory
 from keyrelay.directory.model import Domain, DomainState, SelectorState
 from keyrelay.errors import DirectoryConflict
+from testkit.dnsserver import DNSMASQ, DnsServer
 
 DOMAIN = "example.com"
 POOL_IP = "192.0.2.10"

@@ -21,8 +21,18 @@ from datetime import UTC, datetime, timedelta
 
 import dkim
 import pytest
-from dns_harness import DKIMPROXY_VERIFY, DNSMASQ, DnsServer, dkimproxy_verify, perl_has_ed25519
-from e2e_harness import (
+
+from keyrelay.demo import Relay
+from keyrelay.directory import YamlDirectory
+from testkit.dnsserver import (
+    DKIMPROXY_VERIFY,
+    DNSMASQ,
+    DnsServer,
+    dkimproxy_verify,
+    perl_has_ed25519,
+)
+from testkit.net import client_tls, wait_until
+from testkit.relay import (
     SUBMISSION_PORTS,
     Tenant,
     as_sent,
@@ -39,13 +49,8 @@ from e2e_harness import (
     reply_of,
     send,
     submission_greets,
-    tls,
     wait_delivered,
 )
-from policyd_harness import wait_until
-
-from keyrelay.demo import Relay
-from keyrelay.directory import YamlDirectory
 
 
 # -- the relay's shape -----------------------------------------------------------------------
@@ -66,7 +71,7 @@ def test_port_25_role_offers_starttls_but_no_auth_before_it(demo_relay: Relay) -
         client.ehlo()
         assert client.has_extn("starttls")
         assert not client.has_extn("auth")
-        client.starttls(context=tls())
+        client.starttls(context=client_tls())
         client.ehlo()
         assert "PLAIN" in client.esmtp_features["auth"]
         assert "LOGIN" in client.esmtp_features["auth"]
@@ -83,7 +88,7 @@ def test_port_25_role_does_not_relay_without_auth(demo_relay: Relay) -> None:
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 @pytest.mark.parametrize("port_name", [*SUBMISSION_PORTS, "smtp"])
 def test_tls_before_1_2_is_refused_by_the_server(demo_relay: Relay, port_name: str) -> None:
-    context = tls()
+    context = client_tls()
     context.minimum_version = ssl.TLSVersion.TLSv1
     context.maximum_version = ssl.TLSVersion.TLSv1_1
     context.set_ciphers("ALL:@SECLEVEL=0")  # this client could speak TLS 1.0 and 1.1

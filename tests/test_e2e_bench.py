@@ -28,7 +28,7 @@ def test_a_small_run_counts_every_message_at_the_sink_exactly_once(tmp_path: Pat
     runs_file, report_file, chart = (tmp_path / "runs.json", tmp_path / "report.md",
                                      tmp_path / "chart.png")
     result = subprocess.run(
-        [sys.executable, "bench/e2e_bench.py", "--setup", "baseline", "--setup", "keyrelay",
+        [sys.executable, "-m", "bench.e2e_bench", "--setup", "baseline", "--setup", "keyrelay",
          "--size", "2000", "--size", "30000", "--repeat", "1", "--messages", "24",
          "--per-session", "4", "--concurrency", "3", "--connection-cost", "6",
          "--paced-seconds", "1", "--warmup", "2", "--accounts", "2", "--subusers", "1",

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import dkim
 import pytest
-from e2e_harness import (
+
+from keyrelay.demo import Relay
+from testkit.net import wait_until
+from testkit.relay import (
     as_sent,
     connect,
     kr,
@@ -27,10 +30,7 @@ from e2e_harness import (
     send,
     wait_delivered,
 )
-from policyd_harness import wait_until
-from slapd_harness import KEYRELAY_INDEXES, SLAPD, Slapd
-
-from keyrelay.demo import Relay
+from testkit.slapd import KEYRELAY_INDEXES, SLAPD, Slapd
 
 # the relay's LDAP settings: short, so the test waits little (defaults: docs/ldap.md)
 REFRESH, TIMEOUT = 0.5, 1

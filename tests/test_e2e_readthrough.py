@@ -17,21 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_harness import (
-    connect,
-    message,
-    new_key,
-    new_tenant,
-    private_relay,
-    send,
-    wait_delivered,
-)
-from policyd_harness import DovecotClient, wait_until
-from policyd_harness import connect as connect_socket
-from slapd_harness import KEYRELAY_INDEXES, SLAPD, Slapd
 
 from keyrelay import keys
 from keyrelay.demo import Relay
+from testkit.net import wait_until
+from testkit.protocols import DovecotClient
+from testkit.protocols import connect as connect_socket
+from testkit.relay import connect, message, new_key, new_tenant, private_relay, send, wait_delivered
+from testkit.slapd import KEYRELAY_INDEXES, SLAPD, Slapd
 
 REFRESH = 300.0  # longer than the module runs: no background refresh brings a new key
 BUDGET = 10  # directory.ldap.read_through_per_second

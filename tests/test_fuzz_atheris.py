@@ -23,7 +23,7 @@ _LINE = re.compile(r"^(\S+) +(\d+) execs .* (no finding|FINDING .*)$", re.MULTIL
 def fuzz(work: Path, *args: str) -> tuple[int, dict[str, tuple[int, str]]]:
     """fuzz/run.py's exit status and, per target, its executions and finding."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "fuzz" / "run.py"), "--work-dir", str(work), *args],
+        [sys.executable, "-m", "fuzz.run", "--work-dir", str(work), *args], cwd=ROOT,
         capture_output=True, text=True, timeout=240, check=False)
     lines = {name: (int(execs), finding) for name, execs, finding in _LINE.findall(result.stdout)}
     return result.returncode, lines

@@ -33,19 +33,12 @@ from pathlib import Path
 
 import dkim
 import pytest
-from e2e_harness import (
-    Tenant,
-    as_sent,
-    connect,
-    new_tenant,
-    published_records,
-    queue_empty,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from policyd_harness import wait_until
 
 from keyrelay.demo import Relay
+from testkit.net import wait_until
+from testkit.relay import Tenant, as_sent, connect, new_tenant, published_records, queue_empty
 
 EXAMPLES = 2000 if os.environ.get("KEYRELAY_FUZZ_PROFILE") == "long" else 60
 RECIPIENT = "rcpt@example.net"

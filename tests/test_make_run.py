@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from policyd_harness import free_port, wait_until
 
 from keyrelay.demo import read_env
+from testkit.net import free_port, wait_until
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/postfix").exists(),
                                 reason="Postfix is not installed (make test installs it)")

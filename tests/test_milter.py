@@ -21,7 +21,6 @@ from typing import Any
 
 import Milter
 import pytest
-from factories import CREATED, NOW, World, key_id
 from Milter import testctx
 from test_dkimsign import DnsZone, make_selectors, tags, verified, wire
 
@@ -35,6 +34,7 @@ from milters import dkimsign
 from milters import service as service_module
 from milters.milter import KeyrelayMilter, reply_text
 from milters.service import Message, MilterService
+from testkit.factories import CREATED, NOW, World, key_id
 
 CLIENT = "203.0.113.5"
 QUEUE_ID = "4QxYz1ABCD"

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from factories import CREATED, NOW, World
-from policyd_harness import capabilities_of_every_thread, free_port, wait_until
-from postfix_harness import port_open
 from test_dkimsign import make_selectors
 
 from keyrelay import admin
 from keyrelay.directory.yamlfile import render
 from milters.main import libmilter_endpoint
+from testkit.factories import CREATED, NOW, World
+from testkit.net import free_port, port_open, wait_until
+from testkit.policyd import capabilities_of_every_thread
 
 MILTER = Path(sys.executable).parent / "keyrelay-milter"
 

@@ -27,34 +27,36 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from policyd_harness import (
-    POLICYD,
-    AuthReply,
-    DovecotClient,
-    Key,
-    PolicyClient,
-    Policyd,
-    SocketmapClient,
-    add_key,
-    add_verified_domain,
-    b64,
-    broken_directory,
-    capabilities_of_every_thread,
-    closed_by_peer,
-    connect,
-    encode_policy,
-    fresh_address,
-    netstring,
-    new_instance,
-    now,
-    peer_name,
-    policy_request,
-    proc_status,
-    wait_until,
-)
 
 from keyrelay import admin, keys
 from keyrelay.directory.model import Status
+from testkit.net import wait_until
+from testkit.policyd import (
+    POLICYD,
+    Key,
+    Policyd,
+    add_key,
+    add_verified_domain,
+    broken_directory,
+    capabilities_of_every_thread,
+    fresh_address,
+    now,
+    proc_status,
+)
+from testkit.protocols import (
+    AuthReply,
+    DovecotClient,
+    PolicyClient,
+    SocketmapClient,
+    b64,
+    closed_by_peer,
+    connect,
+    encode_policy,
+    netstring,
+    new_instance,
+    peer_name,
+    policy_request,
+)
 
 APIKEY = "apikey"
 HANDSHAKE = b"VERSION\t1\t0\nCPID\t4242\n"

@@ -8,8 +8,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from factories import NOW, World, key_id
-from policyd_harness import policy_request
 
 from keyrelay.config import parse_config
 from keyrelay.decisions import format_identity
@@ -23,6 +21,8 @@ from policyd.context import ServiceContext
 from policyd.policy import PolicyService
 from policyd.policy import render as render_policy
 from policyd.socketmap import SocketmapService
+from testkit.factories import NOW, World, key_id
+from testkit.protocols import policy_request
 
 
 @pytest.mark.parametrize(

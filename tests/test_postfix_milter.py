@@ -17,7 +17,10 @@ import smtplib
 
 import dkim
 import pytest
-from e2e_harness import (
+
+from keyrelay.demo import Relay, unix_accepts
+from testkit.net import client_tls, wait_until
+from testkit.relay import (
     connect,
     log_of,
     maillog_line,
@@ -27,12 +30,8 @@ from e2e_harness import (
     next_source,
     published_records,
     send,
-    tls,
     wait_delivered,
 )
-from policyd_harness import wait_until
-
-from keyrelay.demo import Relay, unix_accepts
 
 
 def test_mail_from_a_verified_domain_arrives_signed_twice_and_verifies(
@@ -85,7 +84,7 @@ def test_milter_down_defers_the_message_and_nothing_leaves(demo_relay: Relay) ->
         # 454 4.3.0, its mapping of a milter's 4xx at STARTTLS (smtpd.c starttls_cmd)
         with connect(demo_relay, "submission", source=source, starttls=False) as client:
             with pytest.raises(smtplib.SMTPResponseException) as deferred:
-                client.starttls(context=tls())
+                client.starttls(context=client_tls())
                 client.login("apikey", tenant.key)
                 client.sendmail(tenant.sender, ["rcpt@example.net"], text)
         assert (deferred.value.smtp_code, deferred.value.smtp_error) == (

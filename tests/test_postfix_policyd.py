@@ -16,7 +16,9 @@ import smtplib
 import subprocess
 
 import pytest
-from e2e_harness import (
+
+from keyrelay.demo import Relay
+from testkit.relay import (
     connect,
     kr,
     log_of,
@@ -28,8 +30,6 @@ from e2e_harness import (
     send,
     wait_delivered,
 )
-
-from keyrelay.demo import Relay
 
 
 def test_api_key_login_sends_mail_out_through_the_principals_ip_pool(demo_relay: Relay) -> None:

@@ -14,7 +14,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from policyd_harness import KEYRELAY
 
 from keyrelay import postfixconf
 from keyrelay.config import default_config, parse_config
@@ -29,6 +28,7 @@ from keyrelay.postfixconf import (
     sasl_path,
     split_list,
 )
+from testkit.policyd import KEYRELAY
 
 DEBIAN = Path("/usr/share/postfix")
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,18 +15,9 @@ import re
 import secrets
 from pathlib import Path
 
-from e2e_harness import (
-    connect,
-    message,
-    new_tenant,
-    next_source,
-    reply_of,
-    send,
-    wait_delivered,
-)
-
 from keyrelay.demo import Relay
 from keyrelay.directory import YamlDirectory
+from testkit.relay import connect, message, new_tenant, next_source, reply_of, send, wait_delivered
 
 WHOLE_KEY = re.compile(r"kr\.[a-z0-9]+\.[A-Za-z0-9_-]{43}")
 

@@ -1,4 +1,4 @@
-"""The private slapd of tests/slapd_harness.py, checked with ldap3 as the backend uses it:
+"""The private slapd of testkit/slapd.py, checked with ldap3 as the backend uses it:
 TLS verified against the throw-away CA (StartTLS and ldaps), the ACLs that keep
 ``krSecretHash`` to the service DN, and the life cycle the backend's fault tests rely on
 (restart on the same ports and data, stop, pause)."""
@@ -20,7 +20,8 @@ from ldap3.core.exceptions import (
     LDAPSocketOpenError,
     LDAPSocketReceiveError,
 )
-from slapd_harness import (
+
+from testkit.slapd import (
     KEYRELAY_INDEXES,
     SLAPD,
     Slapd,

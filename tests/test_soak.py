@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from slapd_harness import SLAPD
+
+from testkit.slapd import SLAPD
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def soak(backend: str, messages: int) -> str:
     revoked before the second) for 8 s and at least one of each kind, then the relay
     recovering; its output, after the checks every run must pass."""
     result = subprocess.run(
-        [sys.executable, "bench/soak.py", "--backend", backend, "--messages", str(messages),
+        [sys.executable, "-m", "bench.soak", "--backend", backend, "--messages", str(messages),
          "--faults-every", "0.5", "--fault-seconds", "8", "--concurrency", "6",
          "--max-seconds", str(MAX_SECONDS)],
         cwd=REPO, capture_output=True, text=True, timeout=SUBPROCESS_SECONDS)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import dns.exception
 import dns.rdatatype
 import dns.resolver
+
+from testkit.net import free_udp_port
 
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 DKIMPROXY_VERIFY = shutil.which("dkimproxy-verify", path=SBIN_PATH)
@@ -38,12 +39,6 @@ def perl_has_ed25519() -> bool:
     return probe.returncode == 0
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _txt_option(name: str, value: str) -> str:
     """A dnsmasq --txt-record option; values over 255 octets become several strings."""
     chunks = [value[i : i + 255] for i in range(0, len(value), 255)]
@@ -58,7 +53,7 @@ class DnsServer:
         self.records = records
         self.cnames = cnames or {}  # alias -> target (a name of ``records``)
         self.domains = domains  # answered here only: nothing leaks to other resolvers
-        self.port = _free_udp_port()
+        self.port = free_udp_port()
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -122,5 +117,3 @@ def dkimproxy_verify(message: bytes, server: DnsServer) -> tuple[list[str], str]
     results = [line.split(":", 1)[1].strip() for line in output.splitlines()
                if line.startswith("verify result:")]
     return results, output
-
-

@@ -1,10 +1,12 @@
-"""Clients and helpers for tests against the demo relay (fixture ``demo_relay``, conftest.py).
+"""The relay ``make run`` starts (``keyrelay.demo``), for end-to-end tests, and its clients.
 
-``connect`` opens an smtplib client on one of the relay's ports (STARTTLS done, or implicit
-TLS for the 465 role); ``reply_of`` returns the SMTP code and text a refused step got;
-``new_tenant`` makes a fresh account with subuser ACCOUNT/app, a verified domain and an API
-key with the real ``keyrelay`` CLI; ``wait_delivered`` waits until Postfix's queue is empty and
-asserts the message reached smtp-sink exactly once.
+``private_relay`` runs one on free loopback ports in a temporary folder (the session's is the
+fixture ``demo_relay`` in tests/conftest.py). ``connect`` opens an smtplib client on one of
+its ports (STARTTLS done, or implicit TLS for the 465 role); ``reply_of`` returns the SMTP code
+and text a refused step got; ``new_tenant`` makes a fresh account with subuser ACCOUNT/app, a
+verified domain and an API key with the real ``keyrelay`` CLI (one ``keyrelay sync`` of a
+declaration, then ``domain mark-verified`` and ``key create``); ``wait_delivered`` waits until
+Postfix's queue is empty and asserts the message reached smtp-sink exactly once.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import itertools
 import json
 import shutil
 import smtplib
-import ssl
 import subprocess
 import tempfile
 import uuid
@@ -26,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from policyd_harness import free_port, wait_until
-
 from keyrelay.demo import Relay, Settings, greets, keyrelay_cli
+from testkit.net import client_tls, free_ports, reply_text, wait_until
 
 SUBMISSION_PORTS = ["submission", "alt_submission", "submissions"]
 _sources = (f"127.0.1.{i}" for i in itertools.count(1))
@@ -44,9 +44,10 @@ def private_relay(pool_address: str, directory: Mapping[str, Any] | None = None
     (default: the demo's YAML file)."""
     # a short folder: unix socket paths inside the queue must stay under 108 bytes
     run_dir = Path(tempfile.mkdtemp(prefix="kr-e2e-"))
+    smtp, submission, alt_submission, submissions, sink = free_ports(5)
     settings = Settings(
-        run_dir=run_dir, smtp_port=free_port(), submission_port=free_port(),
-        alt_submission_port=free_port(), submissions_port=free_port(), sink_port=free_port(),
+        run_dir=run_dir, smtp_port=smtp, submission_port=submission,
+        alt_submission_port=alt_submission, submissions_port=submissions, sink_port=sink,
         pool_address=pool_address, directory=directory)
     relay = Relay(settings, say=lambda text: None)
     relay.start()
@@ -57,14 +58,6 @@ def private_relay(pool_address: str, directory: Mapping[str, Any] | None = None
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # the demo's self-signed certificate
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
 def connect(relay: Relay, port_name: str, *, source: str | None = None,
             starttls: bool = True) -> smtplib.SMTP:
     """A client on one of the relay's ports: STARTTLS done, or implicit TLS for 465."""
@@ -72,10 +65,11 @@ def connect(relay: Relay, port_name: str, *, source: str | None = None,
     port = s.ports()[port_name]
     address = (source, 0) if source else None
     if port_name == "submissions":
-        return smtplib.SMTP_SSL(s.host, port, context=tls(), timeout=30, source_address=address)
+        return smtplib.SMTP_SSL(s.host, port, context=client_tls(), timeout=30,
+                                source_address=address)
     client = smtplib.SMTP(s.host, port, timeout=30, source_address=address)
     if starttls:
-        client.starttls(context=tls())
+        client.starttls(context=client_tls())
     return client
 
 
@@ -94,7 +88,7 @@ def reply_of(action: Callable[[], object]) -> tuple[int, str]:
     except smtplib.SMTPSenderRefused as exc:
         return exc.smtp_code, exc.smtp_error.decode()
     except smtplib.SMTPResponseException as exc:
-        return exc.smtp_code, exc.smtp_error.decode()
+        return exc.smtp_code, reply_text(exc.smtp_error)
     raise AssertionError("the relay accepted what it should have refused")
 
 
@@ -183,14 +177,24 @@ def kr(relay: Relay, *args: str) -> str:
 
 
 def new_tenant(relay: Relay, *, pool: str = "demo") -> Tenant:
-    """An account with subuser ACCOUNT/app, a verified domain granted to it, a pool, a key."""
+    """An account with subuser ACCOUNT/app, a verified domain granted to it, a pool, a key.
+
+    The account, its subuser with ``pool`` assigned, and the domain (owned by the account,
+    with its DKIM keys, granted to the subuser) come from one ``keyrelay sync`` of a
+    declaration (keyrelay/declare.py); sync leaves a new domain pending, so it is marked
+    verified by hand, as the demo's own domain is; the key is made by ``keyrelay key create``.
+    """
     name = next(_names)
     principal, domain = f"{name}/app", f"{name}.example"
-    kr(relay, "account", "add", name)
-    kr(relay, "subuser", "add", principal)
-    kr(relay, "pool", "assign", principal, pool)
-    kr(relay, "domain", "add", name, domain)
-    kr(relay, "domain", "grant", domain, principal)
+    declared = relay.settings.run_dir / f"tenant-{name}.yaml"
+    declared.write_text(json.dumps({  # JSON is YAML
+        "accounts": {name: {"subusers": {"app": {"pool": pool}}}},
+        "domains": {domain: {"owner": name, "grants": [principal]}},
+    }))
+    try:
+        kr(relay, "sync", str(declared))
+    finally:
+        declared.unlink()
     kr(relay, "domain", "mark-verified", domain)
     key = new_key(relay, principal)
     return Tenant(name, principal, domain, key[0], key[1])
@@ -241,3 +245,4 @@ def published_records(relay: Relay, domain: str) -> dict[str, bytes]:
     printed = json.loads(kr(relay, "domain", "dns", domain, "--json"))
     return {record["name"].rstrip(".").lower(): record["value"].encode()
             for record in printed["records"] if record["type"] == "TXT"}
+

@@ -1,11 +1,14 @@
-"""The private Postfix the Postfix benchmarks run (postfix_milter_bench.py, e2e_bench.py).
+"""The private Postfix the Postfix benchmarks run (bench/postfix_milter_bench.py,
+bench/e2e_bench.py, bench/soak.py).
 
-Built as `make run` builds it (keyrelay.demo: main.cf and master.cf written with `keyrelay
-postfix apply`, its own queue, `postfix -c DIR`; /etc/postfix is never touched), on free
-loopback ports, with smtp-sink keeping every message in a file of its own, keyrelay-policyd,
-keyrelay-milter and the other milters each in a process of its own. A subclass chooses
-the setups and switches between them with ``switch`` (`postconf -P` on the measured
-service, `postfix reload`).
+Built as `make run` builds it (keyrelay.demo's ``Relay.prepare``: main.cf and master.cf
+written with `keyrelay postfix apply`, its own queue, `postfix -c DIR`; /etc/postfix is never
+touched), on free loopback ports, with smtp-sink keeping every message in a file of its own,
+keyrelay-policyd, keyrelay-milter and the other milters each in a process of its own. A
+subclass chooses the setups and switches between them with ``switch`` (`postconf -P` on the
+measured service, `postfix reload`). ``bench_folder``, ``run_guarded`` and ``leave_folder``
+are a benchmark's life cycle: a folder, everything stopped at the end, the folder kept when
+asked or when it failed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,19 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import dkim
-from loadgen import client_tls
 
-from keyrelay.demo import (
-    BIN,
-    SMTP_SINK,
-    Child,
-    DemoError,
-    Relay,
-    Settings,
-    greets,
-    unix_accepts,
-)
+from keyrelay.demo import Child, DemoError, Relay, Settings
 from keyrelay.postfixconf import run_postfix
+from testkit.net import client_tls, free_ports, reply_text
 
 POSTCONF = "/usr/sbin/postconf"
 FOREIGN_FROM = "ceo@bank.example"
@@ -78,19 +71,6 @@ def signatures(raw: bytes) -> list[tuple[str, str, str]]:
                 tags[tag.strip()] = re.sub(r"\s+", "", tag_value)
         found.append((tags.get("a", ""), tags.get("s", ""), tags.get("d", "")))
     return found
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
-            sockets.append(probe)
-        return [probe.getsockname()[1] for probe in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
 
 
 def postconf(etc: Path, *args: str) -> str:
@@ -143,21 +123,13 @@ class PrivateRelay:
 
     # -- processes -------------------------------------------------------------------------
     def start(self, keyrelay_milter: bool, others: list[Child]) -> None:
-        s = self.relay.settings
-        children = self.relay.children
+        relay = self.relay
+        children = relay.children
         # smtp-sink keeps every message (one file each) so that its signatures can be checked
-        children["sink"] = Child(
-            "smtp-sink", [SMTP_SINK, "-u", "postfix", "-d", f"{s.outbox}/%H%M%S.",
-                          f"{s.host}:{s.sink_port}", "512"],
-            s.logs / "sink.log", lambda: greets(s.host, s.sink_port))
-        children["policyd"] = Child(
-            "keyrelay-policyd", [str(BIN / "keyrelay-policyd"), "--config", str(s.config)],
-            s.logs / "policyd.log",
-            lambda: all(unix_accepts(s.socket(n)) for n in ("auth", "policy", "socketmap")))
+        children["sink"] = relay.sink(file_pattern="%H%M%S.", backlog=512)
+        children["policyd"] = relay.policyd()
         if keyrelay_milter:
-            children["milter"] = Child(
-                "keyrelay-milter", [str(BIN / "keyrelay-milter"), "--config", str(s.config)],
-                s.logs / "milter.log", lambda: unix_accepts(s.socket("milter")))
+            children["milter"] = relay.milter()
         for child in children.values():
             child.start()
         for child in others:
@@ -244,7 +216,7 @@ class PrivateRelay:
             except smtplib.SMTPDataError as exc:
                 if exc.smtp_code == 550:
                     print(f"  keyrelay: From: {FOREIGN_FROM} refused at end of DATA "
-                          f"({exc.smtp_code} {exc.smtp_error.decode(errors='replace')})",
+                          f"({exc.smtp_code} {reply_text(exc.smtp_error)})",
                           flush=True)
                     return
                 raise BenchError(f"keyrelay: From: {FOREIGN_FROM}: {exc}") from None

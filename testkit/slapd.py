@@ -1,7 +1,8 @@
 """Run a private OpenLDAP slapd on loopback for the LDAP directory backend's tests.
 
 - ``Slapd`` builds everything in a temporary folder and touches nothing in ``/etc/ldap``: a
-  throw-away CA and a server certificate for 127.0.0.1 and localhost (openssl), a cn=config
+  copy of the throw-away CA and server certificate for 127.0.0.1 and localhost that
+  ``shared_tls()`` makes once per process (a test session: openssl), a cn=config
   loaded with ``slapadd -n0 -F DIR/slapd.d`` from an LDIF that includes Debian's core, cosine,
   inetorgperson and nis schemas plus the extra schema LDIF files it is given (keyrelay's own:
   ``ldap/keyrelay.ldif``), one mdb database for ``dc=keyrelay,dc=test`` with the caller's
@@ -27,8 +28,10 @@ fixture (``slapd`` in conftest.py).
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
+import functools
 import hashlib
 import os
 import pwd
@@ -45,7 +48,8 @@ from typing import Any
 
 import ldap3
 from ldap3.core.exceptions import LDAPException
-from policyd_harness import free_port
+
+from testkit.net import free_port
 
 SLAPD = Path("/usr/sbin/slapd")
 SLAPADD = Path("/usr/sbin/slapadd")
@@ -117,7 +121,7 @@ def records_hidden_acls() -> list[str]:
 def ssha(password: str) -> str:
     """RFC 2307 ``{SSHA}`` (SHA-1 over password and salt, then the salt), as slappasswd makes."""
     salt = secrets.token_bytes(8)
-    digest = hashlib.sha1(password.encode() + salt).digest()
+    digest = hashlib.sha1(password.encode() + salt).digest()  # noqa: S324 - what {SSHA} is
     return "{SSHA}" + base64.b64encode(digest + salt).decode("ascii")
 
 
@@ -147,6 +151,18 @@ def make_server_cert(folder: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
     _openssl("x509", "-req", "-in", request, "-CA", ca[0], "-CAkey", ca[1],
              "-CAcreateserial", "-out", cert, "-days", "1", "-extfile", extensions)
     return cert, key
+
+
+@functools.cache
+def shared_tls() -> Path:
+    """A folder with a throw-away CA (``ca.pem``) and a server certificate for 127.0.0.1 and
+    localhost signed by it (``server.pem``, ``server.key``), made on the first call and
+    shared by every ``Slapd`` of this process (one openssl run per test session instead of
+    three per server); removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix="kr-slapd-tls-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    make_server_cert(folder, make_ca(folder, "ca"))
+    return folder
 
 
 def _openssl(*args: object) -> None:
@@ -265,8 +281,9 @@ class Slapd:
         self.tls_dir.mkdir()
         self.data_dir.mkdir()
         self.config_dir.mkdir()
-        ca = make_ca(self.tls_dir, "ca")
-        make_server_cert(self.tls_dir, ca)
+        shared = shared_tls()
+        for path in (self.ca_file, self.server_cert, self.server_key):
+            shutil.copy2(shared / path.name, path)  # a copy: chowned below, removed by close()
         self.service_password_file.write_text(self.service_password + "\n")
         self.service_password_file.chmod(0o600)
 

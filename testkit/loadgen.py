@@ -1,4 +1,5 @@
-"""An SMTP load generator that behaves like sending applications (bench/e2e_bench.py).
+"""An SMTP load generator that behaves like sending applications (bench/e2e_bench.py,
+bench/soak.py).
 
 Each session connects, says EHLO, starts TLS (STARTTLS, or implicit TLS on a port 465
 service), says EHLO again, logs in with AUTH PLAIN as ``apikey`` with one principal's API
@@ -28,6 +29,8 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from testkit.net import client_tls
+
 TIMEOUT = 120.0  # seconds for any one reply (a 1 MB message through a busy milter included)
 
 
@@ -46,7 +49,7 @@ class Principal:
 
 
 @dataclass
-class Outcome:
+class LoadResult:
     """What the client saw: accepted messages with their latency, refusals by reply."""
 
     accepted: dict[int, float] = field(default_factory=dict)  # message number -> seconds
@@ -102,15 +105,6 @@ def make_head(principal: Principal, run: str, number: int) -> bytes:
     ).encode()
 
 
-def client_tls() -> ssl.SSLContext:
-    """TLS as an application that trusts this relay's (self-signed) certificate would do."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
 async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
     lines = []
     while True:
@@ -150,7 +144,7 @@ class Load:
         if got != code:
             raise ProtocolError(stage, text)
 
-    async def _session(self, principal: Principal, todo: deque[int], outcome: Outcome,
+    async def _session(self, principal: Principal, todo: deque[int], outcome: LoadResult,
                        start: float, tls: ssl.SSLContext, current: list[int]) -> None:
         """One session: up to ``per_session`` messages taken from ``todo``; the one being
         sent is in ``current`` (so that a broken session's message can be counted)."""
@@ -217,8 +211,8 @@ class Load:
             except (OSError, ssl.SSLError):
                 pass
 
-    async def run(self) -> Outcome:
-        outcome = Outcome()
+    async def run(self) -> LoadResult:
+        outcome = LoadResult()
         tls = client_tls()
         # shared: each session takes the next message
         todo = deque(range(self.count) if self.numbers is None else self.numbers)
@@ -250,12 +244,12 @@ class Load:
         return outcome
 
 
-def _refuse(outcome: Outcome, number: int, label: str, principal: Principal) -> None:
+def _refuse(outcome: LoadResult, number: int, label: str, principal: Principal) -> None:
     outcome.errors[label] += 1
     outcome.refused.add(number)
     outcome.reply_of[number] = label
     outcome.refused_by[number] = principal.pid
 
 
-def send(load: Load) -> Outcome:
+def send(load: Load) -> LoadResult:
     return asyncio.run(load.run())

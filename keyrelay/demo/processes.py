@@ -1,0 +1,123 @@
+"""The demo's long-running processes (``Child``) and the readiness probes they wait on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .settings import DemoError
+
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+BIN = Path(sys.executable).parent  # keyrelay, keyrelay-policyd, keyrelay-milter
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition`` until true: a readiness check with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def greets(host: str, port: int) -> bool:
+    """Does an SMTP server on ``host:port`` answer with a 220 banner?"""
+    try:
+        with socket.create_connection((host, port), timeout=2) as conn:
+            return conn.recv(512).startswith(b"220")
+    except OSError:
+        return False
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def unix_accepts(path: Path) -> bool:
+    """Does something accept connections on the unix socket ``path``?"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(1)
+        try:
+            conn.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def alive(pid_file: Path) -> bool:
+    """Is the process whose pid ``pid_file`` holds still there?"""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+@dataclass
+class Child:
+    """One long-running process of the demo, its output in ``run/logs/<name>.log``."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    ready: Callable[[], bool]
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            # its own session: Ctrl-C reaches the demo, which then stops the children in order
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def up() -> bool:
+            if not self.running():
+                raise DemoError(f"{self.name} exited while starting; see {self.log}:\n"
+                                + tail(self.log))
+            return self.ready()
+
+        try:
+            wait_until(up, timeout, f"{self.name} to accept connections")
+        except BaseException:
+            self.kill()
+            raise
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

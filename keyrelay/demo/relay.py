@@ -1,0 +1,176 @@
+"""The whole demo relay: smtp-sink, keyrelay-policyd, keyrelay-milter and Postfix, started in
+order, each waited for, stopped in the reverse order."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..postfixconf import run_postfix
+from .postfix import make_certificate, make_reachable, write_postfix_base
+from .processes import (
+    BIN,
+    SMTP_SINK,
+    Child,
+    alive,
+    greets,
+    port_in_use,
+    tail,
+    unix_accepts,
+    wait_until,
+)
+from .settings import DemoError, Settings
+from .state import fresh_key, init_state, keyrelay_cli, write_config, write_env
+
+# A sockaddr_un path holds 107 bytes; Postfix's own limit is about the same.
+_MAX_SOCKET_PATH = 100
+
+
+@dataclass
+class Relay:
+    """The whole demo relay: sink, keyrelay-policyd, keyrelay-milter and Postfix."""
+
+    settings: Settings
+    say: Callable[[str], None] = print
+    children: dict[str, Child] = field(default_factory=dict)
+    postfix_started: bool = False
+    key: str = ""
+    key_id: str = ""
+
+    def prepare(self) -> None:
+        """Everything before the processes: state, certificate, Postfix's configuration."""
+        s = self.settings
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        for path in (s.socket("auth"),):
+            if len(str(path)) > _MAX_SOCKET_PATH:
+                raise DemoError(f"{s.run_dir} is too deep for unix socket paths ({path} is "
+                                f"longer than {_MAX_SOCKET_PATH} bytes): use a shorter run "
+                                "directory (make run RUN_DIR=/tmp/keyrelay-run)")
+        self.stop_leftover_postfix()
+        busy = [f"{name} {port}" for name, port in s.ports().items()
+                if port_in_use(s.host, port)]
+        if busy:
+            raise DemoError(f"port(s) in use on {s.host}: {', '.join(busy)}; is another "
+                            "`make run` running? Stop it, or choose other ports with the "
+                            "KEYRELAY_*_PORT variables (README)")
+        write_config(s)
+        init_state(s, self.say)
+        make_certificate(s.run_dir / "tls", "relay.demo.example")
+        write_postfix_base(s)
+        for folder in (s.outbox, s.logs):
+            folder.mkdir(parents=True, exist_ok=True)
+        for folder in (s.run_dir, s.run_dir / "postfix", s.postfix_etc):
+            folder.chmod(0o755)  # secrets inside are files of mode 0600
+        shutil.chown(s.outbox, "postfix")
+        make_reachable(s.outbox, self.say)
+        self.say(keyrelay_cli(s, "postfix", "apply", "--config-dir", str(s.postfix_etc))
+                 .splitlines()[0])
+        self.key, self.key_id = fresh_key(s)
+        write_env(s, self.key, self.key_id)
+
+    def stop_leftover_postfix(self) -> None:
+        etc = self.settings.postfix_etc
+        if (etc / "main.cf").exists() and run_postfix(etc, "status")[0] == 0:
+            self.say("stopping the Postfix instance a previous run left behind")
+            self.stop_postfix()
+
+    # -- the processes (not started) ------------------------------------------------------
+    def sink(self, file_pattern: str = "%Y%m%d-%H%M%S.", backlog: int = 100) -> Child:
+        """smtp-sink on the sink port, each message a file ``outbox/<file_pattern>...``."""
+        s = self.settings
+        return Child("smtp-sink", [SMTP_SINK, "-u", "postfix", "-d",
+                                   f"{s.outbox}/{file_pattern}", f"{s.host}:{s.sink_port}",
+                                   str(backlog)],
+                     s.logs / "sink.log", lambda: greets(s.host, s.sink_port))
+
+    def policyd(self) -> Child:
+        s = self.settings
+        return Child("keyrelay-policyd",
+                     [str(BIN / "keyrelay-policyd"), "--config", str(s.config)],
+                     s.logs / "policyd.log",
+                     lambda: all(unix_accepts(s.socket(n))
+                                 for n in ("auth", "policy", "socketmap")))
+
+    def milter(self) -> Child:
+        s = self.settings
+        return Child("keyrelay-milter", [str(BIN / "keyrelay-milter"), "--config", str(s.config)],
+                     s.logs / "milter.log", lambda: unix_accepts(s.socket("milter")))
+
+    # -- starting and stopping ------------------------------------------------------------
+    def start(self) -> None:
+        """Start everything and wait until each part answers; stop all on failure."""
+        self.prepare()
+        try:
+            self.children["sink"] = self.sink()
+            self.children["policyd"] = self.policyd()
+            self.children["milter"] = self.milter()
+            for child in self.children.values():
+                child.start()
+            self.start_postfix()
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_postfix(self) -> None:
+        s = self.settings
+        status, output = run_postfix(s.postfix_etc, "start")
+        if status != 0:
+            raise DemoError(f"postfix start failed: {output}\n--- {s.maillog} ---\n"
+                            + tail(s.maillog))
+        self.postfix_started = True
+        for name in ("smtp", "submission", "alt_submission", "submissions"):
+            port = s.ports()[name]
+            # implicit TLS: no banner before the handshake, so a bound port must do
+            check = port_in_use if name == "submissions" else greets
+            wait_until(lambda: check(s.host, port), 30, f"Postfix on port {port}")  # noqa: B023
+
+    def stop_postfix(self) -> None:
+        etc = self.settings.postfix_etc
+        run_postfix(etc, "stop")
+        pid_file = self.settings.queue / "pid" / "master.pid"
+        wait_until(lambda: not alive(pid_file), 30, "the Postfix master to exit")
+        self.postfix_started = False
+
+    def stop(self) -> None:
+        """Stop Postfix first (no new mail), then the daemons and the sink."""
+        if self.postfix_started:
+            self.stop_postfix()
+        for name in ("milter", "policyd", "sink"):
+            child = self.children.get(name)
+            if child is not None:
+                child.stop()
+
+    def failed_child(self) -> Child | None:
+        for child in self.children.values():
+            if not child.running():
+                return child
+        return None
+
+    def swaks_command(self) -> str:
+        env = shlex.quote(str(self.settings.env_file))
+        return (f". {env} && swaks --server \"$KEYRELAY_HOST:$KEYRELAY_SUBMISSION_PORT\" --tls "
+                "--auth PLAIN --auth-user apikey --auth-password \"$KEYRELAY_DEMO_KEY\" "
+                "--from \"$KEYRELAY_DEMO_FROM\" --to \"$KEYRELAY_DEMO_TO\"")
+
+    def banner(self) -> str:
+        """What ``make run`` prints once everything runs."""
+        s = self.settings
+        return f"""
+keyrelay demo relay is running (Ctrl-C stops it).
+
+  port-25 role      {s.host}:{s.smtp_port}   STARTTLS offered, no relaying without AUTH
+  submission        {s.host}:{s.submission_port}   STARTTLS required
+  alt submission    {s.host}:{s.alt_submission_port}   STARTTLS required
+  implicit TLS      {s.host}:{s.submissions_port}
+  delivered mail    {s.outbox}/   (smtp-sink on {s.host}:{s.sink_port})
+  logs              {s.logs}/ and {s.maillog}
+  API key, ports    {s.env_file}   (username: apikey)
+
+Send a message (in another terminal):
+
+  {self.swaks_command()}
+
+Then look at the DKIM-signed message in {s.outbox}/.
+"""

@@ -1,0 +1,112 @@
+"""Where the demo lives and listens: ``Settings``, read from the environment, and the demo
+tenant's names."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEMO_ACCOUNT, DEMO_SUBUSER, DEMO_POOL, DEMO_DOMAIN = "demo", "demo/app", "demo", "demo.example"
+DEMO_FROM, DEMO_TO = "app@demo.example", "someone@example.net"
+
+# what `python -m keyrelay.demo --help` says after its options
+ENVIRONMENT = """\
+environment (all optional): KEYRELAY_HOST (127.0.0.1), KEYRELAY_SMTP_PORT (10025),
+KEYRELAY_SUBMISSION_PORT (10587), KEYRELAY_ALT_SUBMISSION_PORT (12525),
+KEYRELAY_SUBMISSIONS_PORT (10465), KEYRELAY_SINK_PORT (10026), KEYRELAY_POOL_ADDRESS
+(127.0.0.2). Ctrl-C or SIGTERM stops every process this started.
+"""
+
+
+class DemoError(Exception):
+    """The demo cannot start; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the demo lives and listens; every field but ``directory`` can come from the
+    environment."""
+
+    run_dir: Path
+    host: str = "127.0.0.1"
+    smtp_port: int = 10025
+    submission_port: int = 10587
+    alt_submission_port: int = 12525
+    submissions_port: int = 10465
+    sink_port: int = 10026
+    pool_address: str = "127.0.0.2"
+    # keyrelay's directory section; None: the embedded YAML file in the run directory (the
+    # tests pass an LDAP one: tests/test_e2e_ldap.py)
+    directory: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_env(cls, run_dir: Path, env: Mapping[str, str] = os.environ) -> Settings:
+        def port(name: str, default: int) -> int:
+            text = env.get(name, "")
+            if not text:
+                return default
+            if not text.isdigit() or not 0 < int(text) < 65536:
+                raise DemoError(f"{name}={text!r}: expected a port number (1-65535)")
+            return int(text)
+
+        def loopback(name: str, default: str) -> str:
+            text = env.get(name, "") or default
+            try:
+                if not ipaddress.ip_address(text).is_loopback:
+                    raise ValueError
+            except ValueError:
+                raise DemoError(f"{name}={text!r}: expected a loopback address such as "
+                                f"{default}") from None
+            return text
+
+        return cls(
+            run_dir=run_dir.resolve(),
+            host=loopback("KEYRELAY_HOST", cls.host),
+            smtp_port=port("KEYRELAY_SMTP_PORT", cls.smtp_port),
+            submission_port=port("KEYRELAY_SUBMISSION_PORT", cls.submission_port),
+            alt_submission_port=port("KEYRELAY_ALT_SUBMISSION_PORT", cls.alt_submission_port),
+            submissions_port=port("KEYRELAY_SUBMISSIONS_PORT", cls.submissions_port),
+            sink_port=port("KEYRELAY_SINK_PORT", cls.sink_port),
+            pool_address=loopback("KEYRELAY_POOL_ADDRESS", cls.pool_address),
+        )
+
+    # -- paths --------------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.run_dir / "keyrelay.yaml"
+
+    @property
+    def postfix_etc(self) -> Path:
+        return self.run_dir / "postfix" / "etc"
+
+    @property
+    def queue(self) -> Path:
+        return self.run_dir / "postfix" / "queue"
+
+    @property
+    def maillog(self) -> Path:
+        return self.run_dir / "postfix" / "maillog"
+
+    @property
+    def outbox(self) -> Path:
+        return self.run_dir / "outbox"
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def env_file(self) -> Path:
+        return self.run_dir / "demo.env"
+
+    def socket(self, name: str) -> Path:
+        return self.queue / "private" / f"keyrelay-{name}"
+
+    def ports(self) -> dict[str, int]:
+        return {"smtp": self.smtp_port, "submission": self.submission_port,
+                "alt_submission": self.alt_submission_port,
+                "submissions": self.submissions_port, "sink": self.sink_port}

@@ -1,0 +1,184 @@
+"""The private relay of bench/e2e_bench.py and bench/soak.py: many principals under the load
+of testkit/loadgen.py, one setup of the comparison at a time.
+
+The directory holds A accounts with U subusers each (one ``keyrelay sync``); every account
+and every subuser is a sending principal with its own API key, From address (the account's
+verified domain, granted to its subusers) and recipient. The setups (``SETUPS``) differ only
+in the measured submission service's restrictions and milters (``select``: `postconf -P`,
+`postfix reload`):
+
+  baseline   Postfix with TLS and keyrelay's auth service; no policy service, no milter
+  keyrelay   keyrelay complete, as `keyrelay postfix apply` configures it
+  opendkim   the baseline plus OpenDKIM, rsa-sha256 (testkit/othermilters.py)
+  dkimpy     the baseline plus dkimpy-milter, rsa-sha256
+
+``warm_up`` sends mail until it all arrives signed as the setup signs; ``sink_census`` counts
+a run's messages at the sink by Message-ID and those not signed as the setup signs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from keyrelay.demo import keyrelay_cli
+from testkit.loadgen import Load, Principal, make_body, send
+from testkit.net import wait_until
+from testkit.othermilters import MilterUnderTest, dkimpy_child, opendkim_child
+from testkit.privaterelay import BenchError, PrivateRelay, signatures
+
+SETUPS = ("baseline", "keyrelay", "opendkim", "dkimpy")
+# (smtpd_relay_restrictions, smtpd_data_restrictions) of the submission service
+RESTRICTIONS = {
+    "keyrelay": ("$keyrelay_submission_relay_restrictions",
+                 "$keyrelay_submission_data_restrictions"),
+    "auth-only": ("permit_sasl_authenticated,reject", ""),  # postconf -P: no spaces
+}
+ID_RE = re.compile(rb"^Message-ID: <([^.>]+)\.(\d+)@([^>]+)>", re.M | re.I)
+
+
+@dataclass(frozen=True)
+class LoadShape:
+    """What the relay is built for and how the load reaches it."""
+
+    setups: tuple[str, ...] = SETUPS  # which of SETUPS are built (their milters started)
+    tls: str = "starttls"  # "starttls" on submission, or "implicit" on submissions
+    accounts: int = 2
+    subusers: int = 2  # per account
+    warmup: int = 20  # warm-up messages after each switch
+    concurrency: int = 16  # concurrent sessions
+
+
+@dataclass
+class LoadRelay(PrivateRelay):
+    shape: LoadShape = field(default_factory=LoadShape)
+    principals: list[Principal] = field(default_factory=list)
+    selectors: dict[str, set[str]] = field(default_factory=dict)  # keyrelay's, by domain
+    milters: dict[str, MilterUnderTest] = field(default_factory=dict)
+    port: int = 0
+    checked: set[str] = field(default_factory=set)
+
+    # -- building --------------------------------------------------------------------------
+    def build(self) -> None:
+        s = self.prepare()
+        self.rewrite_config("e2e_bench.py: the demo's configuration, rate limits lifted",
+                            limits={"messages_per_minute": 100_000_000,
+                                    "messages_per_hour": 1_000_000_000})
+        self.port = s.submissions_port if self.shape.tls == "implicit" else s.submission_port
+        self.service = f"{s.host}:{self.port}"
+        self._principals()
+        folder = self.milter_folder()
+        domains = sorted({p.domain for p in self.principals})
+        self.milters = {"baseline": MilterUnderTest("baseline", ""),
+                        "keyrelay": MilterUnderTest("keyrelay", "$keyrelay_milter")}
+        for name, make in (("opendkim", opendkim_child), ("dkimpy", dkimpy_child)):
+            if name in self.shape.setups:
+                child, record = make(self.root, folder, domains)
+                self.milters[name] = MilterUnderTest(name, f"unix:{folder / (name + '.sock')}",
+                                                     child)
+                for domain in domains:
+                    self.records[f"{name}._domainkey.{domain}"] = record.encode()
+
+    def _principals(self) -> None:
+        """A accounts with U subusers each, a verified domain per account, a key each."""
+        s = self.relay.settings
+        subusers = range(1, self.shape.subusers + 1)
+        accounts: dict[str, dict[str, dict[str, object]]] = {
+            f"bench{i}": {"subusers": {f"app{j}": {} for j in subusers}}
+                    for i in range(1, self.shape.accounts + 1)}
+        domains = {f"{name}.example": {"owner": name, "grants": [
+            f"{name}/app{j}" for j in subusers]} for name in accounts}
+        declared = self.root / "bench-directory.yaml"
+        declared.write_text(json.dumps({"accounts": accounts, "domains": domains}))
+        keyrelay_cli(s, "sync", str(declared))
+        for domain in domains:
+            keyrelay_cli(s, "domain", "mark-verified", domain)
+            printed = json.loads(keyrelay_cli(s, "domain", "dns", domain, "--json"))
+            for record in printed["records"]:
+                if record["type"] == "TXT" and "._domainkey." in record["name"]:
+                    name = record["name"].rstrip(".").lower()
+                    self.records[name] = record["value"].encode()
+                    self.selectors.setdefault(domain, set()).add(name.split(".")[0])
+        for account in accounts:
+            for pid in (account, *(f"{account}/app{j}" for j in subusers)):
+                key = json.loads(keyrelay_cli(s, "key", "create", pid, "--name", "bench",
+                                              "--json"))["key"]
+                who = pid.replace("/", "-")
+                self.principals.append(Principal(pid, key, f"{who}@{account}.example",
+                                                 f"{who}@sink.example"))
+
+    # -- processes -------------------------------------------------------------------------
+    def start_all(self) -> None:
+        self.start(True, [m.child for m in self.milters.values()
+                          if m.child is not None and m.name != "keyrelay"])
+        self.milters["keyrelay"].child = self.relay.children["milter"]
+
+    # -- one setup at a time ---------------------------------------------------------------
+    def select(self, name: str) -> None:
+        relay, data = RESTRICTIONS["keyrelay" if name == "keyrelay" else "auth-only"]
+        self.switch(name, smtpd_milters=self.milters[name].endpoint,
+                    smtpd_relay_restrictions=relay, smtpd_data_restrictions=data)
+
+    def signed_as(self, name: str, domain: str, raw: bytes) -> bool:
+        found = signatures(raw)
+        if name == "baseline":
+            return found == []
+        if name == "keyrelay":
+            return (sorted(a for a, _, _ in found) == ["ed25519-sha256", "rsa-sha256"]
+                    and all(d == domain and s in self.selectors.get(domain, ())
+                            for _, s, d in found))
+        return found == [("rsa-sha256", name, domain)]
+
+    def load(self, count: int, size: int, per_session: int, run: str,
+             rate: float | None = None) -> Load:
+        return Load(host=self.relay.settings.host, port=self.port,
+                    implicit_tls=self.shape.tls == "implicit", principals=self.principals,
+                    body=make_body(size), tag=run, count=count, per_session=per_session,
+                    concurrency=self.shape.concurrency, rate=rate)
+
+    def sink_census(self, run: str, name: str) -> tuple[Counter[int], int]:
+        """How often each message of ``run`` is at the sink, and how many are not signed as
+        ``name`` signs."""
+        seen: Counter[int] = Counter()
+        unsigned = 0
+        for path in self.outbox():
+            with path.open("rb") as handle:
+                head = handle.read(32768)
+            found = ID_RE.search(head)
+            if found is None or found.group(1).decode() != run:
+                continue
+            seen[int(found.group(2))] += 1
+            if not self.signed_as(name, found.group(3).decode(), head):
+                unsigned += 1
+        return seen, unsigned
+
+    def warm_up(self, name: str, size: int) -> None:
+        """Warm-up mail until all of it arrives signed as ``name`` signs (an smtpd of before
+        the reload may still serve the first session); the first time, verify signatures."""
+        count = max(1, self.shape.warmup)
+        for attempt in range(10):
+            self.clear_outbox()
+            run = f"warm{attempt}{name}{size}"
+            result = send(self.load(count, size, max(1, count // 2), run))
+            self.wait_drained()
+            if result.errors:
+                raise BenchError(f"{name}: warm-up refused: {dict(result.errors)}")
+            wait_until(lambda: len(self.outbox()) >= count, 30,
+                       f"{count} warm-up messages at the sink")
+            seen, unsigned = self.sink_census(run, name)
+            if sum(seen.values()) == count and unsigned == 0:
+                break
+            if attempt == 9:
+                raise BenchError(f"{name}: {unsigned} of {count} warm-up messages were not "
+                                 f"signed as {name} signs")
+            time.sleep(0.5)
+        if name not in self.checked:
+            self.verify(name, self.outbox()[-1])
+            if name == "keyrelay":
+                who = self.principals[0]
+                self.check_from_refused(who.key, who.mail_from, who.rcpt_to,
+                                        starttls=True)  # the submission service: STARTTLS
+            self.checked.add(name)
