@@ -2,7 +2,7 @@
 
 Commands run in-process (``keyrelay.cli.main`` with stdout and stderr captured): what the
 CLI prints and exits with, without a new interpreter per command. A few tests run the real
-console script (the ``keyrelay`` script beside ``sys.executable``, ``Relay.script``): its
+console script (the ``keyrelay`` script beside ``sys.executable``, ``CliSite.script``): its
 exit codes, ``--help``, an argument that is not UTF-8, and what happens to DKIM keys when a
 command is interrupted or loses a race with another writer. Each test uses a configuration
 whose directory, DKIM key folder and audit log live in a temporary folder.
@@ -52,7 +52,7 @@ from keyrelay.directory.yamlfile import render
 KEYRELAY = shutil.which("keyrelay", path=os.path.dirname(sys.executable))
 GOLDEN = Path(__file__).resolve().parent / "golden" / "cli"
 UPDATE_ENV = "KEYRELAY_UPDATE_GOLDEN"
-# the console script's environment (Relay.script)
+# the console script's environment (CliSite.script)
 ENV = {k: v for k, v in os.environ.items()
        if k not in ("KEYRELAY_CONFIG", "PYTHONDONTWRITEBYTECODE")}
 # Without cached bytecode every run compiles keyrelay again (PYTHONDONTWRITEBYTECODE=1 is set in
@@ -83,7 +83,7 @@ class Result:
                 f"--- stdout\n{self.out}--- stderr\n{self.err}")
 
 
-class Relay:
+class CliSite:
     """One keyrelay installation in a folder: configuration, directory, DKIM keys, audit log."""
 
     def __init__(self, root: Path, extra_config: str = "") -> None:
@@ -250,7 +250,7 @@ def public_half(key_file: Path) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def key_files(relay: Relay) -> list[str]:
+def key_files(relay: CliSite) -> list[str]:
     return sorted(str(p.relative_to(relay.key_dir)) for p in relay.key_dir.rglob("*.pem"))
 
 
@@ -274,7 +274,7 @@ WALKTHROUGH = [
 
 @dataclass
 class Shared:
-    relay: Relay
+    relay: CliSite
     transcript: str  # every walkthrough command with its output, normalised
     key_id: str
     key_text: str
@@ -297,7 +297,7 @@ LISTINGS = [
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Shared:
-    relay = Relay(tmp_path_factory.mktemp("relay"))
+    relay = CliSite(tmp_path_factory.mktemp("relay"))
     transcript, key_id, key_text = [], "", ""
     for command in WALKTHROUGH:
         out = relay.ok(command)
@@ -597,7 +597,7 @@ class Refused:
     after: tuple[bytes, bytes, list[str]]
 
 
-def _state(relay: Relay) -> tuple[bytes, bytes, list[str]]:
+def _state(relay: CliSite) -> tuple[bytes, bytes, list[str]]:
     return relay.directory.read_bytes(), relay.audit_log.read_bytes(), key_files(relay)
 
 
@@ -643,11 +643,11 @@ def test_refusal_messages(refused: Refused, shared: Shared) -> None:
 
 # -- lifecycles, each in an installation of its own ------------------------------------------
 @pytest.fixture
-def fresh(tmp_path: Path) -> Relay:
-    return Relay(tmp_path)
+def fresh(tmp_path: Path) -> CliSite:
+    return CliSite(tmp_path)
 
 
-def test_key_set_scopes_and_revoke(fresh: Relay) -> None:
+def test_key_set_scopes_and_revoke(fresh: CliSite) -> None:
     fresh.ok("account add acme")
     new = fresh.json("key create acme --name ci")
     kid = new["key_id"]
@@ -666,7 +666,7 @@ def test_key_set_scopes_and_revoke(fresh: Relay) -> None:
 
 
 def test_a_whole_key_given_as_a_key_id_is_refused_without_echoing_its_secret(
-        fresh: Relay) -> None:
+        fresh: CliSite) -> None:
     fresh.ok("account add acme")
     new = fresh.json("key create acme --name pasted")
     secret = new["key"].split(".")[2]
@@ -680,7 +680,7 @@ def test_a_whole_key_given_as_a_key_id_is_refused_without_echoing_its_secret(
 
 
 def test_key_lifetime_follows_default_and_max_expiry(tmp_path: Path) -> None:
-    relay = Relay(tmp_path, "keys:\n  default_expiry: 7d\n  max_expiry: 30d\n")
+    relay = CliSite(tmp_path, "keys:\n  default_expiry: 7d\n  max_expiry: 30d\n")
     relay.ok("account add acme")
     key = relay.json("key create acme --name ci")
     assert parse_time(key["expires"]) - parse_time(key["created"]) == timedelta(days=7)
@@ -688,7 +688,7 @@ def test_key_lifetime_follows_default_and_max_expiry(tmp_path: Path) -> None:
         "key create acme --name forever --expires never")
 
 
-def test_ip_rules_removed_until_any_address_may_log_in(fresh: Relay) -> None:
+def test_ip_rules_removed_until_any_address_may_log_in(fresh: CliSite) -> None:
     fresh.ok("account add acme")
     assert fresh.ok("ip allow acme 192.0.2.7") == (
         "acme may now log in and send from: 192.0.2.7/32.\n")
@@ -700,7 +700,7 @@ def test_ip_rules_removed_until_any_address_may_log_in(fresh: Relay) -> None:
         "acme may now log in and send from: any address (no rules left).\n")
 
 
-def test_domain_rotate_keeps_old_selectors_until_retired(fresh: Relay) -> None:
+def test_domain_rotate_keeps_old_selectors_until_retired(fresh: CliSite) -> None:
     fresh.ok("account add acme")
     added = fresh.json("domain add acme example.net")  # --json: the records only, no prose
     assert [r["name"] for r in added["records"]][2:] == ["_dmarc.example.net"]  # no pool, no SPF
@@ -727,7 +727,7 @@ def test_domain_rotate_keeps_old_selectors_until_retired(fresh: Relay) -> None:
     assert key_files(fresh) == sorted(f"example.net/{s}.pem" for s in [old[1], *new])
 
 
-def test_domain_grant_ungrant_and_remove_deletes_private_keys(fresh: Relay) -> None:
+def test_domain_grant_ungrant_and_remove_deletes_private_keys(fresh: CliSite) -> None:
     fresh.ok("account add acme")
     fresh.ok("subuser add acme/app")
     fresh.ok("domain add acme example.org")
@@ -743,7 +743,7 @@ def test_domain_grant_ungrant_and_remove_deletes_private_keys(fresh: Relay) -> N
     assert fresh.json("domain list") == []
 
 
-def test_unicode_domains_and_senders_are_stored_as_a_labels(fresh: Relay) -> None:
+def test_unicode_domains_and_senders_are_stored_as_a_labels(fresh: CliSite) -> None:
     """IDNA 2008 via UTS 46: upper case is folded, the A-label is what is stored and shown."""
     fresh.ok("account add acme")
     added = fresh.json("domain add acme Bücher.Example")
@@ -757,7 +757,7 @@ def test_unicode_domains_and_senders_are_stored_as_a_labels(fresh: Relay) -> Non
     assert fresh.ok("sender list acme") == "ADDRESS  PRINCIPAL\n"
 
 
-def test_pool_assign_none_inherits_and_unused_pool_can_be_removed(fresh: Relay) -> None:
+def test_pool_assign_none_inherits_and_unused_pool_can_be_removed(fresh: CliSite) -> None:
     fresh.ok("account add acme")
     fresh.ok("pool add out --bind 198.51.100.7 --helo out.relay.example.net")
     assert fresh.ok("pool assign acme out") == "acme now sends through pool out.\n"
@@ -768,7 +768,7 @@ def test_pool_assign_none_inherits_and_unused_pool_can_be_removed(fresh: Relay) 
     assert fresh.json("account list")[0]["pool"] is None
 
 
-def test_limits_zero_means_inherit(fresh: Relay) -> None:
+def test_limits_zero_means_inherit(fresh: CliSite) -> None:
     fresh.ok("account add acme")
     assert fresh.ok("limits set acme --per-hour 100") == "Limits of acme: 100/hour.\n"
     assert fresh.ok("limits set acme --per-hour 0") == "Limits of acme: defaults.\n"
@@ -776,7 +776,7 @@ def test_limits_zero_means_inherit(fresh: Relay) -> None:
         "messages_per_minute": None, "messages_per_hour": None, "recipients_per_message": None}
 
 
-def test_monitor_mode_global_and_per_account(fresh: Relay) -> None:
+def test_monitor_mode_global_and_per_account(fresh: CliSite) -> None:
     fresh.ok("account add acme")
     assert fresh.ok("monitor on") == (
         "Monitor mode on for all accounts: refusals are logged, and mail passes.\n")
@@ -789,7 +789,7 @@ def test_monitor_mode_global_and_per_account(fresh: Relay) -> None:
     assert fresh.json("monitor status") == {"config": False, "directory": False, "accounts": []}
 
 
-def test_account_and_subuser_suspend_resume_remove(fresh: Relay) -> None:
+def test_account_and_subuser_suspend_resume_remove(fresh: CliSite) -> None:
     fresh.ok("account add acme")
     fresh.ok("subuser add acme/app")
     fresh.ok("key create acme/app --name app")
@@ -810,7 +810,7 @@ def test_account_and_subuser_suspend_resume_remove(fresh: Relay) -> None:
 
 
 # -- the console script ----------------------------------------------------------------------
-def test_help_and_config_example_need_no_config_file(fresh: Relay) -> None:
+def test_help_and_config_example_need_no_config_file(fresh: CliSite) -> None:
     usage = fresh.script(["--help"], config=False)
     example = fresh.script(["config", "example"], config=False)
     for result in (usage, example):
@@ -819,7 +819,7 @@ def test_help_and_config_example_need_no_config_file(fresh: Relay) -> None:
     assert example.out.startswith("# keyrelay configuration.")
 
 
-def test_the_console_script_exits_0_done_1_refused_2_usage(fresh: Relay) -> None:
+def test_the_console_script_exits_0_done_1_refused_2_usage(fresh: CliSite) -> None:
     done = fresh.script(["account", "add", "acme"])
     assert (done.code, done.out, done.err) == (0, "Added account acme.\n", ""), done
     assert [json.loads(line)["action"] for line in fresh.audit_log.read_text().splitlines()] \
@@ -831,7 +831,7 @@ def test_the_console_script_exits_0_done_1_refused_2_usage(fresh: Relay) -> None
 
 
 def test_control_characters_in_arguments_and_file_names_stay_escaped_on_the_error_line(
-    fresh: Relay,
+    fresh: CliSite,
 ) -> None:
     # found by tests/test_fuzz_cli.py: argparse echoed unrecognised arguments as they came,
     # file names were printed raw, so a newline split the one error line in two and an
@@ -845,7 +845,7 @@ def test_control_characters_in_arguments_and_file_names_stay_escaped_on_the_erro
                       "No such file or directory")
 
 
-def test_a_file_name_that_is_not_utf8_is_echoed_as_given_not_a_traceback(fresh: Relay) -> None:
+def test_a_file_name_that_is_not_utf8_is_echoed_as_given_not_a_traceback(fresh: CliSite) -> None:
     # found by tests/test_fuzz_cli.py: with the strict stdout of a UTF-8 locale other than
     # C.UTF-8, `export -o` a name holding a byte that is not UTF-8 wrote the file, then died
     # with a traceback printing where
@@ -861,7 +861,7 @@ def test_a_file_name_that_is_not_utf8_is_echoed_as_given_not_a_traceback(fresh: 
 DECLARATION = "domains:\n  example.com: {owner: acme}\n"
 
 
-def _selectors(relay: Relay) -> list[str]:
+def _selectors(relay: CliSite) -> list[str]:
     """The key files of example.com's selectors, as the directory names them."""
     found = YamlDirectory(str(relay.directory)).load().domains.get("example.com")
     return sorted(s.key_file for s in found.selectors) if found else []
@@ -869,7 +869,7 @@ def _selectors(relay: Relay) -> list[str]:
 
 @pytest.mark.parametrize("command", ["domain add", "domain rotate", "sync"])
 def test_dkim_keys_the_directory_names_stay_when_the_command_is_interrupted_after_writing_it(
-        fresh: Relay, command: str) -> None:
+        fresh: CliSite, command: str) -> None:
     """Ctrl-C after the directory write, while the audit log is written: the write stands,
     so its key files must stay (without them the domain cannot sign; they were deleted)."""
     fresh.ok("account add acme")
@@ -904,7 +904,7 @@ def test_dkim_keys_the_directory_names_stay_when_the_command_is_interrupted_afte
 
 @pytest.mark.parametrize("command", ["domain add", "sync"])
 def test_dkim_keys_are_deleted_when_the_directory_write_is_refused(
-        fresh: Relay, command: str) -> None:
+        fresh: CliSite, command: str) -> None:
     """The keys are made before the directory transaction; another admin removes the account
     meanwhile, so the write is refused: no key file may stay behind."""
     fresh.ok("account add acme")

@@ -239,7 +239,7 @@ sys.addaudithook(SANDBOX.hook)
 
 # -- running an entry point in-process -------------------------------------------------------
 @dataclass
-class Outcome:
+class RunOutcome:
     argv: Sequence[str]
     code: int
     out: str
@@ -271,7 +271,7 @@ def keyrelay_logging_kept() -> Iterator[None]:
 
 
 def run_main(main: Callable[[list[str]], object], argv: Sequence[str], root: Path,
-             stdin: bytes = b"") -> Outcome:
+             stdin: bytes = b"") -> RunOutcome:
     out_bytes, err_bytes = io.BytesIO(), io.BytesIO()
     streams = (
         io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8", errors="strict"),
@@ -295,7 +295,7 @@ def run_main(main: Callable[[list[str]], object], argv: Sequence[str], root: Pat
     finally:
         sys.stdin, sys.stdout, sys.stderr = saved
     # main() lets stdout write arguments that are not UTF-8 back as their bytes
-    return Outcome(argv, code, out_bytes.getvalue().decode("utf-8", "backslashreplace"),
+    return RunOutcome(argv, code, out_bytes.getvalue().decode("utf-8", "backslashreplace"),
                    err_bytes.getvalue().decode("utf-8"), crash, blocked, peak_size() - peak)
 
 
@@ -643,7 +643,7 @@ _VAGUE = [
 ]
 
 
-def assert_error_line(outcome: Outcome, program: str) -> str:
+def assert_error_line(outcome: RunOutcome, program: str) -> str:
     """The status-1 promise: the last stderr line is the only ``PROGRAM: error: ...`` line,
     and it is a clear message. Returns it."""
     lines = outcome.err.splitlines()
@@ -657,7 +657,7 @@ def assert_error_line(outcome: Outcome, program: str) -> str:
     return lines[-1]
 
 
-def assert_usage_error(outcome: Outcome, program: str) -> None:
+def assert_usage_error(outcome: RunOutcome, program: str) -> None:
     """Status 2 from argparse: usage, then one ``PROGRAM [COMMAND ...]: error: ...`` line."""
     lines = outcome.err.splitlines()
     assert outcome.out == "" and lines and re.match(f"usage: {program}", lines[0]), outcome
@@ -667,7 +667,7 @@ def assert_usage_error(outcome: Outcome, program: str) -> None:
     assert not control, f"control characters {control!r} in the error line\n{outcome}"
 
 
-def assert_clean(outcome: Outcome, state: State, full_config: Callable[[], bool]) -> None:
+def assert_clean(outcome: RunOutcome, state: State, full_config: Callable[[], bool]) -> None:
     """Nothing escaped main(); a sandbox refusal is a failure unless argv asked for it."""
     assert not outcome.crash, outcome
     if outcome.blocked is not None:

@@ -42,7 +42,7 @@ QUEUE_ID = "4QxYz1ABCD"
 
 # -- the directory -----------------------------------------------------------------------------
 @dataclass
-class Relay:
+class MilterSite:
     """A directory file, its keys and DNS zone, and the API keys of the principals."""
 
     path: Path
@@ -70,10 +70,10 @@ class Relay:
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Relay:
+def relay(tmp_path_factory: pytest.TempPathFactory) -> MilterSite:
     """acme (subuser marketing), globex (IP rules); keys for everyone, real DKIM keys."""
     root = tmp_path_factory.mktemp("relay")
-    r = Relay(root / "directory.yaml", root / "dkim", World())
+    r = MilterSite(root / "directory.yaml", root / "dkim", World())
     w = r.world
     w.account("acme")
     w.subuser("acme/marketing")
@@ -91,7 +91,7 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Relay:
     return r
 
 
-def make_config(relay: Relay, **milter: object) -> Config:
+def make_config(relay: MilterSite, **milter: object) -> Config:
     extra = milter.pop("top", {})
     assert isinstance(extra, dict)
     return parse_config(
@@ -176,7 +176,7 @@ class Connection:
 
 @dataclass
 class Harness:
-    relay: Relay
+    relay: MilterSite
     service: MilterService
     log: io.StringIO
     connection: Connection
@@ -195,7 +195,7 @@ class Harness:
         assert verified(wire(headers, body, result.signatures), self.relay.dns) == [True, True]
 
 
-def harness(relay: Relay, monkeypatch: pytest.MonkeyPatch, config: Config | None = None,
+def harness(relay: MilterSite, monkeypatch: pytest.MonkeyPatch, config: Config | None = None,
             directory: Any = None) -> Harness:
     config = config or make_config(relay)
     log = io.StringIO()
@@ -206,7 +206,7 @@ def harness(relay: Relay, monkeypatch: pytest.MonkeyPatch, config: Config | None
 
 
 @pytest.fixture
-def h(relay: Relay, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+def h(relay: MilterSite, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
     harness_ = harness(relay, monkeypatch)
     yield harness_
     harness_.connection.close()
@@ -416,7 +416,7 @@ def test_single_verified_sender_passes_unsigned(h: Harness) -> None:
 
 # -- unauthenticated, monitor mode, switches -------------------------------------------------
 def test_unauthenticated_mail_is_left_untouched_without_reading_the_directory(
-    relay: Relay, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    relay: MilterSite, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     missing = YamlDirectory(str(tmp_path / "no-such-directory.yaml"))
     h = harness(relay, monkeypatch, directory=missing)
@@ -427,7 +427,7 @@ def test_unauthenticated_mail_is_left_untouched_without_reading_the_directory(
 
 
 def test_monitor_mode_logs_the_refusal_and_lets_the_mail_pass_unsigned(
-    relay: Relay, monkeypatch: pytest.MonkeyPatch
+    relay: MilterSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = harness(relay, monkeypatch, make_config(relay, top={"monitor_mode": True}))
     result = h.send(message(b"eve@elsewhere.example"))
@@ -441,7 +441,7 @@ def test_monitor_mode_logs_the_refusal_and_lets_the_mail_pass_unsigned(
 
 
 def test_sender_check_switched_off_logs_and_passes_unsigned(
-    relay: Relay, monkeypatch: pytest.MonkeyPatch
+    relay: MilterSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = harness(relay, monkeypatch, make_config(relay, check_sender=False))
     result = h.send(message(b"eve@elsewhere.example"))
@@ -451,7 +451,7 @@ def test_sender_check_switched_off_logs_and_passes_unsigned(
 
 
 def test_signing_switched_off_checks_but_neither_hashes_nor_signs(
-    relay: Relay, monkeypatch: pytest.MonkeyPatch
+    relay: MilterSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = harness(relay, monkeypatch, make_config(relay, sign=False))
     hashed: list[bytes] = []
@@ -475,7 +475,7 @@ def tempfailed(result: Result) -> str:
 
 
 def test_directory_unavailable_is_a_temporary_failure(
-    relay: Relay, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    relay: MilterSite, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     broken = tmp_path / "directory.yaml"
     broken.write_text("accounts: [not, a, mapping\n")
@@ -521,7 +521,7 @@ def test_failure_in_a_no_reply_callback_is_answered_451_at_end_of_message(
 
 
 def test_unusable_dkim_key_defers_rather_than_sending_unsigned(
-    relay: Relay, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    relay: MilterSite, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     world = World()
@@ -540,7 +540,7 @@ def test_unusable_dkim_key_defers_rather_than_sending_unsigned(
     assert h.lines()[0]["reason"] == "dkim_key_unavailable"
 
 
-def test_revoked_key_since_login_is_refused(relay: Relay, monkeypatch: pytest.MonkeyPatch,
+def test_revoked_key_since_login_is_refused(relay: MilterSite, monkeypatch: pytest.MonkeyPatch,
                                             tmp_path: Path) -> None:
     world = World()
     world.account("acme")

@@ -75,7 +75,9 @@ MAIN_SETTINGS: dict[str, Any] = {
 
 
 @dataclass
-class Relay:
+class Site:
+    """A running keyrelay-policyd and the keys of its directory: what the tests talk to."""
+
     daemon: Policyd
     keys: dict[str, Key]
 
@@ -154,12 +156,12 @@ def populate(daemon: Policyd) -> dict[str, Key]:
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     daemon = Policyd(tmp_path_factory.mktemp("relay"), MAIN_SETTINGS)
     made = populate(daemon)
     daemon.start()
     try:
-        yield Relay(daemon, made)
+        yield Site(daemon, made)
     finally:
         assert daemon.stop() == 0, daemon.log()[-3000:]
     assert not daemon.tracebacks(), daemon.tracebacks()
@@ -219,7 +221,7 @@ def unknown_key_text() -> str:
 
 
 # == auth ======================================================================================
-def test_handshake_offers_plain_and_login_as_plaintext_mechanisms(relay: Relay) -> None:
+def test_handshake_offers_plain_and_login_as_plaintext_mechanisms(relay: Site) -> None:
     with DovecotClient(connect(relay.daemon.endpoint("auth"))) as auth:
         mechanisms = auth.handshake()
     assert mechanisms == ["PLAIN", "LOGIN"]
@@ -229,7 +231,7 @@ def test_handshake_offers_plain_and_login_as_plaintext_mechanisms(relay: Relay) 
     assert list(server)[-1] == "DONE" and "SPID" in server
 
 
-def test_plain_with_initial_response_logs_in_as_principal_and_key_id(relay: Relay) -> None:
+def test_plain_with_initial_response_logs_in_as_principal_and_key_id(relay: Site) -> None:
     key = relay.keys["app"]
     with relay.auth() as auth:
         reply = auth.auth("PLAIN", rip=fresh_address(), resp=b64(f"\0{APIKEY}\0{key.text}"))
@@ -238,7 +240,7 @@ def test_plain_with_initial_response_logs_in_as_principal_and_key_id(relay: Rela
 
 
 def test_plain_without_initial_response_gets_an_empty_challenge_then_logs_in(
-    relay: Relay,
+    relay: Site,
 ) -> None:
     key = relay.keys["app"]
     with relay.auth() as auth:
@@ -248,7 +250,7 @@ def test_plain_without_initial_response_gets_an_empty_challenge_then_logs_in(
     assert (reply.status, reply.user) == ("OK", key.identity)
 
 
-def test_login_without_initial_response_asks_username_then_password(relay: Relay) -> None:
+def test_login_without_initial_response_asks_username_then_password(relay: Site) -> None:
     key = relay.keys["app"]
     with relay.auth() as auth:
         reply = auth.login(APIKEY, key.text, rip=fresh_address(), initial=False)
@@ -256,7 +258,7 @@ def test_login_without_initial_response_asks_username_then_password(relay: Relay
 
 
 def test_login_with_the_username_as_initial_response_asks_only_for_the_password(
-    relay: Relay,
+    relay: Site,
 ) -> None:
     key = relay.keys["app"]
     with relay.auth() as auth:
@@ -264,7 +266,7 @@ def test_login_with_the_username_as_initial_response_asks_only_for_the_password(
     assert (reply.status, reply.user) == ("OK", key.identity)
 
 
-def test_one_auth_connection_serves_many_logins_in_turn(relay: Relay) -> None:
+def test_one_auth_connection_serves_many_logins_in_turn(relay: Site) -> None:
     # smtpd keeps one connection to the auth server for all its sessions
     with relay.auth() as auth:
         replies = [auth.plain(APIKEY, relay.keys[name].text, rip=fresh_address())
@@ -273,7 +275,7 @@ def test_one_auth_connection_serves_many_logins_in_turn(relay: Relay) -> None:
                                          for n in ("app", "k1", "app", "watch")]
 
 
-def test_username_other_than_apikey_fails_saying_which_username_to_use(relay: Relay) -> None:
+def test_username_other_than_apikey_fails_saying_which_username_to_use(relay: Site) -> None:
     with relay.auth() as auth:
         reply = auth.plain("alice", relay.keys["misnamed"].text, rip=fresh_address())
     assert reply.status == "FAIL"
@@ -282,7 +284,7 @@ def test_username_other_than_apikey_fails_saying_which_username_to_use(relay: Re
 
 
 def test_password_that_is_not_an_api_key_fails_as_basic_auth_is_not_accepted(
-    relay: Relay,
+    relay: Site,
 ) -> None:
     with relay.auth() as auth:
         reply = auth.login(APIKEY, "hunter2", rip=fresh_address())
@@ -291,7 +293,7 @@ def test_password_that_is_not_an_api_key_fails_as_basic_auth_is_not_accepted(
                             "account passwords are not accepted")
 
 
-def test_unknown_key_fails_asking_to_check_the_whole_key_was_copied(relay: Relay) -> None:
+def test_unknown_key_fails_asking_to_check_the_whole_key_was_copied(relay: Site) -> None:
     with relay.auth() as auth:
         reply = auth.plain(APIKEY, unknown_key_text(), rip=fresh_address())
     assert (reply.status, reply.reason) == (
@@ -299,7 +301,7 @@ def test_unknown_key_fails_asking_to_check_the_whole_key_was_copied(relay: Relay
 
 
 def test_key_revoked_with_the_cli_is_refused_at_the_next_login_without_restart(
-    relay: Relay,
+    relay: Site,
 ) -> None:
     key = relay.daemon.create_key("acme/app", "revoke-me-at-login")
     rip = fresh_address()
@@ -311,7 +313,7 @@ def test_key_revoked_with_the_cli_is_refused_at_the_next_login_without_restart(
     assert reply.reason == f"API key {key.key_id} was revoked; create a new key"
 
 
-def test_expired_key_fails_saying_when_it_expired(relay: Relay) -> None:
+def test_expired_key_fails_saying_when_it_expired(relay: Site) -> None:
     key = relay.keys["expired"]
     with relay.auth() as auth:
         reply = auth.plain(APIKEY, key.text, rip=fresh_address())
@@ -320,14 +322,14 @@ def test_expired_key_fails_saying_when_it_expired(relay: Relay) -> None:
                         "create a new key", reply.reason), reply.reason
 
 
-def test_key_of_a_suspended_account_fails_naming_the_suspension(relay: Relay) -> None:
+def test_key_of_a_suspended_account_fails_naming_the_suspension(relay: Site) -> None:
     with relay.auth() as auth:
         reply = auth.plain(APIKEY, relay.keys["dormant"].text, rip=fresh_address())
     assert reply.status == "FAIL"
     assert reply.reason == "account dormant is suspended; contact your relay administrator"
 
 
-def test_key_without_the_mail_send_scope_fails_naming_the_scope(relay: Relay) -> None:
+def test_key_without_the_mail_send_scope_fails_naming_the_scope(relay: Site) -> None:
     key = relay.keys["noscope"]
     with relay.auth() as auth:
         reply = auth.plain(APIKEY, key.text, rip=fresh_address())
@@ -335,7 +337,7 @@ def test_key_without_the_mail_send_scope_fails_naming_the_scope(relay: Relay) ->
         "FAIL", f"API key {key.key_id} lacks the mail.send scope")
 
 
-def test_client_outside_the_accounts_ip_rules_fails_naming_its_address(relay: Relay) -> None:
+def test_client_outside_the_accounts_ip_rules_fails_naming_its_address(relay: Site) -> None:
     key = relay.keys["fenced"]
     with relay.auth() as auth:
         outside = auth.plain(APIKEY, key.text, rip="192.0.2.99")
@@ -346,7 +348,7 @@ def test_client_outside_the_accounts_ip_rules_fails_naming_its_address(relay: Re
     assert (inside.status, inside.user) == ("OK", key.identity)
 
 
-def test_fifty_concurrent_clients_all_log_in(relay: Relay) -> None:
+def test_fifty_concurrent_clients_all_log_in(relay: Site) -> None:
     clients = 50
     key = relay.keys["app"]
     start = threading.Barrier(clients)
@@ -364,7 +366,7 @@ def test_fifty_concurrent_clients_all_log_in(relay: Relay) -> None:
 
 
 def test_unreadable_directory_closes_the_auth_connection_instead_of_failing_and_recovers(
-    relay: Relay,
+    relay: Site,
 ) -> None:
     key = relay.keys["app"]
     rip = fresh_address()
@@ -383,7 +385,7 @@ def test_unreadable_directory_closes_the_auth_connection_instead_of_failing_and_
 
 # == brute force ===============================================================================
 def test_guessing_failures_from_one_address_lock_it_out_even_for_a_correct_key(
-    relay: Relay,
+    relay: Site,
 ) -> None:
     attacker, bystander = fresh_address(), fresh_address()
     good = relay.keys["app"].text
@@ -399,7 +401,7 @@ def test_guessing_failures_from_one_address_lock_it_out_even_for_a_correct_key(
     assert (other.status, other.user) == ("OK", relay.keys["app"].identity)
 
 
-def test_wrong_secrets_for_one_key_id_lock_that_key_id_from_every_address(relay: Relay) -> None:
+def test_wrong_secrets_for_one_key_id_lock_that_key_id_from_every_address(relay: Site) -> None:
     target = relay.keys["target"]
     addresses = [fresh_address() for _ in range(3)]
     with relay.auth() as auth:
@@ -414,7 +416,7 @@ def test_wrong_secrets_for_one_key_id_lock_that_key_id_from_every_address(relay:
     assert [r.status for r in others] == ["OK"] * 3
 
 
-def test_wrong_username_with_the_right_key_does_not_lock_that_key(relay: Relay) -> None:
+def test_wrong_username_with_the_right_key_does_not_lock_that_key(relay: Site) -> None:
     key = relay.keys["typo"]
     with relay.auth() as auth:
         for _ in range(3):  # max_failures_per_key; a fresh address each time
@@ -423,7 +425,7 @@ def test_wrong_username_with_the_right_key_does_not_lock_that_key(relay: Relay) 
     assert (reply.status, reply.user) == ("OK", key.identity), reply
 
 
-def test_revoked_and_expired_key_attempts_never_count_towards_a_lockout(relay: Relay) -> None:
+def test_revoked_and_expired_key_attempts_never_count_towards_a_lockout(relay: Site) -> None:
     rip = fresh_address()
     revoked, expired = relay.keys["revoked"], relay.keys["expired"]
     with relay.auth() as auth:
@@ -437,7 +439,7 @@ def test_revoked_and_expired_key_attempts_never_count_towards_a_lockout(relay: R
 
 
 # == policy ====================================================================================
-def test_submission_port_without_login_is_refused_530(relay: Relay) -> None:
+def test_submission_port_without_login_is_refused_530(relay: Site) -> None:
     with relay.policy() as policy:
         by_port = policy.ask(server_port="587", sender="app@acme.example")
         by_context = policy.ask(server_port="10587", policy_context="submission",
@@ -446,20 +448,20 @@ def test_submission_port_without_login_is_refused_530(relay: Relay) -> None:
     assert by_context == "530 5.7.0 Authentication required"
 
 
-def test_port_25_without_login_is_left_to_postfix_with_dunno(relay: Relay) -> None:
+def test_port_25_without_login_is_left_to_postfix_with_dunno(relay: Site) -> None:
     with relay.policy() as policy:
         action = policy.ask(server_port="25", sender="someone@elsewhere.example")
     assert action == "DUNNO"
 
 
-def test_logged_in_owned_sender_is_routed_through_the_principals_pool(relay: Relay) -> None:
+def test_logged_in_owned_sender_is_routed_through_the_principals_pool(relay: Site) -> None:
     identity = relay.login(relay.keys["app"])
     with relay.policy() as policy:
         action = policy.ask(**authenticated(identity, "app@acme.example"))
     assert action == "FILTER kr-pool-mkt:"
 
 
-def test_sender_not_owned_by_the_principal_is_refused_550(relay: Relay) -> None:
+def test_sender_not_owned_by_the_principal_is_refused_550(relay: Site) -> None:
     identity = relay.login(relay.keys["app"])
     with relay.policy() as policy:
         action = policy.ask(**authenticated(identity, "ceo@bank.example"))
@@ -467,7 +469,7 @@ def test_sender_not_owned_by_the_principal_is_refused_550(relay: Relay) -> None:
                       "domain or sender of acme/app")
 
 
-def test_key_revoked_after_login_is_refused_at_the_next_message(relay: Relay) -> None:
+def test_key_revoked_after_login_is_refused_at_the_next_message(relay: Site) -> None:
     key = relay.daemon.create_key("acme/app", "revoke-me-in-session")
     identity = relay.login(key)
     with relay.policy() as policy:
@@ -478,7 +480,7 @@ def test_key_revoked_after_login_is_refused_at_the_next_message(relay: Relay) ->
     assert after == f"550 5.7.1 API key {key.key_id} was revoked; create a new key"
 
 
-def test_client_outside_the_accounts_ip_rules_is_refused_554(relay: Relay) -> None:
+def test_client_outside_the_accounts_ip_rules_is_refused_554(relay: Site) -> None:
     identity = relay.login(relay.keys["fenced"], rip="10.1.0.7")
     with relay.policy() as policy:
         outside = policy.ask(**authenticated(identity, "app@fenced.example"),
@@ -508,7 +510,7 @@ def _message(policy: PolicyClient, identity: str, *stages: str, instance: str = 
     return answers
 
 
-def test_a_message_beyond_the_per_minute_limit_is_deferred_451_at_data(relay: Relay) -> None:
+def test_a_message_beyond_the_per_minute_limit_is_deferred_451_at_data(relay: Site) -> None:
     # the counting itself (a limit of 3, counted once at DATA and END-OF-MESSAGE, the window
     # sliding) is tested in process on a clock the test moves (test_policyd_services.py);
     # here the daemon's answer on the wire. With a limit of 1 the second message is deferred
@@ -522,7 +524,7 @@ def test_a_message_beyond_the_per_minute_limit_is_deferred_451_at_data(relay: Re
                                     "acme/limited; try again later"]
 
 
-def test_recipient_beyond_the_per_message_limit_is_deferred_451_at_rcpt(relay: Relay) -> None:
+def test_recipient_beyond_the_per_message_limit_is_deferred_451_at_rcpt(relay: Site) -> None:
     relay.daemon.keyrelay("limits", "set", "acme/rcpt", "--recipients", "2")
     identity = relay.login(relay.keys["rcpt"])
     instance = new_instance()
@@ -536,7 +538,7 @@ def test_recipient_beyond_the_per_message_limit_is_deferred_451_at_rcpt(relay: R
 
 
 def test_message_with_more_recipients_than_the_limit_is_deferred_451_at_data(
-    relay: Relay,
+    relay: Site,
 ) -> None:
     relay.daemon.keyrelay("limits", "set", "acme/rcpt", "--recipients", "2")
     identity = relay.login(relay.keys["rcpt"])
@@ -548,7 +550,7 @@ def test_message_with_more_recipients_than_the_limit_is_deferred_451_at_data(
                      "try again later"]
 
 
-def test_monitor_mode_lets_a_refused_sender_pass_and_logs_it_as_monitor(relay: Relay) -> None:
+def test_monitor_mode_lets_a_refused_sender_pass_and_logs_it_as_monitor(relay: Site) -> None:
     identity = relay.login(relay.keys["watch"])
     request = authenticated(identity, "ceo@bank.example", client_address=fresh_address())
     with relay.policy() as policy:
@@ -567,7 +569,7 @@ def test_monitor_mode_lets_a_refused_sender_pass_and_logs_it_as_monitor(relay: R
     assert logged["principal"] == "watch"
 
 
-def test_unreadable_directory_answers_policy_requests_451_4_3_0(relay: Relay) -> None:
+def test_unreadable_directory_answers_policy_requests_451_4_3_0(relay: Site) -> None:
     identity = relay.login(relay.keys["app"])
     with relay.policy() as policy:
         with broken_directory(relay.daemon.directory_path):
@@ -577,7 +579,7 @@ def test_unreadable_directory_answers_policy_requests_451_4_3_0(relay: Relay) ->
     assert recovered == "FILTER kr-pool-mkt:"
 
 
-def test_one_persistent_connection_serves_many_requests_in_order(relay: Relay) -> None:
+def test_one_persistent_connection_serves_many_requests_in_order(relay: Site) -> None:
     identity = relay.login(relay.keys["app"])
     with relay.policy() as policy:
         first = _message(policy, identity, "MAIL", "RCPT", "RCPT", "DATA", "END-OF-MESSAGE")
@@ -595,7 +597,7 @@ def test_one_persistent_connection_serves_many_requests_in_order(relay: Relay) -
 
 
 def test_non_utf8_bytes_in_a_policy_request_are_decided_and_logged_not_an_internal_error(
-    relay: Relay,
+    relay: Site,
 ) -> None:
     identity = relay.login(relay.keys["app"])
     client = fresh_address()
@@ -613,7 +615,7 @@ def test_non_utf8_bytes_in_a_policy_request_are_decided_and_logged_not_an_intern
 
 
 # == socketmap =================================================================================
-def test_sender_login_lists_every_usable_identity_of_every_owner(relay: Relay) -> None:
+def test_sender_login_lists_every_usable_identity_of_every_owner(relay: Site) -> None:
     k = relay.keys
     with relay.socketmap() as socketmap:
         single_sender = socketmap.lookup("sender_login", "alerts@shared.example")
@@ -624,25 +626,25 @@ def test_sender_login_lists_every_usable_identity_of_every_owner(relay: Relay) -
     assert domain_only == f"OK {k['k1'].identity},{k['w1'].identity}"
 
 
-def test_sender_login_matches_an_uppercase_key(relay: Relay) -> None:
+def test_sender_login_matches_an_uppercase_key(relay: Site) -> None:
     k = relay.keys
     with relay.socketmap() as socketmap:
         reply = socketmap.lookup("sender_login", "News@SHARED.Example")
     assert reply == f"OK {k['k1'].identity},{k['w1'].identity}"
 
 
-def test_sender_login_of_an_unknown_address_is_notfound(relay: Relay) -> None:
+def test_sender_login_of_an_unknown_address_is_notfound(relay: Site) -> None:
     with relay.socketmap() as socketmap:
         assert socketmap.lookup("sender_login", "someone@nowhere.example") == "NOTFOUND "
         assert socketmap.lookup("sender_login", "not an address") == "NOTFOUND "
 
 
-def test_unknown_map_name_is_a_permanent_error(relay: Relay) -> None:
+def test_unknown_map_name_is_a_permanent_error(relay: Site) -> None:
     with relay.socketmap() as socketmap:
         assert socketmap.lookup("virtual", "a@shared.example") == "PERM unknown map 'virtual'"
 
 
-def test_unreadable_directory_makes_sender_login_a_temporary_error(relay: Relay) -> None:
+def test_unreadable_directory_makes_sender_login_a_temporary_error(relay: Site) -> None:
     with relay.socketmap() as socketmap:
         with broken_directory(relay.daemon.directory_path):
             broken = socketmap.lookup("sender_login", "news@shared.example")
@@ -685,7 +687,7 @@ BAD_INPUT = [
 ]
 
 
-def _served(relay: Relay, service: str) -> bool:
+def _served(relay: Site, service: str) -> bool:
     """A fresh client of ``service`` gets a real answer."""
     if service == "auth":
         with relay.auth() as auth:
@@ -700,7 +702,7 @@ def _served(relay: Relay, service: str) -> bool:
 @pytest.mark.parametrize(("service", "data", "warning"), BAD_INPUT,
                          ids=[f"{s}-{w.split(' ', 3)[-1][:28]}" for s, _, w in BAD_INPUT])
 def test_bad_input_closes_only_that_connection_with_a_warning(
-    relay: Relay, service: str, data: bytes, warning: str,
+    relay: Site, service: str, data: bytes, warning: str,
 ) -> None:
     bystander = connect(relay.daemon.endpoint(service))  # opened before, must survive
     mark = relay.daemon.mark()
@@ -722,7 +724,7 @@ def test_bad_input_closes_only_that_connection_with_a_warning(
     assert _served(relay, service)
 
 
-def test_invalid_base64_fails_that_exchange_and_keeps_the_connection(relay: Relay) -> None:
+def test_invalid_base64_fails_that_exchange_and_keeps_the_connection(relay: Site) -> None:
     with relay.auth() as auth:
         initial = auth.auth("PLAIN", rip=fresh_address(), resp="!!not base64!!")
         auth.auth("LOGIN", rip=fresh_address())
@@ -737,7 +739,7 @@ def test_invalid_base64_fails_that_exchange_and_keeps_the_connection(relay: Rela
     assert good.status == "OK"
 
 
-def test_invalid_base64_refusal_is_logged_with_the_client_address(relay: Relay) -> None:
+def test_invalid_base64_refusal_is_logged_with_the_client_address(relay: Site) -> None:
     rip = fresh_address()
     mark = relay.daemon.mark()
     with relay.auth() as auth:
@@ -749,7 +751,7 @@ def test_invalid_base64_refusal_is_logged_with_the_client_address(relay: Relay) 
 
 
 def test_a_request_left_half_sent_is_closed_after_request_timeout_on_every_service(
-    relay: Relay,
+    relay: Site,
 ) -> None:
     partial = {
         "auth": HANDSHAKE + b"AUTH\t1\tPLAIN\tservice=smtp\tnologin",
@@ -775,7 +777,7 @@ def test_a_request_left_half_sent_is_closed_after_request_timeout_on_every_servi
         assert _served(relay, service)
 
 
-def test_thousands_of_idle_connections_do_not_keep_another_client_waiting(relay: Relay) -> None:
+def test_thousands_of_idle_connections_do_not_keep_another_client_waiting(relay: Site) -> None:
     count = 2000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = count + 256
@@ -946,7 +948,7 @@ def test_sigterm_finishes_the_request_in_progress_closes_idle_ones_and_exits_0(
 
 
 def test_last_used_time_is_written_to_the_directory_within_the_flush_interval(
-    relay: Relay,
+    relay: Site,
 ) -> None:
     key = relay.keys["lastused"]
     before = now()
@@ -972,7 +974,7 @@ def test_sigterm_writes_last_used_times_before_exiting(spawn: Callable[..., Poli
 
 
 def test_every_decision_is_logged_once_with_service_principal_key_id_client_and_verdict(
-    relay: Relay,
+    relay: Site,
 ) -> None:
     key = relay.keys["app"]
     rip = fresh_address()
@@ -1001,7 +1003,7 @@ def test_every_decision_is_logged_once_with_service_principal_key_id_client_and_
                               "key": f"probe-{rip}@nowhere.example", "result": "notfound"}
 
 
-def test_the_log_never_contains_an_api_key_or_its_secret(relay: Relay) -> None:
+def test_the_log_never_contains_an_api_key_or_its_secret(relay: Site) -> None:
     made = [key for name, key in relay.keys.items() if name != "pasted"]
     spoiled = relay.daemon.create_key("acme/app", "logged-everywhere")
     made.append(spoiled)
@@ -1022,7 +1024,7 @@ def test_the_log_never_contains_an_api_key_or_its_secret(relay: Relay) -> None:
     assert not leaked, f"secrets of these keys are in {relay.daemon.log_path}"
 
 
-def test_an_api_key_pasted_as_the_username_is_not_logged(relay: Relay) -> None:
+def test_an_api_key_pasted_as_the_username_is_not_logged(relay: Site) -> None:
     key = relay.keys["pasted"]
     rip = fresh_address()
     mark = relay.daemon.mark()
@@ -1202,7 +1204,7 @@ def test_check_config_fails_when_policyd_user_cannot_read_the_directory(tmp_path
     assert "Traceback" not in result.stderr
 
 
-def test_login_that_postfix_reports_outside_tls_is_refused(relay: Relay) -> None:
+def test_login_that_postfix_reports_outside_tls_is_refused(relay: Site) -> None:
     key = relay.keys["app"]
     with relay.auth() as auth:
         reply = auth.auth("PLAIN", rip=fresh_address(), resp=b64(f"\0{APIKEY}\0{key.text}"),
