@@ -86,15 +86,17 @@ lint: deps
 
 # The edit loop: lint, types and the tests that run in process (no Postfix, slapd, DNS
 # server, Ansible or daemon process; tests/conftest.py IN_PROCESS). About a minute.
+# PYTEST_FLAGS: more pytest options for both runs, e.g. PYTEST_FLAGS=--durations=0
+PYTEST_FLAGS :=
 check: deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -m "not system"
+	$(BIN)/python -m pytest -q -m "not system" $(PYTEST_FLAGS)
 
 # Everything, cheap checks first so that a mistake fails fast: lint, types, the in-process
 # tests, then the tests that start Postfix, slapd, DNS, Ansible and the daemons.
 test: check
-	$(BIN)/python -m pytest -m system
+	$(BIN)/python -m pytest -m system $(PYTEST_FLAGS)
 
 run: deps
 	$(BIN)/python -m keyrelay.demo $(RUN_DIR)
