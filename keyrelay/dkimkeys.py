@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from .directory.model import Algorithm, Pool, Selector, SelectorState
+from .errors import KeyrelayError
 
 RSA_BITS = 2048
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -160,22 +161,37 @@ class NewKeys:
 
 
 @contextlib.contextmanager
-def new_keys(key_dir: str, warn: Callable[[str], None]) -> Iterator[NewKeys]:
+def new_keys(key_dir: str, warn: Callable[[str], None],
+             named: Callable[[], set[str]] | None = None) -> Iterator[NewKeys]:
     """Private key files for a directory write that names them: ``keys.create(...)``, then
     the write, then ``keys.written()``.
 
-    Leaving the block before ``written()`` (the write refused or failed, an error or Ctrl-C
-    before it) deletes the files made: nothing names them, and no private key is left
-    behind. After ``written()`` the directory names them and they stay, whatever fails next
-    (e.g. the audit log): without them the domain could not sign. A file that cannot be
-    deleted is passed to ``warn``.
+    Leaving the block before ``written()`` (the write refused or failed, an error or Ctrl-C)
+    deletes the files made that the directory does not name: no private key is left behind.
+    Whether the write happened is asked of the directory itself (``named``: the key files
+    it names), not only of ``written()``: a Ctrl-C can land after the directory file was
+    replaced and before ``written()`` ran. What the directory names stays, whatever fails
+    next (e.g. the audit log): without it the domain could not sign. When the directory
+    cannot be read, the files stay (with a warning): a stray key file can be deleted by
+    hand, a domain whose key is gone cannot sign. A file that cannot be deleted is passed
+    to ``warn``.
     """
     keys = NewKeys(key_dir)
     try:
         yield keys
     finally:
-        if not keys.recorded:
-            for problem in delete_key_files(keys.files):
+        if not keys.recorded and keys.files:
+            doomed = list(keys.files)
+            if named is not None:
+                try:
+                    kept = named()
+                except (KeyrelayError, OSError) as exc:
+                    for path in doomed:
+                        warn(f"kept {path}: cannot tell whether the directory names it ({exc})")
+                    doomed = []
+                else:
+                    doomed = [path for path in doomed if os.path.abspath(path) not in kept]
+            for problem in delete_key_files(doomed):
                 warn(problem)
 
 

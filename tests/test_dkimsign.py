@@ -16,6 +16,7 @@ import base64
 import contextlib
 import hashlib
 import logging
+import os
 import pickle
 import random
 import types
@@ -33,6 +34,7 @@ from dkim.canonicalization import Relaxed
 
 from keyrelay import dkimkeys
 from keyrelay.directory.model import Algorithm, Selector, SelectorState
+from keyrelay.errors import DirectoryUnavailable
 from milters import dkimsign
 from milters.dkimsign import KeyStore, KeyUnavailable, RelaxedBodyHash, SigningKey, sign
 
@@ -536,6 +538,32 @@ def test_new_keys_stay_only_once_the_directory_write_happened(
             raise WriteFailed
     assert [Path(s.key_file).exists() for s in made] == [kept, kept]
     assert warnings == []
+
+
+def test_a_failure_after_the_directory_named_the_keys_keeps_them(tmp_path: Path) -> None:
+    """Ctrl-C between the directory file's replacement and ``written()``: the directory is
+    asked which files it names, and those stay; the others go; an unreadable directory
+    keeps them all, with a warning."""
+    names = {Algorithm.RSA_SHA256: "s-rsa", Algorithm.ED25519_SHA256: "s-ed"}
+    named: set[str] = set()
+    with contextlib.suppress(WriteFailed), dkimkeys.new_keys(
+            str(tmp_path), print, lambda: named) as new:
+        made = new.create("keys.example", names, SelectorState.ACTIVE, NOW)
+        named.add(os.path.abspath(made[0].key_file))  # the directory names the first only
+        raise WriteFailed
+    assert [Path(s.key_file).exists() for s in made] == [True, False]
+
+    def unreadable() -> set[str]:
+        raise DirectoryUnavailable("directory.yaml: cannot read the file: Permission denied")
+
+    warnings: list[str] = []
+    with contextlib.suppress(WriteFailed), dkimkeys.new_keys(
+            str(tmp_path / "other"), warnings.append, unreadable) as new:
+        made = new.create("keys.example", names, SelectorState.ACTIVE, NOW)
+        raise WriteFailed
+    assert all(Path(s.key_file).exists() for s in made)
+    assert len(warnings) == 2 and all("cannot tell whether the directory names it" in w
+                                      for w in warnings)
 
 
 def test_a_key_written_before_a_failing_one_is_deleted_too(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ another writer, and the exit codes."""
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -55,8 +56,14 @@ class Context:
         audit.record(self.config.logging.audit_log, self.now, action, **details)
 
     def new_keys(self) -> AbstractContextManager[dkimkeys.NewKeys]:
-        """``dkimkeys.new_keys`` in dkim.key_dir, a file it cannot delete a warning."""
-        return dkimkeys.new_keys(self.config.dkim.key_dir, warn)
+        """``dkimkeys.new_keys`` in dkim.key_dir, a file it cannot delete a warning; after
+        a failure it keeps what the directory names."""
+        return dkimkeys.new_keys(self.config.dkim.key_dir, warn, self.named_key_files)
+
+    def named_key_files(self) -> set[str]:
+        """The private key files the directory names now (absolute paths)."""
+        data = self.directory.load(missing_ok=True)
+        return {os.path.abspath(s.key_file) for d in data.domains.values() for s in d.selectors}
 
     def say(self, text: str) -> None:
         if not self.json:
