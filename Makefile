@@ -86,17 +86,23 @@ lint: deps
 
 # The edit loop: lint, types and the tests that run in process (no Postfix, slapd, DNS
 # server, Ansible or daemon process; tests/conftest.py IN_PROCESS). About a minute.
-# PYTEST_FLAGS: more pytest options for both runs, e.g. PYTEST_FLAGS=--durations=0
+# PYTEST_FLAGS: more pytest options for both runs, e.g. PYTEST_FLAGS=--durations=0.
+# PYTEST_WORKERS: test processes (pytest-xdist); each test module runs whole in one of them
+# (its module and session fixtures are not shared: each worker starts its own relay and
+# slapd). Most system tests wait on Postfix, slapd and the network rather than on a CPU, so
+# two workers about halve the wall time on a 2-core machine. PYTEST_WORKERS=0: one process.
 PYTEST_FLAGS :=
+PYTEST_WORKERS := 2
+PYTEST_RUN = $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_FLAGS)
 check: deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -m "not system" $(PYTEST_FLAGS)
+	$(PYTEST_RUN) -q -m "not system"
 
 # Everything, cheap checks first so that a mistake fails fast: lint, types, the in-process
 # tests, then the tests that start Postfix, slapd, DNS, Ansible and the daemons.
 test: check
-	$(BIN)/python -m pytest -m system $(PYTEST_FLAGS)
+	$(PYTEST_RUN) -m system
 
 run: deps
 	$(BIN)/python -m keyrelay.demo $(RUN_DIR)
