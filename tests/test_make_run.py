@@ -86,7 +86,11 @@ def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
     try:
         values = read_env(run_dir / "demo.env")
         assert (run_dir / "demo.env").stat().st_mode & 0o777 == 0o600
-        assert values["KEYRELAY_SUBMISSION_PORT"] == env["KEYRELAY_SUBMISSION_PORT"]
+        # every setting the demo was started with is in it (the README says so)
+        for name in ("KEYRELAY_SMTP_PORT", "KEYRELAY_SUBMISSION_PORT",
+                     "KEYRELAY_ALT_SUBMISSION_PORT", "KEYRELAY_SUBMISSIONS_PORT",
+                     "KEYRELAY_SINK_PORT", "KEYRELAY_POOL_ADDRESS"):
+            assert values[name] == env[name], name
         assert values["KEYRELAY_DEMO_KEY"].startswith("kr.")
         assert values["KEYRELAY_DEMO_KEY"] not in demo.text()  # the banner never shows the key
         (command,) = [line.strip() for line in demo.text().splitlines()

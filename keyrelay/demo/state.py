@@ -133,6 +133,8 @@ def write_env(settings: Settings, key: str, key_id: str) -> None:
         "KEYRELAY_SUBMISSION_PORT": str(settings.submission_port),
         "KEYRELAY_ALT_SUBMISSION_PORT": str(settings.alt_submission_port),
         "KEYRELAY_SUBMISSIONS_PORT": str(settings.submissions_port),
+        "KEYRELAY_SINK_PORT": str(settings.sink_port),
+        "KEYRELAY_POOL_ADDRESS": settings.pool_address,
         "KEYRELAY_CONFIG": str(settings.config),
         "KEYRELAY_OUTBOX": str(settings.outbox),
     }
