@@ -2,11 +2,13 @@
 
 Brute-force protection sits in front of the decision engine, keyed on the client address and
 on the key id (every username is ``apikey``, so the username is useless as a key). This module
-keeps the counts; what counts as a guess and what a locked-out client is told is the engine's
+keeps the counts, and where each key id recently logged in; what counts as a guess, who a
+lock-out stops and what a locked-out client is told is the engine's
 (keyrelay/decisions/login.py): a wrong username, a password that is not a key, an unknown key
 id or a wrong secret count; a revoked or expired key, a suspended principal or a refused
 address is a known key used in the wrong place, answered clearly every time without locking
-anyone out.
+anyone out. A locked key id still logs in where it recently logged in (docs/policyd.md,
+"Brute-force protection").
 """
 
 from __future__ import annotations
@@ -18,21 +20,23 @@ from keyrelay import keys, names
 from keyrelay.config import BruteForceConfig
 from keyrelay.decisions import (
     Action,
+    LockoutFacts,
     LoginFacts,
     Reason,
     Verdict,
     counts_against_key,
     counts_as_guess,
+    decide_lockout,
     decide_login,
-    locked_out,
     minutes,
     temporary,
 )
+from keyrelay.durations import format_duration
 from keyrelay.errors import DirectoryUnavailable, UserError
 
 from . import dovecot
 from .context import ServiceContext
-from .counters import FailureTracker
+from .counters import FailureTracker, RecentLogins
 
 log = logging.getLogger("keyrelay.policyd.auth")
 
@@ -40,6 +44,7 @@ log = logging.getLogger("keyrelay.policyd.auth")
 class AuthService:
     def __init__(self, context: ServiceContext) -> None:
         self.context = context
+        self.logins = RecentLogins(context.config.policyd.bruteforce.max_tracked)
         self.configure(context.config.policyd.bruteforce)
 
     def configure(self, bf: BruteForceConfig) -> None:
@@ -47,6 +52,9 @@ class AuthService:
             bf.max_failures_per_address, bf.window, bf.lockout, bf.max_tracked
         )
         self.by_key = FailureTracker(bf.max_failures_per_key, bf.window, bf.lockout, bf.max_tracked)
+        # where each key logged in is a fact, not a threshold: kept unless its bound changed
+        if self.logins.max_tracked != bf.max_tracked:
+            self.logins = RecentLogins(bf.max_tracked)
 
     def login(self, attempt: dovecot.Attempt) -> Verdict | KeyLookup:
         """Decide one attempt; every fault of ours becomes a TEMPFAIL verdict.
@@ -76,13 +84,13 @@ class AuthService:
         client = client_key(address)
         presented = keys.parse(attempt.password)
         key_id = presented.key_id if presented else None
-        locked = self.by_address.locked_for(client, now)
-        if locked:
-            return locked_out(Reason.ADDRESS_LOCKED_OUT, f"too many failed logins from {address}",
-                              locked, key_id)
-        if key_id and (locked := self.by_key.locked_for(key_id, now)):
-            return locked_out(Reason.KEY_LOCKED_OUT,
-                              f"too many failed logins for API key {key_id}", locked, key_id)
+        locked = decide_lockout(ctx.settings, LockoutFacts(
+            address, key_id, self.by_address.locked_for(client, now),
+            self.by_key.locked_for(key_id, now) if key_id else 0.0,
+            self.logins.since(key_id, client, now) if key_id else None,
+        ))
+        if locked is not None:
+            return locked
         try:
             directory = ctx.snapshot()
         except DirectoryUnavailable as exc:
@@ -100,10 +108,15 @@ class AuthService:
                 log.warning("client %s locked out for %s after repeated failed logins",
                             address, minutes(ctx.config.policyd.bruteforce.lockout))
             if key_id and counts_against_key(verdict) and self.by_key.fail(key_id, now):
-                log.warning("API key %s locked out for %s after repeated wrong secrets",
-                            key_id, minutes(ctx.config.policyd.bruteforce.lockout))
+                bf = ctx.config.policyd.bruteforce
+                log.warning("API key %s locked out for %s after repeated wrong secrets (the "
+                            "last from %s); still let in from the %d address(es) where it "
+                            "logged in within %s", key_id, minutes(bf.lockout), address,
+                            self.logins.clients(key_id, now, ctx.settings.trusted_for),
+                            format_duration(bf.trusted_for))
         elif verdict.allowed and verdict.key_id:
             ctx.key_used(verdict.key_id, facts.now)
+            self.logins.succeeded(verdict.key_id, client, now)
         return verdict
 
     def log(self, attempt: dovecot.Attempt, verdict: Verdict) -> None:

@@ -1,9 +1,11 @@
-"""In-memory counters: message rates per principal and login failures per address / key id.
+"""In-memory counters: message rates per principal, login failures per address / key id, and
+where each key id recently logged in.
 
-Both are bounded: rate counters hold two numbers per principal and window; failure trackers
+All are bounded: rate counters hold two numbers per principal and window; failure trackers
 keep at most ``max_tracked`` entries and forget the least recently failed first, so an attack
-from many addresses cannot grow memory without limit. (Several relay nodes sharing limits need
-a shared store such as Redis, a later step.)
+from many addresses cannot grow memory without limit; the recent logins keep at most
+``per_key`` clients for each of at most ``max_tracked`` key ids (only a good key adds one).
+(Several relay nodes sharing limits need a shared store such as Redis, a later step.)
 """
 
 from __future__ import annotations
@@ -99,6 +101,51 @@ class FailureTracker:
             entry.first, entry.count = now, 0
             return True
         return False
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class RecentLogins:
+    """Per key id, the clients (address or IPv6 /64) of its recent successful logins, with the
+    time of the last one from each: what lets a key's owner through its key id's lock-out
+    (keyrelay/decisions/login.py ``decide_lockout``).
+
+    At most ``per_key`` clients per key id (the least recently seen forgotten first) and
+    ``max_tracked`` key ids (the least recently logged in forgotten first).
+    """
+
+    def __init__(self, max_tracked: int, per_key: int = 8) -> None:
+        self.max_tracked = max_tracked
+        self._per_key = per_key
+        self._entries: OrderedDict[str, OrderedDict[str, float]] = OrderedDict()
+
+    def succeeded(self, key_id: str, client: str, now: float) -> None:
+        """Remember one successful login of ``key_id`` from ``client``."""
+        clients = self._entries.get(key_id)
+        if clients is None:
+            clients = self._entries[key_id] = OrderedDict()
+            while len(self._entries) > self.max_tracked:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key_id)
+        clients[client] = now
+        clients.move_to_end(client)
+        while len(clients) > self._per_key:
+            clients.popitem(last=False)
+
+    def since(self, key_id: str, client: str, now: float) -> float | None:
+        """Seconds since ``key_id`` last logged in from ``client``; None if not remembered."""
+        clients = self._entries.get(key_id)
+        last = clients.get(client) if clients is not None else None
+        return None if last is None else now - last
+
+    def clients(self, key_id: str, now: float, within: float) -> int:
+        """How many clients ``key_id`` logged in from within the last ``within`` seconds."""
+        clients = self._entries.get(key_id)
+        if clients is None:
+            return 0
+        return sum(1 for last in clients.values() if now - last <= within)
 
     def __len__(self) -> int:
         return len(self._entries)

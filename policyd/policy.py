@@ -4,7 +4,8 @@ Stages (``protocol_state``):
 
 - MAIL and RCPT: the session must be logged in on a submission service, the login must still
   be valid (key not revoked or expired since), the client inside the IP access rules, the
-  envelope sender the principal's own; at RCPT also the recipients-per-message limit. An
+  envelope sender the principal's own; at RCPT also the recipients-per-message limit (each
+  recipient beyond it gets ``452 4.5.3``, the others the message: docs/policyd.md). An
   allowed request answers ``FILTER <pool transport>:`` so the mail leaves through the
   principal's IP pool, or ``DUNNO`` to let Postfix's own restrictions go on.
 - DATA and END-OF-MESSAGE: the same checks, and the message rate limits; each message is

@@ -1,6 +1,7 @@
-"""Brute-force lock-out through a real Postfix (issue 10): keyrelay-policyd's counters seen
-from the SMTP client's side, on the relay ``make run`` starts (fixture ``demo_relay``, with
-the default limits: 10 guessing failures per address, 10 wrong secrets per key id).
+"""Brute-force lock-out through a real Postfix (issues 10 and 20): keyrelay-policyd's counters
+seen from the SMTP client's side, on the relay ``make run`` starts (fixture ``demo_relay``,
+with the default limits: 10 guessing failures per address, 10 wrong secrets per key id; a
+locked key id still logs in where it logged in within ``trusted_for``, 7 days).
 
 Every attempt is a real AUTH PLAIN after STARTTLS on the submission port; each session
 makes a few attempts only (Postfix itself slows a client down after
@@ -66,6 +67,8 @@ def test_wrong_secrets_for_one_key_from_many_addresses_lock_that_key_only(
         demo_relay: Relay) -> None:
     tenant = new_tenant(demo_relay)
     second, _ = new_key(demo_relay, tenant.principal)
+    home = next_source()  # where the owner uses the key
+    assert auth_plain(demo_relay, home, [tenant.key])[-1][0] == 235
 
     replies = [auth_plain(demo_relay, next_source(), [guess(tenant.key)])[0]
                for _ in range(30)]  # 30 addresses, one guess each: no address lock-out
@@ -74,7 +77,9 @@ def test_wrong_secrets_for_one_key_from_many_addresses_lock_that_key_only(
     assert all("too many failed logins for API key" not in t for _, t in replies[:10])
     assert all(f"too many failed logins for API key {tenant.key_id}" in t
                for _, t in replies[10:]), replies[10:13]
-    # the owner's right secret is refused while the key id is locked; its other key works
+    # the owner's right secret is refused from an address it never logged in from...
     (code, text), = auth_plain(demo_relay, next_source(), [tenant.key])
     assert code == 535 and tenant.key_id in text
+    # ...but not where it logged in before the attack (issue 20), and its other key works
+    assert auth_plain(demo_relay, home, [tenant.key])[-1][0] == 235
     assert auth_plain(demo_relay, next_source(), [second])[-1][0] == 235

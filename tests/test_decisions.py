@@ -21,6 +21,7 @@ from keyrelay.decisions import (
     EngineSettings,
     EnvelopeFacts,
     HeaderFacts,
+    LockoutFacts,
     LoginFacts,
     RateFacts,
     Reason,
@@ -29,6 +30,7 @@ from keyrelay.decisions import (
     counts_as_guess,
     decide_envelope,
     decide_headers,
+    decide_lockout,
     decide_login,
     decide_rate,
     format_identity,
@@ -280,6 +282,52 @@ def test_a_locked_out_login_is_535_and_says_for_how_many_minutes() -> None:
                                   "in 2 minutes")
     assert verdict.reason == "address_locked_out" and not counts_as_guess(verdict)
     assert lockout_minutes(1) == "1 minute" and lockout_minutes(900) == "15 minutes"
+
+
+LOCKOUT_CASES: list[tuple[tuple[float, float, float | None], str | None, str]] = [
+    # ((address locked, key locked, seconds since the key's last login here), reason, why)
+    ((0, 0, None), None, "nothing locked: decided on the credentials"),
+    ((0, 0, 3600), None, "nothing locked, a known client"),
+    ((600, 0, None), "address_locked_out", "the address is locked"),
+    ((600, 900, 60), "address_locked_out",
+     "the address lock-out stops even the key's own client: the attacker's address stays locked"),
+    ((0, 900, None), "key_locked_out", "the key id is locked, a client it never logged in from"),
+    ((0, 900, 60), None, "the key id is locked, but it logged in from here a minute ago"),
+    ((0, 900, 7 * 86400), None, "logged in from here exactly trusted_for ago"),
+    ((0, 900, 7 * 86400 + 1), "key_locked_out", "its last login from here is too old"),
+]
+
+
+@pytest.mark.parametrize(("counts", "reason"), [c[:2] for c in LOCKOUT_CASES],
+                         ids=[c[2] for c in LOCKOUT_CASES])
+def test_a_locked_key_id_still_logs_in_where_it_recently_logged_in(
+    counts: tuple[float, float, float | None], reason: str | None,
+) -> None:
+    address_locked, key_locked, since = counts
+    verdict = decide_lockout(DEFAULTS, LockoutFacts("192.0.2.1", "a" * 16, address_locked,
+                                                    key_locked, since))
+    if reason is None:
+        assert verdict is None
+        return
+    assert verdict is not None
+    assert_refused(verdict, 535, "5.7.8", reason)
+    assert verdict.key_id == "a" * 16 and not counts_as_guess(verdict)
+    assert verdict.text == (
+        "too many failed logins from 192.0.2.1; try again in 10 minutes"
+        if reason == "address_locked_out" else
+        f"too many failed logins for API key {'a' * 16}; try again in 15 minutes")
+
+
+def test_trusted_for_0_locks_a_key_id_out_everywhere() -> None:
+    settings = EngineSettings(trusted_for=0.0)
+    verdict = decide_lockout(settings, LockoutFacts("192.0.2.1", "a" * 16, 0, 900, 0.0))
+    assert verdict is not None and verdict.reason == "key_locked_out"
+
+
+def test_a_password_that_is_no_key_meets_the_address_lockout_only() -> None:
+    assert decide_lockout(DEFAULTS, LockoutFacts("192.0.2.1", None, 0, 900, None)) is None
+    locked = decide_lockout(DEFAULTS, LockoutFacts("192.0.2.1", None, 30, 0, None))
+    assert locked is not None and locked.reason == "address_locked_out"
 
 
 def test_our_own_faults_are_one_temporary_answer_per_reason_in_every_service() -> None:
@@ -699,43 +747,56 @@ def test_limits_for_inherits_subuser_then_account_then_config(
     assert limits_for(_limited_world().snapshot(), settings, principal) == expected
 
 
-RATE_CASES: list[tuple[str, tuple[int, int, int], bool, str]] = [
-    # (principal, (per minute, per hour, recipients), allowed, what it shows)
-    ("acme", (10, 1, 1), True, "account minute limit reached exactly"),
-    ("acme", (11, 1, 1), False, "account minute limit exceeded"),
-    ("acme", (1, 1000, 1), True, "default hour limit reached exactly"),
-    ("acme", (1, 1001, 1), False, "default hour limit exceeded"),
-    ("acme", (1, 1, 5), True, "account recipients limit reached exactly"),
-    ("acme", (1, 1, 6), False, "account recipients limit exceeded"),
-    ("acme/marketing", (3, 1, 1), True, "subuser minute limit reached exactly"),
-    ("acme/marketing", (4, 1, 1), False, "subuser's own minute limit below the account's"),
-    ("acme/marketing", (1, 51, 1), False, "subuser's own hour limit"),
-    ("acme/marketing", (1, 1, 6), False, "subuser inherits account recipients limit"),
-    ("acme/billing", (11, 1, 1), False, "subuser inherits account minute limit"),
-    ("globex", (60, 1000, 20), True, "defaults reached exactly"),
-    ("globex", (61, 1, 1), False, "default minute limit exceeded"),
-    ("globex", (1, 1, 21), False, "default recipients limit exceeded"),
+RATE_CASES: list[tuple[str, tuple[int, int, int], str | None, str]] = [
+    # (principal, (per minute, per hour, recipients), reason refused or None, what it shows)
+    ("acme", (10, 1, 1), None, "account minute limit reached exactly"),
+    ("acme", (11, 1, 1), "rate_limited", "account minute limit exceeded"),
+    ("acme", (1, 1000, 1), None, "default hour limit reached exactly"),
+    ("acme", (1, 1001, 1), "rate_limited", "default hour limit exceeded"),
+    ("acme", (1, 1, 5), None, "account recipients limit reached exactly"),
+    ("acme", (1, 1, 6), "too_many_recipients", "account recipients limit exceeded"),
+    ("acme/marketing", (3, 1, 1), None, "subuser minute limit reached exactly"),
+    ("acme/marketing", (4, 1, 1), "rate_limited",
+     "subuser's own minute limit below the account's"),
+    ("acme/marketing", (1, 51, 1), "rate_limited", "subuser's own hour limit"),
+    ("acme/marketing", (1, 1, 6), "too_many_recipients",
+     "subuser inherits account recipients limit"),
+    ("acme/billing", (11, 1, 1), "rate_limited", "subuser inherits account minute limit"),
+    ("globex", (60, 1000, 20), None, "defaults reached exactly"),
+    ("globex", (61, 1, 1), "rate_limited", "default minute limit exceeded"),
+    ("globex", (1, 1, 21), "too_many_recipients", "default recipients limit exceeded"),
+    ("globex", (61, 1, 21), "too_many_recipients", "both: the recipients limit is named"),
 ]
+# RFC 5321 section 4.5.3.1.10 and RFC 3463: "452 4.5.3" for too many recipients, as Postfix's
+# own smtpd_recipient_limit answers; a message rate is a policy limit, "451 4.7.1"
+RATE_ANSWERS = {"rate_limited": (451, "4.7.1"), "too_many_recipients": (452, "4.5.3")}
 
 
 @pytest.mark.parametrize(
-    ("principal", "counts", "allowed"),
+    ("principal", "counts", "refused"),
     [case[:3] for case in RATE_CASES],
     ids=[case[3] for case in RATE_CASES],
 )
-def test_rate_limit_reached_is_temporary_451_4_7_1(
-    principal: str, counts: tuple[int, int, int], allowed: bool
+def test_rate_limit_is_451_4_7_1_and_too_many_recipients_452_4_5_3(
+    principal: str, counts: tuple[int, int, int], refused: str | None
 ) -> None:
     w = _limited_world()
     ident = identity(w, w.key(principal))
     settings = EngineSettings(default_limits=Limits(60, 1000, 20))
     verdict = rate(w, ident, *counts, settings=settings)
-    if allowed:
+    if refused is None:
         assert verdict.action is Action.ALLOW and verdict.principal == principal, verdict
     else:
-        assert_refused(verdict, 451, "4.7.1", "rate_limited")
-        assert verdict.principal == principal
-        assert "try again later" in verdict.text
+        assert_refused(verdict, *RATE_ANSWERS[refused], refused)
+        assert verdict.action is Action.TEMPFAIL and verdict.principal == principal
+
+
+def test_too_many_recipients_names_the_limit_and_says_to_send_the_others_later() -> None:
+    w = _limited_world()
+    verdict = rate(w, identity(w, w.key("acme/marketing")), 1, 1, 6)
+    assert verdict.smtp_reply == (
+        "452 4.5.3 too many recipients: at most 5 per message for acme/marketing; send the "
+        "others in another message")
 
 
 def test_rate_refusal_names_the_limit_that_was_reached() -> None:
@@ -925,6 +986,10 @@ MONITORED: dict[str, tuple[MonitoredCase, tuple[int, str, str]]] = {
     "rate limit": (
         lambda w, s: rate(w, identity(w, w.key("acme")), 10**6, settings=s),
         (451, "4.7.1", "rate_limited"),
+    ),
+    "too many recipients": (
+        lambda w, s: rate(w, identity(w, w.key("acme")), recipients=10**6, settings=s),
+        (452, "4.5.3", "too_many_recipients"),
     ),
 }
 
@@ -1131,6 +1196,8 @@ def test_settings_from_config_read_every_engine_setting() -> None:
         limits=replace(config.limits, messages_per_minute=1, messages_per_hour=2,
                        recipients_per_message=3),
         routing=replace(config.routing, default_pool="shared", transport_prefix="out-"),
+        policyd=replace(config.policyd, bruteforce=replace(config.policyd.bruteforce,
+                                                           trusted_for=Duration(3600.0))),
     )
     assert EngineSettings.from_config(config) == EngineSettings(
         username="relay",
@@ -1139,6 +1206,7 @@ def test_settings_from_config_read_every_engine_setting() -> None:
         default_limits=Limits(1, 2, 3),
         default_pool="shared",
         transport_prefix="out-",
+        trusted_for=3600.0,
     )
 
 

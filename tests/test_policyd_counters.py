@@ -1,11 +1,12 @@
 """In-memory counters of keyrelay-policyd: message rates (SlidingWindow) and login failures
-(FailureTracker). Time is passed in, so every test states its clock explicitly."""
+(FailureTracker) and where each key id recently logged in (RecentLogins). Time is passed in, so
+every test states its clock explicitly."""
 
 from __future__ import annotations
 
 import pytest
 
-from policyd.counters import FailureTracker, SlidingWindow
+from policyd.counters import FailureTracker, RecentLogins, SlidingWindow
 
 # -- SlidingWindow ------------------------------------------------------------------------------
 
@@ -170,3 +171,44 @@ def test_memory_stays_bounded_when_fed_a_hundred_thousand_distinct_keys() -> Non
 
 def test_locked_for_an_unknown_key_is_zero() -> None:
     assert tracker().locked_for("never-failed", 0.0) == 0
+
+
+# -- RecentLogins -------------------------------------------------------------------------------
+def test_recent_logins_tell_how_long_ago_a_key_logged_in_from_a_client() -> None:
+    logins = RecentLogins(max_tracked=100)
+    logins.succeeded("key1", "192.0.2.7", 10.0)
+    logins.succeeded("key1", "192.0.2.7", 50.0)  # the latest login counts
+    logins.succeeded("key2", "192.0.2.8", 20.0)
+    assert logins.since("key1", "192.0.2.7", 80.0) == 30.0
+    assert logins.since("key1", "192.0.2.8", 80.0) is None  # key2's client, not key1's
+    assert logins.since("key3", "192.0.2.7", 80.0) is None
+    assert logins.clients("key1", 80.0, within=60.0) == 1
+    assert logins.clients("key1", 80.0, within=10.0) == 0
+
+
+def test_recent_logins_keep_the_latest_clients_of_a_key_only() -> None:
+    logins = RecentLogins(max_tracked=100, per_key=3)
+    for i, client in enumerate(("a", "b", "c", "a", "d")):
+        logins.succeeded("key", client, float(i))
+    # "b" was the least recently seen when "d" came: a, c, d remain
+    assert [logins.since("key", c, 10.0) for c in "abcd"] == [7.0, None, 8.0, 6.0]
+    assert logins.clients("key", 10.0, within=100.0) == 3
+
+
+def test_recent_logins_forget_the_least_recently_logged_in_key_first() -> None:
+    logins = RecentLogins(max_tracked=2)
+    logins.succeeded("k1", "a", 0.0)
+    logins.succeeded("k2", "a", 1.0)
+    logins.succeeded("k1", "b", 2.0)  # k1 used again: k2 is now the oldest
+    logins.succeeded("k3", "a", 3.0)
+    assert len(logins) == 2
+    assert logins.since("k2", "a", 4.0) is None
+    assert logins.since("k1", "a", 4.0) == 4.0 and logins.since("k3", "a", 4.0) == 1.0
+
+
+def test_recent_logins_memory_stays_bounded() -> None:
+    logins = RecentLogins(max_tracked=1000, per_key=8)
+    for i in range(20_000):
+        logins.succeeded(f"key{i % 3000}", f"198.51.100.{i % 50}", float(i))
+        assert len(logins) <= 1000
+    assert len(logins) == 1000

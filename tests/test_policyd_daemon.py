@@ -401,18 +401,31 @@ def test_guessing_failures_from_one_address_lock_it_out_even_for_a_correct_key(
     assert (other.status, other.user) == ("OK", relay.keys["app"].identity)
 
 
-def test_wrong_secrets_for_one_key_id_lock_that_key_id_from_every_address(relay: Site) -> None:
+def test_wrong_secrets_for_one_key_id_lock_it_everywhere_but_where_it_logged_in(
+    relay: Site,
+) -> None:
+    # issue 20: a stranger who knows a key id (it is in 535 replies and the mail log) must not
+    # lock its owner out where the owner uses the key
     target = relay.keys["target"]
+    home = fresh_address()
+    v6_home = "2001:db8:20:14::7"
     addresses = [fresh_address() for _ in range(3)]
     with relay.auth() as auth:
+        assert auth.plain(APIKEY, target.text, rip=home).status == "OK"
+        assert auth.plain(APIKEY, target.text, rip=v6_home).status == "OK"
         for rip in addresses:  # one failure per address: no address reaches its limit
             wrong = f"kr.{target.key_id}.{keys.generate().text.split('.')[2]}"
             assert auth.plain(APIKEY, wrong, rip=rip).reason.startswith("unknown API key")
-        locked = auth.plain(APIKEY, target.text, rip=fresh_address())  # even the owner
+        locked = auth.plain(APIKEY, target.text, rip=fresh_address())  # the owner, elsewhere
+        by_attacker = auth.plain(APIKEY, target.text, rip=addresses[0])
+        at_home = auth.plain(APIKEY, target.text, rip=home)
+        same_slash_64 = auth.plain(APIKEY, target.text, rip="2001:db8:20:14:abcd::1")
         others = [auth.plain(APIKEY, relay.keys["app"].text, rip=rip) for rip in addresses]
-    assert locked.status == "FAIL"
-    assert locked.reason == (f"too many failed logins for API key {target.key_id}; "
-                             "try again in 15 minutes")
+    assert locked.status == by_attacker.status == "FAIL"
+    assert locked.reason == by_attacker.reason == (
+        f"too many failed logins for API key {target.key_id}; try again in 15 minutes")
+    assert (at_home.status, at_home.user) == ("OK", target.identity)
+    assert (same_slash_64.status, same_slash_64.user) == ("OK", target.identity)
     assert [r.status for r in others] == ["OK"] * 3
 
 
@@ -524,20 +537,30 @@ def test_a_message_beyond_the_per_minute_limit_is_deferred_451_at_data(relay: Si
                                     "acme/limited; try again later"]
 
 
-def test_recipient_beyond_the_per_message_limit_is_deferred_451_at_rcpt(relay: Site) -> None:
+def test_recipient_beyond_the_per_message_limit_is_refused_452_4_5_3_at_rcpt(
+    relay: Site,
+) -> None:
+    # RFC 5321 section 4.5.3.1.10: "too many recipients" is 452 (4.5.3, RFC 3463), as
+    # Postfix's own smtpd_recipient_limit answers; only that recipient is refused, the client
+    # sends the message to the first two and the third in another transaction
     relay.daemon.keyrelay("limits", "set", "acme/rcpt", "--recipients", "2")
     identity = relay.login(relay.keys["rcpt"])
-    instance = new_instance()
+    instance, client = new_instance(), fresh_address()
+    mark = relay.daemon.mark()
     with relay.policy() as policy:
         answers = [policy.ask(**authenticated(identity, "app@acme.example"), instance=instance,
-                              recipient=f"rcpt{n}@example.net", queue_id="4XyZ2")
+                              recipient=f"rcpt{n}@example.net", queue_id="4XyZ2",
+                              client_address=client)
                    for n in range(3)]  # recipient_count=0, as Postfix sends it at RCPT
+    line = relay.daemon.wait_for_log(rf"service=policy .*client={client} .*rcpt2@", since=mark)
+    assert (fields(line)["verdict"], fields(line)["reason"]) == ("tempfail",
+                                                                "too_many_recipients")
     assert answers[:2] == ["DUNNO", "DUNNO"]
-    assert answers[2] == ("451 4.7.1 limit of 2 recipients per message reached for acme/rcpt; "
-                          "try again later")
+    assert answers[2] == ("452 4.5.3 too many recipients: at most 2 per message for acme/rcpt; "
+                          "send the others in another message")
 
 
-def test_message_with_more_recipients_than_the_limit_is_deferred_451_at_data(
+def test_message_with_more_recipients_than_the_limit_is_deferred_452_4_5_3_at_data(
     relay: Site,
 ) -> None:
     relay.daemon.keyrelay("limits", "set", "acme/rcpt", "--recipients", "2")
@@ -546,8 +569,8 @@ def test_message_with_more_recipients_than_the_limit_is_deferred_451_at_data(
         two = _message(policy, identity, "DATA", recipients=2)
         three = _message(policy, identity, "DATA", recipients=3)
     assert two == ["DUNNO"]
-    assert three == ["451 4.7.1 limit of 2 recipients per message reached for acme/rcpt; "
-                     "try again later"]
+    assert three == ["452 4.5.3 too many recipients: at most 2 per message for acme/rcpt; "
+                     "send the others in another message"]
 
 
 def test_monitor_mode_lets_a_refused_sender_pass_and_logs_it_as_monitor(relay: Site) -> None:
@@ -882,7 +905,8 @@ def test_sighup_reloads_the_configuration_and_the_change_applies_at_once(
         "FAIL", "log in with username 'relay-login' and an API key as the password")
     assert login_reply(daemon, "relay-login", key.text, rip).user == identity
     assert ask(daemon, **authenticated(identity, "app@acme.example"), **many) == (
-        "451 4.7.1 limit of 2 recipients per message reached for acme; try again later")
+        "452 4.5.3 too many recipients: at most 2 per message for acme; send the others in "
+        "another message")
 
 
 def test_sighup_with_an_invalid_configuration_logs_it_and_keeps_the_running_one(
@@ -908,6 +932,23 @@ def test_sighup_keeps_brute_force_lockouts(spawn: Callable[..., Policyd]) -> Non
     assert "configuration reloaded" in daemon.reload()
     reply = login_reply(daemon, APIKEY, key.text, attacker)
     assert reply.reason.startswith(f"too many failed logins from {attacker}"), reply
+
+
+def test_sighup_changing_bruteforce_keeps_where_keys_logged_in(
+    spawn: Callable[..., Policyd],
+) -> None:
+    daemon = spawn()
+    key = daemon.keys["acme"]
+    home = fresh_address()
+    assert login_reply(daemon, APIKEY, key.text, home).status == "OK"
+    daemon.write_config({"policyd": {"bruteforce": {"max_failures_per_key": 2}}})
+    assert "configuration reloaded" in daemon.reload()
+    wrong = f"kr.{key.key_id}.{keys.generate().text.split('.')[2]}"
+    for _ in range(2):  # the new limit: the key id is locked
+        assert login_reply(daemon, APIKEY, wrong, fresh_address()).status == "FAIL"
+    elsewhere = login_reply(daemon, APIKEY, key.text, fresh_address())
+    assert elsewhere.reason.startswith(f"too many failed logins for API key {key.key_id}")
+    assert login_reply(daemon, APIKEY, key.text, home).status == "OK"
 
 
 def test_sigterm_finishes_the_request_in_progress_closes_idle_ones_and_exits_0(

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from keyrelay.config import parse_config
-from keyrelay.decisions import format_identity
+from keyrelay.decisions import Verdict, format_identity
 from keyrelay.directory import YamlDirectory
 from keyrelay.directory.model import Limits
 from keyrelay.directory.yamlfile import render
 from keyrelay.logs import DecisionLog
-from policyd import netstring
-from policyd.auth import client_key, loggable_username
+from policyd import dovecot, netstring
+from policyd.auth import AuthService, client_key, loggable_username
 from policyd.context import ServiceContext
 from policyd.policy import PolicyService
 from policyd.policy import render as render_policy
@@ -179,3 +179,74 @@ def test_the_rate_window_slides_a_message_counts_less_as_it_ages(tmp_path: Path)
     assert policy.message(identity, "DATA")[0].startswith("451 4.7.1")
     policy.tick += 61  # the first minute's messages have slid out
     assert policy.message(identity, "DATA") == ["DUNNO"]
+
+
+# -- the auth service's brute-force counters, on a clock the test moves ------------------------
+class Auth:
+    """An AuthService on a YAML directory, with its monotonic clock in the test's hand."""
+
+    def __init__(self, tmp_path: Path, world: World, bruteforce: dict[str, object]) -> None:
+        path = tmp_path / "directory.yaml"
+        path.write_text(render(world.data))
+        config = parse_config({"directory": {"path": str(path)},
+                               "policyd": {"bruteforce": bruteforce}}, "test")
+        log = DecisionLog(config.logging, (tmp_path / "log").open("w"))
+        self.tick = 1000.0  # seconds; moved only by the test
+        self.service = AuthService(ServiceContext(config, YamlDirectory(str(path)), log,
+                                                  clock=lambda: NOW,
+                                                  monotonic=lambda: self.tick))
+
+    def login(self, password: str, client: str) -> str:
+        """``OK`` or the reason the client reads."""
+        verdict = self.service.login(dovecot.Attempt("1", "PLAIN", "apikey", password, client,
+                                                     True, "smtp"))
+        assert isinstance(verdict, Verdict)
+        return "OK" if verdict.allowed else verdict.text
+
+
+def _wrong_secret(text: str) -> str:
+    """The same key id with another secret of the same shape."""
+    head, secret = text.rsplit(".", 1)
+    return f"{head}.{'A' if secret[0] != 'A' else 'B'}{secret[1:]}"
+
+
+def test_a_locked_key_id_lets_its_owner_in_where_it_logged_in_within_trusted_for(
+    tmp_path: Path,
+) -> None:
+    world = World()
+    world.account("acme")
+    text = world.key("acme")
+    wrong = _wrong_secret(text)
+    auth = Auth(tmp_path, world, {"max_failures_per_key": 3, "max_failures_per_address": 2,
+                                  "lockout": "1h", "trusted_for": "1d"})
+    locked = f"too many failed logins for API key {key_id(text)}; try again in 60 minutes"
+    assert auth.login(text, "192.0.2.1") == "OK"  # the owner, at home
+    auth.tick += 23 * 3600.0
+    for n in range(3):  # a stranger, from three addresses
+        assert auth.login(wrong, f"198.51.100.{n}").startswith("unknown API key")
+    assert auth.login(text, "192.0.2.1") == "OK"  # logged in from here 23 hours ago
+    assert auth.login(text, "192.0.2.2") == locked  # the owner elsewhere: locked out
+    assert auth.login(text, "198.51.100.0") == locked  # the stranger, with the right key too
+    auth.tick += 30 * 60.0
+    # the last login from home (a moment ago) still counts: nothing to do with the first one
+    assert auth.login(text, "192.0.2.1") == "OK"
+    # wrong secrets from the owner's own address still count against that address
+    for _ in range(2):
+        assert auth.login(wrong, "192.0.2.1").startswith("unknown API key")
+    assert auth.login(text, "192.0.2.1") == (
+        "too many failed logins from 192.0.2.1; try again in 60 minutes")
+
+
+def test_a_key_id_locked_out_after_trusted_for_has_passed_is_locked_everywhere(
+    tmp_path: Path,
+) -> None:
+    world = World()
+    world.account("acme")
+    text = world.key("acme")
+    wrong = _wrong_secret(text)
+    auth = Auth(tmp_path, world, {"max_failures_per_key": 2, "trusted_for": "1h"})
+    assert auth.login(text, "192.0.2.1") == "OK"
+    auth.tick += 3601.0
+    for n in range(2):
+        auth.login(wrong, f"198.51.100.{n}")
+    assert auth.login(text, "192.0.2.1").startswith("too many failed logins for API key")

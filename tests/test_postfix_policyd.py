@@ -107,6 +107,53 @@ def test_swaks_key_revoked_after_creation_cannot_log_in(demo_relay: Relay) -> No
     assert "535 5.7.8" in result.stdout and "was revoked" in result.stdout, result.stdout
 
 
+def test_recipients_beyond_the_limit_get_452_4_5_3_and_the_others_get_the_message(
+    demo_relay: Relay,
+) -> None:
+    # issue 20: RFC 5321's "too many recipients", as Postfix's own smtpd_recipient_limit; the
+    # client keeps the recipients accepted so far and sends the rest in another transaction
+    tenant = new_tenant(demo_relay)
+    kr(demo_relay, "limits", "set", tenant.principal, "--recipients", "2")
+    recipients = [f"rcpt{n}@example.net" for n in range(3)]
+    mid, text = message(tenant.sender, recipients[0], "three recipients")
+    with connect(demo_relay, "submission") as client:
+        client.login("apikey", tenant.key)
+        refused = client.sendmail(tenant.sender, recipients, text)
+    assert list(refused) == ["rcpt2@example.net"]
+    code, reply = refused["rcpt2@example.net"]
+    assert code == 452 and reply.startswith(b"4.5.3 "), reply
+    assert (f"too many recipients: at most 2 per message for {tenant.principal}; send the "
+            "others in another message").encode() in reply, reply
+    dump, _ = wait_delivered(demo_relay, mid)
+    for accepted in recipients[:2]:
+        assert f"<{accepted}>".encode() in dump, dump[:600]
+    assert b"<rcpt2@example.net>" not in dump
+
+
+def test_nineteen_recipients_beyond_the_limit_pass_twenty_end_the_session_before_data(
+    demo_relay: Relay,
+) -> None:
+    # what docs/policyd.md says of Postfix's error counters: each refused RCPT is a client
+    # error, forgiven once a message is accepted; at smtpd_hard_error_limit (20) smtpd answers
+    # 421 and hangs up before DATA (from the 10th error on, each reply is delayed by
+    # smtpd_error_sleep_time, 1s: this test takes some 20 seconds)
+    tenant = new_tenant(demo_relay)
+    kr(demo_relay, "limits", "set", tenant.principal, "--recipients", "1")
+    recipients = [f"rcpt{n}@example.net" for n in range(21)]
+    first, text = message(tenant.sender, recipients[0], "nineteen too many")
+    second, text2 = message(tenant.sender, recipients[0], "twenty too many")
+    with connect(demo_relay, "submission") as client:
+        client.login("apikey", tenant.key)
+        refused = client.sendmail(tenant.sender, recipients[:20], text)
+        assert sorted(refused) == sorted(recipients[1:20])
+        with pytest.raises(smtplib.SMTPDataError) as dropped:
+            client.sendmail(tenant.sender, recipients, text2)
+    assert dropped.value.smtp_code == 421
+    assert b"too many errors" in dropped.value.smtp_error
+    wait_delivered(demo_relay, first)
+    never_delivered(demo_relay, second)
+
+
 def test_policyd_down_makes_auth_a_temporary_454_failure(demo_relay: Relay) -> None:
     tenant = new_tenant(demo_relay)
     policyd = demo_relay.children["policyd"]

@@ -31,8 +31,8 @@ class BruteForceConfig:
         default=10,
         metadata={
             "doc": "Wrong secrets presented for one existing key id within `window` before that "
-            "key id is locked out from every address (its owner too: rotate the key if this "
-            "happens).",
+            "key id is locked out, from every address except those where it logged in "
+            "successfully within `trusted_for`.",
             "min": 1,
         },
     )
@@ -48,11 +48,21 @@ class BruteForceConfig:
             "min": 1,
         },
     )
+    trusted_for: Duration = field(
+        default=Duration(7 * 86400.0),
+        metadata={
+            "doc": "A locked-out key id still logs in from a client address (IPv6: its /64) "
+            "where it logged in successfully within this time, so that a stranger who knows "
+            "a key id cannot lock its owner out. 0 locks it out everywhere.",
+            "min": 0,
+        },
+    )
     max_tracked: int = field(
         default=100000,
         metadata={
-            "doc": "Most addresses and key ids remembered (each); the least recently failed "
-            "are forgotten first, so memory stays bounded under attack.",
+            "doc": "Most addresses and key ids remembered (each, and the key ids' recent login "
+            "addresses, 8 per key id); the least recently failed or used are forgotten first, "
+            "so memory stays bounded under attack.",
             "min": 100,
         },
     )

@@ -40,12 +40,20 @@ from .facts import (
     EngineSettings,
     EnvelopeFacts,
     HeaderFacts,
+    LockoutFacts,
     LoginFacts,
     RateFacts,
     format_identity,
     parse_identity,
 )
-from .login import counts_against_key, counts_as_guess, decide_login, locked_out, minutes
+from .login import (
+    counts_against_key,
+    counts_as_guess,
+    decide_lockout,
+    decide_login,
+    locked_out,
+    minutes,
+)
 from .lookups import sender_logins
 from .message import decide_headers
 from .reasons import ANSWERS, LookupResult, Reason
@@ -59,6 +67,7 @@ __all__ = [
     "EngineSettings",
     "EnvelopeFacts",
     "HeaderFacts",
+    "LockoutFacts",
     "LoginFacts",
     "LookupResult",
     "RateFacts",
@@ -69,6 +78,7 @@ __all__ = [
     "counts_as_guess",
     "decide_envelope",
     "decide_headers",
+    "decide_lockout",
     "decide_login",
     "decide_rate",
     "domain_may_send",

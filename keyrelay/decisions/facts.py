@@ -25,6 +25,9 @@ class EngineSettings:
     transport_prefix: str = "kr-pool-"
     check_sender: bool = True  # milter.check_sender: off lets a header refusal pass, unsigned
     sign: bool = True  # milter.sign: off plans no DKIM signature
+    # policyd.bruteforce.trusted_for: a locked-out key id still logs in from a client (address
+    # or IPv6 /64) where it logged in successfully within this many seconds
+    trusted_for: float = 7 * 86400.0
 
     @classmethod
     def from_config(cls, config: object) -> EngineSettings:
@@ -43,6 +46,7 @@ class EngineSettings:
             transport_prefix=c.routing.transport_prefix,  # type: ignore[attr-defined]
             check_sender=c.milter.check_sender,  # type: ignore[attr-defined]
             sign=c.milter.sign,  # type: ignore[attr-defined]
+            trusted_for=float(c.policyd.bruteforce.trusted_for),  # type: ignore[attr-defined]
         )
 
 
@@ -53,6 +57,19 @@ class LoginFacts:
     client_address: str
     now: datetime
     secured: bool = True  # the connection is under TLS (Dovecot protocol's "secured")
+
+
+class LockoutFacts(NamedTuple):
+    """What the auth service's counters say about one login attempt, before its credentials
+    are looked at (docs/policyd.md, "Brute-force protection")."""
+
+    client_address: str
+    key_id: str | None  # the key id presented, if the password is shaped like a key
+    address_locked: float  # seconds the client's address (IPv6: its /64) stays locked; 0: not
+    key_locked: float  # seconds the key id stays locked; 0: not
+    # seconds since the key id last logged in successfully from this client (address or
+    # IPv6 /64); None when no such login is remembered
+    since_login_here: float | None = None
 
 
 class EnvelopeFacts(NamedTuple):

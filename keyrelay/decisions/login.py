@@ -1,8 +1,9 @@
 """SMTP AUTH: who may log in, and the answers of the brute-force protection.
 
-The counting itself (failures per address and per key id, lock-outs) is state and lives in
-the auth service (policyd/auth.py, policyd/counters.py); what counts as a guess, and what a
-locked-out client is told, is decided here.
+The counting itself (failures per address and per key id, lock-outs, each key's recent
+successful logins) is state and lives in the auth service (policyd/auth.py,
+policyd/counters.py); what counts as a guess, who a lock-out stops and what a locked-out client
+is told is decided here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .checks import (
     monitored,
     principal_inactive,
 )
-from .facts import EngineSettings, LoginFacts, format_identity
+from .facts import EngineSettings, LockoutFacts, LoginFacts, format_identity
 from .reasons import GUESSES, KEY_GUESSES, Reason
 from .verdict import Action, Verdict, refuse
 
@@ -95,6 +96,29 @@ def counts_against_key(verdict: Verdict) -> bool:
     """The refusal also counts against its key id: a wrong secret for a key that exists
     (a wrong username with a good key is a client's mistake, not a guess at the key)."""
     return verdict.action is Action.REFUSE and verdict.reason in KEY_GUESSES
+
+
+def decide_lockout(settings: EngineSettings, facts: LockoutFacts) -> Verdict | None:
+    """The lock-out answer to a login attempt, or None: decide it on its credentials.
+
+    A locked-out address is refused whatever it presents. A locked-out key id is refused,
+    except from a client (address or IPv6 /64) where that key logged in successfully within
+    ``trusted_for``: anyone who learns a key id (from a 535 reply, a log line) can lock it,
+    but not out of the places its owner uses it (docs/policyd.md, "Brute-force protection").
+    Such a client's attempt is then decided as usual, and a wrong secret from it still counts.
+    """
+    if facts.address_locked > 0:
+        return locked_out(Reason.ADDRESS_LOCKED_OUT,
+                          f"too many failed logins from {facts.client_address}",
+                          facts.address_locked, facts.key_id)
+    if facts.key_id and facts.key_locked > 0:
+        since = facts.since_login_here
+        if since is not None and 0 <= since <= settings.trusted_for and settings.trusted_for:
+            return None
+        return locked_out(Reason.KEY_LOCKED_OUT,
+                          f"too many failed logins for API key {facts.key_id}",
+                          facts.key_locked, facts.key_id)
+    return None
 
 
 def locked_out(reason: Reason, what: str, seconds: float, key_id: str | None) -> Verdict:

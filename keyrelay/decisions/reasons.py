@@ -42,6 +42,7 @@ class Reason(StrEnum):
     SENDER_NOT_OWNED = "sender_not_owned"
     HEADER_FROM_NOT_OWNED = "header_from_not_owned"
     RATE_LIMITED = "rate_limited"
+    TOO_MANY_RECIPIENTS = "too_many_recipients"
     # our own faults: always temporary
     ROUTING_ERROR = "routing_error"
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
@@ -115,13 +116,15 @@ ANSWERS: dict[Reason, Answer] = {
         "the SASL exchange itself was broken, before any credentials"),
     Reason.ADDRESS_LOCKED_OUT: Answer(
         "auth", "535", "5.7.8",
-        ("too many failed logins from <address>; try again in <n> minute(s)",),
+        ("too many failed logins from <address>; try again in <n> <minute|minutes>",),
         "policyd.bruteforce.max_failures_per_address guesses from the client's address "
         "(IPv6: its /64) within the window"),
     Reason.KEY_LOCKED_OUT: Answer(
         "auth", "535", "5.7.8",
-        ("too many failed logins for API key <id>; try again in <n> minute(s)",),
-        "policyd.bruteforce.max_failures_per_key wrong secrets for the key id"),
+        ("too many failed logins for API key <id>; try again in <n> <minute|minutes>",),
+        "policyd.bruteforce.max_failures_per_key wrong secrets for the key id; never from an "
+        "address (IPv6: its /64) where the key logged in within policyd.bruteforce.trusted_for "
+        "(docs/policyd.md, \"Brute-force protection\")"),
     Reason.REVOKED_KEY: Answer(
         "auth, policy, milter", "535 (auth), 550", "5.7.8 (auth), 5.7.1",
         ("API key <id> was revoked; create a new key",),
@@ -187,9 +190,19 @@ ANSWERS: dict[Reason, Answer] = {
         "the header From (or Sender) is missing, malformed, or not the principal's"),
     Reason.RATE_LIMITED: Answer(
         "policy", "451", "4.7.1",
-        ("limit of <n> <messages per minute|messages per hour|recipients per message> "
-         "reached for <principal>; try again later",),
-        "a limit of the principal (keyrelay limits set, or the config's defaults)"),
+        ("limit of <n> <messages per minute|messages per hour> reached for <principal>; try "
+         "again later",),
+        "a message rate limit of the principal (keyrelay limits set, or the config's "
+        "defaults), at DATA or END-OF-MESSAGE"),
+    Reason.TOO_MANY_RECIPIENTS: Answer(
+        "policy", "452", "4.5.3",
+        ("too many recipients: at most <n> per message for <principal>; send the others in "
+         "another message",),
+        "more recipients than the principal's recipients_per_message (RFC 5321 section "
+        "4.5.3.1.10). At RCPT only that recipient is refused: the recipients accepted so far "
+        "get the message, an SMTP client queues the others and sends them in another "
+        "transaction (docs/policyd.md, \"Recipients per message\"); at DATA (the RCPTs were "
+        "not checked) the whole message is deferred"),
     Reason.ROUTING_ERROR: Answer(
         "policy", "451", "4.3.0",
         ("relay configuration error (IP pool '<pool>' is not defined); try again later",),
