@@ -117,8 +117,8 @@ def register(sub: Any) -> None:
     lset.add_argument("principal", metavar="PRINCIPAL")
     for name, option in OPTIONS.items():
         lset.add_argument(option, dest=name, type=limit_value, default=argparse.SUPPRESS,
-                          metavar=f"N|{INHERIT}",
-                          help=f"{LIMIT_WORDS[name]} (1 to {LIMIT_MAXIMA[name]})")
+                          metavar="N",
+                          help=f"{LIMIT_WORDS[name]}: 1 to {LIMIT_MAXIMA[name]}, or {INHERIT}")
     command(lim, "show", limits_show,
             "show the limits a principal sends under, and where each is set "
             "(subuser, account or configuration)", json=True).add_argument(
