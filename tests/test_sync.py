@@ -256,6 +256,22 @@ def test_declared_limits_are_sanity_checked(tmp_path: Path, content: object,
     assert not (tmp_path / "directory.yaml").exists()
 
 
+def test_a_dkim_key_dir_that_is_a_file_stops_only_a_sync_that_makes_keys(
+        tmp_path: Path) -> None:
+    # issue 20, item 15: it read "cannot access ...: File exists"
+    config = write_config(tmp_path)
+    (tmp_path / "dkim").write_text("", encoding="utf-8")
+    sync(config, declare(tmp_path, {"accounts": {"acme": {}}}))
+
+    result = run_cli(config, "sync", str(declare(tmp_path, DECLARED)))
+
+    assert result.returncode == 1, result
+    assert result.stderr == (
+        f"keyrelay: error: {config}: dkim.key_dir: {tmp_path}/dkim is a file: dkim.key_dir "
+        "must name a folder (it is made if missing) where the private DKIM keys are kept\n")
+    assert "acme.example" not in YamlDirectory(str(tmp_path / "directory.yaml")).load().domains
+
+
 def test_a_domain_owned_by_someone_else_is_not_moved_silently(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     sync(config, declare(tmp_path, DECLARED))

@@ -61,12 +61,14 @@ class Context:
         """Refuse a change the audit log could not record (``audit.check``)."""
         audit.check(self.config.logging.audit_log)
 
-    def new_keys(self) -> AbstractContextManager[dkimkeys.NewKeys]:
+    def new_keys(self, making: bool = True) -> AbstractContextManager[dkimkeys.NewKeys]:
         """``dkimkeys.new_keys`` in dkim.key_dir, a file it cannot delete a warning; after
         a failure it keeps what the directory names. Refused before a key is made when the
-        audit log cannot be appended to or dkim.key_dir is not a folder."""
+        audit log cannot be appended to or (``making``: keys will be made) dkim.key_dir is
+        not a folder."""
         self.check_audit()
-        self.check_key_dir()
+        if making:
+            self.check_key_dir()
         return dkimkeys.new_keys(self.config.dkim.key_dir, warn, self.named_key_files)
 
     def check_key_dir(self) -> None:

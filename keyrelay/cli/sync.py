@@ -63,7 +63,7 @@ def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
         for line in changes:
             ctx.say(f"  {line}")
         return
-    with ctx.new_keys() as keys:
+    with ctx.new_keys(making=bool(declared.new_domains(existing))) as keys:
         made = {
             name: keys.create(
                 name, dkimkeys.selector_names(ctx.config.dkim.selector_prefix, ctx.now, set()),
