@@ -12,7 +12,9 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from . import keys, names
+from . import limits as limits_module
 from .directory.model import (
+    LIMIT_FIELDS,
     Account,
     ApiKey,
     DirectoryData,
@@ -28,6 +30,7 @@ from .directory.model import (
 )
 from .errors import Conflict, NotFound, UserError
 from .names import IPAddress
+from .scopes import KNOWN_SCOPES
 
 SCOPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 
@@ -52,10 +55,14 @@ def principal(data: DirectoryData, pid: str) -> str:
 def key(data: DirectoryData, key_id: str) -> ApiKey:
     found = data.keys.get(key_id)
     if found is None:
-        pasted = keys.parse(key_id.strip())
-        if pasted is not None:  # a whole key where its id belongs: never echo the secret
-            raise UserError(f"that is a whole API key, not a key id; give only its id "
-                            f"{pasted.key_id!r} (the key was not shown or stored)")
+        # a key where its id belongs, in whatever shape it was pasted: never echo it
+        pasted = keys.pasted_key_id(key_id)
+        if pasted is not None:
+            raise UserError(f"that is an API key, not a key id; give only its id {pasted!r} "
+                            "(the key was not shown or stored)")
+        if keys.holds_secret(key_id):
+            raise UserError("that looks like an API key's secret, not a key id (16 characters "
+                            "a-z and 2-7; see: keyrelay key list); it was not shown or stored")
         raise NotFound(f"unknown key id {key_id!r} (see: keyrelay key list)")
     return found
 
@@ -138,12 +145,30 @@ def remove_subuser(data: DirectoryData, pid: str) -> None:
     del data.subusers[pid]
 
 
-def set_limits(data: DirectoryData, pid: str, limits: Limits) -> None:
+# -- limits (bounds and effective values: keyrelay/limits.py) ------------------------------
+def own_limits(data: DirectoryData, pid: str) -> Limits:
+    """The limits set on the principal itself (``None``: inherited)."""
     principal(data, pid)
+    return data.subusers[pid].limits if "/" in pid else data.accounts[pid].limits
+
+
+def set_limits(data: DirectoryData, pid: str, limits: Limits) -> None:
+    """Replace the principal's own limits, each from 1 to its maximum or ``None``."""
+    principal(data, pid)
+    for name in LIMIT_FIELDS:
+        limits_module.check_limit(name, getattr(limits, name))
     if "/" in pid:
         data.subusers[pid] = replace(data.subusers[pid], limits=limits)
     else:
         data.accounts[pid] = replace(data.accounts[pid], limits=limits)
+
+
+def change_limits(data: DirectoryData, pid: str, changes: dict[str, int | None]) -> Limits:
+    """Change only the limits named in ``changes`` (a value, or ``None``: inherit); the
+    others keep theirs. Returns the principal's own limits afterwards."""
+    new = replace(own_limits(data, pid), **changes)
+    set_limits(data, pid, new)
+    return new
 
 
 def set_monitor(data: DirectoryData, account_name: str | None, on: bool) -> None:
@@ -155,9 +180,14 @@ def set_monitor(data: DirectoryData, account_name: str | None, on: bool) -> None
 
 # -- API keys --------------------------------------------------------------------------------
 def check_scopes(scopes: list[str]) -> tuple[str, ...]:
+    """Scopes of ``KNOWN_SCOPES`` (keyrelay/scopes.py), each once, in the order given."""
     for scope in scopes:
         if not SCOPE_RE.match(scope):
-            raise UserError(f"invalid scope {scope!r}: expected a dotted name like mail.send")
+            raise UserError(f"invalid scope {scope!r}: expected a dotted name like mail.send "
+                            f"(known scopes: {', '.join(KNOWN_SCOPES)})")
+        if scope not in KNOWN_SCOPES:
+            raise UserError(f"unknown scope {scope!r}: known scopes are "
+                            f"{', '.join(KNOWN_SCOPES)} (a key needs mail.send to send)")
     if not scopes:
         raise UserError("a key needs at least one scope (e.g. --scope mail.send)")
     return tuple(dict.fromkeys(scopes))
@@ -172,6 +202,9 @@ def create_key(
     now: datetime,
 ) -> keys.NewKey:
     principal(data, pid)
+    if keys.holds_secret(name):  # a name is shown in every listing
+        raise UserError("a key name must not hold an API key or its secret; name what the key "
+                        "is for, e.g. crm-prod (the name was not stored)")
     if not name.strip() or len(name) > 64 or any(not c.isprintable() for c in name):
         raise UserError("a key name is 1-64 printable characters")
     if any(k.name == name and k.principal == pid for k in data.keys.values()):

@@ -1,4 +1,5 @@
-"""API key text: generation, parsing and verification.
+"""API key text: generation, parsing and verification, and recognising a key (or its secret)
+in what an admin typed, so that no error repeats it (``hide_secrets``).
 
 A key reads ``kr.<key id>.<secret>``. The key id (16 base32 characters, 80 random bits) is public
 and makes lookup O(1); the secret is 256 random bits from ``secrets`` (43 URL-safe base64
@@ -13,6 +14,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 KEY_PREFIX = "kr"
@@ -76,3 +78,63 @@ def parse(text: str) -> PresentedKey | None:
 def secret_matches(presented: PresentedKey, stored_hash: str) -> bool:
     """Constant-time check of a presented secret against the stored SHA-256 hex digest."""
     return hmac.compare_digest(hash_secret(presented.secret), stored_hash)
+
+
+# -- a key in what an admin typed --------------------------------------------------------------
+# A key pasted in any shape: whole, without its "kr." prefix, inside quotes or other text.
+_PASTED = re.compile(
+    r"(?<![A-Za-z0-9_-])(?:kr\.)?([a-z2-7]{16})\.([A-Za-z0-9_-]{43})(?![A-Za-z0-9_-])")
+# Runs of the characters a secret is made of (URL-safe base64).
+_RUN = re.compile(r"[A-Za-z0-9_-]+")
+SECRET_LIKE = 20  # a typed run this long, mixing upper and lower case, may be a secret's part
+WHOLE_SECRET_LIKE = 40  # a run this long, mixing cases, may be a whole secret (43 characters)
+HIDDEN = "<hidden>"
+
+
+def _mixed(run: str) -> bool:
+    """Upper and lower case letters both: a secret's 43 random characters lack one of them
+    with a chance of about 2 in 10^10; key ids, names, domains and config keys are lower
+    case."""
+    return any(c.isupper() for c in run) and any(c.islower() for c in run)
+
+
+def pasted_key_id(text: str) -> str | None:
+    """The key id of an API key pasted anywhere in ``text`` (whole, without its ``kr.``
+    prefix, in quotes, with blanks around it), or ``None``."""
+    found = _PASTED.search(text)
+    return found[1] if found else None
+
+
+def holds_secret(text: str) -> bool:
+    """``text`` holds an API key, or a run of characters that could be a whole secret."""
+    return pasted_key_id(text) is not None or any(
+        len(run) >= WHOLE_SECRET_LIKE and _mixed(run) for run in _RUN.findall(text))
+
+
+def hide_secrets(text: str, typed: Iterable[str] = ()) -> str:
+    """``text`` (an error line) with everything that could be a secret replaced by
+    ``<hidden>``: the one rule for what a program may repeat of what it was given.
+
+    Hidden: every run of secret characters that could be a whole secret (``holds_secret``),
+    and every run that shares 8 characters, in any case, with a run of ``typed`` (the
+    command line) that could be (part of) a secret: 20 or more characters mixing upper and
+    lower case. The second rule catches an echo that changed what was typed: a domain or an
+    address is lower-cased, a duration's unit is cut out of its text.
+    """
+    grams: set[str] = set()
+    for argument in typed:
+        for run in _RUN.findall(argument):
+            if len(run) >= SECRET_LIKE and _mixed(run):
+                low = run.lower()
+                grams.update(low[i:i + 8] for i in range(len(low) - 7))
+
+    def hide(found: re.Match[str]) -> str:
+        run = found[0]
+        if len(run) >= WHOLE_SECRET_LIKE and _mixed(run):
+            return HIDDEN
+        low = run.lower()
+        if any(low[i:i + 8] in grams for i in range(len(low) - 7)):
+            return HIDDEN
+        return run
+
+    return _RUN.sub(hide, text)

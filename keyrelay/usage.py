@@ -1,30 +1,50 @@
-"""How every keyrelay program takes its arguments: a usage error is one printable line, and
-an argument that is not UTF-8 can be echoed on stdout.
+"""How every keyrelay program takes its arguments: a usage error is one printable line that
+repeats nothing that could be a secret, a value may start with "-", and an argument that is
+not UTF-8 can be echoed on stdout.
 
 argparse echoes some arguments as they came (``unrecognized arguments: ...``): a newline or
-an escape sequence in one would split the error over several lines or drive the terminal.
+an escape sequence in one would split the error over several lines or drive the terminal,
+and an API key pasted in the wrong place would be printed back.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import re
 import sys
+from collections.abc import Iterable
 from typing import Any, NoReturn
 
-from .errors import printable
+from .errors import one_line, printable
+from .keys import hide_secrets
+
+# An argument that starts with "-" and a digit is a value, never an option (no keyrelay
+# option looks like that): `--expires -5d` gives "-5d" to --expires, which refuses it
+# clearly, where argparse took it for an option and said "expected one argument".
+_VALUE_WITH_MINUS = re.compile(r"^-\d")
+
+
+def error_line(message: str, typed: Iterable[str] = ()) -> str:
+    """An error message as a program prints it: one printable line, with everything that
+    could be a secret hidden (``keys.hide_secrets``; ``typed``: the command line)."""
+    return hide_secrets(one_line(message), typed)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with descriptions kept as written and usage errors in one printable line;
-    the exit status of a usage error stays argparse's 2."""
+    """argparse with descriptions kept as written, values that may start with "-" and a
+    digit, and usage errors in one printable line that hides what could be a secret; the
+    exit status of a usage error stays argparse's 2."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _VALUE_WITH_MINUS
 
     def error(self, message: str) -> NoReturn:
-        super().error(printable(message))
+        # argparse quotes arguments as they came; sys.argv is the command line of the
+        # console script (an in-process caller's arguments are checked by their shape)
+        super().error(printable(hide_secrets(message, sys.argv[1:])))
 
 
 def echo_undecodable_arguments() -> None:

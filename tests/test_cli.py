@@ -45,7 +45,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from keyrelay import admin, cli
+from keyrelay import admin, cli, keys
 from keyrelay.directory import YamlDirectory
 from keyrelay.directory.yamlfile import render
 
@@ -355,6 +355,9 @@ def test_account_list_and_show(shared: Shared) -> None:
         "ip_allow": ["192.0.2.0/24", "2001:db8:1::/48"],
         "limits": {"messages_per_minute": None, "messages_per_hour": None,
                    "recipients_per_message": None},
+        # the numbers the policy service applies: here the configuration's defaults
+        "effective_limits": {"messages_per_minute": 600, "messages_per_hour": 20000,
+                             "recipients_per_message": 100},
         "subusers": ["marketing"], "keys": 1, "domains": ["example.com"],
     }
     assert (accounts[1]["subusers"], accounts[1]["keys"], accounts[1]["domains"]) == ([], 0, [])
@@ -369,6 +372,8 @@ def test_subuser_list(shared: Shared) -> None:
         "status": "active", "pool": "mkt",
         "limits": {"messages_per_minute": 10, "messages_per_hour": None,
                    "recipients_per_message": 5},
+        "effective_limits": {"messages_per_minute": 10, "messages_per_hour": 20000,
+                             "recipients_per_message": 5},
         "keys": 1,
     }
 
@@ -549,7 +554,48 @@ REFUSALS: dict[str, Refusal] = {
     "scope-malformed": Refusal("key create acme --name x --scope Mail", 1,
                                "invalid scope 'Mail'"),
     "limit-negative": Refusal("limits set acme --per-minute -1", 1,
-                              "limits are positive numbers"),
+                              "messages per minute: a limit is at least 1, got -1"),
+    # issue 20, items 5 and 15: a lifetime needs its unit, and cannot be negative
+    "expires-without-unit": Refusal(
+        "key create acme --name x --expires 90", 1,
+        "--expires 90 has no unit: write it with one of s (seconds), m (minutes), h (hours), "
+        "d (days) or w (weeks), e.g. 90d"),
+    "expires-negative": Refusal("key create acme --name x --expires -5d", 1,
+                                "--expires must be a positive duration such as 90d, got '-5d'"),
+    "expires-negative-with-equals": Refusal(
+        "key create acme --name x --expires=-5d", 1,
+        "--expires must be a positive duration such as 90d, got '-5d'"),
+    # issue 20, item 6: scopes are checked against the known list
+    "scope-unknown": Refusal("key create acme --name x --scope mail.sendd", 1,
+                             "unknown scope 'mail.sendd': known scopes are mail.send, "
+                             "stats.read"),
+    # issue 20, items 7 and 8: limits
+    "limits-nothing-to-set": Refusal("limits set acme", 1, "nothing to set: give --per-minute, "
+                                     "--per-hour or --recipients, each a number or inherit"),
+    "limit-zero": Refusal("limits set acme --per-minute 0", 1,
+                          "messages per minute: a limit is at least 1, got 0 (to take the "
+                          "account's or the configuration's value instead, inherit it)"),
+    "limit-absurd": Refusal("limits set acme --per-minute 99999999999999999999999", 1,
+                            "messages per minute: 99999999999999999999999 is above the maximum "
+                            "of 1000000"),
+    "limit-minute-above-hour": Refusal(
+        "limits set acme --per-hour 1 --per-minute 100", 1,
+        "acme would be allowed 100 messages per minute (account acme) but only 1 per hour "
+        "(account acme): the per-minute limit must not be above the per-hour limit"),
+    "limit-minute-above-inherited-hour": Refusal(
+        "limits set acme/marketing --per-minute 20001", 1,
+        "acme/marketing would be allowed 20001 messages per minute (subuser acme/marketing) "
+        "but only 20000 per hour (config default limits.messages_per_hour)"),
+    "limits-of-unknown-principal": Refusal("limits show acme/nobody", 1,
+                                           "unknown subuser 'acme/nobody'"),
+    # issue 20, item 9: IP access rules belong to accounts
+    "ip-rule-on-subuser": Refusal(
+        "ip allow acme/marketing 10.0.0.0/8", 1,
+        "IP access rules are set on accounts; acme/marketing is a subuser of acme: use "
+        "`keyrelay ip allow acme 10.0.0.0/8`"),
+    "ip-list-of-subuser": Refusal("ip list acme/marketing", 1,
+                                  "acme/marketing is a subuser of acme: use `keyrelay ip list "
+                                  "acme`"),
     # configuration and directory files
     "config-missing": Refusal("check-config", 1, "<tmp>/missing.yaml: file not found",
                               "missing.yaml"),
@@ -565,13 +611,25 @@ REFUSALS: dict[str, Refusal] = {
                                    "<tmp>/weird/directory.yaml:3: accounts.acme.status: "
                                    "expected one of active, suspended, got a string ('weird')",
                                    "bad-directory-value.yaml"),
+    # issue 20, item 15: the directory file (or a declaration) given as the configuration
+    "config-is-the-directory": Refusal(
+        "account list", 1,
+        "<tmp>/directory.yaml: this is a directory file (it has version:), not keyrelay's "
+        "configuration: --config (or $KEYRELAY_CONFIG) names the configuration",
+        "directory.yaml"),
+    "config-is-a-declaration": Refusal(
+        "account list", 1,
+        "<tmp>/declared.yaml: this is a directory file or a sync declaration (it has "
+        "accounts:), not keyrelay's configuration", "declared.yaml"),
     # usage errors
     "no-command": Refusal("", 2, "the following arguments are required: COMMAND"),
     "unknown-command": Refusal("frobnicate", 2, "invalid choice: 'frobnicate'"),
     "unknown-action": Refusal("account frob", 2, "invalid choice: 'frob'"),
     "missing-argument": Refusal("subuser add", 2, "the following arguments are required"),
     "missing-option": Refusal("key create acme", 2, "the following arguments are required: --name"),
-    "not-a-number": Refusal("limits set acme --per-minute lots", 2, "invalid int value: 'lots'"),
+    "not-a-number": Refusal("limits set acme --per-minute lots", 2,
+                            "argument --per-minute: expected a whole number or inherit, "
+                            "got 'lots'"),
     # an empty FILE or DIR (an unset shell variable) named no file, or the working directory
     "empty-output": Refusal("export -o ''", 2,
                             "argument --output/-o: an empty path names no file"),
@@ -587,6 +645,7 @@ BROKEN_FILES = {
     "broken/directory.yaml": "accounts: [\n",
     "bad-directory-value.yaml": "directory:\n  path: {root}/weird/directory.yaml\n",
     "weird/directory.yaml": "accounts:\n  acme:\n    status: weird\n",
+    "declared.yaml": "accounts:\n  acme:\n    limits:\n      messages_per_minute: 10\n",
 }
 
 
@@ -674,9 +733,90 @@ def test_a_whole_key_given_as_a_key_id_is_refused_without_echoing_its_secret(
         args = f"{new['key']} mail.send" if command == "key set-scopes" else new["key"]
         said = fresh.refused(f"{command} {args}")
         assert secret not in said, command
-        assert f"that is a whole API key, not a key id; give only its id '{new['key_id']}'" \
+        assert f"that is an API key, not a key id; give only its id '{new['key_id']}'" \
             in said, command
     assert fresh.json(f"key show {new['key_id']}")["state"] == "active"
+
+
+def _pasted_shapes(key: str) -> dict[str, str]:
+    """An API key as a user might paste it where something else belongs."""
+    _, key_id, secret = key.split(".")
+    return {
+        "whole key": key,
+        "key without its prefix": f"{key_id}.{secret}",
+        "secret alone": secret,
+        "blanks around": f"  {key}\t",
+        "quotes around": f"'{key}'",
+        "double quotes around": f'"{key}"',
+        "newline after": f"{key}\n",
+        "label before": f"SMTP password: {key}",
+        "secret after a dot": f"x.{secret}",
+        "secret with a unit": f"5{secret}",
+    }
+
+
+# Every command that takes a key id, a name, a scope, a duration, a principal or other free
+# text; SHAPE is replaced by each pasted shape, KEY by a real key id.
+SHAPE_COMMANDS = [
+    ["key", "revoke", "SHAPE"], ["key", "show", "SHAPE"], ["key", "show", "SHAPE", "--json"],
+    ["key", "set-scopes", "SHAPE", "mail.send"], ["key", "set-scopes", "KEY", "SHAPE"],
+    ["key", "create", "acme", "--name", "SHAPE"],
+    ["key", "create", "acme", "--name", "x", "--scope", "SHAPE"],
+    ["key", "create", "acme", "--name", "x", "--expires", "SHAPE"],
+    ["key", "create", "SHAPE", "--name", "x"], ["key", "list", "SHAPE"],
+    ["account", "add", "SHAPE"], ["account", "show", "SHAPE"], ["account", "remove", "SHAPE"],
+    ["subuser", "add", "acme/SHAPE"], ["subuser", "list", "SHAPE"],
+    ["limits", "set", "SHAPE", "--per-minute", "5"], ["limits", "show", "SHAPE"],
+    ["limits", "set", "acme", "--per-minute", "SHAPE"],
+    ["ip", "allow", "SHAPE", "192.0.2.0/24"], ["ip", "allow", "acme", "SHAPE"],
+    ["ip", "list", "SHAPE"], ["domain", "show", "SHAPE"], ["domain", "dns", "SHAPE"],
+    ["domain", "add", "SHAPE", "a.example"],
+    ["domain", "grant", "SHAPE", "acme/app"], ["domain", "verify", "SHAPE"],
+    ["sender", "add", "SHAPE", "a@example.com"], ["sender", "list", "SHAPE"],
+    ["pool", "assign", "acme", "SHAPE"], ["pool", "remove", "SHAPE"], ["monitor", "on", "SHAPE"],
+    ["account", "list", "SHAPE"],  # a usage error: argparse repeats the argument
+    ["SHAPE"], ["key", "SHAPE"],
+]
+
+
+def test_no_error_repeats_an_api_key_or_its_secret_whatever_its_shape(fresh: CliSite) -> None:
+    """Issue 20, item 13: `key revoke <id>.<secret>` printed the secret in its error. No part
+    of a secret 8 characters long may reach stdout or stderr, in any case (a domain or an
+    address is lower-cased before it is quoted), from any command given the key in any
+    shape."""
+    fresh.ok("account add acme")
+    fresh.ok("subuser add acme/app")
+    kid = fresh.json("key create acme --name ci")["key_id"]
+    before = fresh.directory.read_bytes()
+    for _ in range(3):  # fresh random secrets each round
+        key = keys.generate().text
+        secret = key.split(".")[2]
+        parts = {secret[i:i + 8].lower() for i in range(len(secret) - 7)}
+        for shape_name, shape in _pasted_shapes(key).items():
+            for command in SHAPE_COMMANDS:
+                argv = [a.replace("SHAPE", shape).replace("KEY", kid) for a in command]
+                result = fresh.run(argv)
+                shown = (result.out + result.err).lower()
+                leaked = sorted(p for p in parts if p in shown)
+                assert not leaked, f"{shape_name}: {leaked}\n{result}"
+                assert result.code in (1, 2), f"{shape_name}:\n{result}"
+    assert fresh.directory.read_bytes() == before
+
+
+def test_a_key_pasted_in_place_of_its_id_is_named_as_such(fresh: CliSite) -> None:
+    fresh.ok("account add acme")
+    key = keys.generate().text
+    _, key_id, secret = key.split(".")
+    for shape in (key, f"{key_id}.{secret}", f" '{key}'\n"):
+        assert assert_refused(fresh.run(["key", "revoke", shape])) == (
+            f"keyrelay: error: that is an API key, not a key id; give only its id '{key_id}' "
+            "(the key was not shown or stored)")
+    assert assert_refused(fresh.run(["key", "revoke", secret])) == (
+        "keyrelay: error: that looks like an API key's secret, not a key id (16 characters a-z "
+        "and 2-7; see: keyrelay key list); it was not shown or stored")
+    assert assert_refused(fresh.run(["key", "create", "acme", "--name", f"prod {key}"])) == (
+        "keyrelay: error: a key name must not hold an API key or its secret; name what the key "
+        "is for, e.g. crm-prod (the name was not stored)")
 
 
 def test_key_lifetime_follows_default_and_max_expiry(tmp_path: Path) -> None:
@@ -768,12 +908,125 @@ def test_pool_assign_none_inherits_and_unused_pool_can_be_removed(fresh: CliSite
     assert fresh.json("account list")[0]["pool"] is None
 
 
-def test_limits_zero_means_inherit(fresh: CliSite) -> None:
+def test_limits_set_changes_only_what_it_is_given_and_inherit_clears_one(fresh: CliSite) -> None:
+    # issue 20, item 7: `limits set P --recipients 10` dropped the limits set just before
     fresh.ok("account add acme")
-    assert fresh.ok("limits set acme --per-hour 100") == "Limits of acme: 100/hour.\n"
-    assert fresh.ok("limits set acme --per-hour 0") == "Limits of acme: defaults.\n"
-    assert fresh.json("account show acme")["limits"] == {
-        "messages_per_minute": None, "messages_per_hour": None, "recipients_per_message": None}
+    fresh.ok("subuser add acme/app")
+    assert fresh.ok("limits set acme/app --per-minute 10 --per-hour 100") == (
+        "Limits of acme/app: 10/min (own), 100/hour (own), 100 rcpt/msg (config default).\n")
+    assert fresh.ok("limits set acme/app --recipients 10") == (
+        "Limits of acme/app: 10/min (own), 100/hour (own), 10 rcpt/msg (own).\n")
+    assert fresh.json("subuser list acme")[0]["limits"] == {
+        "messages_per_minute": 10, "messages_per_hour": 100, "recipients_per_message": 10}
+    fresh.ok("limits set acme --per-hour 5000 --per-minute 50")
+    assert fresh.ok("limits set acme/app --per-minute inherit --per-hour inherit") == (
+        "Limits of acme/app: 50/min (account acme), 5000/hour (account acme), "
+        "10 rcpt/msg (own).\n")
+    assert fresh.json("subuser list acme")[0]["limits"] == {
+        "messages_per_minute": None, "messages_per_hour": None, "recipients_per_message": 10}
+    entries = [json.loads(line) for line in fresh.audit_log.read_text().splitlines()]
+    assert entries[-1]["limits"] == "messages_per_minute=inherit messages_per_hour=inherit"
+
+
+def test_limits_show_gives_the_numbers_in_use_and_where_each_is_set(fresh: CliSite) -> None:
+    fresh.ok("account add acme")
+    fresh.ok("subuser add acme/app")
+    fresh.ok("limits set acme --per-hour 5000")
+    fresh.ok("limits set acme/app --recipients 7")
+    assert fresh.json("limits show acme/app") == {
+        "principal": "acme/app",
+        "limits": {
+            "messages_per_minute": {"value": 600, "source": "config",
+                                    "set_on": "limits.messages_per_minute"},
+            "messages_per_hour": {"value": 5000, "source": "account", "set_on": "acme"},
+            "recipients_per_message": {"value": 7, "source": "subuser", "set_on": "acme/app"},
+        },
+    }
+    assert fresh.ok("limits show acme/app") == (
+        "LIMIT                   VALUE  FROM\n"
+        "messages per minute     600    config default limits.messages_per_minute\n"
+        "messages per hour       5000   account acme\n"
+        "recipients per message  7      subuser acme/app\n")
+    # listings show the numbers in use, never "defaults"
+    assert "limits:    600/min (config default), 5000/hour (own), 100 rcpt/msg (config " \
+        "default)\n" in fresh.ok("account show acme")
+    listed = fresh.ok("subuser list acme").splitlines()
+    assert listed[1].endswith("  600/min, 5000/hour, 7 rcpt/msg  0"), listed
+
+
+def test_limits_of_an_account_may_not_contradict_a_subusers_own(fresh: CliSite) -> None:
+    # issue 20, item 8: the subuser inherits the account's per-minute limit
+    fresh.ok("account add acme")
+    fresh.ok("subuser add acme/app")
+    fresh.ok("limits set acme/app --per-hour 700")
+    assert fresh.refused("limits set acme --per-minute 1000") == (
+        "keyrelay: error: acme/app would be allowed 1000 messages per minute (account acme) "
+        "but only 700 per hour (subuser acme/app): the per-minute limit must not be above the "
+        "per-hour limit")
+    assert fresh.json("account show acme")["limits"]["messages_per_minute"] is None
+    assert fresh.ok("limits set acme --per-minute 400").startswith("Limits of acme: 400/min")
+
+
+def test_scopes_are_checked_against_the_known_list(fresh: CliSite) -> None:
+    # issue 20, item 6: `mail.sendd` made a key that could never send
+    fresh.ok("account add acme")
+    kid = fresh.json("key create acme --name ci")["key_id"]
+    assert fresh.refused(f"key set-scopes {kid} mail.sendd") == (
+        "keyrelay: error: unknown scope 'mail.sendd': known scopes are mail.send, stats.read "
+        "(a key needs mail.send to send)")
+    assert fresh.json(f"key show {kid}")["scopes"] == ["mail.send"]
+    assert fresh.refused("key create acme --name typo --scope mail.sendd").startswith(
+        "keyrelay: error: unknown scope 'mail.sendd'")
+    assert [k["name"] for k in fresh.json("key list")] == ["ci"]
+
+
+def test_the_selectors_of_a_pending_domain_are_not_shown_as_active(fresh: CliSite) -> None:
+    # issue 20, item 15: `domain add` labelled the new, pending domain's selectors "(active)"
+    fresh.ok("account add acme")
+    added = fresh.ok("domain add acme example.net")
+    assert "(active)" not in added
+    assert added.count("(signs once example.net is verified)\n") == 2, added
+    assert "signs once example.net is verified" in fresh.ok("domain show example.net")
+    assert fresh.ok("domain list").splitlines()[1].split()[-1] == "-"  # no signing selectors
+    fresh.ok("domain mark-verified example.net")
+    assert fresh.ok("domain dns example.net").count("(active)\n") == 2
+
+
+def test_no_change_is_made_when_the_audit_log_cannot_be_appended_to(fresh: CliSite) -> None:
+    # issue 20, item 15: an unwritable audit log was only a warning, and the change was made
+    fresh.ok("account add acme")
+    directory = fresh.directory.read_bytes()
+    fresh.audit_log.unlink()
+    fresh.audit_log.mkdir()  # unwritable whoever runs the test, root too
+    for command in ("account add beta", "key create acme --name ci", "domain add acme a.example",
+                    "limits set acme --per-hour 10", "ip allow acme 192.0.2.0/24"):
+        assert fresh.refused(command) == (
+            f"keyrelay: error: cannot append to the audit log {fresh.audit_log} "
+            "(logging.audit_log): Is a directory; nothing was changed (every change is "
+            "audited)"), command
+    assert fresh.directory.read_bytes() == directory
+    assert key_files(fresh) == []
+    # a log below a file, not a folder
+    logs = fresh.root / "logs"
+    logs.write_text("", encoding="utf-8")
+    below_a_file = fresh.root / "below-a-file.yaml"
+    below_a_file.write_text(CONFIG.format(root=fresh.root).replace("audit.log", "logs/audit.log"),
+                            encoding="utf-8")
+    assert assert_refused(fresh.run("account add beta", config=below_a_file)) == (
+        f"keyrelay: error: cannot append to the audit log {logs}/audit.log (logging.audit_log): "
+        f"{logs} is a file, not a folder; nothing was changed (every change is audited)")
+    assert fresh.directory.read_bytes() == directory
+
+
+def test_a_dkim_key_dir_that_is_a_file_is_named_clearly(tmp_path: Path) -> None:
+    (tmp_path / "dkim").write_text("", encoding="utf-8")
+    relay = CliSite(tmp_path)
+    relay.ok("account add acme")
+    assert relay.refused("domain add acme example.com") == (
+        f"keyrelay: error: {relay.config}: dkim.key_dir: {tmp_path}/dkim is a file: "
+        "dkim.key_dir must name a folder (it is made if missing) where the private DKIM keys "
+        "are kept")
+    assert relay.json("domain list") == []
 
 
 def test_monitor_mode_global_and_per_account(fresh: CliSite) -> None:

@@ -231,6 +231,47 @@ def test_a_declaration_that_clashes_changes_nothing_and_leaves_no_key_behind(
     assert [p for p in tmp_path.joinpath("dkim").rglob("*") if p.is_file()] == []
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    ({"accounts": {"acme": {"limits": {"messages_per_minute": 100, "messages_per_hour": 1}}}},
+     "acme would be allowed 100 messages per minute (account acme) but only 1 per hour "
+     "(account acme): the per-minute limit must not be above the per-hour limit"),
+    # the subuser inherits the account's per-minute limit
+    ({"accounts": {"acme": {"limits": {"messages_per_minute": 1000},
+                            "subusers": {"app": {"limits": {"messages_per_hour": 500}}}}}},
+     "acme/app would be allowed 1000 messages per minute (account acme) but only 500 per hour "
+     "(subuser acme/app)"),
+    ({"accounts": {"acme": {"limits": {"recipients_per_message": 10**20}}}},
+     "recipients per message: 100000000000000000000 is above the maximum of 100000"),
+], ids=["minute-above-hour", "minute-above-a-subusers-hour", "absurd"])
+def test_declared_limits_are_sanity_checked(tmp_path: Path, content: object,
+                                            message: str) -> None:
+    # issue 20, item 8
+    config = write_config(tmp_path)
+    path = declare(tmp_path, content)
+
+    result = run_cli(config, "sync", str(path))
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert result.stderr.startswith(f"keyrelay: error: {path}: {message}"), result.stderr
+    assert not (tmp_path / "directory.yaml").exists()
+
+
+def test_a_dkim_key_dir_that_is_a_file_stops_only_a_sync_that_makes_keys(
+        tmp_path: Path) -> None:
+    # issue 20, item 15: it read "cannot access ...: File exists"
+    config = write_config(tmp_path)
+    (tmp_path / "dkim").write_text("", encoding="utf-8")
+    sync(config, declare(tmp_path, {"accounts": {"acme": {}}}))
+
+    result = run_cli(config, "sync", str(declare(tmp_path, DECLARED)))
+
+    assert result.returncode == 1, result
+    assert result.stderr == (
+        f"keyrelay: error: {config}: dkim.key_dir: {tmp_path}/dkim is a file: dkim.key_dir "
+        "must name a folder (it is made if missing) where the private DKIM keys are kept\n")
+    assert "acme.example" not in YamlDirectory(str(tmp_path / "directory.yaml")).load().domains
+
+
 def test_a_domain_owned_by_someone_else_is_not_moved_silently(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     sync(config, declare(tmp_path, DECLARED))

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from .. import __version__
-from ..config import load_config, resolve_config_path
+from ..config import Config, load_config, resolve_config_path
 from ..directory import open_directory
-from ..errors import ConfigError, KeyrelayError, one_line
-from ..usage import ArgumentParser, echo_undecodable_arguments
+from ..errors import ConfigError, KeyrelayError
+from ..usage import ArgumentParser, echo_undecodable_arguments, error_line
 from . import (
     account,
     config,
@@ -99,15 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     echo_undecodable_arguments()
+    typed = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(typed)
     config_path = resolve_config_path(args.config)
     try:
         without_config = getattr(args, "without_config", None)
         if without_config is not None:  # `config example`
             without_config(args)
             return EXIT_OK
-        loaded = load_config(config_path)
+        loaded = _load_config(config_path)
         ctx = Context(
             config=loaded,
             config_path=config_path,
@@ -117,15 +118,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             json=getattr(args, "json", False),
         )
         run_handler(args.handler, ctx, args)
-    except (ConfigError, KeyrelayError) as exc:
-        # one line, as promised: some messages quote multi-line parser errors (PyYAML's)
-        print(f"keyrelay: error: {one_line(str(exc))}", file=sys.stderr)
+    except KeyrelayError as exc:
+        _error(str(exc), typed)
         return EXIT_FAILED
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"keyrelay: error: {one_line(f'cannot access{where}: {exc.strerror}')}",
-              file=sys.stderr)
+        _error(f"cannot access{where}: {exc.strerror}", typed)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     return EXIT_OK
+
+
+def _error(message: str, typed: Sequence[str]) -> None:
+    """The one line of a refusal: every error goes through here, so none repeats what could
+    be a secret of the command line, whatever its shape (``usage.error_line``)."""
+    print(f"keyrelay: error: {error_line(message, typed)}", file=sys.stderr)
+
+
+# Top-level keys of a directory file (keyrelay/directory/yamlfile.py) or a sync declaration
+# that keyrelay.yaml does not have: a file with one of them was given in place of the
+# configuration.
+_DIRECTORY_KEYS = ("version", "accounts", "pools", "monitor")
+
+
+def _load_config(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        if exc.path == path and exc.key in _DIRECTORY_KEYS:
+            what = "a directory file" if exc.key == "version" else (
+                "a directory file or a sync declaration")
+            raise ConfigError(
+                path, "", f"this is {what} (it has {exc.key}:), not keyrelay's configuration: "
+                "--config (or $KEYRELAY_CONFIG) names the configuration, e.g. "
+                "/etc/keyrelay/keyrelay.yaml, whose directory.path names the directory file"
+            ) from None
+        raise

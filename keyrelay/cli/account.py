@@ -10,17 +10,18 @@ from ..directory.model import Account, DirectoryData, Status
 from ..errors import UserError
 from ..output import dump_json, table, when
 from .core import Context, Handler, command, group
-from .limits import limits_json, limits_text
+from .limits import Effective, effective_json, effective_text, limits_json, listed
 
 
-def account_json(data: DirectoryData, acc: Account) -> dict[str, Any]:
+def account_json(data: DirectoryData, acc: Account, limits: Effective) -> dict[str, Any]:
     return {
         "name": acc.name,
         "status": str(acc.status),
         "monitor": acc.monitor,
         "pool": acc.pool,
         "ip_allow": [str(n) for n in acc.ip_allow],
-        "limits": limits_json(acc.limits),
+        "limits": limits_json(acc.limits),  # its own (null: inherited)
+        "effective_limits": effective_json(limits(acc.name)),
         "created": when(acc.created, ""),
         "subusers": sorted(s.name for s in data.subusers.values() if s.account == acc.name),
         # keys not revoked, as the KEYS column of the text listing counts them
@@ -39,7 +40,8 @@ def account_list(ctx: Context, args: argparse.Namespace) -> None:
     data = ctx.read()
     accounts = sorted(data.accounts.values(), key=lambda a: a.name)
     if ctx.json:
-        dump_json(ctx.out, [account_json(data, a) for a in accounts])
+        limits = listed(ctx, data)
+        dump_json(ctx.out, [account_json(data, a, limits) for a in accounts])
         return
     rows = [
         [
@@ -58,7 +60,8 @@ def account_list(ctx: Context, args: argparse.Namespace) -> None:
 
 def account_show(ctx: Context, args: argparse.Namespace) -> None:
     data = ctx.read()
-    info = account_json(data, admin.account(data, args.name))
+    limits = listed(ctx, data)
+    info = account_json(data, admin.account(data, args.name), limits)
     if ctx.json:
         dump_json(ctx.out, info)
         return
@@ -68,7 +71,7 @@ def account_show(ctx: Context, args: argparse.Namespace) -> None:
         ("monitor", "on" if info["monitor"] else "off"),
         ("pool", info["pool"] or "-"),
         ("ip allow", ", ".join(info["ip_allow"]) or "any address"),
-        ("limits", limits_text(data.accounts[args.name].limits)),
+        ("limits", effective_text(limits(args.name), args.name)),
         ("subusers", ", ".join(info["subusers"]) or "-"),
         ("keys", str(info["keys"])),
         ("domains", ", ".join(info["domains"]) or "-"),

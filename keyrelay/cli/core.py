@@ -19,7 +19,7 @@ from .. import audit, dkimkeys
 from ..config import Config
 from ..directory import DirectoryBackend
 from ..directory.model import DirectoryData
-from ..errors import DirectoryConflict
+from ..errors import ConfigError, DirectoryConflict
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # a command whose LDAP transaction met another writer's runs again, after a jittered pause
@@ -47,18 +47,41 @@ class Context:
     @contextmanager
     def change(self, action: str, *, keys: dkimkeys.NewKeys | None = None,
                **details: str) -> Iterator[DirectoryData]:
-        """A directory transaction, audited once it has been written. ``keys``: the DKIM
-        key files the change names (``dkimkeys.new_keys``), told when the write happened."""
+        """A directory transaction, audited once it has been written; refused before it
+        starts when the audit log cannot be appended to. ``keys``: the DKIM key files the
+        change names (``dkimkeys.new_keys``), told when the write happened."""
+        self.check_audit()
         with self.directory.transaction() as data:
             yield data
         if keys is not None:
             keys.written()
         audit.record(self.config.logging.audit_log, self.now, action, **details)
 
-    def new_keys(self) -> AbstractContextManager[dkimkeys.NewKeys]:
+    def check_audit(self) -> None:
+        """Refuse a change the audit log could not record (``audit.check``)."""
+        audit.check(self.config.logging.audit_log)
+
+    def new_keys(self, making: bool = True) -> AbstractContextManager[dkimkeys.NewKeys]:
         """``dkimkeys.new_keys`` in dkim.key_dir, a file it cannot delete a warning; after
-        a failure it keeps what the directory names."""
+        a failure it keeps what the directory names. Refused before a key is made when the
+        audit log cannot be appended to or (``making``: keys will be made) dkim.key_dir is
+        not a folder."""
+        self.check_audit()
+        if making:
+            self.check_key_dir()
         return dkimkeys.new_keys(self.config.dkim.key_dir, warn, self.named_key_files)
+
+    def check_key_dir(self) -> None:
+        """dkim.key_dir must be a folder, or missing below a folder (it is made then)."""
+        key_dir = self.config.dkim.key_dir
+        probe = key_dir
+        while not os.path.lexists(probe) and os.path.dirname(probe) not in ("", probe):
+            probe = os.path.dirname(probe)
+        if os.path.lexists(probe) and not os.path.isdir(probe):
+            what = "is a file" if probe == key_dir else f"is below {probe}, a file"
+            raise ConfigError(self.config_path, "dkim.key_dir",
+                              f"{key_dir} {what}: dkim.key_dir must name a folder (it is made "
+                              "if missing) where the private DKIM keys are kept")
 
     def named_key_files(self) -> set[str]:
         """The private key files the directory names now (absolute paths)."""

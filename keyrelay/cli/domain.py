@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 from .. import admin, dkimkeys, names
-from ..directory.model import DirectoryData, Domain, SelectorState
+from ..directory.model import DirectoryData, Domain, DomainState, Selector, SelectorState
 from ..output import dump_json, table, when
 from . import verify
 from .core import Context, command, delete_key_files, group
@@ -33,8 +34,23 @@ def domain_json(dom: Domain) -> dict[str, Any]:
     }
 
 
+def selector_state(dom: Domain, sel: Selector) -> str:
+    """What a selector does now: an active selector of a domain that is not verified yet
+    signs nothing (the domain may not send) until the domain is verified."""
+    if dom.state is DomainState.PENDING and sel.state is SelectorState.ACTIVE:
+        return f"signs once {dom.name} is verified"
+    return str(sel.state)
+
+
+def dkim_record(dom: Domain, sel: Selector) -> dkimkeys.DnsRecord:
+    """A selector's DNS record, its purpose saying what the selector does now."""
+    record = dkimkeys.dkim_record(dom.name, sel)
+    return replace(record, purpose=f"DKIM {sel.algorithm} selector {sel.name} "
+                                   f"({selector_state(dom, sel)})")
+
+
 def _records(ctx: Context, data: DirectoryData, dom: Domain) -> list[dkimkeys.DnsRecord]:
-    records = [dkimkeys.dkim_record(dom.name, s) for s in dom.selectors]
+    records = [dkim_record(dom, s) for s in dom.selectors]
     pools = admin.pools_for_domain(data, dom, ctx.config.routing.default_pool or None)
     if pools or ctx.config.dns.spf_include:
         records.append(dkimkeys.spf_record(dom.name, pools, ctx.config.dns.spf_include))
@@ -103,14 +119,16 @@ def domain_list(ctx: Context, args: argparse.Namespace) -> None:
         return
     rows = [
         [d.name, d.owner, str(d.state), ", ".join(d.grants) or "-",
-         " ".join(s.name for s in d.signing_selectors()) or "-"]
+         " ".join(s.name for s in d.signing_selectors()
+                  if d.state is not DomainState.PENDING) or "-"]
         for d in doms
     ]
     table(ctx.out, ["DOMAIN", "OWNER", "STATE", "GRANTED TO", "SIGNING SELECTORS"], rows)
 
 
 def domain_show(ctx: Context, args: argparse.Namespace) -> None:
-    info = domain_json(admin.domain(ctx.read(), args.domain))
+    dom = admin.domain(ctx.read(), args.domain)
+    info = domain_json(dom)
     if ctx.json:
         dump_json(ctx.out, info)
         return
@@ -129,7 +147,7 @@ def domain_show(ctx: Context, args: argparse.Namespace) -> None:
     table(
         ctx.out,
         ["SELECTOR", "ALGORITHM", "STATE", "KEY FILE"],
-        [[s["selector"], s["algorithm"], s["state"], s["key_file"]] for s in info["selectors"]],
+        [[s.name, str(s.algorithm), selector_state(dom, s), s.key_file] for s in dom.selectors],
     )
 
 
@@ -163,7 +181,7 @@ def domain_rotate(ctx: Context, args: argparse.Namespace) -> None:
         with ctx.change("domain.rotate", keys=keys, domain=dom.name,
                         selectors=" ".join(s.name for s in selectors)) as data:
             dom = admin.rotate_domain(data, dom.name, selectors)
-            records = [dkimkeys.dkim_record(dom.name, s) for s in selectors]
+            records = [dkim_record(dom, s) for s in selectors]
     if not ctx.json:
         ctx.out.write(
             f"New selectors for {dom.name}: {', '.join(s.name for s in selectors)} (pending).\n"

@@ -5,12 +5,25 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .. import admin
+from .. import admin, names
+from ..errors import UserError
 from ..output import dump_json
 from .core import Context, command, group
 
 
+def account_only(args: argparse.Namespace, action: str) -> None:
+    """IP access rules belong to accounts (and hold for all their subusers): a subuser
+    named is told which account to give instead."""
+    acc, sub = names.principal_id(args.account)
+    if sub is not None:
+        rest = f" {args.cidr}" if action != "list" else ""
+        raise UserError(
+            f"IP access rules are set on accounts; {args.account} is a subuser of {acc}: use "
+            f"`keyrelay ip {action} {acc}{rest}` (the rules hold for all of {acc}'s subusers)")
+
+
 def ip_allow(ctx: Context, args: argparse.Namespace) -> None:
+    account_only(args, "allow")
     with ctx.change("ip.allow", account=args.account, cidr=args.cidr) as data:
         acc = admin.ip_allow(data, args.account, args.cidr)
     ctx.say(f"{args.account} may now log in and send from: "
@@ -18,6 +31,7 @@ def ip_allow(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def ip_remove(ctx: Context, args: argparse.Namespace) -> None:
+    account_only(args, "remove")
     with ctx.change("ip.remove", account=args.account, cidr=args.cidr) as data:
         acc = admin.ip_remove(data, args.account, args.cidr)
     rest = ", ".join(str(n) for n in acc.ip_allow) or "any address (no rules left)"
@@ -25,6 +39,7 @@ def ip_remove(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def ip_list(ctx: Context, args: argparse.Namespace) -> None:
+    account_only(args, "list")
     acc = admin.account(ctx.read(), args.account)
     if ctx.json:
         dump_json(ctx.out, [str(n) for n in acc.ip_allow])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ from ..directory.model import ApiKey
 from ..durations import format_duration, parse_duration
 from ..errors import UserError
 from ..output import dump_json, table, when
+from ..scopes import KNOWN_SCOPES
 from .core import Context, command, group
 
 
@@ -36,8 +38,15 @@ def key_json(key: ApiKey, now: datetime) -> dict[str, Any]:
     }
 
 
+# the units of keyrelay/durations.py, as --expires names them
+UNITS = "s (seconds), m (minutes), h (hours), d (days) or w (weeks)"
+_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
+
+
 def expiry(ctx: Context, text: str | None) -> datetime | None:
-    """``--expires`` (a duration such as 90d, or ``never``), bounded by keys.max_expiry."""
+    """``--expires`` (a duration with its unit such as 90d, or ``never``), bounded by
+    keys.max_expiry. A bare number is refused: ``--expires 90`` meant 90 days, not the 90
+    seconds a bare number is elsewhere."""
     limits = ctx.config.keys
     seconds: float | None
     if text is None:
@@ -45,8 +54,15 @@ def expiry(ctx: Context, text: str | None) -> datetime | None:
     elif text == "never":
         seconds = None
     else:
+        given = text.strip()
+        if given.startswith("-"):
+            raise UserError(f"--expires must be a positive duration such as 90d, got {given!r}: "
+                            "a key cannot expire in the past")
+        if _NUMBER.fullmatch(given) and float(given) != 0:  # 0: not positive, below
+            raise UserError(f"--expires {given} has no unit: write it with one of {UNITS}, "
+                            f"e.g. {given}d")
         try:
-            seconds = parse_duration(text)
+            seconds = parse_duration(given)
         except ValueError as exc:
             raise UserError(f"--expires: {exc}") from None
         if seconds <= 0:
@@ -68,6 +84,7 @@ def expiry(ctx: Context, text: str | None) -> datetime | None:
 def key_create(ctx: Context, args: argparse.Namespace) -> None:
     scopes = tuple(args.scope or ctx.config.keys.default_scopes)
     expires = expiry(ctx, args.expires)
+    ctx.check_audit()
     with ctx.directory.transaction() as data:
         new = admin.create_key(data, args.principal, args.name, scopes, expires, ctx.now)
         created = data.keys[new.key_id]
@@ -140,9 +157,10 @@ def register(sub: Any) -> None:
     create.add_argument("principal", metavar="PRINCIPAL")
     create.add_argument("--name", required=True, help="what the key is for, e.g. 'crm-prod'")
     create.add_argument("--scope", action="append", metavar="SCOPE",
-                        help="grant SCOPE (repeatable; default: keys.default_scopes)")
+                        help=f"grant SCOPE, one of {', '.join(KNOWN_SCOPES)} (repeatable; "
+                             "default: keys.default_scopes)")
     create.add_argument("--expires", metavar="DURATION",
-                        help="lifetime such as 90d, 12w, 24h, or 'never' "
+                        help="lifetime with its unit such as 90d, 12w, 24h, or 'never' "
                              "(default: keys.default_expiry)")
     command(key, "list", key_list, "list keys (never their secrets)", json=True).add_argument(
         "principal", nargs="?", metavar="PRINCIPAL")
@@ -150,6 +168,7 @@ def register(sub: Any) -> None:
         "key_id", metavar="KEY_ID")
     command(key, "revoke", key_revoke, "revoke a key: refused from the next login or message on"
             ).add_argument("key_id", metavar="KEY_ID")
-    scopes = command(key, "set-scopes", key_set_scopes, "replace a key's scopes")
+    scopes = command(key, "set-scopes", key_set_scopes,
+                     f"replace a key's scopes (known: {', '.join(KNOWN_SCOPES)})")
     scopes.add_argument("key_id", metavar="KEY_ID")
     scopes.add_argument("scopes", nargs="+", metavar="SCOPE")

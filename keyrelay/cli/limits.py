@@ -1,50 +1,125 @@
-"""``keyrelay limits``: per-principal sending limits (and how accounts and subusers show them)."""
+"""``keyrelay limits``: per-principal sending limits, and how accounts and subusers show them.
+
+``limits set`` changes only the limits it is given (``inherit`` clears one); ``limits show``
+prints the limits the policy service applies, each with where it comes from (the subuser,
+its account, or the configuration's default). Listings show those numbers too.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from .. import admin
-from ..directory.model import Limits
+from ..decisions import EngineSettings
+from ..directory.model import LIMIT_FIELDS, Directory, DirectoryData, Limits
 from ..errors import UserError
+from ..limits import LIMIT_MAXIMA, LIMIT_WORDS, EffectiveLimit, effective_limits
+from ..limits import check_effective_limits as check_effective
+from ..output import dump_json, table
 from .core import Context, command, group
+
+INHERIT = "inherit"
+# the options of `limits set`, by limit
+OPTIONS = {
+    "messages_per_minute": "--per-minute",
+    "messages_per_hour": "--per-hour",
+    "recipients_per_message": "--recipients",
+}
+_UNITS = {
+    "messages_per_minute": "/min",
+    "messages_per_hour": "/hour",
+    "recipients_per_message": " rcpt/msg",
+}
 
 
 def limits_json(limits: Limits) -> dict[str, int | None]:
-    return {
-        "messages_per_minute": limits.messages_per_minute,
-        "messages_per_hour": limits.messages_per_hour,
-        "recipients_per_message": limits.recipients_per_message,
-    }
+    """A principal's own limits (``None``: inherited), as the directory holds them."""
+    return {name: getattr(limits, name) for name in LIMIT_FIELDS}
 
 
-def limits_text(limits: Limits) -> str:
-    parts = [
-        f"{limits.messages_per_minute}/min" if limits.messages_per_minute else "",
-        f"{limits.messages_per_hour}/hour" if limits.messages_per_hour else "",
-        f"{limits.recipients_per_message} rcpt/msg" if limits.recipients_per_message else "",
-    ]
-    return ", ".join(p for p in parts if p) or "defaults"
+def effective_json(found: tuple[EffectiveLimit, ...]) -> dict[str, int | None]:
+    return {e.name: e.value for e in found}
+
+
+def effective_text(found: tuple[EffectiveLimit, ...], pid: str | None = None) -> str:
+    """``10/min, 20000/hour, 5 rcpt/msg``; with ``pid``, each followed by where it is set:
+    ``(own)``, ``(account acme)``, ``(config default)``."""
+    parts = []
+    for e in found:
+        text = f"{e.value}{_UNITS[e.name]}"
+        if pid is not None:
+            where = ("config default" if e.source == "config"
+                     else "own" if e.origin == pid else f"{e.source} {e.origin}")
+            text += f" ({where})"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def limit_value(text: str) -> int | None:
+    """A ``limits set`` option: a whole number, or ``inherit`` (``None``)."""
+    if text == INHERIT:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number or {INHERIT}, got {text!r}") from None
 
 
 def limits_set(ctx: Context, args: argparse.Namespace) -> None:
-    def value(number: int | None) -> int | None:
-        if number is not None and number < 0:
-            raise UserError("limits are positive numbers (0 means: inherit)")
-        return number or None
+    # an option not given leaves no attribute (argparse.SUPPRESS): that limit keeps its value
+    changes = {name: getattr(args, name) for name in LIMIT_FIELDS if hasattr(args, name)}
+    if not changes:
+        raise UserError(
+            "nothing to set: give --per-minute, --per-hour or --recipients, each a number or "
+            f"{INHERIT} (see the limits in use: keyrelay limits show {args.principal})")
+    settings = EngineSettings.from_config(ctx.config)
+    said = " ".join(f"{name}={INHERIT if v is None else v}" for name, v in changes.items())
+    with ctx.change("limits.set", principal=args.principal, limits=said) as data:
+        admin.change_limits(data, args.principal, changes)
+        check_effective(data, settings, [args.principal])
+        found = effective_limits(Directory(data), settings, args.principal)
+    ctx.say(f"Limits of {args.principal}: {effective_text(found, args.principal)}.")
 
-    limits = Limits(value(args.per_minute), value(args.per_hour), value(args.recipients))
-    with ctx.change("limits.set", principal=args.principal, limits=limits_text(limits)) as data:
-        admin.set_limits(data, args.principal, limits)
-    ctx.say(f"Limits of {args.principal}: {limits_text(limits)}.")
+
+def limits_show(ctx: Context, args: argparse.Namespace) -> None:
+    data = ctx.read()
+    admin.principal(data, args.principal)
+    found = listed(ctx, data)(args.principal)
+    if ctx.json:
+        dump_json(ctx.out, {
+            "principal": args.principal,
+            "limits": {e.name: {"value": e.value, "source": e.source, "set_on": e.origin}
+                       for e in found},
+        })
+        return
+    table(ctx.out, ["LIMIT", "VALUE", "FROM"],
+          [[LIMIT_WORDS[e.name], str(e.value), e.text()] for e in found])
+
+
+Effective = Callable[[str], tuple[EffectiveLimit, ...]]
+
+
+def listed(ctx: Context, data: DirectoryData) -> Effective:
+    """A function giving each principal's effective limits, with one snapshot for a whole
+    listing."""
+    snapshot, settings = Directory(data), EngineSettings.from_config(ctx.config)
+    return lambda pid: effective_limits(snapshot, settings, pid)
 
 
 def register(sub: Any) -> None:
-    lim = group(sub, "limits", "set per-principal sending limits")
+    lim = group(sub, "limits", "show and set per-principal sending limits")
     lset = command(lim, "set", limits_set,
-                   "set limits (omitted or 0: inherit from account/config)")
+                   "change a principal's limits; the limits not given keep their values "
+                   f"({INHERIT}: take the account's, then the configuration's value)")
     lset.add_argument("principal", metavar="PRINCIPAL")
-    lset.add_argument("--per-minute", type=int, metavar="N", help="messages per minute")
-    lset.add_argument("--per-hour", type=int, metavar="N", help="messages per hour")
-    lset.add_argument("--recipients", type=int, metavar="N", help="recipients per message")
+    for name, option in OPTIONS.items():
+        lset.add_argument(option, dest=name, type=limit_value, default=argparse.SUPPRESS,
+                          metavar="N",
+                          help=f"{LIMIT_WORDS[name]}: 1 to {LIMIT_MAXIMA[name]}, or {INHERIT}")
+    command(lim, "show", limits_show,
+            "show the limits a principal sends under, and where each is set "
+            "(subuser, account or configuration)", json=True).add_argument(
+                "principal", metavar="PRINCIPAL")

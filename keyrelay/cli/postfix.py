@@ -49,6 +49,7 @@ def postfix_apply(ctx: Context, args: argparse.Namespace) -> None:
             ctx.say(f"  {change.text}")
         _notes(plan)
         return
+    ctx.check_audit()  # a change must not happen unaudited
     warnings = postfixconf.apply(config_dir, todo)
     _notes(plan)
     ctx.say(f"{config_dir}: made {len(todo)} change(s); postfix check passed.")

@@ -10,7 +10,7 @@ from ..directory.model import DirectoryData, Status, Subuser
 from ..output import dump_json, table, when
 from .account import status_setter
 from .core import Context, command, group
-from .limits import limits_json, limits_text
+from .limits import Effective, effective_json, effective_text, limits_json, listed
 
 
 def subuser_add(ctx: Context, args: argparse.Namespace) -> None:
@@ -19,14 +19,15 @@ def subuser_add(ctx: Context, args: argparse.Namespace) -> None:
     ctx.say(f"Added subuser {args.name}.")
 
 
-def subuser_json(data: DirectoryData, sub: Subuser) -> dict[str, Any]:
+def subuser_json(data: DirectoryData, sub: Subuser, limits: Effective) -> dict[str, Any]:
     return {
         "principal": sub.principal,
         "account": sub.account,
         "name": sub.name,
         "status": str(sub.status),
         "pool": sub.pool,
-        "limits": limits_json(sub.limits),
+        "limits": limits_json(sub.limits),  # its own (null: inherited)
+        "effective_limits": effective_json(limits(sub.principal)),
         "created": when(sub.created, ""),
         "keys": sum(
             1 for k in data.keys.values() if k.principal == sub.principal and not k.revoked
@@ -40,11 +41,12 @@ def subuser_list(ctx: Context, args: argparse.Namespace) -> None:
     subs = sorted(
         (s for s in data.subusers.values() if s.account == args.account), key=lambda s: s.name
     )
+    limits = listed(ctx, data)
     if ctx.json:
-        dump_json(ctx.out, [subuser_json(data, s) for s in subs])
+        dump_json(ctx.out, [subuser_json(data, s, limits) for s in subs])
         return
     rows = [
-        [s.principal, str(s.status), s.pool or "-", limits_text(s.limits),
+        [s.principal, str(s.status), s.pool or "-", effective_text(limits(s.principal)),
          str(sum(1 for k in data.keys.values() if k.principal == s.principal and not k.revoked))]
         for s in subs
     ]

@@ -7,9 +7,12 @@ import os
 from typing import Any
 
 from .. import admin, declare, dkimkeys
+from ..decisions import EngineSettings
 from ..directory import YamlDirectory
-from ..directory.model import SelectorState
+from ..directory.model import DirectoryData, SelectorState
 from ..directory.yamlfile import render as render_directory
+from ..errors import UserError
+from ..limits import check_effective_limits
 from .core import Context, command, delete_key_files, path
 
 
@@ -50,6 +53,7 @@ def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
     existing = ctx.read()
     trial = existing.copy()  # refuse a clash before any DKIM key is made
     declare.apply(trial, declared, ctx.now, {n: () for n in declared.new_domains(existing)})
+    _check_limits(ctx, declared, trial)
     changes = admin.differences(existing, trial)
     if not changes:
         ctx.say(f"Nothing to do: the directory already holds what {args.file} declares.")
@@ -59,7 +63,7 @@ def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
         for line in changes:
             ctx.say(f"  {line}")
         return
-    with ctx.new_keys() as keys:
+    with ctx.new_keys(making=bool(declared.new_domains(existing))) as keys:
         made = {
             name: keys.create(
                 name, dkimkeys.selector_names(ctx.config.dkim.selector_prefix, ctx.now, set()),
@@ -69,6 +73,7 @@ def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
         with ctx.change("directory.sync", keys=keys, source=args.file) as data:
             before = data.copy()
             removed = declare.apply(data, declared, ctx.now, made)
+            _check_limits(ctx, declared, data)
             changes = admin.differences(before, data)
     delete_key_files([s.key_file for dom in removed for s in dom.selectors])
     ctx.say(f"Made {len(changes)} change(s):")
@@ -77,6 +82,16 @@ def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
     for name in made:
         ctx.say(f"Domain {name} is pending: publish its records (keyrelay domain dns {name}), "
                 f"then run keyrelay domain verify {name}.")
+
+
+def _check_limits(ctx: Context, declared: declare.Declaration, data: DirectoryData) -> None:
+    """The limits the declaration sets must not contradict each other where they apply
+    (``limits.check_effective_limits``), as with ``keyrelay limits set``."""
+    pids = [p.pid for p in declared.principals if not p.absent and p.limits is not None]
+    try:
+        check_effective_limits(data, EngineSettings.from_config(ctx.config), pids)
+    except UserError as exc:
+        raise UserError(f"{declared.path}: {exc}") from None
 
 
 def register(sub: Any) -> None:

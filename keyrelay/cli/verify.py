@@ -58,6 +58,7 @@ def _state_text(checked: domaincheck.Checked) -> str:
 
 
 def domain_verify(ctx: Context, args: argparse.Namespace) -> None:
+    ctx.check_audit()  # the result is recorded: not without its audit line
     checked = _check(ctx, args.domain)  # run again by run_handler on a conflict
     report, dom = checked.report, checked.after or checked.before
     if ctx.json:
@@ -77,6 +78,7 @@ def domain_verify(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def domain_check(ctx: Context, args: argparse.Namespace) -> None:
+    ctx.check_audit()  # the results are recorded: not without their audit lines
     data = ctx.read()
     wanted = sorted(data.domains) if args.all else [names.domain(d) for d in args.domains]
     if not wanted:
