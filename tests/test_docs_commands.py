@@ -61,11 +61,13 @@ def test_every_command_of_the_readme_tours_parses(line: str) -> None:
 
 
 def documented_commands() -> set[tuple[str, ...]]:
-    """The commands of docs/cli.md's table: its first column, `a b ...` / `c ...` (a second
-    form without the command word belongs to the command before), `on\\|off` two actions."""
+    """The commands of docs/cli.md's table (section "Commands"): its first column,
+    `a b ...` / `c ...` (a second form without the command word belongs to the command
+    before), `on\\|off` two actions."""
     groups = {name for name, *_ in real_commands()}
     found: set[tuple[str, ...]] = set()
     text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    text = text.split("\n## Commands\n", 1)[1].split("\n## ", 1)[0]  # the commands
     for row in re.findall(r"^\| (`.*?`(?: / `.*?`)*) \|", text, re.M):
         group = ""
         for form in re.findall(r"`([^`]*)`", row):
