@@ -117,7 +117,7 @@ def populate(daemon: Policyd) -> dict[str, Key]:
         for name in ("app", "target", "revoked", "expired", "lastused", "pasted", "misnamed",
                      "typo"):
             made[name] = add_key(data, "acme/app", name)
-        made["noscope"] = add_key(data, "acme/app", "noscope", scopes=("mail.read",))
+        made["noscope"] = add_key(data, "acme/app", "noscope", scopes=("stats.read",))
         admin.revoke_key(data, made["revoked"].key_id, when)
         expired = data.keys[made["expired"].key_id]
         data.keys[expired.key_id] = replace(expired, expires=when - timedelta(days=1))
@@ -145,7 +145,7 @@ def populate(daemon: Policyd) -> dict[str, Key]:
         made["w1"] = add_key(data, "shared/web", "w1")
         made["w2"] = add_key(data, "shared/web", "w2")
         admin.revoke_key(data, made["w2"].key_id, when)
-        made["w3"] = add_key(data, "shared/web", "w3", scopes=("mail.read",))
+        made["w3"] = add_key(data, "shared/web", "w3", scopes=("stats.read",))
         made["w4"] = add_key(data, "shared/web", "w4")
         w4 = data.keys[made["w4"].key_id]
         data.keys[w4.key_id] = replace(w4, expires=when - timedelta(hours=1))
