@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from .directory.model import Algorithm, Pool, Selector, SelectorState
-from .errors import KeyrelayError
+from .errors import KeyrelayError, UserError
 
 RSA_BITS = 2048
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -52,7 +52,7 @@ def selector_names(prefix: str, now: datetime, taken: set[str]) -> dict[Algorith
         candidate = {alg: f"{stamp}{extra}-{sfx}" for alg, sfx in _SUFFIX.items()}
         if not taken.intersection(candidate.values()):
             return candidate
-    raise RuntimeError("more than 26 selector rotations in one day")
+    raise UserError("more than 26 selector rotations in one day: rotate again tomorrow")
 
 
 def public_key_value(private: PrivateKey) -> str:

@@ -32,6 +32,11 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 MAX_LENGTH = 2048
 
 
+def _plain(address: str) -> str:
+    """An address as compared across parsers: without quotes, in lower case."""
+    return address.replace('"', "").lower()
+
+
 class HeaderError(ValueError):
     """The header cannot be read unambiguously; the message says why."""
 
@@ -73,8 +78,10 @@ def mailboxes(value: str) -> tuple[str, ...]:
     # Mail programs do not all parse as fully as RFC 5322 allows: the simpler parser many of
     # them use (email.utils.getaddresses) reads "app@example.com (,)" as no address at all.
     # A value the two parsers read differently is ambiguous: refused, never guessed.
+    # Quotes around a local part are spelling, not a different address: '"j"@example.com' is
+    # j@example.com to both (the full parser drops quotes it does not need).
     simpler = [address for _, address in getaddresses([unfolded]) if address]
-    if [a.lower() for a in simpler] != [a.lower() for a in found]:
+    if [_plain(a) for a in simpler] != [_plain(a) for a in found]:
         raise HeaderError("is ambiguous: mail programs read different addresses in it; write "
                           "it as Name <address>")
     return tuple(found)

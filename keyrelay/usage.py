@@ -10,6 +10,7 @@ and an API key pasted in the wrong place would be printed back.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import io
 import re
 import sys
@@ -42,9 +43,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self._negative_number_matcher = _VALUE_WITH_MINUS
 
     def error(self, message: str) -> NoReturn:
-        # argparse quotes arguments as they came; sys.argv is the command line of the
-        # console script (an in-process caller's arguments are checked by their shape)
-        super().error(printable(hide_secrets(message, sys.argv[1:])))
+        # argparse quotes arguments as they came: hide what could be a secret among the
+        # arguments being parsed (``COMMAND_LINE``, set by the caller of parse_args; else the
+        # console script's own sys.argv)
+        argv = COMMAND_LINE.get()
+        super().error(printable(hide_secrets(message, sys.argv[1:] if argv is None else argv)))
+
+
+# The arguments an in-process ``main(argv)`` is parsing, for ArgumentParser.error.
+COMMAND_LINE: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "COMMAND_LINE", default=None)
 
 
 def echo_undecodable_arguments() -> None:

@@ -91,8 +91,9 @@ class MilterService:
         self.decisions = decisions
         self.keys = keys if keys is not None else KeyStore()
         self.clock = clock
-        self.sign = config.milter.sign
-        self.kept_headers = dkimsign.SIGNED_HEADERS if self.sign else _CHECKED
+        # milter.sign is an engine setting (it plans no signature); here it decides only what
+        # is kept of a message while it streams in
+        self.kept_headers = dkimsign.SIGNED_HEADERS if self.settings.sign else _CHECKED
         self._lock = threading.Lock()
         self.in_progress = 0  # messages begun and not yet finished or aborted
 
@@ -103,7 +104,7 @@ class MilterService:
             self.in_progress += 1
         # Unauthenticated mail is left alone (the policy service decided who may relay):
         # nothing of it is kept or hashed.
-        return Message(identity, client_address, hash_body=bool(identity) and self.sign)
+        return Message(identity, client_address, hash_body=bool(identity) and self.settings.sign)
 
     def end(self) -> None:
         """The message begun last on a connection is finished or aborted."""

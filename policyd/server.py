@@ -280,6 +280,11 @@ class AuthConnection(Connection):
         decide, answer, and go on with what arrived meanwhile."""
         try:
             await asyncio.get_running_loop().run_in_executor(None, lookup.run)
+        except Exception:  # e.g. the executor shut down while stopping: our fault, temporary
+            log.exception("%s: API key lookup for %s failed; closing the connection",
+                          self.listener.name, self.peer)
+            self.internal_error()  # closed: Postfix answers 454 4.7.0
+            return
         finally:
             self.lookup = None
         if self.closing:

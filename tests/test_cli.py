@@ -1208,3 +1208,16 @@ def test_domain_keys_belong_to_the_owner_of_the_key_folder(tmp_path: Path) -> No
         st = path.stat()
         assert (st.st_uid, st.st_gid) == (65534, 65534), path
         assert stat.S_IMODE(st.st_mode) == (0o700 if path.is_dir() else 0o600), path
+
+
+def test_a_usage_error_of_an_in_process_call_hides_what_could_be_a_secret(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # the arguments being parsed are main's, not sys.argv (the demo calls main in process)
+    secretish = "AbCdEfGhIjKlMnOpQrStUvWxYz12"
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["limits", "show", "acme", secretish])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and "error:" in err
+    assert secretish[:8] not in err and secretish[-8:] not in err

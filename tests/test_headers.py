@@ -45,6 +45,10 @@ READABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "empty group": ("undisclosed-recipients:;", ()),
     "comment": ("user@example.com (the user)", ("user@example.com",)),
+    # quotes the local part does not need: the same address to every parser (not ambiguous)
+    "quoted local part": ('"j"@example.com', ("j@example.com",)),
+    "quoted local part ending in a dot": ('"a."@example.com', ("a.@example.com",)),
+    "quoted local part in brackets": ('Joe <"j"@example.com>', ("j@example.com",)),
     "folded": ("Jane Doe\r\n <jane@example.com>", ("jane@example.com",)),
     "folded with LF only": ("Jane Doe\n\t<jane@example.com>", ("jane@example.com",)),
     "surrounding blanks": ("  Jane <jane@example.com>  ", ("jane@example.com",)),

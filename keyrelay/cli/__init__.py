@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from .. import __version__
+from .. import __version__, usage
 from ..config import Config, load_config, resolve_config_path
 from ..directory import open_directory
 from ..errors import ConfigError, KeyrelayError
@@ -101,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     echo_undecodable_arguments()
     typed = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    usage.COMMAND_LINE.set(typed)
     args = parser.parse_args(typed)
     config_path = resolve_config_path(args.config)
     try:

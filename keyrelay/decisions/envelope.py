@@ -10,7 +10,7 @@ from ..directory.model import Directory, DomainState, Limits
 from .checks import monitored, normal_address, sender_problem, session_principal
 from .facts import EngineSettings, EnvelopeFacts, RateFacts, parse_identity
 from .reasons import Reason
-from .verdict import Action, Verdict, allow, refuse
+from .verdict import Action, Verdict, allow, let_pass, refuse
 
 
 def decide_envelope(
@@ -206,7 +206,5 @@ def with_rate(envelope: Verdict, rate: Verdict) -> Verdict:
     if not rate.allowed:
         return rate
     if rate.monitored is not None and envelope.monitored is None:
-        return Verdict(Action.ALLOW, Reason.MONITOR, principal=envelope.principal,
-                       key_id=envelope.key_id, transport=envelope.transport,
-                       monitored=rate.monitored)
+        return let_pass(envelope, Reason.MONITOR)._replace(monitored=rate.monitored)
     return envelope

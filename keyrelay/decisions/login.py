@@ -123,8 +123,8 @@ def decide_lockout(settings: EngineSettings, facts: LockoutFacts) -> Verdict | N
 
 def locked_out(reason: Reason, what: str, seconds: float, key_id: str | None) -> Verdict:
     """The answer to a login from a locked-out address or for a locked-out key id."""
-    return Verdict(Action.REFUSE, reason, 535, "5.7.8",
-                   f"{what}; try again in {minutes(seconds)}", key_id=key_id)
+    return refuse(535, "5.7.8", reason, f"{what}; try again in {minutes(seconds)}",
+                  key_id=key_id)
 
 
 def minutes(seconds: float) -> str:

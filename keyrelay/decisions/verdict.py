@@ -2,8 +2,10 @@
 what the front end needs to carry on (identity, transport, DKIM plan).
 
 Front ends render and log verdicts; they never build one (tests/test_import_rules.py). The
-builders here are the engine's own, and ``temporary`` is the one way our own faults become
-an answer, in every service.
+builders here are the engine's own, and ``temporary`` is the one way our own faults (a
+directory we cannot read, a bug) become an answer, in every service. (A login's key missing
+from this node's copy is answered 451 4.7.1 by the session check, checks.py: a copy that
+lags, not a fault.)
 """
 
 from __future__ import annotations
