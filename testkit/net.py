@@ -4,6 +4,7 @@ certificate."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import ssl
@@ -20,7 +21,10 @@ __all__ = ["client_tls", "free_port", "free_ports", "free_udp_port", "greets", "
 # Ports are picked below the kernel's ephemeral range: a port from that range (what binding
 # to port 0 gives) can be taken, between the probe and the server's own bind, as the local
 # port of any outgoing connection on the machine (seen: dnsmasq "Address already in use").
-_FIRST_PORT = 10000
+# Below _FIRST_PORT: left to fixed ports of the tests. Each pytest-xdist worker (make test
+# runs two) picks from its own slice of the range, and so does every process it starts (the
+# variables are inherited): two workers never hand out the same port.
+_FIRST_PORT = 11000
 _ports = random.Random()  # noqa: S311 - which port to try, not a secret
 _given: set[int] = set()  # never the same port twice in one process (two servers' ports)
 
@@ -30,6 +34,19 @@ def _ephemeral_start() -> int:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
+
+
+def _range() -> tuple[int, int]:
+    """The ports this process may pick from: its worker's slice, or the whole range."""
+    first, last = _FIRST_PORT, _ephemeral_start() - 1
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        index = int(worker.removeprefix("gw"))
+        count = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    except (KeyError, ValueError):
+        return first, last
+    size = (last - first + 1) // max(count, 1)
+    return first + index * size, first + (index + 1) * size - 1
 
 
 def _claim(port: int, kinds: tuple[int, ...]) -> list[socket.socket]:
@@ -52,14 +69,14 @@ def free_ports(count: int, *, udp: bool = False) -> list[int]:
     probed at once and then released, picked at random below the ephemeral port range and
     never handed out before by this process."""
     kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp else (socket.SOCK_STREAM,)
-    last = _ephemeral_start() - 1
+    first, last = _range()
     held: list[socket.socket] = []
     found: list[int] = []
     try:
         for _ in range(100 * count):
             if len(found) == count:
                 break
-            port = _ports.randint(_FIRST_PORT, last)
+            port = _ports.randint(first, last)
             if port in found or port in _given:
                 continue
             claimed = _claim(port, kinds)
@@ -67,7 +84,7 @@ def free_ports(count: int, *, udp: bool = False) -> list[int]:
                 held += claimed
                 found.append(port)
         if len(found) < count:
-            raise OSError(f"no {count} free ports found between {_FIRST_PORT} and {last}")
+            raise OSError(f"no {count} free ports found between {first} and {last}")
         _given.update(found)
         return found
     finally:

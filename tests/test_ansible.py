@@ -54,7 +54,7 @@ SITE_MAIN_CF = {  # the admin's own settings, which must survive
     "message_size_limit": "12345678",
     "smtpd_recipient_restrictions": "permit_mynetworks, reject_unauth_destination",
 }
-SITE_SERVICE = "127.0.0.1:10999 inet n - n - - smtpd -o syslog_name=site-own"
+SITE_SERVICE = f"127.0.0.1:{free_port()} inet n - n - - smtpd -o syslog_name=site-own"
 UNITS = ("keyrelay-policyd.service", "keyrelay-milter.service")
 SERVICE_USER = "kr-ansible-test"
 

@@ -309,7 +309,8 @@ def counting_reader(server: Slapd, clock: FrozenClock, **overrides: Any
                     ) -> tuple[LdapDirectory, list[str]]:
     """A reader whose background refresh never runs during the test, and the key ids it
     searched LDAP for."""
-    settings = {"refresh_interval": 600, "timeout": 1, **overrides}
+    # a generous LDAP timeout: the clock is frozen, time is not what these tests measure
+    settings = {"refresh_interval": 600, "timeout": 30, **overrides}
     config = parse_config({"directory": server.directory_config(**settings)}, "t.yaml")
     reader = LdapDirectory(config.directory.ldap, clock=clock)
     searched: list[str] = []

@@ -70,8 +70,10 @@ def test_the_directory_is_in_ldap_not_in_a_file(ldap_relay: Relay,
 def test_a_key_held_in_ldap_logs_in_and_the_mail_leaves_signed(ldap_relay: Relay) -> None:
     tenant = new_tenant(ldap_relay)  # made with the keyrelay CLI, written to LDAP
     mid, text = message(tenant.sender, "rcpt@example.net", "keys in LDAP")
-    # sent at once: a key that a daemon's copy lacks is read from LDAP (read-through)
-    send(ldap_relay, "submission", tenant.key, tenant.sender, text)
+    # sent at once: a key that a daemon's copy lacks is read from LDAP (read-through); only a
+    # temporary answer is retried, which this module's 1 s LDAP timeout may give on a loaded
+    # machine (the first-try guarantee itself: test_e2e_readthrough.py, generous timeouts)
+    send_until_accepted(ldap_relay, tenant.key, tenant.sender, text)
 
     dump, parsed = wait_delivered(ldap_relay, mid)
     assert parsed["X-Client-Addr"] == "127.0.0.3"  # through the demo pool
@@ -94,8 +96,16 @@ def test_a_key_revoked_in_ldap_is_refused_at_the_next_login(ldap_relay: Relay) -
                 return exc.smtp_code, (exc.smtp_error.decode() if isinstance(exc.smtp_error, bytes)
                                    else exc.smtp_error)
 
-    # a new key works at its first login, whatever the daemons' copy holds (read-through)
-    assert login() == (235, "")
+    # a new key works without a 535, whatever the daemons' copy holds (read-through); a
+    # temporary 454 (this module's 1 s LDAP timeout on a loaded machine) is waited out
+    answers: list[tuple[int, str]] = []
+
+    def accepted() -> bool:
+        answers.append(login())
+        assert answers[-1][0] in (235, 454), answers
+        return answers[-1][0] == 235
+
+    wait_until(accepted, BOUND + 60, "the new key accepted")
     kr(ldap_relay, "key", "revoke", tenant.key_id)
     wait_until(lambda: login() == (535, f"5.7.8 Error: authentication failed: API key "
                                         f"{tenant.key_id} was revoked; create a new key"),
