@@ -89,7 +89,7 @@ def domain_check(ctx: Context, args: argparse.Namespace) -> None:
     if not wanted:
         raise UserError("name the domains to check, or --all")
     unknown = []
-    results = []
+    results: list[dict[str, Any] | None] = []
     for name in wanted:
         if args.all and admin.is_hand_verified(data.domains[name]):
             ctx.say(f"{name}: verified by hand, not checked (keyrelay domain verify {name} "
