@@ -19,7 +19,7 @@ not hold). A backup holds everything a new node needs to sign and answer as the 
 files and folders only (no links, no devices), relative names without ``..``
 (the rules here, and ``tarfile.data_filter`` too where Python has it: 3.11.4 and later;
 Debian 12's 3.11.2 has not), every file's SHA-256 as the manifest
-says, and a format version this code knows. ``restore_keys`` writes the key files below the
+says, and a format version this code knows. ``restored_keys`` writes the key files below the
 new node's ``dkim.key_dir`` (each through a temporary file created 0600, then renamed) with
 their modes, and, as root, their owner and group by name.
 """

@@ -441,11 +441,12 @@ class _Parser:
                             f"(this keyrelay writes {FORMAT_VERSION}), got "
                             f"{yamlread.got(version)}")
         if version > FORMAT_VERSION:
-            name = os.path.basename(self.path)
-            raise self.fail("version", f"{name} is format version {version}, written by a "
-                            f"newer keyrelay; this keyrelay ({__version__}) reads versions 1 "
-                            f"to {FORMAT_VERSION}: upgrade keyrelay on this host (every "
-                            "program reading the file), or restore a backup this version made")
+            known = "1" if FORMAT_VERSION == 1 else f"1 to {FORMAT_VERSION}"
+            raise self.fail("version", f"format version {version} is newer than this keyrelay "
+                            f"({__version__}) reads (format version {known}): the file was "
+                            "written by a newer keyrelay; upgrade keyrelay on this host (every "
+                            "program that reads the file), or restore a backup this version "
+                            "made")
         while version < FORMAT_VERSION:
             top = dict(_UPGRADES[version](top))
             version += 1
