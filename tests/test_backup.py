@@ -26,7 +26,7 @@ from test_dkimsign import HEADERS, STAMP, DnsZone, body_hash, verified, wire
 from test_yaml_directory import run_cli
 
 from keyrelay import backup
-from keyrelay.directory import YamlDirectory
+from keyrelay.directory import DirectoryData, YamlDirectory
 from milters.dkimsign import KeyStore, sign
 
 BIN = Path(sys.executable).parent
@@ -61,14 +61,18 @@ class Node:
         return result.stdout
 
     def key_files(self) -> dict[str, tuple[bytes, int, int, int]]:
-        """Every file and folder below dkim.key_dir: bytes (b'' for a folder), mode, owner."""
-        found = {}
-        for path in [self.key_dir, *self.key_dir.rglob("*")]:
-            st = path.lstat()
-            content = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
-            found[str(path.relative_to(self.key_dir))] = (
-                content, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
-        return found
+        return key_files(self.key_dir)
+
+
+def key_files(key_dir: Path) -> dict[str, tuple[bytes, int, int, int]]:
+    """Every file and folder below a key folder: bytes (b'' for a folder), mode, owner."""
+    found = {}
+    for path in [key_dir, *key_dir.rglob("*")]:
+        st = path.lstat()
+        content = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+        found[str(path.relative_to(key_dir))] = (
+            content, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    return found
 
 
 def build_node(node: Node) -> None:
@@ -333,3 +337,36 @@ def test_backup_refuses_a_link_in_the_key_folder(tmp_path: Path) -> None:
     assert result.returncode == 1 and "not a regular file" in result.stderr
     assert not (tmp_path / "node.tar.gz").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".keyrelay-backup.")]
+
+
+# -- LDAP: read through the backend, as export does -------------------------------------------
+def test_an_ldap_directory_is_backed_up_and_restored_into_yaml_and_into_ldap(
+        request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The archive is the same whatever the backend: an LDAP node's backup restores into a
+    YAML node, and that node's backup into a fresh LDAP base (the session's slapd)."""
+    from test_directory_contract import CLI_SCRIPT, make_store
+
+    source = make_store("ldap", tmp_path / "ldap", request)
+    for command in CLI_SCRIPT:
+        source.cli(*command)
+    original = source.open().load()
+    from_ldap = tmp_path / "from-ldap.tar.gz"
+    source.cli("backup", str(from_ldap))
+
+    node = make_store("yaml", tmp_path / "yaml", request)
+    node.cli("restore", str(from_ldap))
+    assert node.open().load() == backup.moved_key_files(
+        original, str(tmp_path / "ldap" / "dkim"), str(tmp_path / "yaml" / "dkim"))
+    from_yaml = tmp_path / "from-yaml.tar.gz"
+    node.cli("backup", str(from_yaml))
+    source.close()
+
+    again = make_store("ldap", tmp_path / "ldap-new", request)  # the base emptied first
+    try:
+        assert again.open().load(missing_ok=True) == DirectoryData()
+        again.cli("restore", str(from_yaml))
+        assert again.open().load() == backup.moved_key_files(
+            original, str(tmp_path / "ldap" / "dkim"), str(tmp_path / "ldap-new" / "dkim"))
+        assert key_files(tmp_path / "ldap-new" / "dkim") == key_files(tmp_path / "ldap" / "dkim")
+    finally:
+        again.close()
