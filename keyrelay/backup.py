@@ -226,12 +226,7 @@ def write_backup(output: str, data: DirectoryData, key_dir: str, backend: str, n
         if force:
             os.replace(tmp, output)
         else:
-            try:
-                os.link(tmp, output)  # never replaces a file made meanwhile
-            except FileExistsError:
-                raise BackupError(f"{output} exists: name a new file, or run with --force "
-                                  "to replace it") from None
-            os.unlink(tmp)
+            _put_in_place(tmp, output)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -239,6 +234,22 @@ def write_backup(output: str, data: DirectoryData, key_dir: str, backend: str, n
     _fsync_folder(folder)
     return Backup(output, FORMAT_VERSION, str(manifest["created"]), __version__, backend,
                   os.path.abspath(key_dir), data, folders, files)
+
+
+def _put_in_place(tmp: str, output: str) -> None:
+    """Link ``tmp`` as ``output``, which must not exist: a file made there meanwhile is never
+    replaced. A file system without hard links (vfat) gets a rename after a last look."""
+    exists = BackupError(f"{output} exists: name a new file, or run with --force to replace it")
+    try:
+        os.link(tmp, output)
+    except FileExistsError:
+        raise exists from None
+    except OSError:
+        if os.path.lexists(output):
+            raise exists from None
+        os.rename(tmp, output)
+        return
+    os.unlink(tmp)
 
 
 def _member(rel: str) -> str:
@@ -387,6 +398,12 @@ def _backup(archive: str, manifest: dict[str, Any], members: dict[str, tarfile.T
         raise bad(f"{DIRECTORY} is not UTF-8") from None
     except ConfigError as exc:
         raise BackupError(f"{exc}; nothing was restored") from None
+    root = os.path.abspath(old_dir)
+    for domain in data.domains.values():
+        for sel in domain.selectors:  # a key file elsewhere would be read, and deleted later
+            if os.path.commonpath([root, os.path.abspath(sel.key_file)]) != root:
+                raise bad(f"domain {domain.name} selector {sel.name}: its key file "
+                          f"{sel.key_file} is not below the backup's dkim.key_dir {old_dir}")
     return Backup(archive, int(manifest["version"]), str(manifest.get("created", "?")),
                   str(manifest.get("keyrelay", "?")), str(manifest.get("backend", "?")),
                   old_dir, moved_key_files(data, old_dir, key_dir), folders, read)

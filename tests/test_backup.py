@@ -10,6 +10,7 @@ published.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -292,6 +293,34 @@ def test_restore_refuses_an_unsafe_archive_and_writes_nothing(
     assert "nothing was restored" in result.stderr and "Traceback" not in result.stderr
     assert not new.directory.exists() and not new.key_dir.exists()
     assert not (tmp_path / "evil.pem").exists()
+
+
+def test_restore_refuses_a_directory_naming_a_key_file_outside_the_backup(
+        archive: Path, tmp_path: Path) -> None:
+    """A selector naming /etc/shadow would have the milter read it, and `domain remove`
+    delete it."""
+    members = []
+    with tarfile.open(archive) as tar:
+        for info in tar.getmembers():
+            content = tar.extractfile(info).read() if info.isfile() else b""  # type: ignore[union-attr]
+            if info.name == backup.MANIFEST:
+                manifest = json.loads(content)
+            members.append((info, content))
+    for i, (info, content) in enumerate(members):
+        if info.name == backup.DIRECTORY:
+            text = content.decode().replace(f'"{manifest["key_dir"]}/example.com/',
+                                            '"/etc/shadow-', 1).encode()
+            members[i] = (info, text)
+            manifest["directory"]["sha256"] = hashlib.sha256(text).hexdigest()
+    members = [(i, json.dumps(manifest).encode() if i.name == backup.MANIFEST else c)
+               for i, c in members]
+    crafted = _archive(tmp_path / "crafted.tar.gz", members)
+    new = Node(tmp_path / "new")
+    result = new.cli("restore", str(crafted))
+    assert result.returncode == 1
+    assert "its key file /etc/shadow-" in result.stderr
+    assert "is not below the backup's dkim.key_dir" in result.stderr
+    assert not new.directory.exists() and not new.key_dir.exists()
 
 
 def test_restore_refuses_a_newer_format_version_in_one_line(archive: Path, tmp_path: Path) -> None:
