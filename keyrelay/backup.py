@@ -205,7 +205,11 @@ def write_backup(output: str, data: DirectoryData, key_dir: str, backend: str, n
     }
     folder = os.path.dirname(os.path.abspath(output))
     # mkstemp creates the file with mode 0600: the keys are never readable by others
-    fd, tmp = tempfile.mkstemp(prefix=".keyrelay-backup.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".keyrelay-backup.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise BackupError(f"cannot write {output}: cannot create a file in {folder}: "
+                          f"{exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as raw:
             with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
@@ -460,6 +464,7 @@ def restored_keys(backup: Backup, key_dir: str, warn: Callable[[str], None],
     write) or when it cannot be read (kept, with a warning); a file it replaced stays
     replaced: ``--force`` said so."""
     made: list[str] = []
+    warn = _once(warn)  # an owner missing here is told once, not for every file
     try:
         owner = _owner_for(key_dir)
         for entry in backup.folders:
@@ -489,6 +494,16 @@ def restored_keys(backup: Backup, key_dir: str, warn: Callable[[str], None],
         raise
 
 
+def _once(warn: Callable[[str], None]) -> Callable[[str], None]:
+    told: set[str] = set()
+
+    def once(text: str) -> None:
+        if text not in told:
+            told.add(text)
+            warn(text)
+    return once
+
+
 def _owner_for(key_dir: str) -> tuple[int, int]:
     """Who owns a file whose recorded owner has no account here: the nearest existing folder
     of ``key_dir`` (the deployment gives dkim.key_dir to the daemons' user)."""
@@ -514,8 +529,9 @@ def _chown(path: str, entry: Entry, fallback: tuple[int, int],
     except KeyError:
         gid = -1
     if uid == -1 or gid == -1:
-        warn(f"{path}: owner {entry.user or entry.uid}:{entry.group or entry.gid} has no "
-             f"account here; given to the owner of dkim.key_dir ({fallback[0]}:{fallback[1]})")
+        warn(f"the backup's owner {entry.user or entry.uid}:{entry.group or entry.gid} has no "
+             f"account here: its key files and folders go to the owner of dkim.key_dir "
+             f"({fallback[0]}:{fallback[1]})")
         uid, gid = fallback
     if fd is not None:
         os.fchown(fd, uid, gid)

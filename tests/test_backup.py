@@ -189,6 +189,35 @@ def test_the_archive_is_mode_0600_whatever_the_umask(old: Node, tmp_path: Path) 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".keyrelay-backup.")]
 
 
+def test_an_archive_in_a_missing_folder_is_refused_in_one_line(old: Node, tmp_path: Path) -> None:
+    result = old.cli("backup", str(tmp_path / "missing" / "node.tar.gz"))
+    assert result.returncode == 1
+    assert result.stderr == (f"keyrelay: error: cannot write {tmp_path}/missing/node.tar.gz: "
+                             f"cannot create a file in {tmp_path}/missing: No such file or "
+                             "directory\n")
+
+
+def test_an_owner_without_an_account_here_is_replaced_by_the_key_folders_owner(
+        tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("owners are kept only when restoring as root")
+    node = Node(tmp_path / "node")
+    node.ok("account", "add", "acme")
+    node.ok("domain", "add", "acme", "example.com")
+    for path in [node.key_dir, *node.key_dir.rglob("*")]:
+        os.chown(path, 54321, 54321)  # no such user or group on this host
+    archive = tmp_path / "node.tar.gz"
+    backed_up(node, archive)
+    new = Node(tmp_path / "new")
+    result = new.cli("restore", str(archive))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ("keyrelay: warning: the backup's owner 54321:54321 has no account "
+                             "here: its key files and folders go to the owner of dkim.key_dir "
+                             "(0:0)\n")
+    assert {(st.st_uid, st.st_gid) for st in (p.lstat() for p in new.key_dir.rglob("*"))} == {
+        (0, 0)}
+
+
 def test_an_existing_archive_is_replaced_only_with_force(old: Node, tmp_path: Path) -> None:
     archive = tmp_path / "node.tar.gz"
     archive.write_text("an older backup")
