@@ -13,7 +13,7 @@ from ..directory.model import DirectoryData, SelectorState
 from ..directory.yamlfile import render as render_directory
 from ..errors import UserError
 from ..limits import check_effective_limits
-from .core import Context, command, delete_key_files, path
+from .core import Context, command, delete_key_files, path, warn
 
 
 def export_directory(ctx: Context, args: argparse.Namespace) -> None:
@@ -39,6 +39,7 @@ def import_directory(ctx: Context, args: argparse.Namespace) -> None:
         with ctx.change("directory.import", source=args.file) as data:
             changes = admin.differences(data, new)
             admin.replace_all(data, new)
+    _warn_missing_keys(new)
     verb = "would make" if args.dry_run else "made"
     if not changes:
         ctx.say(f"Nothing to do: the directory already equals {args.file}.")
@@ -46,6 +47,17 @@ def import_directory(ctx: Context, args: argparse.Namespace) -> None:
     ctx.say(f"{'Dry run: ' if args.dry_run else ''}{verb} {len(changes)} change(s):")
     for line in changes:
         ctx.say(f"  {line}")
+
+
+def _warn_missing_keys(data: DirectoryData) -> None:
+    """An exported file names the DKIM key files but does not hold them: the domains whose
+    files are not on this node cannot sign here (``keyrelay backup`` carries the keys)."""
+    missing = sorted(s.key_file for d in data.domains.values() for s in d.selectors
+                     if not os.path.isfile(s.key_file))
+    if missing:
+        warn(f"{len(missing)} DKIM key files the directory names do not exist on this node "
+             f"(e.g. {missing[0]}): their domains cannot sign here until they do; an export "
+             "holds no private key: keyrelay backup and restore carry them")
 
 
 def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
@@ -96,7 +108,9 @@ def _check_limits(ctx: Context, declared: declare.Declaration, data: DirectoryDa
 
 def register(sub: Any) -> None:
     exp = command(sub, "export", export_directory,
-                  "write the whole directory as a YAML directory file (from any backend)")
+                  "write the whole directory as a YAML directory file (from any backend); "
+                  "it names the DKIM key files but holds no private key: `keyrelay backup` "
+                  "makes a backup")
     exp.add_argument("--output", "-o", metavar="FILE", type=path,
                      help="write to FILE (mode 0600: it holds the keys' hashes); default: stdout")
     imp = command(sub, "import", import_directory,
