@@ -49,8 +49,9 @@ class Node:
             "dkim": {"key_dir": str(self.key_dir)},
             "logging": {"audit_log": str(self.audit)},
             "policyd": {"auth_listen": f"unix:{root}/auth.sock", "policy_listen": "",
-                        "socketmap_listen": "", "socket_group": ""},
-            "milter": {"listen": f"unix:{root}/milter.sock", "socket_group": ""},
+                        "socketmap_listen": "", "socket_group": "", "user": "root"},
+            "milter": {"listen": f"unix:{root}/milter.sock", "socket_group": "",
+                       "user": "root"},  # root: the test folder is root's (0700)
         }))
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:

@@ -73,8 +73,10 @@ def _config(tmp_path: Path, directory: Path) -> Path:
         "directory": {"path": str(directory)},
         "dkim": {"key_dir": str(tmp_path / "dkim")},
         "logging": {"audit_log": str(tmp_path / "audit.log")},
-        "policyd": {"auth_listen": f"unix:{tmp_path}/auth.sock", "socket_group": ""},
-        "milter": {"listen": f"unix:{tmp_path}/milter.sock", "socket_group": ""},
+        "policyd": {"auth_listen": f"unix:{tmp_path}/auth.sock", "socket_group": "",
+                    "user": "root"},
+        "milter": {"listen": f"unix:{tmp_path}/milter.sock", "socket_group": "",
+                   "user": "root"},  # root: the test folder is root's (0700)
     }))
     return config
 
