@@ -169,6 +169,8 @@ class Policyd:
             "dkim": {"key_dir": str(root / "dkim")},
             "logging": {"audit_log": str(root / "audit.log")},
             "policyd": {**listen, "socket_group": ""},
+            # no Postfix here: route to any pool transport without asking master.cf
+            "postfix": {"config_dir": ""},
         }
         self.settings = merge(self.base, overrides or {})
         self.write_config()

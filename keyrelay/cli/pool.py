@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from typing import Any
 
-from .. import admin
+from .. import admin, mastercf
 from ..config import Config
 from ..directory.model import Pool
 from ..errors import UserError
@@ -23,6 +24,30 @@ def pool_json(pool: Pool, config: Config) -> dict[str, Any]:
     }
 
 
+def postfix_needs_apply(ctx: Context, pools: Iterable[str], why: str = "") -> None:
+    """Tell the admin that Postfix needs `keyrelay postfix apply` for these pools: those
+    whose transport is not in postfix.config_dir's master.cf (all of them when it cannot be
+    read), or, with ``why``, every one named (their transport is there with old settings).
+    Until then keyrelay-policyd answers their mail 451 4.3.0 (docs/postfix.md)."""
+    prefix, config_dir = ctx.config.routing.transport_prefix, ctx.config.postfix.config_dir
+    have = mastercf.read_transports(config_dir)
+    names = sorted(set(pools))
+    if not why:
+        names = [p for p in names if have is None or prefix + p not in have]
+    if not names:
+        return
+    transports = ", ".join(prefix + p for p in names)
+    where = "" if config_dir else " --config-dir DIR"
+    if why:
+        ctx.say(f"Postfix still has the old settings of {transports} ({why}): run `keyrelay "
+                f"postfix apply{where} --reload`.")
+        return
+    ctx.say(f"Postfix has no transport {transports} yet: run `keyrelay postfix apply{where} "
+            "--reload`; until then mail through "
+            f"{'this pool' if len(names) == 1 else 'these pools'} is answered 451 4.3.0 "
+            "(try again later).")
+
+
 def pool_add(ctx: Context, args: argparse.Namespace) -> None:
     if args.name == "none":  # `pool assign PRINCIPAL none` means "no pool of its own"
         raise UserError("'none' cannot name a pool: `keyrelay pool assign PRINCIPAL none` "
@@ -31,6 +56,7 @@ def pool_add(ctx: Context, args: argparse.Namespace) -> None:
         pool = admin.add_pool(data, args.name, args.bind, args.helo, ctx.now)
     ctx.say(f"Added pool {pool.name}: {', '.join(map(str, pool.bind))}, HELO {pool.helo}, "
             f"Postfix transport {ctx.config.routing.transport_prefix}{pool.name}.")
+    postfix_needs_apply(ctx, [pool.name])
 
 
 def pool_list(ctx: Context, args: argparse.Namespace) -> None:
@@ -48,6 +74,11 @@ def pool_remove(ctx: Context, args: argparse.Namespace) -> None:
     with ctx.change("pool.remove", pool=args.name) as data:
         admin.remove_pool(data, args.name)
     ctx.say(f"Removed pool {args.name}.")
+    prefix = ctx.config.routing.transport_prefix
+    if args.name and prefix + args.name in (
+            mastercf.read_transports(ctx.config.postfix.config_dir) or ()):
+        ctx.say(f"Postfix still has its transport {prefix}{args.name}: `keyrelay postfix "
+                "apply --reload` removes it.")
 
 
 def pool_assign(ctx: Context, args: argparse.Namespace) -> None:
@@ -58,6 +89,7 @@ def pool_assign(ctx: Context, args: argparse.Namespace) -> None:
         ctx.say(f"{args.principal} now uses its account's pool or the default route.")
     else:
         ctx.say(f"{args.principal} now sends through pool {target}.")
+        postfix_needs_apply(ctx, [target])
 
 
 def register(sub: Any) -> None:
