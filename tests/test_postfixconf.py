@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_postfix_tls import write_key_pair
 
 from keyrelay import postfixconf
 from keyrelay.config import default_config, parse_config
@@ -30,7 +31,6 @@ from keyrelay.postfixconf import (
     split_list,
 )
 from testkit.policyd import KEYRELAY
-from test_postfix_tls import write_key_pair
 
 DEBIAN = Path("/usr/share/postfix")
 ROOT = Path(__file__).resolve().parent.parent
