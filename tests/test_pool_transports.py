@@ -144,7 +144,7 @@ def test_read_transports_of_a_folder_without_master_cf_is_unknown(tmp_path: Path
     assert read_transports(str(tmp_path)) is None
     assert read_transports("") is None
     (tmp_path / "master.cf").write_text(MASTER_CF)
-    assert read_transports(str(tmp_path)) == {"pickup", "smtp", "relay"}
+    assert read_transports(str(tmp_path)) == frozenset({"pickup", "smtp", "relay"})
 
 
 def test_policyd_rereads_master_cf_when_it_changes(tmp_path: Path,
@@ -157,9 +157,9 @@ def test_policyd_rereads_master_cf_when_it_changes(tmp_path: Path,
     assert len(unreadable) == 1
     master = tmp_path / "master.cf"
     master.write_text(MASTER_CF)
-    assert transports.current() == {"pickup", "smtp", "relay"}
+    assert transports.current() == frozenset({"pickup", "smtp", "relay"})
     master.write_text(MASTER_CF + "kr-pool-mkt unix - - n - - smtp\n")
-    assert transports.current() == {"pickup", "smtp", "relay", "kr-pool-mkt"}
+    assert transports.current() == frozenset({"pickup", "smtp", "relay", "kr-pool-mkt"})
     assert PostfixTransports("").current() is None
 
 
