@@ -147,6 +147,19 @@ def test_plan_refuses_sockets_a_chrooted_service_cannot_reach() -> None:
         build_plan(config, [], current)
 
 
+def test_policyd_md_shows_lines_postfix_show_prints() -> None:
+    # docs/policyd.md, "Wiring it into Postfix", shows part of what apply writes: verbatim
+    section = (ROOT / "docs" / "policyd.md").read_text().split(
+        "## Wiring it into Postfix\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```\n", 2)[1]
+    plan = build_plan(default_config(), [], postfixconf.fresh_postfix())
+    shown = (postfixconf.render_main(plan) + postfixconf.render_master(plan)).splitlines()
+    lines = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(lines) >= 8
+    for line in lines:
+        assert line in shown, f"docs/policyd.md shows {line!r}, which postfix show does not print"
+
+
 def test_postfix_conf_fragments_are_generated_from_the_module() -> None:
     for name, content in postfixconf.example_files().items():
         assert (ROOT / "postfix-conf" / name).read_text() == content, (
