@@ -216,9 +216,8 @@ def cli(tmp_path: Path) -> tuple[Path, Path]:
     return config, etc / "master.cf"
 
 
-NEEDS_APPLY = ("Postfix has no transport kr-pool-mkt yet: run `keyrelay postfix apply "
-               "--reload`; until then mail through this pool is answered 451 4.3.0 (try "
-               "again later).")
+NEEDS_APPLY = ("Postfix needs the transport kr-pool-mkt: run `keyrelay postfix apply "
+               "--reload`; mail through this pool waits until then.")
 
 
 def test_pool_add_and_assign_say_that_postfix_needs_apply(cli: tuple[Path, Path]) -> None:
@@ -254,3 +253,14 @@ def test_sync_says_which_pools_postfix_needs(cli: tuple[Path, Path], tmp_path: P
         "Postfix still has the old settings of kr-pool-mkt (bind address or HELO changed): "
         "run `keyrelay postfix apply --reload`.")
     assert "Nothing to do" in keyrelay(config, "sync", str(declared))
+
+
+def test_without_a_readable_master_cf_the_cli_says_apply_is_needed(tmp_path: Path) -> None:
+    config = tmp_path / "keyrelay.yaml"
+    config.write_text(f"directory: {{path: {tmp_path}/directory.yaml}}\n"
+                      f"logging: {{audit_log: ''}}\npostfix: {{config_dir: ''}}\n")
+    added = keyrelay(config, "pool", "add", "mkt", "--bind", "192.0.2.10", "--helo",
+                     "mkt.relay.example.net")
+    assert added.splitlines()[-1] == (
+        "Postfix needs the transport kr-pool-mkt: run `keyrelay postfix apply --config-dir DIR "
+        "--reload`; mail through this pool waits until then.")

@@ -187,7 +187,7 @@ def test_a_pool_without_its_postfix_transport_gets_451_at_rcpt_until_postfix_app
     # RCPT and keeps the message, and after `keyrelay postfix apply` it goes out
     added = kr(demo_relay, "pool", "add", "late", "--bind", "127.0.0.5",
                "--helo", "late.demo.example")
-    assert "Postfix has no transport kr-pool-late yet: run `keyrelay postfix apply" in added
+    assert "Postfix needs the transport kr-pool-late: run `keyrelay postfix apply" in added
     tenant = new_tenant(demo_relay, pool="late")
     mid, text = message(tenant.sender, "rcpt@example.net", "late pool")
     with connect(demo_relay, "submission") as client:

@@ -24,28 +24,25 @@ def pool_json(pool: Pool, config: Config) -> dict[str, Any]:
     }
 
 
-def postfix_needs_apply(ctx: Context, pools: Iterable[str], why: str = "") -> None:
-    """Tell the admin that Postfix needs `keyrelay postfix apply` for these pools: those
-    whose transport is not in postfix.config_dir's master.cf (all of them when it cannot be
-    read), or, with ``why``, every one named (their transport is there with old settings).
-    Until then keyrelay-policyd answers their mail 451 4.3.0 (docs/postfix.md)."""
+def postfix_needs_apply(ctx: Context, pools: Iterable[str], changed: Iterable[str] = ()) -> None:
+    """Tell the admin when Postfix needs `keyrelay postfix apply` for these pools (added or
+    assigned) and ``changed`` ones (new bind address or HELO): those whose transport is not in
+    postfix.config_dir's master.cf, or all when it cannot be read; changed ones whose
+    transport is there have old settings. Until then keyrelay-policyd answers their mail
+    451 4.3.0, or Postfix defers it (docs/postfix.md, "One transport per IP pool")."""
     prefix, config_dir = ctx.config.routing.transport_prefix, ctx.config.postfix.config_dir
     have = mastercf.read_transports(config_dir)
-    names = sorted(set(pools))
-    if not why:
-        names = [p for p in names if have is None or prefix + p not in have]
-    if not names:
-        return
-    transports = ", ".join(prefix + p for p in names)
-    where = "" if config_dir else " --config-dir DIR"
-    if why:
-        ctx.say(f"Postfix still has the old settings of {transports} ({why}): run `keyrelay "
-                f"postfix apply{where} --reload`.")
-        return
-    ctx.say(f"Postfix has no transport {transports} yet: run `keyrelay postfix apply{where} "
-            "--reload`; until then mail through "
-            f"{'this pool' if len(names) == 1 else 'these pools'} is answered 451 4.3.0 "
-            "(try again later).")
+    command = f"keyrelay postfix apply{'' if config_dir else ' --config-dir DIR'} --reload"
+    wanted = sorted(set(pools) | set(changed))
+    missing = [prefix + p for p in wanted if have is None or prefix + p not in have]
+    old = [prefix + p for p in sorted(set(changed)) if have is not None and prefix + p in have]
+    if missing:
+        ctx.say(f"Postfix needs the transport{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)}: run `{command}`; mail through "
+                f"{'this pool' if len(missing) == 1 else 'these pools'} waits until then.")
+    if old:
+        ctx.say(f"Postfix still has the old settings of {', '.join(old)} (bind address or HELO "
+                f"changed): run `{command}`.")
 
 
 def pool_add(ctx: Context, args: argparse.Namespace) -> None:

@@ -81,8 +81,7 @@ def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
     for line in changes:
         ctx.say(f"  {line}")
     used, changed = _pools_touched(before, data)
-    postfix_needs_apply(ctx, used)
-    postfix_needs_apply(ctx, changed - used, why="bind address or HELO changed")
+    postfix_needs_apply(ctx, used, changed)
     for name in made:
         ctx.say(f"Domain {name} is pending: publish its records (keyrelay domain dns {name}), "
                 f"then run keyrelay domain verify {name}.")
