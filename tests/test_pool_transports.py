@@ -255,6 +255,16 @@ def test_sync_says_which_pools_postfix_needs(cli: tuple[Path, Path], tmp_path: P
     assert "Nothing to do" in keyrelay(config, "sync", str(declared))
 
 
+def test_import_says_which_pools_postfix_needs(cli: tuple[Path, Path], tmp_path: Path) -> None:
+    config, _ = cli
+    keyrelay(config, "pool", "add", "mkt", "--bind", "192.0.2.10", "--helo",
+             "mkt.relay.example.net")
+    keyrelay(config, "export", "--output", str(tmp_path / "export.yaml"))
+    keyrelay(config, "pool", "remove", "mkt")
+    imported = keyrelay(config, "import", str(tmp_path / "export.yaml"))
+    assert imported.splitlines()[-1] == NEEDS_APPLY
+
+
 def test_without_a_readable_master_cf_the_cli_says_apply_is_needed(tmp_path: Path) -> None:
     config = tmp_path / "keyrelay.yaml"
     config.write_text(f"directory: {{path: {tmp_path}/directory.yaml}}\n"

@@ -34,11 +34,13 @@ def export_directory(ctx: Context, args: argparse.Namespace) -> None:
 
 def import_directory(ctx: Context, args: argparse.Namespace) -> None:
     new = YamlDirectory(args.file).load()  # ConfigError names the file, key and reason
+    touched: tuple[set[str], set[str]] = (set(), set())
     if args.dry_run:
         changes = admin.differences(ctx.read(), new)
     else:
         with ctx.change("directory.import", source=args.file) as data:
             changes = admin.differences(data, new)
+            touched = _pools_touched(data, new)
             admin.replace_all(data, new)
     verb = "would make" if args.dry_run else "made"
     if not changes:
@@ -47,6 +49,8 @@ def import_directory(ctx: Context, args: argparse.Namespace) -> None:
     ctx.say(f"{'Dry run: ' if args.dry_run else ''}{verb} {len(changes)} change(s):")
     for line in changes:
         ctx.say(f"  {line}")
+    if not args.dry_run:
+        postfix_needs_apply(ctx, *touched)
 
 
 def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
