@@ -168,7 +168,9 @@ class Policyd:
             "directory": {"path": str(self.directory_path)},
             "dkim": {"key_dir": str(root / "dkim")},
             "logging": {"audit_log": str(root / "audit.log")},
-            "policyd": {**listen, "socket_group": ""},
+            # root: the test folders are root's (0700); the default user (keyrelay) is
+            # tested by the demo relay, which runs its daemons unprivileged
+            "policyd": {**listen, "socket_group": "", "user": "root"},
             # no Postfix here: route to any pool transport without asking master.cf
             "postfix": {"config_dir": ""},
         }

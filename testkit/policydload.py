@@ -90,6 +90,7 @@ def start_policyd(folder: Path, listen: dict[str, str],
         f"  policy_listen: {listen['policy']}\n"
         "  socketmap_listen: ''\n"
         "  socket_group: ''\n"
+        "  user: root\n"  # the bench's folders are root's
         "  max_connections: 10000\n"
         "  bruteforce: {max_failures_per_address: 1000000}\n",
         encoding="utf-8",

@@ -315,8 +315,9 @@ def configuration(root: Path, dns_port: int) -> dict[str, Any]:
         "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": 1},
         "policyd": {"auth_listen": f"unix:{root}/run/auth",
                     "policy_listen": f"unix:{root}/run/policy",
-                    "socketmap_listen": f"unix:{root}/run/socketmap", "socket_group": ""},
-        "milter": {"listen": f"unix:{root}/run/milter", "socket_group": ""},
+                    "socketmap_listen": f"unix:{root}/run/socketmap", "socket_group": "",
+                    "user": "root"},
+        "milter": {"listen": f"unix:{root}/run/milter", "socket_group": "", "user": "root"},
     }
 
 

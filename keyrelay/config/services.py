@@ -114,10 +114,11 @@ class PolicydConfig:
         },
     )
     user: str = field(
-        default="",
+        default="keyrelay",
         metadata={
-            "doc": "User to run as after the sockets are bound, when started as root; empty: "
-            "keep running as the starting user.",
+            "doc": "User to run as after the sockets are bound, when started as root (create "
+            "it with: adduser --system --group keyrelay). root, or empty: stay root, which "
+            "logs a warning; nothing in the daemon needs root once its sockets exist.",
             "pattern": (_USER, "a user name"),
             "allow_empty": True,
         },
@@ -241,10 +242,11 @@ class MilterConfig:
         },
     )
     user: str = field(
-        default="",
+        default="keyrelay",
         metadata={
             "doc": "User to run as after the socket is bound, when started as root; it must "
-            "be able to read the DKIM key files. Empty: keep running as the starting user.",
+            "be able to read the DKIM key files (create it with: adduser --system --group "
+            "keyrelay). root, or empty: stay root, which logs a warning.",
             "pattern": (_USER, "a user name"),
             "allow_empty": True,
         },
