@@ -84,6 +84,7 @@ def start_policyd(folder: Path, listen: dict[str, str],
     config.write_text(
         f"directory: {section}\n"
         f"logging: {{audit_log: ''}}\n"
+        "postfix: {config_dir: ''}\n"  # no Postfix: route without asking master.cf
         "policyd:\n"
         f"  auth_listen: {listen['auth']}\n"
         f"  policy_listen: {listen['policy']}\n"

@@ -270,6 +270,18 @@ _SERVICE_TEXT = "a master.cf service name: a port number or name, optionally hos
 
 @dataclass(frozen=True, slots=True)
 class PostfixConfig:
+    config_dir: str = field(
+        default="/etc/postfix",
+        metadata={
+            "doc": "The Postfix configuration directory keyrelay serves: `keyrelay postfix "
+            "apply` writes there unless --config-dir names another, and keyrelay-policyd reads "
+            "its master.cf so that it never routes mail to a pool transport Postfix does not "
+            "have (it answers 451 4.3.0 until `keyrelay postfix apply` has run). Empty: "
+            "policyd does not check (Postfix on another host).",
+            "absolute_path": True,
+            "allow_empty": True,
+        },
+    )
     smtp_service: str = field(
         default="smtp",
         metadata={

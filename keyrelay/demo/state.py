@@ -54,6 +54,7 @@ def write_config(settings: Settings) -> None:
         "milter": {"listen": f"unix:{settings.socket('milter')}", "shutdown_grace": "2s",
                    "user": settings.daemon_user},
         "postfix": {
+            "config_dir": str(settings.postfix_etc),
             "smtp_service": f"{host}:{settings.smtp_port}",
             "submission_services": [f"{host}:{settings.submission_port}",
                                     f"{host}:{settings.alt_submission_port}"],
