@@ -1,8 +1,10 @@
 """The control socket (``policyd.control_listen``): what an admin asks the running daemon, for
 ``keyrelay lockout list|clear`` (docs/policyd.md, "Reading and clearing lock-outs").
 
-The line protocol is keyrelay/control.py's (the CLI's side is there too). A bad line gets one
-``ERROR`` line and the connection stays open; only a line longer than ``MAX_LINE`` closes it.
+The line protocol is keyrelay/control.py's (the CLI's side is there too). A bad line, or one
+longer than ``MAX_LINE`` (dropped, not kept, up to its end), gets one ``ERROR`` line and the
+connection stays open; the limits of every connection apply (``request_timeout`` ends a line
+that never ends).
 Lock-outs live in the auth service's failure trackers (policyd/counters.py); this module only
 reads and clears them, and logs every clear with who asked (the peer's uid and pid).
 
@@ -25,7 +27,6 @@ from keyrelay.config import PolicydConfig
 from keyrelay.control import Lockout
 
 from .auth import AuthService, client_key
-from .errors import BadRequest
 from .server import Connection, Endpoint, Listener
 
 log = logging.getLogger("keyrelay.policyd.control")
@@ -87,6 +88,7 @@ class ControlConnection(Connection):
         super().__init__(listener)
         self.service = service
         self.buffer = b""
+        self.skipping = False  # in a line too long: dropped up to its end, then answered
         self.who = "an unknown peer"
 
     def opened(self) -> None:
@@ -94,22 +96,28 @@ class ControlConnection(Connection):
         self.who = peer_credentials(self.transport.get_extra_info("socket"))
 
     def pending(self) -> bool:
-        return bool(self.buffer)
+        return bool(self.buffer) or self.skipping
 
     def received(self, data: bytes) -> None:
-        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        *lines, rest = (self.buffer + data).split(b"\n")
         for line in lines:
+            if self.skipping or len(line) > control.MAX_LINE:
+                self.skipping = False
+                self.refuse(f"line longer than {control.MAX_LINE} bytes")
+                continue
             try:
                 request = control.parse_request(line)
             except control.BadRequest as exc:
-                log.warning("control: refused a request from %s: %s", self.who, exc)
-                self.send(control.error(str(exc)))
+                self.refuse(str(exc))
                 continue
             self.send(self.service.answer(request, self.who))
-        if len(self.buffer) > control.MAX_LINE:
-            self.buffer = b""
-            self.send(control.error(f"line longer than {control.MAX_LINE} bytes"))
-            raise BadRequest(f"control line longer than {control.MAX_LINE} bytes")
+        if len(rest) > control.MAX_LINE:  # kept no longer; the sweep ends a line never ended
+            self.skipping, rest = True, b""
+        self.buffer = rest
+
+    def refuse(self, reason: str) -> None:
+        log.warning("control: refused a request from %s: %s", self.who, reason)
+        self.send(control.error(reason))
 
     def internal_error(self) -> None:
         self.send(control.error("internal error in keyrelay-policyd (see its log)"))

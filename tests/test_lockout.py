@@ -265,13 +265,15 @@ async def _serve_and_ask(site: Daemon, path: Path, lines: list[bytes]) -> list[b
 
 
 def _talk(path: Path, lines: list[bytes]) -> list[bytes]:
+    """Send ``lines`` at once (a client may send several requests before reading), then
+    read the answer of each line that ends: its JSON lines up to its status line."""
     answers = []
     with socket.socket(socket.AF_UNIX) as conn:
         conn.settimeout(30)  # generous: the daemon answers from memory
         conn.connect(str(path))
         reader = conn.makefile("rb")
-        for line in lines:
-            conn.sendall(line)
+        conn.sendall(b"".join(lines))
+        for _ in range(b"".join(lines).count(b"\n")):
             answer = b""
             while True:
                 got = reader.readline()
@@ -301,7 +303,7 @@ def test_the_socket_answers_each_line_and_a_bad_one_does_not_end_the_connection(
     assert answers[3:] == [b"OK 0\n", b"OK 1\n", b"OK 0\n"]
 
 
-def test_the_socket_is_for_its_owner_only_and_a_line_too_long_closes_it(
+def test_the_socket_is_for_its_owner_only_and_a_line_too_long_is_refused_not_kept(
         tmp_path: Path) -> None:
     site = Daemon(tmp_path)
     path = tmp_path / "run" / "control.sock"  # its folder did not exist: made
@@ -312,12 +314,13 @@ def test_the_socket_is_for_its_owner_only_and_a_line_too_long_closes_it(
         await start(lst, site.config.policyd)
         try:
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-            return await asyncio.to_thread(_talk, path, [b"L" * 2000, b""])
+            return await asyncio.to_thread(_talk, path, [
+                b"L" * 2000, b"L" * 100000 + b"\n", b"C" * 1025 + b"\n", b"LIST\n"])
         finally:
             lst.stop_accepting()
 
-    answers = asyncio.run(check())
-    assert answers == [b"ERROR line longer than 1024 bytes\n", b""]  # then closed
+    too_long = b"ERROR line longer than 1024 bytes\n"
+    assert asyncio.run(check()) == [too_long, too_long, b"OK 0\n"]
 
 
 def test_the_client_says_in_one_line_when_the_daemon_cannot_be_reached(
