@@ -15,14 +15,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from test_cli import CliSite, assert_refused
 
+import policyd.main
 from keyrelay import control, keys
 from keyrelay.config import parse_config
 from keyrelay.control import BadRequest, Lockout, Request, parse_request
 from keyrelay.decisions import Verdict
 from keyrelay.directory import YamlDirectory
 from keyrelay.directory.yamlfile import render
-from keyrelay.errors import UserError
+from keyrelay.errors import ConfigError, UserError
 from keyrelay.logs import DecisionLog
 from policyd import dovecot
 from policyd.auth import AuthService
@@ -30,7 +32,6 @@ from policyd.context import ServiceContext
 from policyd.control import ControlService, listener, start
 from policyd.counters import FailureTracker, Locked, LockoutStore
 from testkit.factories import NOW, World, key_id
-from tests.test_cli import CliSite, assert_refused
 
 # -- the failure tracker -----------------------------------------------------------------------
 
@@ -337,6 +338,32 @@ def test_the_client_says_in_one_line_when_the_daemon_cannot_be_reached(
     with pytest.raises(control.ControlError, match="refuses connections: keyrelay-policyd is "
                                                    "not running"):
         control.clear(str(stale), "all")
+
+
+# -- the configuration -------------------------------------------------------------------------
+def test_the_control_socket_is_served_by_default_on_a_unix_socket_only() -> None:
+    cfg = parse_config({}, "k.yaml").policyd
+    assert (cfg.control_listen, cfg.control_group) == (
+        "unix:/run/keyrelay/policyd-control.sock", "")
+    assert parse_config({"policyd": {"control_listen": ""}}, "k.yaml").policyd.control_listen == ""
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"policyd": {"control_listen": "inet:127.0.0.1:10040"}}, "k.yaml")
+    assert "k.yaml: policyd.control_listen: " in str(refused.value)
+    assert ("unix:/absolute/path (a unix socket only: a TCP port would let every local user "
+            "lift lock-outs)") in str(refused.value)
+
+
+def test_an_unknown_control_group_stops_the_daemon_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "directory.yaml").write_text(render(World().data))
+    config = tmp_path / "keyrelay.yaml"
+    config.write_text(f"directory: {{path: {tmp_path}/directory.yaml}}\n"
+                      "policyd: {user: root, control_group: no-such-group-here}\n")
+    with pytest.raises(SystemExit) as stopped:
+        policyd.main.main(["--config", str(config), "--check-config"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "keyrelay-policyd: error: policyd.control_group: no such group: 'no-such-group-here'")
 
 
 # -- the CLI, without a daemon -----------------------------------------------------------------
