@@ -158,6 +158,8 @@ async def start(lst: Listener, cfg: PolicydConfig) -> None:
     one else connect before its mode is set."""
     owner, mode = owner_and_mode(cfg)
     folder = os.path.dirname(lst.endpoint.path)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise OSError(f"{folder} is not a folder")
     os.makedirs(folder, mode=0o755, exist_ok=True)
     old = os.umask(0o177)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -149,9 +150,12 @@ class Daemon:
         try:
             await control.start(listener, self.context.config.policyd)
         except OSError as exc:
+            hint = ""
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):
+                hint = (" (under systemd, RuntimeDirectory=keyrelay in the unit makes "
+                        "/run/keyrelay; control_listen: '' serves no control socket)")
             raise OSError(f"policyd.control_listen: cannot serve {listener.endpoint}: "
-                          f"{exc.strerror or exc} (under systemd, RuntimeDirectory=keyrelay "
-                          "makes /run/keyrelay; control_listen: '' serves none)") from None
+                          f"{exc.strerror or exc}{hint}") from None
 
     async def every(self, seconds: float, job: Callable[[], None]) -> None:
         while True:

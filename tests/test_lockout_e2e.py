@@ -141,3 +141,25 @@ def test_a_stopped_daemon_is_named_in_one_line(tmp_path: Path) -> None:
         f"keyrelay: error: keyrelay-policyd's control socket {site.control_socket} "
         "(policyd.control_listen) does not exist: is keyrelay-policyd running? (systemctl "
         "status keyrelay-policyd)\n")
+
+
+def test_a_control_socket_that_cannot_be_served_stops_the_daemon_in_one_line(
+        daemon: Policyd, tmp_path: Path) -> None:
+    """Two daemons never share a control socket (a clear would reach the wrong one), and a
+    path that cannot be a socket is named."""
+    taken = Policyd(tmp_path / "taken", {"policyd": {
+        "control_listen": f"unix:{daemon.control_socket}"}})
+    file = tmp_path / "a-file"
+    file.write_text("")
+    blocked = Policyd(tmp_path / "blocked", {"policyd": {
+        "control_listen": f"unix:{file}/control.sock"}})
+    for site, reason in (
+            (taken, f"{daemon.control_socket} is in use by another running process"),
+            (blocked, f"{file} is not a folder")):
+        site.keyrelay("account", "add", "acme")
+        result = subprocess.run(site.command(), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.splitlines()[-1] == (
+            "keyrelay-policyd: error: cannot start: policyd.control_listen: cannot serve "
+            f"unix:{site.settings['policyd']['control_listen'][5:]}: {reason}")
+    assert daemon.running() and listed(daemon) is not None
