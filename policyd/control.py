@@ -8,8 +8,9 @@ that never ends).
 Lock-outs live in the auth service's failure trackers (policyd/counters.py); this module only
 reads and clears them, and logs every clear with who asked (the peer's uid and pid).
 
-Whoever can connect can lift lock-outs: the socket is created with a umask that keeps
-everyone else out, then given mode 0600 (0660 and ``control_group``); root keeps it.
+Whoever can connect can lift lock-outs: the socket is created under a umask that keeps
+everyone else out, then given mode 0600, or 0660 and ``control_group``; it stays the starting
+user's (root under systemd), never the service user's or Postfix's.
 """
 
 from __future__ import annotations
