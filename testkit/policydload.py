@@ -89,6 +89,7 @@ def start_policyd(folder: Path, listen: dict[str, str],
         f"  auth_listen: {listen['auth']}\n"
         f"  policy_listen: {listen['policy']}\n"
         "  socketmap_listen: ''\n"
+        "  control_listen: ''\n"
         "  socket_group: ''\n"
         "  user: root\n"  # the bench's folders are root's
         "  max_connections: 10000\n"

@@ -49,6 +49,7 @@ def write_config(settings: Settings) -> None:
             "auth_listen": f"unix:{settings.socket('auth')}",
             "policy_listen": f"unix:{settings.socket('policy')}",
             "socketmap_listen": f"unix:{settings.socket('socketmap')}",
+            "control_listen": f"unix:{settings.socket('control')}",
             "shutdown_grace": "2s",
         },
         "milter": {"listen": f"unix:{settings.socket('milter')}", "shutdown_grace": "2s",
