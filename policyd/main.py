@@ -115,7 +115,7 @@ class Daemon:
         owner = daemon.socket_owner(cfg.user, cfg.socket_group)
         for listener in self.listeners:
             await listener.start(owner, int(cfg.socket_mode, 8))
-        daemon.drop_privileges(cfg.user, log)
+        daemon.drop_privileges(cfg.user, log, "policyd.user")
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)

@@ -23,6 +23,7 @@ from ..errors import ConfigError, KeyrelayError
 from ..usage import ArgumentParser, echo_undecodable_arguments, error_line
 from . import (
     account,
+    backup,
     config,
     domain,
     ip,
@@ -80,8 +81,8 @@ exit status:
   0 done; 1 refused or failed (one line on stderr says why); 2 usage error"""
 
 # the command groups in the order --help lists them
-_GROUPS = (config, account, subuser, key, ip, domain, sender, pool, limits, sync, postfix,
-           monitor)
+_GROUPS = (config, account, subuser, key, ip, domain, sender, pool, limits, sync, backup,
+           postfix, monitor)
 
 
 def build_parser() -> argparse.ArgumentParser:

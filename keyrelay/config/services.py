@@ -114,10 +114,11 @@ class PolicydConfig:
         },
     )
     user: str = field(
-        default="",
+        default="keyrelay",
         metadata={
-            "doc": "User to run as after the sockets are bound, when started as root; empty: "
-            "keep running as the starting user.",
+            "doc": "User to run as after the sockets are bound, when started as root (create "
+            "it with: adduser --system --group keyrelay). root, or empty: stay root, which "
+            "logs a warning; nothing in the daemon needs root once its sockets exist.",
             "pattern": (_USER, "a user name"),
             "allow_empty": True,
         },
@@ -241,10 +242,11 @@ class MilterConfig:
         },
     )
     user: str = field(
-        default="",
+        default="keyrelay",
         metadata={
             "doc": "User to run as after the socket is bound, when started as root; it must "
-            "be able to read the DKIM key files. Empty: keep running as the starting user.",
+            "be able to read the DKIM key files (create it with: adduser --system --group "
+            "keyrelay). root, or empty: stay root, which logs a warning.",
             "pattern": (_USER, "a user name"),
             "allow_empty": True,
         },
@@ -268,6 +270,18 @@ _SERVICE_TEXT = "a master.cf service name: a port number or name, optionally hos
 
 @dataclass(frozen=True, slots=True)
 class PostfixConfig:
+    config_dir: str = field(
+        default="/etc/postfix",
+        metadata={
+            "doc": "The Postfix configuration directory keyrelay serves: `keyrelay postfix "
+            "apply` writes there unless --config-dir names another, and keyrelay-policyd reads "
+            "its master.cf so that it never routes mail to a pool transport Postfix does not "
+            "have (it answers 451 4.3.0 until `keyrelay postfix apply` has run). Empty: "
+            "policyd does not check (Postfix on another host).",
+            "absolute_path": True,
+            "allow_empty": True,
+        },
+    )
     smtp_service: str = field(
         default="smtp",
         metadata={
