@@ -23,7 +23,7 @@ RUN_DIR := run
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 	postfix swaks libnet-ssleay-perl openssl \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
-	slapd ldap-utils python3-apt
+	slapd ldap-utils python3-apt redis-server
 
 # Only for the benchmarks (make bench-deps, make bench), not for make test: the other
 # milters keyrelay-milter is compared with. The bench starts its own instances with its own
