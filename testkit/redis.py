@@ -86,7 +86,7 @@ class RedisServer:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"redis-server exited ({self.process.returncode}):\n"
                                + self.log())
-        if not unix_accepts(str(self.socket)):
+        if not unix_accepts(self.socket):
             return False
         try:
             return bool(self.admin().ping())
