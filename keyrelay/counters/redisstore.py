@@ -13,6 +13,7 @@ pending. Every fault becomes ``CountersUnavailable`` within ``timeout``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import ssl
 import time
@@ -36,6 +37,10 @@ from .model import (
     check_windows,
 )
 from .scripts import CHECK, CLEAR, CLEAR_ALL, FAIL, LOCKED, PEEK, SUCCEEDED, TAKE, Script
+
+# redis 4.3 wants a command name for a pool's connection, 5.3 warns when one is given
+_NAMED = inspect.signature(redis_connection.ConnectionPool.get_connection).parameters[
+    "command_name"].default is inspect.Parameter.empty
 
 # A calendar period's key lives this long past the period's end: a node whose clock is a
 # little behind still finds the count of the period it believes current.
@@ -194,7 +199,7 @@ class RedisCounters:
         if self._pool is None:
             self._pool = connection_pool(self.target)
         pool = self._pool
-        conn = await pool.get_connection(command[0])
+        conn = await (pool.get_connection(command[0]) if _NAMED else pool.get_connection())
         try:
             try:
                 await conn.send_command(*command)
