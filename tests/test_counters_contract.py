@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from keyrelay.config import parse_config
 from keyrelay.counters import (
     Calendar,
     CounterStore,
@@ -26,7 +27,6 @@ from keyrelay.counters import (
     Usage,
 )
 from keyrelay.counters.open import redis_target
-from keyrelay.config import parse_config
 from testkit.redis import REDIS_SERVER, RedisServer
 
 BACKENDS = ("memory", "redis")
@@ -250,7 +250,7 @@ def test_contradictory_windows_are_the_callers_business(store: Store) -> None:
 ])
 def test_bad_arguments_are_refused(store: Store, windows: tuple[Sliding | Calendar, ...],
                                    amount: int) -> None:
-    with pytest.raises(ValueError, match="amount|subject|limit|second"):
+    with pytest.raises(ValueError, match=r"amount|subject|limit|second"):
         store.run(store.store.take(windows, amount))
 
 
