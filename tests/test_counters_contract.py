@@ -21,6 +21,7 @@ from keyrelay.config import parse_config
 from keyrelay.counters import (
     Calendar,
     CounterStore,
+    Locked,
     MemoryCounters,
     RedisCounters,
     Sliding,
@@ -277,8 +278,9 @@ def test_failures_lock_out_and_are_listed(store: Store) -> None:
     assert first == pytest.approx(900)
     assert during is False and later == pytest.approx(800)
     assert other_kind == 0.0
-    assert len(listed) == 1 and keys == []
+    assert isinstance(listed, list) and len(listed) == 1 and keys == []
     lock = listed[0]
+    assert isinstance(lock, Locked)
     assert (lock.kind, lock.subject, lock.since, lock.until, lock.failures) == (
         "address", "192.0.2.1", START, START + 900, 4)
 
