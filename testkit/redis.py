@@ -163,7 +163,8 @@ class RedisServer:
 
     def counters_settings(self, *, via: str = "tcp", **extra: Any) -> dict[str, Any]:
         """keyrelay.yaml's ``counters:`` section (as YAML data) for this server: ``via`` is
-        ``tcp``, ``unix`` or ``tls``."""
+        ``tcp``, ``unix`` or ``tls``; ``extra`` keys go into ``redis:``, except ``on_unavailable``
+        and ``time_zone``."""
         settings: dict[str, Any] = {
             "username": self.user, "password_file": str(self.password_file),
             "prefix": self.prefix, "timeout": 2,
@@ -176,8 +177,9 @@ class RedisServer:
                                                      "ca_file": str(self.ca_file)})
         else:
             settings["port"] = self.port
+        top = {key: extra.pop(key) for key in ("on_unavailable", "time_zone") if key in extra}
         settings.update(extra)
-        return {"backend": "redis", "redis": settings}
+        return {"backend": "redis", **top, "redis": settings}
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import os
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -120,8 +121,10 @@ def describe(exc: BaseException, target: RedisTarget) -> str:
         user = target.username or "default"
         reason = f"authentication failed for user {user}: {code}{text}"
     elif isinstance(exc, redis_errors.NoPermissionError) or text.startswith("NOPERM"):
+        code = "" if text.startswith("NOPERM") else "NOPERM "
         reason = (f"redis user {target.username or 'default'} lacks a permission keyrelay "
-                  f"needs (docs/cluster.md, \"Redis ACL\"): {text}")
+                  f"needs for keys {target.prefix}* (docs/cluster.md, \"Redis ACL\"): "
+                  f"{code}{text}")
     elif isinstance(exc, redis_errors.ResponseError):
         reason = f"redis at {where} answered an error: {text}"
     else:
@@ -133,10 +136,12 @@ def describe(exc: BaseException, target: RedisTarget) -> str:
         elif isinstance(exc, TimeoutError | redis_errors.TimeoutError) or isinstance(
                 cause, TimeoutError):
             reason = f"no answer from redis at {where} within {target.timeout:g}s"
-        elif cause is not None and cause.strerror:
-            reason = f"cannot connect to redis at {where}: {cause.strerror}"
+        elif cause is not None and (cause.errno or cause.strerror):
+            # asyncio's "Connect call failed (...)" says less than the errno's own text
+            why = os.strerror(cause.errno) if cause.errno else cause.strerror
+            reason = f"cannot connect to redis at {where}: {why}"
         else:
-            reason = f"cannot connect to redis at {where}: {text or type(exc).__name__}"
+            reason = f"connection to redis at {where} failed: {text or type(exc).__name__}"
     if target.password:
         reason = reason.replace(target.password, "********")
     return reason
