@@ -51,6 +51,7 @@ class RedisServer:
         self.password_file.chmod(0o600)
         self.ca_file = shared_tls() / "ca.pem" if tls else None
         self.process: subprocess.Popen[bytes] | None = None
+        self.sentinel: subprocess.Popen[bytes] | None = None
         self._write_config()
 
     def _write_config(self) -> None:
@@ -93,6 +94,36 @@ class RedisServer:
         except redis.RedisError:
             return False
 
+    def start_sentinel(self, service_name: str = "mymaster") -> int:
+        """A Redis Sentinel (``redis-server --sentinel``) that monitors this server as
+        ``service_name``; its port. Ended with the server's ``close``."""
+        port = free_ports(1)[0]
+        conf = self.folder / "sentinel.conf"
+        conf.write_text("\n".join([
+            "bind 127.0.0.1", f"port {port}", f"dir {self.folder}", "daemonize no",
+            f"logfile {self.folder / 'sentinel.log'}",
+            f"sentinel monitor {service_name} 127.0.0.1 {self.port} 1",
+            f"sentinel auth-user {service_name} admin",
+            f"sentinel auth-pass {service_name} {self.admin_password}",
+        ]) + "\n")
+        self.sentinel = subprocess.Popen(
+            [str(REDIS_SERVER), str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def knows_the_primary() -> bool:
+            client: Any = redis.Redis(host="127.0.0.1", port=port, socket_timeout=10)
+            try:
+                found = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
+                                               service_name)
+                return bool(found)
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+
+        wait_until(knows_the_primary, START_DEADLINE, f"redis sentinel on {port}")
+        return port
+
     def stop(self) -> None:
         """End the server cleanly (SIGTERM) and wait for it."""
         self._end(signal.SIGTERM)
@@ -125,6 +156,9 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.resume()
         self.stop()
+        if self.sentinel is not None:
+            self.sentinel.terminate()
+            self.sentinel.wait(timeout=START_DEADLINE)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:

@@ -295,3 +295,27 @@ def test_check_names_missing_permissions(tmp_path: Path, server: RedisServer) ->
     assert message.startswith("counters.redis: redis user keyrelay lacks a permission "
                               "keyrelay needs"), message
     assert "NOPERM" in message
+
+
+# -- Sentinel --------------------------------------------------------------------------------
+
+
+def test_the_primary_is_found_through_sentinel(tmp_path: Path, own_server: RedisServer) -> None:
+    port = own_server.start_sentinel("counters")
+    settings = own_server.counters_settings(sentinels=[f"127.0.0.1:{port}"],
+                                            service_name="counters")
+    check_counters(config(tmp_path, settings))
+    store = open_counters(config(tmp_path, settings))
+
+    async def work() -> object:
+        try:
+            return await store.take((Calendar("acme", "day", 5),))
+        finally:
+            await store.close()
+
+    assert run(work()) is None
+    assert any(key.startswith("keyrelay:quota:acme:day:") for key in own_server.keys())
+    wrong = own_server.counters_settings(sentinels=[f"127.0.0.1:{port}"], service_name="nope")
+    assert check_error(tmp_path, wrong) == (
+        f"counters.redis: connection to redis at sentinel nope via 127.0.0.1:{port} failed: "
+        "No master found for 'nope'")
