@@ -9,6 +9,7 @@ clock means nothing on another host.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -88,16 +89,23 @@ class Calendar:
 
     def period(self, now: float, zone: ZoneInfo) -> tuple[str, float]:
         """The period's label (``2026-12-04`` or ``2026-12``) and the seconds until it ends."""
-        local = datetime.fromtimestamp(now, zone)
-        if self.unit == "day":
-            label = local.strftime("%Y-%m-%d")
-            start = datetime(local.year, local.month, local.day)
-            end = start + timedelta(days=1)
-        else:
-            label = local.strftime("%Y-%m")
-            end = (datetime(local.year + 1, 1, 1) if local.month == 12
-                   else datetime(local.year, local.month + 1, 1))
-        return label, max(end.replace(tzinfo=zone).timestamp() - now, 0.0)
+        label, end = _period(self.unit, math.floor(now), zone)
+        return label, max(end - now, 0.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _period(unit: str, second: int, zone: ZoneInfo) -> tuple[str, float]:
+    """The label and end (epoch seconds) of the day or month holding ``second``; cached, as
+    every request of the same second asks for the same."""
+    local = datetime.fromtimestamp(second, zone)
+    if unit == "day":
+        label = f"{local.year:04d}-{local.month:02d}-{local.day:02d}"
+        end = datetime(local.year, local.month, local.day) + timedelta(days=1)
+    else:
+        label = f"{local.year:04d}-{local.month:02d}"
+        end = (datetime(local.year + 1, 1, 1) if local.month == 12
+               else datetime(local.year, local.month + 1, 1))
+    return label, end.replace(tzinfo=zone).timestamp()
 
 
 Window = Sliding | Calendar

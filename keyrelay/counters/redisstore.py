@@ -159,6 +159,17 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def pack(command: Sequence[Any]) -> bytes:
+    """``command`` in the Redis protocol (RESP), as one buffer: what the client's own
+    ``pack_command`` does, at a fraction of its cost for the many short arguments of a
+    script call."""
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -207,12 +218,12 @@ class RedisCounters:
         conn = await (pool.get_connection(command[0]) if _NAMED else pool.get_connection())
         try:
             try:
-                await conn.send_command(*command)
+                await conn.send_packed_command(pack(command))
                 return await conn.read_response()
             except redis_errors.NoScriptError:
                 if fallback is None:
                     raise
-                await conn.send_command(*fallback)
+                await conn.send_packed_command(pack(fallback))
                 return await conn.read_response()
         except redis_errors.ResponseError:
             raise  # the server answered: the connection is in order
@@ -266,12 +277,13 @@ class RedisCounters:
         check_windows(windows, amount)
         now = self.clock()
         keys: list[str] = []
-        args: list[Any] = [amount, len(windows)]
+        spec: list[str] = []
         for window in windows:
             window_keys, elapsed, ttl = self._window_keys(window, now)
             keys += window_keys
-            args += ["s" if isinstance(window, Sliding) else "c", window.limit, elapsed, ttl]
-        answer = await self.run(TAKE, keys, args)
+            spec += ["s" if isinstance(window, Sliding) else "c", str(window.limit), elapsed,
+                     ttl]
+        answer = await self.run(TAKE, keys, [amount, " ".join(spec)])
         index = int(answer[0])
         if index == 0:
             return None

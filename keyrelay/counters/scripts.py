@@ -24,16 +24,17 @@ class Script:
 
 
 # KEYS: per window, a sliding one's current and previous bucket, or a calendar period's key.
-# ARGV: amount, number of windows, then per window: "s" or "c", limit, fraction of the
-# bucket gone by, TTL in ms. Answers {0} (taken) or {i, current, previous} of the first
-# window that refused.
+# ARGV: amount, then one string of four words per window: "s" or "c", limit, fraction of the
+# bucket gone by, TTL in ms (one argument: the client packs less). Answers {0} (taken) or
+# {i, current, previous} of the first window that refused.
 TAKE = Script("take", """
 local amount = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
-local k, a = 1, 3
-for i = 1, n do
-  local sliding = ARGV[a] == 's'
-  local limit, elapsed = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+local spec = {}
+for word in string.gmatch(ARGV[2], '%S+') do spec[#spec + 1] = word end
+local k = 1
+for a = 1, #spec, 4 do
+  local sliding = spec[a] == 's'
+  local limit, elapsed = tonumber(spec[a + 1]), tonumber(spec[a + 2])
   local current = tonumber(redis.call('GET', KEYS[k]) or '0')
   local previous = 0
   if sliding then
@@ -43,16 +44,14 @@ for i = 1, n do
     k = k + 1
   end
   if math.ceil(current + previous * (1.0 - elapsed)) + amount > limit then
-    return {i, current, previous}
+    return {(a + 3) / 4, current, previous}
   end
-  a = a + 4
 end
-k, a = 1, 3
-for i = 1, n do
+k = 1
+for a = 1, #spec, 4 do
   redis.call('INCRBY', KEYS[k], amount)
-  redis.call('PEXPIRE', KEYS[k], ARGV[a + 3])
-  if ARGV[a] == 's' then k = k + 2 else k = k + 1 end
-  a = a + 4
+  redis.call('PEXPIRE', KEYS[k], spec[a + 3])
+  if spec[a] == 's' then k = k + 2 else k = k + 1 end
 end
 return {0}
 """)
