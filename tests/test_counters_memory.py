@@ -14,11 +14,14 @@ from keyrelay.counters import (
     Calendar,
     CountersUnavailable,
     MemoryCounters,
+    RedisCounters,
+    RedisTarget,
     Resilient,
     Sliding,
     open_counters,
 )
 from keyrelay.errors import ConfigError
+from testkit.net import free_port
 
 START = 1_796_378_400.0  # 2026-12-04 10:00:00 UTC, a whole hour
 
@@ -167,3 +170,39 @@ def test_redis_opens_with_the_local_fallback_beside_it(tmp_path: Path) -> None:
     assert isinstance(store, Resilient)
     assert store.shared.target.password == "s3cret-value"
     assert "s3cret" not in repr(store) and "s3cret" not in repr(store.shared.target)
+
+
+# -- Redis away, with nothing listening (a refused connection needs no server) ---------------
+
+
+def test_the_back_off_doubles_per_failed_retry_not_per_waiting_request() -> None:
+    now = [100.0]
+    refused = RedisCounters(RedisTarget(port=free_port(), timeout=5))
+    store = Resilient(refused, MemoryCounters(), "tempfail", retry_first=0.5,
+                      retry_most=2.0, monotonic=lambda: now[0])
+    window = (Sliding("acme/app", 60, 10),)
+
+    async def attempt() -> str:
+        try:
+            await store.take(window)
+        except CountersUnavailable as exc:
+            return str(exc)
+        return "taken"
+
+    async def work() -> list[float]:
+        backoffs = []
+        # 20 requests waiting on Redis when the outage begins: one outage, the first back-off
+        answers = await asyncio.gather(*(attempt() for _ in range(20)))
+        assert all(a.startswith("counters.redis: cannot connect") for a in answers), answers
+        backoffs.append(store._backoff)
+        assert await attempt() == answers[0]  # within the back-off: not even tried
+        for _ in range(3):
+            now[0] = store._next_try
+            await attempt()
+            backoffs.append(store._backoff)
+        assert await store.fail("address", "192.0.2.1", 1, 60, 300) is True  # local
+        await store.close()
+        return backoffs
+
+    assert asyncio.run(work()) == [0.5, 1.0, 2.0, 2.0]
+    assert store.outages == 1 and store.away is not None

@@ -54,7 +54,8 @@ class Resilient:
 
     async def _shared(self, call: Callable[[RedisCounters], Awaitable[T]]) -> T:
         """``call`` on Redis, or CountersUnavailable (at once while backing off)."""
-        if self.away is not None and self.monotonic() < self._next_try:
+        started = self.monotonic()
+        if self.away is not None and started < self._next_try:
             raise CountersUnavailable(self.away)
         try:
             result = await call(self.shared)
@@ -67,7 +68,9 @@ class Resilient:
                             if self.on_unavailable == "tempfail"
                             else "counting in this process (on_unavailable: local)")
                 self._backoff = self.retry_first
-            else:
+            elif started >= self._next_try:
+                # a retry after the back-off failed; calls that were already waiting when
+                # the outage began do not lengthen it
                 self._backoff = min(self._backoff * 2, self.retry_most)
             self.away = str(exc)
             self._next_try = self.monotonic() + self._backoff
