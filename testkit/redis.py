@@ -37,15 +37,19 @@ class RedisServer:
     under ``prefix`` only; ``admin`` may do anything (the harness itself)."""
 
     def __init__(self, *, tls: bool = False, prefix: str = "keyrelay:",
-                 user: str = "keyrelay") -> None:
+                 user: str = "keyrelay", replica_of: RedisServer | None = None) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="kr-redis-", dir="/tmp"))
         self.socket = self.folder / "redis.sock"
         self.port, self.tls_port = free_ports(2)
         self.tls = tls
         self.prefix = prefix
         self.user = user
-        self.password = secrets.token_urlsafe(18)
-        self.admin_password = secrets.token_urlsafe(18)
+        # a replica shares its primary's users and passwords (a failover swaps their roles)
+        self.replica_of = replica_of
+        self.password: str = (replica_of.password if replica_of
+                              else secrets.token_urlsafe(18))
+        self.admin_password: str = (replica_of.admin_password if replica_of
+                                    else secrets.token_urlsafe(18))
         self.password_file = self.folder / "redis.secret"
         self.password_file.write_text(self.password + "\n")
         self.password_file.chmod(0o600)
@@ -62,7 +66,12 @@ class RedisServer:
             "user default off",
             f"user admin on >{self.admin_password} ~* &* +@all",
             f"user {self.user} on >{self.password} {acl_rules(self.prefix)}",
+            # what a replica logs in as to its primary (the primary too: after a failover
+            # it becomes a replica itself)
+            "masteruser admin", f"masterauth {self.admin_password}",
         ]
+        if self.replica_of is not None:
+            lines.append(f"replicaof 127.0.0.1 {self.replica_of.port}")
         if self.tls:
             tls = shared_tls()
             lines += [f"tls-port {self.tls_port}", f"tls-cert-file {tls / 'server.pem'}",

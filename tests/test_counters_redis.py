@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import redis
 
 from keyrelay.config import Config, parse_config
 from keyrelay.counters import (
@@ -28,7 +29,7 @@ from keyrelay.counters import (
     check_counters,
     open_counters,
 )
-from testkit.net import free_port
+from testkit.net import free_port, wait_until
 from testkit.redis import REDIS_SERVER, RedisServer
 
 T = TypeVar("T")
@@ -36,6 +37,8 @@ T = TypeVar("T")
 # of these stores: it only catches a hang, it does not time the store.
 HANG = 30.0
 ROOT = Path(__file__).resolve().parent.parent
+# A Sentinel's forced failover takes a few seconds; the wait ends as soon as it is done.
+FAILOVER = 120.0
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +322,49 @@ def test_the_primary_is_found_through_sentinel(tmp_path: Path, own_server: Redis
     assert check_error(tmp_path, wrong) == (
         f"counters.redis: connection to redis at sentinel nope via 127.0.0.1:{port} failed: "
         "No master found for 'nope'")
+
+
+def test_after_a_sentinel_failover_the_new_primary_is_used(tmp_path: Path,
+                                                           own_server: RedisServer) -> None:
+    with RedisServer(replica_of=own_server) as replica:
+        port = own_server.start_sentinel()
+        sentinel: Any = redis.Redis(host="127.0.0.1", port=port, socket_timeout=10)
+
+        def replica_in_sync() -> bool:
+            found = sentinel.execute_command("SENTINEL", "REPLICAS", "mymaster")
+            fields = dict(zip(found[0][::2], found[0][1::2], strict=True)) if found else {}
+            return fields.get(b"master-link-status") == b"ok"
+
+        wait_until(replica_in_sync, FAILOVER, "the Sentinel knowing the replica in sync")
+        settings = own_server.counters_settings(sentinels=[f"127.0.0.1:{port}"], timeout=1)
+        store = open_counters(config(tmp_path, settings))
+        assert isinstance(store, Resilient)
+        store.retry_first = 0.05
+        window = (Sliding("acme/app", 60, 1000),)
+
+        async def work() -> list[object]:
+            seen: list[object] = [await store.take(window)]
+            primary: Any = own_server.admin()
+            assert primary.execute_command("WAIT", 1, int(FAILOVER * 1000)) == 1
+            primary.close()
+            sentinel.execute_command("SENTINEL", "FAILOVER", "mymaster")
+            deadline = time.monotonic() + FAILOVER
+            while replica.admin().info("replication")["role"] != "master":
+                assert time.monotonic() < deadline, "no failover"
+                await asyncio.sleep(0.1)
+            while True:  # answered temporarily until the client finds the new primary
+                assert time.monotonic() < deadline, "the new primary was never used"
+                try:
+                    seen.append(await store.take(window))
+                    break
+                except CountersUnavailable:
+                    await asyncio.sleep(0.1)
+            seen.append((await store.peek(window))[0].count)
+            await store.close()
+            return seen
+
+        first, after, count = asyncio.run(asyncio.wait_for(work(), 2 * FAILOVER))
+        sentinel.close()
+    assert first is None and after is None
+    # the count taken before the failover (replicated: WAIT), and the one after
+    assert count == 2.0
