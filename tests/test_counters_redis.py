@@ -366,5 +366,6 @@ def test_after_a_sentinel_failover_the_new_primary_is_used(tmp_path: Path,
         first, after, count = asyncio.run(asyncio.wait_for(work(), 2 * FAILOVER))
         sentinel.close()
     assert first is None and after is None
-    # the count taken before the failover (replicated: WAIT), and the one after
-    assert count == 2.0
+    # the count taken before the failover (replicated: WAIT) and the one after; a take
+    # answered "unavailable" that the server did run (its answer lost) would count too
+    assert isinstance(count, float) and count >= 2.0
