@@ -84,9 +84,12 @@ class RedisTarget:
 
 def connection_pool(target: RedisTarget) -> Any:
     """The redis client's asyncio connection pool for ``target``."""
+    # no socket_timeout: every operation runs under one asyncio.timeout of its own
+    # (RedisCounters.run), which also covers connecting; the client's per-read timeouts would
+    # cost an asyncio.wait_for task per command
     common: dict[str, Any] = {
         "db": target.db, "username": target.username or None,
-        "password": target.password or None, "socket_timeout": target.timeout,
+        "password": target.password or None, "socket_timeout": None,
         "socket_connect_timeout": target.timeout,
     }
     tls: dict[str, Any] = {}
