@@ -164,13 +164,20 @@ class Policyd:
             listen = {f"{s}_listen": f"unix:{self.sockets / s}" for s in SERVICES}
         else:
             listen = {f"{s}_listen": f"inet:127.0.0.1:{free_port()}" for s in SERVICES}
+        # its own control socket (keyrelay lockout), never the shared default in /run/keyrelay
+        self.control_socket = root / "control.sock"
+        if len(str(self.control_socket)) > 100:
+            self.control_socket = Path(tempfile.mkdtemp(prefix="krctl-")) / "control.sock"
         self.base: dict[str, Any] = {
             "directory": {"path": str(self.directory_path)},
             "dkim": {"key_dir": str(root / "dkim")},
             "logging": {"audit_log": str(root / "audit.log")},
             # root: the test folders are root's (0700); the default user (keyrelay) is
             # tested by the demo relay, which runs its daemons unprivileged
-            "policyd": {**listen, "socket_group": "", "user": "root"},
+            "policyd": {**listen, "control_listen": f"unix:{self.control_socket}",
+                        "socket_group": "", "user": "root"},
+            # no Postfix here: route to any pool transport without asking master.cf
+            "postfix": {"config_dir": ""},
         }
         self.settings = merge(self.base, overrides or {})
         self.write_config()

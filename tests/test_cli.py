@@ -900,7 +900,9 @@ def test_unicode_domains_and_senders_are_stored_as_a_labels(fresh: CliSite) -> N
 def test_pool_assign_none_inherits_and_unused_pool_can_be_removed(fresh: CliSite) -> None:
     fresh.ok("account add acme")
     fresh.ok("pool add out --bind 198.51.100.7 --helo out.relay.example.net")
-    assert fresh.ok("pool assign acme out") == "acme now sends through pool out.\n"
+    assert fresh.ok("pool assign acme out") == (
+        "acme now sends through pool out.\nPostfix needs the transport kr-pool-out: run "
+        "`keyrelay postfix apply --reload`; mail through this pool waits until then.\n")
     assert "pool out is still assigned to acme" in fresh.refused("pool remove out")
     assert fresh.ok("pool assign acme none") == (
         "acme now uses its account's pool or the default route.\n")

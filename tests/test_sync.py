@@ -299,7 +299,10 @@ def test_a_pool_is_changed_in_place_and_may_not_take_another_pools_address(
     sync(config, declare(tmp_path, pools))
     pools["pools"]["mkt"] = {"bind": ["192.0.2.11", "192.0.2.10"]}  # helo not given: kept
 
-    assert sync(config, declare(tmp_path, pools)).splitlines()[1:] == ["  change pool mkt"]
+    assert sync(config, declare(tmp_path, pools)).splitlines()[1:] == [
+        "  change pool mkt",
+        "Postfix needs the transport kr-pool-mkt: run `keyrelay postfix apply --reload`; mail "
+        "through this pool waits until then."]
     mkt = YamlDirectory(str(tmp_path / "directory.yaml")).load().pools["mkt"]
     assert ([str(a) for a in mkt.bind], mkt.helo) == (
         ["192.0.2.11", "192.0.2.10"], "mkt.relay.example.net")

@@ -29,6 +29,7 @@ from . import (
     ip,
     key,
     limits,
+    lockout,
     monitor,
     pool,
     postfix,
@@ -82,7 +83,7 @@ exit status:
 
 # the command groups in the order --help lists them
 _GROUPS = (config, account, subuser, key, ip, domain, sender, pool, limits, sync, backup,
-           postfix, monitor)
+           postfix, monitor, lockout)
 
 
 def build_parser() -> argparse.ArgumentParser:

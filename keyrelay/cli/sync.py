@@ -14,6 +14,7 @@ from ..directory.yamlfile import render as render_directory
 from ..errors import UserError
 from ..limits import check_effective_limits
 from .core import Context, command, delete_key_files, path, warn
+from .pool import postfix_needs_apply
 
 
 def export_directory(ctx: Context, args: argparse.Namespace) -> None:
@@ -33,11 +34,13 @@ def export_directory(ctx: Context, args: argparse.Namespace) -> None:
 
 def import_directory(ctx: Context, args: argparse.Namespace) -> None:
     new = YamlDirectory(args.file).load()  # ConfigError names the file, key and reason
+    touched: tuple[set[str], set[str]] = (set(), set())
     if args.dry_run:
         changes = admin.differences(ctx.read(), new)
     else:
         with ctx.change("directory.import", source=args.file) as data:
             changes = admin.differences(data, new)
+            touched = _pools_touched(data, new)
             admin.replace_all(data, new)
     _warn_missing_keys(new)
     verb = "would make" if args.dry_run else "made"
@@ -47,6 +50,8 @@ def import_directory(ctx: Context, args: argparse.Namespace) -> None:
     ctx.say(f"{'Dry run: ' if args.dry_run else ''}{verb} {len(changes)} change(s):")
     for line in changes:
         ctx.say(f"  {line}")
+    if not args.dry_run:
+        postfix_needs_apply(ctx, *touched)
 
 
 def _warn_missing_keys(data: DirectoryData) -> None:
@@ -91,9 +96,26 @@ def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
     ctx.say(f"Made {len(changes)} change(s):")
     for line in changes:
         ctx.say(f"  {line}")
+    used, changed = _pools_touched(before, data)
+    postfix_needs_apply(ctx, used, changed)
     for name in made:
         ctx.say(f"Domain {name} is pending: publish its records (keyrelay domain dns {name}), "
                 f"then run keyrelay domain verify {name}.")
+
+
+def _pools_touched(before: DirectoryData, after: DirectoryData) -> tuple[set[str], set[str]]:
+    """(pools added or newly assigned to a principal, pools whose bind or HELO changed):
+    what Postfix may lack until `keyrelay postfix apply`."""
+    used = set(after.pools) - set(before.pools)
+    for now, then in ((after.accounts, before.accounts), (after.subusers, before.subusers)):
+        for name, record in now.items():
+            old = then.get(name)
+            if record.pool and (old is None or old.pool != record.pool):
+                used.add(record.pool)
+    changed = {name for name, pool in after.pools.items()
+               if name in before.pools and (before.pools[name].bind, before.pools[name].helo)
+               != (pool.bind, pool.helo)}
+    return used, changed
 
 
 def _check_limits(ctx: Context, declared: declare.Declaration, data: DirectoryData) -> None:

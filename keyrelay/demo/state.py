@@ -49,11 +49,13 @@ def write_config(settings: Settings) -> None:
             "auth_listen": f"unix:{settings.socket('auth')}",
             "policy_listen": f"unix:{settings.socket('policy')}",
             "socketmap_listen": f"unix:{settings.socket('socketmap')}",
+            "control_listen": f"unix:{settings.socket('control')}",
             "shutdown_grace": "2s",
         },
         "milter": {"listen": f"unix:{settings.socket('milter')}", "shutdown_grace": "2s",
                    "user": settings.daemon_user},
         "postfix": {
+            "config_dir": str(settings.postfix_etc),
             "smtp_service": f"{host}:{settings.smtp_port}",
             "submission_services": [f"{host}:{settings.submission_port}",
                                     f"{host}:{settings.alt_submission_port}"],
