@@ -34,7 +34,7 @@ DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 	postfix swaks libnet-ssleay-perl openssl \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
-	slapd ldap-utils python3-apt \
+	slapd ldap-utils python3-apt redis-server \
 	$(DEB_BUILD_PACKAGES) logrotate
 
 # Only for the benchmarks (make bench-deps, make bench), not for make test: the other
