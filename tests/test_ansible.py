@@ -11,11 +11,14 @@ deployed instance with the site's own milter still in front and sends through it
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -114,12 +117,16 @@ def site(root: Path, main_cf: dict[str, str] | None = None,
     return etc, playbook
 
 
-def run_playbook(playbook: Path, *options: str) -> tuple[int, int, str]:
-    """(exit status, tasks changed, output) of one ansible-playbook run."""
+def run_playbook(playbook: Path, *options: str,
+                 systemd: dict[str, str] | None = None) -> tuple[int, int, str]:
+    """(exit status, tasks changed, output) of one ansible-playbook run; ``systemd``: the
+    environment of ``systemd_stand_in``, its ``systemctl`` first on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "ansible" / "roles"),
            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "False",
-           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False", "PATH": path}
+    if systemd is not None:
+        env.update(systemd, PATH=f"{systemd['PATH']}{os.pathsep}{path}")
     result = subprocess.run([str(PLAYBOOK), "-i", "localhost,", str(playbook), *options],
                             capture_output=True, text=True, env=env, timeout=300)
     output = result.stdout + result.stderr
@@ -141,6 +148,7 @@ def test_the_role_deploys_once_then_changes_nothing_and_keeps_the_sites_settings
     assert status == 0, output
     assert changed > 0 and (etc / "main.cf").read_bytes() == before
     assert not (tmp_path / "keyrelay" / "keyrelay.yaml").exists()
+    assert not (tmp_path / "keyrelay" / "directory.yaml").exists()
 
     status, changed, output = run_playbook(playbook)
     assert status == 0 and changed > 0, output
@@ -176,6 +184,133 @@ def test_a_changed_variable_is_applied_on_the_next_run(tmp_path: Path) -> None:
     assert status == 0 and changed == 1, output  # keyrelay.yaml only; Postfix unchanged
     config = yaml.safe_load((tmp_path / "keyrelay" / "keyrelay.yaml").read_text())
     assert config["monitor_mode"] is True
+
+
+def test_a_new_host_gets_an_empty_directory_and_a_wrong_directory_path_is_refused(
+        tmp_path: Path) -> None:
+    # the bug: with keyrelay_directory: {} nothing ever made the directory file, so the
+    # daemons could never start; and check-config, the role's validation, said OK for a
+    # directory.path with a typo
+    _, playbook = site(tmp_path)
+    status, _, output = run_playbook(playbook)
+    assert status == 0, output
+    directory = tmp_path / "keyrelay" / "directory.yaml"
+    assert yaml.safe_load(directory.read_text())["version"] == 1
+    config = tmp_path / "keyrelay" / "keyrelay.yaml"
+    deployed = config.read_bytes()
+    typo = tmp_path / "keyrelay" / "directoy.yaml"
+    play = yaml.safe_load(playbook.read_text())
+    play[0]["vars"]["keyrelay_extra_config"] = {"directory": {"path": str(typo)}}
+    playbook.write_text(yaml.safe_dump(play))
+
+    status, _, output = run_playbook(playbook)
+
+    assert status != 0, output
+    assert (f"directory.path: {typo} does not exist; create an empty directory with "
+            "`keyrelay init`, or correct the path") in output
+    assert config.read_bytes() == deployed and not typo.exists()
+
+
+@contextmanager
+def systemd_stand_in(root: Path) -> Iterator[dict[str, str]]:
+    """The environment that puts tests/systemctl_without_systemd.py first on PATH as
+    ``systemctl`` (this machine has no systemd as PID 1), for the units in root/units; on
+    the way out it stops every unit it started."""
+    bin_dir, state, units = root / "systemctl-bin", root / "systemctl-state", root / "units"
+    for folder in (bin_dir, state, units):
+        folder.mkdir()
+    stand_in = Path(__file__).with_name("systemctl_without_systemd.py")
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\nexec {sys.executable} {stand_in} "$@"\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    env = {"PATH": str(bin_dir), "KR_UNITS_DIR": str(units), "KR_STATE_DIR": str(state)}
+    try:
+        yield env
+    finally:
+        for pid_file in state.glob("*.pid"):
+            subprocess.run([str(bin_dir / "systemctl"), "stop", pid_file.name[:-len(".pid")]],
+                           env={**os.environ, **env}, capture_output=True, timeout=60)
+
+
+def auth_handshake(path: Path) -> str:
+    """What keyrelay-policyd's auth service says first (Dovecot auth protocol: the server
+    speaks first), up to its DONE line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        received = b""
+        while b"DONE\n" not in received:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    return received.decode()
+
+
+def policy_answer(path: Path) -> str:
+    """keyrelay-policyd's answer to a policy request without a login."""
+    request = ("request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n"
+               "client_address=192.0.2.1\nsender=a@b.example\nrecipient=c@d.example\n\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        conn.sendall(request.encode())
+        received = b""
+        while not received.endswith(b"\n\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    return received.decode()
+
+
+def milter_negotiates(path: Path) -> bool:
+    """Does keyrelay-milter answer a milter option negotiation (SMFIC_OPTNEG) with its own?"""
+    body = b"O" + struct.pack(">III", 6, 0x1FF, 0x1FFFFF)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        conn.sendall(struct.pack(">I", len(body)) + body)
+        header = conn.recv(5, socket.MSG_WAITALL)
+    return len(header) == 5 and header[4:5] == b"O"
+
+
+@pytest.mark.slow
+def test_a_fresh_install_with_no_declared_directory_ends_with_daemons_that_answer(
+        service_user: str) -> None:
+    # the bug: the role started the units before anything made the directory file, so
+    # their ExecStartPre (--check-config) failed on a new host; with keyrelay_directory: {}
+    # nothing ever made it. The role's own service tasks run here, against a systemctl that
+    # starts the installed units from their ExecStartPre and ExecStart lines.
+    with short_folder() as root, systemd_stand_in(root) as systemd:
+        _, playbook = site(
+            root, keyrelay_manage_systemd=True, keyrelay_systemd_dir=str(root / "units"),
+            keyrelay_manage_services=True, keyrelay_manage_user=True,
+            keyrelay_user=service_user, keyrelay_group=service_user, keyrelay_directory={})
+
+        status, changed, output = run_playbook(playbook, systemd=systemd)
+
+        assert status == 0 and changed > 0, output
+        directory = root / "keyrelay" / "directory.yaml"
+        st = directory.stat()
+        group = grp.getgrnam(service_user).gr_gid
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, group, 0o640)
+        assert Path(f"{directory}.lock").exists()
+        assert yaml.safe_load(directory.read_text())["accounts"] == {}
+        sockets = root / "queue" / "private"
+        wait_until(lambda: all(unix_accepts(sockets / f"keyrelay-{n}") for n in
+                               ("auth", "policy", "socketmap", "milter")),
+                   60, "the daemons' sockets")
+        assert auth_handshake(sockets / "keyrelay-auth").startswith("VERSION\t1\t")
+        assert policy_answer(sockets / "keyrelay-policy").startswith("action=")
+        assert milter_negotiates(sockets / "keyrelay-milter")
+        uid = pwd.getpwnam(service_user).pw_uid
+        for unit in UNITS:  # started by the role, as root, running as the service user
+            pid = (root / "systemctl-state" / f"{unit}.pid").read_text()
+            proc = Path(f"/proc/{pid}/status").read_text()
+            assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s", proc, re.M), proc
+
+        status, changed, output = run_playbook(playbook, systemd=systemd)
+        assert (status, changed) == (0, 0), output  # running and enabled: nothing to do
 
 
 # -- a real deployment: installed from the checkout, started, relaying and signing ---------------
