@@ -28,11 +28,14 @@ def check_directory(config: Config) -> Directory:
     """The directory the configuration names, read and validated now; raises
     ``DirectoryUnavailable`` (one line: the file, the key, the reason) when it is missing,
     unreadable or invalid, or LDAP cannot serve it."""
-    if config.directory.backend != "ldap":
-        try:
-            os.stat(config.directory.path)
-        except FileNotFoundError:  # other errors: the backend's own message says which
-            raise DirectoryUnavailable(missing_file(config.directory.path)) from None
-        except OSError:
-            pass
+    if config.directory.backend == "ldap":
+        # one read now, no refresher thread; a base that is no keyrelay directory yet is
+        # refused with what to do (the first write makes it one)
+        return Directory(open_directory(config).load())
+    try:
+        os.stat(config.directory.path)
+    except FileNotFoundError:  # other errors: the backend's own message says which
+        raise DirectoryUnavailable(missing_file(config.directory.path)) from None
+    except OSError:
+        pass
     return open_directory(config).snapshot()

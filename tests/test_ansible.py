@@ -495,6 +495,13 @@ def test_the_ldap_backend_variables_give_a_working_configuration_and_sync_into_l
         keyrelay_ldap_ca_file=str(slapd.ca_file),
         keyrelay_directory={"accounts": {account: {"ip_allow": ["192.0.2.0/24"],
                                                    "subusers": {"app": {}}}}})
+    # the role's rule for LDAP: the base is a keyrelay directory already, as docs/ldap.md
+    # sets it up (the first command that writes makes it one)
+    admin = tmp_path / "admin.yaml"
+    admin.write_text(yaml.safe_dump({"directory": slapd.directory_config(),
+                                     "logging": {"audit_log": ""}}))
+    deployed_cli(Path(sys.prefix), admin, "account", "add", f"{account}-first")
+    deployed_cli(Path(sys.prefix), admin, "account", "remove", f"{account}-first")
 
     status, changed, output = run_playbook(playbook)  # the template is validated by
     assert status == 0 and changed > 0, output        # check-config, which reads LDAP
