@@ -182,7 +182,9 @@ def test_missing_directory_is_an_error_at_start(site: Path) -> None:
     (site.parent / "directory.yaml").unlink()
     result = run("--config", str(site), "--check-config")
     assert result.returncode == 1
-    assert "directory file does not exist" in result.stderr
+    assert result.stderr == (f"keyrelay-milter: error: directory.path: {site.parent / 'directory.yaml'} "
+                             "does not exist; create an empty directory with `keyrelay init`, or "
+                             "correct the path\n")
 
 
 # -- the running daemon ----------------------------------------------------------------------
