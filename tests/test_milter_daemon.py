@@ -182,9 +182,10 @@ def test_missing_directory_is_an_error_at_start(site: Path) -> None:
     (site.parent / "directory.yaml").unlink()
     result = run("--config", str(site), "--check-config")
     assert result.returncode == 1
-    assert result.stderr == (f"keyrelay-milter: error: directory.path: {site.parent / 'directory.yaml'} "
-                             "does not exist; create an empty directory with `keyrelay init`, or "
-                             "correct the path\n")
+    missing = site.parent / "directory.yaml"
+    assert result.stderr == (f"keyrelay-milter: error: directory.path: {missing} does not exist; "
+                             "create an empty directory with `keyrelay init`, or correct the "
+                             "path\n")
 
 
 # -- the running daemon ----------------------------------------------------------------------
