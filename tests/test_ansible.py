@@ -35,6 +35,7 @@ import yaml
 
 from keyrelay.demo import BASE_MASTER_CF, SMTP_SINK, greets, make_certificate, unix_accepts
 from testkit.net import free_port, wait_until
+from testkit.protocols import DovecotClient, PolicyClient, connect, policy_request
 from testkit.relay import as_sent
 from testkit.slapd import Slapd
 
@@ -117,18 +118,19 @@ def site(root: Path, main_cf: dict[str, str] | None = None,
     return etc, playbook
 
 
-def run_playbook(playbook: Path, *options: str,
-                 systemd: dict[str, str] | None = None) -> tuple[int, int, str]:
+def run_playbook(playbook: Path, *options: str, systemd: dict[str, str] | None = None,
+                 inside: list[str] | None = None) -> tuple[int, int, str]:
     """(exit status, tasks changed, output) of one ansible-playbook run; ``systemd``: the
-    environment of ``systemd_stand_in``, its ``systemctl`` first on PATH."""
+    environment of ``systemd_stand_in``, its ``systemctl`` first on PATH; ``inside``: the
+    command that runs it in a scratch root (``ScratchRoot.enter``)."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "ansible" / "roles"),
            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "False",
            "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False", "PATH": path}
     if systemd is not None:
         env.update(systemd, PATH=f"{systemd['PATH']}{os.pathsep}{path}")
-    result = subprocess.run([str(PLAYBOOK), "-i", "localhost,", str(playbook), *options],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([*(inside or []), str(PLAYBOOK), "-i", "localhost,", str(playbook),
+                             *options], capture_output=True, text=True, env=env, timeout=300)
     output = result.stdout + result.stderr
     recap = re.search(r"localhost\s+:\s+ok=\d+\s+changed=(\d+)", output)
     return result.returncode, int(recap.group(1)) if recap else -1, output
@@ -212,17 +214,20 @@ def test_a_new_host_gets_an_empty_directory_and_a_wrong_directory_path_is_refuse
 
 
 @contextmanager
-def systemd_stand_in(root: Path) -> Iterator[dict[str, str]]:
+def systemd_stand_in(root: Path, units: str = "") -> Iterator[dict[str, str]]:
     """The environment that puts tests/systemctl_without_systemd.py first on PATH as
-    ``systemctl`` (this machine has no systemd as PID 1), for the units in root/units; on
-    the way out it stops every unit it started."""
-    bin_dir, state, units = root / "systemctl-bin", root / "systemctl-state", root / "units"
-    for folder in (bin_dir, state, units):
+    ``systemctl`` (this machine has no systemd as PID 1), for the units in ``units``
+    (default: root/units, made here); on the way out it stops every unit it started."""
+    bin_dir, state = root / "systemctl-bin", root / "systemctl-state"
+    for folder in (bin_dir, state):
         folder.mkdir()
+    if not units:
+        units = str(root / "units")
+        Path(units).mkdir()
     stand_in = Path(__file__).with_name("systemctl_without_systemd.py")
     (bin_dir / "systemctl").write_text(f'#!/bin/sh\nexec {sys.executable} {stand_in} "$@"\n')
     (bin_dir / "systemctl").chmod(0o755)
-    env = {"PATH": str(bin_dir), "KR_UNITS_DIR": str(units), "KR_STATE_DIR": str(state)}
+    env = {"PATH": str(bin_dir), "KR_UNITS_DIR": units, "KR_STATE_DIR": str(state)}
     try:
         yield env
     finally:
@@ -231,36 +236,14 @@ def systemd_stand_in(root: Path) -> Iterator[dict[str, str]]:
                            env={**os.environ, **env}, capture_output=True, timeout=60)
 
 
-def auth_handshake(path: Path) -> str:
-    """What keyrelay-policyd's auth service says first (Dovecot auth protocol: the server
-    speaks first), up to its DONE line."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(30)
-        conn.connect(str(path))
-        received = b""
-        while b"DONE\n" not in received:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            received += chunk
-    return received.decode()
-
-
-def policy_answer(path: Path) -> str:
-    """keyrelay-policyd's answer to a policy request without a login."""
-    request = ("request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n"
-               "client_address=192.0.2.1\nsender=a@b.example\nrecipient=c@d.example\n\n")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(30)
-        conn.connect(str(path))
-        conn.sendall(request.encode())
-        received = b""
-        while not received.endswith(b"\n\n"):
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            received += chunk
-    return received.decode()
+def daemons_answer(sockets: str) -> None:
+    """keyrelay-policyd's auth service offers PLAIN, its policy service answers a request,
+    keyrelay-milter answers a milter option negotiation (SMFIC_OPTNEG) with its own."""
+    with DovecotClient(connect(f"unix:{sockets}/keyrelay-auth", timeout=30)) as auth:
+        assert "PLAIN" in auth.handshake()
+    with PolicyClient(connect(f"unix:{sockets}/keyrelay-policy", timeout=30)) as policy:
+        assert policy.ask(**policy_request(sender="a@b.example")) is not None
+    assert milter_negotiates(Path(sockets) / "keyrelay-milter")
 
 
 def milter_negotiates(path: Path) -> bool:
@@ -300,9 +283,7 @@ def test_a_fresh_install_with_no_declared_directory_ends_with_daemons_that_answe
         wait_until(lambda: all(unix_accepts(sockets / f"keyrelay-{n}") for n in
                                ("auth", "policy", "socketmap", "milter")),
                    60, "the daemons' sockets")
-        assert auth_handshake(sockets / "keyrelay-auth").startswith("VERSION\t1\t")
-        assert policy_answer(sockets / "keyrelay-policy").startswith("action=")
-        assert milter_negotiates(sockets / "keyrelay-milter")
+        daemons_answer(str(sockets))
         uid = pwd.getpwnam(service_user).pw_uid
         for unit in UNITS:  # started by the role, as root, running as the service user
             pid = (root / "systemctl-state" / f"{unit}.pid").read_text()
@@ -311,6 +292,126 @@ def test_a_fresh_install_with_no_declared_directory_ends_with_daemons_that_answe
 
         status, changed, output = run_playbook(playbook, systemd=systemd)
         assert (status, changed) == (0, 0), output  # running and enabled: nothing to do
+
+
+# -- keyrelay_install_from: deb ------------------------------------------------------------------
+DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+DPKG_BUILDPACKAGE = shutil.which("dpkg-buildpackage", path=DEBIAN_PATH)
+
+
+class ScratchRoot:
+    """This host's root under an overlay whose writable layer is a tmpfs, in a mount
+    namespace of its own (as tests/test_deb.py installs the package there): what dpkg, the
+    role and the daemons write lands in the tmpfs and vanishes with it. ``shared`` is the
+    same folder inside and out."""
+
+    def __init__(self, shared: Path) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="kr-ans-deb-"))
+        self.root = self.base / "root"
+        layers = f"lowerdir=/,upperdir={self.base}/upper,workdir={self.base}/work"
+        script = f"""set -e
+            mount -t tmpfs -o mode=0755 kr-ans-scratch {self.base}
+            mkdir {self.base}/upper {self.base}/work {self.root}
+            mount -t overlay overlay -o {layers} {self.root}
+            mount -t proc proc {self.root}/proc
+            mount --rbind /dev {self.root}/dev
+            mount -t tmpfs tmpfs {self.root}/run
+            mount --bind {shared} {self.root}{shared}
+            echo ready
+            exec sleep 100000"""
+        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh",
+                                        "-c", script], stdout=subprocess.PIPE, text=True)
+        assert self.holder.stdout is not None
+        if self.holder.stdout.readline().strip() != "ready":
+            self.close()
+            pytest.fail("could not set up the scratch root (unshare, tmpfs, overlay)")
+
+    @property
+    def enter(self) -> list[str]:
+        """The command prefix that runs a program inside."""
+        return ["nsenter", f"--target={self.holder.pid}", "--mount", "--", "chroot",
+                str(self.root)]
+
+    def run(self, *args: str) -> str:
+        result = subprocess.run([*self.enter, *args], capture_output=True, text=True,
+                                timeout=60, check=False)
+        assert result.returncode == 0, result
+        return result.stdout
+
+    def path(self, inside: str) -> str:
+        """``inside`` as this process reaches it (through the namespace holder's root)."""
+        return f"/proc/{self.holder.pid}/root{self.root}{inside}"
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait()
+        self.base.rmdir()
+
+
+@contextmanager
+def scratch_root(shared: Path) -> Iterator[ScratchRoot]:
+    scratch = ScratchRoot(shared)
+    try:
+        yield scratch
+    finally:
+        scratch.close()
+
+
+@pytest.fixture(scope="module")
+def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``make deb`` into a temporary folder (its work folder too): the .deb it writes."""
+    out = tmp_path_factory.mktemp("deb")
+    result = subprocess.run(["make", "-C", str(REPO), "deb", f"DEB_DIST={out / 'dist'}",
+                             f"DEB_WORK={out / 'work'}"], capture_output=True, text=True,
+                            env={**os.environ, "PATH": DEBIAN_PATH}, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (package,) = (out / "dist").glob("keyrelay_*_all.deb")
+    return package
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DPKG_BUILDPACKAGE is None or os.geteuid() != 0,
+                    reason="debhelper comes with make test; the scratch root needs root")
+def test_the_role_installs_the_debian_package_and_starts_its_units(deb_package: Path) -> None:
+    # keyrelay_install_from: deb: apt installs the .deb (its postinst makes the keyrelay
+    # user), the programs are /usr/bin/keyrelay*, the units the package's own; a new host
+    # (the package's keyrelay.yaml is not the role's) gets its empty directory file, and
+    # the role's service tasks start the package's units, which answer as user keyrelay
+    with (short_folder() as root, scratch_root(root) as scratch,
+          systemd_stand_in(root, units="/lib/systemd/system") as systemd):
+        shutil.copy(deb_package, root)
+        _, playbook = site(
+            root, keyrelay_install_from="deb", keyrelay_deb=str(root / deb_package.name),
+            keyrelay_etc_dir="/etc/keyrelay", keyrelay_log_dir="/var/log/keyrelay",
+            keyrelay_socket_dir="/var/spool/postfix/private", keyrelay_manage_user=True,
+            keyrelay_user="keyrelay", keyrelay_group="keyrelay",
+            keyrelay_manage_systemd=True, keyrelay_manage_services=True,
+            keyrelay_directory={"accounts": {"deb": {}}})
+
+        status, changed, output = run_playbook(playbook, systemd=systemd, inside=scratch.enter)
+
+        assert status == 0 and changed > 0, output
+        assert scratch.run("dpkg-query", "-W", "-f=${Status}", "keyrelay") == (
+            "install ok installed")
+        assert scratch.run("stat", "-c", "%U:%G %a", "/etc/keyrelay/directory.yaml") == (
+            "root:keyrelay 640\n")
+        listed = json.loads(scratch.run("/usr/bin/keyrelay", "account", "list", "--json"))
+        assert [a["name"] for a in listed] == ["deb"]  # synced by the role
+        sockets = scratch.path("/var/spool/postfix/private")
+        wait_until(lambda: all(unix_accepts(Path(sockets) / f"keyrelay-{n}") for n in
+                               ("auth", "policy", "socketmap", "milter")),
+                   60, "the package's daemons' sockets")
+        daemons_answer(sockets)
+        uid = int(scratch.run("id", "-u", "keyrelay"))
+        for unit in UNITS:  # the package's units, their programs in /usr/bin
+            pid = (root / "systemctl-state" / f"{unit}.pid").read_text()
+            assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1].startswith(
+                b"/usr/bin/keyrelay-"), unit
+            proc = Path(f"/proc/{pid}/status").read_text()
+            assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s", proc, re.M), proc
+
+        status, changed, output = run_playbook(playbook, systemd=systemd, inside=scratch.enter)
+        assert (status, changed) == (0, 0), output  # the same package: nothing to do
 
 
 # -- a real deployment: installed from the checkout, started, relaying and signing ---------------
