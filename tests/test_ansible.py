@@ -236,6 +236,19 @@ def systemd_stand_in(root: Path, units: str = "") -> Iterator[dict[str, str]]:
                            env={**os.environ, **env}, capture_output=True, timeout=60)
 
 
+def wait_for_sockets(sockets: Path, state: Path) -> None:
+    """Wait (60 s: a shared machine) until the daemons accept on all four sockets; else fail
+    with what the started units wrote."""
+    try:
+        wait_until(lambda: all(unix_accepts(sockets / f"keyrelay-{n}") for n in
+                               ("auth", "policy", "socketmap", "milter")),
+                   60, "the daemons' sockets")
+    except TimeoutError as exc:
+        logs = "".join(f"--- {log.name}\n{log.read_text(errors='replace')}"
+                       for log in sorted(state.glob("*.log")))
+        pytest.fail(f"{exc}\n{logs}")
+
+
 def daemons_answer(sockets: str) -> None:
     """keyrelay-policyd's auth service offers PLAIN, its policy service answers a request,
     keyrelay-milter answers a milter option negotiation (SMFIC_OPTNEG) with its own."""
@@ -280,9 +293,7 @@ def test_a_fresh_install_with_no_declared_directory_ends_with_daemons_that_answe
         assert Path(f"{directory}.lock").exists()
         assert yaml.safe_load(directory.read_text())["accounts"] == {}
         sockets = root / "queue" / "private"
-        wait_until(lambda: all(unix_accepts(sockets / f"keyrelay-{n}") for n in
-                               ("auth", "policy", "socketmap", "milter")),
-                   60, "the daemons' sockets")
+        wait_for_sockets(sockets, root / "systemctl-state")
         daemons_answer(str(sockets))
         uid = pwd.getpwnam(service_user).pw_uid
         for unit in UNITS:  # started by the role, as root, running as the service user
@@ -398,9 +409,7 @@ def test_the_role_installs_the_debian_package_and_starts_its_units(deb_package: 
         listed = json.loads(scratch.run("/usr/bin/keyrelay", "account", "list", "--json"))
         assert [a["name"] for a in listed] == ["deb"]  # synced by the role
         sockets = scratch.path("/var/spool/postfix/private")
-        wait_until(lambda: all(unix_accepts(Path(sockets) / f"keyrelay-{n}") for n in
-                               ("auth", "policy", "socketmap", "milter")),
-                   60, "the package's daemons' sockets")
+        wait_for_sockets(Path(sockets), root / "systemctl-state")
         daemons_answer(sockets)
         uid = int(scratch.run("id", "-u", "keyrelay"))
         for unit in UNITS:  # the package's units, their programs in /usr/bin
