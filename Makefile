@@ -29,10 +29,11 @@ DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 # make deb (debian/, docs/debian.md): the tools that build and check the package, and the
 # Debian libraries it depends on (also its build dependencies: scripts/gen-manpages imports
 # the programs). tests/test_deb.py installs the package into a scratch root layered over this
-# host, where these libraries are then already present, so the install needs no network.
-# logrotate: tests/test_logrotate.py runs the shipped logrotate file.
+# host, where these libraries are then already present, so the install needs no network
+# (logrotate: that test also runs the installed logrotate file). make deb alone installs only
+# these, not the test suite's Postfix and slapd.
 DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
-	python3-setuptools python3-wheel lintian fakeroot \
+	python3-setuptools python3-wheel lintian fakeroot man-db \
 	python3-yaml python3-cryptography python3-dnspython python3-idna python3-dkim \
 	python3-spf python3-ldap3 python3-milter python3-uvloop
 
@@ -125,7 +126,8 @@ DEB_DIST := dist
 DEB_WORK := build/deb
 # Debian's tools and interpreter only: pybuild runs "python3.11", which must not be a pyenv one
 DEB_PATH := /usr/sbin:/usr/bin:/sbin:/bin
-deb: debian-packages
+deb:
+	@scripts/ensure-debian-packages $(DEB_BUILD_PACKAGES)
 	rm -rf $(DEB_WORK)
 	mkdir -p $(DEB_WORK)/src $(DEB_DIST)
 	git ls-files -z --cached --others --exclude-standard \
