@@ -26,8 +26,8 @@ def config_example(args: argparse.Namespace) -> None:
 
 def register(sub: Any) -> None:
     command(sub, "check-config", check_config,
-            "validate the configuration and the directory as the daemons' --check-config "
-            "do; exit 1 on any error")
+            "validate the configuration and the directory (the daemons' own check); exit 1 "
+            "on any error")
     config = group(sub, "config", "show configuration help")
     command(config, "example", None,
             "print the annotated example configuration with every key and its default"

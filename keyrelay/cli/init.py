@@ -98,6 +98,5 @@ def _unreadable_for_the_daemons(ctx: Context, path: str) -> list[str]:
 
 def register(sub: Any) -> None:
     command(sub, "init", init,
-            "create an empty directory file for a new install (with its lock, for the "
-            "folder's owner and group), or change nothing if it exists; then check it as "
-            "check-config does")
+            "a new install: create an empty directory file and its lock (nothing changes "
+            "if it exists), then check it as check-config does")
