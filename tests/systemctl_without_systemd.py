@@ -6,8 +6,9 @@ the role installed as systemd would, from their own lines.
 that fails fails the start, exit 1 with its output, as `systemctl start` does ("the control
 process exited with error code"). Then ExecStart runs in the background in a session of its
 own, its output in STATE/UNIT.log, its pid in STATE/UNIT.pid; the unit is active while that
-process lives. A timer is only marked active. `enable` is remembered; `show`, `is-enabled`,
-`is-active` report that state; `stop` sends SIGTERM and waits; `restart` is stop + start.
+process lives. A timer is only marked active. `enable` is remembered (`enable --now` starts
+too); `show`, `is-enabled`, `is-active` report that state; `stop` sends SIGTERM and waits;
+`restart` is stop + start. A unit named without a suffix is a service.
 
 Not systemd: no cgroups, sandboxing, restarts on failure, dependencies or timers firing.
 KR_UNITS_DIR names the folder of unit files (the role's keyrelay_systemd_dir), KR_STATE_DIR
@@ -120,10 +121,13 @@ def main(argv: list[str]) -> int:
     if not words:
         return 0
     verb, units = words[0], words[1:]
+    if verb == "enable" and "--now" in argv:  # enable, then start
+        status = main(["enable", *units])
+        return status | main(["start", *units])
     if verb in ("daemon-reload", "daemon-reexec"):
         return 0
     status = 0
-    for unit in units:
+    for unit in (u if "." in u else f"{u}.service" for u in units):
         if verb == "show":
             status |= show(unit)
         elif verb == "is-enabled":

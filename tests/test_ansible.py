@@ -37,6 +37,7 @@ from keyrelay.demo import BASE_MASTER_CF, SMTP_SINK, greets, make_certificate, u
 from testkit.net import free_port, wait_until
 from testkit.protocols import DovecotClient, PolicyClient, connect, policy_request
 from testkit.relay import as_sent
+from testkit.scratchroot import scratch_root
 from testkit.slapd import Slapd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -310,64 +311,6 @@ DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 DPKG_BUILDPACKAGE = shutil.which("dpkg-buildpackage", path=DEBIAN_PATH)
 
 
-class ScratchRoot:
-    """This host's root under an overlay whose writable layer is a tmpfs, in a mount
-    namespace of its own (as tests/test_deb.py installs the package there): what dpkg, the
-    role and the daemons write lands in the tmpfs and vanishes with it. ``shared`` is the
-    same folder inside and out."""
-
-    def __init__(self, shared: Path) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="kr-ans-deb-"))
-        self.root = self.base / "root"
-        layers = f"lowerdir=/,upperdir={self.base}/upper,workdir={self.base}/work"
-        script = f"""set -e
-            mount -t tmpfs -o mode=0755 kr-ans-scratch {self.base}
-            mkdir {self.base}/upper {self.base}/work {self.root}
-            mount -t overlay overlay -o {layers} {self.root}
-            mount -t proc proc {self.root}/proc
-            mount --rbind /dev {self.root}/dev
-            mount -t tmpfs tmpfs {self.root}/run
-            mount --bind {shared} {self.root}{shared}
-            echo ready
-            exec sleep 100000"""
-        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh",
-                                        "-c", script], stdout=subprocess.PIPE, text=True)
-        assert self.holder.stdout is not None
-        if self.holder.stdout.readline().strip() != "ready":
-            self.close()
-            pytest.fail("could not set up the scratch root (unshare, tmpfs, overlay)")
-
-    @property
-    def enter(self) -> list[str]:
-        """The command prefix that runs a program inside."""
-        return ["nsenter", f"--target={self.holder.pid}", "--mount", "--", "chroot",
-                str(self.root)]
-
-    def run(self, *args: str) -> str:
-        result = subprocess.run([*self.enter, *args], capture_output=True, text=True,
-                                timeout=60, check=False)
-        assert result.returncode == 0, result
-        return result.stdout
-
-    def path(self, inside: str) -> str:
-        """``inside`` as this process reaches it (through the namespace holder's root)."""
-        return f"/proc/{self.holder.pid}/root{self.root}{inside}"
-
-    def close(self) -> None:
-        self.holder.kill()
-        self.holder.wait()
-        self.base.rmdir()
-
-
-@contextmanager
-def scratch_root(shared: Path) -> Iterator[ScratchRoot]:
-    scratch = ScratchRoot(shared)
-    try:
-        yield scratch
-    finally:
-        scratch.close()
-
-
 @pytest.fixture(scope="module")
 def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``make deb`` into a temporary folder (its work folder too): the .deb it writes."""
@@ -388,7 +331,7 @@ def test_the_role_installs_the_debian_package_and_starts_its_units(deb_package: 
     # user), the programs are /usr/bin/keyrelay*, the units the package's own; a new host
     # (the package's keyrelay.yaml is not the role's) gets its empty directory file, and
     # the role's service tasks start the package's units, which answer as user keyrelay
-    with (short_folder() as root, scratch_root(root) as scratch,
+    with (short_folder() as root, scratch_root({str(root): root}) as scratch,
           systemd_stand_in(root, units="/lib/systemd/system") as systemd):
         shutil.copy(deb_package, root)
         _, playbook = site(
