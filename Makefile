@@ -13,6 +13,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN_DIR := run
 
+# make deb (debian/, docs/debian.md): the tools that build and check the package, and the
+# Debian libraries it depends on (also its build dependencies: scripts/gen-manpages imports
+# the programs). tests/test_deb.py installs the package into a scratch root layered over this
+# host, where these libraries are then already present, so the install needs no network
+# (logrotate: that test also runs the installed logrotate file). make deb alone installs only
+# these, not the test suite's Postfix and slapd.
+DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
+	python3-setuptools python3-wheel lintian fakeroot man-db \
+	python3-yaml python3-cryptography python3-dnspython python3-idna python3-dkim \
+	python3-spf python3-ldap3 python3-milter python3-uvloop
+
 # Everything the project needs from Debian, for building the Python
 # dependencies (pymilter links against libmilter) and for the tests. slapd (with
 # slapadd) is for the LDAP backend's tests, which start private slapd instances on
@@ -25,17 +36,6 @@ DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
 	slapd ldap-utils python3-apt \
 	$(DEB_BUILD_PACKAGES) logrotate
-
-# make deb (debian/, docs/debian.md): the tools that build and check the package, and the
-# Debian libraries it depends on (also its build dependencies: scripts/gen-manpages imports
-# the programs). tests/test_deb.py installs the package into a scratch root layered over this
-# host, where these libraries are then already present, so the install needs no network
-# (logrotate: that test also runs the installed logrotate file). make deb alone installs only
-# these, not the test suite's Postfix and slapd.
-DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
-	python3-setuptools python3-wheel lintian fakeroot man-db \
-	python3-yaml python3-cryptography python3-dnspython python3-idna python3-dkim \
-	python3-spf python3-ldap3 python3-milter python3-uvloop
 
 # Only for the benchmarks (make bench-deps, make bench), not for make test: the other
 # milters keyrelay-milter is compared with. The bench starts its own instances with its own

@@ -301,7 +301,7 @@ class Spoofer(threading.Thread):
                 self.answers[f"connection: {type(exc).__name__}"] += 1
 
 
-def wait_accepted(bench: LoadRelay, who: Principal, seconds: float = 15) -> None:
+def wait_accepted(bench: LoadRelay, who: Principal, seconds: float = 60) -> None:
     """Until a login with ``who``'s key succeeds: with LDAP the daemons take a new key
     within refresh_interval, and the key must not be refused as unknown once the load runs."""
     s = bench.relay.settings

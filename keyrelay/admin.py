@@ -360,6 +360,11 @@ def mark_verified(data: DirectoryData, name: str, now: datetime) -> Domain:
     return data.domains[dom.name]
 
 
+def is_hand_verified(dom: Domain) -> bool:
+    """Verified by an admin's word (``mark_verified``), not by a passed DNS check."""
+    return dom.state is DomainState.VERIFIED and dom.verified_by == "manual"
+
+
 def record_check(data: DirectoryData, name: str, passed: bool, pending_published: bool,
                  now: datetime, fail_after: int) -> Domain:
     """The result of a DNS check that could be made (``keyrelay domain verify/check``).
@@ -368,9 +373,13 @@ def record_check(data: DirectoryData, name: str, passed: bool, pending_published
     whose records are all published start signing (rotation). Failed: a pending domain
     stays pending; a verified one counts the failure and becomes failing after
     ``fail_after`` in a row (it keeps ``verified_at``, the last success, for the grace
-    period); a failing one stays failing.
+    period); a failing one stays failing. A domain verified by hand (``mark_verified``)
+    stays verified whatever DNS says until a check passes (from then on DNS decides): an
+    internal domain that public DNS cannot show must not stop sending.
     """
     dom = domain(data, name)
+    if not passed and is_hand_verified(dom):
+        return dom
     if passed:
         selectors = activate_published(dom, now) if pending_published else dom.selectors
         new = replace(dom, state=DomainState.VERIFIED, verified_at=now, verified_by="dns",

@@ -28,6 +28,10 @@ def fail(program: str, message: str) -> NoReturn:
     raise SystemExit(1)
 
 
+_DOCS = {"policyd": "docs/policyd.md", "milter": "docs/milters.md"}
+ROOT_USERS = ("", "root")  # ``*.user`` values that keep a daemon started as root root
+
+
 def socket_owner(user: str, group: str) -> tuple[int, int] | None:
     """(uid, gid) to give unix sockets when running as root, else ``None``.
 
@@ -51,7 +55,7 @@ def empty_bounding_set(user: str, log: logging.Logger) -> None:
     become ``user`` none can come back, not even through an executable's file capabilities.
     Needs CAP_SETPCAP (the units grant it); without it, a warning says so and the daemon
     goes on (dropping root still leaves it no capability)."""
-    if not user or os.geteuid() != 0:
+    if user in ROOT_USERS or os.geteuid() != 0:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
@@ -64,9 +68,15 @@ def empty_bounding_set(user: str, log: logging.Logger) -> None:
             return
 
 
-def drop_privileges(user: str, log: logging.Logger) -> None:
-    """Become ``user`` (with its groups) once the sockets are bound; no-op unless root."""
-    if not user or os.geteuid() != 0:
+def drop_privileges(user: str, log: logging.Logger, setting: str = "user") -> None:
+    """Become ``user`` (with its groups) once the sockets are bound; no-op unless root.
+    Staying root (``user`` root or empty, ``setting`` names it) is allowed, with a warning."""
+    if os.geteuid() != 0:
+        return
+    if user in ROOT_USERS:
+        log.warning("running as root (%s is %s): set it to an unprivileged user such as "
+                    "keyrelay, the default; nothing in the daemon needs root once its "
+                    "sockets exist", setting, repr(user) if not user else user)
         return
     entry = pwd.getpwnam(user)
     os.initgroups(user, entry.pw_gid)
@@ -113,6 +123,14 @@ def preflight(
         raise StartupError(str(exc)) from None
     if os.geteuid() == 0:
         try:
+            pwd.getpwnam(user or "root")
+        except KeyError:
+            raise StartupError(
+                f"{section}.user: no user {user} on this host: create it (adduser --system "
+                f"--group {user}) and give it the directory and keys ({_DOCS[section]}, "
+                f"\"Running unprivileged\"), or name another user"
+            ) from None
+        try:
             socket_owner(user, socket_group)
         except KeyError as exc:
             raise StartupError(
@@ -121,7 +139,8 @@ def preflight(
         try:
             if config.directory.backend == "ldap":
                 secret = config.directory.ldap.bind_password_file
-                if user and config.directory.ldap.bind_dn and not accessible_as(user, secret):
+                if (user not in ROOT_USERS and config.directory.ldap.bind_dn
+                        and not accessible_as(user, secret)):
                     raise PermissionError(
                         f"{section}.user {user} cannot read the LDAP bind password {secret} "
                         "(directory.ldap.bind_password_file): give it to that user's group, "
@@ -140,7 +159,7 @@ def check_directory_access(
 ) -> None:
     """Fail when the daemon's user could not read the directory file (as root, user set);
     with ``records_use``, warn when it could not write keys' last-used times either."""
-    if not user or os.geteuid() != 0:
+    if user in ROOT_USERS or os.geteuid() != 0:
         return
     if not accessible_as(user, path):
         raise PermissionError(

@@ -157,11 +157,15 @@ class _Reader:
         values: dict[str, int | None] = {}
         for name in LIMIT_FIELDS:
             number = given.get(name)
-            if number is not None and (isinstance(number, bool) or not isinstance(number, int)
-                                       or number < 0):
-                raise self.fail(f"{key}.limits.{name}", "expected a whole number >= 0 (0 or "
-                                f"null: inherit), got {yamlread.got(number)}")
-            values[name] = number or None
+            if number is None or number == "inherit":
+                values[name] = None
+                continue
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                # as `keyrelay limits set`: 0 is not "no limit" and not "inherit" either
+                raise self.fail(f"{key}.limits.{name}", "expected a whole number of at least 1, "
+                                "or inherit (or null, or leave it out) to take the account's or "
+                                f"the configuration's value; got {yamlread.got(number)}")
+            values[name] = number
         return Limits(**values)
 
     def pool_ref(self, settings: dict[str, Any], key: str) -> tuple[str | None, bool]:

@@ -24,19 +24,17 @@ Merging: a restriction list keeps what the site had, with keyrelay's policy chec
 front (it must see the request before ``permit_sasl_authenticated`` ends the list) and
 ``permit_sasl_authenticated`` added after it when missing; a milter list keeps the site's
 milters and appends keyrelay's (it signs, so it must run last). A second run finds nothing to
-change. ``postfix check`` runs after the edits; when it fails, main.cf and master.cf are put
-back as they were.
+change. ``postfix check`` runs before the edits (a site whose own configuration fails it is
+told so, and nothing is changed) and after them; when it fails then, main.cf and master.cf
+are put back as they were. The TLS files Postfix will offer are checked first
+(postfixtls.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import pty
 import re
-import select
-import subprocess
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,19 +42,18 @@ from pathlib import Path
 from .config import Config
 from .directory.model import Pool
 from .durations import format_duration
-from .errors import KeyrelayError
-
-POSTCONF = "/usr/sbin/postconf"
-POSTFIX = "/usr/sbin/postfix"
+from .postfixrun import POSTCONF as POSTCONF  # re-exported: the demo and tests use these
+from .postfixrun import POSTFIX as POSTFIX
+from .postfixrun import PostfixConfError as PostfixConfError
+from .postfixrun import check, postconf
+from .postfixrun import reload as reload
+from .postfixrun import run_postfix as run_postfix
+from .postfixtls import TLS_SETTINGS, CertificateError, check_tls_files
 
 SMTP, SUBMISSION = "smtp", "submission"
 PERMIT_AUTHENTICATED = "permit_sasl_authenticated"
 POLICY_UNAVAILABLE = "451 4.3.0 keyrelay policy service unavailable, try again later"
 _LIST_SPLIT = re.compile(r"[\s,]+")
-
-
-class PostfixConfError(KeyrelayError):
-    """The Postfix configuration cannot be read, changed or checked; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -367,18 +364,6 @@ def _pool_services(config: Config, pools: Iterable[Pool]) -> tuple[list[ServiceS
 
 
 # -- reading and changing a configuration directory ------------------------------------------
-def _postconf(config_dir: Path, *args: str) -> str:
-    try:
-        result = subprocess.run([POSTCONF, "-c", str(config_dir), *args],
-                                capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        raise PostfixConfError(f"{POSTCONF} not found: is Postfix installed?") from None
-    if result.returncode != 0:
-        detail = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
-        raise PostfixConfError(f"postconf -c {config_dir} {' '.join(args)} failed: {detail}")
-    return result.stdout
-
-
 def _pairs(text: str) -> Iterable[tuple[str, str]]:
     for line in text.splitlines():
         name, sep, value = line.partition(" = ")
@@ -389,20 +374,22 @@ def _pairs(text: str) -> Iterable[tuple[str, str]]:
 
 
 def read_current(config_dir: Path) -> Current:
-    """The explicit main.cf settings, the built-ins keyrelay merges from, and master.cf."""
-    if not (config_dir / "main.cf").is_file() or not (config_dir / "master.cf").is_file():
-        raise PostfixConfError(f"{config_dir}: no main.cf and master.cf there; give the "
+    """The explicit main.cf settings, the built-ins keyrelay merges from (and the TLS files,
+    expanded), and master.cf."""
+    missing = [name for name in ("main.cf", "master.cf") if not (config_dir / name).is_file()]
+    if missing:
+        raise PostfixConfError(f"{config_dir}: no {' and no '.join(missing)} there; give the "
                                "directory of an existing Postfix configuration (--config-dir)")
-    current = Current(main=dict(_pairs(_postconf(config_dir, "-n"))))
+    current = Current(main=dict(_pairs(postconf(config_dir, "-n"))))
     builtins = ["queue_directory", "smtpd_relay_restrictions", "smtpd_data_restrictions",
-                "smtpd_milters"]
+                "smtpd_milters", *TLS_SETTINGS]
     # -x: the built-in defaults are expressions on compatibility_level; merge their value
-    values = _postconf(config_dir, "-xh", *builtins).splitlines()
+    values = postconf(config_dir, "-xh", *builtins).splitlines()
     current.effective = dict(zip(builtins, values, strict=False))
-    for name, value in _pairs(_postconf(config_dir, "-F")):
+    for name, value in _pairs(postconf(config_dir, "-F")):
         service, _, column = name.rpartition("/")
         current.services.setdefault(service, {})[column] = value
-    for name, value in _pairs(_postconf(config_dir, "-P")):
+    for name, value in _pairs(postconf(config_dir, "-P")):
         service_type, _, setting = name.rpartition("/")
         current.settings.setdefault(service_type, {})[setting] = value
     return current
@@ -432,86 +419,42 @@ def changes(plan: Plan, current: Current) -> list[Change]:
     return result
 
 
-def apply(config_dir: Path, todo: list[Change]) -> str:
-    """Make the edits, then ``postfix check``; on failure put both files back and raise.
+def check_certificates(plan: Plan, current: Current) -> list[str]:
+    """The TLS files Postfix will use after ``plan`` exist, are readable and belong together
+    (keyrelay/postfixtls.py); the files checked, or PostfixConfError naming setting and file."""
+    values = {name: current.effective.get(name, "") for name in TLS_SETTINGS}
+    source = ""
+    if "smtpd_tls_chain_files" in plan.main:
+        values["smtpd_tls_chain_files"] = plan.main["smtpd_tls_chain_files"]
+        source = "postfix.tls_chain_files (smtpd_tls_chain_files)"
+    try:
+        return check_tls_files(values, source=source)
+    except CertificateError as exc:
+        raise PostfixConfError(f"TLS certificate: {exc}") from None
 
-    Returns what ``postfix check`` printed (warnings), if anything.
+
+def apply(config_dir: Path, todo: list[Change]) -> str:
+    """``postfix check`` before (a site's own fault is named as such, nothing is changed),
+    the edits, ``postfix check`` again; on failure put both files back and raise.
+
+    Returns the warnings ``postfix check`` printed after the edits that it did not print
+    before, if any.
     """
+    before = check(config_dir, "the site's Postfix configuration fails postfix check before "
+                   "keyrelay changed anything (fix that first; nothing was changed)")
     files = [config_dir / "main.cf", config_dir / "master.cf"]
     saved = {path: path.read_bytes() for path in files}
     try:
         for change in todo:
-            _postconf(config_dir, *change.args)
-        return check(config_dir)
+            postconf(config_dir, *change.args)
+        after = check(config_dir, "postfix check failed after keyrelay's changes; main.cf "
+                      "and master.cf are put back as they were")
     except BaseException:
         for path, content in saved.items():
             path.write_bytes(content)
         raise
-
-
-def reload(config_dir: Path) -> str:
-    """``postfix reload`` when this instance runs; a sentence saying what happened."""
-    status, _ = run_postfix(config_dir, "status")
-    if status != 0:
-        return f"Postfix ({config_dir}) is not running; the settings apply when it starts."
-    status, output = run_postfix(config_dir, "reload")
-    if status != 0:
-        detail = "; ".join(line.strip() for line in output.splitlines() if line.strip())
-        raise PostfixConfError(f"postfix -c {config_dir} reload failed: {detail}")
-    return f"Postfix ({config_dir}) reloaded."
-
-
-def check(config_dir: Path) -> str:
-    """``postfix -c DIR check``; its warnings, or PostfixConfError with its complaints."""
-    status, output = run_postfix(config_dir, "check")
-    if status != 0:
-        detail = "; ".join(line.strip() for line in output.splitlines() if line.strip())
-        raise PostfixConfError(f"postfix check failed, main.cf and master.cf are unchanged: "
-                               f"{detail or 'exit status ' + str(status)}")
-    return output
-
-
-def run_postfix(config_dir: Path, *args: str, timeout: float = 120) -> tuple[int, str]:
-    """Run ``postfix -c DIR ARGS``: its exit status and what it printed.
-
-    Postfix prints its errors (``postfix: fatal: ...``) only when stderr is a terminal, and
-    otherwise only to the mail log; so it runs on a pseudo-terminal here.
-    """
-    controller, terminal = pty.openpty()
-    try:
-        try:
-            process = subprocess.Popen([POSTFIX, "-c", str(config_dir), *args],
-                                       stdin=subprocess.DEVNULL, stdout=terminal,
-                                       stderr=terminal, start_new_session=True)
-        except FileNotFoundError:
-            raise PostfixConfError(f"{POSTFIX} not found: is Postfix installed?") from None
-        os.close(terminal)
-        terminal = -1
-        output = bytearray()
-        deadline = time.monotonic() + timeout
-        while True:
-            ready, _, _ = select.select([controller], [], [], 0.1)
-            if ready:
-                try:
-                    chunk = os.read(controller, 65536)
-                except OSError:  # EIO: every writer has closed the terminal
-                    chunk = b""
-                if not chunk:
-                    break
-                output += chunk
-            elif process.poll() is not None:
-                break  # exited and nothing left to read (a daemon may keep the terminal)
-            elif time.monotonic() > deadline:
-                process.kill()
-                process.wait()
-                raise PostfixConfError(f"postfix {' '.join(args)} did not finish within "
-                                       f"{timeout:g}s")
-        status = process.wait()
-    finally:
-        os.close(controller)
-        if terminal >= 0:
-            os.close(terminal)
-    return status, output.decode("utf-8", "replace").replace("\r\n", "\n").strip()
+    known = set(before.splitlines())
+    return "\n".join(line for line in after.splitlines() if line not in known)
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -527,13 +470,17 @@ def render_master(plan: Plan, current: Current | None = None) -> str:
     """
     lines = []
     for spec in plan.services:
-        if current is not None and spec.key in current.services:
-            lines.append(_entry_of(current.services[spec.key]))
-        else:
-            lines.append(spec.entry())
+        lines.append(entry_line(spec, current))
         lines += [f"  -o {name}={value}" for name, value in spec.settings.items()]
     lines += [f"# remove {key}: its pool is gone" for key in plan.drop_services]
     return "\n".join(lines) + "\n"
+
+
+def entry_line(spec: ServiceSpec, current: Current | None = None) -> str:
+    """The master.cf entry of a service: its own when it exists, else the one apply makes."""
+    if current is not None and spec.key in current.services:
+        return _entry_of(current.services[spec.key])
+    return spec.entry()
 
 
 def _entry_of(fields: dict[str, str]) -> str:

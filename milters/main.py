@@ -157,7 +157,7 @@ def serve(config: Config) -> None:
             owner = daemon.socket_owner(cfg.user, cfg.socket_group)
             assert owner is not None
             os.chown(path, *owner)
-    daemon.drop_privileges(cfg.user, log)
+    daemon.drop_privileges(cfg.user, log, "milter.user")
     try:
         loaded, problems = load_keys(service.directory.snapshot(), service.keys)
     except DirectoryUnavailable as exc:
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         daemon.empty_bounding_set(config.milter.user, log)  # before any thread starts
     snapshot = check(config)
     if args.check_config:
-        reader = config.milter.user if os.geteuid() == 0 else ""
+        reader = (config.milter.user if os.geteuid() == 0
+                  and config.milter.user not in daemon.ROOT_USERS else "")
         loaded, problems = load_keys(snapshot, KeyStore(), reader)
         for problem in problems:
             print(f"{PROG}: warning: {problem}", file=sys.stderr)

@@ -98,11 +98,12 @@ class AuthService:
             return temporary(Reason.DIRECTORY_UNAVAILABLE)
         facts = LoginFacts(attempt.username, attempt.password, address, ctx.clock(),
                            secured=attempt.secured)
-        if (may_look_up and key_id and key_id not in directory.keys
-                and ctx.directory.reads_through and attempt.username == ctx.settings.username
-                and (attempt.secured or not ctx.settings.require_tls)):
-            return KeyLookup(ctx, key_id)
         verdict = decide_login(directory, ctx.settings, facts)
+        if (may_look_up and key_id and verdict.reason is Reason.UNKNOWN_KEY
+                and ctx.directory.reads_through):
+            # the engine found everything else right, and only this copy lacks the key: it
+            # may be a minute old (docs/ldap.md, "Read-through"); decided again after the look-up
+            return KeyLookup(ctx, key_id)
         if counts_as_guess(verdict):
             if self.by_address.fail(client, now):
                 log.warning("client %s locked out for %s after repeated failed logins",

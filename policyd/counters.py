@@ -5,13 +5,15 @@ All are bounded: rate counters hold two numbers per principal and window; failur
 keep at most ``max_tracked`` entries and forget the least recently failed first, so an attack
 from many addresses cannot grow memory without limit; the recent logins keep at most
 ``per_key`` clients for each of at most ``max_tracked`` key ids (only a good key adds one).
-(Several relay nodes sharing limits need a shared store such as Redis, a later step.)
+(Several relay nodes sharing limits need a shared store such as Redis, a later step:
+``LockoutStore`` is the interface of the failure trackers that such a store implements.)
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 
 class SlidingWindow:
@@ -60,11 +62,36 @@ class SlidingWindow:
         return len(self._counts)
 
 
+@dataclass(frozen=True, slots=True)
+class Locked:
+    """One lock-out in force: who (an address, its IPv6 /64, or a key id), since and until
+    when (on the tracker's clock), and the failures that led to it and came during it."""
+
+    subject: str
+    since: float
+    until: float
+    failures: int
+
+
+class LockoutStore(Protocol):
+    """What the auth service and the control socket ask of a failure tracker: in memory
+    (``FailureTracker``) or, for several relay nodes, a shared store. ``now`` is the caller's
+    clock, in seconds."""
+
+    def locked_for(self, key: str, now: float) -> float: ...
+    def fail(self, key: str, now: float) -> bool: ...
+    def locked(self, now: float) -> list[Locked]: ...
+    def clear(self, key: str, now: float) -> bool: ...
+    def clear_all(self, now: float) -> int: ...
+
+
 @dataclass(slots=True)
 class _Failures:
     first: float
     count: int
     locked_until: float = 0.0
+    locked_since: float = 0.0
+    struck: int = 0  # failures that started the lock-out, and those counted during it
 
 
 class FailureTracker:
@@ -96,11 +123,31 @@ class FailureTracker:
         while len(self._entries) > self._max_tracked:
             self._entries.popitem(last=False)
         entry.count += 1
-        if entry.count >= self._max_failures and entry.locked_until <= now:
+        if entry.locked_until > now:
+            entry.struck += 1
+        elif entry.count >= self._max_failures:
             entry.locked_until = now + self._lockout
+            entry.locked_since, entry.struck = now, entry.count
             entry.first, entry.count = now, 0
             return True
         return False
+
+    def locked(self, now: float) -> list[Locked]:
+        """The lock-outs in force at ``now``, the earliest first."""
+        found = [Locked(key, entry.locked_since, entry.locked_until, entry.struck)
+                 for key, entry in self._entries.items() if entry.locked_until > now]
+        return sorted(found, key=lambda lock: (lock.since, lock.subject))
+
+    def clear(self, key: str, now: float) -> bool:
+        """Forget ``key``'s failures and lift its lock-out; True when it was locked out."""
+        entry = self._entries.pop(key, None)
+        return entry is not None and entry.locked_until > now
+
+    def clear_all(self, now: float) -> int:
+        """Forget every failure and lift every lock-out; how many were in force."""
+        lifted = sum(1 for entry in self._entries.values() if entry.locked_until > now)
+        self._entries.clear()
+        return lifted
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -22,7 +23,7 @@ from keyrelay.errors import ConfigError
 from keyrelay.logs import DecisionLog
 from keyrelay.usage import ArgumentParser, echo_undecodable_arguments
 
-from . import server
+from . import control, server
 from .auth import AuthService
 from .context import ServiceContext
 from .policy import PolicyService
@@ -41,6 +42,7 @@ services (endpoints in the policyd section of the configuration):
   auth       smtpd_sasl_type = dovecot, smtpd_sasl_path = private/keyrelay-auth
   policy     check_policy_service unix:private/keyrelay-policy (RCPT and DATA stages)
   socketmap  smtpd_sender_login_maps = socketmap:unix:private/keyrelay-socketmap:sender_login
+  control    keyrelay lockout list|clear (policyd.control_listen, for root only by default)
 
 signals:
   SIGHUP   reload the configuration (listen endpoints need a restart)
@@ -86,6 +88,11 @@ def check(config: Config) -> None:
         fail(str(exc))
     if not (cfg.auth_listen or cfg.policy_listen or cfg.socketmap_listen):
         fail("policyd: every *_listen endpoint is empty; nothing to serve")
+    if cfg.control_group:
+        try:
+            control.owner_and_mode(cfg)
+        except KeyError:
+            fail(f"policyd.control_group: no such group: {cfg.control_group!r}")
     for pool in {config.routing.default_pool} - {""} - set(snapshot.pools):
         log.warning("routing.default_pool %r is not a pool in the directory", pool)
 
@@ -103,6 +110,9 @@ class Daemon:
         self.policy = PolicyService(self.context)
         self.socketmap = SocketmapService(self.context)
         self.listeners = server.listeners(config.policyd, self.auth, self.policy, self.socketmap)
+        self.control = control.listener(config.policyd, control.ControlService(self.auth))
+        if self.control is not None:  # bound first: once the services answer, it is there
+            self.listeners.insert(0, self.control)
         self.stopping = asyncio.Event()
         self.stop_by: float | None = None  # set at SIGTERM: when a flush must give up
 
@@ -114,8 +124,11 @@ class Daemon:
         cfg = self.context.config.policyd
         owner = daemon.socket_owner(cfg.user, cfg.socket_group)
         for listener in self.listeners:
-            await listener.start(owner, int(cfg.socket_mode, 8))
-        daemon.drop_privileges(cfg.user, log)
+            if listener is self.control:
+                await self.start_control(listener)
+            else:
+                await listener.start(owner, int(cfg.socket_mode, 8))
+        daemon.drop_privileges(cfg.user, log, "policyd.user")
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
@@ -132,6 +145,17 @@ class Daemon:
         for task in tasks:
             task.cancel()
         await self.flush()
+
+    async def start_control(self, listener: server.Listener) -> None:
+        try:
+            await control.start(listener, self.context.config.policyd)
+        except OSError as exc:
+            hint = ""
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):
+                hint = (" (under systemd, RuntimeDirectory=keyrelay in the unit makes "
+                        "/run/keyrelay; control_listen: '' serves no control socket)")
+            raise OSError(f"policyd.control_listen: cannot serve {listener.endpoint}: "
+                          f"{exc.strerror or exc}{hint}") from None
 
     async def every(self, seconds: float, job: Callable[[], None]) -> None:
         while True:
@@ -172,7 +196,8 @@ class Daemon:
             log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
             return
         old = self.context.config
-        for name in ("auth_listen", "policy_listen", "socketmap_listen", "user"):
+        for name in ("auth_listen", "policy_listen", "socketmap_listen", "control_listen",
+                     "control_group", "user"):
             if getattr(old.policyd, name) != getattr(config.policyd, name):
                 log.warning("SIGHUP: policyd.%s changed; it takes effect after a restart", name)
         logs.configure(config.logging)

@@ -7,7 +7,9 @@ Stages (``protocol_state``):
   envelope sender the principal's own; at RCPT also the recipients-per-message limit (each
   recipient beyond it gets ``452 4.5.3``, the others the message: docs/policyd.md). An
   allowed request answers ``FILTER <pool transport>:`` so the mail leaves through the
-  principal's IP pool, or ``DUNNO`` to let Postfix's own restrictions go on.
+  principal's IP pool, or ``DUNNO`` to let Postfix's own restrictions go on. A pool whose
+  transport is not in Postfix's master.cf yet gets ``451 4.3.0`` (``pool_not_in_postfix``)
+  instead of a FILTER Postfix could not follow (transports.py).
 - DATA and END-OF-MESSAGE: the same checks, and the message rate limits; each message is
   counted once, at whichever of the two stages Postfix asks first (``instance`` tells
   messages apart).
@@ -36,6 +38,7 @@ from keyrelay.errors import DirectoryUnavailable
 
 from .context import ServiceContext
 from .counters import SlidingWindow
+from .transports import PostfixTransports
 
 log = logging.getLogger("keyrelay.policyd.policy")
 
@@ -61,6 +64,15 @@ class PolicyService:
         self._counted: OrderedDict[str, None] = OrderedDict()
         # RCPTs allowed so far, per message ("instance"); bounded like _counted
         self._recipients: OrderedDict[str, int] = OrderedDict()
+        self._transports = PostfixTransports(context.config.postfix.config_dir)
+
+    def transports(self) -> frozenset[str] | None:
+        """The pool transports Postfix's master.cf has (postfix.config_dir, which a SIGHUP
+        may change); None: not known."""
+        config_dir = self.context.config.postfix.config_dir
+        if config_dir != self._transports.config_dir:
+            self._transports = PostfixTransports(config_dir)
+        return self._transports.current()
 
     def submission(self, request: dict[str, str]) -> bool:
         cfg = self.context.config.policyd
@@ -88,8 +100,12 @@ class PolicyService:
             client_address=request.get("client_address", ""),
             sender=request.get("sender", ""),
             now=now,
+            transports=self.transports(),
         )
         verdict = decide_envelope(directory, ctx.settings, facts)
+        if verdict.reason is Reason.POOL_NOT_IN_POSTFIX and verdict.transport:
+            self._transports.missing(
+                verdict.transport, verdict.transport.removeprefix(ctx.settings.transport_prefix))
         # An allow without a principal is a session without login (port 25): nothing to count.
         if not verdict.allowed or verdict.principal is None:
             return verdict

@@ -65,8 +65,8 @@ class LoadRelay(PrivateRelay):
     def build(self) -> None:
         s = self.prepare()
         self.rewrite_config("e2e_bench.py: the demo's configuration, rate limits lifted",
-                            limits={"messages_per_minute": 100_000_000,
-                                    "messages_per_hour": 1_000_000_000})
+                            limits={"messages_per_minute": 1_000_000,  # the maxima
+                                    "messages_per_hour": 60_000_000})
         self.port = s.submissions_port if self.shape.tls == "implicit" else s.submission_port
         self.service = f"{s.host}:{self.port}"
         self._principals()

@@ -164,11 +164,20 @@ class Policyd:
             listen = {f"{s}_listen": f"unix:{self.sockets / s}" for s in SERVICES}
         else:
             listen = {f"{s}_listen": f"inet:127.0.0.1:{free_port()}" for s in SERVICES}
+        # its own control socket (keyrelay lockout), never the shared default in /run/keyrelay
+        self.control_socket = root / "control.sock"
+        if len(str(self.control_socket)) > 100:
+            self.control_socket = Path(tempfile.mkdtemp(prefix="krctl-")) / "control.sock"
         self.base: dict[str, Any] = {
             "directory": {"path": str(self.directory_path)},
             "dkim": {"key_dir": str(root / "dkim")},
             "logging": {"audit_log": str(root / "audit.log")},
-            "policyd": {**listen, "socket_group": ""},
+            # root: the test folders are root's (0700); the default user (keyrelay) is
+            # tested by the demo relay, which runs its daemons unprivileged
+            "policyd": {**listen, "control_listen": f"unix:{self.control_socket}",
+                        "socket_group": "", "user": "root"},
+            # no Postfix here: route to any pool transport without asking master.cf
+            "postfix": {"config_dir": ""},
         }
         self.settings = merge(self.base, overrides or {})
         self.write_config()
@@ -211,7 +220,7 @@ class Policyd:
         assert self.process is not None
         return self.process.pid
 
-    def start(self, timeout: float = 20.0) -> Policyd:
+    def start(self, timeout: float = 60.0) -> Policyd:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=log,
                                             stdin=subprocess.DEVNULL)
@@ -269,7 +278,7 @@ class Policyd:
             self.process.kill()
             self.process.wait()
 
-    def reload(self, timeout: float = 10.0) -> str:
+    def reload(self, timeout: float = 60.0) -> str:
         """SIGHUP; wait for the daemon to report the outcome, and return that log line."""
         mark = self.mark()
         self.signal(signal.SIGHUP)
@@ -298,7 +307,7 @@ class Policyd:
         regex = re.compile(pattern)
         return [line for line in self.log(since).splitlines() if regex.search(line)]
 
-    def wait_for_log(self, pattern: str, *, since: int = 0, timeout: float = 10.0) -> str:
+    def wait_for_log(self, pattern: str, *, since: int = 0, timeout: float = 60.0) -> str:
         """The first complete log line matching ``pattern`` (decision lines are buffered)."""
         found: list[str] = []
 

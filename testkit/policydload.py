@@ -84,11 +84,14 @@ def start_policyd(folder: Path, listen: dict[str, str],
     config.write_text(
         f"directory: {section}\n"
         f"logging: {{audit_log: ''}}\n"
+        "postfix: {config_dir: ''}\n"  # no Postfix: route without asking master.cf
         "policyd:\n"
         f"  auth_listen: {listen['auth']}\n"
         f"  policy_listen: {listen['policy']}\n"
         "  socketmap_listen: ''\n"
+        "  control_listen: ''\n"
         "  socket_group: ''\n"
+        "  user: root\n"  # the bench's folders are root's
         "  max_connections: 10000\n"
         "  bruteforce: {max_failures_per_address: 1000000}\n",
         encoding="utf-8",

@@ -100,7 +100,9 @@ class PrivateRelay:
                             smtp_port=smtp, submission_port=submission,
                             alt_submission_port=alt, submissions_port=submissions,
                             sink_port=sink, pool_address="127.0.0.2",
-                            directory=self.directory)
+                            directory=self.directory,
+                            # as testkit/relay.py: unprivileged, but root with LDAP
+                            daemon_user="keyrelay" if self.directory is None else "root")
         self.relay = Relay(settings, say=lambda text: print(f"  {text}", flush=True))
         self.relay.prepare()
         return settings

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 
 # -- sockets ---------------------------------------------------------------------------------
-def connect(endpoint: str, timeout: float = 5.0) -> socket.socket:
+def connect(endpoint: str, timeout: float = 30.0) -> socket.socket:
     """A client socket to ``inet:host:port`` or ``unix:/path`` (Postfix's notation)."""
     if endpoint.startswith("unix:"):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -35,7 +35,7 @@ def connect(endpoint: str, timeout: float = 5.0) -> socket.socket:
     return socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
 
 
-def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
+def closed_by_peer(sock: socket.socket, timeout: float = 30.0) -> bool:
     """True when the peer closes (EOF or reset) within ``timeout``; anything sent is dropped."""
     deadline = time.monotonic() + timeout
     while True:
@@ -55,7 +55,7 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
 class Stream:
     """Buffered reads from a socket; ``None`` means the peer closed the connection."""
 
-    def __init__(self, sock: socket.socket, timeout: float = 5.0) -> None:
+    def __init__(self, sock: socket.socket, timeout: float = 30.0) -> None:
         self.sock = sock
         self.timeout = timeout
         self.buffer = b""
@@ -125,7 +125,7 @@ def b64(data: bytes | str) -> str:
 class DovecotClient:
     """One smtpd process's connection to the auth service (reused across logins)."""
 
-    def __init__(self, sock: socket.socket, timeout: float = 5.0) -> None:
+    def __init__(self, sock: socket.socket, timeout: float = 30.0) -> None:
         self.stream = Stream(sock, timeout)
         self.request_id = 0
         self.server: list[list[str]] = []
@@ -276,7 +276,7 @@ def encode_policy(request: dict[str, str]) -> bytes:
 class PolicyClient:
     """One smtpd process's persistent connection to the policy service."""
 
-    def __init__(self, sock: socket.socket, timeout: float = 5.0) -> None:
+    def __init__(self, sock: socket.socket, timeout: float = 30.0) -> None:
         self.stream = Stream(sock, timeout)
 
     def __enter__(self) -> PolicyClient:
@@ -307,7 +307,7 @@ def netstring(payload: bytes) -> bytes:
 
 
 class SocketmapClient:
-    def __init__(self, sock: socket.socket, timeout: float = 5.0) -> None:
+    def __init__(self, sock: socket.socket, timeout: float = 30.0) -> None:
         self.stream = Stream(sock, timeout)
 
     def __enter__(self) -> SocketmapClient:

@@ -48,7 +48,10 @@ def private_relay(pool_address: str, directory: Mapping[str, Any] | None = None
     settings = Settings(
         run_dir=run_dir, smtp_port=smtp, submission_port=submission,
         alt_submission_port=alt_submission, submissions_port=submissions, sink_port=sink,
-        pool_address=pool_address, directory=directory)
+        pool_address=pool_address, directory=directory,
+        # the daemons run unprivileged, as in production and `make run`; with LDAP as root:
+        # the test slapd's bind password file is root's (mode 0600)
+        daemon_user="keyrelay" if directory is None else "root")
     relay = Relay(settings, say=lambda text: None)
     relay.start()
     try:

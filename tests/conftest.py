@@ -53,6 +53,7 @@ def slapd() -> Iterator[Slapd]:
 IN_PROCESS = frozenset({
     "test_config", "test_decisions", "test_dkimsign", "test_docs_commands", "test_export_import",
     "test_fuzz_parsers", "test_headers", "test_import_rules", "test_ldap_mapping", "test_logs",
+    "test_lockout",
     "test_milter", "test_names", "test_policyd_codecs", "test_policyd_counters",
     "test_policyd_services", "test_reasons", "test_sync",
 })

@@ -900,7 +900,9 @@ def test_unicode_domains_and_senders_are_stored_as_a_labels(fresh: CliSite) -> N
 def test_pool_assign_none_inherits_and_unused_pool_can_be_removed(fresh: CliSite) -> None:
     fresh.ok("account add acme")
     fresh.ok("pool add out --bind 198.51.100.7 --helo out.relay.example.net")
-    assert fresh.ok("pool assign acme out") == "acme now sends through pool out.\n"
+    assert fresh.ok("pool assign acme out") == (
+        "acme now sends through pool out.\nPostfix needs the transport kr-pool-out: run "
+        "`keyrelay postfix apply --reload`; mail through this pool waits until then.\n")
     assert "pool out is still assigned to acme" in fresh.refused("pool remove out")
     assert fresh.ok("pool assign acme none") == (
         "acme now uses its account's pool or the default route.\n")
@@ -1037,9 +1039,50 @@ def test_monitor_mode_global_and_per_account(fresh: CliSite) -> None:
         "Monitor mode on for acme: refusals are logged, and mail passes.\n")
     assert fresh.json("monitor status") == {"config": False, "directory": True,
                                             "accounts": ["acme"]}
-    assert fresh.ok("monitor off") == "Monitor mode off for all accounts: refusals are enforced.\n"
+    # the account's own flag is still on: the command says so, and status agrees
+    assert fresh.ok("monitor off") == (
+        "Directory-wide monitor mode off. Still in monitor mode by their own flag (refusals "
+        "logged, mail passes): acme; end it with keyrelay monitor off ACCOUNT, or for every "
+        "account with keyrelay monitor off --all.\n")
+    assert fresh.json("monitor status") == {"config": False, "directory": False,
+                                            "accounts": ["acme"]}
     assert fresh.ok("monitor off acme") == "Monitor mode off for acme: refusals are enforced.\n"
     assert fresh.json("monitor status") == {"config": False, "directory": False, "accounts": []}
+
+
+def test_monitor_off_says_what_stays_in_monitor_mode(fresh: CliSite) -> None:
+    """Issue 20 item 1: `monitor off` printed "refusals are enforced" while an account's own
+    flag, or monitor_mode in keyrelay.yaml, kept monitor mode on."""
+    fresh.ok("account add acme")
+    fresh.ok("account add beta")
+    fresh.ok("monitor on")
+    fresh.ok("monitor on acme")
+    fresh.ok("monitor on beta")
+    assert fresh.ok("monitor off acme") == (
+        "Monitor flag of acme off, but acme stays in monitor mode (refusals logged, mail "
+        "passes): directory-wide monitor mode is on (keyrelay monitor off).\n")
+    assert assert_refused(fresh.run("monitor off acme --all")) == (
+        "keyrelay: error: monitor off: give ACCOUNT or --all, not both (--all ends the "
+        "directory-wide flag and every account's own)")
+    assert fresh.ok("monitor off --all") == (
+        "Monitor mode off for all accounts: refusals are enforced.\n")
+    assert fresh.json("monitor status") == {"config": False, "directory": False, "accounts": []}
+    # the configuration file's flag cannot be changed here: it is named
+    on = fresh.root / "monitor-on.yaml"
+    on.write_text(fresh.config.read_text(encoding="utf-8") + "monitor_mode: true\n",
+                  encoding="utf-8")
+    fresh.ok("monitor on beta")
+    result = fresh.run("monitor off", config=on)
+    assert (result.code, result.err) == (0, ""), result
+    assert result.out == (
+        "Directory-wide monitor mode off, but every account stays in monitor mode (refusals "
+        f"logged, mail passes): monitor_mode: true in {on}, which this command cannot change "
+        "(set it to false there and reload the daemons).\n")
+    result = fresh.run("monitor off beta", config=on)
+    assert result.out == (
+        "Monitor flag of beta off, but beta stays in monitor mode (refusals logged, mail "
+        f"passes): monitor_mode: true in {on}, which this command cannot change (set it to "
+        "false there and reload the daemons).\n")
 
 
 def test_account_and_subuser_suspend_resume_remove(fresh: CliSite) -> None:

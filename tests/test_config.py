@@ -14,6 +14,7 @@ import pytest
 from keyrelay.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
+    LimitsConfig,
     default_config,
     load_config,
     parse_config,
@@ -22,6 +23,7 @@ from keyrelay.config import (
 )
 from keyrelay.durations import format_duration, parse_duration
 from keyrelay.errors import ConfigError
+from keyrelay.limits import LIMIT_MAXIMA
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "postfix-conf" / "keyrelay.yaml.example"
 
@@ -82,7 +84,7 @@ def test_defaults_are_the_documented_values() -> None:
     assert config.milter.listen == "unix:/var/spool/postfix/private/keyrelay-milter"
     assert (config.milter.check_sender, config.milter.sign) == (True, True)
     assert (config.milter.socket_mode, config.milter.socket_group) == ("0660", "postfix")
-    assert config.milter.user == ""
+    assert (config.milter.user, config.policyd.user) == ("keyrelay", "keyrelay")
     assert config.milter.shutdown_grace == 10.0
 
 
@@ -146,7 +148,7 @@ limits: {messages_per_minute: 10, messages_per_hour: 100, recipients_per_message
 routing: {default_pool: shared, transport_prefix: pool-}
 logging: {level: debug, format: json, audit_log: ""}
 milter: {listen: "inet:8891@127.0.0.1", check_sender: false, socket_mode: "0600",
-         socket_group: "", user: keyrelay, shutdown_grace: 30s}
+         socket_group: "", user: kr-milter, shutdown_grace: 30s}
 """,
     )
     config = load_config(path)
@@ -171,7 +173,7 @@ milter: {listen: "inet:8891@127.0.0.1", check_sender: false, socket_mode: "0600"
     assert config.milter.listen == "inet:8891@127.0.0.1"
     assert (config.milter.check_sender, config.milter.sign) == (False, True)
     assert (config.milter.socket_mode, config.milter.socket_group) == ("0600", "")
-    assert (config.milter.user, config.milter.shutdown_grace) == ("keyrelay", 30.0)
+    assert (config.milter.user, config.milter.shutdown_grace) == ("kr-milter", 30.0)
 
 
 def test_parse_config_accepts_already_loaded_yaml_and_names_the_given_path() -> None:
@@ -206,6 +208,15 @@ ERRORS = [
     ("logging:\n  level: 2\n", 2, "logging.level", "got an integer (2)"),
     # impossible values
     ("limits:\n  recipients_per_message: 0\n", 2, "limits.recipients_per_message", "at least 1"),
+    # issue 20 item 8: absurd values and contradictions, as `keyrelay limits set` refuses them
+    ("limits:\n  messages_per_minute: 99999999999999999999999\n", 2,
+     "limits.messages_per_minute", "must be at most 1000000, got 99999999999999999999999"),
+    ("limits:\n  recipients_per_message: 100001\n", 2, "limits.recipients_per_message",
+     "must be at most 100000"),
+    ("limits:\n  messages_per_hour: 1\n  messages_per_minute: 100\n", 3,
+     "limits.messages_per_minute", "100 per minute is above messages_per_hour (1)"),
+    ("limits:\n  messages_per_minute: 30000\n", 2, "limits.messages_per_minute",
+     "above messages_per_hour (20000)"),
     ("keys:\n  last_used_flush_interval: 0.5\n", 2, "keys.last_used_flush_interval", "at least 1s"),
     ("keys:\n  default_expiry: 0\n", 2, "keys.default_expiry", "at least 1s, got 0s"),
     ("logging:\n  level: verbose\n", 2, "logging.level", "must be one of 'debug', 'info'"),
@@ -250,6 +261,13 @@ def test_invalid_value_is_an_error_naming_file_line_key_and_reason(
     assert (error.line, error.key) == (line, key)
     assert f"keyrelay.yaml:{line}: {key}: " in str(error)
     assert reason in error.reason
+
+
+def test_the_configuration_bounds_limits_as_the_cli_does() -> None:
+    """limits.* in keyrelay.yaml are bounded by the same maxima as `keyrelay limits set`."""
+    for name, top in LIMIT_MAXIMA.items():
+        meta = next(f.metadata for f in dataclasses.fields(LimitsConfig) if f.name == name)
+        assert (meta["min"], meta["max"]) == (1, top), name
 
 
 def test_unknown_key_without_a_close_match_lists_the_allowed_keys(tmp_path: Path) -> None:

@@ -330,6 +330,45 @@ def test_a_verified_domain_fails_after_repeated_checks_and_recovers(tenant: Tena
     assert tenant.domain().failed_checks == 0
 
 
+def test_a_domain_verified_by_hand_stays_verified_until_a_check_passes(tenant: Tenant) -> None:
+    """Issue 20 item 16: the hourly check made a hand-verified (internal) domain failing,
+    then stopped its mail. It stays verified until the admin runs a check that passes."""
+    tenant.publish({DOMAIN: "v=spf1 -all"})  # nothing right: an internal domain, say
+    tenant.ok("domain", "mark-verified", DOMAIN)
+    marked = tenant.domain()
+    assert (marked.state, marked.verified_by) == (DomainState.VERIFIED, "manual")
+
+    for _ in range(4):  # more than fail_after (3): the timer does not even ask DNS
+        status, out, err = tenant.cli("domain", "check", "--all")
+        assert (status, err) == (0, "")
+        assert out == (f"{DOMAIN}: verified by hand, not checked (keyrelay domain verify "
+                       f"{DOMAIN} checks it; once a check passes, DNS decides)\n")
+    status, out, _ = tenant.cli("domain", "check", "--all", "--json")
+    assert status == 0 and json.loads(out) == [{
+        "domain": DOMAIN, "outcome": "not checked", "state": "verified",
+        "verified_by": "manual", "checks": []}]
+    for _ in range(4):  # named, it is checked; a failure does not count against it
+        status, out, _ = tenant.cli("domain", "check", DOMAIN)
+        assert status == 0
+        assert out.startswith(f"{DOMAIN}: verified by hand (unchanged: a failed DNS check "
+                              "does not count)")
+    status, report, err = tenant.verify()
+    assert status == 1 and report["state"] == "verified"
+    assert "it stays verified by hand and sends" in err
+    assert tenant.domain() == marked
+    settings = EngineSettings(failing_grace=timedelta(hours=1))
+    assert marked.verified_at is not None
+    assert domain_may_send(tenant.domain(), settings, marked.verified_at + timedelta(days=30))
+
+    tenant.publish(all_good(tenant))  # the admin puts DNS in place: from now on DNS decides
+    assert tenant.verify()[0] == 0
+    assert tenant.domain().verified_by == "dns"
+    tenant.publish({DOMAIN: "v=spf1 -all"})
+    for _ in range(3):
+        tenant.cli("domain", "check", "--all")
+    assert tenant.domain().state is DomainState.FAILING
+
+
 def test_rotation_switches_only_once_the_new_records_are_published(tenant: Tenant) -> None:
     old_records = all_good(tenant)
     tenant.publish(old_records)

@@ -114,6 +114,30 @@ def test_guessed_key_ids_at_a_high_rate_cost_ldap_only_the_budget_and_lock_only_
         replies = [client.plain("apikey", guess, rip="127.66.0.1") for _ in range(11)]
     assert [r.status for r in replies] == ["FAIL"] * 11
     assert "too many failed logins from 127.66.0.1" in replies[-1].reason
+    # one address cannot spend the budget alone: however many different ids it guesses, it
+    # causes at most max_failures_per_address (10) searches, then its lock-out stops it
+    # before any look-up (docs/ldap.md, "Read-through"). A guess past the budget of the
+    # moment is answered temporarily (a closed connection) and counts for nothing, so the
+    # guesser goes on until the budget has refilled enough for its tenth real miss.
+    alone: list[keys.NewKey] = []
+    deadline = time.monotonic() + 60  # generous: the budget refills at 10 per second
+    while time.monotonic() < deadline:
+        alone.append(keys.generate())
+        with DovecotClient(connect_socket(endpoint), timeout=DEADLINE) as client:
+            client.handshake()
+            reply = client.plain("apikey", alone[-1].text, rip="127.67.0.1")
+        assert reply.status in ("FAIL", "CLOSED"), reply
+        if "too many failed logins from 127.67.0.1" in reply.reason:
+            break
+        time.sleep(0.02)
+    assert "too many failed logins from 127.67.0.1" in reply.reason
+    for key in [keys.generate() for _ in range(20)]:  # locked: no look-up at all
+        with DovecotClient(connect_socket(endpoint), timeout=DEADLINE) as client:
+            client.handshake()
+            assert "too many failed logins" in client.plain("apikey", key.text,
+                                                            rip="127.67.0.1").reason
+        alone.append(key)
+    assert guessing_searches(slapd_stats, {k.key_id for k in alone}) <= 10
 
     # 2. a flood of guessed key ids from many addresses, each used once, by four clients
     guesses = [keys.generate() for _ in range(4000)]

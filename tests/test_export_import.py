@@ -71,3 +71,19 @@ def test_importing_a_broken_file_names_file_key_and_reason(tmp_path: Path) -> No
     assert result.stderr.startswith("keyrelay: error: ")
     assert str(broken) in result.stderr and "status" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_import_warns_when_the_key_files_it_names_are_not_on_this_node(tmp_path: Path) -> None:
+    source = _config_for(tmp_path / "a")
+    assert run_cli(source, "account", "add", "acme").returncode == 0
+    assert run_cli(source, "domain", "add", "acme", "example.com").returncode == 0
+    exported = tmp_path / "export.yaml"
+    assert run_cli(source, "export", "-o", str(exported)).returncode == 0
+    assert "PRIVATE KEY" not in exported.read_text()
+    for pem in (tmp_path / "a" / "dkim" / "example.com").iterdir():
+        pem.unlink()  # the new node has no copy of the old node's keys
+    result = run_cli(_config_for(tmp_path / "b"), "import", str(exported))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("keyrelay: warning: 2 DKIM key files the directory names "
+                                     "do not exist on this node (e.g. ")
+    assert "keyrelay backup and restore carry them" in result.stderr

@@ -315,8 +315,9 @@ def configuration(root: Path, dns_port: int) -> dict[str, Any]:
         "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": 1},
         "policyd": {"auth_listen": f"unix:{root}/run/auth",
                     "policy_listen": f"unix:{root}/run/policy",
-                    "socketmap_listen": f"unix:{root}/run/socketmap", "socket_group": ""},
-        "milter": {"listen": f"unix:{root}/run/milter", "socket_group": ""},
+                    "socketmap_listen": f"unix:{root}/run/socketmap", "socket_group": "",
+                    "user": "root"},
+        "milter": {"listen": f"unix:{root}/run/milter", "socket_group": "", "user": "root"},
     }
 
 
@@ -682,11 +683,16 @@ def assert_clean(outcome: RunOutcome, state: State, full_config: Callable[[], bo
 
 
 def named_in(argv: Sequence[str], path: str, state: State) -> bool:
-    """Did one of ``argv``'s words (or an ``--option=VALUE``/``-oVALUE`` value) name ``path``?"""
+    """Did one of ``argv``'s words (or an ``--option=VALUE``/``-oVALUE`` value) name ``path``,
+    or the file that ``path`` is the temporary file of (``keyrelay backup FILE`` writes
+    ``.keyrelay-backup.*.tmp`` beside FILE first)?"""
     cwd = state.root / "work"
+    folder, temporary = os.path.dirname(path), os.path.basename(path).startswith(
+        ".keyrelay-backup.")
     for word in argv:
         for candidate in (word, word.partition("=")[2], word[2:]):
-            if candidate and os.path.abspath(os.path.join(cwd, candidate)) == path:
+            named = os.path.abspath(os.path.join(cwd, candidate)) if candidate else ""
+            if named == path or (named and temporary and os.path.dirname(named) == folder):
                 return True
     return False
 

@@ -107,6 +107,14 @@ def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
         assert "a=rsa-sha256" in dump and "a=ed25519-sha256" in dump
         assert "d=demo.example" in dump
         first_key_id = values["KEYRELAY_DEMO_KEY_ID"]
+        # issue 20: the daemons run unprivileged, as the production default (policyd.user and
+        # milter.user: keyrelay), not as root
+        ps = subprocess.run(["ps", "-ww", "-eo", "user:20,args"], capture_output=True, text=True,
+                            check=True).stdout
+        daemons = [line.split()[0] for line in ps.splitlines() if str(run_dir) in line
+                   and ("keyrelay-policyd" in line or "keyrelay-milter" in line)]
+        assert daemons == ["keyrelay", "keyrelay"], ps
+        assert "running as root" not in demo.text()
     finally:
         status = demo.stop()
     assert status == 0, demo.text()

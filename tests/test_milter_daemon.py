@@ -66,7 +66,8 @@ def write_config(root: Path, milter: dict[str, object]) -> Path:
     config = {
         "directory": {"path": str(root / "directory.yaml")},
         "dkim": {"key_dir": str(root / "dkim")},
-        "milter": {"listen": f"inet:127.0.0.1:{free_port()}", "socket_group": "", **milter},
+        "milter": {"listen": f"inet:127.0.0.1:{free_port()}", "socket_group": "",
+                   "user": "root", **milter},  # root: the test folder is root's (0700)
     }
     path = root / "keyrelay.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from keyrelay import admin, keys
+from keyrelay.config.loader import parse_config
 from keyrelay.directory.model import Status
 from testkit.net import wait_until
 from testkit.policyd import (
@@ -789,7 +790,7 @@ def test_a_request_left_half_sent_is_closed_after_request_timeout_on_every_servi
         stalled[service] = sock
     try:
         for service, sock in stalled.items():
-            assert closed_by_peer(sock, timeout=5), f"{service}: stalled client kept"
+            assert closed_by_peer(sock, timeout=30), f"{service}: stalled client kept"
             relay.daemon.wait_for_log(
                 rf"WARNING .*{service}: closing connection from {peer_name(sock)}: "
                 r"request not finished within 1s", since=mark)
@@ -1243,6 +1244,31 @@ def test_check_config_fails_when_policyd_user_cannot_read_the_directory(tmp_path
     assert result.returncode == 1
     assert "policyd.user nobody cannot read the directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the user is checked when started as root")
+def test_the_default_user_is_unprivileged_and_root_is_a_warning(tmp_path: Path) -> None:
+    """Issue 20: policyd.user defaulted to "" (stay root). The default is keyrelay; a missing
+    user is one clear line; staying root needs an explicit setting and logs a warning."""
+    defaults = parse_config({}, "keyrelay.yaml")
+    assert (defaults.policyd.user, defaults.milter.user) == ("keyrelay", "keyrelay")
+    daemon = Policyd(tmp_path / "pd", {"policyd": {"user": "kr-no-such-user"}})
+    daemon.keyrelay("account", "add", "acme")
+    result = subprocess.run(daemon.command("--check-config"), capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "keyrelay-policyd: error: policyd.user: no user kr-no-such-user on this host: create "
+        "it (adduser --system --group kr-no-such-user) and give it the directory and keys "
+        "(docs/policyd.md, \"Running unprivileged\"), or name another user\n")
+    root = Policyd(tmp_path / "root", {"policyd": {"user": "root"}})
+    root.keyrelay("account", "add", "acme")
+    root.start()
+    try:
+        assert proc_status(root.pid)["Uid"].split() == ["0"] * 4
+        assert ("running as root (policyd.user is root): set it to an unprivileged user "
+                "such as keyrelay, the default") in root.log()
+    finally:
+        assert root.stop() == 0
 
 
 def test_login_that_postfix_reports_outside_tls_is_refused(relay: Site) -> None:

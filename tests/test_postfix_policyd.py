@@ -5,9 +5,10 @@ The relay is the one ``make run`` starts (fixture ``demo_relay``, shared by the 
 SASL over the Dovecot protocol, policy over check_policy_service, FILTER routing to the
 principal's IP pool. The decision table as the client sees it (codes, TLS, pools, faults) is
 in test_e2e.py; this module adds Postfix's own log of a login, the wording of policyd's
-refusals, what swaks shows for a revoked key, and the 454 an smtpd that already offered AUTH
-answers when policyd has stopped. Each test makes its own tenant, and tests that fail logins
-use their own client address; the test that stops policyd starts it again in a ``finally``.
+refusals, what swaks shows for a revoked key, the 454 an smtpd that already offered AUTH
+answers when policyd has stopped, and the 451 for a pool Postfix has no transport for yet.
+Each test makes its own tenant, and tests that fail logins use their own client address; the
+test that stops policyd starts it again in a ``finally``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import pytest
 
 from keyrelay.demo import Relay
+from testkit.net import wait_until
 from testkit.relay import (
     connect,
     kr,
@@ -27,7 +29,9 @@ from testkit.relay import (
     never_delivered,
     new_tenant,
     next_source,
+    reply_of,
     send,
+    submission_greets,
     wait_delivered,
 )
 
@@ -173,3 +177,36 @@ def test_policyd_down_makes_auth_a_temporary_454_failure(demo_relay: Relay) -> N
     assert refused.value.smtp_code == 454
     error = refused.value.smtp_error
     assert isinstance(error, bytes) and error.startswith(b"4.7.0"), error
+
+
+def test_a_pool_without_its_postfix_transport_gets_451_at_rcpt_until_postfix_apply(
+    demo_relay: Relay,
+) -> None:
+    # issue 20 item 4: Postfix used to accept the message and then defer it ("connect to
+    # transport private/kr-pool-late: No such file or directory"); now the client hears 451 at
+    # RCPT and keeps the message, and after `keyrelay postfix apply` it goes out
+    added = kr(demo_relay, "pool", "add", "late", "--bind", "127.0.0.5",
+               "--helo", "late.demo.example")
+    assert "Postfix needs the transport kr-pool-late: run `keyrelay postfix apply" in added
+    tenant = new_tenant(demo_relay, pool="late")
+    mid, text = message(tenant.sender, "rcpt@example.net", "late pool")
+    with connect(demo_relay, "submission") as client:
+        client.login("apikey", tenant.key)
+        code, reply = reply_of(
+            lambda: client.sendmail(tenant.sender, ["rcpt@example.net"], text))
+    assert code == 451, reply
+    assert reply.startswith("4.3.0 "), reply
+    assert ("relay configuration incomplete (IP pool 'late' is not set up in Postfix yet); "
+            "try again later") in reply
+    never_delivered(demo_relay, mid)  # nothing was accepted, so nothing waits in the queue
+    assert (f"pool late has no Postfix transport kr-pool-late in "
+            f"{demo_relay.settings.postfix_etc}/master.cf yet: run keyrelay postfix apply"
+            in log_of(demo_relay, "policyd"))
+    # postfix.config_dir of the demo's configuration names its Postfix: no --config-dir
+    applied = kr(demo_relay, "postfix", "apply", "--reload")
+    assert "kr-pool-late" in applied and "reloaded" in applied
+    wait_until(lambda: submission_greets(demo_relay), 30, "smtpd after the reload")
+    send(demo_relay, "submission", tenant.key, tenant.sender, text)
+    _, delivered = wait_delivered(demo_relay, mid)
+    assert delivered["X-Client-Addr"] == "127.0.0.5"
+    assert "late.demo.example" in delivered["X-Helo-Args"]

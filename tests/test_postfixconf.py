@@ -10,10 +10,12 @@ nothing, a failing ``postfix check`` leaves both files as they were.
 from __future__ import annotations
 
 import ipaddress
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
+from test_postfix_tls import write_key_pair
 
 from keyrelay import postfixconf
 from keyrelay.config import default_config, parse_config
@@ -145,6 +147,19 @@ def test_plan_refuses_sockets_a_chrooted_service_cannot_reach() -> None:
         build_plan(config, [], current)
 
 
+def test_policyd_md_shows_lines_postfix_show_prints() -> None:
+    # docs/policyd.md, "Wiring it into Postfix", shows part of what apply writes: verbatim
+    section = (ROOT / "docs" / "policyd.md").read_text().split(
+        "## Wiring it into Postfix\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```\n", 2)[1]
+    plan = build_plan(default_config(), [], postfixconf.fresh_postfix())
+    shown = (postfixconf.render_main(plan) + postfixconf.render_master(plan)).splitlines()
+    lines = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(lines) >= 8
+    for line in lines:
+        assert line in shown, f"docs/policyd.md shows {line!r}, which postfix show does not print"
+
+
 def test_postfix_conf_fragments_are_generated_from_the_module() -> None:
     for name, content in postfixconf.example_files().items():
         assert (ROOT / "postfix-conf" / name).read_text() == content, (
@@ -174,6 +189,9 @@ def site(tmp_path: Path) -> tuple[Path, Path]:
         folder.mkdir()
     main = (DEBIAN / "main.cf.debian").read_text() + (DEBIAN / "main.cf.tls").read_text()
     main += f"queue_directory = {queue}\ndata_directory = {data}\n"
+    # Debian's main.cf.tls names the snakeoil files, which a host may not have: a real pair
+    key, cert = write_key_pair(tmp_path / "tls", "mx.site.example")
+    main += f"smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {key}\n"
     main += "".join(f"{k} = {v}\n" for k, v in SITE_MAIN.items())
     (etc / "main.cf").write_text(main)
     (etc / "master.cf").write_text((DEBIAN / "master.cf.dist").read_text()
@@ -213,7 +231,7 @@ def test_apply_merges_into_the_sites_configuration(site: tuple[Path, Path]) -> N
     main_before, fields_before = postconf(etc, "-n"), postconf(etc, "-F")
     params_before = postconf(etc, "-P")
     result = keyrelay(config, "postfix", "apply", "--config-dir", str(etc))
-    assert "postfix check passed" in result.stdout
+    assert "postfix check passed before and after them" in result.stdout
     main, fields, params = postconf(etc, "-n"), postconf(etc, "-F"), postconf(etc, "-P")
 
     # main.cf: every setting the site had is still there, unchanged
@@ -282,16 +300,94 @@ def test_a_removed_pool_loses_its_transport(site: tuple[Path, Path]) -> None:
 
 
 @needs_postfix
-def test_a_failing_postfix_check_puts_both_files_back(site: tuple[Path, Path]) -> None:
+def test_a_site_that_already_fails_postfix_check_is_told_so_and_nothing_changes(
+    site: tuple[Path, Path],
+) -> None:
+    # issue 20 item 11: the site's own fault, not blamed on keyrelay's edits
     etc, config = site
     subprocess.run(["postconf", "-c", str(etc), "-e", "mail_owner = nosuchuser"], check=True)
     before = [(etc / n).read_bytes() for n in ("main.cf", "master.cf")]
     result = keyrelay(config, "postfix", "apply", "--config-dir", str(etc), check=False)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "postfix check failed, main.cf and master.cf are unchanged" in result.stderr
+    assert ("the site's Postfix configuration fails postfix check before keyrelay changed "
+            "anything (fix that first; nothing was changed)") in result.stderr
     assert "mail_owner: unknown user name value: nosuchuser" in result.stderr
     assert [(etc / n).read_bytes() for n in ("main.cf", "master.cf")] == before
+
+
+@needs_postfix
+def test_an_edit_that_fails_postfix_check_is_put_back_and_said_to_be_ours(
+    site: tuple[Path, Path],
+) -> None:
+    etc, _ = site
+    before = [(etc / n).read_bytes() for n in ("main.cf", "master.cf")]
+    breaking = postfixconf.Change("main.cf: mail_owner = nosuchuser",
+                                  ("-e", "mail_owner = nosuchuser"))
+    with pytest.raises(PostfixConfError) as failed:
+        postfixconf.apply(etc, [breaking])
+    assert str(failed.value).startswith(
+        "postfix check failed after keyrelay's changes; main.cf and master.cf are put back as "
+        "they were: ")
+    assert "mail_owner: unknown user name value: nosuchuser" in str(failed.value)
+    assert [(etc / n).read_bytes() for n in ("main.cf", "master.cf")] == before
+
+
+@needs_postfix
+def test_a_missing_certificate_file_is_refused_naming_the_setting_and_file(
+    site: tuple[Path, Path],
+) -> None:
+    # issue 20 item 10: Debian's main.cf.tls names snakeoil files this host may not have
+    etc, config = site
+    missing = etc.parent / "tls" / "ssl-cert-snakeoil.pem"
+    subprocess.run(["postconf", "-c", str(etc), "-e", f"smtpd_tls_cert_file = {missing}"],
+                   check=True)
+    before = [(etc / n).read_bytes() for n in ("main.cf", "master.cf")]
+    for extra in ([], ["--dry-run"]):
+        result = keyrelay(config, "postfix", "apply", "--config-dir", str(etc), *extra,
+                          check=False)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert f"TLS certificate: smtpd_tls_cert_file: {missing}: no such file" in result.stderr
+    assert [(etc / n).read_bytes() for n in ("main.cf", "master.cf")] == before
+
+
+@needs_postfix
+def test_a_key_of_another_certificate_is_refused(site: tuple[Path, Path]) -> None:
+    etc, config = site
+    other_key, _ = write_key_pair(etc.parent / "other", "other.example")
+    subprocess.run(["postconf", "-c", str(etc), "-e", f"smtpd_tls_key_file = {other_key}"],
+                   check=True)
+    result = keyrelay(config, "postfix", "apply", "--config-dir", str(etc), check=False)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert (f"smtpd_tls_key_file = {other_key} does not belong to smtpd_tls_cert_file = "
+            in result.stderr)
+
+
+@needs_postfix
+def test_chain_files_from_the_keyrelay_configuration_are_checked(
+    site: tuple[Path, Path],
+) -> None:
+    etc, config = site
+    key, _ = write_key_pair(etc.parent / "a", "a.example")
+    _, cert = write_key_pair(etc.parent / "b", "b.example")
+    with config.open("a") as handle:
+        handle.write(f"postfix: {{tls_chain_files: '{key}, {cert}'}}\n")
+    result = keyrelay(config, "postfix", "apply", "--config-dir", str(etc), check=False)
+    assert result.returncode == 1
+    assert (f"TLS certificate: postfix.tls_chain_files (smtpd_tls_chain_files): the private key "
+            f"in {key} does not belong to the certificate in {cert}") in result.stderr
+
+
+@needs_postfix
+def test_only_master_cf_missing_is_named_alone(site: tuple[Path, Path]) -> None:
+    etc, config = site
+    (etc / "master.cf").unlink()
+    result = keyrelay(config, "postfix", "apply", "--config-dir", str(etc), check=False)
+    assert result.returncode == 1
+    assert f"{etc}: no master.cf there" in result.stderr
+    assert "main.cf" not in result.stderr.replace("master.cf", "")
 
 
 @needs_postfix
@@ -306,6 +402,40 @@ def test_show_prints_what_apply_would_write_and_changes_nothing(site: tuple[Path
     assert [(etc / n).read_bytes() for n in ("main.cf", "master.cf")] == before
 
 
+def test_apply_without_config_dir_uses_postfix_config_dir(tmp_path: Path) -> None:
+    config = tmp_path / "keyrelay.yaml"
+    config.write_text(f"directory: {{path: {tmp_path}/directory.yaml}}\n"
+                      f"postfix: {{config_dir: {tmp_path}/pf}}\n")
+    result = keyrelay(config, "postfix", "apply", check=False)
+    assert result.returncode == 1
+    assert f"{tmp_path}/pf: no main.cf and no master.cf there" in result.stderr
+    config.write_text(f"directory: {{path: {tmp_path}/directory.yaml}}\n"
+                      "postfix: {config_dir: ''}\n")
+    result = keyrelay(config, "postfix", "apply", check=False)
+    assert result.returncode == 1
+    assert "give --config-dir DIR: postfix.config_dir is empty" in result.stderr
+
+
+def test_show_json_is_what_show_prints(tmp_path: Path) -> None:
+    # docs/cli.md: every listing, show included, takes --json
+    config = tmp_path / "keyrelay.yaml"
+    config.write_text(f"directory: {{path: {tmp_path}/directory.yaml}}\n"
+                      f"logging: {{audit_log: ''}}\n")
+    keyrelay(config, "pool", "add", "p1", "--bind", "192.0.2.10", "--helo", "o1.example.net")
+    shown = json.loads(keyrelay(config, "postfix", "show", "--json").stdout)
+    text = keyrelay(config, "postfix", "show").stdout
+    assert shown["main"]["keyrelay_sasl_path"] == "private/keyrelay-auth"
+    for name, value in shown["main"].items():
+        assert f"{name} = {value}\n" in text
+    services = {s["service"]: s for s in shown["master"]}
+    assert services["kr-pool-p1"]["settings"]["smtp_bind_address"] == "192.0.2.10"
+    assert services["kr-pool-p1"]["entry"] == "kr-pool-p1 unix - - n - - smtp"
+    assert services["submissions"]["settings"]["smtpd_tls_wrappermode"] == "yes"
+    for service in shown["master"]:
+        assert service["entry"] + "\n" in text
+    assert shown["drop_services"] == []
+
+
 def test_show_without_a_config_dir_prints_the_fragment(tmp_path: Path) -> None:
     config = tmp_path / "keyrelay.yaml"
     config.write_text(f"directory: {{path: {tmp_path}/directory.yaml}}\n"
@@ -317,8 +447,10 @@ def test_show_without_a_config_dir_prints_the_fragment(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["apply"], "the following arguments are required: --config-dir"),
-    (["apply", "--config-dir", "/nonexistent"], "/nonexistent: no main.cf and master.cf"),
+    (["apply", "--config-dir", "/nonexistent"],
+     "/nonexistent: no main.cf and no master.cf there"),
+    (["show", "--json", "--config-dir", "/nonexistent"],
+     "/nonexistent: no main.cf and no master.cf there"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_invocations_get_one_clear_line(tmp_path: Path, args: list[str],

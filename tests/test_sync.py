@@ -18,7 +18,7 @@ DECLARED = {
     "accounts": {
         "acme": {
             "ip_allow": ["192.0.2.0/24", "2001:db8::/32"],
-            "limits": {"messages_per_minute": 100},
+            "limits": {"messages_per_minute": 100, "messages_per_hour": "inherit"},
             "senders": ["alerts@partner.example"],
             "subusers": {"marketing": {"pool": "mkt"}, "billing": {}},
         },
@@ -132,8 +132,14 @@ def test_state_absent_removes_a_subuser_with_its_keys_and_a_domain_with_its_key_
     ({"accounts": {"acme": {"subusers": {"Bad_Name": {}}}}},
      "4: accounts.acme.subusers.Bad_Name: invalid name 'Bad_Name'"),
     ({"accounts": {"acme": {"limits": {"messages_per_minute": -1}}}},
-     "4: accounts.acme.limits.messages_per_minute: expected a whole number >= 0 (0 or null: "
-     "inherit), got an integer (-1)"),
+     "4: accounts.acme.limits.messages_per_minute: expected a whole number of at least 1, or "
+     "inherit (or null, or leave it out) to take the account's or the configuration's value; "
+     "got an integer (-1)"),
+    # 0 is refused as `keyrelay limits set` refuses it (it meant "inherit" here before)
+    ({"accounts": {"acme": {"limits": {"messages_per_hour": 0}}}},
+     "4: accounts.acme.limits.messages_per_hour: expected a whole number of at least 1, or "
+     "inherit (or null, or leave it out) to take the account's or the configuration's value; "
+     "got an integer (0)"),
     ({"accounts": {"acme": {"colour": "red"}}},
      "3: accounts.acme.colour: unknown key; allowed here: state, status, pool, limits, "
      "senders, monitor, ip_allow, subusers"),
@@ -293,7 +299,10 @@ def test_a_pool_is_changed_in_place_and_may_not_take_another_pools_address(
     sync(config, declare(tmp_path, pools))
     pools["pools"]["mkt"] = {"bind": ["192.0.2.11", "192.0.2.10"]}  # helo not given: kept
 
-    assert sync(config, declare(tmp_path, pools)).splitlines()[1:] == ["  change pool mkt"]
+    assert sync(config, declare(tmp_path, pools)).splitlines()[1:] == [
+        "  change pool mkt",
+        "Postfix needs the transport kr-pool-mkt: run `keyrelay postfix apply --reload`; mail "
+        "through this pool waits until then."]
     mkt = YamlDirectory(str(tmp_path / "directory.yaml")).load().pools["mkt"]
     assert ([str(a) for a in mkt.bind], mkt.helo) == (
         ["192.0.2.11", "192.0.2.10"], "mkt.relay.example.net")

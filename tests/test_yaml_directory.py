@@ -373,7 +373,7 @@ BAD_FILES: list[tuple[str, str, int | None, str, str]] = [
      5, "accounts.acme.subusers.web.ip_allow", "unknown key"),
     ("number-as-key", "accounts:\n  7: {}\n", 2, "accounts.7", "keys must be strings, got an "
      "integer (7)"),
-    ("unsupported-version", "version: 2\n", 1, "version", "unsupported format version"),
+    ("unsupported-version", "version: 2\n", 1, "version", "format version 2 is newer"),
     ("accounts-as-list", "accounts: [acme]\n", 1, "accounts",
      "expected a mapping of keys, got a list"),
     ("monitor-not-bool", "monitor: 'yes'\n", 1, "monitor",

@@ -23,12 +23,14 @@ from ..errors import ConfigError, KeyrelayError
 from ..usage import ArgumentParser, echo_undecodable_arguments, error_line
 from . import (
     account,
+    backup,
     config,
     domain,
     init,
     ip,
     key,
     limits,
+    lockout,
     monitor,
     pool,
     postfix,
@@ -82,8 +84,8 @@ exit status:
   0 done; 1 refused or failed (one line on stderr says why); 2 usage error"""
 
 # the command groups in the order --help lists them
-_GROUPS = (init, config, account, subuser, key, ip, domain, sender, pool, limits, sync, postfix,
-           monitor)
+_GROUPS = (init, config, account, subuser, key, ip, domain, sender, pool, limits, sync, backup,
+           postfix, monitor, lockout)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from typing import Any
 
-from .. import admin
+from .. import admin, mastercf
 from ..config import Config
 from ..directory.model import Pool
 from ..errors import UserError
@@ -23,6 +24,27 @@ def pool_json(pool: Pool, config: Config) -> dict[str, Any]:
     }
 
 
+def postfix_needs_apply(ctx: Context, pools: Iterable[str], changed: Iterable[str] = ()) -> None:
+    """Tell the admin when Postfix needs `keyrelay postfix apply` for these pools (added or
+    assigned) and ``changed`` ones (new bind address or HELO): those whose transport is not in
+    postfix.config_dir's master.cf, or all when it cannot be read; changed ones whose
+    transport is there have old settings. Until then keyrelay-policyd answers their mail
+    451 4.3.0, or Postfix defers it (docs/postfix.md, "One transport per IP pool")."""
+    prefix, config_dir = ctx.config.routing.transport_prefix, ctx.config.postfix.config_dir
+    have = mastercf.read_transports(config_dir)
+    command = f"keyrelay postfix apply{'' if config_dir else ' --config-dir DIR'} --reload"
+    wanted = sorted(set(pools) | set(changed))
+    missing = [prefix + p for p in wanted if have is None or prefix + p not in have]
+    old = [prefix + p for p in sorted(set(changed)) if have is not None and prefix + p in have]
+    if missing:
+        ctx.say(f"Postfix needs the transport{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)}: run `{command}`; mail through "
+                f"{'this pool' if len(missing) == 1 else 'these pools'} waits until then.")
+    if old:
+        ctx.say(f"Postfix still has the old settings of {', '.join(old)} (bind address or HELO "
+                f"changed): run `{command}`.")
+
+
 def pool_add(ctx: Context, args: argparse.Namespace) -> None:
     if args.name == "none":  # `pool assign PRINCIPAL none` means "no pool of its own"
         raise UserError("'none' cannot name a pool: `keyrelay pool assign PRINCIPAL none` "
@@ -31,6 +53,7 @@ def pool_add(ctx: Context, args: argparse.Namespace) -> None:
         pool = admin.add_pool(data, args.name, args.bind, args.helo, ctx.now)
     ctx.say(f"Added pool {pool.name}: {', '.join(map(str, pool.bind))}, HELO {pool.helo}, "
             f"Postfix transport {ctx.config.routing.transport_prefix}{pool.name}.")
+    postfix_needs_apply(ctx, [pool.name])
 
 
 def pool_list(ctx: Context, args: argparse.Namespace) -> None:
@@ -48,6 +71,11 @@ def pool_remove(ctx: Context, args: argparse.Namespace) -> None:
     with ctx.change("pool.remove", pool=args.name) as data:
         admin.remove_pool(data, args.name)
     ctx.say(f"Removed pool {args.name}.")
+    prefix = ctx.config.routing.transport_prefix
+    if args.name and prefix + args.name in (
+            mastercf.read_transports(ctx.config.postfix.config_dir) or ()):
+        ctx.say(f"Postfix still has its transport {prefix}{args.name}: `keyrelay postfix "
+                "apply --reload` removes it.")
 
 
 def pool_assign(ctx: Context, args: argparse.Namespace) -> None:
@@ -58,6 +86,7 @@ def pool_assign(ctx: Context, args: argparse.Namespace) -> None:
         ctx.say(f"{args.principal} now uses its account's pool or the default route.")
     else:
         ctx.say(f"{args.principal} now sends through pool {target}.")
+        postfix_needs_apply(ctx, [target])
 
 
 def register(sub: Any) -> None:

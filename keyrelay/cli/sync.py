@@ -13,7 +13,8 @@ from ..directory.model import DirectoryData, SelectorState
 from ..directory.yamlfile import render as render_directory
 from ..errors import UserError
 from ..limits import check_effective_limits
-from .core import Context, command, delete_key_files, path
+from .core import Context, command, delete_key_files, path, warn
+from .pool import postfix_needs_apply
 
 
 def export_directory(ctx: Context, args: argparse.Namespace) -> None:
@@ -33,12 +34,15 @@ def export_directory(ctx: Context, args: argparse.Namespace) -> None:
 
 def import_directory(ctx: Context, args: argparse.Namespace) -> None:
     new = YamlDirectory(args.file).load()  # ConfigError names the file, key and reason
+    touched: tuple[set[str], set[str]] = (set(), set())
     if args.dry_run:
         changes = admin.differences(ctx.read(), new)
     else:
         with ctx.change("directory.import", source=args.file) as data:
             changes = admin.differences(data, new)
+            touched = _pools_touched(data, new)
             admin.replace_all(data, new)
+    _warn_missing_keys(new)
     verb = "would make" if args.dry_run else "made"
     if not changes:
         ctx.say(f"Nothing to do: the directory already equals {args.file}.")
@@ -46,6 +50,19 @@ def import_directory(ctx: Context, args: argparse.Namespace) -> None:
     ctx.say(f"{'Dry run: ' if args.dry_run else ''}{verb} {len(changes)} change(s):")
     for line in changes:
         ctx.say(f"  {line}")
+    if not args.dry_run:
+        postfix_needs_apply(ctx, *touched)
+
+
+def _warn_missing_keys(data: DirectoryData) -> None:
+    """An exported file names the DKIM key files but does not hold them: the domains whose
+    files are not on this node cannot sign here (``keyrelay backup`` carries the keys)."""
+    missing = sorted(s.key_file for d in data.domains.values() for s in d.selectors
+                     if not os.path.isfile(s.key_file))
+    if missing:
+        warn(f"{len(missing)} DKIM key files the directory names do not exist on this node "
+             f"(e.g. {missing[0]}): their domains cannot sign here until they do; an export "
+             "holds no private key: keyrelay backup and restore carry them")
 
 
 def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
@@ -79,9 +96,26 @@ def sync_directory(ctx: Context, args: argparse.Namespace) -> None:
     ctx.say(f"Made {len(changes)} change(s):")
     for line in changes:
         ctx.say(f"  {line}")
+    used, changed = _pools_touched(before, data)
+    postfix_needs_apply(ctx, used, changed)
     for name in made:
         ctx.say(f"Domain {name} is pending: publish its records (keyrelay domain dns {name}), "
                 f"then run keyrelay domain verify {name}.")
+
+
+def _pools_touched(before: DirectoryData, after: DirectoryData) -> tuple[set[str], set[str]]:
+    """(pools added or newly assigned to a principal, pools whose bind or HELO changed):
+    what Postfix may lack until `keyrelay postfix apply`."""
+    used = set(after.pools) - set(before.pools)
+    for now, then in ((after.accounts, before.accounts), (after.subusers, before.subusers)):
+        for name, record in now.items():
+            old = then.get(name)
+            if record.pool and (old is None or old.pool != record.pool):
+                used.add(record.pool)
+    changed = {name for name, pool in after.pools.items()
+               if name in before.pools and (before.pools[name].bind, before.pools[name].helo)
+               != (pool.bind, pool.helo)}
+    return used, changed
 
 
 def _check_limits(ctx: Context, declared: declare.Declaration, data: DirectoryData) -> None:
@@ -96,7 +130,9 @@ def _check_limits(ctx: Context, declared: declare.Declaration, data: DirectoryDa
 
 def register(sub: Any) -> None:
     exp = command(sub, "export", export_directory,
-                  "write the whole directory as a YAML directory file (from any backend)")
+                  "write the whole directory as a YAML directory file (from any backend); "
+                  "it names the DKIM key files but holds no private key: `keyrelay backup` "
+                  "makes a backup")
     exp.add_argument("--output", "-o", metavar="FILE", type=path,
                      help="write to FILE (mode 0600: it holds the keys' hashes); default: stdout")
     imp = command(sub, "import", import_directory,

@@ -8,7 +8,7 @@ import sys
 from functools import partial
 from typing import Any
 
-from .. import domaincheck, names
+from .. import admin, domaincheck, names
 from ..directory.model import Domain, DomainState
 from ..errors import DirectoryUnavailable, NotFound, UserError
 from ..output import dump_json, table, when
@@ -50,6 +50,8 @@ def _state_text(checked: domaincheck.Checked) -> str:
         return f"could not check; still {before.state}"
     text = (f"{before.state} -> {after.state}" if after.state is not before.state
             else f"{after.state} (unchanged)")
+    if admin.is_hand_verified(after):
+        text = f"{after.state} by hand (unchanged: a failed DNS check does not count)"
     if after.failed_checks:
         last = when(after.verified_at, "never")
         text += f"; {after.failed_checks} failed check(s) in a row, last success {last}"
@@ -73,6 +75,9 @@ def domain_verify(ctx: Context, args: argparse.Namespace) -> None:
     if report.outcome is not domaincheck.CheckOutcome.PASSED:
         still = " (it may still send: see failing in docs/domains.md)" if dom.state in (
             DomainState.VERIFIED, DomainState.FAILING) else ""
+        if admin.is_hand_verified(dom):
+            still = (" (it stays verified by hand and sends; DNS checks take over once one "
+                     "passes)")
         raise UserError(f"{dom.name} did not pass{still}: fix what failed above, then run "
                         f"keyrelay domain verify {dom.name} again")
 
@@ -84,8 +89,14 @@ def domain_check(ctx: Context, args: argparse.Namespace) -> None:
     if not wanted:
         raise UserError("name the domains to check, or --all")
     unknown = []
-    results = []
+    results: list[dict[str, Any] | None] = []
     for name in wanted:
+        if args.all and admin.is_hand_verified(data.domains[name]):
+            ctx.say(f"{name}: verified by hand, not checked (keyrelay domain verify {name} "
+                    "checks it; once a check passes, DNS decides)")
+            results.append({"domain": name, "outcome": "not checked", "state": "verified",
+                            "verified_by": "manual", "checks": []})
+            continue
         try:
             # each domain retried on its own: running the whole command again would count
             # the domains already recorded twice

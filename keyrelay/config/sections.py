@@ -288,18 +288,31 @@ class DnsConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
+    # the maxima are keyrelay.limits.LIMIT_MAXIMA, the bounds of `keyrelay limits set`
+    # (tests/test_config.py keeps them equal)
     messages_per_minute: int = field(
         default=600,
-        metadata={"doc": "Messages a principal may send per minute (at least 1).", "min": 1},
+        metadata={"doc": "Messages a principal may send per minute (1 to 1000000; not above "
+                  "messages_per_hour).", "min": 1, "max": 1_000_000},
     )
     messages_per_hour: int = field(
         default=20000,
-        metadata={"doc": "Messages a principal may send per hour (at least 1).", "min": 1},
+        metadata={"doc": "Messages a principal may send per hour (1 to 60000000).",
+                  "min": 1, "max": 60_000_000},
     )
     recipients_per_message: int = field(
         default=100,
-        metadata={"doc": "Recipients allowed in one message (at least 1).", "min": 1},
+        metadata={"doc": "Recipients allowed in one message (1 to 100000).", "min": 1,
+                  "max": 100_000},
     )
+
+    def __post_init__(self) -> None:
+        if self.messages_per_minute > self.messages_per_hour:
+            raise InvalidField(
+                "messages_per_minute",
+                f"{self.messages_per_minute} per minute is above messages_per_hour "
+                f"({self.messages_per_hour}): the per-minute limit must not be above the "
+                "per-hour limit")
 
 
 @dataclass(frozen=True, slots=True)

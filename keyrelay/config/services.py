@@ -12,6 +12,10 @@ from .base import NO_SPACE, Duration, InvalidField
 # Postfix's own endpoint syntax: unix:/absolute/path, or inet:host:port (IPv6 in brackets).
 _ENDPOINT = re.compile(r"unix:/\S+|inet:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
 _ENDPOINT_TEXT = "unix:/absolute/path or inet:host:port (IPv6 as inet:[::1]:port)"
+# the control socket: a unix socket only (a TCP port would be open to every local user)
+_CONTROL_ENDPOINT = re.compile(r"unix:/\S+")
+_CONTROL_ENDPOINT_TEXT = ("unix:/absolute/path (a unix socket only: a TCP port would let "
+                          "every local user lift lock-outs)")
 _OCTAL_MODE = re.compile(r"0?[0-7]{3}")
 _USER = re.compile(r"[a-z_][a-z0-9_-]*\$?")
 
@@ -97,6 +101,26 @@ class PolicydConfig:
             "allow_empty": True,
         },
     )
+    control_listen: str = field(
+        default="unix:/run/keyrelay/policyd-control.sock",
+        metadata={
+            "doc": "Control socket of `keyrelay lockout list|clear`, a unix socket only. "
+            "Whoever can connect can lift lock-outs: it belongs to the starting user (root "
+            "under systemd), mode 0600, or 0660 with `control_group`. Its folder is made if "
+            "missing (under systemd: RuntimeDirectory=keyrelay). Empty: not served.",
+            "pattern": (_CONTROL_ENDPOINT, _CONTROL_ENDPOINT_TEXT),
+            "allow_empty": True,
+        },
+    )
+    control_group: str = field(
+        default="",
+        metadata={
+            "doc": "Group whose members may also use the control socket (mode 0660), e.g. "
+            "the admins who run keyrelay without root; empty: mode 0600.",
+            "pattern": (_USER, "a group name"),
+            "allow_empty": True,
+        },
+    )
     socket_mode: str = field(
         default="0660",
         metadata={
@@ -114,10 +138,11 @@ class PolicydConfig:
         },
     )
     user: str = field(
-        default="",
+        default="keyrelay",
         metadata={
-            "doc": "User to run as after the sockets are bound, when started as root; empty: "
-            "keep running as the starting user.",
+            "doc": "User to run as after the sockets are bound, when started as root (create "
+            "it with: adduser --system --group keyrelay). root, or empty: stay root, which "
+            "logs a warning; nothing in the daemon needs root once its sockets exist.",
             "pattern": (_USER, "a user name"),
             "allow_empty": True,
         },
@@ -241,10 +266,11 @@ class MilterConfig:
         },
     )
     user: str = field(
-        default="",
+        default="keyrelay",
         metadata={
             "doc": "User to run as after the socket is bound, when started as root; it must "
-            "be able to read the DKIM key files. Empty: keep running as the starting user.",
+            "be able to read the DKIM key files (create it with: adduser --system --group "
+            "keyrelay). root, or empty: stay root, which logs a warning.",
             "pattern": (_USER, "a user name"),
             "allow_empty": True,
         },
@@ -268,6 +294,18 @@ _SERVICE_TEXT = "a master.cf service name: a port number or name, optionally hos
 
 @dataclass(frozen=True, slots=True)
 class PostfixConfig:
+    config_dir: str = field(
+        default="/etc/postfix",
+        metadata={
+            "doc": "The Postfix configuration directory keyrelay serves: `keyrelay postfix "
+            "apply` writes there unless --config-dir names another, and keyrelay-policyd reads "
+            "its master.cf so that it never routes mail to a pool transport Postfix does not "
+            "have (it answers 451 4.3.0 until `keyrelay postfix apply` has run). Empty: "
+            "policyd does not check (Postfix on another host).",
+            "absolute_path": True,
+            "allow_empty": True,
+        },
+    )
     smtp_service: str = field(
         default="smtp",
         metadata={

@@ -29,13 +29,36 @@ def decide_envelope(
     question = (facts.identity, facts.submission, facts.client_address, facts.sender)
     known = memo.get(question)
     if known is not None and facts.now < known[1]:
-        return known[0]
+        return routable(known[0], settings, facts.transports)
     verdict = _decide_envelope(directory, settings, facts)
     if verdict.action is Action.ALLOW and verdict.monitored is None and verdict.key_id:
         if len(memo) >= _ENVELOPE_MEMO_MAX:
             memo.clear()  # bounded: an owned domain has any number of sender addresses
         memo[question] = (verdict, _allow_horizon(directory, settings, verdict, facts.sender))
-    return verdict
+    return routable(verdict, settings, facts.transports)
+
+
+def routable(
+    verdict: Verdict, settings: EngineSettings, transports: frozenset[str] | None
+) -> Verdict:
+    """An allow that routes through a pool transport Postfix does not have becomes
+    ``pool_not_in_postfix`` (451 4.3.0): Postfix would accept the message and then defer it
+    ("connect to transport private/...: No such file or directory") until `keyrelay postfix
+    apply` writes the transport; answered now, the client keeps it and retries. Our
+    configuration's fault, so never monitored. ``transports``: the unix services of Postfix's
+    master.cf; None (not known) checks nothing."""
+    transport = verdict.transport
+    if transports is None or transport is None or transport in transports:
+        return verdict
+    if verdict.action is not Action.ALLOW:
+        return verdict
+    pool = transport.removeprefix(settings.transport_prefix)
+    return Verdict(
+        Action.TEMPFAIL, Reason.POOL_NOT_IN_POSTFIX, 451, "4.3.0",
+        f"relay configuration incomplete (IP pool {pool!r} is not set up in Postfix yet); "
+        "try again later",
+        principal=verdict.principal, key_id=verdict.key_id, transport=transport,
+    )
 
 
 # Allowed envelopes remembered per snapshot (see decide_envelope); about 300 bytes each.

@@ -80,6 +80,9 @@ class EnvelopeFacts(NamedTuple):
     client_address: str
     sender: str  # envelope sender without brackets; "" is the null sender
     now: datetime
+    # the unix services of Postfix's master.cf (the transports it has); None: not known, the
+    # pool transport is not checked
+    transports: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ class Reason(StrEnum):
     TOO_MANY_RECIPIENTS = "too_many_recipients"
     # our own faults: always temporary
     ROUTING_ERROR = "routing_error"
+    POOL_NOT_IN_POSTFIX = "pool_not_in_postfix"  # its transport is not in master.cf yet
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
     DKIM_KEY_UNAVAILABLE = "dkim_key_unavailable"
     CLIENT_ADDRESS_MISSING = "client_address_missing"
@@ -207,6 +208,14 @@ ANSWERS: dict[Reason, Answer] = {
         "policy", "451", "4.3.0",
         ("relay configuration error (IP pool '<pool>' is not defined); try again later",),
         "the principal's IP pool is not defined (our configuration's fault)"),
+    Reason.POOL_NOT_IN_POSTFIX: Answer(
+        "policy", "451", "4.3.0",
+        ("relay configuration incomplete (IP pool '<pool>' is not set up in Postfix yet); "
+         "try again later",),
+        "the principal's IP pool has no transport in the master.cf of postfix.config_dir "
+        "yet: the pool was added or assigned and `keyrelay postfix apply` has not run since. "
+        "Answered at RCPT, before the message is accepted; policyd logs which pool and "
+        "transport"),
     Reason.DIRECTORY_UNAVAILABLE: Answer(
         "auth, policy, milter, socketmap", "454 (auth), 451, TEMP (socketmap)",
         "4.7.0 (auth), 4.3.0",

@@ -22,7 +22,15 @@ from .processes import (
     wait_until,
 )
 from .settings import DemoError, Settings
-from .state import fresh_key, init_state, keyrelay_cli, write_config, write_env
+from .state import (
+    ensure_daemon_user,
+    fresh_key,
+    give_to_daemons,
+    init_state,
+    keyrelay_cli,
+    write_config,
+    write_env,
+)
 
 # A sockaddr_un path holds 107 bytes; Postfix's own limit is about the same.
 _MAX_SOCKET_PATH = 100
@@ -55,14 +63,19 @@ class Relay:
             raise DemoError(f"port(s) in use on {s.host}: {', '.join(busy)}; is another "
                             "`make run` running? Stop it, or choose other ports with the "
                             "KEYRELAY_*_PORT variables (README)")
+        ensure_daemon_user(s, self.say)
+        # the daemons' user writes the directory file (keys' last-used times, atomically)
+        give_to_daemons(s, s.run_dir, 0o775, owner=False)
         write_config(s)
         init_state(s, self.say)
         make_certificate(s.run_dir / "tls", "relay.demo.example")
         write_postfix_base(s)
         for folder in (s.outbox, s.logs):
             folder.mkdir(parents=True, exist_ok=True)
-        for folder in (s.run_dir, s.run_dir / "postfix", s.postfix_etc):
+        for folder in (s.run_dir / "postfix", s.postfix_etc):
             folder.chmod(0o755)  # secrets inside are files of mode 0600
+        if s.run_dir.stat().st_mode & 0o777 not in (0o755, 0o775):
+            s.run_dir.chmod(0o755)  # not given to the daemons' group (not root): as before
         shutil.chown(s.outbox, "postfix")
         make_reachable(s.outbox, self.say)
         self.say(keyrelay_cli(s, "postfix", "apply", "--config-dir", str(s.postfix_etc))

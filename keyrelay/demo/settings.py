@@ -42,6 +42,10 @@ class Settings:
     # keyrelay's directory section; None: the embedded YAML file in the run directory (the
     # tests pass an LDAP one: tests/test_e2e_ldap.py)
     directory: Mapping[str, Any] | None = None
+    # the user keyrelay-policyd and keyrelay-milter become once their sockets are bound (when
+    # the demo runs as root): the production default. The LDAP tests pass "root": their
+    # slapd's bind password file is root's
+    daemon_user: str = "keyrelay"
 
     @classmethod
     def from_env(cls, run_dir: Path, env: Mapping[str, str] = os.environ) -> Settings:

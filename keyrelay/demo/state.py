@@ -3,8 +3,10 @@ real ``keyrelay`` CLI), a fresh API key on every start, and ``demo.env``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pwd
 import shlex
 import shutil
 import subprocess
@@ -43,13 +45,17 @@ def write_config(settings: Settings) -> None:
         "dkim": {"key_dir": str(run / "dkim")},
         "logging": {"audit_log": str(run / "audit.log")},
         "policyd": {
+            "user": settings.daemon_user,
             "auth_listen": f"unix:{settings.socket('auth')}",
             "policy_listen": f"unix:{settings.socket('policy')}",
             "socketmap_listen": f"unix:{settings.socket('socketmap')}",
+            "control_listen": f"unix:{settings.socket('control')}",
             "shutdown_grace": "2s",
         },
-        "milter": {"listen": f"unix:{settings.socket('milter')}", "shutdown_grace": "2s"},
+        "milter": {"listen": f"unix:{settings.socket('milter')}", "shutdown_grace": "2s",
+                   "user": settings.daemon_user},
         "postfix": {
+            "config_dir": str(settings.postfix_etc),
             "smtp_service": f"{host}:{settings.smtp_port}",
             "submission_services": [f"{host}:{settings.submission_port}",
                                     f"{host}:{settings.alt_submission_port}"],
@@ -62,13 +68,55 @@ def write_config(settings: Settings) -> None:
             + json.dumps(config, indent=2) + "\n")
     settings.config.write_text(text)
     settings.config.chmod(0o600)
+    give_to_daemons(settings, settings.config, 0o640, owner=False)
+
+
+def give_to_daemons(settings: Settings, path: Path, mode: int, owner: bool) -> None:
+    """As root with an unprivileged daemon user: ``path`` to that user's group (``owner``:
+    to the user too), with ``mode``, as a production host has /etc/keyrelay."""
+    user = settings.daemon_user
+    if os.geteuid() != 0 or user in ("", "root"):
+        return
+    entry = pwd.getpwnam(user)
+    os.chown(path, entry.pw_uid if owner else 0, entry.pw_gid)
+    path.chmod(mode)
+
+
+def ensure_daemon_user(settings: Settings, say: Callable[[str], None]) -> None:
+    """Create the daemons' system user (and its group) when the demo runs as root and it is
+    missing, as the Debian package and the Ansible role do on a production host."""
+    user = settings.daemon_user
+    if os.geteuid() != 0 or user in ("", "root"):
+        return
+    try:
+        pwd.getpwnam(user)
+        return
+    except KeyError:
+        pass
+    for _ in range(30):  # another demo starting at the same time may hold /etc/passwd's lock
+        result = subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+             "/nonexistent", "--shell", "/usr/sbin/nologin", user],
+            capture_output=True, text=True, timeout=60, check=False)
+        if result.returncode in (0, 9):  # 9: made meanwhile
+            break
+        time.sleep(1)
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(user)
+            return
+    else:
+        raise DemoError(f"cannot create the system user {user} for the daemons: "
+                        f"{result.stderr.strip()}")
+    say(f"created the system user {user}: keyrelay-policyd and keyrelay-milter run as it")
 
 
 def init_state(settings: Settings, say: Callable[[str], None]) -> None:
     """Create the demo tenant once; a state from another pool address starts afresh."""
     run = settings.run_dir
     marker = run / "demo-state.json"
-    wanted = {"version": 1, "pool_address": settings.pool_address}
+    # version 2: the state belongs to the daemons' user (keys made for it)
+    wanted = {"version": 2, "pool_address": settings.pool_address,
+              "daemon_user": settings.daemon_user}
     try:
         if json.loads(marker.read_text()) == wanted:
             return
@@ -81,6 +129,9 @@ def init_state(settings: Settings, say: Callable[[str], None]) -> None:
         elif path.exists():
             path.unlink()
     say(f"creating the demo tenant in {run}/")
+    key_dir = run / "dkim"
+    key_dir.mkdir(mode=0o700, exist_ok=True)
+    give_to_daemons(settings, key_dir, 0o700, owner=True)  # new keys are its owner's
 
     def kr(*args: str) -> str:
         return keyrelay_cli(settings, *args)

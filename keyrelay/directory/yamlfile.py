@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from .. import names, yamlread
+from .. import __version__, names, yamlread
 from ..errors import ConfigError, DirectoryUnavailable, UserError
 from ..keys import KEY_ID_RE
 from .model import (
@@ -47,7 +47,17 @@ from .model import (
 
 T = TypeVar("T")
 
+# The directory file's format (its top-level ``version:``; docs/directory.md, "Backups and
+# upgrades"). Version 1 is every file keyrelay has written so far: the fields added since
+# the first release (verified_at, failed_checks, retiring_since, limits) are optional with
+# the old meaning when absent, so older files read as they are (tests/golden/directory/).
+# A change that older code would misread raises FORMAT_VERSION and adds the step from the
+# version before to _UPGRADES: a file of an older version is then read through the steps,
+# transparently, and written in the new version by the next change. A newer version than
+# FORMAT_VERSION is refused with one line naming both versions.
 FORMAT_VERSION = 1
+# version N -> N + 1, on the document as loaded (mappings, lists, strings, numbers)
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 
 class YamlDirectory:
@@ -203,6 +213,11 @@ def _give_to_folder_owner(fd: int, folder: str) -> None:
     if os.geteuid() == 0:
         owner = os.stat(folder)
         os.fchown(fd, owner.st_uid, owner.st_gid)
+
+
+def parse_text(text: str, name: str) -> DirectoryData:
+    """A directory file's ``text`` (e.g. from a backup archive), ``name`` named in errors."""
+    return yamlread.parse(text, name, json_first=True).build(_Parser(name).document)
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -403,9 +418,8 @@ class _Parser:
             # not "no accounts": a file caught between an editor's truncate and its write
             # reads empty for a moment, and must not refuse every login permanently
             raise self.fail("", "the file is empty; an empty directory is written {}")
-        top = self.mapping(document, "", ("version", "monitor", "pools", "accounts", "domains"))
-        if top.get("version", FORMAT_VERSION) != FORMAT_VERSION:
-            raise self.fail("version", f"unsupported format version {top['version']!r}")
+        top = self.upgraded(self.mapping(document, ""))
+        self.mapping(top, "", ("version", "monitor", "pools", "accounts", "domains"))
         data.monitor = top.get("monitor", False)
         if not isinstance(data.monitor, bool):
             raise self.fail("monitor", f"expected true or false, got {yamlread.got(data.monitor)}")
@@ -417,6 +431,27 @@ class _Parser:
             self.domain(data, name, doc, f"domains.{name}")
         self.check_references(data)
         return data
+
+    def upgraded(self, top: dict[str, Any]) -> dict[str, Any]:
+        """The top-level mapping in FORMAT_VERSION: an older version through _UPGRADES, a
+        newer one refused. A file without ``version:`` (written by hand) is version 1."""
+        version = top.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise self.fail("version", "expected the format version, a whole number from 1 "
+                            f"(this keyrelay writes {FORMAT_VERSION}), got "
+                            f"{yamlread.got(version)}")
+        if version > FORMAT_VERSION:
+            known = "1" if FORMAT_VERSION == 1 else f"1 to {FORMAT_VERSION}"
+            raise self.fail("version", f"format version {version} is newer than this keyrelay "
+                            f"({__version__}) reads (format version {known}): the file was "
+                            "written by a newer keyrelay; upgrade keyrelay on this host (every "
+                            "program that reads the file), or restore a backup this version "
+                            "made")
+        while version < FORMAT_VERSION:
+            top = dict(_UPGRADES[version](top))
+            version += 1
+            top["version"] = version
+        return top
 
     def pool(self, data: DirectoryData, name: str, value: object, key: str) -> None:
         doc = self.mapping(value, key, ("bind", "helo", "created"))

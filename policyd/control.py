@@ -1,0 +1,169 @@
+"""The control socket (``policyd.control_listen``): what an admin asks the running daemon, for
+``keyrelay lockout list|clear`` (docs/policyd.md, "Reading and clearing lock-outs").
+
+The line protocol is keyrelay/control.py's (the CLI's side is there too). A bad line, or one
+longer than ``MAX_LINE`` (dropped, not kept, up to its end), gets one ``ERROR`` line and the
+connection stays open; the limits of every connection apply (``request_timeout`` ends a line
+that never ends).
+Lock-outs live in the auth service's failure trackers (policyd/counters.py); this module only
+reads and clears them, and logs every clear with who asked (the peer's uid and pid).
+
+Whoever can connect can lift lock-outs: the socket is created under a umask that keeps
+everyone else out, then given mode 0600, or 0660 and ``control_group``; it stays the starting
+user's (root under systemd), never the service user's or Postfix's.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import socket
+import struct
+from datetime import timedelta
+from typing import Any
+
+from keyrelay import control
+from keyrelay.config import PolicydConfig
+from keyrelay.control import Lockout
+
+from .auth import AuthService, client_key
+from .server import Connection, Endpoint, Listener
+
+log = logging.getLogger("keyrelay.policyd.control")
+
+
+class ControlService:
+    """Reads and clears the auth service's lock-outs (``auth`` is read at each request: a
+    SIGHUP that changes ``policyd.bruteforce`` gives it new trackers)."""
+
+    def __init__(self, auth: AuthService) -> None:
+        self.auth = auth
+
+    def answer(self, request: control.Request, peer: str) -> bytes:
+        if request.command == "LIST":
+            return control.listing(self.lockouts())
+        return control.ok(self.clear(request.kind, request.subject, peer))
+
+    def lockouts(self) -> list[Lockout]:
+        """Every lock-out in force, the earliest first, with wall-clock times."""
+        auth = self.auth
+        ctx = auth.context
+        now, wall = ctx.monotonic(), ctx.clock()
+        trusted_for = ctx.settings.trusted_for
+
+        def at(moment: float) -> timedelta:
+            return timedelta(seconds=moment - now)
+
+        found = [Lockout("address", lock.subject, wall + at(lock.since), wall + at(lock.until),
+                         lock.failures) for lock in auth.by_address.locked(now)]
+        found += [Lockout("key", lock.subject, wall + at(lock.since), wall + at(lock.until),
+                          lock.failures, auth.logins.clients(lock.subject, now, trusted_for))
+                  for lock in auth.by_key.locked(now)]
+        return sorted(found, key=lambda lockout: (lockout.since, lockout.kind, lockout.subject))
+
+    def clear(self, kind: str, subject: str, peer: str) -> int:
+        """Forget the failures of a key id, an address (IPv6: its /64) or everyone, lifting
+        their lock-outs; how many lock-outs were in force."""
+        auth = self.auth
+        now = auth.context.monotonic()
+        if kind == "all":
+            lifted = auth.by_address.clear_all(now) + auth.by_key.clear_all(now)
+            what = "every address and API key"
+        elif kind == "key":
+            lifted = int(auth.by_key.clear(subject, now))
+            what = f"API key {subject}"
+        else:
+            subject = subject if "/" in subject else client_key(subject)
+            lifted = int(auth.by_address.clear(subject, now))
+            what = f"client {subject}"
+        log.warning("%s: failures forgotten, %d lock-out(s) lifted, through the control "
+                    "socket by %s", what, lifted, peer)
+        return lifted
+
+
+class ControlConnection(Connection):
+    """One admin's connection: request lines in, answers out."""
+
+    def __init__(self, listener: Listener, service: ControlService) -> None:
+        super().__init__(listener)
+        self.service = service
+        self.buffer = b""
+        self.skipping = False  # in a line too long: dropped up to its end, then answered
+        self.who = "an unknown peer"
+
+    def opened(self) -> None:
+        assert self.transport is not None
+        self.who = peer_credentials(self.transport.get_extra_info("socket"))
+
+    def pending(self) -> bool:
+        return bool(self.buffer) or self.skipping
+
+    def received(self, data: bytes) -> None:
+        *lines, rest = (self.buffer + data).split(b"\n")
+        for line in lines:
+            if self.skipping or len(line) > control.MAX_LINE:
+                self.skipping = False
+                self.refuse(f"line longer than {control.MAX_LINE} bytes")
+                continue
+            try:
+                request = control.parse_request(line)
+            except control.BadRequest as exc:
+                self.refuse(str(exc))
+                continue
+            self.send(self.service.answer(request, self.who))
+        if len(rest) > control.MAX_LINE:  # kept no longer; the sweep ends a line never ended
+            self.skipping, rest = True, b""
+        self.buffer = rest
+
+    def refuse(self, reason: str) -> None:
+        log.warning("control: refused a request from %s: %s", self.who, reason)
+        self.send(control.error(reason))
+
+    def internal_error(self) -> None:
+        self.send(control.error("internal error in keyrelay-policyd (see its log)"))
+        self.close_quietly()
+
+
+def peer_credentials(sock: Any) -> str:
+    """``uid N pid M`` of a unix socket's peer (SO_PEERCRED), for the log."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                              struct.calcsize("3i"))
+        pid, uid, _ = struct.unpack("3i", raw)
+    except (AttributeError, OSError, struct.error):
+        return "an unknown peer"
+    return f"uid {uid} (pid {pid})"
+
+
+def listener(cfg: PolicydConfig, service: ControlService) -> Listener | None:
+    """The control socket's listener, or None when ``control_listen`` is empty."""
+    if not cfg.control_listen:
+        return None
+    return Listener("control", Endpoint.parse(cfg.control_listen),
+                    lambda lst: ControlConnection(lst, service), cfg)
+
+
+def owner_and_mode(cfg: PolicydConfig) -> tuple[tuple[int, int] | None, int]:
+    """Who gets the control socket: the starting user (root keeps it) and, with
+    ``control_group``, that group at mode 0660; else mode 0600. Raises KeyError for an unknown
+    group."""
+    if not cfg.control_group:
+        return None, 0o600
+    return (-1, grp.getgrnam(cfg.control_group).gr_gid), 0o660
+
+
+async def start(lst: Listener, cfg: PolicydConfig) -> None:
+    """Bind the control socket before privileges are dropped: its folder made if missing
+    (mode 0755: the socket's own mode keeps others out), created under a umask that lets no
+    one else connect before its mode is set."""
+    owner, mode = owner_and_mode(cfg)
+    folder = os.path.dirname(lst.endpoint.path)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise OSError(f"{folder} is not a folder")
+    os.makedirs(folder, mode=0o755, exist_ok=True)
+    old = os.umask(0o177)
+    try:
+        await lst.start(owner, mode)
+    finally:
+        os.umask(old)
