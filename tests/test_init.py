@@ -100,7 +100,9 @@ def test_init_creates_an_empty_versioned_directory_that_the_daemons_user_can_rea
 
 def test_init_on_an_existing_directory_changes_nothing_and_says_so(tmp_path: Path) -> None:
     directory = tmp_path / "directory.yaml"
-    config = write_config(tmp_path, directory)
+    # tmp_path is root's alone: daemons running as root could read the file (no warning)
+    config = write_config(tmp_path, directory, policyd={"user": "root"},
+                          milter={"user": "root"})
     assert run("keyrelay", config, "init").returncode == 0
     assert run("keyrelay", config, "account", "add", "acme").returncode == 0
     before, stat_before = directory.read_bytes(), directory.stat()

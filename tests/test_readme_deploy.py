@@ -7,8 +7,8 @@ units copied and started with systemctl, `keyrelay postfix apply`; then the daem
 What stands in, and why: `systemctl` is tests/systemctl_without_systemd.py (this machine has
 no systemd as PID 1; it runs the units' ExecStartPre and ExecStart lines); the host's
 Postfix is installed but not configured, so the test writes a site's main.cf first (the
-README's precondition: an existing Postfix); the admin's edit of step 3 (the daemons'
-user) is made with sed.
+README's precondition: an existing Postfix). Step 3's configuration is the example as it is
+(every default: the daemons run as keyrelay).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from testkit.scratchroot import scratch_root
 REPO = Path(__file__).resolve().parent.parent
 STAND_IN = Path(__file__).with_name("systemctl_without_systemd.py")
 DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-# the admin's edit of step 3: the daemons run as keyrelay (a no-op once that is the default)
-EDIT = ("sed -i -e 's/^  user: \"\"$/  user: keyrelay/' /etc/keyrelay/keyrelay.yaml")
 SOCKETS = "/var/spool/postfix/private"
 
 pytestmark = [
@@ -46,17 +44,11 @@ pytestmark = [
 
 
 def deploy_steps() -> list[str]:
-    """The lines of the README's deploy block, the admin's edit after step 3's install."""
+    """The lines of the README's deploy block."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text.split("\n## Deploying onto an existing Postfix\n", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```sh\n(.*?)```", section, re.S)
-    lines = []
-    for line in block.splitlines():
-        lines.append(line)
-        if line.startswith("install ") and line.endswith(" /etc/keyrelay/keyrelay.yaml"):
-            lines.append(EDIT)
-    assert EDIT in lines, "step 3 installs /etc/keyrelay/keyrelay.yaml"
-    return lines
+    return list(block.splitlines())
 
 
 @contextmanager
