@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from ..config import render_example
+from ..counters import check_counters
 from ..directorycheck import check_directory
 from .core import Context, command, group
 
@@ -14,6 +15,7 @@ from .core import Context, command, group
 def check_config(ctx: Context, args: argparse.Namespace) -> None:
     # the daemons' --check-config make the same check of the directory
     directory = check_directory(ctx.config)
+    check_counters(ctx.config)  # Redis: a real connection, login and write
     ctx.say(f"{ctx.config_path}: OK; directory {ctx.config.directory.location}: "
             f"{len(directory.accounts)} accounts, {len(directory.keys)} keys, "
             f"{len(directory.domains)} domains")
