@@ -316,7 +316,7 @@ def configuration(root: Path, dns_port: int) -> dict[str, Any]:
         "policyd": {"auth_listen": f"unix:{root}/run/auth",
                     "policy_listen": f"unix:{root}/run/policy",
                     "socketmap_listen": f"unix:{root}/run/socketmap", "socket_group": "",
-                    "user": "root"},
+                    "control_listen": f"unix:{root}/run/control", "user": "root"},
         "milter": {"listen": f"unix:{root}/run/milter", "socket_group": "", "user": "root"},
     }
 
@@ -675,8 +675,10 @@ def assert_clean(outcome: RunOutcome, state: State, full_config: Callable[[], bo
         blocked = outcome.blocked
         if blocked.kind == "write" and named_in(outcome.argv, blocked.what, state):
             reject()  # `export -o /elsewhere`: written where the admin said
-        if blocked.kind == "real system" and not full_config():
-            reject()  # a configuration without paths of its own: the defaults in /etc
+        if blocked.kind in ("real system", "network") and not full_config():
+            # a configuration without paths of its own: the defaults in /etc, and the
+            # control socket of the host's keyrelay-policyd in /run/keyrelay
+            reject()
         pytest.fail(f"the sandbox refused {blocked}\n{outcome}")
     assert outcome.growth < MEMORY_LIMIT, f"the process grew by {outcome.growth} bytes\n{outcome}"
     assert "Traceback" not in outcome.err, outcome

@@ -77,7 +77,7 @@ def _unreadable_for_the_daemons(ctx: Context, path: str) -> list[str]:
     settings: dict[str, list[str]] = {}
     for setting, user in (("policyd.user", ctx.config.policyd.user),
                           ("milter.user", ctx.config.milter.user)):
-        if user:
+        if user not in daemon.ROOT_USERS:  # root reads everything: nothing to check
             settings.setdefault(user, []).append(setting)
     for user, named in settings.items():
         setting = " and ".join(named)
