@@ -41,6 +41,8 @@ class EngineSettings:
                 c.limits.messages_per_minute,  # type: ignore[attr-defined]
                 c.limits.messages_per_hour,  # type: ignore[attr-defined]
                 c.limits.recipients_per_message,  # type: ignore[attr-defined]
+                c.limits.messages_per_day,  # type: ignore[attr-defined]
+                c.limits.messages_per_month,  # type: ignore[attr-defined]
             ),
             default_pool=c.routing.default_pool or None,  # type: ignore[attr-defined]
             transport_prefix=c.routing.transport_prefix,  # type: ignore[attr-defined]

@@ -42,6 +42,7 @@ class Reason(StrEnum):
     SENDER_NOT_OWNED = "sender_not_owned"
     HEADER_FROM_NOT_OWNED = "header_from_not_owned"
     RATE_LIMITED = "rate_limited"
+    QUOTA_EXCEEDED = "quota_exceeded"  # a daily or monthly quota is used up
     TOO_MANY_RECIPIENTS = "too_many_recipients"
     # our own faults: always temporary
     ROUTING_ERROR = "routing_error"
@@ -191,10 +192,22 @@ ANSWERS: dict[Reason, Answer] = {
         "the header From (or Sender) is missing, malformed, or not the principal's"),
     Reason.RATE_LIMITED: Answer(
         "policy", "451", "4.7.1",
-        ("limit of <n> <messages per minute|messages per hour> reached for <principal>; try "
-         "again later",),
-        "a message rate limit of the principal (keyrelay limits set, or the config's "
-        "defaults), at DATA or END-OF-MESSAGE"),
+        ("limit of <n> messages per <minute|hour> reached for <account NAME|ACCOUNT/SUBUSER> "
+         "(a message to N recipients counts N); try again in <n> <seconds|minutes>",
+         "limit of <n> <messages per minute|messages per hour> reached for <principal>; try "
+         "again later"),
+        "a sliding rate limit (per minute, per hour) of the subuser or of its whole account "
+        "(keyrelay limits set, or the config's defaults) is reached, at DATA or "
+        "END-OF-MESSAGE; counted in recipients (docs/policyd.md, \"What is counted\")"),
+    Reason.QUOTA_EXCEEDED: Answer(
+        "policy", "451", "4.7.1",
+        ("<daily|monthly> quota of <n> messages for <account NAME|ACCOUNT/SUBUSER> reached; "
+         "it resets at <YYYY-MM-DD HH:MM ZONE> (a message to N recipients counts N)",),
+        "a calendar quota (keyrelay limits set --per-day/--per-month, or the config's "
+        "defaults) of the subuser or of its whole account is used up, at DATA or "
+        "END-OF-MESSAGE. Temporary, as SES answers its daily quota: the client keeps the "
+        "message and retries; the day and month begin at midnight in counters.time_zone. "
+        "Not X.2.2 (RFC 3463: the recipient's mailbox is full)"),
     Reason.TOO_MANY_RECIPIENTS: Answer(
         "policy", "452", "4.5.3",
         ("too many recipients: at most <n> per message for <principal>; send the others in "

@@ -67,9 +67,12 @@ ATTRIBUTES = [
               "SERIAL DN: an entry a keyrelay write changed; readers fetch only these"),
     Attribute(34, "krFailedChecks", _INT, True, "DNS checks of a domain failed in a row"),
     Attribute(35, "krRetiringSince", _TIME, True, "when a DKIM selector stopped signing"),
+    Attribute(36, "krMessagesPerDay", _INT, True, "recipients per calendar day (a quota)"),
+    Attribute(37, "krMessagesPerMonth", _INT, True, "recipients per calendar month (a quota)"),
 ]
 
-_LIMITS = ("krMessagesPerMinute", "krMessagesPerHour", "krRecipientsPerMessage")
+_LIMITS = ("krMessagesPerMinute", "krMessagesPerHour", "krRecipientsPerMessage",
+           "krMessagesPerDay", "krMessagesPerMonth")
 
 
 @dataclass(frozen=True)
