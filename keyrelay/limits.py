@@ -123,9 +123,11 @@ def check_effective_limits(data: DirectoryData, settings: EngineSettings,
     """Refuse limits that contradict each other where they apply: for each principal in
     ``pids`` and each subuser of an account among them, a shorter window allowing more than
     a longer one (per minute above per hour, per hour above per day, per day above per
-    month), each taken as the tightest number that caps the principal. A configuration
-    default above a quota set on the principal or its account is no contradiction: the quota
-    simply refuses first (a daily quota of 1000 under the default 20000 per hour)."""
+    month). A subuser's own number is compared with the tightest longer one that caps it
+    (its own or its account's); an account's with the account's (a subuser's own longer
+    limit caps only that subuser, no contradiction). A configuration default above a quota
+    set on the principal or its account is no contradiction either: the quota simply refuses
+    first (a daily quota of 1000 under the default 20000 per hour)."""
     directory = Directory(data)
     wanted = dict.fromkeys(pids)
     for pid in list(wanted):
@@ -134,17 +136,26 @@ def check_effective_limits(data: DirectoryData, settings: EngineSettings,
     for pid in wanted:
         found = effective_limits(directory, settings, pid)
         for shorter_name, longer_name in _ORDERED:
-            shorter, longer = tightest(found, shorter_name), tightest(found, longer_name)
-            if shorter is None or longer is None or shorter.value is None:
-                continue
-            if longer.value is None or shorter.value <= longer.value:
-                continue
-            if shorter.source == "config" and longer_name != "messages_per_hour":
-                continue
-            per = {n: LIMIT_WORDS[n].removeprefix("messages ") for n in (shorter_name,
-                                                                         longer_name)}
-            raise UserError(
-                f"{pid} would be allowed {shorter.value} {LIMIT_WORDS[shorter_name]} "
-                f"({shorter.text()}) but only {longer.value} {per[longer_name]} "
-                f"({longer.text()}): the {per[shorter_name].replace(' ', '-')} limit must not "
-                f"be above the {per[longer_name].replace(' ', '-')} limit")
+            for shorter in found:
+                if shorter.name != shorter_name or shorter.value is None:
+                    continue
+                # a subuser's own window against every longer one that caps it; an account's
+                # against the account's only (it caps other subusers too)
+                longer = tightest((e for e in found if shorter.scope == "subuser"
+                                   or e.scope == shorter.scope), longer_name)
+                if longer is None:
+                    continue
+                if longer.value is None or shorter.value <= longer.value:
+                    continue
+                if shorter.source == "config" and longer_name != "messages_per_hour":
+                    continue
+                _contradiction(pid, shorter, longer)
+
+
+def _contradiction(pid: str, shorter: EffectiveLimit, longer: EffectiveLimit) -> None:
+    per = {e.name: LIMIT_WORDS[e.name].removeprefix("messages ") for e in (shorter, longer)}
+    raise UserError(
+        f"{pid} would be allowed {shorter.value} {LIMIT_WORDS[shorter.name]} "
+        f"({shorter.text()}) but only {longer.value} {per[longer.name]} "
+        f"({longer.text()}): the {per[shorter.name].replace(' ', '-')} limit must not "
+        f"be above the {per[longer.name].replace(' ', '-')} limit")

@@ -64,6 +64,8 @@ def effective_text(found: tuple[EffectiveLimit, ...], pid: str | None = None) ->
         if pid is not None:
             where = ("config default" if e.source == "config"
                      else "own" if e.origin == pid else f"{e.source} {e.origin}")
+            if "/" in pid and e.source == "config" and e.scope == "account":
+                where = f"account {pid.partition('/')[0]}, config default"
             wide = [o for o in found if o.name == name and o.scope == "account"
                     and o is not e and o.value is not None]
             if wide and e.scope == "subuser":
@@ -115,15 +117,19 @@ def limits_show(ctx: Context, args: argparse.Namespace) -> None:
     admin.principal(data, args.principal)
     found = listed(ctx, data)(args.principal)
     if ctx.json:
-        own = [e for e in found if e.scope != "account" or "/" not in args.principal]
+        def entry(e: EffectiveLimit) -> dict[str, Any]:
+            return {"value": e.value, "source": e.source, "set_on": e.origin}
+
+        tight = {name: tightest(found, name) for name in LIMIT_FIELDS}
         dump_json(ctx.out, {
             "principal": args.principal,
-            "limits": {e.name: {"value": e.value, "source": e.source, "set_on": e.origin}
-                       for e in own},
-            # a subuser's account-wide windows (the account's, or the config's defaults)
-            "account_limits": {
-                e.name: {"value": e.value, "source": e.source, "set_on": e.origin}
-                for e in found if e.scope == "account" and "/" in args.principal},
+            # each limit's number that refuses first; a quota nobody set: value null
+            "limits": {name: entry(e) if e else {"value": None, "source": "none",
+                                                 "set_on": None}
+                       for name, e in tight.items()},
+            # every number that caps the principal, and whom it caps: the subuser alone
+            # ("subuser"), the whole account ("account"), or each message ("message")
+            "windows": [{"limit": e.name, **entry(e), "caps": e.scope} for e in found],
         })
         return
     table(ctx.out, ["LIMIT", "VALUE", "FROM", "CAPS"],
