@@ -193,7 +193,9 @@ ANSWERS: dict[Reason, Answer] = {
     Reason.RATE_LIMITED: Answer(
         "policy", "451", "4.7.1",
         ("limit of <n> messages per <minute|hour> reached for <account NAME|ACCOUNT/SUBUSER> "
-         "(a message to N recipients counts N); try again in <n> <seconds|minutes>",
+         "(<a message to N recipients counts N|this message has N recipients, more than the "
+         "whole window's limit: send fewer recipients per message>); try again in <n> "
+         "<seconds|minutes>",
          "limit of <n> <messages per minute|messages per hour> reached for <principal>; try "
          "again later"),
         "a sliding rate limit (per minute, per hour) of the subuser or of its whole account "
@@ -202,7 +204,9 @@ ANSWERS: dict[Reason, Answer] = {
     Reason.QUOTA_EXCEEDED: Answer(
         "policy", "451", "4.7.1",
         ("<daily|monthly> quota of <n> messages for <account NAME|ACCOUNT/SUBUSER> reached; "
-         "it resets at <YYYY-MM-DD HH:MM ZONE> (a message to N recipients counts N)",),
+         "it resets at <date and time in counters.time_zone, e.g. 2026-12-05 00:00 UTC> (<a "
+         "message to N recipients counts N|this message has N recipients, more than the whole "
+         "window's limit: send fewer recipients per message>)",),
         "a calendar quota (keyrelay limits set --per-day/--per-month, or the config's "
         "defaults) of the subuser or of its whole account is used up, at DATA or "
         "END-OF-MESSAGE. Temporary, as SES answers its daily quota: the client keeps the "
