@@ -121,7 +121,8 @@ def _windows_for(directory: Directory, settings: EngineSettings,
 
 class QuotaFacts(NamedTuple):
     """What the counter store answered for one message: the window that refused (None: all
-    charged), its count before this message (``used``), and the seconds until the amount would fit."""
+    charged), its count before this message (``used``), and the seconds until the amount
+    would fit (``resets_in``)."""
 
     identity: str
     amount: int  # this message's recipients
