@@ -75,12 +75,12 @@ def effective_text(found: tuple[EffectiveLimit, ...], pid: str | None = None) ->
     return ", ".join(parts)
 
 
-_CAPS = {"subuser": "{pid} alone", "account": "account {account} (all its subusers)",
-         "message": "each message"}
+_CAPS = {"subuser": "{pid} alone", "account": "all of {account}", "message": "each message"}
 
 
 def caps(e: EffectiveLimit, pid: str) -> str:
-    """Whom a number caps: ``acme/app alone``, ``account acme (all its subusers)``."""
+    """Whom a number caps: ``acme/app alone``, ``all of acme`` (the account with all its
+    subusers together), ``each message``."""
     return _CAPS[e.scope].format(pid=pid, account=pid.partition("/")[0])
 
 
