@@ -13,6 +13,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN_DIR := run
 
+# make deb (debian/, docs/debian.md): the tools that build and check the package, and the
+# Debian libraries it depends on (also its build dependencies: scripts/gen-manpages imports
+# the programs). tests/test_deb.py installs the package into a scratch root layered over this
+# host, where these libraries are then already present, so the install needs no network
+# (logrotate: that test also runs the installed logrotate file). make deb alone installs only
+# these, not the test suite's Postfix and slapd.
+DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
+	python3-setuptools python3-wheel lintian fakeroot man-db \
+	python3-yaml python3-cryptography python3-dnspython python3-idna python3-dkim \
+	python3-spf python3-ldap3 python3-milter python3-uvloop
+
 # Everything the project needs from Debian, for building the Python
 # dependencies (pymilter links against libmilter) and for the tests. slapd (with
 # slapadd) is for the LDAP backend's tests, which start private slapd instances on
@@ -23,20 +34,23 @@ RUN_DIR := run
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 	postfix swaks libnet-ssleay-perl openssl \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
-	slapd ldap-utils python3-apt
+	slapd ldap-utils python3-apt redis-server \
+	$(DEB_BUILD_PACKAGES) logrotate
 
 # Only for the benchmarks (make bench-deps, make bench), not for make test: the other
 # milters keyrelay-milter is compared with. The bench starts its own instances with its own
 # configuration; ensure-debian-packages keeps the packages' system services from starting.
 BENCH_DEBIAN_PACKAGES := opendkim dkimpy-milter
 
-.PHONY: help run test deps bench bench-deps fuzz check lint typecheck unit demo clean distclean
+.PHONY: help run test deps deb bench bench-deps fuzz check lint typecheck unit demo clean distclean
 
 help:
 	@echo "make run     install missing parts, run the demo relay on loopback (state in $(RUN_DIR)/)"
 	@echo "make test    install missing parts, run ruff, mypy and every test (cheap ones first)"
 	@echo "make check   ruff, mypy and the in-process tests only (about a minute: the edit loop)"
 	@echo "make clean   remove the demo state in $(RUN_DIR)/"
+	@echo "make deb     build the Debian package keyrelay_*_all.deb into $(DEB_DIST)/ (DEB_DIST=DIR"
+	@echo "             for another folder) and check it with lintian (docs/debian.md)"
 	@echo "make bench   install what it compares with, run the end-to-end benchmark (about"
 	@echo "             20 minutes) and write its report into docs/BENCHMARKS.md"
 	@echo "make bench-deps  also install what bench/postfix_milter_bench.py compares with"
@@ -103,6 +117,27 @@ check: deps
 # tests, then the tests that start Postfix, slapd, DNS, Ansible and the daemons.
 test: check
 	$(PYTEST_RUN) -m system
+
+# The Debian package (docs/debian.md). dpkg-buildpackage writes next to the source tree and
+# leaves its work in debian/, so it runs on a copy of the tree (the files git tracks or would
+# track, as they are now) in $(DEB_WORK); the .deb, .buildinfo and .changes go to $(DEB_DIST)/.
+# lintian: errors fail the build; warnings are printed (docs/debian.md lists the accepted ones).
+DEB_DIST := dist
+DEB_WORK := build/deb
+# Debian's tools and interpreter only: pybuild runs "python3.11", which must not be a pyenv one
+DEB_PATH := /usr/sbin:/usr/bin:/sbin:/bin
+deb:
+	@scripts/ensure-debian-packages $(DEB_BUILD_PACKAGES)
+	rm -rf $(DEB_WORK)
+	mkdir -p $(DEB_WORK)/src $(DEB_DIST)
+	git ls-files -z --cached --others --exclude-standard \
+		| tar --null --files-from=- --ignore-failed-read -cf - | tar -xf - -C $(DEB_WORK)/src
+	cd $(DEB_WORK)/src && env PATH=$(DEB_PATH) dpkg-buildpackage --build=binary --no-sign
+	mv $(DEB_WORK)/keyrelay_*.deb $(DEB_WORK)/keyrelay_*.buildinfo $(DEB_WORK)/keyrelay_*.changes \
+		$(DEB_DIST)/
+	rm -rf $(DEB_WORK)
+	lintian --fail-on error --info $(DEB_DIST)/keyrelay_*_all.deb
+	@ls -l $(DEB_DIST)/keyrelay_*_all.deb
 
 run: deps
 	$(BIN)/python -m keyrelay.demo $(RUN_DIR)

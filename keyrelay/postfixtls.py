@@ -28,7 +28,6 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .errors import KeyrelayError
 
@@ -140,7 +139,7 @@ def _check_chain(setting: str, files: list[list[Block]]) -> None:
 
 def _match(key_block: Block, cert_block: Block, key_where: str, cert_where: str) -> None:
     try:
-        key: PrivateKeyTypes = serialization.load_pem_private_key(key_block.data, password=None)
+        key = serialization.load_pem_private_key(key_block.data, password=None)
     except (ValueError, TypeError):
         raise CertificateError(f"{key_where}: the private key cannot be read (malformed, or "
                                "encrypted: Postfix needs it without a passphrase)") from None

@@ -305,6 +305,16 @@ class _Folder:
         return b"".join(self.parts)
 
 
+def _crlf(value: bytes) -> bytes:
+    """``value`` with its line ends as CRLF. A milter's header values are folded with LF, and
+    dkimpy before 1.1.5 (Debian 12's python3-dkim is 1.1.4) unfolds only CRLF in relaxed
+    canonicalisation; later dkimpy unfolds both, to the same result."""
+    return _BARE_LF.sub(b"\r\n", value)
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
 def sign(
     headers: Sequence[tuple[str, bytes]],
     body_hash: bytes,
@@ -323,7 +333,7 @@ def sign(
     """
     include = signed_header_names(name for name, _ in headers)
     canonical = Relaxed.canonicalize_headers(
-        [(name.encode("utf-8", "surrogateescape"), value) for name, value in headers]
+        [(name.encode("utf-8", "surrogateescape"), _crlf(value)) for name, value in headers]
     )
     # RFC 6376 section 3.7: the selected headers, bottom-up per name, each "name:value CRLF",
     # then this DKIM-Signature with an empty b= and no final CRLF. Selected once for all keys.
@@ -349,7 +359,8 @@ def sign(
         folder.parts.append(tail)
         folder.column = 8 + len(bh)
         unsigned = folder.value()
-        ((_, canonical_value),) = Relaxed.canonicalize_headers([(b"DKIM-Signature", unsigned)])
+        ((_, canonical_value),) = Relaxed.canonicalize_headers(
+            [(b"DKIM-Signature", _crlf(unsigned))])
         digest = hashlib.sha256(
             signed_part + b"dkim-signature:" + canonical_value.rstrip()
         ).digest()

@@ -250,7 +250,9 @@ def run(main: Coroutine[Any, Any, None]) -> None:
     except ImportError:
         asyncio.run(main)
         return
-    uvloop.run(main)
+    # what uvloop.run does; that one is only in uvloop 0.18+, Debian 12 has 0.17
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def _raise_fd_limit() -> None:

@@ -56,6 +56,7 @@ IN_PROCESS = frozenset({
     "test_lockout",
     "test_milter", "test_names", "test_policyd_codecs", "test_policyd_counters",
     "test_policyd_services", "test_quotas", "test_reasons", "test_sync",
+    "test_counters_memory",
 })
 
 

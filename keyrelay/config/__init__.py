@@ -19,12 +19,14 @@ Load once in ``main()`` and pass the ``Config`` down.
 - base.py: ``Duration`` and ``InvalidField``, shared by every section;
 - sections.py: the directory, DKIM, auth, keys, domains, DNS, limits, routing and logging
   sections, and ``Config``, the whole file;
+- counters.py: the counters section (memory or Redis);
 - services.py: the keyrelay-policyd, keyrelay-milter and Postfix sections;
 - loader.py: which file (``resolve_config_path``), reading and validating it;
 - example.py: the example file, ``python -m keyrelay.config``.
 """
 
 from .base import Duration, InvalidField
+from .counters import CountersConfig, RedisConfig, RedisTlsConfig
 from .example import render_example
 from .loader import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config, parse_config, resolve_config_path
 from .sections import (
@@ -49,6 +51,7 @@ __all__ = [
     "AuthConfig",
     "BruteForceConfig",
     "Config",
+    "CountersConfig",
     "DirectoryConfig",
     "DkimConfig",
     "DnsConfig",
@@ -62,6 +65,8 @@ __all__ = [
     "MilterConfig",
     "PolicydConfig",
     "PostfixConfig",
+    "RedisConfig",
+    "RedisTlsConfig",
     "RoutingConfig",
     "default_config",
     "load_config",

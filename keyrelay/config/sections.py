@@ -11,6 +11,7 @@ from typing import Literal
 
 from ..durations import format_duration
 from .base import NO_SPACE, Duration, InvalidField
+from .counters import CountersConfig
 from .services import MilterConfig, PolicydConfig, PostfixConfig
 
 _SELECTOR = re.compile(r"[a-z][a-z0-9]{0,15}")
@@ -411,6 +412,11 @@ class Config:
         default_factory=RoutingConfig, metadata={"doc": "Outbound IP pools."}
     )
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"doc": "Logging."})
+    counters: CountersConfig = field(
+        default_factory=CountersConfig,
+        metadata={"doc": "Where limits, quotas, failed logins and lock-outs are counted "
+                  "(docs/cluster.md)."},
+    )
     policyd: PolicydConfig = field(
         default_factory=PolicydConfig,
         metadata={"doc": "keyrelay-policyd: SASL auth, policy and socketmap services."},

@@ -1,0 +1,367 @@
+"""The Redis counter store (``counters.backend: redis``): what several relay nodes share.
+
+Each operation is one Lua script (keyrelay/counters/scripts.py), run with EVALSHA and, after
+a NOSCRIPT (a restarted or flushed server), once with EVAL, which loads it again: one atomic
+round trip. Every key starts with the prefix and carries a TTL (docs/cluster.md).
+
+Only what the ``redis`` client 4.3 (Debian 12's python3-redis) has is used: the asyncio
+connection pool, its connections' ``send_command`` and ``read_response``. A connection whose
+command was interrupted (timeout, cancellation) is closed, never reused with an answer still
+pending. Every fault becomes ``CountersUnavailable`` within ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import os
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+from zoneinfo import ZoneInfo
+
+from redis import exceptions as redis_errors
+from redis.asyncio import connection as redis_connection
+from redis.asyncio.sentinel import Sentinel
+
+from .model import (
+    KINDS,
+    CountersUnavailable,
+    Kind,
+    Locked,
+    Sliding,
+    Usage,
+    Window,
+    check_windows,
+)
+from .scripts import CHECK, CLEAR, CLEAR_ALL, FAIL, LOCKED, PEEK, SUCCEEDED, TAKE, Script
+
+# redis 4.3 wants a command name for a pool's connection, 5.3 warns when one is given
+_NAMED = inspect.signature(redis_connection.ConnectionPool.get_connection).parameters[
+    "command_name"].default is inspect.Parameter.empty
+
+# A calendar period's key lives this long past the period's end: a node whose clock is a
+# little behind still finds the count of the period it believes current.
+CALENDAR_GRACE = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where and how to connect (built from ``counters.redis`` by keyrelay/counters/open.py;
+    the password is read from its file and never shown: ``repr=False``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    socket: str = ""  # a unix socket path; takes the place of host and port
+    db: int = 0
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    timeout: float = 2.0
+    prefix: str = "keyrelay:"
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service_name: str = ""
+
+    def __repr__(self) -> str:
+        return f"RedisTarget({self.where})"
+
+    @property
+    def where(self) -> str:
+        if self.sentinels:
+            hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"sentinel {self.service_name} via {hosts}"
+        if self.socket:
+            return f"unix:{self.socket}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def connection_pool(target: RedisTarget) -> Any:
+    """The redis client's asyncio connection pool for ``target``."""
+    # no socket_timeout: every operation runs under one asyncio.timeout of its own
+    # (RedisCounters.run), which also covers connecting; the client's per-read timeouts would
+    # cost an asyncio.wait_for task per command
+    common: dict[str, Any] = {
+        "db": target.db, "username": target.username or None,
+        "password": target.password or None, "socket_timeout": None,
+        "socket_connect_timeout": target.timeout,
+    }
+    tls: dict[str, Any] = {}
+    if target.tls:
+        tls = {"ssl_ca_certs": target.ca_file or None, "ssl_certfile": target.cert_file or None,
+               "ssl_keyfile": target.key_file or None, "ssl_cert_reqs": "required",
+               "ssl_check_hostname": True}
+    if target.sentinels:
+        sentinel = cast(Any, Sentinel)(list(target.sentinels),
+                            sentinel_kwargs={"socket_timeout": target.timeout,
+                                             "socket_connect_timeout": target.timeout},
+                            ssl=target.tls, **tls, **common)
+        return sentinel.master_for(target.service_name).connection_pool
+    if target.socket:
+        return redis_connection.ConnectionPool(
+            connection_class=redis_connection.UnixDomainSocketConnection, path=target.socket,
+            **common)
+    if target.tls:
+        return redis_connection.ConnectionPool(
+            connection_class=redis_connection.SSLConnection, host=target.host,
+            port=target.port, **tls, **common)
+    return redis_connection.ConnectionPool(host=target.host, port=target.port, **common)
+
+
+def describe(exc: BaseException, target: RedisTarget) -> str:
+    """One line saying why ``target`` did not answer; never the password."""
+    where = target.where
+    text = str(exc)
+    if isinstance(exc, redis_errors.AuthenticationError) or text.startswith(
+            ("WRONGPASS", "NOAUTH", "invalid username-password")):
+        code = "" if text.startswith(("WRONGPASS", "NOAUTH")) else "WRONGPASS "
+        user = target.username or "default"
+        reason = f"authentication failed for user {user}: {code}{text}"
+    elif isinstance(exc, redis_errors.NoPermissionError) or text.startswith("NOPERM"):
+        code = "" if text.startswith("NOPERM") else "NOPERM "
+        reason = (f"redis user {target.username or 'default'} lacks a permission keyrelay "
+                  f"needs for keys {target.prefix}* (docs/cluster.md, \"Redis ACL\"): "
+                  f"{code}{text}")
+    elif isinstance(exc, redis_errors.ResponseError):
+        reason = f"redis at {where} answered an error: {text}"
+    else:
+        cause = _os_error(exc)
+        if isinstance(cause, ssl.SSLError):
+            reason = f"TLS with redis at {where} failed: {cause.reason or cause}"
+        elif isinstance(cause, ssl.CertificateError):
+            reason = f"TLS with redis at {where} failed: {cause}"
+        elif isinstance(exc, TimeoutError | redis_errors.TimeoutError) or isinstance(
+                cause, TimeoutError):
+            reason = f"no answer from redis at {where} within {target.timeout:g}s"
+        elif cause is not None and (cause.errno or cause.strerror):
+            # asyncio's "Connect call failed (...)" says less than the errno's own text
+            why = os.strerror(cause.errno) if cause.errno else cause.strerror
+            reason = f"cannot connect to redis at {where}: {why}"
+        else:
+            reason = f"connection to redis at {where} failed: {text or type(exc).__name__}"
+    if target.password:
+        reason = reason.replace(target.password, "********")
+    return reason
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError (refused, reset, TLS) behind a redis client error, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and not isinstance(current, TimeoutError):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def pack(command: Sequence[Any]) -> bytes:
+    """``command`` in the Redis protocol (RESP), as one buffer: what the client's own
+    ``pack_command`` does, at a fraction of its cost for the many short arguments of a
+    script call."""
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisCounters:
+    """``model.CounterStore`` in Redis, shared by every node that names the same server and
+    prefix."""
+
+    def __init__(self, target: RedisTarget, *, max_tracked: int = 100_000, per_key: int = 8,
+                 zone: ZoneInfo | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.target = target
+        self.max_tracked = max_tracked
+        self.per_key = per_key
+        self.zone = zone or ZoneInfo("UTC")
+        self.clock = clock
+        self.prefix = target.prefix
+        self._pool: Any = None
+
+    def __repr__(self) -> str:
+        return f"RedisCounters({self.target.where}, prefix {self.prefix!r})"
+
+    # -- one round trip ------------------------------------------------------------------
+
+    async def _command(self, *args: Any) -> Any:
+        """Send one command and read its answer; CountersUnavailable within the timeout."""
+        try:
+            async with asyncio.timeout(self.target.timeout):
+                return await self._send(args, None)
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            raise CountersUnavailable(f"counters.redis: {describe(exc, self.target)}") from None
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run ``script`` (EVALSHA, EVAL after a NOSCRIPT); CountersUnavailable within the
+        timeout."""
+        try:
+            async with asyncio.timeout(self.target.timeout):
+                return await self._send(("EVALSHA", script.sha, len(keys), *keys, *args),
+                                        ("EVAL", script.source, len(keys), *keys, *args))
+        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+            raise CountersUnavailable(f"counters.redis: {describe(exc, self.target)}") from None
+
+    async def _send(self, command: tuple[Any, ...], fallback: tuple[Any, ...] | None) -> Any:
+        if self._pool is None:
+            self._pool = connection_pool(self.target)
+        pool = self._pool
+        conn = await (pool.get_connection(command[0]) if _NAMED else pool.get_connection())
+        try:
+            try:
+                await conn.send_packed_command(pack(command))
+                return await conn.read_response()
+            except redis_errors.NoScriptError:
+                if fallback is None:
+                    raise
+                await conn.send_packed_command(pack(fallback))
+                return await conn.read_response()
+        except redis_errors.ResponseError:
+            raise  # the server answered: the connection is in order
+        except BaseException:
+            # interrupted (timeout, cancelled) or broken: never reuse it with an answer pending
+            await asyncio.shield(conn.disconnect())
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.disconnect()
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def _window_keys(self, window: Window, now: float) -> tuple[list[str], str, str]:
+        """The keys of ``window`` at ``now``, the fraction of its bucket gone by, its TTL."""
+        if isinstance(window, Sliding):
+            number, elapsed = window.bucket(now)
+            base = f"{self.prefix}rate:{window.subject}:{window.seconds}s:"
+            ttl = math.ceil(2 * window.seconds * 1000) + 1000
+            return [base + str(number), base + str(number - 1)], repr(elapsed), str(ttl)
+        label, ends_in = window.period(now, self.zone)
+        key = f"{self.prefix}quota:{window.subject}:{window.unit}:{label}"
+        return [key], "0", str(math.ceil((ends_in + CALENDAR_GRACE) * 1000))
+
+    def _usage(self, window: Window, now: float, current: int, previous: int,
+               amount: int) -> Usage:
+        if isinstance(window, Sliding):
+            _, elapsed = window.bucket(now)
+            return Usage(window, window.estimate(current, previous, elapsed), window.limit,
+                         window.resets_in(current, previous, elapsed, amount))
+        _, ends_in = window.period(now, self.zone)
+        return Usage(window, float(current), window.limit, ends_in)
+
+    def _records(self, kind: Kind) -> str:
+        return f"{self.prefix}fail:{kind}:"
+
+    def _failure_keys(self, kind: Kind, key: str) -> list[str]:
+        return [self._records(kind) + key, f"{self.prefix}failing:{kind}",
+                f"{self.prefix}locks:{kind}"]
+
+    def _logins(self, key_id: str) -> str:
+        return f"{self.prefix}login:{key_id}"
+
+    # -- rates and quotas ----------------------------------------------------------------
+
+    async def take(self, windows: tuple[Window, ...], amount: int = 1) -> Usage | None:
+        check_windows(windows, amount)
+        now = self.clock()
+        keys: list[str] = []
+        spec: list[str] = []
+        for window in windows:
+            window_keys, elapsed, ttl = self._window_keys(window, now)
+            keys += window_keys
+            spec += ["s" if isinstance(window, Sliding) else "c", str(window.limit), elapsed,
+                     ttl]
+        answer = await self.run(TAKE, keys, [amount, " ".join(spec)])
+        index = int(answer[0])
+        if index == 0:
+            return None
+        return self._usage(windows[index - 1], now, int(answer[1]), int(answer[2]), amount)
+
+    async def peek(self, windows: tuple[Window, ...]) -> list[Usage]:
+        check_windows(windows, 1)
+        now = self.clock()
+        keys: list[str] = []
+        for window in windows:
+            keys += self._window_keys(window, now)[0]
+        answer = await self.run(PEEK, keys,
+                                ["s" if isinstance(w, Sliding) else "c" for w in windows])
+        return [self._usage(window, now, int(answer[2 * i]), int(answer[2 * i + 1]), 1)
+                for i, window in enumerate(windows)]
+
+    # -- failed logins and lock-outs -----------------------------------------------------
+
+    async def fail(self, kind: Kind, key: str, max_failures: int, window: float,
+                   lockout: float) -> bool:
+        now = self.clock()
+        answer = await self.run(FAIL, self._failure_keys(kind, key), [
+            repr(now), max_failures, repr(window), repr(lockout), repr(now + lockout),
+            self.max_tracked, key, self._records(kind)])
+        return int(answer) == 1
+
+    async def locked_for(self, kind: Kind, key: str) -> float:
+        until = await self._command("HGET", self._records(kind) + key, "until")
+        if until is None:
+            return 0.0
+        return max(float(_text(until)) - self.clock(), 0.0)
+
+    async def locked(self, kind: Kind | None = None) -> list[Locked]:
+        kinds = KINDS if kind is None else (kind,)
+        now = self.clock()
+        args: list[Any] = [repr(now)]
+        for each in kinds:
+            args += [each, self._records(each)]
+        answer = [_text(item) for item in await self.run(
+            LOCKED, [f"{self.prefix}locks:{each}" for each in kinds], args)]
+        found = [Locked(answer[i], answer[i + 1], float(answer[i + 2]),  # type: ignore[arg-type]
+                        float(answer[i + 3]), int(answer[i + 4]))
+                 for i in range(0, len(answer), 5)]
+        return sorted(found, key=lambda lock: (lock.since, lock.kind, lock.subject))
+
+    async def clear(self, kind: Kind, key: str) -> bool:
+        answer = await self.run(CLEAR, self._failure_keys(kind, key), [repr(self.clock()), key])
+        return int(answer) == 1
+
+    async def clear_all(self) -> int:
+        keys: list[str] = []
+        for kind in KINDS:
+            keys += [f"{self.prefix}failing:{kind}", f"{self.prefix}locks:{kind}"]
+        answer = await self.run(CLEAR_ALL, keys,
+                                [repr(self.clock()), *(self._records(k) for k in KINDS)])
+        return int(answer)
+
+    # -- recent logins -------------------------------------------------------------------
+
+    async def succeeded(self, key_id: str, client: str, keep: float) -> None:
+        await self.run(SUCCEEDED, [self._logins(key_id)],
+                       [repr(self.clock()), client, self.per_key, repr(keep)])
+
+    async def since(self, key_id: str, client: str) -> float | None:
+        last = await self._command("ZSCORE", self._logins(key_id), client)
+        return None if last is None else self.clock() - float(_text(last))
+
+    async def clients(self, key_id: str, within: float) -> int:
+        found = await self._command("ZCOUNT", self._logins(key_id),
+                                    repr(self.clock() - within), "+inf")
+        return int(found)
+
+    # -- checking ------------------------------------------------------------------------
+
+    async def check(self) -> None:
+        """Connect, authenticate, run a script that writes, reads and deletes one key of the
+        namespace; CountersUnavailable naming what failed."""
+        await self.run(CHECK, [f"{self.prefix}check"], [])
