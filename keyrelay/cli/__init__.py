@@ -36,6 +36,7 @@ from . import (
     sender,
     subuser,
     sync,
+    usage_command,
 )
 from .core import (
     CONFLICT_SECONDS,
@@ -82,8 +83,8 @@ exit status:
   0 done; 1 refused or failed (one line on stderr says why); 2 usage error"""
 
 # the command groups in the order --help lists them
-_GROUPS = (config, account, subuser, key, ip, domain, sender, pool, limits, sync, backup,
-           postfix, monitor, lockout)
+_GROUPS = (config, account, subuser, key, ip, domain, sender, pool, limits, usage_command,
+           sync, backup, postfix, monitor, lockout)
 
 
 def build_parser() -> argparse.ArgumentParser:

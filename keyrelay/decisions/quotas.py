@@ -134,8 +134,10 @@ class QuotaFacts(NamedTuple):
 
 
 def reset_text(now: datetime, resets_in: float, zone: str) -> str:
-    """``2026-12-05 00:00 UTC``: when a window resets, in the counters' time zone."""
-    at = (now + timedelta(seconds=resets_in)).astimezone(ZoneInfo(zone))
+    """``2026-12-05 00:00 UTC``: when a window resets, in the counters' time zone, to the
+    nearest minute (a day or a month ends on one; ``resets_in`` was measured a moment after
+    ``now`` by the store's clock, so ``now + resets_in`` falls a little short of it)."""
+    at = (now + timedelta(seconds=resets_in + 30)).astimezone(ZoneInfo(zone))
     return at.strftime("%Y-%m-%d %H:%M ") + (at.tzname() or zone)
 
 
