@@ -56,13 +56,7 @@ def key(data: DirectoryData, key_id: str) -> ApiKey:
     found = data.keys.get(key_id)
     if found is None:
         # a key where its id belongs, in whatever shape it was pasted: never echo it
-        pasted = keys.pasted_key_id(key_id)
-        if pasted is not None:
-            raise UserError(f"that is an API key, not a key id; give only its id {pasted!r} "
-                            "(the key was not shown or stored)")
-        if keys.holds_secret(key_id):
-            raise UserError("that looks like an API key's secret, not a key id (16 characters "
-                            "a-z and 2-7; see: keyrelay key list); it was not shown or stored")
+        keys.refuse_if_key(key_id, "keyrelay key list")
         raise NotFound(f"unknown key id {key_id!r} (see: keyrelay key list)")
     return found
 

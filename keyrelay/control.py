@@ -49,13 +49,7 @@ def key_id(text: str) -> str:
     given = text.strip()
     if keys.KEY_ID_RE.match(given):
         return given
-    pasted = keys.pasted_key_id(text)
-    if pasted is not None:
-        raise UserError(f"that is an API key, not a key id; give only its id {pasted!r} "
-                        "(the key was not shown or stored)")
-    if keys.holds_secret(text):
-        raise UserError("that looks like an API key's secret, not a key id (16 characters a-z "
-                        "and 2-7; see: keyrelay lockout list); it was not shown or stored")
+    keys.refuse_if_key(text, "keyrelay lockout list")
     raise UserError(f"{_shown(text)} is not a key id (16 characters a-z and 2-7; see: "
                     "keyrelay lockout list)")
 

@@ -17,6 +17,8 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .errors import UserError
+
 KEY_PREFIX = "kr"
 # \Z, not $: "$" also matches before a trailing newline, which would let "id\n" through
 KEY_ID_RE = re.compile(r"^[a-z2-7]{16}\Z")
@@ -103,6 +105,19 @@ def pasted_key_id(text: str) -> str | None:
     prefix, in quotes, with blanks around it), or ``None``."""
     found = _PASTED.search(text)
     return found[1] if found else None
+
+
+def refuse_if_key(text: str, listing: str) -> None:
+    """Raise ``UserError`` when ``text``, given where a key id belongs, is an API key (in any
+    shape it was pasted) or could be a secret; the error never repeats it. ``listing``: the
+    command that lists the key ids (``keyrelay key list``)."""
+    pasted = pasted_key_id(text)
+    if pasted is not None:
+        raise UserError(f"that is an API key, not a key id; give only its id {pasted!r} "
+                        "(the key was not shown or stored)")
+    if holds_secret(text):
+        raise UserError("that looks like an API key's secret, not a key id (16 characters "
+                        f"a-z and 2-7; see: {listing}); it was not shown or stored")
 
 
 def holds_secret(text: str) -> bool:

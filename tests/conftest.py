@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,3 +65,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.stem not in IN_PROCESS:
             item.add_marker(pytest.mark.system)
+
+
+@pytest.fixture(autouse=True)
+def keyrelay_logging_restored() -> Iterator[None]:
+    """A daemon's main() run in process (``--check-config`` tests) points the ``keyrelay``
+    logger at that moment's stderr and stops it propagating (keyrelay/logs.py ``configure``);
+    left so, later tests in the same worker would log to a closed capture and caplog would
+    see nothing. Put the logger back as it was after every test."""
+    logger = logging.getLogger("keyrelay")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]

@@ -20,6 +20,7 @@ from keyrelay.counters import (
     Sliding,
     open_counters,
 )
+from keyrelay.counters.scripts import acl_rules
 from keyrelay.errors import ConfigError
 from testkit.net import free_port
 
@@ -206,3 +207,8 @@ def test_the_back_off_doubles_per_failed_retry_not_per_waiting_request() -> None
 
     assert asyncio.run(work()) == [0.5, 1.0, 2.0, 2.0]
     assert store.outages == 1 and store.away is not None
+
+
+def test_the_documented_acl_is_the_one_the_tests_use() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "cluster.md").read_text()
+    assert f"ACL SETUSER keyrelay on >PASSWORD {acl_rules('keyrelay:')}\n" in docs

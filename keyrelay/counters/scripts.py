@@ -31,26 +31,28 @@ TAKE = Script("take", """
 local amount = tonumber(ARGV[1])
 local spec = {}
 for word in string.gmatch(ARGV[2], '%S+') do spec[#spec + 1] = word end
+local counts = redis.call('MGET', unpack(KEYS))
 local k = 1
 for a = 1, #spec, 4 do
-  local sliding = spec[a] == 's'
-  local limit, elapsed = tonumber(spec[a + 1]), tonumber(spec[a + 2])
-  local current = tonumber(redis.call('GET', KEYS[k]) or '0')
+  local current = tonumber(counts[k] or '0')
   local previous = 0
-  if sliding then
-    previous = tonumber(redis.call('GET', KEYS[k + 1]) or '0')
+  if spec[a] == 's' then
+    previous = tonumber(counts[k + 1] or '0')
     k = k + 2
   else
     k = k + 1
   end
-  if math.ceil(current + previous * (1.0 - elapsed)) + amount > limit then
+  if math.ceil(current + previous * (1.0 - tonumber(spec[a + 2]))) + amount
+      > tonumber(spec[a + 1]) then
     return {(a + 3) / 4, current, previous}
   end
 end
 k = 1
 for a = 1, #spec, 4 do
-  redis.call('INCRBY', KEYS[k], amount)
-  redis.call('PEXPIRE', KEYS[k], spec[a + 3])
+  -- a new key gets its TTL; one that exists has had it since it was made, long enough
+  if redis.call('INCRBY', KEYS[k], amount) == amount then
+    redis.call('PEXPIRE', KEYS[k], spec[a + 3])
+  end
   if spec[a] == 's' then k = k + 2 else k = k + 1 end
 end
 return {0}
@@ -197,7 +199,7 @@ ALL = (TAKE, PEEK, FAIL, LOCKED, CLEAR, CLEAR_ALL, SUCCEEDED, CHECK)
 # What the ACL user of counters.redis must be allowed (docs/cluster.md, "Redis ACL"): the
 # commands above, those the store sends itself, and those of the client's connection set-up.
 ACL_COMMANDS = (
-    "ping", "select", "evalsha", "eval", "hget", "zscore", "zcount", "get",
+    "ping", "select", "evalsha", "eval", "hget", "zscore", "zcount", "get", "mget",
     "set", "incrby", "pexpire", "pttl", "hmget", "hset", "del", "zadd", "zrem", "zcard",
     "zrange", "zremrangebyscore", "zremrangebyrank",
 )
