@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .decisions import WINDOW_FIELDS, EngineSettings, account_limits, limits_for
+from .counters import Calendar, Sliding, Window
+from .decisions import WINDOW_FIELDS, EngineSettings, RateWindow, account_limits, limits_for
 from .directory.model import LIMIT_FIELDS, Directory, DirectoryData
 from .errors import NotFound, UserError
 
@@ -34,6 +35,16 @@ LIMIT_MAXIMA = {
     "messages_per_day": 1_440_000_000,
     "messages_per_month": 44_640_000_000,
 }
+
+
+def store_window(window: RateWindow) -> Window:
+    """The counter store's window (keyrelay/counters) for one of the engine's
+    (``decisions.windows_for``): ``Sliding`` for a minute or an hour, ``Calendar`` for a day
+    or a month. What the policy service charges and ``keyrelay usage`` reads."""
+    if window.seconds is not None:
+        return Sliding(window.subject, window.seconds, window.limit)
+    assert window.span in ("day", "month")
+    return Calendar(window.subject, window.span, window.limit)
 
 
 def check_limit(name: str, value: int | None) -> int | None:

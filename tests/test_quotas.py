@@ -4,21 +4,26 @@ one of them is full, with the reset time of a quota in the counters' time zone."
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 from test_decisions import assert_refused, identity
 
 from keyrelay import admin
+from keyrelay.counters import MemoryCounters
 from keyrelay.decisions import (
     Action,
     EngineSettings,
     QuotaFacts,
     RateWindow,
+    Verdict,
     decide_quota,
     windows_for,
 )
 from keyrelay.directory.model import Limits
+from keyrelay.limits import store_window
 from testkit.factories import World
 
 SETTINGS = EngineSettings(default_limits=Limits(60, 1000, 20))
@@ -184,3 +189,66 @@ def test_monitor_mode_lets_a_full_quota_pass_and_carries_the_refusal(where: str)
         ident, 1, window, used=10.0, resets_in=60.0, now=datetime(2026, 12, 4, tzinfo=UTC)))
     assert verdict.allowed and verdict.monitored is not None
     assert verdict.monitored.reason == "quota_exceeded"
+
+
+# -- the engine's windows charged to the real counter store (keyrelay/counters, in memory) ----
+def _charge(w: World, store: MemoryCounters, principal: str, recipients: int,
+            now: datetime = datetime(2026, 12, 4, 17, 30, tzinfo=UTC),
+            zone: str = "UTC") -> Verdict:
+    """One message at DATA, as the policy service charges it: every window of ``windows_for``
+    in one ``take`` of its recipients, then ``decide_quota`` on the store's answer."""
+    snapshot = w.snapshot()
+    windows = windows_for(snapshot, SETTINGS, principal)
+    charged = tuple(store_window(x) for x in windows)
+    refused = asyncio.run(store.take(charged, recipients))
+    facts = QuotaFacts(identity(w, w.key(principal)), recipients, None, now=now, zone=zone)
+    if refused is not None:
+        facts = facts._replace(window=windows[charged.index(refused.window)],
+                               used=refused.count, resets_in=refused.resets_in)
+    return decide_quota(snapshot, SETTINGS, facts)
+
+
+def test_two_subusers_of_an_account_limited_to_1_per_minute_send_one_message_together() -> None:
+    # issue 21: with `acme --per-minute 1`, two subusers sent one message each
+    w = World()
+    w.account("acme", limits=Limits(messages_per_minute=1))
+    w.subuser("acme/app")
+    w.subuser("acme/billing")
+    clock = [1_000_000.0]
+    store = MemoryCounters(clock=lambda: clock[0])
+    assert _charge(w, store, "acme/app", 1).allowed
+    refused = _charge(w, store, "acme/billing", 1)
+    assert_refused(refused, 451, "4.7.1", "rate_limited")
+    assert refused.text.startswith("limit of 1 messages per minute reached for account acme")
+    clock[0] += 120  # the minute has slid past
+    assert _charge(w, store, "acme/billing", 1).allowed
+
+
+def test_a_message_to_3_recipients_counts_3() -> None:
+    w = World()
+    w.account("acme", limits=Limits(messages_per_minute=5))
+    clock = [1_000_000.0]
+    store = MemoryCounters(clock=lambda: clock[0])
+    assert _charge(w, store, "acme", 3).allowed
+    assert not _charge(w, store, "acme", 3).allowed  # 3 + 3 > 5: refused, nothing counted
+    assert _charge(w, store, "acme", 2).allowed  # 3 + 2 = 5
+    assert not _charge(w, store, "acme", 1).allowed
+
+
+def test_a_daily_quota_in_the_store_refuses_until_midnight_in_the_time_zone() -> None:
+    w = World()
+    w.account("acme", limits=Limits(messages_per_day=1000))
+    w.subuser("acme/app", limits=Limits(messages_per_day=10))
+    now = datetime(2026, 12, 4, 17, 30, tzinfo=UTC)
+    clock = [now.timestamp()]
+    store = MemoryCounters(clock=lambda: clock[0], zone=ZoneInfo("Europe/Paris"))
+    assert _charge(w, store, "acme/app", 10).allowed
+    refused = _charge(w, store, "acme/app", 1, now, "Europe/Paris")
+    assert_refused(refused, 451, "4.7.1", "quota_exceeded")
+    assert refused.text == (
+        "daily quota of 10 messages for acme/app reached; it resets at 2026-12-05 00:00 CET "
+        "(a message to N recipients counts N)")
+    # the account itself still sends: 10 + 40 within its 60 a minute (the default) and 1000 a day
+    assert _charge(w, store, "acme", 40, now).allowed
+    clock[0] = datetime(2026, 12, 4, 23, 0, 1, tzinfo=UTC).timestamp()  # Paris: 00:00:01
+    assert _charge(w, store, "acme/app", 10).allowed

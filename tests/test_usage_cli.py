@@ -13,11 +13,11 @@ import pytest
 import yaml
 from test_yaml_directory import run_cli, write_config
 
-from keyrelay.cli.usage_command import store_window
 from keyrelay.config import parse_config
 from keyrelay.counters import RedisCounters, redis_target
 from keyrelay.decisions import EngineSettings, windows_for
 from keyrelay.directory import YamlDirectory
+from keyrelay.limits import store_window
 from testkit.redis import REDIS_SERVER, RedisServer
 
 

@@ -17,21 +17,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from .. import admin
-from ..counters import Calendar, RedisCounters, Sliding, Usage, Window, redis_target
+from ..counters import RedisCounters, Usage, Window, redis_target
 from ..decisions import EngineSettings, RateWindow, reset_text, windows_for
 from ..directory.model import Directory
 from ..errors import UserError
+from ..limits import store_window
 from ..output import dump_json, table
 from .core import Context, command
-
-
-def store_window(window: RateWindow) -> Window:
-    """The counter store's window for one of the engine's: ``Sliding`` for a minute or an
-    hour, ``Calendar`` for a day or a month (what the policy service charges)."""
-    if window.seconds is not None:
-        return Sliding(window.subject, window.seconds, window.limit)
-    assert window.span in ("day", "month")
-    return Calendar(window.subject, window.span, window.limit)
 
 
 async def _peek(ctx: Context, windows: tuple[Window, ...]) -> list[Usage]:
