@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from .directory import Directory, open_directory
+from .directory import Directory
+from .directorycheck import check_directory
 from .errors import DirectoryUnavailable, one_line
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ def preflight(
     loads, the socket owner names resolve and, as root, the daemon's user can read the
     directory. Returns the snapshot; raises ``StartupError``."""
     try:
-        snapshot = open_directory(config).snapshot()
+        snapshot = check_directory(config)  # the same check as `keyrelay check-config`
     except DirectoryUnavailable as exc:
         raise StartupError(str(exc)) from None
     if os.geteuid() == 0:

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from keyrelay import __version__, daemon, logs
 from keyrelay.config import Config, load_config, resolve_config_path
+from keyrelay.counters import CountersUnavailable, check_counters
 from keyrelay.directory import open_directory
 from keyrelay.errors import ConfigError
 from keyrelay.logs import DecisionLog
@@ -93,6 +94,10 @@ def check(config: Config) -> None:
             control.owner_and_mode(cfg)
         except KeyError:
             fail(f"policyd.control_group: no such group: {cfg.control_group!r}")
+    if config.counters.backend != "memory":
+        log.warning("counters.backend: %s is checked (--check-config) but not used yet by "
+                    "this version: rates, failed logins and lock-outs are counted in this "
+                    "process (docs/cluster.md)", config.counters.backend)
     for pool in {config.routing.default_pool} - {""} - set(snapshot.pools):
         log.warning("routing.default_pool %r is not a pool in the directory", pool)
 
@@ -276,6 +281,10 @@ def main(argv: list[str] | None = None) -> None:
         daemon.empty_bounding_set(config.policyd.user, log)  # before any thread starts
     check(config)
     if args.check_config:
+        try:  # here only: Redis away must not stop a daemon from starting (it answers 4xx)
+            check_counters(config)
+        except CountersUnavailable as exc:
+            fail(str(exc))
         print(textwrap.dedent(f"""\
             keyrelay-policyd: configuration {path} is valid
             keyrelay-policyd: directory {config.directory.location} is valid"""))

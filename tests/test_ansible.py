@@ -11,11 +11,14 @@ deployed instance with the site's own milter still in front and sends through it
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,9 @@ import yaml
 
 from keyrelay.demo import BASE_MASTER_CF, SMTP_SINK, greets, make_certificate, unix_accepts
 from testkit.net import free_port, wait_until
+from testkit.protocols import DovecotClient, PolicyClient, connect, policy_request
 from testkit.relay import as_sent
+from testkit.scratchroot import scratch_root
 from testkit.slapd import Slapd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,14 +119,19 @@ def site(root: Path, main_cf: dict[str, str] | None = None,
     return etc, playbook
 
 
-def run_playbook(playbook: Path, *options: str) -> tuple[int, int, str]:
-    """(exit status, tasks changed, output) of one ansible-playbook run."""
+def run_playbook(playbook: Path, *options: str, systemd: dict[str, str] | None = None,
+                 inside: list[str] | None = None) -> tuple[int, int, str]:
+    """(exit status, tasks changed, output) of one ansible-playbook run; ``systemd``: the
+    environment of ``systemd_stand_in``, its ``systemctl`` first on PATH; ``inside``: the
+    command that runs it in a scratch root (``ScratchRoot.enter``)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "ansible" / "roles"),
            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "False",
-           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run([str(PLAYBOOK), "-i", "localhost,", str(playbook), *options],
-                            capture_output=True, text=True, env=env, timeout=300)
+           "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False", "PATH": path}
+    if systemd is not None:
+        env.update(systemd, PATH=f"{systemd['PATH']}{os.pathsep}{path}")
+    result = subprocess.run([*(inside or []), str(PLAYBOOK), "-i", "localhost,", str(playbook),
+                             *options], capture_output=True, text=True, env=env, timeout=300)
     output = result.stdout + result.stderr
     recap = re.search(r"localhost\s+:\s+ok=\d+\s+changed=(\d+)", output)
     return result.returncode, int(recap.group(1)) if recap else -1, output
@@ -141,6 +151,7 @@ def test_the_role_deploys_once_then_changes_nothing_and_keeps_the_sites_settings
     assert status == 0, output
     assert changed > 0 and (etc / "main.cf").read_bytes() == before
     assert not (tmp_path / "keyrelay" / "keyrelay.yaml").exists()
+    assert not (tmp_path / "keyrelay" / "directory.yaml").exists()
 
     status, changed, output = run_playbook(playbook)
     assert status == 0 and changed > 0, output
@@ -176,6 +187,183 @@ def test_a_changed_variable_is_applied_on_the_next_run(tmp_path: Path) -> None:
     assert status == 0 and changed == 1, output  # keyrelay.yaml only; Postfix unchanged
     config = yaml.safe_load((tmp_path / "keyrelay" / "keyrelay.yaml").read_text())
     assert config["monitor_mode"] is True
+
+
+def test_a_new_host_gets_an_empty_directory_and_a_wrong_directory_path_is_refused(
+        tmp_path: Path) -> None:
+    # the bug: with keyrelay_directory: {} nothing ever made the directory file, so the
+    # daemons could never start; and check-config, the role's validation, said OK for a
+    # directory.path with a typo
+    _, playbook = site(tmp_path)
+    status, _, output = run_playbook(playbook)
+    assert status == 0, output
+    directory = tmp_path / "keyrelay" / "directory.yaml"
+    assert yaml.safe_load(directory.read_text())["version"] == 1
+    config = tmp_path / "keyrelay" / "keyrelay.yaml"
+    deployed = config.read_bytes()
+    typo = tmp_path / "keyrelay" / "directoy.yaml"
+    play = yaml.safe_load(playbook.read_text())
+    play[0]["vars"]["keyrelay_extra_config"] = {"directory": {"path": str(typo)}}
+    playbook.write_text(yaml.safe_dump(play))
+
+    status, _, output = run_playbook(playbook)
+
+    assert status != 0, output
+    assert (f"directory.path: {typo} does not exist; create an empty directory with "
+            "`keyrelay init`, or correct the path") in output
+    assert config.read_bytes() == deployed and not typo.exists()
+
+
+@contextmanager
+def systemd_stand_in(root: Path, units: str = "") -> Iterator[dict[str, str]]:
+    """The environment that puts tests/systemctl_without_systemd.py first on PATH as
+    ``systemctl`` (this machine has no systemd as PID 1), for the units in ``units``
+    (default: root/units, made here); on the way out it stops every unit it started."""
+    bin_dir, state = root / "systemctl-bin", root / "systemctl-state"
+    for folder in (bin_dir, state):
+        folder.mkdir()
+    if not units:
+        units = str(root / "units")
+        Path(units).mkdir()
+    stand_in = Path(__file__).with_name("systemctl_without_systemd.py")
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\nexec {sys.executable} {stand_in} "$@"\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    env = {"PATH": str(bin_dir), "KR_UNITS_DIR": units, "KR_STATE_DIR": str(state)}
+    try:
+        yield env
+    finally:
+        for pid_file in state.glob("*.pid"):
+            subprocess.run([str(bin_dir / "systemctl"), "stop", pid_file.name[:-len(".pid")]],
+                           env={**os.environ, **env}, capture_output=True, timeout=60)
+
+
+def wait_for_sockets(sockets: Path, state: Path) -> None:
+    """Wait (60 s: a shared machine) until the daemons accept on all four sockets; else fail
+    with what the started units wrote."""
+    try:
+        wait_until(lambda: all(unix_accepts(sockets / f"keyrelay-{n}") for n in
+                               ("auth", "policy", "socketmap", "milter")),
+                   60, "the daemons' sockets")
+    except TimeoutError as exc:
+        logs = "".join(f"--- {log.name}\n{log.read_text(errors='replace')}"
+                       for log in sorted(state.glob("*.log")))
+        pytest.fail(f"{exc}\n{logs}")
+
+
+def daemons_answer(sockets: str) -> None:
+    """keyrelay-policyd's auth service offers PLAIN, its policy service answers a request,
+    keyrelay-milter answers a milter option negotiation (SMFIC_OPTNEG) with its own."""
+    with DovecotClient(connect(f"unix:{sockets}/keyrelay-auth", timeout=30)) as auth:
+        assert "PLAIN" in auth.handshake()
+    with PolicyClient(connect(f"unix:{sockets}/keyrelay-policy", timeout=30)) as policy:
+        assert policy.ask(**policy_request(sender="a@b.example")) is not None
+    assert milter_negotiates(Path(sockets) / "keyrelay-milter")
+
+
+def milter_negotiates(path: Path) -> bool:
+    """Does keyrelay-milter answer a milter option negotiation (SMFIC_OPTNEG) with its own?"""
+    body = b"O" + struct.pack(">III", 6, 0x1FF, 0x1FFFFF)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        conn.sendall(struct.pack(">I", len(body)) + body)
+        header = conn.recv(5, socket.MSG_WAITALL)
+    return len(header) == 5 and header[4:5] == b"O"
+
+
+@pytest.mark.slow
+def test_a_fresh_install_with_no_declared_directory_ends_with_daemons_that_answer(
+        service_user: str) -> None:
+    # the bug: the role started the units before anything made the directory file, so
+    # their ExecStartPre (--check-config) failed on a new host; with keyrelay_directory: {}
+    # nothing ever made it. The role's own service tasks run here, against a systemctl that
+    # starts the installed units from their ExecStartPre and ExecStart lines.
+    with short_folder() as root, systemd_stand_in(root) as systemd:
+        _, playbook = site(
+            root, keyrelay_manage_systemd=True, keyrelay_systemd_dir=str(root / "units"),
+            keyrelay_manage_services=True, keyrelay_manage_user=True,
+            keyrelay_user=service_user, keyrelay_group=service_user, keyrelay_directory={})
+
+        status, changed, output = run_playbook(playbook, systemd=systemd)
+
+        assert status == 0 and changed > 0, output
+        directory = root / "keyrelay" / "directory.yaml"
+        st = directory.stat()
+        group = grp.getgrnam(service_user).gr_gid
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, group, 0o640)
+        assert Path(f"{directory}.lock").exists()
+        assert yaml.safe_load(directory.read_text())["accounts"] == {}
+        sockets = root / "queue" / "private"
+        wait_for_sockets(sockets, root / "systemctl-state")
+        daemons_answer(str(sockets))
+        uid = pwd.getpwnam(service_user).pw_uid
+        for unit in UNITS:  # started by the role, as root, running as the service user
+            pid = (root / "systemctl-state" / f"{unit}.pid").read_text()
+            proc = Path(f"/proc/{pid}/status").read_text()
+            assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s", proc, re.M), proc
+
+        status, changed, output = run_playbook(playbook, systemd=systemd)
+        assert (status, changed) == (0, 0), output  # running and enabled: nothing to do
+
+
+# -- keyrelay_install_from: deb ------------------------------------------------------------------
+DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+DPKG_BUILDPACKAGE = shutil.which("dpkg-buildpackage", path=DEBIAN_PATH)
+
+
+@pytest.fixture(scope="module")
+def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``make deb`` into a temporary folder (its work folder too): the .deb it writes."""
+    out = tmp_path_factory.mktemp("deb")
+    result = subprocess.run(["make", "-C", str(REPO), "deb", f"DEB_DIST={out / 'dist'}",
+                             f"DEB_WORK={out / 'work'}"], capture_output=True, text=True,
+                            env={**os.environ, "PATH": DEBIAN_PATH}, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (package,) = (out / "dist").glob("keyrelay_*_all.deb")
+    return package
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DPKG_BUILDPACKAGE is None or os.geteuid() != 0,
+                    reason="debhelper comes with make test; the scratch root needs root")
+def test_the_role_installs_the_debian_package_and_starts_its_units(deb_package: Path) -> None:
+    # keyrelay_install_from: deb: apt installs the .deb (its postinst makes the keyrelay
+    # user), the programs are /usr/bin/keyrelay*, the units the package's own; a new host
+    # (the package's keyrelay.yaml is not the role's) gets its empty directory file, and
+    # the role's service tasks start the package's units, which answer as user keyrelay
+    with (short_folder() as root, scratch_root({str(root): root}) as scratch,
+          systemd_stand_in(root, units="/lib/systemd/system") as systemd):
+        shutil.copy(deb_package, root)
+        _, playbook = site(
+            root, keyrelay_install_from="deb", keyrelay_deb=str(root / deb_package.name),
+            keyrelay_etc_dir="/etc/keyrelay", keyrelay_log_dir="/var/log/keyrelay",
+            keyrelay_socket_dir="/var/spool/postfix/private", keyrelay_manage_user=True,
+            keyrelay_user="keyrelay", keyrelay_group="keyrelay",
+            keyrelay_manage_systemd=True, keyrelay_manage_services=True,
+            keyrelay_directory={"accounts": {"deb": {}}})
+
+        status, changed, output = run_playbook(playbook, systemd=systemd, inside=scratch.enter)
+
+        assert status == 0 and changed > 0, output
+        assert scratch.run("dpkg-query", "-W", "-f=${Status}", "keyrelay") == (
+            "install ok installed")
+        assert scratch.run("stat", "-c", "%U:%G %a", "/etc/keyrelay/directory.yaml") == (
+            "root:keyrelay 640\n")
+        listed = json.loads(scratch.run("/usr/bin/keyrelay", "account", "list", "--json"))
+        assert [a["name"] for a in listed] == ["deb"]  # synced by the role
+        sockets = scratch.path("/var/spool/postfix/private")
+        wait_for_sockets(Path(sockets), root / "systemctl-state")
+        daemons_answer(sockets)
+        uid = int(scratch.run("id", "-u", "keyrelay"))
+        for unit in UNITS:  # the package's units, their programs in /usr/bin
+            pid = (root / "systemctl-state" / f"{unit}.pid").read_text()
+            assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1].startswith(
+                b"/usr/bin/keyrelay-"), unit
+            proc = Path(f"/proc/{pid}/status").read_text()
+            assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s", proc, re.M), proc
+
+        status, changed, output = run_playbook(playbook, systemd=systemd, inside=scratch.enter)
+        assert (status, changed) == (0, 0), output  # the same package: nothing to do
 
 
 # -- a real deployment: installed from the checkout, started, relaying and signing ---------------
@@ -360,6 +548,13 @@ def test_the_ldap_backend_variables_give_a_working_configuration_and_sync_into_l
         keyrelay_ldap_ca_file=str(slapd.ca_file),
         keyrelay_directory={"accounts": {account: {"ip_allow": ["192.0.2.0/24"],
                                                    "subusers": {"app": {}}}}})
+    # the role's rule for LDAP: the base is a keyrelay directory already, as docs/ldap.md
+    # sets it up (the first command that writes makes it one)
+    admin = tmp_path / "admin.yaml"
+    admin.write_text(yaml.safe_dump({"directory": slapd.directory_config(),
+                                     "logging": {"audit_log": ""}}))
+    deployed_cli(Path(sys.prefix), admin, "account", "add", f"{account}-first")
+    deployed_cli(Path(sys.prefix), admin, "account", "remove", f"{account}-first")
 
     status, changed, output = run_playbook(playbook)  # the template is validated by
     assert status == 0 and changed > 0, output        # check-config, which reads LDAP

@@ -369,3 +369,36 @@ def test_after_a_sentinel_failover_the_new_primary_is_used(tmp_path: Path,
     # the count taken before the failover (replicated: WAIT) and the one after; a take
     # answered "unavailable" that the server did run (its answer lost) would count too
     assert isinstance(count, float) and count >= 2.0
+
+
+def test_the_programs_check_config_name_a_wrong_password(tmp_path: Path,
+                                                         server: RedisServer) -> None:
+    """`keyrelay check-config` and `keyrelay-policyd --check-config` connect to Redis and say
+    what is wrong in one line, without the password."""
+    wrong = tmp_path / "wrong.secret"
+    wrong.write_text("not-the-password-4d3f\n")
+    settings = server.counters_settings(password_file=str(wrong))
+    (tmp_path / "directory.yaml").write_text("version: 1\n")
+    path = tmp_path / "keyrelay.yaml"
+    path.write_text(json.dumps({
+        "directory": {"path": str(tmp_path / "directory.yaml")},
+        "logging": {"audit_log": ""},
+        "policyd": {"user": "root", "control_listen": "", "socket_group": ""},
+        "counters": settings,
+    }))
+    bin_dir = Path(sys.executable).parent
+    for program in (["keyrelay", "--config", str(path), "check-config"],
+                    ["keyrelay-policyd", "--config", str(path), "--check-config"]):
+        done = subprocess.run([str(bin_dir / program[0]), *program[1:]], capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert (done.returncode, done.stdout) == (1, ""), done
+        *before, error = done.stderr.splitlines()
+        assert error.startswith(
+            f"{program[0]}: error: counters.redis: authentication failed for user keyrelay: "
+            "WRONGPASS "), done.stderr
+        assert "not-the-password" not in done.stderr and server.password not in done.stderr
+        # and the daemon says that the store is not used yet (docs/cluster.md, "Status")
+        assert before == ([] if program[0] == "keyrelay" else [before[0]]), done.stderr
+        if before:
+            assert "counters.backend: redis is checked (--check-config) but not used yet" in (
+                before[0])

@@ -183,7 +183,10 @@ def test_missing_directory_is_an_error_at_start(site: Path) -> None:
     (site.parent / "directory.yaml").unlink()
     result = run("--config", str(site), "--check-config")
     assert result.returncode == 1
-    assert "directory file does not exist" in result.stderr
+    missing = site.parent / "directory.yaml"
+    assert result.stderr == (f"keyrelay-milter: error: directory.path: {missing} does not exist; "
+                             "create an empty directory with `keyrelay init`, or correct the "
+                             "path\n")
 
 
 # -- the running daemon ----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from . import (
     backup,
     config,
     domain,
+    init,
     ip,
     key,
     limits,
@@ -64,6 +65,7 @@ the password. Principals are named ACCOUNT or ACCOUNT/SUBUSER."""
 
 _EPILOG = """\
 examples:
+  keyrelay init                          # a new install: an empty directory
   keyrelay account add acme
   keyrelay subuser add acme/marketing
   keyrelay key create acme/marketing --name newsletter --expires 90d
@@ -83,7 +85,7 @@ exit status:
   0 done; 1 refused or failed (one line on stderr says why); 2 usage error"""
 
 # the command groups in the order --help lists them
-_GROUPS = (config, account, subuser, key, ip, domain, sender, pool, limits, usage_command,
+_GROUPS = (init, config, account, subuser, key, ip, domain, sender, pool, limits, usage_command,
            sync, backup, postfix, monitor, lockout)
 
 

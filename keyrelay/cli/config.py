@@ -7,13 +7,18 @@ import sys
 from typing import Any
 
 from ..config import render_example
+from ..counters import check_counters
+from ..directorycheck import check_directory
 from .core import Context, command, group
 
 
 def check_config(ctx: Context, args: argparse.Namespace) -> None:
-    data = ctx.read()  # the directory must parse too
+    # the daemons' --check-config make the same check of the directory
+    directory = check_directory(ctx.config)
+    check_counters(ctx.config)  # Redis: a real connection, login and write
     ctx.say(f"{ctx.config_path}: OK; directory {ctx.config.directory.location}: "
-            f"{len(data.accounts)} accounts, {len(data.keys)} keys, {len(data.domains)} domains")
+            f"{len(directory.accounts)} accounts, {len(directory.keys)} keys, "
+            f"{len(directory.domains)} domains")
 
 
 def config_example(args: argparse.Namespace) -> None:
@@ -23,7 +28,8 @@ def config_example(args: argparse.Namespace) -> None:
 
 def register(sub: Any) -> None:
     command(sub, "check-config", check_config,
-            "validate the configuration and the directory; exit 1 on any error")
+            "validate the configuration and the directory (the daemons' own check); exit 1 "
+            "on any error")
     config = group(sub, "config", "show configuration help")
     command(config, "example", None,
             "print the annotated example configuration with every key and its default"
