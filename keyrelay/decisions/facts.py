@@ -100,8 +100,6 @@ class RateFacts(NamedTuple):
     """Immutable; a NamedTuple like ``Verdict``: built for every policy request."""
 
     identity: str
-    messages_last_minute: int  # including the message being decided
-    messages_last_hour: int
     recipients: int  # recipients of this message so far
     now: datetime
 

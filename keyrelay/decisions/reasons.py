@@ -48,6 +48,7 @@ class Reason(StrEnum):
     ROUTING_ERROR = "routing_error"
     POOL_NOT_IN_POSTFIX = "pool_not_in_postfix"  # its transport is not in master.cf yet
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
+    COUNTERS_UNAVAILABLE = "counters_unavailable"  # the counter store (Redis) cannot answer
     DKIM_KEY_UNAVAILABLE = "dkim_key_unavailable"
     CLIENT_ADDRESS_MISSING = "client_address_missing"
     INTERNAL_ERROR = "internal_error"
@@ -195,9 +196,7 @@ ANSWERS: dict[Reason, Answer] = {
         ("limit of <n> messages per <minute|hour> reached for <account NAME|ACCOUNT/SUBUSER> "
          "(<a message to N recipients counts N|this message has N recipients, more than the "
          "whole window's limit: send fewer recipients per message>); try again in <n> "
-         "<seconds|minutes>",
-         "limit of <n> <messages per minute|messages per hour> reached for <principal>; try "
-         "again later"),
+         "<seconds|minutes>",),
         "a sliding rate limit (per minute, per hour) of the subuser or of its whole account "
         "(keyrelay limits set, or the config's defaults) is reached, at DATA or "
         "END-OF-MESSAGE; counted in recipients (docs/policyd.md, \"What is counted\")"),
@@ -240,6 +239,12 @@ ANSWERS: dict[Reason, Answer] = {
         "the directory cannot be read: file broken or missing, LDAP away or hung, the copy "
         "too old, the read-through budget spent. The auth service closes the connection: "
         "Postfix answers 454 4.7.0 Temporary authentication failure"),
+    Reason.COUNTERS_UNAVAILABLE: Answer(
+        "policy", "451", "4.3.0",
+        ("message rate limits temporarily unavailable; try again later",),
+        "the counter store cannot answer (counters.backend: redis away, hung or refusing us, "
+        "with counters.on_unavailable: tempfail, the default): nothing is accepted unchecked "
+        "(docs/cluster.md, \"Redis away\")"),
     Reason.DKIM_KEY_UNAVAILABLE: Answer(
         "milter", "451", "4.3.0", ("DKIM signing temporarily unavailable; try again later",),
         "a DKIM private key cannot be read"),
@@ -255,7 +260,7 @@ ANSWERS: dict[Reason, Answer] = {
 # The texts of our own faults' temporary answers: one per reason, whichever service answers.
 TEMPORARY_TEXTS: dict[Reason, str] = {
     reason: ANSWERS[reason].texts[0] for reason in (
-        Reason.DIRECTORY_UNAVAILABLE, Reason.DKIM_KEY_UNAVAILABLE,
+        Reason.DIRECTORY_UNAVAILABLE, Reason.COUNTERS_UNAVAILABLE, Reason.DKIM_KEY_UNAVAILABLE,
         Reason.CLIENT_ADDRESS_MISSING, Reason.INTERNAL_ERROR)
 }
 
