@@ -32,6 +32,7 @@ from keyrelay.counters import CountersUnavailable, MemoryCounters, Usage, Window
 from keyrelay.decisions import (
     STAGE_NOT_CHECKED,
     Action,
+    EngineSettings,
     EnvelopeFacts,
     QuotaFacts,
     RateFacts,
@@ -80,6 +81,24 @@ def run_now(step: Coroutine[Any, Any, T]) -> T:
         return done.value  # type: ignore[no-any-return]
     step.close()
     raise RuntimeError("the memory counter store awaited")
+
+
+def _charged(directory: Directory, settings: EngineSettings,
+             principal: str) -> tuple[tuple[RateWindow, ...], tuple[Window, ...]]:
+    """The windows of ``windows_for`` and the store's for each, once per snapshot, settings
+    and principal (as the engine memoises its own: ``Directory.derived``)."""
+    found = directory.derived.get(_CHARGED)
+    if not (isinstance(found, tuple) and found[0] is settings):
+        found = directory.derived[_CHARGED] = (settings, {})
+    memo: dict[str, tuple[tuple[RateWindow, ...], tuple[Window, ...]]] = found[1]
+    pair = memo.get(principal)
+    if pair is None:
+        windows = windows_for(directory, settings, principal)
+        pair = memo[principal] = (windows, tuple(store_window(window) for window in windows))
+    return pair
+
+
+_CHARGED = "policyd.charged"
 
 
 class Charge(NamedTuple):
@@ -163,15 +182,13 @@ class PolicyService:
             return answer
         if stage not in MESSAGE_STAGES or not self._needs_count(request):
             return answer
-        windows = windows_for(directory, ctx.settings, verdict.principal)
+        windows, charged = _charged(directory, ctx.settings, verdict.principal)
         if not windows:
             self._remember(request)
             return answer
         # the message's recipients, final at DATA; one at least (a request without
         # recipient_count still sends a message)
-        charge = Charge(request, answer, directory, windows,
-                        tuple(store_window(window) for window in windows),
-                        max(recipients, 1), now)
+        charge = Charge(request, answer, directory, windows, charged, max(recipients, 1), now)
         store = ctx.store
         if isinstance(store, MemoryCounters):
             return self.charged(charge, run_now(store.take(charge.charged, charge.amount)))
@@ -193,14 +210,15 @@ class PolicyService:
         """The answer once the store has taken the message (``refused`` None) or refused it
         (the first full window). Only a message taken is remembered as counted: a refused
         one (and one that monitor mode lets pass over a full window) took nothing."""
-        ctx = self.context
-        facts = QuotaFacts(charge.request.get("sasl_username", ""), charge.amount, None,
-                           now=charge.now, zone=ctx.config.counters.time_zone)
         if refused is None:
             self._remember(charge.request)
-        else:
-            facts = facts._replace(window=charge.windows[charge.charged.index(refused.window)],
-                                   used=refused.count, resets_in=refused.resets_in)
+            # what decide_quota answers for a window None (an allow), with_rate keeps
+            return charge.answer
+        ctx = self.context
+        facts = QuotaFacts(charge.request.get("sasl_username", ""), charge.amount,
+                           charge.windows[charge.charged.index(refused.window)],
+                           used=refused.count, resets_in=refused.resets_in, now=charge.now,
+                           zone=ctx.config.counters.time_zone)
         return with_rate(charge.answer, decide_quota(charge.directory, ctx.settings, facts))
 
     def _count_recipient(self, instance: str, recipients: int) -> None:
