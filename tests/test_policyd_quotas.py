@@ -157,3 +157,19 @@ def test_with_on_unavailable_local_a_daemon_counts_in_memory_while_redis_is_away
     assert _message(daemon, ids["app"]) == ["DUNNO", "DUNNO"]  # counted here
     refused = _message(daemon, ids["billing"])
     assert (refused[1] or "").startswith(_rate_limited(1, "acme")), refused
+
+
+def test_a_sighup_keeps_the_counts_and_a_changed_counters_section_needs_a_restart(
+        spawn: Callable[..., Policyd]) -> None:
+    daemon = spawn()
+    ids = _populate(daemon, "acme")
+    daemon.keyrelay("limits", "set", "acme", "--per-minute", "1")
+    daemon.start()
+    assert _message(daemon, ids["app"]) == ["DUNNO", "DUNNO"]
+    daemon.write_config({"counters": {"time_zone": "Europe/Paris"}})
+    mark = daemon.mark()
+    assert "configuration reloaded" in daemon.reload()
+    assert "SIGHUP: counters changed; it takes effect after a restart" in daemon.log(mark)
+    refused = _message(daemon, ids["billing"])
+    assert (refused[1] or "").startswith(_rate_limited(1, "acme")), \
+        "the count before the SIGHUP still holds"
