@@ -1,5 +1,5 @@
-"""What every policyd service shares: configuration, engine settings, the directory, the clock,
-and the last-used times of keys waiting to be written back.
+"""What every policyd service shares: configuration, engine settings, the directory, the counter
+store, the clock, and the last-used times of keys waiting to be written back.
 
 Built once in ``main()`` from a validated ``Config`` and rebuilt on SIGHUP; nothing here is a
 module-level global (docs/ARCHITECTURE.md, "Configuration").
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from keyrelay.config import Config
+from keyrelay.counters import CounterStore, open_counters
 from keyrelay.decisions import EngineSettings
 from keyrelay.directory import Directory, DirectoryBackend
 from keyrelay.errors import KeyrelayError
@@ -34,6 +35,11 @@ class ServiceContext:
     settings: EngineSettings = field(init=False)
     decisions: DecisionLog = field(init=False)
     decision_log: DecisionLog | None = None  # default: every line flushed to stderr
+    # rates and quotas (keyrelay/counters): ``store``; opened once per daemon
+    # (policyd/main.py) and handed to the context a SIGHUP builds. ``counters`` None: open
+    # the store ``counters:`` names.
+    counters: CounterStore | None = None
+    store: CounterStore = field(init=False)
     clock: Callable[[], datetime] = utcnow
     monotonic: Callable[[], float] = time.monotonic
     used_keys: dict[str, datetime] = field(default_factory=dict)
@@ -42,6 +48,7 @@ class ServiceContext:
     def __post_init__(self) -> None:
         self.settings = EngineSettings.from_config(self.config)
         self.decisions = self.decision_log or DecisionLog(self.config.logging)
+        self.store = self.counters if self.counters is not None else open_counters(self.config)
 
     def snapshot(self) -> Directory:
         """The current directory snapshot; raises ``DirectoryUnavailable``."""

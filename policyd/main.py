@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any, NoReturn
 
 from keyrelay import __version__, daemon, logs
 from keyrelay.config import Config, load_config, resolve_config_path
-from keyrelay.counters import CountersUnavailable, check_counters
+from keyrelay.counters import CounterStore, CountersUnavailable, check_counters, open_counters
 from keyrelay.directory import open_directory
 from keyrelay.errors import ConfigError
 from keyrelay.logs import DecisionLog
@@ -95,22 +96,24 @@ def check(config: Config) -> None:
         except KeyError:
             fail(f"policyd.control_group: no such group: {cfg.control_group!r}")
     if config.counters.backend != "memory":
-        log.warning("counters.backend: %s is checked (--check-config) but not used yet by "
-                    "this version: rates, failed logins and lock-outs are counted in this "
-                    "process (docs/cluster.md)", config.counters.backend)
+        log.warning("counters.backend: %s counts rates and quotas; failed logins and "
+                    "lock-outs are still counted in each process by this version "
+                    "(docs/cluster.md)", config.counters.backend)
     for pool in {config.routing.default_pool} - {""} - set(snapshot.pools):
         log.warning("routing.default_pool %r is not a pool in the directory", pool)
 
 
 class Daemon:
-    def __init__(self, config_path: str, config: Config) -> None:
+    def __init__(self, config_path: str, config: Config, counters: CounterStore) -> None:
         self.config_path = config_path
         # Decision lines are buffered and flushed once per event-loop iteration. Policy
         # requests may carry undecodable bytes (kept as surrogates): escape them as stderr
         # does, never fail on them.
         self.log_stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1 << 16,
                                     errors="backslashreplace")
-        self.context = ServiceContext(config, open_directory(config), self.decision_log(config))
+        # the counter store: opened once, kept across SIGHUPs, closed at stop
+        self.context = ServiceContext(config, open_directory(config), self.decision_log(config),
+                                      counters=counters)
         self.auth = AuthService(self.context)
         self.policy = PolicyService(self.context)
         self.socketmap = SocketmapService(self.context)
@@ -139,7 +142,6 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         tasks = [asyncio.create_task(self.every(1.0, self.sweep)),
-                 asyncio.create_task(self.every(60.0, self.prune)),
                  asyncio.create_task(self.flush_loop())]
         log.info("keyrelay-policyd %s ready (pid %d)", __version__, os.getpid())
         await self.stopping.wait()
@@ -150,6 +152,10 @@ class Daemon:
         for task in tasks:
             task.cancel()
         await self.flush()
+        try:
+            await self.context.store.close()
+        except Exception as exc:  # noqa: BLE001 - stopping anyway
+            log.warning("closing the counter store: %s", exc)
 
     async def start_control(self, listener: server.Listener) -> None:
         try:
@@ -171,9 +177,6 @@ class Daemon:
         now = asyncio.get_running_loop().time()
         for listener in self.listeners:
             listener.sweep(now)
-
-    def prune(self) -> None:
-        self.policy.prune()
 
     async def flush_loop(self) -> None:
         while True:
@@ -205,10 +208,17 @@ class Daemon:
                      "control_group", "user"):
             if getattr(old.policyd, name) != getattr(config.policyd, name):
                 log.warning("SIGHUP: policyd.%s changed; it takes effect after a restart", name)
+        if config.counters != old.counters:
+            # the counts so far live in the open store (this process's memory, or the Redis
+            # it is connected to): a SIGHUP keeps it, and the settings it was opened with
+            log.warning("SIGHUP: counters changed; it takes effect after a restart (the "
+                        "running daemon keeps counting with the old counters settings)")
+            config = dataclasses.replace(config, counters=old.counters)
         logs.configure(config.logging)
         directory = (self.context.directory if config.directory == old.directory
                      else open_directory(config))
-        new = ServiceContext(config, directory, self.decision_log(config))
+        new = ServiceContext(config, directory, self.decision_log(config),
+                             counters=self.context.store)
         new.used_keys = self.context.used_keys
         self.context = new
         self.auth.context = self.policy.context = self.socketmap.context = new
@@ -242,8 +252,8 @@ class Daemon:
         await asyncio.sleep(0)  # let the transports close
 
 
-async def serve(path: str, config: Config) -> None:
-    daemon = Daemon(path, config)
+async def serve(path: str, config: Config, counters: CounterStore) -> None:
+    daemon = Daemon(path, config, counters)
     await daemon.run()
     daemon.context.decisions.flush()
 
@@ -291,7 +301,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     _raise_fd_limit()
     try:
-        run(serve(path, config))
+        # no connection yet (Redis away must not stop a start: requests answer 451 4.3.0
+        # until it is back); only an unreadable password file stops it here
+        counters = open_counters(config)
+    except CountersUnavailable as exc:
+        fail(str(exc))
+    try:
+        run(serve(path, config, counters))
     except OSError as exc:
         fail(f"cannot start: {exc}")
     except KeyError as exc:

@@ -10,43 +10,58 @@ Stages (``protocol_state``):
   principal's IP pool, or ``DUNNO`` to let Postfix's own restrictions go on. A pool whose
   transport is not in Postfix's master.cf yet gets ``451 4.3.0`` (``pool_not_in_postfix``)
   instead of a FILTER Postfix could not follow (transports.py).
-- DATA and END-OF-MESSAGE: the same checks, and the message rate limits; each message is
-  counted once, at whichever of the two stages Postfix asks first (``instance`` tells
-  messages apart).
+- DATA and END-OF-MESSAGE: the same checks, then the message is charged to the counter
+  store (``keyrelay.counters``): its recipients, in every window of
+  ``decisions.windows_for`` (rates and quotas, the subuser's own and its account's), in one
+  atomic check-and-add; a full window answers ``451 4.7.1`` (``decide_quota``), a store that
+  cannot answer ``451 4.3.0``. Each message is charged once, at whichever of the two stages
+  Postfix asks first (``instance`` tells messages apart); a message refused or let pass by
+  monitor mode over a full window took nothing (docs/policyd.md, "What is counted").
 - Other stages: ``DUNNO``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
+from collections.abc import Coroutine
+from datetime import datetime
+from typing import Any, NamedTuple, TypeVar
 
+from keyrelay.counters import CountersUnavailable, MemoryCounters, Usage, Window
 from keyrelay.decisions import (
     STAGE_NOT_CHECKED,
     Action,
+    EngineSettings,
     EnvelopeFacts,
+    QuotaFacts,
     RateFacts,
+    RateWindow,
     Reason,
     Verdict,
     decide_envelope,
+    decide_quota,
     decide_rate,
     temporary,
+    windows_for,
     with_rate,
 )
+from keyrelay.directory import Directory
 from keyrelay.errors import DirectoryUnavailable
+from keyrelay.limits import store_window
 
 from .context import ServiceContext
-from .counters import SlidingWindow
 from .transports import PostfixTransports
 
 log = logging.getLogger("keyrelay.policyd.policy")
 
 ENVELOPE_STAGES = frozenset({"MAIL", "RCPT", "DATA", "END-OF-MESSAGE"})
 MESSAGE_STAGES = frozenset({"DATA", "END-OF-MESSAGE"})
-# Messages whose rate was already counted, and RCPTs per message, by Postfix's per-message
-# "instance" attribute.
+# Messages already charged, and RCPTs per message, by Postfix's per-message "instance"
+# attribute.
 _COUNTED_MAX = 65536
+
+T = TypeVar("T")
 
 
 def _int(value: str | None) -> int:
@@ -56,11 +71,52 @@ def _int(value: str | None) -> int:
         return 0
 
 
+def run_now(step: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never waits (``MemoryCounters``: "Nothing here
+    awaits", keyrelay/counters/memory.py), without an event-loop task: the policy service's
+    hot path with the memory store stays one synchronous call."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    step.close()
+    raise RuntimeError("the memory counter store awaited")
+
+
+def _charged(directory: Directory, settings: EngineSettings,
+             principal: str) -> tuple[tuple[RateWindow, ...], tuple[Window, ...]]:
+    """The windows of ``windows_for`` and the store's for each, once per snapshot, settings
+    and principal (as the engine memoises its own: ``Directory.derived``)."""
+    found = directory.derived.get(_CHARGED)
+    if not (isinstance(found, tuple) and found[0] is settings):
+        found = directory.derived[_CHARGED] = (settings, {})
+    memo: dict[str, tuple[tuple[RateWindow, ...], tuple[Window, ...]]] = found[1]
+    pair = memo.get(principal)
+    if pair is None:
+        windows = windows_for(directory, settings, principal)
+        pair = memo[principal] = (windows, tuple(store_window(window) for window in windows))
+    return pair
+
+
+_CHARGED = "policyd.charged"
+
+
+class Charge(NamedTuple):
+    """A message to charge to a counter store that answers over the network (Redis): the
+    connection awaits ``PolicyService.charge`` and answers with its verdict."""
+
+    request: dict[str, str]
+    answer: Verdict  # the envelope's (and recipients') answer, if every window has room
+    directory: Directory  # the snapshot the request was decided with
+    windows: tuple[RateWindow, ...]
+    charged: tuple[Window, ...]  # the store's windows, in the same order
+    amount: int
+    now: datetime
+
+
 class PolicyService:
     def __init__(self, context: ServiceContext) -> None:
         self.context = context
-        self.per_minute = SlidingWindow(60.0)
-        self.per_hour = SlidingWindow(3600.0)
         self._counted: OrderedDict[str, None] = OrderedDict()
         # RCPTs allowed so far, per message ("instance"); bounded like _counted
         self._recipients: OrderedDict[str, int] = OrderedDict()
@@ -81,8 +137,10 @@ class PolicyService:
             return True
         return _int(request.get("server_port")) in cfg.submission_ports
 
-    def decide(self, request: dict[str, str]) -> Verdict:
-        """Decide one request; directory trouble becomes a temporary verdict."""
+    def decide(self, request: dict[str, str]) -> Verdict | Charge:
+        """Decide one request; directory trouble becomes a temporary verdict. A message to
+        charge to a store that answers over the network comes back as a ``Charge`` for
+        ``charge``; with the memory store it is charged here, synchronously."""
         stage = request.get("protocol_state", "").upper()
         if request.get("request") != "smtpd_access_policy" or stage not in ENVELOPE_STAGES:
             return STAGE_NOT_CHECKED
@@ -115,36 +173,53 @@ class PolicyService:
             recipients = self._recipients.get(request.get("instance", ""), 0) + 1
         else:
             recipients = _int(request.get("recipient_count"))
-        counted = stage in MESSAGE_STAGES and self._needs_count(request)
-        tick = ctx.monotonic()
-        rate = decide_rate(
-            directory, ctx.settings,
-            RateFacts(
-                identity=identity,
-                messages_last_minute=self._rate(self.per_minute, verdict, tick, counted),
-                messages_last_hour=self._rate(self.per_hour, verdict, tick, counted),
-                recipients=recipients,
-                now=now,
-            ),
-        )
-        answer = with_rate(verdict, rate)
+        answer = with_rate(verdict, decide_rate(
+            directory, ctx.settings, RateFacts(identity, recipients, now)))
         if not answer.allowed:
             return answer  # refused: nothing counted
         if stage == "RCPT":
             self._count_recipient(request.get("instance", ""), recipients)
-        if counted and verdict.principal:
-            self.per_minute.add(verdict.principal, tick)
-            self.per_hour.add(verdict.principal, tick)
+            return answer
+        if stage not in MESSAGE_STAGES or not self._needs_count(request):
+            return answer
+        windows, charged = _charged(directory, ctx.settings, verdict.principal)
+        if not windows:
             self._remember(request)
-        return answer
+            return answer
+        # the message's recipients, final at DATA; one at least (a request without
+        # recipient_count still sends a message)
+        charge = Charge(request, answer, directory, windows, charged, max(recipients, 1), now)
+        store = ctx.store
+        if isinstance(store, MemoryCounters):
+            return self.charged(charge, run_now(store.take(charge.charged, charge.amount)))
+        return charge
 
-    @staticmethod
-    def _rate(window: SlidingWindow, verdict: Verdict, tick: float, counted: bool) -> int:
-        """Messages in the window, including this one when this request counts it."""
-        if not counted or not verdict.principal:
-            return 0
-        # round up: a fraction of a message left in the window still counts against the limit
-        return math.ceil(window.count(verdict.principal, tick)) + 1
+    async def charge(self, charge: Charge) -> Verdict:
+        """Charge ``charge`` to the counter store (one atomic check-and-add over all its
+        windows) and answer; a store that cannot answer gets ``451 4.3.0``, never a
+        refusal."""
+        try:
+            refused = await self.context.store.take(charge.charged, charge.amount)
+        except CountersUnavailable as exc:
+            log.error("counter store unavailable: %s", exc)
+            return temporary(Reason.COUNTERS_UNAVAILABLE,
+                             charge.request.get("sasl_username", ""))
+        return self.charged(charge, refused)
+
+    def charged(self, charge: Charge, refused: Usage | None) -> Verdict:
+        """The answer once the store has taken the message (``refused`` None) or refused it
+        (the first full window). Only a message taken is remembered as counted: a refused
+        one (and one that monitor mode lets pass over a full window) took nothing."""
+        if refused is None:
+            self._remember(charge.request)
+            # what decide_quota answers for a window None (an allow), with_rate keeps
+            return charge.answer
+        ctx = self.context
+        facts = QuotaFacts(charge.request.get("sasl_username", ""), charge.amount,
+                           charge.windows[charge.charged.index(refused.window)],
+                           used=refused.count, resets_in=refused.resets_in, now=charge.now,
+                           zone=ctx.config.counters.time_zone)
+        return with_rate(charge.answer, decide_quota(charge.directory, ctx.settings, facts))
 
     def _count_recipient(self, instance: str, recipients: int) -> None:
         if not instance:
@@ -164,11 +239,6 @@ class PolicyService:
             self._counted[instance] = None
             while len(self._counted) > _COUNTED_MAX:
                 self._counted.popitem(last=False)
-
-    def prune(self) -> None:
-        tick = self.context.monotonic()
-        self.per_minute.prune(tick)
-        self.per_hour.prune(tick)
 
     def log(self, request: dict[str, str], verdict: Verdict) -> None:
         if verdict.reason is Reason.STAGE_NOT_CHECKED:

@@ -2,7 +2,8 @@
 
 Each service listens on a unix socket or a loopback/TCP address. Connections are plain
 ``asyncio.Protocol`` objects (no per-request coroutine: a request is decided synchronously
-from an in-memory snapshot, so the event loop's only work is bytes in and bytes out). Every
+from an in-memory snapshot, so the event loop's only work is bytes in and bytes out; only an
+LDAP key look-up and a message charged to Redis wait, in a task, reading paused). Every
 connection is bounded: request size, idle time, time to finish a started request, pending
 output (reading pauses while the client does not read), and the number of connections.
 
@@ -14,6 +15,7 @@ connection. The daemon keeps serving everyone else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -305,22 +307,81 @@ class AuthConnection(Connection):
 
 
 class PolicyConnection(Connection):
+    """The policy protocol: one request at a time, answered in order. A message charged to a
+    counter store over the network (``policy.Charge``) pauses reading until the store has
+    answered; requests that arrived meanwhile wait in ``backlog`` (as ``AuthConnection``'s
+    key look-ups)."""
+
     def __init__(self, listener: Listener, service: PolicyService) -> None:
         super().__init__(listener)
         self.service = service
         self.reader = attributes.RequestReader(listener.limits.max_request_size)
         self.request: dict[str, str] = {}
+        self.charging: asyncio.Future[None] | None = None
+        self.backlog: collections.deque[dict[str, str]] = collections.deque()
 
     def pending(self) -> bool:
-        return self.reader.pending
+        return self.reader.pending or self.charging is not None or bool(self.backlog)
 
     def received(self, data: bytes) -> None:
-        for request in self.reader.feed(data):
-            self.request = request
-            verdict = self.service.decide(request)
-            self.service.log(request, verdict)
-            self.send(attributes.encode_action(policy.render(verdict)))
-        self.request = {}
+        requests = self.reader.feed(data)
+        if self.charging is None and not self.backlog:
+            for number, request in enumerate(requests):  # the common case: all at once
+                if self.closing:
+                    break
+                if not self.decide(request):
+                    self.backlog.extend(requests[number + 1:])
+                    break
+        else:
+            self.backlog.extend(requests)
+        if self.charging is None:
+            self.request = {}
+
+    def decide(self, request: dict[str, str]) -> bool:
+        """Decide and answer ``request``; False when it waits for the counter store."""
+        self.request = request
+        result = self.service.decide(request)
+        if isinstance(result, policy.Charge):
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self.charging = asyncio.ensure_future(self.charge(result))
+            return False
+        self.answer(request, result)
+        return True
+
+    def answer(self, request: dict[str, str], verdict: Verdict) -> None:
+        self.service.log(request, verdict)
+        self.send(attributes.encode_action(policy.render(verdict)))
+
+    async def charge(self, charge: policy.Charge) -> None:
+        """Charge the message to the store (the event loop serves everyone else meanwhile),
+        answer, and go on with what arrived meanwhile."""
+        try:
+            verdict = await self.service.charge(charge)
+        except Exception:  # a bug of ours: answered temporarily, this connection closed
+            log.exception("%s: charging a message for %s failed; closing the connection",
+                          self.listener.name, self.peer)
+            self.internal_error()
+            return
+        finally:
+            self.charging = None
+        if self.closing:
+            return  # the sweep closed it (request_timeout): Postfix answered on its own
+
+        def answer_and_go_on(_: bytes) -> None:
+            self.answer(charge.request, verdict)
+            while self.backlog and self.charging is None and not self.closing:
+                self.decide(self.backlog.popleft())
+            if self.charging is None:
+                self.request = {}
+
+        if not self.guarded(answer_and_go_on, b""):
+            return
+        if self.charging is None and not self.closing:
+            if not self.pending():
+                self.request_started = 0.0
+            if self.transport is not None:
+                self.transport.resume_reading()
 
     def internal_error(self) -> None:
         # The policy protocol can carry a temporary answer: better than a dropped connection,

@@ -56,7 +56,8 @@ IN_PROCESS = frozenset({
     "test_fuzz_parsers", "test_headers", "test_import_rules", "test_ldap_mapping", "test_logs",
     "test_lockout",
     "test_milter", "test_names", "test_policyd_codecs", "test_policyd_counters",
-    "test_policyd_services", "test_reasons", "test_sync", "test_counters_memory",
+    "test_policyd_services", "test_quotas", "test_reasons", "test_sync",
+    "test_counters_memory",
 })
 
 

@@ -354,10 +354,12 @@ def test_account_list_and_show(shared: Shared) -> None:
         "name": "acme", "status": "active", "monitor": False, "pool": None,
         "ip_allow": ["192.0.2.0/24", "2001:db8:1::/48"],
         "limits": {"messages_per_minute": None, "messages_per_hour": None,
-                   "recipients_per_message": None},
+                   "recipients_per_message": None, "messages_per_day": None,
+                   "messages_per_month": None},
         # the numbers the policy service applies: here the configuration's defaults
         "effective_limits": {"messages_per_minute": 600, "messages_per_hour": 20000,
-                             "recipients_per_message": 100},
+                             "recipients_per_message": 100, "messages_per_day": None,
+                             "messages_per_month": None},
         "subusers": ["marketing"], "keys": 1, "domains": ["example.com"],
     }
     assert (accounts[1]["subusers"], accounts[1]["keys"], accounts[1]["domains"]) == ([], 0, [])
@@ -371,9 +373,12 @@ def test_subuser_list(shared: Shared) -> None:
         "principal": "acme/marketing", "account": "acme", "name": "marketing",
         "status": "active", "pool": "mkt",
         "limits": {"messages_per_minute": 10, "messages_per_hour": None,
-                   "recipients_per_message": 5},
+                   "recipients_per_message": 5, "messages_per_day": None,
+                   "messages_per_month": None},
+        # the tightest number that caps it: its own per-minute limit, the account's others
         "effective_limits": {"messages_per_minute": 10, "messages_per_hour": 20000,
-                             "recipients_per_message": 5},
+                             "recipients_per_message": 5, "messages_per_day": None,
+                             "messages_per_month": None},
         "keys": 1,
     }
 
@@ -571,7 +576,8 @@ REFUSALS: dict[str, Refusal] = {
                              "stats.read"),
     # issue 20, items 7 and 8: limits
     "limits-nothing-to-set": Refusal("limits set acme", 1, "nothing to set: give --per-minute, "
-                                     "--per-hour or --recipients, each a number or inherit"),
+                                     "--per-hour, --recipients, --per-day or --per-month, each "
+                                     "a number or inherit"),
     "limit-zero": Refusal("limits set acme --per-minute 0", 1,
                           "messages per minute: a limit is at least 1, got 0 (to take the "
                           "account's or the configuration's value instead, inherit it)"),
@@ -586,6 +592,25 @@ REFUSALS: dict[str, Refusal] = {
         "limits set acme/marketing --per-minute 20001", 1,
         "acme/marketing would be allowed 20001 messages per minute (subuser acme/marketing) "
         "but only 20000 per hour (config default limits.messages_per_hour)"),
+    # issue 21, section 3: quotas
+    "quota-zero": Refusal("limits set acme --per-day 0", 1,
+                          "messages per day: a limit is at least 1, got 0"),
+    "quota-negative": Refusal("limits set acme --per-month -5", 1,
+                              "messages per month: a limit is at least 1, got -5"),
+    "quota-absurd": Refusal("limits set acme --per-month 99999999999999", 1,
+                            "messages per month: 99999999999999 is above the maximum of "
+                            "44640000000"),
+    "quota-month-below-day": Refusal(
+        "limits set acme --per-day 50000 --per-month 40000", 1,
+        "acme would be allowed 50000 messages per day (account acme) but only 40000 per month "
+        "(account acme): the per-day limit must not be above the per-month limit"),
+    "quota-day-below-hour": Refusal(
+        "limits set acme --per-hour 5000 --per-day 1000", 1,
+        "acme would be allowed 5000 messages per hour (account acme) but only 1000 per day "
+        "(account acme): the per-hour limit must not be above the per-day limit"),
+    "quota-not-a-number": Refusal("limits set acme --per-day lots", 2,
+                                  "argument --per-day: expected a whole number or inherit, "
+                                  "got 'lots'"),
     "limits-of-unknown-principal": Refusal("limits show acme/nobody", 1,
                                            "unknown subuser 'acme/nobody'"),
     # issue 20, item 9: IP access rules belong to accounts
@@ -914,18 +939,25 @@ def test_limits_set_changes_only_what_it_is_given_and_inherit_clears_one(fresh: 
     # issue 20, item 7: `limits set P --recipients 10` dropped the limits set just before
     fresh.ok("account add acme")
     fresh.ok("subuser add acme/app")
+    # a subuser's own limits cap it alone; its account's (here the config's defaults) still
+    # cap the account as a whole, shown beside them
     assert fresh.ok("limits set acme/app --per-minute 10 --per-hour 100") == (
-        "Limits of acme/app: 10/min (own), 100/hour (own), 100 rcpt/msg (config default).\n")
+        "Limits of acme/app: 10/min (own; account: 600/min), 100/hour (own; account: "
+        "20000/hour), 100 rcpt/msg (config default).\n")
     assert fresh.ok("limits set acme/app --recipients 10") == (
-        "Limits of acme/app: 10/min (own), 100/hour (own), 10 rcpt/msg (own).\n")
+        "Limits of acme/app: 10/min (own; account: 600/min), 100/hour (own; account: "
+        "20000/hour), 10 rcpt/msg (own).\n")
+    no_quota = {"messages_per_day": None, "messages_per_month": None}
     assert fresh.json("subuser list acme")[0]["limits"] == {
-        "messages_per_minute": 10, "messages_per_hour": 100, "recipients_per_message": 10}
+        "messages_per_minute": 10, "messages_per_hour": 100, "recipients_per_message": 10,
+        **no_quota}
     fresh.ok("limits set acme --per-hour 5000 --per-minute 50")
     assert fresh.ok("limits set acme/app --per-minute inherit --per-hour inherit") == (
         "Limits of acme/app: 50/min (account acme), 5000/hour (account acme), "
         "10 rcpt/msg (own).\n")
     assert fresh.json("subuser list acme")[0]["limits"] == {
-        "messages_per_minute": None, "messages_per_hour": None, "recipients_per_message": 10}
+        "messages_per_minute": None, "messages_per_hour": None, "recipients_per_message": 10,
+        **no_quota}
     entries = [json.loads(line) for line in fresh.audit_log.read_text().splitlines()]
     assert entries[-1]["limits"] == "messages_per_minute=inherit messages_per_hour=inherit"
 
@@ -935,20 +967,35 @@ def test_limits_show_gives_the_numbers_in_use_and_where_each_is_set(fresh: CliSi
     fresh.ok("subuser add acme/app")
     fresh.ok("limits set acme --per-hour 5000")
     fresh.ok("limits set acme/app --recipients 7")
-    assert fresh.json("limits show acme/app") == {
-        "principal": "acme/app",
-        "limits": {
-            "messages_per_minute": {"value": 600, "source": "config",
-                                    "set_on": "limits.messages_per_minute"},
-            "messages_per_hour": {"value": 5000, "source": "account", "set_on": "acme"},
-            "recipients_per_message": {"value": 7, "source": "subuser", "set_on": "acme/app"},
-        },
+    shown = fresh.json("limits show acme/app")
+    assert shown["limits"] == {
+        "messages_per_minute": {"value": 600, "source": "config",
+                                "set_on": "limits.messages_per_minute"},
+        "messages_per_hour": {"value": 5000, "source": "account", "set_on": "acme"},
+        "recipients_per_message": {"value": 7, "source": "subuser", "set_on": "acme/app"},
+        "messages_per_day": {"value": None, "source": "none", "set_on": None},
+        "messages_per_month": {"value": None, "source": "none", "set_on": None},
     }
-    assert fresh.ok("limits show acme/app") == (
-        "LIMIT                   VALUE  FROM\n"
-        "messages per minute     600    config default limits.messages_per_minute\n"
-        "messages per hour       5000   account acme\n"
-        "recipients per message  7      subuser acme/app\n")
+    assert [w for w in shown["windows"] if w["value"] is not None] == [
+        {"limit": "messages_per_minute", "value": 600, "source": "config",
+         "set_on": "limits.messages_per_minute", "caps": "account"},
+        {"limit": "messages_per_hour", "value": 5000, "source": "account", "set_on": "acme",
+         "caps": "account"},
+        {"limit": "recipients_per_message", "value": 7, "source": "subuser",
+         "set_on": "acme/app", "caps": "message"},
+    ]
+    assert fresh.ok("limits show acme/app").splitlines() == [
+        "LIMIT                   VALUE  FROM                                       CAPS",
+        "messages per minute     none   not set                                    acme/app alone",
+        "messages per minute     600    config default limits.messages_per_minute  all of acme",
+        "messages per hour       none   not set                                    acme/app alone",
+        "messages per hour       5000   account acme                               all of acme",
+        "recipients per message  7      subuser acme/app                           each message",
+        "messages per day        none   not set                                    acme/app alone",
+        "messages per day        none   not set                                    all of acme",
+        "messages per month      none   not set                                    acme/app alone",
+        "messages per month      none   not set                                    all of acme",
+    ]
     # listings show the numbers in use, never "defaults"
     assert "limits:    600/min (config default), 5000/hour (own), 100 rcpt/msg (config " \
         "default)\n" in fresh.ok("account show acme")
@@ -957,16 +1004,31 @@ def test_limits_show_gives_the_numbers_in_use_and_where_each_is_set(fresh: CliSi
 
 
 def test_limits_of_an_account_may_not_contradict_a_subusers_own(fresh: CliSite) -> None:
-    # issue 20, item 8: the subuser inherits the account's per-minute limit
+    # issue 20, item 8 refused an account limit above a subuser's own longer one, because the
+    # subuser took the account's number as its own. Issue 21: an account's number caps the
+    # account as a whole (all its subusers together), so 1000 per minute for acme beside 700
+    # per hour for acme/app alone is no contradiction; a subuser's own number above its
+    # account's longer one still is (it could never be reached).
     fresh.ok("account add acme")
     fresh.ok("subuser add acme/app")
     fresh.ok("limits set acme/app --per-hour 700")
-    assert fresh.refused("limits set acme --per-minute 1000") == (
-        "keyrelay: error: acme/app would be allowed 1000 messages per minute (account acme) "
-        "but only 700 per hour (subuser acme/app): the per-minute limit must not be above the "
-        "per-hour limit")
-    assert fresh.json("account show acme")["limits"]["messages_per_minute"] is None
-    assert fresh.ok("limits set acme --per-minute 400").startswith("Limits of acme: 400/min")
+    assert fresh.ok("limits set acme --per-minute 1000").startswith("Limits of acme: 1000/min")
+    fresh.ok("limits set acme --per-hour 2000 --per-day 10000")
+    assert fresh.refused("limits set acme/app --per-minute 3000") == (
+        "keyrelay: error: acme/app would be allowed 3000 messages per minute (subuser "
+        "acme/app) but only 700 per hour (subuser acme/app): the per-minute limit must not be "
+        "above the per-hour limit")
+    fresh.ok("limits set acme --per-month 15000")
+    assert fresh.refused("limits set acme/app --per-day 20000") == (
+        "keyrelay: error: acme/app would be allowed 20000 messages per day (subuser acme/app) "
+        "but only 15000 per month (account acme): the per-day limit must not be above the "
+        "per-month limit")
+    assert fresh.json("subuser list acme")[0]["limits"]["messages_per_day"] is None
+    # a daily quota under the configuration's default hourly rate: the quota refuses first
+    fresh.ok("account add globex")
+    assert fresh.ok("limits set globex --per-day 1000") == (
+        "Limits of globex: 600/min (config default), 20000/hour (config default), "
+        "100 rcpt/msg (config default), 1000/day (own).\n")
 
 
 def test_scopes_are_checked_against_the_known_list(fresh: CliSite) -> None:

@@ -21,6 +21,7 @@ from keyrelay.config import (
     render_example,
     resolve_config_path,
 )
+from keyrelay.decisions import EngineSettings
 from keyrelay.durations import format_duration, parse_duration
 from keyrelay.errors import ConfigError
 from keyrelay.limits import LIMIT_MAXIMA
@@ -76,6 +77,8 @@ def test_defaults_are_the_documented_values() -> None:
     assert config.limits.messages_per_minute == 600
     assert config.limits.messages_per_hour == 20000
     assert config.limits.recipients_per_message == 100
+    # issue 21: no daily or monthly quota unless configured
+    assert (config.limits.messages_per_day, config.limits.messages_per_month) == (None, None)
     assert config.routing.default_pool == ""
     assert config.routing.transport_prefix == "kr-pool-"
     assert config.logging.level == "info"
@@ -86,6 +89,15 @@ def test_defaults_are_the_documented_values() -> None:
     assert (config.milter.socket_mode, config.milter.socket_group) == ("0660", "postfix")
     assert (config.milter.user, config.policyd.user) == ("keyrelay", "keyrelay")
     assert config.milter.shutdown_grace == 10.0
+
+
+def test_quota_defaults_are_optional_integers(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "limits:\n  messages_per_hour: 1000\n"
+                               "  messages_per_day: 20000\n  messages_per_month: null\n"))
+    assert (config.limits.messages_per_day, config.limits.messages_per_month) == (20000, None)
+    settings = EngineSettings.from_config(config)
+    assert settings.default_limits.messages_per_day == 20000
+    assert settings.default_limits.messages_per_month is None
 
 
 def test_unset_keys_of_a_partly_written_section_keep_their_defaults(tmp_path: Path) -> None:
@@ -217,6 +229,19 @@ ERRORS = [
      "limits.messages_per_minute", "100 per minute is above messages_per_hour (1)"),
     ("limits:\n  messages_per_minute: 30000\n", 2, "limits.messages_per_minute",
      "above messages_per_hour (20000)"),
+    # issue 21: the quotas' bounds and order, as `keyrelay limits set` refuses them
+    ("limits:\n  messages_per_day: 0\n", 2, "limits.messages_per_day", "at least 1, got 0"),
+    ("limits:\n  messages_per_month: -3\n", 2, "limits.messages_per_month",
+     "at least 1, got -3"),
+    ("limits:\n  messages_per_month: 44640000001\n", 2, "limits.messages_per_month",
+     "must be at most 44640000000"),
+    ("limits:\n  messages_per_day: lots\n", 2, "limits.messages_per_day",
+     "expected an integer or null, got a string"),
+    ("limits:\n  messages_per_day: 1000\n", 2, "limits.messages_per_day",
+     "1000 per day is below messages_per_hour (20000): the daily quota must not be below the "
+     "per-hour limit"),
+    ("limits:\n  messages_per_day: 50000\n  messages_per_month: 40000\n", 3,
+     "limits.messages_per_month", "40000 per month is below messages_per_day (50000)"),
     ("keys:\n  last_used_flush_interval: 0.5\n", 2, "keys.last_used_flush_interval", "at least 1s"),
     ("keys:\n  default_expiry: 0\n", 2, "keys.default_expiry", "at least 1s, got 0s"),
     ("logging:\n  level: verbose\n", 2, "logging.level", "must be one of 'debug', 'info'"),

@@ -23,6 +23,7 @@ from keyrelay.decisions import (
     HeaderFacts,
     LockoutFacts,
     LoginFacts,
+    QuotaFacts,
     RateFacts,
     Reason,
     Verdict,
@@ -32,12 +33,14 @@ from keyrelay.decisions import (
     decide_headers,
     decide_lockout,
     decide_login,
+    decide_quota,
     decide_rate,
     format_identity,
     limits_for,
     locked_out,
     parse_identity,
     temporary,
+    windows_for,
     with_rate,
 )
 from keyrelay.decisions import envelope as envelope_module
@@ -137,7 +140,21 @@ def rate(
     *,
     settings: EngineSettings = DEFAULTS,
 ) -> Verdict:
-    return decide_rate(world.snapshot(), settings, RateFacts(ident, minute, hour, recipients, NOW))
+    """The policy service's answer for a message at DATA: recipients per message first
+    (``decide_rate``), then the windows (``windows_for``), ``minute`` and ``hour`` being the
+    messages in each sliding window including this one, as the counter store would answer."""
+    snapshot = world.snapshot()
+    verdict = decide_rate(snapshot, settings, RateFacts(ident, recipients, NOW))
+    parsed = parse_identity(ident)
+    if not verdict.allowed or verdict.monitored is not None or parsed is None:
+        return verdict
+    counts = {"minute": minute, "hour": hour}
+    for window in windows_for(snapshot, settings, parsed[0]):
+        count = counts.get(window.span, 1)
+        if count > window.limit:
+            return decide_quota(snapshot, settings, QuotaFacts(
+                ident, 1, window, used=count - 1, resets_in=30.0, now=NOW))
+    return decide_quota(snapshot, settings, QuotaFacts(ident, 1, None, now=NOW))
 
 
 def assert_refused(verdict: Verdict, code: int, status: str, reason: str) -> None:

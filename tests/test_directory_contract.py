@@ -295,6 +295,8 @@ CLI_SCRIPT: list[tuple[str, ...]] = [
     ("pool", "assign", "acme/news", "bulk"),
     ("ip", "allow", "acme", "192.0.2.0/24"),
     ("limits", "set", "acme/news", "--per-minute", "30"),
+    ("limits", "set", "acme", "--per-day", "50000", "--per-month", "1000000"),
+    ("limits", "set", "acme/news", "--per-day", "2000"),
     ("domain", "add", "acme", "example.com"),
     ("domain", "grant", "example.com", "acme/news"),
     ("domain", "mark-verified", "example.com"),

@@ -74,10 +74,13 @@ def test_times_keep_microseconds_and_time_zone() -> None:
 def test_schema_files_are_generated_from_the_module(tmp_path: Path) -> None:
     assert (ROOT / "ldap" / "keyrelay.schema").read_text() == schema.schema_file()
     assert (ROOT / "ldap" / "keyrelay.ldif").read_text() == schema.schema_ldif()
+    assert (ROOT / "ldap" / "keyrelay-upgrade.ldif").read_text() == schema.schema_upgrade_ldif()
     # what `python -m keyrelay.directory.ldap` writes (here into a scratch folder)
     written = schema.write_files(tmp_path / "ldap")
-    assert [p.name for p in written] == ["keyrelay.schema", "keyrelay.ldif"]
-    assert [p.read_text() for p in written] == [schema.schema_file(), schema.schema_ldif()]
+    assert [p.name for p in written] == ["keyrelay.schema", "keyrelay.ldif",
+                                         "keyrelay-upgrade.ldif"]
+    assert [p.read_text() for p in written] == [schema.schema_file(), schema.schema_ldif(),
+                                                schema.schema_upgrade_ldif()]
 
 
 def test_schema_oids_are_unique_and_classes_use_known_attributes() -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import stat
+from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from keyrelay.config import parse_config
+from keyrelay.counters import MemoryCounters, Sliding
 from keyrelay.decisions import Verdict, format_identity
 from keyrelay.directory import YamlDirectory
 from keyrelay.directory.model import Limits
@@ -113,30 +117,43 @@ def test_a_new_directory_file_and_lock_belong_to_the_folders_owner(tmp_path: Pat
 
 
 # -- the policy service's counting, on a clock the test moves ---------------------------------
-class Policy:
-    """A PolicyService on a YAML directory, with its monotonic clock in the test's hand."""
+START = 1_800_000_000.0  # the store's clock (epoch seconds), at the start of a minute
 
-    def __init__(self, tmp_path: Path, world: World) -> None:
+
+class Policy:
+    """A PolicyService on a YAML directory, with the memory counter store's clock in the
+    test's hand."""
+
+    def __init__(self, tmp_path: Path, world: World, config: dict[str, object] | None = None,
+                 ) -> None:
         path = tmp_path / "directory.yaml"
         path.write_text(render(world.data))
-        config = parse_config({"directory": {"path": str(path)}}, "test")
-        log = DecisionLog(config.logging, (tmp_path / "log").open("w"))
-        self.tick = 1000.0  # seconds; moved only by the test
-        self.service = PolicyService(ServiceContext(config, YamlDirectory(str(path)), log,
-                                             clock=lambda: NOW, monotonic=lambda: self.tick))
+        self.config = parse_config({"directory": {"path": str(path)}, **(config or {})}, "test")
+        log = DecisionLog(self.config.logging, (tmp_path / "log").open("w"))
+        self.tick = START  # moved only by the test
+        store = MemoryCounters(clock=lambda: self.tick,
+                               zone=ZoneInfo(self.config.counters.time_zone))
+        self.service = PolicyService(ServiceContext(
+            self.config, YamlDirectory(str(path)), log,
+            clock=lambda: datetime.fromtimestamp(self.tick, UTC), counters=store))
         self.instances = itertools.count(1)
 
-    def message(self, identity: str, *stages: str) -> list[str]:
+    def message(self, identity: str, *stages: str, recipients: int = 1) -> list[str]:
         """The answers to one message's requests, as Postfix asks them at each stage."""
         instance = f"{next(self.instances):x}.0"
         answers = []
         for stage in stages:
             at_data = stage in ("DATA", "END-OF-MESSAGE")
+            principal = identity.rpartition(":")[0]
+            sender = f"{principal.replace('/', '.')}@acme.example"  # acme, or acme.app
             request = policy_request(
-                sasl_method="PLAIN", sasl_username=identity, sender="app@acme.example",
+                sasl_method="PLAIN", sasl_username=identity, sender=sender,
                 protocol_state=stage, instance=instance, queue_id="4XyZ1",
-                recipient_count="1" if at_data else "0", recipient="rcpt@example.net")
-            answers.append(render_policy(self.service.decide(request)))
+                recipient_count=str(recipients) if at_data else "0",
+                recipient="rcpt@example.net")
+            verdict = self.service.decide(request)
+            assert isinstance(verdict, Verdict), "the memory store is charged synchronously"
+            answers.append(render_policy(verdict))
         return answers
 
 
@@ -148,14 +165,20 @@ def _limited(tmp_path: Path, per_minute: int) -> tuple[Policy, str]:
     return Policy(tmp_path, world), format_identity("acme", key_id(text))
 
 
+def _full(per_minute: int, wait: str) -> str:
+    return (f"451 4.7.1 limit of {per_minute} messages per minute reached for account acme "
+            f"(a message to N recipients counts N); try again in {wait}")
+
+
 def test_a_message_beyond_the_per_minute_limit_is_deferred_451_at_data(tmp_path: Path) -> None:
     policy, identity = _limited(tmp_path, 3)
     sent = [policy.message(identity, "RCPT", "DATA") for _ in range(4)]
     assert sent[:3] == [["DUNNO", "DUNNO"]] * 3
-    assert sent[3] == ["DUNNO", "451 4.7.1 limit of 3 messages per minute reached for acme; "
-                                "try again later"]
-    # a refused message is not counted; a minute later the window has slid past all of them
-    policy.tick += 60
+    # 3 in this minute's bucket: room for one more once 1/3 of it has slid out of the
+    # window, 20 seconds into the next minute
+    assert sent[3] == ["DUNNO", _full(3, "80 seconds")]
+    # a refused message is not counted; two minutes later the window has slid past all
+    policy.tick += 120
     assert policy.message(identity, "RCPT", "DATA") == ["DUNNO", "DUNNO"]
 
 
@@ -166,19 +189,91 @@ def test_a_message_asked_at_data_and_end_of_message_is_counted_once(tmp_path: Pa
     second = policy.message(identity, "RCPT", "DATA", "END-OF-MESSAGE")
     third = policy.message(identity, "RCPT", "DATA")
     assert first == second == ["DUNNO"] * 3
-    assert third[1] == "451 4.7.1 limit of 2 messages per minute reached for acme; try again later"
+    assert third[1] == _full(2, "90 seconds")
+
+
+def test_a_message_refused_at_data_is_charged_at_end_of_message_once_there_is_room(
+        tmp_path: Path) -> None:
+    policy, identity = _limited(tmp_path, 1)
+    assert policy.message(identity, "DATA") == ["DUNNO"]
+    refused = policy.message(identity, "DATA")
+    assert refused[0].startswith("451 4.7.1"), "the refused take added nothing"
+    policy.tick += 120
+    assert policy.message(identity, "DATA", "END-OF-MESSAGE") == ["DUNNO", "DUNNO"]
+    assert policy.message(identity, "DATA")[0].startswith("451 4.7.1"), \
+        "the message above was charged once, at DATA"
 
 
 def test_the_rate_window_slides_a_message_counts_less_as_it_ages(tmp_path: Path) -> None:
     policy, identity = _limited(tmp_path, 2)
     for _ in range(2):
         assert policy.message(identity, "DATA") == ["DUNNO"]
-    assert policy.message(identity, "DATA") == [
-        "451 4.7.1 limit of 2 messages per minute reached for acme; try again later"]
+    assert policy.message(identity, "DATA") == [_full(2, "90 seconds")]
     policy.tick += 30  # still inside the minute: the two count fully or in part
     assert policy.message(identity, "DATA")[0].startswith("451 4.7.1")
-    policy.tick += 61  # the first minute's messages have slid out
+    policy.tick += 61  # the first minute's messages have slid out, enough for one
     assert policy.message(identity, "DATA") == ["DUNNO"]
+
+
+def _acme_and_two_subusers(tmp_path: Path, limits: Limits,
+                           config: dict[str, object] | None = None,
+                           ) -> tuple[Policy, str, str]:
+    world = World()
+    world.account("acme", limits=limits)
+    world.domain("acme", "acme.example")
+    world.subuser("acme/app")
+    world.subuser("acme/billing")
+    for subuser in ("acme/app", "acme/billing"):
+        world.sender(subuser, f"{subuser.replace('/', '.')}@acme.example")
+    app, billing = world.key("acme/app"), world.key("acme/billing")
+    return (Policy(tmp_path, world, config), format_identity("acme/app", key_id(app)),
+            format_identity("acme/billing", key_id(billing)))
+
+
+def test_two_subusers_of_an_account_limited_to_1_per_minute_send_one_message_together(
+        tmp_path: Path) -> None:
+    # issue 21: with `keyrelay limits set acme --per-minute 1` two subusers sent one each
+    policy, app, billing = _acme_and_two_subusers(tmp_path, Limits(messages_per_minute=1))
+    assert policy.message(app, "RCPT", "DATA") == ["DUNNO", "DUNNO"]
+    assert policy.message(billing, "RCPT", "DATA") == ["DUNNO", _full(1, "2 minutes")]
+    policy.tick += 120
+    assert policy.message(billing, "RCPT", "DATA") == ["DUNNO", "DUNNO"]
+
+
+def test_a_message_to_3_recipients_counts_3(tmp_path: Path) -> None:
+    policy, app, billing = _acme_and_two_subusers(tmp_path, Limits(messages_per_minute=5))
+    assert policy.message(app, "DATA", recipients=3) == ["DUNNO"]
+    assert policy.message(billing, "DATA", recipients=3)[0].startswith("451 4.7.1")
+    assert policy.message(billing, "DATA", recipients=2) == ["DUNNO"]  # 3 + 2 = 5
+    assert policy.message(app, "DATA")[0].startswith("451 4.7.1")
+
+
+def test_a_daily_quota_answers_451_naming_the_quota_and_its_reset(tmp_path: Path) -> None:
+    policy, app, billing = _acme_and_two_subusers(
+        tmp_path, Limits(messages_per_day=4), {"counters": {"time_zone": "Europe/Paris"}})
+    # 2027-01-15 08:00 UTC
+    assert policy.message(app, "DATA", recipients=3) == ["DUNNO"]
+    assert policy.message(billing, "DATA", recipients=2) == [
+        "451 4.7.1 daily quota of 4 messages for account acme reached; it resets at "
+        "2027-01-16 00:00 CET (a message to N recipients counts N)"]
+    policy.tick += 16 * 3600  # 00:00 in Paris
+    assert policy.message(billing, "DATA", recipients=2) == ["DUNNO"]
+
+
+def test_monitor_mode_lets_a_message_pass_over_a_full_window_and_charges_nothing(
+        tmp_path: Path) -> None:
+    world = World()
+    world.account("acme", limits=Limits(messages_per_minute=1))
+    world.domain("acme", "acme.example")
+    world.monitor("acme")
+    identity = format_identity("acme", key_id(world.key("acme")))
+    policy = Policy(tmp_path, world)
+    assert policy.message(identity, "DATA") == ["DUNNO"]
+    assert policy.message(identity, "DATA") == ["DUNNO"]  # over the limit: passes, logged
+    store = policy.service.context.store
+    assert isinstance(store, MemoryCounters)
+    usage = asyncio.run(store.peek((Sliding("acme", 60, 1),)))
+    assert usage[0].count == 1.0, "the pass over the full window took nothing"
 
 
 # -- the auth service's brute-force counters, on a clock the test moves ------------------------

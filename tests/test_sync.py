@@ -18,9 +18,12 @@ DECLARED = {
     "accounts": {
         "acme": {
             "ip_allow": ["192.0.2.0/24", "2001:db8::/32"],
-            "limits": {"messages_per_minute": 100, "messages_per_hour": "inherit"},
+            "limits": {"messages_per_minute": 100, "messages_per_hour": "inherit",
+                       "messages_per_day": 50000, "messages_per_month": 1000000},
             "senders": ["alerts@partner.example"],
-            "subusers": {"marketing": {"pool": "mkt"}, "billing": {}},
+            "subusers": {"marketing": {"pool": "mkt",
+                                       "limits": {"messages_per_day": 20000}},
+                         "billing": {}},
         },
     },
     "domains": {"acme.example": {"owner": "acme", "grants": ["acme/marketing"]}},
@@ -57,6 +60,10 @@ def test_sync_creates_what_is_declared_and_a_second_run_changes_nothing(tmp_path
     acme = data.accounts["acme"]
     assert [str(n) for n in acme.ip_allow] == ["192.0.2.0/24", "2001:db8::/32"]
     assert acme.limits.messages_per_minute == 100 and acme.limits.messages_per_hour is None
+    # issue 21: the quotas are declared like the other limits
+    assert (acme.limits.messages_per_day, acme.limits.messages_per_month) == (50000, 1000000)
+    assert data.subusers["acme/marketing"].limits.messages_per_day == 20000
+    assert data.subusers["acme/marketing"].limits.messages_per_month is None
     assert data.subusers["acme/marketing"].pool == "mkt"
     domain = data.domains["acme.example"]
     assert (domain.owner, domain.grants, str(domain.state)) == (
@@ -140,6 +147,10 @@ def test_state_absent_removes_a_subuser_with_its_keys_and_a_domain_with_its_key_
      "4: accounts.acme.limits.messages_per_hour: expected a whole number of at least 1, or "
      "inherit (or null, or leave it out) to take the account's or the configuration's value; "
      "got an integer (0)"),
+    # issue 21: the quotas likewise
+    ({"accounts": {"acme": {"subusers": {"app": {"limits": {"messages_per_month": 0}}}}}},
+     "6: accounts.acme.subusers.app.limits.messages_per_month: expected a whole number of at "
+     "least 1"),
     ({"accounts": {"acme": {"colour": "red"}}},
      "3: accounts.acme.colour: unknown key; allowed here: state, status, pool, limits, "
      "senders, monitor, ip_allow, subusers"),
@@ -241,14 +252,20 @@ def test_a_declaration_that_clashes_changes_nothing_and_leaves_no_key_behind(
     ({"accounts": {"acme": {"limits": {"messages_per_minute": 100, "messages_per_hour": 1}}}},
      "acme would be allowed 100 messages per minute (account acme) but only 1 per hour "
      "(account acme): the per-minute limit must not be above the per-hour limit"),
-    # the subuser inherits the account's per-minute limit
-    ({"accounts": {"acme": {"limits": {"messages_per_minute": 1000},
-                            "subusers": {"app": {"limits": {"messages_per_hour": 500}}}}}},
-     "acme/app would be allowed 1000 messages per minute (account acme) but only 500 per hour "
-     "(subuser acme/app)"),
+    # a subuser's own quota above its account's longer one could never be reached (issue 21:
+    # an account's per-minute limit above a subuser's own per-hour one is no contradiction
+    # any more, the account's caps all its subusers together)
+    ({"accounts": {"acme": {"limits": {"messages_per_month": 1000},
+                            "subusers": {"app": {"limits": {"messages_per_day": 5000}}}}}},
+     "acme/app would be allowed 5000 messages per day (subuser acme/app) but only 1000 per "
+     "month (account acme): the per-day limit must not be above the per-month limit"),
+    ({"accounts": {"acme": {"limits": {"messages_per_day": 100, "messages_per_month": 50}}}},
+     "acme would be allowed 100 messages per day (account acme) but only 50 per month "
+     "(account acme)"),
     ({"accounts": {"acme": {"limits": {"recipients_per_message": 10**20}}}},
      "recipients per message: 100000000000000000000 is above the maximum of 100000"),
-], ids=["minute-above-hour", "minute-above-a-subusers-hour", "absurd"])
+], ids=["minute-above-hour", "a-subusers-day-above-the-accounts-month", "day-above-month",
+        "absurd"])
 def test_declared_limits_are_sanity_checked(tmp_path: Path, content: object,
                                             message: str) -> None:
     # issue 20, item 8

@@ -71,8 +71,10 @@ def build_rich_directory(data: DirectoryData) -> None:
     admin.ip_allow(data, "acme", "192.0.2.0/24")
     admin.ip_allow(data, "acme", "2001:db8:1::/48")
     admin.ip_allow(data, "acme", "203.0.113.7")
-    admin.set_limits(data, "acme", Limits(messages_per_minute=60, recipients_per_message=50))
-    admin.set_limits(data, "acme/marketing", Limits(messages_per_hour=5000))
+    admin.set_limits(data, "acme", Limits(messages_per_minute=60, recipients_per_message=50,
+                                          messages_per_day=100_000))
+    admin.set_limits(data, "acme/marketing", Limits(messages_per_hour=5000,
+                                                    messages_per_month=900_000))
     admin.set_monitor(data, "acme", True)
     admin.set_monitor(data, None, True)
     admin.set_status(data, "beta", Status.SUSPENDED)
@@ -175,7 +177,9 @@ def test_rich_directory_round_trips_through_the_file(tmp_path: Path) -> None:
     }
     assert loaded.accounts["acme"].monitor is True
     assert loaded.accounts["beta"].status is Status.SUSPENDED
-    assert loaded.accounts["acme"].limits == Limits(60, None, 50)
+    assert loaded.accounts["acme"].limits == Limits(60, None, 50, messages_per_day=100_000)
+    assert loaded.subusers["acme/marketing"].limits == Limits(
+        messages_per_hour=5000, messages_per_month=900_000)
     assert {str(a) for a in loaded.pools["shared"].bind} == {"192.0.2.10", "2001:db8::10"}
     revoked = [k for k in loaded.keys.values() if k.revoked is not None]
     assert [k.name for k in revoked] == ["old-app"]

@@ -37,6 +37,7 @@ from . import (
     sender,
     subuser,
     sync,
+    usage_command,
 )
 from .core import (
     CONFLICT_SECONDS,
@@ -84,8 +85,8 @@ exit status:
   0 done; 1 refused or failed (one line on stderr says why); 2 usage error"""
 
 # the command groups in the order --help lists them
-_GROUPS = (init, config, account, subuser, key, ip, domain, sender, pool, limits, sync, backup,
-           postfix, monitor, lockout)
+_GROUPS = (init, config, account, subuser, key, ip, domain, sender, pool, limits, usage_command,
+           sync, backup, postfix, monitor, lockout)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,10 @@
-"""``keyrelay limits``: per-principal sending limits, and how accounts and subusers show them.
+"""``keyrelay limits``: per-principal sending limits and quotas, and how accounts and
+subusers show them.
 
 ``limits set`` changes only the limits it is given (``inherit`` clears one); ``limits show``
-prints the limits the policy service applies, each with where it comes from (the subuser,
-its account, or the configuration's default). Listings show those numbers too.
+prints the numbers the policy service applies, each with where it comes from (the subuser,
+its account, or the configuration's default) and whom it caps (the subuser alone, or the
+whole account with its subusers). Listings show the tightest of those numbers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from .. import admin
 from ..decisions import EngineSettings
 from ..directory.model import LIMIT_FIELDS, Directory, DirectoryData, Limits
 from ..errors import UserError
-from ..limits import LIMIT_MAXIMA, LIMIT_WORDS, EffectiveLimit, effective_limits
+from ..limits import LIMIT_MAXIMA, LIMIT_WORDS, EffectiveLimit, effective_limits, tightest
 from ..limits import check_effective_limits as check_effective
 from ..output import dump_json, table
 from .core import Context, command, group
@@ -26,11 +28,15 @@ OPTIONS = {
     "messages_per_minute": "--per-minute",
     "messages_per_hour": "--per-hour",
     "recipients_per_message": "--recipients",
+    "messages_per_day": "--per-day",
+    "messages_per_month": "--per-month",
 }
 _UNITS = {
     "messages_per_minute": "/min",
     "messages_per_hour": "/hour",
     "recipients_per_message": " rcpt/msg",
+    "messages_per_day": "/day",
+    "messages_per_month": "/month",
 }
 
 
@@ -40,21 +46,42 @@ def limits_json(limits: Limits) -> dict[str, int | None]:
 
 
 def effective_json(found: tuple[EffectiveLimit, ...]) -> dict[str, int | None]:
-    return {e.name: e.value for e in found}
+    """Each limit's tightest number (the one that refuses first; None: none set)."""
+    return {name: (e.value if (e := tightest(found, name)) else None) for name in LIMIT_FIELDS}
 
 
 def effective_text(found: tuple[EffectiveLimit, ...], pid: str | None = None) -> str:
-    """``10/min, 20000/hour, 5 rcpt/msg``; with ``pid``, each followed by where it is set:
-    ``(own)``, ``(account acme)``, ``(config default)``."""
+    """``10/min, 20000/hour, 5 rcpt/msg, 1000/day``: each limit's tightest number (a quota
+    nobody set is left out); with ``pid``, each followed by where it is set: ``(own)``,
+    ``(account acme)``, ``(config default)``, and for a subuser's own window the account's
+    number beside it: ``(own; account: 600/min)``."""
     parts = []
-    for e in found:
-        text = f"{e.value}{_UNITS[e.name]}"
+    for name in LIMIT_FIELDS:
+        e = tightest(found, name)
+        if e is None:
+            continue
+        text = f"{e.value}{_UNITS[name]}"
         if pid is not None:
             where = ("config default" if e.source == "config"
                      else "own" if e.origin == pid else f"{e.source} {e.origin}")
+            if "/" in pid and e.source == "config" and e.scope == "account":
+                where = f"account {pid.partition('/')[0]}, config default"
+            wide = [o for o in found if o.name == name and o.scope == "account"
+                    and o is not e and o.value is not None]
+            if wide and e.scope == "subuser":
+                where += f"; account: {wide[0].value}{_UNITS[name]}"
             text += f" ({where})"
         parts.append(text)
     return ", ".join(parts)
+
+
+_CAPS = {"subuser": "{pid} alone", "account": "all of {account}", "message": "each message"}
+
+
+def caps(e: EffectiveLimit, pid: str) -> str:
+    """Whom a number caps: ``acme/app alone``, ``all of acme`` (the account with all its
+    subusers together), ``each message``."""
+    return _CAPS[e.scope].format(pid=pid, account=pid.partition("/")[0])
 
 
 def limit_value(text: str) -> int | None:
@@ -73,8 +100,9 @@ def limits_set(ctx: Context, args: argparse.Namespace) -> None:
     changes = {name: getattr(args, name) for name in LIMIT_FIELDS if hasattr(args, name)}
     if not changes:
         raise UserError(
-            "nothing to set: give --per-minute, --per-hour or --recipients, each a number or "
-            f"{INHERIT} (see the limits in use: keyrelay limits show {args.principal})")
+            "nothing to set: give --per-minute, --per-hour, --recipients, --per-day or "
+            f"--per-month, each a number or {INHERIT} (see the limits in use: keyrelay limits "
+            f"show {args.principal})")
     settings = EngineSettings.from_config(ctx.config)
     said = " ".join(f"{name}={INHERIT if v is None else v}" for name, v in changes.items())
     with ctx.change("limits.set", principal=args.principal, limits=said) as data:
@@ -89,14 +117,24 @@ def limits_show(ctx: Context, args: argparse.Namespace) -> None:
     admin.principal(data, args.principal)
     found = listed(ctx, data)(args.principal)
     if ctx.json:
+        def entry(e: EffectiveLimit) -> dict[str, Any]:
+            return {"value": e.value, "source": e.source, "set_on": e.origin}
+
+        tight = {name: tightest(found, name) for name in LIMIT_FIELDS}
         dump_json(ctx.out, {
             "principal": args.principal,
-            "limits": {e.name: {"value": e.value, "source": e.source, "set_on": e.origin}
-                       for e in found},
+            # each limit's number that refuses first; a quota nobody set: value null
+            "limits": {name: entry(e) if e else {"value": None, "source": "none",
+                                                 "set_on": None}
+                       for name, e in tight.items()},
+            # every number that caps the principal, and whom it caps: the subuser alone
+            # ("subuser"), the whole account ("account"), or each message ("message")
+            "windows": [{"limit": e.name, **entry(e), "caps": e.scope} for e in found],
         })
         return
-    table(ctx.out, ["LIMIT", "VALUE", "FROM"],
-          [[LIMIT_WORDS[e.name], str(e.value), e.text()] for e in found])
+    table(ctx.out, ["LIMIT", "VALUE", "FROM", "CAPS"],
+          [[LIMIT_WORDS[e.name], "none" if e.value is None else str(e.value), e.text(),
+            caps(e, args.principal)] for e in found])
 
 
 Effective = Callable[[str], tuple[EffectiveLimit, ...]]
@@ -112,14 +150,15 @@ def listed(ctx: Context, data: DirectoryData) -> Effective:
 def register(sub: Any) -> None:
     lim = group(sub, "limits", "show and set per-principal sending limits")
     lset = command(lim, "set", limits_set,
-                   "change a principal's limits; the limits not given keep their values "
-                   f"({INHERIT}: take the account's, then the configuration's value)")
+                   "change a principal's limits and quotas (counted in recipients); the "
+                   "limits not given keep their values (an account's cap it and its subusers "
+                   f"together; {INHERIT}: none of its own)")
     lset.add_argument("principal", metavar="PRINCIPAL")
     for name, option in OPTIONS.items():
         lset.add_argument(option, dest=name, type=limit_value, default=argparse.SUPPRESS,
                           metavar="N",
                           help=f"{LIMIT_WORDS[name]}: 1 to {LIMIT_MAXIMA[name]}, or {INHERIT}")
     command(lim, "show", limits_show,
-            "show the limits a principal sends under, and where each is set "
-            "(subuser, account or configuration)", json=True).add_argument(
+            "show the limits and quotas a principal sends under, where each is set "
+            "(subuser, account or configuration) and whom it caps", json=True).add_argument(
                 "principal", metavar="PRINCIPAL")

@@ -293,18 +293,33 @@ class LimitsConfig:
     # (tests/test_config.py keeps them equal)
     messages_per_minute: int = field(
         default=600,
-        metadata={"doc": "Messages a principal may send per minute (1 to 1000000; not above "
-                  "messages_per_hour).", "min": 1, "max": 1_000_000},
+        metadata={"doc": "Rate limit of an account (all its subusers together) per sliding "
+                  "minute, counted in recipients: a message to N recipients counts N (1 to "
+                  "1000000; not above messages_per_hour).", "min": 1, "max": 1_000_000},
     )
     messages_per_hour: int = field(
         default=20000,
-        metadata={"doc": "Messages a principal may send per hour (1 to 60000000).",
+        metadata={"doc": "Rate limit of an account per sliding hour, counted in recipients "
+                  "(1 to 60000000).",
                   "min": 1, "max": 60_000_000},
     )
     recipients_per_message: int = field(
         default=100,
         metadata={"doc": "Recipients allowed in one message (1 to 100000).", "min": 1,
                   "max": 100_000},
+    )
+    messages_per_day: int | None = field(
+        default=None,
+        metadata={"doc": "Daily quota of an account (all its subusers together), counted in "
+                  "recipients from midnight in counters.time_zone (1 to 1440000000; not "
+                  "below messages_per_hour when both are set); null: no daily quota.",
+                  "min": 1, "max": 1_440_000_000},
+    )
+    messages_per_month: int | None = field(
+        default=None,
+        metadata={"doc": "Monthly quota of an account, counted in recipients from the first "
+                  "of the month (1 to 44640000000; not below messages_per_day); null: no "
+                  "monthly quota.", "min": 1, "max": 44_640_000_000},
     )
 
     def __post_init__(self) -> None:
@@ -314,6 +329,17 @@ class LimitsConfig:
                 f"{self.messages_per_minute} per minute is above messages_per_hour "
                 f"({self.messages_per_hour}): the per-minute limit must not be above the "
                 "per-hour limit")
+        day, month = self.messages_per_day, self.messages_per_month
+        if day is not None and self.messages_per_hour > day:
+            raise InvalidField(
+                "messages_per_day",
+                f"{day} per day is below messages_per_hour ({self.messages_per_hour}): the "
+                "daily quota must not be below the per-hour limit")
+        if day is not None and month is not None and day > month:
+            raise InvalidField(
+                "messages_per_month",
+                f"{month} per month is below messages_per_day ({day}): the monthly quota "
+                "must not be below the daily quota")
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +403,10 @@ class Config:
     )
     limits: LimitsConfig = field(
         default_factory=LimitsConfig,
-        metadata={"doc": "Default limits for principals that have no limits of their own."},
+        metadata={"doc": "Default limits and quotas of an account that sets none of its own "
+                  "(each caps the account and its subusers together; docs/policyd.md, "
+                  "\"What is counted\"); recipients_per_message also of a subuser whose "
+                  "account sets none."},
     )
     routing: RoutingConfig = field(
         default_factory=RoutingConfig, metadata={"doc": "Outbound IP pools."}

@@ -13,8 +13,10 @@ protocol, call the engine, render the verdict and log it; they never build a ver
 - ``checks``: what every decision shares (key usable, principal active, IP rules, sender
   ownership, monitor mode, the session check of each message);
 - ``login``: SMTP AUTH and the brute-force answers; ``envelope``: the policy service's
-  envelope, routing and rate decisions; ``message``: the milter's header From and DKIM plan;
-  ``lookups``: the socketmap's table of who may use an address.
+  envelope, routing and recipients-per-message decisions; ``quotas``: the windows a message
+  is charged against (rates and quotas, account-wide and per subuser) and their answers;
+  ``message``: the milter's header From and DKIM plan; ``lookups``: the socketmap's table of
+  who may use an address.
 
 Monitor mode (per account, directory-wide, or in the config) turns a *refusal* into an allow
 that carries the verdict it replaced in ``monitored``, so front ends log what would have
@@ -56,13 +58,25 @@ from .login import (
 )
 from .lookups import sender_logins
 from .message import decide_headers
+from .quotas import (
+    SPANS,
+    WINDOW_FIELDS,
+    QuotaFacts,
+    RateWindow,
+    account_limits,
+    decide_quota,
+    reset_text,
+    windows_for,
+)
 from .reasons import ANSWERS, LookupResult, Reason
 from .verdict import Action, SigningPlan, Verdict, temporary
 
 __all__ = [
     "ANSWERS",
     "SEND_SCOPE",
+    "SPANS",
     "STAGE_NOT_CHECKED",
+    "WINDOW_FIELDS",
     "Action",
     "EngineSettings",
     "EnvelopeFacts",
@@ -70,16 +84,20 @@ __all__ = [
     "LockoutFacts",
     "LoginFacts",
     "LookupResult",
+    "QuotaFacts",
     "RateFacts",
+    "RateWindow",
     "Reason",
     "SigningPlan",
     "Verdict",
+    "account_limits",
     "counts_against_key",
     "counts_as_guess",
     "decide_envelope",
     "decide_headers",
     "decide_lockout",
     "decide_login",
+    "decide_quota",
     "decide_rate",
     "domain_may_send",
     "format_identity",
@@ -89,8 +107,10 @@ __all__ = [
     "minutes",
     "parse_identity",
     "principal_active",
+    "reset_text",
     "sender_logins",
     "sender_problem",
     "temporary",
+    "windows_for",
     "with_rate",
 ]

@@ -184,37 +184,22 @@ def _limits_for(directory: Directory, settings: EngineSettings, principal: str) 
 
 
 def decide_rate(directory: Directory, settings: EngineSettings, facts: RateFacts) -> Verdict:
-    """Recipients per message (``too_many_recipients``, 452 4.5.3) and the principal's
-    message rates (``rate_limited``, 451 4.7.1); the counts are kept by the caller."""
+    """Recipients per message (``too_many_recipients``, 452 4.5.3), at RCPT and at DATA. The
+    message rates and quotas are the counter store's and ``quotas.decide_quota``'s."""
     parsed = parse_identity(facts.identity)
     if parsed is None:
         return allow(Reason.UNAUTHENTICATED)
     principal, key_id = parsed
-    limits = limits_for(directory, settings, principal)
-    refusal: Verdict | None = None
-    most = limits.recipients_per_message
+    most = limits_for(directory, settings, principal).recipients_per_message
     if most is not None and facts.recipients > most:
         # RFC 5321 section 4.5.3.1.10 and RFC 3463 X.5.3, as Postfix's own
         # smtpd_recipient_limit answers: the client keeps the recipients accepted so far
-        refusal = Verdict(
+        return monitored(directory, settings, Verdict(
             Action.TEMPFAIL, Reason.TOO_MANY_RECIPIENTS, 452, "4.5.3",
             f"too many recipients: at most {most} per message for {principal}; send the "
             "others in another message",
             principal, key_id,
-        )
-    rates = (
-        (facts.messages_last_minute, limits.messages_per_minute, "messages per minute"),
-        (facts.messages_last_hour, limits.messages_per_hour, "messages per hour"),
-    )
-    for count, limit, what in rates:
-        if refusal is None and limit is not None and count > limit:
-            refusal = Verdict(
-                Action.TEMPFAIL, Reason.RATE_LIMITED, 451, "4.7.1",
-                f"limit of {limit} {what} reached for {principal}; try again later",
-                principal, key_id,
-            )
-    if refusal is not None:
-        return monitored(directory, settings, refusal)
+        ))
     return allow(Reason.OK, principal, key_id)
 
 

@@ -41,6 +41,8 @@ class EngineSettings:
                 c.limits.messages_per_minute,  # type: ignore[attr-defined]
                 c.limits.messages_per_hour,  # type: ignore[attr-defined]
                 c.limits.recipients_per_message,  # type: ignore[attr-defined]
+                c.limits.messages_per_day,  # type: ignore[attr-defined]
+                c.limits.messages_per_month,  # type: ignore[attr-defined]
             ),
             default_pool=c.routing.default_pool or None,  # type: ignore[attr-defined]
             transport_prefix=c.routing.transport_prefix,  # type: ignore[attr-defined]
@@ -98,8 +100,6 @@ class RateFacts(NamedTuple):
     """Immutable; a NamedTuple like ``Verdict``: built for every policy request."""
 
     identity: str
-    messages_last_minute: int  # including the message being decided
-    messages_last_hour: int
     recipients: int  # recipients of this message so far
     now: datetime
 

@@ -42,11 +42,13 @@ class Reason(StrEnum):
     SENDER_NOT_OWNED = "sender_not_owned"
     HEADER_FROM_NOT_OWNED = "header_from_not_owned"
     RATE_LIMITED = "rate_limited"
+    QUOTA_EXCEEDED = "quota_exceeded"  # a daily or monthly quota is used up
     TOO_MANY_RECIPIENTS = "too_many_recipients"
     # our own faults: always temporary
     ROUTING_ERROR = "routing_error"
     POOL_NOT_IN_POSTFIX = "pool_not_in_postfix"  # its transport is not in master.cf yet
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
+    COUNTERS_UNAVAILABLE = "counters_unavailable"  # the counter store (Redis) cannot answer
     DKIM_KEY_UNAVAILABLE = "dkim_key_unavailable"
     CLIENT_ADDRESS_MISSING = "client_address_missing"
     INTERNAL_ERROR = "internal_error"
@@ -191,10 +193,24 @@ ANSWERS: dict[Reason, Answer] = {
         "the header From (or Sender) is missing, malformed, or not the principal's"),
     Reason.RATE_LIMITED: Answer(
         "policy", "451", "4.7.1",
-        ("limit of <n> <messages per minute|messages per hour> reached for <principal>; try "
-         "again later",),
-        "a message rate limit of the principal (keyrelay limits set, or the config's "
-        "defaults), at DATA or END-OF-MESSAGE"),
+        ("limit of <n> messages per <minute|hour> reached for <account NAME|ACCOUNT/SUBUSER> "
+         "(<a message to N recipients counts N|this message has N recipients, more than the "
+         "whole window's limit: send fewer recipients per message>); try again in <n> "
+         "<seconds|minutes>",),
+        "a sliding rate limit (per minute, per hour) of the subuser or of its whole account "
+        "(keyrelay limits set, or the config's defaults) is reached, at DATA or "
+        "END-OF-MESSAGE; counted in recipients (docs/policyd.md, \"What is counted\")"),
+    Reason.QUOTA_EXCEEDED: Answer(
+        "policy", "451", "4.7.1",
+        ("<daily|monthly> quota of <n> messages for <account NAME|ACCOUNT/SUBUSER> reached; "
+         "it resets at <date and time in counters.time_zone, e.g. 2026-12-05 00:00 UTC> (<a "
+         "message to N recipients counts N|this message has N recipients, more than the whole "
+         "window's limit: send fewer recipients per message>)",),
+        "a calendar quota (keyrelay limits set --per-day/--per-month, or the config's "
+        "defaults) of the subuser or of its whole account is used up, at DATA or "
+        "END-OF-MESSAGE. Temporary, as SES answers its daily quota: the client keeps the "
+        "message and retries; the day and month begin at midnight in counters.time_zone. "
+        "Not X.2.2 (RFC 3463: the recipient's mailbox is full)"),
     Reason.TOO_MANY_RECIPIENTS: Answer(
         "policy", "452", "4.5.3",
         ("too many recipients: at most <n> per message for <principal>; send the others in "
@@ -223,6 +239,12 @@ ANSWERS: dict[Reason, Answer] = {
         "the directory cannot be read: file broken or missing, LDAP away or hung, the copy "
         "too old, the read-through budget spent. The auth service closes the connection: "
         "Postfix answers 454 4.7.0 Temporary authentication failure"),
+    Reason.COUNTERS_UNAVAILABLE: Answer(
+        "policy", "451", "4.3.0",
+        ("message rate limits temporarily unavailable; try again later",),
+        "the counter store cannot answer (counters.backend: redis away, hung or refusing us, "
+        "with counters.on_unavailable: tempfail, the default): nothing is accepted unchecked "
+        "(docs/cluster.md, \"Redis away\")"),
     Reason.DKIM_KEY_UNAVAILABLE: Answer(
         "milter", "451", "4.3.0", ("DKIM signing temporarily unavailable; try again later",),
         "a DKIM private key cannot be read"),
@@ -238,7 +260,7 @@ ANSWERS: dict[Reason, Answer] = {
 # The texts of our own faults' temporary answers: one per reason, whichever service answers.
 TEMPORARY_TEXTS: dict[Reason, str] = {
     reason: ANSWERS[reason].texts[0] for reason in (
-        Reason.DIRECTORY_UNAVAILABLE, Reason.DKIM_KEY_UNAVAILABLE,
+        Reason.DIRECTORY_UNAVAILABLE, Reason.COUNTERS_UNAVAILABLE, Reason.DKIM_KEY_UNAVAILABLE,
         Reason.CLIENT_ADDRESS_MISSING, Reason.INTERNAL_ERROR)
 }
 

@@ -40,11 +40,19 @@ class Algorithm(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-principal sending limits; ``None`` inherits (subuser → account → config)."""
+    """Per-principal sending limits and quotas; ``None``: not set here.
+
+    Counted in recipients (a message to N recipients counts N). An account's rates and
+    quotas cap the account as a whole, its subusers included; a subuser's own ones cap it
+    alone, within its account's (``keyrelay.decisions.quotas``, docs/policyd.md).
+    ``recipients_per_message`` is per message: the subuser's, else its account's, else the
+    configuration's (``over``)."""
 
     messages_per_minute: int | None = None
     messages_per_hour: int | None = None
     recipients_per_message: int | None = None
+    messages_per_day: int | None = None
+    messages_per_month: int | None = None
 
     def over(self, parent: Limits) -> Limits:
         def pick(own: int | None, inherited: int | None) -> int | None:
@@ -54,6 +62,8 @@ class Limits:
             messages_per_minute=pick(self.messages_per_minute, parent.messages_per_minute),
             messages_per_hour=pick(self.messages_per_hour, parent.messages_per_hour),
             recipients_per_message=pick(self.recipients_per_message, parent.recipients_per_message),
+            messages_per_day=pick(self.messages_per_day, parent.messages_per_day),
+            messages_per_month=pick(self.messages_per_month, parent.messages_per_month),
         )
 
 

@@ -1,5 +1,6 @@
-"""``python -m keyrelay.directory.ldap``: write ``ldap/keyrelay.schema`` and
-``ldap/keyrelay.ldif`` of the repository from the schema table (``schema.py``)."""
+"""``python -m keyrelay.directory.ldap``: write ``ldap/keyrelay.schema``,
+``ldap/keyrelay.ldif`` and ``ldap/keyrelay-upgrade.ldif`` of the repository from the schema
+table (``schema.py``)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from .schema import write_files
 
 
 def main() -> None:
-    schema, ldif = write_files(Path(__file__).resolve().parents[3] / "ldap")
-    print(f"wrote {schema} and {ldif}")
+    written = write_files(Path(__file__).resolve().parents[3] / "ldap")
+    print("wrote " + ", ".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ class LdapDirectory:
             return action()
         except LDAPException as exc:
             raise DirectoryUnavailable(f"LDAP {', '.join(self.config.urls)}: "
-                                       f"{reason(exc)}") from None
+                                       f"{reason(exc)}{_schema_hint(exc)}") from None
         except OSError as exc:
             raise DirectoryUnavailable(f"LDAP {', '.join(self.config.urls)}: {exc}") from None
 
@@ -337,3 +337,13 @@ class LdapDirectory:
         finally:
             unbind(conn)
         return left
+
+
+def _schema_hint(exc: LDAPException) -> str:
+    """For a write slapd refuses because its keyrelay schema is older than this release (an
+    attribute added since, such as krMessagesPerDay): how to upgrade it."""
+    text = str(exc)
+    if ("undefinedAttributeType" in text or "objectClassViolation" in text) and " kr" in text:
+        return (" (the server's keyrelay schema is older than this keyrelay: load "
+                "ldap/keyrelay-upgrade.ldif, docs/ldap.md \"Upgrading the schema\")")
+    return ""

@@ -78,7 +78,9 @@ def _opt(value: object) -> tuple[str, ...]:
 def _limits(limits: Limits) -> dict[str, tuple[str, ...]]:
     return {"krMessagesPerMinute": _opt(limits.messages_per_minute),
             "krMessagesPerHour": _opt(limits.messages_per_hour),
-            "krRecipientsPerMessage": _opt(limits.recipients_per_message)}
+            "krRecipientsPerMessage": _opt(limits.recipients_per_message),
+            "krMessagesPerDay": _opt(limits.messages_per_day),
+            "krMessagesPerMonth": _opt(limits.messages_per_month)}
 
 
 def _bool(value: bool) -> tuple[str, ...]:
@@ -181,7 +183,8 @@ class _Reader:
             return None if value is None else int(value)
 
         return Limits(number("krMessagesPerMinute"), number("krMessagesPerHour"),
-                      number("krRecipientsPerMessage"))
+                      number("krRecipientsPerMessage"), number("krMessagesPerDay"),
+                      number("krMessagesPerMonth"))
 
     def read(self, entries: list[Raw]) -> DirectoryData:
         data = DirectoryData()

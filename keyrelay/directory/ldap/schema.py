@@ -67,9 +67,12 @@ ATTRIBUTES = [
               "SERIAL DN: an entry a keyrelay write changed; readers fetch only these"),
     Attribute(34, "krFailedChecks", _INT, True, "DNS checks of a domain failed in a row"),
     Attribute(35, "krRetiringSince", _TIME, True, "when a DKIM selector stopped signing"),
+    Attribute(36, "krMessagesPerDay", _INT, True, "recipients per calendar day (a quota)"),
+    Attribute(37, "krMessagesPerMonth", _INT, True, "recipients per calendar month (a quota)"),
 ]
 
-_LIMITS = ("krMessagesPerMinute", "krMessagesPerHour", "krRecipientsPerMessage")
+_LIMITS = ("krMessagesPerMinute", "krMessagesPerHour", "krRecipientsPerMessage",
+           "krMessagesPerDay", "krMessagesPerMonth")
 
 
 @dataclass(frozen=True)
@@ -158,10 +161,31 @@ def schema_ldif() -> str:
     return "\n".join(lines) + "\n"
 
 
+def schema_upgrade_ldif() -> str:
+    """The schema as a change of a cn=config schema entry loaded before (``ldapmodify -Y
+    EXTERNAL -H ldapi:/// -f``): every attribute type and object class replaced by this
+    release's. Only ever adds (a new attribute, a new MAY): the entries stay valid. Checked
+    on a real slapd by tests/test_ldap_schema_upgrade.py."""
+    lines = ["# " + line for line in _SCHEMA_HEADER.splitlines()]
+    lines += ["# Upgrades a keyrelay schema loaded from an earlier keyrelay.ldif in place.",
+              "# slapd names the loaded entry cn={N}keyrelay: put its DN in the dn: line",
+              "# (docs/ldap.md, \"Upgrading the schema\", does it with ldapsearch and sed).",
+              "dn: cn={N}keyrelay,cn=schema,cn=config", "changetype: modify",
+              "replace: olcAttributeTypes"]
+    lines += [f"olcAttributeTypes: {_attribute_text(a)}" for a in ATTRIBUTES]
+    lines += ["-", "replace: olcObjectClasses"]
+    lines += [f"olcObjectClasses: {_class_text(c)}" for c in OBJECT_CLASSES]
+    lines += ["-"]
+    return "\n".join(lines) + "\n"
+
+
 def write_files(folder: Path) -> list[Path]:
-    """Write ``keyrelay.schema`` and ``keyrelay.ldif`` into ``folder``; the paths written."""
+    """Write ``keyrelay.schema``, ``keyrelay.ldif`` and ``keyrelay-upgrade.ldif`` into
+    ``folder``; the paths written."""
     folder.mkdir(exist_ok=True)
-    written = [folder / "keyrelay.schema", folder / "keyrelay.ldif"]
+    written = [folder / "keyrelay.schema", folder / "keyrelay.ldif",
+               folder / "keyrelay-upgrade.ldif"]
     written[0].write_text(schema_file())
     written[1].write_text(schema_ldif())
+    written[2].write_text(schema_upgrade_ldif())
     return written
