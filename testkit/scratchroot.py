@@ -4,7 +4,8 @@ adduser, pip, an Ansible role, the daemons) really writes, and every write lands
 tmpfs, which vanishes with the namespace: the host keeps nothing. Needs root (mounting).
 
 Folders of the host can be bound into it (``binds``: path inside -> path outside), shared
-both ways, e.g. a test's folder at the same path. The same technique as tests/test_deb.py.
+both ways, e.g. a test's folder at the same path. tests/test_deb.py installs the Debian
+package into one, tests/test_readme_deploy.py and tests/test_ansible.py deploy into one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from pathlib import Path
 
 
 class ScratchRoot:
-    def __init__(self, binds: Mapping[str, Path]) -> None:
+    """``binds``: folders of the host shared into it; ``tmpfs``: folders inside that start
+    empty (a tmpfs each)."""
+
+    def __init__(self, binds: Mapping[str, Path], tmpfs: tuple[str, ...] = ("/run",)) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="kr-scratch-"))
         self.root = self.base / "root"
         layers = f"lowerdir=/,upperdir={self.base}/upper,workdir={self.base}/work"
@@ -26,13 +30,15 @@ class ScratchRoot:
             f"mkdir -p {shlex.quote(f'{self.root}{inside}')}\n"
             f"mount --bind {shlex.quote(str(outside))} {shlex.quote(f'{self.root}{inside}')}\n"
             for inside, outside in binds.items())
+        empty = "".join(f"mount -t tmpfs tmpfs {shlex.quote(f'{self.root}{inside}')}\n"
+                        for inside in tmpfs)
         script = f"""set -e
             mount -t tmpfs -o mode=0755 kr-scratch {self.base}
             mkdir {self.base}/upper {self.base}/work {self.root}
             mount -t overlay overlay -o {layers} {self.root}
             mount -t proc proc {self.root}/proc
             mount --rbind /dev {self.root}/dev
-            mount -t tmpfs tmpfs {self.root}/run
+            {empty}
             {mounts}
             echo ready
             exec sleep 100000"""

@@ -25,13 +25,13 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from testkit import scratchroot
 from testkit.net import wait_until
 from testkit.protocols import DovecotClient, PolicyClient, connect, policy_request
 
@@ -131,32 +131,15 @@ def test_make_deb_leaves_nothing_in_the_source_tree(deb: Path) -> None:
 
 
 # -- installed into a scratch root -------------------------------------------------------------
-class ScratchRoot:
-    """This host's root, overlaid with a tmpfs, in a mount namespace of its own."""
+class ScratchRoot(scratchroot.ScratchRoot):
+    """This host's root, overlaid with a tmpfs, in a mount namespace of its own
+    (testkit/scratchroot.py), with the built package at /srv/keyrelay-deb and an empty /tmp."""
 
     def __init__(self, dist: Path) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="krdeb-", dir="/tmp"))
-        self.root = self.base / "root"
-        script = f"""set -e
-            mount -t tmpfs -o mode=0755 keyrelay-scratch {self.base}
-            mkdir {self.base}/upper {self.base}/work {self.root}
-            mount -t overlay overlay -o lowerdir=/,upperdir={self.base}/upper \\
-                -o workdir={self.base}/work {self.root}
-            mount -t proc proc {self.root}/proc
-            mount --rbind /dev {self.root}/dev
-            mount -t tmpfs tmpfs {self.root}/run
-            mount -t tmpfs tmpfs {self.root}/tmp
-            mkdir -p {self.root}/srv/keyrelay-deb
-            mount --bind {dist} {self.root}/srv/keyrelay-deb
-            echo ready
-            exec sleep 100000"""
-        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh",
-                                        "-c", script], stdout=subprocess.PIPE, text=True)
-        assert self.holder.stdout is not None
-        ready = self.holder.stdout.readline()
-        if ready.strip() != "ready":
-            self.close()
-            pytest.fail("could not set up the scratch root (unshare, tmpfs, overlay)")
+        try:
+            super().__init__({"/srv/keyrelay-deb": dist}, tmpfs=("/run", "/tmp"))
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
         self.daemons: list[subprocess.Popen[bytes]] = []
 
     def command(self, *args: str) -> list[str]:
@@ -170,10 +153,6 @@ class ScratchRoot:
         result = self.sh(script)
         assert result.returncode == 0, f"{script}: {result.stdout}{result.stderr}"
         return result.stdout
-
-    def path(self, inside: str) -> str:
-        """``inside`` as this process reaches it (through the namespace holder's root)."""
-        return f"/proc/{self.holder.pid}/root{self.root}{inside}"
 
     def start(self, args: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         assigns = [f"{k}={v}" for k, v in env.items()]
@@ -192,9 +171,7 @@ class ScratchRoot:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-        self.holder.kill()
-        self.holder.wait()
-        self.base.rmdir()
+        super().close()
 
 
 def unit_settings(text: str) -> dict[str, str]:
