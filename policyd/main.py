@@ -95,6 +95,10 @@ def check(config: Config) -> None:
             control.owner_and_mode(cfg)
         except KeyError:
             fail(f"policyd.control_group: no such group: {cfg.control_group!r}")
+    if config.counters.backend != "memory":
+        log.info("counters.backend: %s counts rates and quotas, failed logins, lock-outs and "
+                 "recent logins, shared by every node that uses it (docs/cluster.md)",
+                 config.counters.backend)
     for pool in {config.routing.default_pool} - {""} - set(snapshot.pools):
         log.warning("routing.default_pool %r is not a pool in the directory", pool)
 
