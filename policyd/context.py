@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,7 +41,6 @@ class ServiceContext:
     counters: CounterStore | None = None
     store: CounterStore = field(init=False)
     clock: Callable[[], datetime] = utcnow
-    monotonic: Callable[[], float] = time.monotonic
     used_keys: dict[str, datetime] = field(default_factory=dict)
     _frozen: Directory | None = field(default=None, init=False, repr=False)
 
