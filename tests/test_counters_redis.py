@@ -420,8 +420,8 @@ def test_the_programs_check_config_name_a_wrong_password(tmp_path: Path,
             f"{program[0]}: error: counters.redis: authentication failed for user keyrelay: "
             "WRONGPASS "), done.stderr
         assert "not-the-password" not in done.stderr and server.password not in done.stderr
-        # and the daemon says what the store counts so far (docs/cluster.md, "Status")
+        # and the daemon says what the store counts (docs/cluster.md)
         assert before == ([] if program[0] == "keyrelay" else [before[0]]), done.stderr
         if before:
-            assert ("counters.backend: redis counts rates and quotas; failed logins and "
-                    "lock-outs are still counted in each process") in before[0]
+            assert ("counters.backend: redis counts rates and quotas, failed logins, lock-outs "
+                    "and recent logins, shared by every node") in before[0]
