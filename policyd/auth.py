@@ -1,8 +1,10 @@
 """The SASL auth service: decides one login attempt and renders the verdict for Postfix.
 
 Brute-force protection sits in front of the decision engine, keyed on the client address and
-on the key id (every username is ``apikey``, so the username is useless as a key). This module
-keeps the counts, and where each key id recently logged in; what counts as a guess, who a
+on the key id (every username is ``apikey``, so the username is useless as a key). The counts,
+lock-outs and where each key id recently logged in live in the counter store (keyrelay/counters:
+this process's memory, or Redis shared by every node, docs/cluster.md); this module gathers
+them for each attempt and counts its outcome. What counts as a guess, who a
 lock-out stops and what a locked-out client is told is the engine's
 (keyrelay/decisions/login.py): a wrong username, a password that is not a key, an unknown key
 id or a wrong secret count; a revoked or expired key, a suspended principal or a refused
@@ -13,11 +15,14 @@ anyone out. A locked key id still logs in where it recently logged in (docs/poli
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from keyrelay import keys, names
-from keyrelay.config import BruteForceConfig
+from keyrelay.counters import CountersUnavailable, MemoryCounters
 from keyrelay.decisions import (
     Action,
     LockoutFacts,
@@ -36,36 +41,53 @@ from keyrelay.errors import DirectoryUnavailable, UserError
 
 from . import dovecot
 from .context import ServiceContext
-from .counters import FailureTracker, RecentLogins
+from .policy import run_now
 
 log = logging.getLogger("keyrelay.policyd.auth")
 
 
 class AuthService:
+    """Decides logins; failures, lock-outs and recent logins are counted in the context's
+    counter store (``ctx.store``, keyrelay/counters), on the store's clock.
+
+    With the memory store every step is one synchronous call (``run_now``); with a store
+    that answers over the network (Redis), ``login`` hands back a coroutine the connection
+    awaits (policyd/server.py ``AuthConnection``), as it does for an LDAP key look-up.
+    The thresholds are read from the context at each attempt: after a SIGHUP that changed
+    ``policyd.bruteforce`` they apply to the next failure counted; the counts and lock-outs so
+    far are kept (in Redis they are every node's, not one node's to wipe).
+    """
+
     def __init__(self, context: ServiceContext) -> None:
         self.context = context
-        self.logins = RecentLogins(context.config.policyd.bruteforce.max_tracked)
-        self.configure(context.config.policyd.bruteforce)
 
-    def configure(self, bf: BruteForceConfig) -> None:
-        self.by_address = FailureTracker(
-            bf.max_failures_per_address, bf.window, bf.lockout, bf.max_tracked
-        )
-        self.by_key = FailureTracker(bf.max_failures_per_key, bf.window, bf.lockout, bf.max_tracked)
-        # where each key logged in is a fact, not a threshold: kept unless its bound changed
-        if self.logins.max_tracked != bf.max_tracked:
-            self.logins = RecentLogins(bf.max_tracked)
-
-    def login(self, attempt: dovecot.Attempt) -> Verdict | KeyLookup:
+    def login(self, attempt: dovecot.Attempt) -> Verdict | Coroutine[Any, Any, Verdict]:
         """Decide one attempt; every fault of ours becomes a TEMPFAIL verdict.
 
-        A ``KeyLookup`` instead means: the key id is not in this node's copy of the directory
-        but may exist (a key created a moment ago). The caller runs ``lookup.run()`` off the
-        event loop, then ``looked_up`` decides on the refreshed copy.
+        A coroutine instead means: the answer needs a wait (a counter store over the network,
+        or a key id not in this node's copy of the directory that may exist: a key created a
+        moment ago, looked up off the event loop). The caller awaits it for the verdict.
         """
-        return self._login(attempt, may_look_up=True)
+        step = self._login(attempt, None)
+        if isinstance(self.context.store, MemoryCounters):
+            result = run_now(step)
+            if isinstance(result, KeyLookup):
+                return self._look_up(attempt, result)
+            return result
+        return self._settle(attempt, step)
 
-    def looked_up(self, attempt: dovecot.Attempt, lookup: KeyLookup) -> Verdict:
+    async def _settle(self, attempt: dovecot.Attempt,
+                      step: Coroutine[Any, Any, Verdict | KeyLookup]) -> Verdict:
+        result = await step
+        if isinstance(result, KeyLookup):
+            return await self._look_up(attempt, result)
+        return result
+
+    async def _look_up(self, attempt: dovecot.Attempt, lookup: KeyLookup) -> Verdict:
+        await asyncio.get_running_loop().run_in_executor(None, lookup.run)
+        return await self.looked_up(attempt, lookup)
+
+    async def looked_up(self, attempt: dovecot.Attempt, lookup: KeyLookup) -> Verdict:
         """Decide an attempt after its key id was looked up in the directory."""
         if lookup.fault is not None:
             # our own fault (LDAP away, or the read-through budget spent): temporary, and
@@ -73,24 +95,37 @@ class AuthService:
             log.error("API key %s not in this copy and cannot be looked up: %s",
                       lookup.key_id, lookup.fault)
             return temporary(Reason.DIRECTORY_UNAVAILABLE)
-        verdict = self._login(attempt, may_look_up=False)
+        verdict = await self._login(attempt, lookup)
         assert isinstance(verdict, Verdict)
         return verdict
 
-    def _login(self, attempt: dovecot.Attempt, may_look_up: bool) -> Verdict | KeyLookup:
+    async def _login(self, attempt: dovecot.Attempt,
+                     lookup: KeyLookup | None) -> Verdict | KeyLookup:
+        try:
+            return await self._decide(attempt, lookup)
+        except CountersUnavailable as exc:
+            # only a store without the in-process fallback raises this for brute-force
+            # counting (keyrelay/counters/fallback.py never does): our fault, temporary
+            log.error("counter store unavailable: %s", exc)
+            return temporary(Reason.COUNTERS_UNAVAILABLE)
+
+    async def _decide(self, attempt: dovecot.Attempt,
+                      lookup: KeyLookup | None) -> Verdict | KeyLookup:
         ctx = self.context
-        now = ctx.monotonic()
+        store = ctx.store
         address = attempt.client_address
         client = client_key(address)
         presented = keys.parse(attempt.password)
         key_id = presented.key_id if presented else None
-        locked = decide_lockout(ctx.settings, LockoutFacts(
-            address, key_id, self.by_address.locked_for(client, now),
-            self.by_key.locked_for(key_id, now) if key_id else 0.0,
-            self.logins.since(key_id, client, now) if key_id else None,
-        ))
-        if locked is not None:
-            return locked
+        if lookup is None:  # after a look-up, the lock-outs were checked already
+            address_locked = await store.locked_for("address", client)
+            key_locked = await store.locked_for("key", key_id) if key_id else 0.0
+            # where the key last logged in matters only to a locked key id
+            since = await store.since(key_id, client) if key_id and key_locked > 0 else None
+            locked = decide_lockout(ctx.settings, LockoutFacts(
+                address, key_id, address_locked, key_locked, since))
+            if locked is not None:
+                return locked
         try:
             directory = ctx.snapshot()
         except DirectoryUnavailable as exc:
@@ -99,25 +134,27 @@ class AuthService:
         facts = LoginFacts(attempt.username, attempt.password, address, ctx.clock(),
                            secured=attempt.secured)
         verdict = decide_login(directory, ctx.settings, facts)
-        if (may_look_up and key_id and verdict.reason is Reason.UNKNOWN_KEY
+        if (lookup is None and key_id and verdict.reason is Reason.UNKNOWN_KEY
                 and ctx.directory.reads_through):
             # the engine found everything else right, and only this copy lacks the key: it
             # may be a minute old (docs/ldap.md, "Read-through"); decided again after the look-up
             return KeyLookup(ctx, key_id)
+        bf = ctx.config.policyd.bruteforce
         if counts_as_guess(verdict):
-            if self.by_address.fail(client, now):
+            if await store.fail("address", client, bf.max_failures_per_address, bf.window,
+                                bf.lockout):
                 log.warning("client %s locked out for %s after repeated failed logins",
-                            address, minutes(ctx.config.policyd.bruteforce.lockout))
-            if key_id and counts_against_key(verdict) and self.by_key.fail(key_id, now):
-                bf = ctx.config.policyd.bruteforce
+                            address, minutes(bf.lockout))
+            if key_id and counts_against_key(verdict) and await store.fail(
+                    "key", key_id, bf.max_failures_per_key, bf.window, bf.lockout):
                 log.warning("API key %s locked out for %s after repeated wrong secrets (the "
                             "last from %s); still let in from the %d address(es) where it "
                             "logged in within %s", key_id, minutes(bf.lockout), address,
-                            self.logins.clients(key_id, now, ctx.settings.trusted_for),
+                            await store.clients(key_id, ctx.settings.trusted_for),
                             format_duration(bf.trusted_for))
         elif verdict.allowed and verdict.key_id:
             ctx.key_used(verdict.key_id, facts.now)
-            self.logins.succeeded(verdict.key_id, client, now)
+            await store.succeeded(verdict.key_id, client, bf.trusted_for)
         return verdict
 
     def log(self, attempt: dovecot.Attempt, verdict: Verdict) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,20 +34,21 @@ class ServiceContext:
     settings: EngineSettings = field(init=False)
     decisions: DecisionLog = field(init=False)
     decision_log: DecisionLog | None = None  # default: every line flushed to stderr
-    # rates and quotas (keyrelay/counters): ``store``; opened once per daemon
+    # rates and quotas, failed logins, lock-outs and recent logins (keyrelay/counters):
+    # ``store``; opened once per daemon
     # (policyd/main.py) and handed to the context a SIGHUP builds. ``counters`` None: open
     # the store ``counters:`` names.
     counters: CounterStore | None = None
     store: CounterStore = field(init=False)
     clock: Callable[[], datetime] = utcnow
-    monotonic: Callable[[], float] = time.monotonic
     used_keys: dict[str, datetime] = field(default_factory=dict)
     _frozen: Directory | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.settings = EngineSettings.from_config(self.config)
         self.decisions = self.decision_log or DecisionLog(self.config.logging)
-        self.store = self.counters if self.counters is not None else open_counters(self.config)
+        self.store = self.counters if self.counters is not None else open_counters(
+            self.config, max_tracked=self.config.policyd.bruteforce.max_tracked)
 
     def snapshot(self) -> Directory:
         """The current directory snapshot; raises ``DirectoryUnavailable``."""

@@ -5,8 +5,9 @@ The line protocol is keyrelay/control.py's (the CLI's side is there too). A bad 
 longer than ``MAX_LINE`` (dropped, not kept, up to its end), gets one ``ERROR`` line and the
 connection stays open; the limits of every connection apply (``request_timeout`` ends a line
 that never ends).
-Lock-outs live in the auth service's failure trackers (policyd/counters.py); this module only
-reads and clears them, and logs every clear with who asked (the peer's uid and pid).
+Lock-outs live in the counter store (keyrelay/counters: this process's memory, or Redis shared
+by every node); this module only reads and clears them, and logs every clear with who asked
+(the peer's uid and pid).
 
 Whoever can connect can lift lock-outs: the socket is created under a umask that keeps
 everyone else out, then given mode 0600, or 0660 and ``control_group``; it stays the starting
@@ -15,12 +16,14 @@ user's (root under systemd), never the service user's or Postfix's.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import grp
 import logging
 import os
 import socket
 import struct
-from datetime import timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from keyrelay import control
@@ -34,56 +37,58 @@ log = logging.getLogger("keyrelay.policyd.control")
 
 
 class ControlService:
-    """Reads and clears the auth service's lock-outs (``auth`` is read at each request: a
-    SIGHUP that changes ``policyd.bruteforce`` gives it new trackers)."""
+    """Reads and clears the lock-outs in the counter store (``auth.context.store``, read at
+    each request: the context a SIGHUP builds keeps the same store). With Redis that is every
+    node's: a lock-out earned through another node is listed and cleared here too."""
 
     def __init__(self, auth: AuthService) -> None:
         self.auth = auth
 
-    def answer(self, request: control.Request, peer: str) -> bytes:
+    async def answer(self, request: control.Request, peer: str) -> bytes:
         if request.command == "LIST":
-            return control.listing(self.lockouts())
-        return control.ok(self.clear(request.kind, request.subject, peer))
+            return control.listing(await self.lockouts())
+        return control.ok(await self.clear(request.kind, request.subject, peer))
 
-    def lockouts(self) -> list[Lockout]:
-        """Every lock-out in force, the earliest first, with wall-clock times."""
-        auth = self.auth
-        ctx = auth.context
-        now, wall = ctx.monotonic(), ctx.clock()
-        trusted_for = ctx.settings.trusted_for
-
-        def at(moment: float) -> timedelta:
-            return timedelta(seconds=moment - now)
-
-        found = [Lockout("address", lock.subject, wall + at(lock.since), wall + at(lock.until),
-                         lock.failures) for lock in auth.by_address.locked(now)]
-        found += [Lockout("key", lock.subject, wall + at(lock.since), wall + at(lock.until),
-                          lock.failures, auth.logins.clients(lock.subject, now, trusted_for))
-                  for lock in auth.by_key.locked(now)]
+    async def lockouts(self) -> list[Lockout]:
+        """Every lock-out in force, the earliest first, with wall-clock times (the store's
+        clock is wall-clock seconds since the epoch, keyrelay/counters/model.py)."""
+        ctx = self.auth.context
+        store = ctx.store
+        found = []
+        for lock in await store.locked():
+            trusted = (await store.clients(lock.subject, ctx.settings.trusted_for)
+                       if lock.kind == "key" else None)
+            found.append(Lockout(lock.kind, lock.subject, _wall(lock.since), _wall(lock.until),
+                                 lock.failures, trusted))
         return sorted(found, key=lambda lockout: (lockout.since, lockout.kind, lockout.subject))
 
-    def clear(self, kind: str, subject: str, peer: str) -> int:
+    async def clear(self, kind: str, subject: str, peer: str) -> int:
         """Forget the failures of a key id, an address (IPv6: its /64) or everyone, lifting
         their lock-outs; how many lock-outs were in force."""
-        auth = self.auth
-        now = auth.context.monotonic()
+        store = self.auth.context.store
         if kind == "all":
-            lifted = auth.by_address.clear_all(now) + auth.by_key.clear_all(now)
+            lifted = await store.clear_all()
             what = "every address and API key"
         elif kind == "key":
-            lifted = int(auth.by_key.clear(subject, now))
+            lifted = int(await store.clear("key", subject))
             what = f"API key {subject}"
         else:
             subject = subject if "/" in subject else client_key(subject)
-            lifted = int(auth.by_address.clear(subject, now))
+            lifted = int(await store.clear("address", subject))
             what = f"client {subject}"
         log.warning("%s: failures forgotten, %d lock-out(s) lifted, through the control "
                     "socket by %s", what, lifted, peer)
         return lifted
 
 
+def _wall(moment: float) -> datetime:
+    return datetime.fromtimestamp(moment, UTC)
+
+
 class ControlConnection(Connection):
-    """One admin's connection: request lines in, answers out."""
+    """One admin's connection: request lines in, answers out, in order. Each request is
+    answered by a task (the store may be Redis); requests that arrive meanwhile wait in
+    ``queue``."""
 
     def __init__(self, listener: Listener, service: ControlService) -> None:
         super().__init__(listener)
@@ -91,34 +96,51 @@ class ControlConnection(Connection):
         self.buffer = b""
         self.skipping = False  # in a line too long: dropped up to its end, then answered
         self.who = "an unknown peer"
+        # a request to answer, or the ERROR line of a refused one, in the order they came
+        self.queue: collections.deque[control.Request | bytes] = collections.deque()
+        self.working: asyncio.Future[None] | None = None
 
     def opened(self) -> None:
         assert self.transport is not None
         self.who = peer_credentials(self.transport.get_extra_info("socket"))
 
     def pending(self) -> bool:
-        return bool(self.buffer) or self.skipping
+        return bool(self.buffer) or self.skipping or self.working is not None
 
     def received(self, data: bytes) -> None:
         *lines, rest = (self.buffer + data).split(b"\n")
         for line in lines:
             if self.skipping or len(line) > control.MAX_LINE:
                 self.skipping = False
-                self.refuse(f"line longer than {control.MAX_LINE} bytes")
+                self.queue.append(self.refuse(f"line longer than {control.MAX_LINE} bytes"))
                 continue
             try:
-                request = control.parse_request(line)
+                self.queue.append(control.parse_request(line))
             except control.BadRequest as exc:
-                self.refuse(str(exc))
-                continue
-            self.send(self.service.answer(request, self.who))
+                self.queue.append(self.refuse(str(exc)))
         if len(rest) > control.MAX_LINE:  # kept no longer; the sweep ends a line never ended
             self.skipping, rest = True, b""
         self.buffer = rest
+        if self.queue and self.working is None:
+            self.working = asyncio.ensure_future(self.work())
 
-    def refuse(self, reason: str) -> None:
+    async def work(self) -> None:
+        """Answer what is queued, in order."""
+        try:
+            while self.queue and not self.closing:
+                item = self.queue.popleft()
+                self.send(item if isinstance(item, bytes)
+                          else await self.service.answer(item, self.who))
+        except Exception:  # the one catch-all of this connection's task
+            log.exception("control: internal error answering %s; closing the connection",
+                          self.who)
+            self.internal_error()
+        finally:
+            self.working = None
+
+    def refuse(self, reason: str) -> bytes:
         log.warning("control: refused a request from %s: %s", self.who, reason)
-        self.send(control.error(reason))
+        return control.error(reason)
 
     def internal_error(self) -> None:
         self.send(control.error("internal error in keyrelay-policyd (see its log)"))

@@ -96,9 +96,9 @@ def check(config: Config) -> None:
         except KeyError:
             fail(f"policyd.control_group: no such group: {cfg.control_group!r}")
     if config.counters.backend != "memory":
-        log.warning("counters.backend: %s counts rates and quotas; failed logins and "
-                    "lock-outs are still counted in each process by this version "
-                    "(docs/cluster.md)", config.counters.backend)
+        log.info("counters.backend: %s counts rates and quotas, failed logins, lock-outs and "
+                 "recent logins, shared by every node that uses it (docs/cluster.md)",
+                 config.counters.backend)
     for pool in {config.routing.default_pool} - {""} - set(snapshot.pools):
         log.warning("routing.default_pool %r is not a pool in the directory", pool)
 
@@ -222,8 +222,16 @@ class Daemon:
         new.used_keys = self.context.used_keys
         self.context = new
         self.auth.context = self.policy.context = self.socketmap.context = new
-        if config.policyd.bruteforce != old.policyd.bruteforce:
-            self.auth.configure(config.policyd.bruteforce)  # forgets failures and lockouts
+        bf, was = config.policyd.bruteforce, old.policyd.bruteforce
+        if bf != was:
+            # failures, lock-outs and recent logins live in the counter store (with Redis:
+            # every node's, not one node's reload to wipe): kept; the new thresholds count
+            # from the next failure on (docs/policyd.md, "Brute-force protection")
+            log.info("SIGHUP: policyd.bruteforce changed; the new thresholds apply to the "
+                     "next failure counted, failures and lock-outs so far are kept")
+            if bf.max_tracked != was.max_tracked:
+                log.warning("SIGHUP: policyd.bruteforce.max_tracked changed; it takes effect "
+                            "after a restart")
         for listener in self.listeners:
             listener.limits = config.policyd
         log.info("SIGHUP: configuration reloaded from %s", self.config_path)
@@ -303,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # no connection yet (Redis away must not stop a start: requests answer 451 4.3.0
         # until it is back); only an unreadable password file stops it here
-        counters = open_counters(config)
+        counters = open_counters(config, max_tracked=config.policyd.bruteforce.max_tracked)
     except CountersUnavailable as exc:
         fail(str(exc))
     try:

@@ -3,7 +3,8 @@
 Each service listens on a unix socket or a loopback/TCP address. Connections are plain
 ``asyncio.Protocol`` objects (no per-request coroutine: a request is decided synchronously
 from an in-memory snapshot, so the event loop's only work is bytes in and bytes out; only an
-LDAP key look-up and a message charged to Redis wait, in a task, reading paused). Every
+LDAP key look-up, a login counted in Redis and a message charged to Redis wait, in a task,
+reading paused). Every
 connection is bounded: request size, idle time, time to finish a started request, pending
 output (reading pauses while the client does not read), and the number of connections.
 
@@ -20,9 +21,9 @@ import itertools
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from keyrelay import daemon
 from keyrelay.config import PolicydConfig
@@ -224,7 +225,10 @@ def _now() -> float:
 
 # -- the three services ----------------------------------------------------------------------
 class AuthConnection(Connection):
-    """Dovecot auth protocol: LF-terminated lines, handshake first."""
+    """Dovecot auth protocol: LF-terminated lines, handshake first. A login whose answer
+    waits (the counter store over the network, or an LDAP key look-up: ``AuthService.login``
+    hands back a coroutine) pauses reading; lines that arrive meanwhile wait in ``backlog``
+    and are answered in order once it is decided."""
 
     def __init__(self, listener: Listener, service: AuthService, cuid: int) -> None:
         super().__init__(listener)
@@ -232,16 +236,14 @@ class AuthConnection(Connection):
         self.session = dovecot.ServerSession()
         self.cuid = cuid
         self.reader = dovecot.LineReader(listener.limits.max_request_size)
-        # a login waiting for its key id to be looked up (auth.KeyLookup), and the lines that
-        # arrived meanwhile: answered in order once it is decided
-        self.lookup: asyncio.Future[None] | None = None
+        self.waiting: asyncio.Future[None] | None = None
         self.backlog: list[str] = []
 
     def opened(self) -> None:
         self.send(dovecot.greeting(os.getpid(), self.cuid, secrets.token_hex(16)))
 
     def pending(self) -> bool:
-        return self.reader.pending or self.lookup is not None
+        return self.reader.pending or self.waiting is not None or bool(self.backlog)
 
     def received(self, data: bytes) -> None:
         for line in self.reader.feed(data):
@@ -250,7 +252,7 @@ class AuthConnection(Connection):
                 break
 
     def line(self, text: str) -> None:
-        if self.lookup is not None:
+        if self.waiting is not None:
             self.backlog.append(text)
             return
         event = self.session.receive(text)
@@ -262,12 +264,12 @@ class AuthConnection(Connection):
             self.send(event.data)
             return
         result = self.service.login(event)
-        if isinstance(result, auth.KeyLookup):
-            if self.transport is not None:
-                self.transport.pause_reading()
-            self.lookup = asyncio.ensure_future(self.look_up(event, result))
+        if isinstance(result, Verdict):
+            self.answer(event, result)
             return
-        self.answer(event, result)
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self.waiting = asyncio.ensure_future(self.settle(event, result))
 
     def answer(self, event: dovecot.Attempt, verdict: Verdict) -> None:
         self.service.log(event, verdict)
@@ -277,29 +279,30 @@ class AuthConnection(Connection):
         else:
             self.send(reply)
 
-    async def look_up(self, event: dovecot.Attempt, lookup: auth.KeyLookup) -> None:
-        """Look the key id up in a worker thread (the event loop never waits for LDAP), then
-        decide, answer, and go on with what arrived meanwhile."""
+    async def settle(self, event: dovecot.Attempt,
+                     deciding: Coroutine[Any, Any, Verdict]) -> None:
+        """Await the login's verdict (the event loop serves everyone else meanwhile; an LDAP
+        look-up runs in a worker thread), answer, and go on with what arrived meanwhile."""
         try:
-            await asyncio.get_running_loop().run_in_executor(None, lookup.run)
+            verdict = await deciding
         except Exception:  # e.g. the executor shut down while stopping: our fault, temporary
-            log.exception("%s: API key lookup for %s failed; closing the connection",
+            log.exception("%s: deciding a login from %s failed; closing the connection",
                           self.listener.name, self.peer)
             self.internal_error()  # closed: Postfix answers 454 4.7.0
             return
         finally:
-            self.lookup = None
+            self.waiting = None
         if self.closing:
             return  # the sweep closed it (request_timeout): Postfix answered 454
 
-        def decide_and_go_on(_: bytes) -> None:
-            self.answer(event, self.service.looked_up(event, lookup))
-            while self.backlog and self.lookup is None and not self.closing:
+        def answer_and_go_on(_: bytes) -> None:
+            self.answer(event, verdict)
+            while self.backlog and self.waiting is None and not self.closing:
                 self.line(self.backlog.pop(0))
 
-        if not self.guarded(decide_and_go_on, b""):
+        if not self.guarded(answer_and_go_on, b""):
             return
-        if self.lookup is None and not self.closing:
+        if self.waiting is None and not self.closing:
             if not self.pending():
                 self.request_started = 0.0
             if self.transport is not None:

@@ -220,6 +220,29 @@ def test_redis_away_is_a_temporary_answer_for_limits_by_default(
     assert run(work()) == [True, True]
 
 
+def test_redis_away_every_brute_force_operation_answers_locally_even_with_tempfail(
+        tmp_path: Path, own_server: RedisServer) -> None:
+    """What the auth service and the control socket ask never raises while Redis is away
+    (on_unavailable: tempfail, the default, is for limits and quotas only)."""
+    store = open_counters(config(tmp_path, own_server.counters_settings(timeout=0.5)))
+    own_server.kill()
+
+    async def work() -> list[object]:
+        await store.succeeded("kr_abc", "192.0.2.1", 3600)
+        counted = [await store.fail("address", "192.0.2.9", 1, 60, 300),
+                   await store.since("kr_abc", "192.0.2.1") is not None,
+                   await store.clients("kr_abc", 3600),
+                   [(lock.kind, lock.subject) for lock in await store.locked()],
+                   await store.clear("address", "192.0.2.9"),
+                   await store.fail("key", "kr_abc", 1, 60, 300),
+                   await store.clear_all(),
+                   await store.locked_for("key", "kr_abc")]
+        await store.close()
+        return counted
+
+    assert run(work()) == [True, True, 1, [("address", "192.0.2.9")], True, True, 1, 0.0]
+
+
 def test_a_frozen_redis_is_unavailable_within_the_timeout(
         tmp_path: Path, own_server: RedisServer) -> None:
     store = redis_store(tmp_path, own_server, timeout=0.5)
@@ -397,8 +420,8 @@ def test_the_programs_check_config_name_a_wrong_password(tmp_path: Path,
             f"{program[0]}: error: counters.redis: authentication failed for user keyrelay: "
             "WRONGPASS "), done.stderr
         assert "not-the-password" not in done.stderr and server.password not in done.stderr
-        # and the daemon says what the store counts so far (docs/cluster.md, "Status")
+        # and the daemon says what the store counts (docs/cluster.md)
         assert before == ([] if program[0] == "keyrelay" else [before[0]]), done.stderr
         if before:
-            assert ("counters.backend: redis counts rates and quotas; failed logins and "
-                    "lock-outs are still counted in each process") in before[0]
+            assert ("counters.backend: redis counts rates and quotas, failed logins, lock-outs "
+                    "and recent logins, shared by every node") in before[0]

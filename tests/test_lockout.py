@@ -7,6 +7,7 @@ tests/test_lockout_e2e.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -19,8 +20,9 @@ from test_cli import CliSite, assert_refused
 
 import policyd.main
 from keyrelay import control, keys
-from keyrelay.config import parse_config
+from keyrelay.config import Config, parse_config
 from keyrelay.control import BadRequest, Lockout, Request, parse_request
+from keyrelay.counters import Locked, MemoryCounters
 from keyrelay.decisions import Verdict
 from keyrelay.directory import YamlDirectory
 from keyrelay.directory.yamlfile import render
@@ -30,15 +32,43 @@ from policyd import dovecot
 from policyd.auth import AuthService
 from policyd.context import ServiceContext
 from policyd.control import ControlService, listener, start
-from policyd.counters import FailureTracker, Locked, LockoutStore
+from policyd.policy import run_now
 from testkit.factories import NOW, World, key_id
 
-# -- the failure tracker -----------------------------------------------------------------------
+# -- the failure counts of the memory store ----------------------------------------------------
 
 
-def tracker(max_failures: int = 3) -> LockoutStore:
-    """The in-memory tracker, seen through the interface a shared store implements too."""
-    return FailureTracker(max_failures, window=600.0, lockout=900.0, max_tracked=100)
+class Tracker:
+    """``MemoryCounters``' failures of one kind (what the auth service and the control socket
+    ask of any counter store), each call at the time it is given."""
+
+    def __init__(self, max_failures: int) -> None:
+        self.now = 0.0
+        self.max_failures = max_failures
+        self.store = MemoryCounters(max_tracked=100, clock=lambda: self.now)
+
+    def at(self, now: float) -> MemoryCounters:
+        self.now = now
+        return self.store
+
+    def fail(self, key: str, now: float) -> bool:
+        return run_now(self.at(now).fail("key", key, self.max_failures, 600.0, 900.0))
+
+    def locked_for(self, key: str, now: float) -> float:
+        return run_now(self.at(now).locked_for("key", key))
+
+    def locked(self, now: float) -> list[Locked]:
+        return run_now(self.at(now).locked())
+
+    def clear(self, key: str, now: float) -> bool:
+        return run_now(self.at(now).clear("key", key))
+
+    def clear_all(self, now: float) -> int:
+        return run_now(self.at(now).clear_all())
+
+
+def tracker(max_failures: int = 3) -> Tracker:
+    return Tracker(max_failures)
 
 
 def test_locked_lists_each_lock_out_in_force_with_its_times_and_failures() -> None:
@@ -57,7 +87,7 @@ def test_locked_lists_each_lock_out_in_force_with_its_times_and_failures() -> No
 
 
 def _locked(subject: str, since: float, until: float, failures: int) -> Locked:
-    return Locked(subject, since, until, failures)
+    return Locked("key", subject, since, until, failures)
 
 
 def test_clear_lifts_a_lock_out_and_forgets_the_failures_behind_it() -> None:
@@ -197,12 +227,24 @@ class Daemon:
                         "bruteforce": {"max_failures_per_key": 3,
                                        "max_failures_per_address": 3,
                                        "lockout": "15m"}}}, "test")
-        log = DecisionLog(self.config.logging, (tmp_path / "log").open("w"))
-        self.tick = 5000.0  # the monotonic clock: seconds, moved only by the test
-        self.auth = AuthService(ServiceContext(self.config, YamlDirectory(str(path)), log,
-                                               clock=lambda: NOW,
-                                               monotonic=lambda: self.tick))
+        self.log = DecisionLog(self.config.logging, (tmp_path / "log").open("w"))
+        # the counter store's wall clock: seconds since the epoch, moved only by the test;
+        # it reaches NOW two minutes in
+        self.tick = NOW.timestamp() - 120.0
+        self.store = MemoryCounters(clock=lambda: self.tick)
+        self.path = path
+        self.auth = AuthService(self.context(self.config))
         self.control = ControlService(self.auth)
+
+    def context(self, config: Config) -> ServiceContext:
+        return ServiceContext(config, YamlDirectory(str(self.path)), self.log,
+                              clock=lambda: NOW, counters=self.store)
+
+    def lockouts(self) -> list[Lockout]:
+        return run_now(self.control.lockouts())
+
+    def clear(self, kind: str, subject: str) -> int:
+        return run_now(self.control.clear(kind, subject, "uid 0"))
 
     def login(self, password: str, client: str) -> str:
         verdict = self.auth.login(dovecot.Attempt("1", "PLAIN", "apikey", password, client,
@@ -226,29 +268,35 @@ def test_the_service_lists_lock_outs_in_wall_clock_time_and_clears_them(
     for _ in range(3):
         site.login("kr.nonsense", "2001:db8:1:2::7")
     site.tick += 60.0
-    assert site.control.lockouts() == [
+    assert site.lockouts() == [
         Lockout("key", kid, NOW - timedelta(seconds=120), NOW + timedelta(seconds=780), 3, 1),
         Lockout("address", "2001:db8:1:2::/64", NOW - timedelta(seconds=60),
                 NOW + timedelta(seconds=840), 3),
     ]
     assert site.login(site.key, "192.0.2.9") == "key_locked_out"
-    assert site.control.clear("key", kid, "uid 0") == 1
+    assert site.clear("key", kid) == 1
     assert site.login(site.key, "192.0.2.9") == "OK"
     # an IPv6 address clears its /64, where its failures were counted
-    assert site.control.clear("address", "2001:db8:1:2::99", "uid 0") == 1
-    assert site.control.lockouts() == []
+    assert site.clear("address", "2001:db8:1:2::99") == 1
+    assert site.lockouts() == []
     assert site.login(site.key, "2001:db8:1:2::7") == "OK"
-    assert site.control.clear("all", "", "uid 0") == 0
+    assert site.clear("all", "") == 0
 
 
-def test_a_sighup_that_gives_new_trackers_is_what_the_control_service_reads(
+def test_a_sighup_that_changes_the_thresholds_keeps_the_lock_outs_and_counts_anew_with_them(
         tmp_path: Path) -> None:
     site = Daemon(tmp_path)
     for n in range(3):
         site.login(site.wrong(), f"198.51.100.{n}")
-    assert len(site.control.lockouts()) == 1
-    site.auth.configure(site.config.policyd.bruteforce)  # as a SIGHUP that changed them
-    assert site.control.lockouts() == []
+    assert len(site.lockouts()) == 1
+    # as policyd/main.py's reload: a new context over the same store, stricter thresholds
+    stricter = dataclasses.replace(site.config.policyd, bruteforce=dataclasses.replace(
+        site.config.policyd.bruteforce, max_failures_per_address=1))
+    site.auth.context = site.context(dataclasses.replace(site.config, policyd=stricter))
+    assert [lock.kind for lock in site.lockouts()] == ["key"]  # kept, not wiped
+    assert site.login(site.key, "192.0.2.9") == "key_locked_out"
+    site.login("kr.nonsense", "203.0.113.5")  # one failure now locks an address
+    assert site.login(site.key, "203.0.113.5") == "address_locked_out"
 
 
 async def _serve_and_ask(site: Daemon, path: Path, lines: list[bytes]) -> list[bytes]:

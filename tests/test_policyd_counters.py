@@ -1,89 +1,61 @@
-"""In-memory counters of keyrelay-policyd: message rates (SlidingWindow) and login failures
-(FailureTracker) and where each key id recently logged in (RecentLogins). Time is passed in, so
-every test states its clock explicitly."""
+"""The in-process counter store's login failures and recent logins (``MemoryCounters``,
+keyrelay/counters/memory.py), as keyrelay-policyd's auth service uses them: each call at the
+time the test gives, so every test states its clock explicitly. (What every store shares,
+Redis too, is tests/test_counters_contract.py's; the rates' sliding windows are there too.)"""
 
 from __future__ import annotations
 
 import pytest
 
-from policyd.counters import FailureTracker, RecentLogins, SlidingWindow
+from keyrelay.counters import MemoryCounters
+from policyd.policy import run_now
 
-# -- SlidingWindow ------------------------------------------------------------------------------
-
-
-def test_unknown_key_counts_zero() -> None:
-    assert SlidingWindow(60.0).count("nobody", 1234.5) == 0
+KEEP = 1e9  # recent logins kept longer than any test runs (policyd.bruteforce.trusted_for)
 
 
-def test_count_is_exact_within_one_window() -> None:
-    window = SlidingWindow(60.0)
-    for i in range(10):
-        window.add("acme", 600.0 + i * 5)  # all in the fixed window [600, 660)
-        assert window.count("acme", 600.0 + i * 5) == i + 1
-    assert window.count("acme", 659.999) == 10
+class FailureTracker:
+    """``MemoryCounters``' failures of one kind, each call at the time it is given."""
+
+    def __init__(self, max_failures: int, window: float, lockout: float,
+                 max_tracked: int) -> None:
+        self.now = 0.0
+        self.limits = (max_failures, window, lockout)
+        self.store = MemoryCounters(max_tracked=max_tracked, clock=lambda: self.now)
+
+    def fail(self, key: str, now: float) -> bool:
+        self.now = now
+        return run_now(self.store.fail("address", key, *self.limits))
+
+    def locked_for(self, key: str, now: float) -> float:
+        self.now = now
+        return run_now(self.store.locked_for("address", key))
+
+    def __len__(self) -> int:
+        return len(self.store)
 
 
-def test_keys_are_counted_separately() -> None:
-    window = SlidingWindow(60.0)
-    for _ in range(3):
-        window.add("acme", 10.0)
-    window.add("globex", 10.0)
-    assert (window.count("acme", 20.0), window.count("globex", 20.0)) == (3, 1)
+class RecentLogins:
+    """``MemoryCounters``' recent logins, each call at the time it is given."""
 
+    def __init__(self, max_tracked: int, per_key: int = 8) -> None:
+        self.now = 0.0
+        self.store = MemoryCounters(max_tracked=max_tracked, per_key=per_key,
+                                    clock=lambda: self.now)
 
-def test_previous_window_decays_linearly_across_the_next_one() -> None:
-    window = SlidingWindow(60.0)
-    for _ in range(10):
-        window.add("acme", 0.0)
-    assert window.count("acme", 60.0) == pytest.approx(10.0)  # all of it still overlaps
-    assert window.count("acme", 90.0) == pytest.approx(5.0)  # half of it
-    assert window.count("acme", 114.0) == pytest.approx(1.0)
-    assert window.count("acme", 120.0) == 0  # two windows later: gone
+    def succeeded(self, key_id: str, client: str, now: float) -> None:
+        self.now = now
+        run_now(self.store.succeeded(key_id, client, KEEP))
 
+    def since(self, key_id: str, client: str, now: float) -> float | None:
+        self.now = now
+        return run_now(self.store.since(key_id, client))
 
-def test_new_events_add_to_the_weighted_previous_window() -> None:
-    window = SlidingWindow(60.0)
-    for _ in range(6):
-        window.add("acme", 30.0)
-    window.add("acme", 75.0)
-    window.add("acme", 75.0)
-    # 2 in the current window + 6 weighted by the 45 s of the previous one still covered
-    assert window.count("acme", 75.0) == pytest.approx(2 + 6 * 0.75)
+    def clients(self, key_id: str, now: float, within: float) -> int:
+        self.now = now
+        return run_now(self.store.clients(key_id, within))
 
-
-def test_a_gap_of_more_than_one_window_starts_from_zero() -> None:
-    window = SlidingWindow(60.0)
-    for _ in range(5):
-        window.add("acme", 0.0)
-    window.add("acme", 125.0)
-    assert window.count("acme", 125.0) == 1
-
-
-def test_steady_rate_is_counted_close_to_the_true_count() -> None:
-    window = SlidingWindow(60.0)
-    for second in range(600):  # one event a second for ten minutes
-        window.add("acme", float(second))
-    assert window.count("acme", 599.5) == pytest.approx(60, abs=1.5)
-
-
-def test_prune_forgets_keys_last_seen_two_windows_ago_and_keeps_recent_ones() -> None:
-    window = SlidingWindow(60.0)
-    window.add("old", 0.0)
-    window.add("recent", 100.0)
-    window.prune(119.0)  # "old" is in the previous window: still counted
-    assert len(window) == 2 and window.count("old", 119.0) > 0
-    window.prune(120.0)
-    assert len(window) == 1 and window.count("recent", 120.0) > 0
-    assert window.count("old", 120.0) == 0
-
-
-def test_prune_keeps_memory_bounded_after_many_distinct_keys() -> None:
-    window = SlidingWindow(60.0)
-    for i in range(100_000):
-        window.add(f"principal-{i}", 30.0)
-    assert len(window) == 100_000
-    window.prune(180.0)
-    assert len(window) == 0
+    def __len__(self) -> int:
+        return len(self.store)
 
 
 # -- FailureTracker -----------------------------------------------------------------------------

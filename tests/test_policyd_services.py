@@ -278,7 +278,8 @@ def test_monitor_mode_lets_a_message_pass_over_a_full_window_and_charges_nothing
 
 # -- the auth service's brute-force counters, on a clock the test moves ------------------------
 class Auth:
-    """An AuthService on a YAML directory, with its monotonic clock in the test's hand."""
+    """An AuthService on a YAML directory, with its counter store's clock in the test's
+    hand."""
 
     def __init__(self, tmp_path: Path, world: World, bruteforce: dict[str, object]) -> None:
         path = tmp_path / "directory.yaml"
@@ -286,10 +287,10 @@ class Auth:
         config = parse_config({"directory": {"path": str(path)},
                                "policyd": {"bruteforce": bruteforce}}, "test")
         log = DecisionLog(config.logging, (tmp_path / "log").open("w"))
-        self.tick = 1000.0  # seconds; moved only by the test
-        self.service = AuthService(ServiceContext(config, YamlDirectory(str(path)), log,
-                                                  clock=lambda: NOW,
-                                                  monotonic=lambda: self.tick))
+        self.tick = NOW.timestamp()  # the store's wall clock: seconds, moved only by the test
+        self.service = AuthService(ServiceContext(
+            config, YamlDirectory(str(path)), log, clock=lambda: NOW,
+            counters=MemoryCounters(clock=lambda: self.tick)))
 
     def login(self, password: str, client: str) -> str:
         """``OK`` or the reason the client reads."""

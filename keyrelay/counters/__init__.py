@@ -5,7 +5,7 @@ shared, how".
 
 - model.py: the windows (``Sliding``, ``Calendar``), the answers (``Usage``, ``Locked``), the
   interface ``CounterStore`` and its one error ``CountersUnavailable``;
-- memory.py: the in-process store (policyd/counters.py's semantics and bounds);
+- memory.py: the in-process store (the semantics every store shares, bounded);
 - scripts.py, redisstore.py: the Redis store, one Lua script per operation;
 - fallback.py: Redis away;
 - open.py: the store a configuration names, and ``check_counters`` for ``--check-config``.

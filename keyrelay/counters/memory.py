@@ -1,6 +1,6 @@
-"""The in-process counter store: one node's rates, quotas, failures and recent logins, with
-the semantics and bounds of ``policyd/counters.py`` (SlidingWindow, FailureTracker,
-RecentLogins), behind the async interface of ``model.CounterStore``.
+"""The in-process counter store: one node's rates, quotas, failures and recent logins, behind
+the async interface of ``model.CounterStore`` (``counters.backend: memory``, and the fallback
+of ``fallback.Resilient`` while Redis is away).
 
 Nothing here awaits, so each operation is atomic within the event loop. Bounds: a rate or
 quota window holds one entry per subject, dropped once its period is over (swept at most once

@@ -36,11 +36,10 @@ class CountersUnavailable(DirectoryUnavailable):
 class Sliding:
     """A sliding window of ``seconds``: at most ``limit`` units within any ``seconds``.
 
-    The two-bucket sliding-window counter (as ``policyd/counters.py`` ``SlidingWindow``):
-    the count of the current fixed bucket plus the previous bucket's, weighted by how much of
-    it still overlaps the window. Exact when events are evenly spread, never off by more than
-    the previous bucket's count. ``subject`` names what is counted (a principal such as
-    ``acme/app``; no ``:``)."""
+    The two-bucket sliding-window counter: the count of the current fixed bucket plus the
+    previous bucket's, weighted by how much of it still overlaps the window. Exact when events
+    are evenly spread, never off by more than the previous bucket's count. ``subject`` names
+    what is counted (a principal such as ``acme/app``; no ``:``)."""
 
     subject: str
     seconds: int
@@ -129,9 +128,9 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Locked:
-    """One lock-out in force (the shape of ``policyd/counters.py`` ``Locked``, plus its
-    kind): who (an address, its IPv6 /64, or a key id), since and until when on the store's
-    clock, and the failures that led to it and came during it."""
+    """One lock-out in force, of one kind: who (an address, its IPv6 /64, or a key id), since
+    and until when on the store's clock, and the failures that led to it and came during
+    it."""
 
     kind: Kind
     subject: str

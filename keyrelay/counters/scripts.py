@@ -78,8 +78,8 @@ return out
 
 # KEYS: the failure record (hash), the kind's tracked set (member: key, score: last failure),
 # the kind's lock-out set (score: until). ARGV: now, max_failures, window, lockout, until if
-# locked now, max_tracked, key, prefix of failure records of this kind. As FailureTracker.fail
-# (policyd/counters.py), plus the bounds: at most max_tracked records per kind, the least
+# locked now, max_tracked, key, prefix of failure records of this kind. As MemoryCounters.fail
+# (memory.py), with its bounds: at most max_tracked records per kind, the least
 # recently failed evicted first. Answers 1 when this failure starts a lock-out.
 FAIL = Script("fail", """
 local now, maxf = tonumber(ARGV[1]), tonumber(ARGV[2])

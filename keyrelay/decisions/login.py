@@ -1,9 +1,9 @@
 """SMTP AUTH: who may log in, and the answers of the brute-force protection.
 
 The counting itself (failures per address and per key id, lock-outs, each key's recent
-successful logins) is state and lives in the auth service (policyd/auth.py,
-policyd/counters.py); what counts as a guess, who a lock-out stops and what a locked-out client
-is told is decided here.
+successful logins) is state and lives in the counter store the auth service counts in
+(policyd/auth.py, keyrelay/counters); what counts as a guess, who a lock-out stops and what a
+locked-out client is told is decided here.
 """
 
 from __future__ import annotations
