@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from .errors import one_line, printable
-from .keys import hide_secrets
+from .keys import hide_secrets, holds_secret
 
 # An argument that starts with "-" and a digit is a value, never an option (no keyrelay
 # option looks like that): `--expires -5d` gives "-5d" to --expires, which refuses it
@@ -41,6 +41,15 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _VALUE_WITH_MINUS
+
+    def _parse_optional(self, arg_string: str) -> Any:
+        # an API key's secret may start with "-" (base64url): pasted where a value belongs it
+        # is that value, which the command then refuses without repeating it, never an
+        # unknown option (argparse: "the following arguments are required")
+        if ("=" not in arg_string and arg_string not in self._option_string_actions
+                and holds_secret(arg_string)):
+            return None
+        return super()._parse_optional(arg_string)
 
     def error(self, message: str) -> NoReturn:
         # argparse quotes arguments as they came: hide what could be a secret among the
