@@ -111,6 +111,14 @@ UNREADABLE: dict[str, str] = {
     "comment with a comma after the address (found by the fuzzer)": "app@t93.example (,)",
     "comment with a comma after a bracketed address": "<a@x.example> (x,y)",
     "comment with a comma, after a bare address": "alice@acme.example (Alice, in a comment)",
+    # read as app@t54.example here, as 'app@t54.example\x1f' by mail programs (found by
+    # test_fuzz_e2e.py): Python's \s counts \x1c-\x1f and \x85 as blanks
+    "unit separator after the address (found by the fuzzer)": "a@t54.example\x1f",
+    "file separator before the address": "\x1ca@example.com",
+    "C1 next line in the display name": "x\x85 <a@example.com>",
+    "C1 control as the domain (found by the fuzzer)": "0@\x80",
+    "DEL after a bracketed address": "<a@example.com>\x7f",
+    "no-break space after the address": "a@example.com\xa0",
 }
 
 
