@@ -37,6 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keyrelay.demo import Relay
+from keyrelay.demo.processes import tail
 from testkit.net import wait_until
 from testkit.relay import Tenant, as_sent, connect, new_tenant, published_records, queue_empty
 
@@ -172,7 +173,12 @@ def test_whatever_headers_arrive_the_message_is_signed_and_honest_or_refused_5xx
         # a new session for the next message: Postfix slows a session down after errors
         # (smtpd_soft_error_limit, smtpd_error_sleep_time)
         session.pop().close()
-        assert 500 <= exc.smtp_code < 600, f"temporary answer to a message: {exc}"
+        # a temporary answer is a fault of ours: say what the daemons logged about it (the
+        # relay's folder is gone once the module ends)
+        assert 500 <= exc.smtp_code < 600, (
+            f"temporary answer to a message: {exc}\n--- milter.log\n"
+            + tail(demo_relay.settings.logs / "milter.log", 40) + "\n--- policyd.log\n"
+            + tail(demo_relay.settings.logs / "policyd.log", 40))
         assert exc.smtp_error.strip(), "a refusal without a text"
         return
 
