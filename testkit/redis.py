@@ -210,7 +210,9 @@ class RedisServer:
         and ``time_zone``."""
         settings: dict[str, Any] = {
             "username": self.user, "password_file": str(self.password_file),
-            "prefix": self.prefix, "timeout": 2,
+            # generous: a loaded machine's answer must not read as Redis away (tests of an
+            # unanswering server pass a shorter one)
+            "prefix": self.prefix, "timeout": 10,
         }
         if via == "unix":
             settings["socket"] = str(self.socket)

@@ -163,8 +163,10 @@ def own_server() -> Iterator[RedisServer]:
 
 def test_redis_killed_then_restarted_with_local_fallback(
         tmp_path: Path, own_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    # 3 s: the first take must reach the live server even on a loaded machine (a killed one
+    # refuses at once, so the outage costs no waiting)
     store = open_counters(config(tmp_path, own_server.counters_settings(
-        on_unavailable="local", timeout=0.5)))
+        on_unavailable="local", timeout=3)))
     assert isinstance(store, Resilient)
     store.retry_first = 0.05
     window = (Sliding("acme/app", 60, 1000),)
@@ -245,14 +247,14 @@ def test_redis_away_every_brute_force_operation_answers_locally_even_with_tempfa
 
 def test_a_frozen_redis_is_unavailable_within_the_timeout(
         tmp_path: Path, own_server: RedisServer) -> None:
-    store = redis_store(tmp_path, own_server, timeout=0.5)
+    store = redis_store(tmp_path, own_server, timeout=3)  # the live answer fits on a loaded machine
     window = (Sliding("acme/app", 60, 10),)
 
     async def work() -> object:
         assert await store.take(window) is None  # a pooled connection to the frozen server
         own_server.pause()
         try:
-            with pytest.raises(CountersUnavailable, match=r"no answer from redis .* within 0\.5s"):
+            with pytest.raises(CountersUnavailable, match=r"no answer from redis .* within 3s"):
                 await store.take(window)
         finally:
             own_server.resume()
@@ -359,7 +361,7 @@ def test_after_a_sentinel_failover_the_new_primary_is_used(tmp_path: Path,
             return fields.get(b"master-link-status") == b"ok"
 
         wait_until(replica_in_sync, FAILOVER, "the Sentinel knowing the replica in sync")
-        settings = own_server.counters_settings(sentinels=[f"127.0.0.1:{port}"], timeout=1)
+        settings = own_server.counters_settings(sentinels=[f"127.0.0.1:{port}"], timeout=10)
         store = open_counters(config(tmp_path, settings))
         assert isinstance(store, Resilient)
         store.retry_first = 0.05
