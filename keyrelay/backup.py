@@ -43,7 +43,7 @@ from typing import Any
 
 from . import __version__
 from .directory.model import DirectoryData
-from .directory.yamlfile import parse_text, render
+from .directory.yamlfile import fsync_folder, parse_text, render
 from .errors import ConfigError, KeyrelayError
 
 FORMAT = "keyrelay-backup"
@@ -235,7 +235,7 @@ def write_backup(output: str, data: DirectoryData, key_dir: str, backend: str, n
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)
     return Backup(output, FORMAT_VERSION, str(manifest["created"]), __version__, backend,
                   os.path.abspath(key_dir), data, folders, files)
 
@@ -269,14 +269,6 @@ def _add(tar: tarfile.TarFile, name: str, content: bytes, stamp: int) -> None:
 def _own(info: tarfile.TarInfo, entry: Entry) -> None:
     info.mode, info.mtime = entry.mode, entry.mtime
     info.uid, info.gid, info.uname, info.gname = entry.uid, entry.gid, entry.user, entry.group
-
-
-def _fsync_folder(folder: str) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -557,4 +549,4 @@ def _write_file(path: str, entry: Entry, content: bytes, owner: tuple[int, int],
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..daemon import ROOT_USERS
 from .processes import BIN
 from .settings import (
     DEMO_ACCOUNT,
@@ -75,7 +76,7 @@ def give_to_daemons(settings: Settings, path: Path, mode: int, owner: bool) -> N
     """As root with an unprivileged daemon user: ``path`` to that user's group (``owner``:
     to the user too), with ``mode``, as a production host has /etc/keyrelay."""
     user = settings.daemon_user
-    if os.geteuid() != 0 or user in ("", "root"):
+    if os.geteuid() != 0 or user in ROOT_USERS:
         return
     entry = pwd.getpwnam(user)
     os.chown(path, entry.pw_uid if owner else 0, entry.pw_gid)
@@ -86,7 +87,7 @@ def ensure_daemon_user(settings: Settings, say: Callable[[str], None]) -> None:
     """Create the daemons' system user (and its group) when the demo runs as root and it is
     missing, as the Debian package and the Ansible role do on a production host."""
     user = settings.daemon_user
-    if os.geteuid() != 0 or user in ("", "root"):
+    if os.geteuid() != 0 or user in ROOT_USERS:
         return
     try:
         pwd.getpwnam(user)
