@@ -42,6 +42,9 @@ class Settings:
     # keyrelay's directory section; None: the embedded YAML file in the run directory (the
     # tests pass an LDAP one: tests/test_e2e_ldap.py)
     directory: Mapping[str, Any] | None = None
+    # keyrelay's counters section; None: the embedded default (in-process counters). The
+    # two-node demo and its tests pass a Redis one (testkit/cluster.py)
+    counters: Mapping[str, Any] | None = None
     # the user keyrelay-policyd and keyrelay-milter become once their sockets are bound (when
     # the demo runs as root): the production default. The LDAP tests pass "root": their
     # slapd's bind password file is root's

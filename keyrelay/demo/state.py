@@ -64,6 +64,8 @@ def write_config(settings: Settings) -> None:
             "tls_chain_files": f"{run / 'tls' / 'key.pem'}, {run / 'tls' / 'cert.pem'}",
         },
     }
+    if settings.counters is not None:
+        config["counters"] = dict(settings.counters)
     text = ("# Written by keyrelay's demo (make run) on every start; the ports come from the\n"
             "# environment (see README). JSON is YAML: keyrelay reads this file as YAML.\n"
             + json.dumps(config, indent=2) + "\n")
