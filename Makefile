@@ -2,7 +2,8 @@
 #   make run    install what is missing, then run a keyrelay relay on loopback in the
 #               foreground (private Postfix, policyd, milter, smtp-sink); Ctrl-C stops it
 #   make test   install what is missing, then run ruff, mypy and every test
-#   (make check: ruff, mypy and the in-process tests only, the edit loop)
+#   (make check: ruff, mypy and the in-process tests only, the edit loop;
+#   make run-cluster: the same demo as two nodes sharing one slapd and one redis-server)
 # Both are idempotent: a second run installs nothing.
 
 SHELL := /bin/sh
@@ -30,11 +31,13 @@ DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
 # loopback (testkit/slapd.py); the system slapd is installed unconfigured and
 # disabled (scripts/ensure-debian-packages). ldap-utils: ldapsearch/ldapadd, the
 # commands docs/ldap.md uses, for looking into a test server. python3-apt: Ansible's apt
-# module (tests/test_ansible.py runs the role's package task).
+# module (tests/test_ansible.py runs the role's package task). redis-server: the counter
+# store's tests and make run-cluster. faketime: tests/test_cluster_e2e.py moves the policy
+# daemons' clock to the end of a day with its libfaketime (testkit/cluster.py).
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 	postfix swaks libnet-ssleay-perl openssl \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
-	slapd ldap-utils python3-apt redis-server \
+	slapd ldap-utils python3-apt redis-server faketime \
 	$(DEB_BUILD_PACKAGES) logrotate
 
 # Only for the benchmarks (make bench-deps, make bench), not for make test: the other
@@ -42,10 +45,12 @@ DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 # configuration; ensure-debian-packages keeps the packages' system services from starting.
 BENCH_DEBIAN_PACKAGES := opendkim dkimpy-milter
 
-.PHONY: help run test deps deb bench bench-deps fuzz check lint typecheck unit demo clean distclean
+.PHONY: help run run-cluster test deps deb bench bench-deps fuzz check lint typecheck unit demo clean distclean
 
 help:
 	@echo "make run     install missing parts, run the demo relay on loopback (state in $(RUN_DIR)/)"
+	@echo "make run-cluster  the same with two relay nodes sharing one slapd (directory) and"
+	@echo "             one redis-server (counters); key and ports in $(RUN_DIR)/cluster.env"
 	@echo "make test    install missing parts, run ruff, mypy and every test (cheap ones first)"
 	@echo "make check   ruff, mypy and the in-process tests only (about a minute: the edit loop)"
 	@echo "make clean   remove the demo state in $(RUN_DIR)/"
@@ -141,6 +146,13 @@ deb:
 
 run: deps
 	$(BIN)/python -m keyrelay.demo $(RUN_DIR)
+
+# The two-node demo (README, "Two nodes as one"; docs/cluster.md): one slapd, one
+# redis-server and two relay nodes sharing them, state in $(RUN_DIR)/cluster/, the key and
+# both nodes' ports in $(RUN_DIR)/cluster.env. Its slapd and redis-server are the test
+# harness's private servers (testkit/cluster.py).
+run-cluster: deps
+	$(BIN)/python -m testkit.cluster $(RUN_DIR)
 
 clean:
 	rm -rf $(RUN_DIR)

@@ -27,7 +27,11 @@ else of the package is meant to be imported from outside it:
 - ``Child``: one process with its log and readiness check; ``DemoError``: what the demo
   raises when it cannot go on (the message says why).
 - ``keyrelay_cli(settings, *args)``: the real ``keyrelay`` command on the relay's
-  configuration; ``read_env(path)``: the values of a ``demo.env``.
+  configuration; ``read_env(path)``: the values of a ``demo.env``; ``tail(path)``: the end of
+  a log.
+- ``ensure_daemon_user(settings, say)``, ``give_to_daemons(settings, path, mode, owner)``:
+  the daemons' system user, and a file or folder given to it (the two-node demo's shared
+  secrets, testkit/cluster.py).
 - The demo tenant: ``DEMO_ACCOUNT``, ``DEMO_SUBUSER``, ``DEMO_POOL``, ``DEMO_DOMAIN``,
   ``DEMO_FROM``, ``DEMO_TO``.
 - Building another private Postfix the same way: ``BASE_MASTER_CF``, ``make_certificate``,
@@ -38,7 +42,7 @@ else of the package is meant to be imported from outside it:
 
 from .cli import main
 from .postfix import BASE_MASTER_CF, make_certificate
-from .processes import SMTP_SINK, Child, greets, unix_accepts
+from .processes import SMTP_SINK, Child, greets, tail, unix_accepts
 from .relay import Relay
 from .settings import (
     DEMO_ACCOUNT,
@@ -50,7 +54,7 @@ from .settings import (
     DemoError,
     Settings,
 )
-from .state import keyrelay_cli, read_env
+from .state import ensure_daemon_user, give_to_daemons, keyrelay_cli, read_env
 
 __all__ = [
     "BASE_MASTER_CF",
@@ -65,10 +69,13 @@ __all__ = [
     "DemoError",
     "Relay",
     "Settings",
+    "ensure_daemon_user",
+    "give_to_daemons",
     "greets",
     "keyrelay_cli",
     "main",
     "make_certificate",
     "read_env",
+    "tail",
     "unix_accepts",
 ]

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,13 +84,18 @@ class Child:
     log: Path
     ready: Callable[[], bool]
     process: subprocess.Popen[bytes] | None = None
+    # variables added to the demo's own environment (the two-node demo's tests move the
+    # policy daemons' clock with libfaketime: testkit/cluster.py)
+    env: Mapping[str, str] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             # its own session: Ctrl-C reaches the demo, which then stops the children in order
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=log,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=None if self.env is None else {**os.environ, **self.env})
 
         def up() -> bool:
             if not self.running():

@@ -67,7 +67,8 @@ class Relay:
         # the daemons' user writes the directory file (keys' last-used times, atomically)
         give_to_daemons(s, s.run_dir, 0o775, owner=False)
         write_config(s)
-        init_state(s, self.say)
+        if s.owns_tenant:
+            init_state(s, self.say)
         make_certificate(s.run_dir / "tls", "relay.demo.example")
         write_postfix_base(s)
         for folder in (s.outbox, s.logs):
@@ -80,8 +81,9 @@ class Relay:
         make_reachable(s.outbox, self.say)
         self.say(keyrelay_cli(s, "postfix", "apply", "--config-dir", str(s.postfix_etc))
                  .splitlines()[0])
-        self.key, self.key_id = fresh_key(s)
-        write_env(s, self.key, self.key_id)
+        if s.owns_tenant:
+            self.key, self.key_id = fresh_key(s)
+            write_env(s, self.key, self.key_id)
 
     def stop_leftover_postfix(self) -> None:
         etc = self.settings.postfix_etc
@@ -115,10 +117,15 @@ class Relay:
     def start(self) -> None:
         """Start everything and wait until each part answers; stop all on failure."""
         self.prepare()
+        self.launch()
+
+    def launch(self) -> None:
+        """After ``prepare``: the sink, the daemons (those already in ``children`` as they
+        are) and Postfix, each waited for; everything stopped on failure."""
         try:
-            self.children["sink"] = self.sink()
-            self.children["policyd"] = self.policyd()
-            self.children["milter"] = self.milter()
+            self.children.setdefault("sink", self.sink())
+            self.children.setdefault("policyd", self.policyd())
+            self.children.setdefault("milter", self.milter())
             for child in self.children.values():
                 child.start()
             self.start_postfix()

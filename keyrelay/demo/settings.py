@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,20 @@ class Settings:
     # the demo runs as root): the production default. The LDAP tests pass "root": their
     # slapd's bind password file is root's
     daemon_user: str = "keyrelay"
+    # False: another relay, sharing this one's LDAP directory, made the demo tenant and its
+    # key; this one makes neither and writes no demo.env (node B of the two-node demo,
+    # testkit/cluster.py)
+    owns_tenant: bool = True
 
     @classmethod
-    def from_env(cls, run_dir: Path, env: Mapping[str, str] = os.environ) -> Settings:
-        def port(name: str, default: int) -> int:
+    def from_env(cls, run_dir: Path, env: Mapping[str, str] = os.environ, *,
+                 prefix: str = "KEYRELAY_", defaults: Settings | None = None) -> Settings:
+        """The settings in ``env``'s ``<prefix>HOST``, ``<prefix>SMTP_PORT``, ... variables;
+        one not set (or empty) keeps its value in ``defaults`` (default: the class's)."""
+        base = defaults if defaults is not None else cls(run_dir)
+
+        def port(suffix: str, default: int) -> int:
+            name = prefix + suffix
             text = env.get(name, "")
             if not text:
                 return default
@@ -60,7 +70,8 @@ class Settings:
                 raise DemoError(f"{name}={text!r}: expected a port number (1-65535)")
             return int(text)
 
-        def loopback(name: str, default: str) -> str:
+        def loopback(suffix: str, default: str) -> str:
+            name = prefix + suffix
             text = env.get(name, "") or default
             try:
                 if not ipaddress.ip_address(text).is_loopback:
@@ -70,15 +81,16 @@ class Settings:
                                 f"{default}") from None
             return text
 
-        return cls(
+        return replace(
+            base,
             run_dir=run_dir.resolve(),
-            host=loopback("KEYRELAY_HOST", cls.host),
-            smtp_port=port("KEYRELAY_SMTP_PORT", cls.smtp_port),
-            submission_port=port("KEYRELAY_SUBMISSION_PORT", cls.submission_port),
-            alt_submission_port=port("KEYRELAY_ALT_SUBMISSION_PORT", cls.alt_submission_port),
-            submissions_port=port("KEYRELAY_SUBMISSIONS_PORT", cls.submissions_port),
-            sink_port=port("KEYRELAY_SINK_PORT", cls.sink_port),
-            pool_address=loopback("KEYRELAY_POOL_ADDRESS", cls.pool_address),
+            host=loopback("HOST", base.host),
+            smtp_port=port("SMTP_PORT", base.smtp_port),
+            submission_port=port("SUBMISSION_PORT", base.submission_port),
+            alt_submission_port=port("ALT_SUBMISSION_PORT", base.alt_submission_port),
+            submissions_port=port("SUBMISSIONS_PORT", base.submissions_port),
+            sink_port=port("SINK_PORT", base.sink_port),
+            pool_address=loopback("POOL_ADDRESS", base.pool_address),
         )
 
     # -- paths --------------------------------------------------------------------------------
