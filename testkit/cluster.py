@@ -27,7 +27,8 @@ A clock for the tests: with ``clock_file``, both nodes' keyrelay-policyd read th
 libfaketime (Debian's ``faketime``), shifted by the offset in that file (``+0s`` to start
 with); ``move_clock`` rewrites it, and within ``CLOCK_CACHE`` seconds both daemons see the new
 time. That is how a test reaches the end of a day (tests/test_cluster_e2e.py). Only the policy
-daemons' clock moves; Postfix, the milter and Redis keep the real one.
+daemons' wall clock moves (their monotonic clock, Postfix, the milter and Redis keep the real
+time).
 
 Lives in testkit/, not in the keyrelay package: slapd and redis-server here are the test
 harness's private servers, not something the package ships.
@@ -41,8 +42,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -57,6 +60,7 @@ from keyrelay.demo import (
     tail,
 )
 from keyrelay.usage import ArgumentParser, echo_undecodable_arguments
+from testkit.net import free_ports
 from testkit.redis import REDIS_SERVER, RedisServer
 from testkit.slapd import KEYRELAY_INDEXES, SLAPD, Slapd
 
@@ -212,8 +216,13 @@ class Cluster:
     # -- the policy daemons' clock (tests) --------------------------------------------------
     def clock_env(self) -> dict[str, str]:
         assert self.clock_file is not None
+        # Only the wall clock moves: with the monotonic clock faked too, libfaketime 0.9.10
+        # makes a thread's timed wait (threading.Event.wait, the LDAP copy's refresher) hang
+        # for good. In this mode its time.sleep fails (EINVAL), which keyrelay-policyd never
+        # calls (its waits are the event loop's and threading's).
         return {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_TIMESTAMP_FILE": str(self.clock_file),
-                "FAKETIME_CACHE_DURATION": str(CLOCK_CACHE)}
+                "FAKETIME_CACHE_DURATION": str(CLOCK_CACHE),
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
     def move_clock(self, offset: str) -> None:
         """Both policy daemons' clock at ``offset`` from the real time (``+3600s``)."""
@@ -282,13 +291,36 @@ keyrelay two-node demo is running (Ctrl-C stops it).
 The same key at node A, then at node B (in another terminal):
 
   . {env}
-  for node in A B; do eval host=\\$KEYRELAY_NODE_${{node}}_HOST port=\\$KEYRELAY_NODE_${{node}}_SUBMISSION_PORT
-    swaks --server "$host:$port" --tls --auth PLAIN --auth-user apikey \\
-      --auth-password "$KEYRELAY_DEMO_KEY" --from "$KEYRELAY_DEMO_FROM" --to "$KEYRELAY_DEMO_TO"
-  done
+  swaks --server "$KEYRELAY_NODE_A_HOST:$KEYRELAY_NODE_A_SUBMISSION_PORT" --tls \\
+    --auth PLAIN --auth-user apikey --auth-password "$KEYRELAY_DEMO_KEY" \\
+    --from "$KEYRELAY_DEMO_FROM" --to "$KEYRELAY_DEMO_TO"
+  swaks --server "$KEYRELAY_NODE_B_HOST:$KEYRELAY_NODE_B_SUBMISSION_PORT" --tls \\
+    --auth PLAIN --auth-user apikey --auth-password "$KEYRELAY_DEMO_KEY" \\
+    --from "$KEYRELAY_DEMO_FROM" --to "$KEYRELAY_DEMO_TO"
 
 README.md, "Two nodes as one", walks through a shared limit and a shared lock-out.
 """
+
+
+@contextmanager
+def private_cluster(pool_address: str, *, refresh_interval: float = 0.5,
+                    clock: bool = False) -> Iterator[Cluster]:
+    """A started ``Cluster`` on free loopback ports in a temporary folder, stopped and removed
+    afterwards (the tests' own); ``clock``: the policy daemons' clock can be moved."""
+    run_dir = Path(tempfile.mkdtemp(prefix="kr-cl-"))  # short: unix socket paths
+    ports = iter(free_ports(10))
+    a, b = (Settings(run_dir / "cluster" / node, smtp_port=next(ports),
+                     submission_port=next(ports), alt_submission_port=next(ports),
+                     submissions_port=next(ports), sink_port=next(ports),
+                     pool_address=pool_address) for node in ("node-a", "node-b"))
+    cluster = Cluster(run_dir, a, b, say=lambda text: None, refresh_interval=refresh_interval,
+                      clock_file=run_dir / "clock" if clock else None)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,9 +86,10 @@ class RedisServer:
             return self
         if self.socket.exists():
             self.socket.unlink()
+        # its own session, as slapd's (testkit/slapd.py)
         self.process = subprocess.Popen(
             [str(REDIS_SERVER), str(self.folder / "redis.conf")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_until(self._answers, START_DEADLINE, f"redis-server on {self.port} answering")
         return self
 

@@ -11,11 +11,13 @@ Postfix's queue is empty and asserts the message reached smtp-sink exactly once.
 
 from __future__ import annotations
 
+import base64
 import email
 import email.message
 import email.policy
 import itertools
 import json
+import secrets
 import shutil
 import smtplib
 import subprocess
@@ -31,6 +33,7 @@ from keyrelay.demo import Relay, Settings, greets, keyrelay_cli
 from testkit.net import client_tls, free_ports, reply_text, wait_until
 
 SUBMISSION_PORTS = ["submission", "alt_submission", "submissions"]
+ATTEMPTS_PER_SESSION = 8  # below smtpd_soft_error_limit (10): no error sleep
 _sources = (f"127.0.1.{i}" for i in itertools.count(1))
 _names = (f"t{i}" for i in itertools.count(1))
 
@@ -249,3 +252,28 @@ def published_records(relay: Relay, domain: str) -> dict[str, bytes]:
     return {record["name"].rstrip(".").lower(): record["value"].encode()
             for record in printed["records"] if record["type"] == "TXT"}
 
+
+# -- logins (brute-force tests) --------------------------------------------------------------
+def auth_plain(relay: Relay, source: str, keys: list[str]) -> list[tuple[int, str]]:
+    """The reply to AUTH PLAIN as apikey with each key, in one session from ``source``."""
+    replies = []
+    with connect(relay, "submission", source=source) as client:
+        for key in keys:
+            token = base64.b64encode(b"\0apikey\0" + key.encode()).decode()
+            code, text = client.docmd("AUTH", f"PLAIN {token}")
+            replies.append((code, text.decode()))
+            if code == 235:
+                break
+    return replies
+
+
+def many(relay: Relay, source: str, keys: list[str]) -> list[tuple[int, str]]:
+    replies = []
+    for start in range(0, len(keys), ATTEMPTS_PER_SESSION):
+        replies += auth_plain(relay, source, keys[start:start + ATTEMPTS_PER_SESSION])
+    return replies
+
+
+def guess(key: str) -> str:
+    """The same key id with another secret."""
+    return key.rsplit(".", 1)[0] + "." + secrets.token_urlsafe(32)

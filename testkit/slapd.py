@@ -367,8 +367,11 @@ class Slapd:
             raise RuntimeError("slapd is already running")
         self.build()
         with open(self.log_path, "ab") as log:
+            # its own session: a Ctrl-C meant for make run-cluster reaches the demo, which
+            # stops slapd after the nodes (testkit/cluster.py)
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT)
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         self.paused = False
         try:
             self.wait_ready()

@@ -10,39 +10,9 @@ makes a few attempts only (Postfix itself slows a client down after
 
 from __future__ import annotations
 
-import base64
-import secrets
-
 from keyrelay import keys
 from keyrelay.demo import Relay
-from testkit.relay import connect, new_key, new_tenant, next_source
-
-ATTEMPTS_PER_SESSION = 8  # below smtpd_soft_error_limit (10): no error sleep
-
-
-def auth_plain(relay: Relay, source: str, keys: list[str]) -> list[tuple[int, str]]:
-    """The reply to AUTH PLAIN as apikey with each key, in one session from ``source``."""
-    replies = []
-    with connect(relay, "submission", source=source) as client:
-        for key in keys:
-            token = base64.b64encode(b"\0apikey\0" + key.encode()).decode()
-            code, text = client.docmd("AUTH", f"PLAIN {token}")
-            replies.append((code, text.decode()))
-            if code == 235:
-                break
-    return replies
-
-
-def many(relay: Relay, source: str, keys: list[str]) -> list[tuple[int, str]]:
-    replies = []
-    for start in range(0, len(keys), ATTEMPTS_PER_SESSION):
-        replies += auth_plain(relay, source, keys[start:start + ATTEMPTS_PER_SESSION])
-    return replies
-
-
-def guess(key: str) -> str:
-    """The same key id with another secret."""
-    return key.rsplit(".", 1)[0] + "." + secrets.token_urlsafe(32)
+from testkit.relay import auth_plain, guess, many, new_key, new_tenant, next_source
 
 
 def test_thousands_of_wrong_keys_from_one_address_lock_that_address_only(
