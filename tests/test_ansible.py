@@ -36,6 +36,7 @@ import yaml
 from keyrelay.demo import BASE_MASTER_CF, SMTP_SINK, greets, make_certificate, unix_accepts
 from testkit.net import free_port, wait_until
 from testkit.protocols import DovecotClient, PolicyClient, connect, policy_request
+from testkit.redis import redis_server
 from testkit.relay import as_sent
 from testkit.scratchroot import scratch_root
 from testkit.slapd import Slapd
@@ -592,3 +593,53 @@ def test_check_mode_reports_a_declared_directory_change_without_making_it(
     shown = json.loads(deployed_cli(Path(sys.prefix), config, "account", "show", "acme",
                                     "--json"))
     assert shown["ip_allow"] == ["192.0.2.0/24"]
+
+
+def test_the_redis_counter_variables_log_in_and_a_wrong_password_is_refused_and_put_back(
+        tmp_path: Path) -> None:
+    # a fleet shares its counters in one Redis: the role writes counters: from its variables
+    # and the password into a file of its own (never into keyrelay.yaml or the output), and
+    # its validation logs in with it, so a wrong password stops the play with keyrelay's line
+    with redis_server() as server:
+        redis = {"host": "127.0.0.1", "port": server.port, "username": server.user,
+                 "prefix": server.prefix, "timeout": "10s"}  # a loaded machine's answer fits
+        wrong = f"wrong-{uuid.uuid4().hex}"
+        _, playbook = site(
+            tmp_path, keyrelay_counters_backend="redis",
+            keyrelay_counters_on_unavailable="local",
+            keyrelay_counters_time_zone="Europe/Paris", keyrelay_counters_redis=redis,
+            keyrelay_counters_redis_password=wrong)
+        config = tmp_path / "keyrelay" / "keyrelay.yaml"
+        secret = tmp_path / "keyrelay" / "redis.secret"
+        refused = f"counters.redis: authentication failed for user {server.user}: WRONGPASS"
+
+        # a new host (validated with init, then check-config): nothing left in place
+        status, _, output = run_playbook(playbook)
+        assert status != 0 and refused in output, output
+        assert wrong not in output
+        assert not config.exists() and not secret.exists()
+
+        play = yaml.safe_load(playbook.read_text())
+        play[0]["vars"]["keyrelay_counters_redis_password"] = server.password
+        playbook.write_text(yaml.safe_dump(play))
+        status, changed, output = run_playbook(playbook)
+        assert status == 0 and changed > 0, output
+        assert server.password not in output
+        deployed = config.read_text()
+        assert server.password not in deployed
+        assert yaml.safe_load(deployed)["counters"] == {
+            "backend": "redis", "on_unavailable": "local", "time_zone": "Europe/Paris",
+            "redis": {**redis, "password_file": str(secret)}}
+        assert secret.read_text() == server.password + "\n"
+        assert secret.stat().st_mode & 0o777 == 0o640
+        assert deployed_cli(Path(sys.prefix), config, "check-config").startswith(str(config))
+
+        # only the password changes (keyrelay.yaml the same): check-config logs in with it,
+        # and the refused password file is replaced by the one that worked
+        play[0]["vars"]["keyrelay_counters_redis_password"] = wrong
+        playbook.write_text(yaml.safe_dump(play))
+        status, _, output = run_playbook(playbook)
+        assert status != 0 and refused in output, output
+        assert wrong not in output
+        assert secret.read_text() == server.password + "\n"
+        assert config.read_text() == deployed
