@@ -114,6 +114,7 @@ def limits_set(ctx: Context, args: argparse.Namespace) -> None:
             f"--per-month, each a number or {INHERIT} (see the limits in use: keyrelay limits "
             f"show {args.principal})")
     settings = EngineSettings.from_config(ctx.config)
+    ctx.check_audit()  # refused first when the change could not be audited
     check_usage(ctx, settings, args.principal, changes)
     said = " ".join(f"{name}={INHERIT if v is None else v}" for name, v in changes.items())
     with ctx.change("limits.set", principal=args.principal, limits=said) as data:
