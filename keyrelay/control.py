@@ -1,5 +1,6 @@
 """keyrelay-policyd's control socket: its line protocol, both ends of it, and the client the
-``keyrelay lockout`` commands use (docs/policyd.md, "Reading and clearing lock-outs").
+``keyrelay lockout`` commands use (docs/policyd.md, "Reading and clearing lock-outs"), and
+``keyrelay usage`` and ``keyrelay limits set`` with in-process counters (keyrelay/usagecounts.py).
 
 One request per line, one answer ending in one status line::
 
@@ -7,7 +8,15 @@ One request per line, one answer ending in one status line::
     CLEAR KEY <key id>      ->  OK <lock-outs lifted>
     CLEAR ADDRESS <address> ->  OK <lock-outs lifted>
     CLEAR ALL               ->  OK <lock-outs lifted>
+    PEEK <window> ...       ->  one JSON object per window, then  OK <count>
     anything else           ->  ERROR <what was wrong>
+
+A ``PEEK`` window is the counter store's (keyrelay/counters/model.py) as ``subject:60s:limit``
+(sliding, its seconds) or ``subject:day:limit`` (calendar, day or month); the answer is its
+count now, nothing added (the store's ``peek``): ``{"window": "acme:day", "count": 5.0,
+"limit": 50000, "resets_in": 3600.0}``. The CLI names the windows (the engine's
+``windows_for`` over its own read of the directory), so the numbers are those of the limits it
+is about to set, not only of those the daemon knows.
 
 The daemon lives in ``policyd`` (policyd/control.py), which may import this module; the CLI
 may not import ``policyd`` (docs/ARCHITECTURE.md, "Import rules"), so what both ends share is
@@ -18,17 +27,26 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
+import re
 import socket
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from . import keys, names
+from .counters import Calendar, Sliding, Usage, Window
 from .errors import KeyrelayError, UserError, printable
 from .output import when
 
 KINDS = ("address", "key")
-MAX_LINE = 1024  # a request is a few dozen bytes; longer is not ours
+MAX_LINE = 1024  # a request is a few dozen bytes (a PEEK of 8 windows under 800); longer is
+# not ours
+MAX_WINDOWS = 8  # a subuser's own minute, hour, day and month, and its account's
+# a PEEK window's subject: an account or a subuser name (keyrelay/names.py)
+_SUBJECT_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?(?:/[a-z0-9](?:[a-z0-9-]{0,30}"
+                         r"[a-z0-9])?)?$")
+_SLIDING_SECONDS = (60, 3600)
 TIMEOUT = 10.0  # seconds for an answer: the daemon answers from memory, at once
 ENDPOINT_KEY = "policyd.control_listen"
 
@@ -89,18 +107,43 @@ def _shown(text: str) -> str:
 # -- requests --------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Request:
-    """``LIST``, or ``CLEAR`` of a ``kind`` (``key``, ``address`` or ``all``) and a subject."""
+    """``LIST``, ``CLEAR`` of a ``kind`` (``key``, ``address`` or ``all``) and a subject, or
+    ``PEEK`` of counter windows."""
 
     command: str
     kind: str = ""
     subject: str = ""
+    windows: tuple[Window, ...] = ()
 
     def line(self) -> bytes:
-        words = [self.command, self.kind.upper(), self.subject]
+        words = [self.command, self.kind.upper(), self.subject,
+                 *(window_word(w) for w in self.windows)]
         return (" ".join(w for w in words if w) + "\n").encode("ascii")
 
 
-USAGE = ("expected LIST, CLEAR KEY <key id>, CLEAR ADDRESS <address> or CLEAR ALL")
+USAGE = ("expected LIST, CLEAR KEY <key id>, CLEAR ADDRESS <address> or CLEAR ALL, or PEEK "
+         "<subject>:<60s|3600s|day|month>:<limit> ...")
+
+
+def window_word(window: Window) -> str:
+    """A window as ``PEEK`` names it: ``acme/app:60s:100``, ``acme:day:50000``."""
+    return f"{window.name}:{window.limit}"
+
+
+def parse_window(word: str) -> Window:
+    """A ``PEEK`` window; raises BadRequest."""
+    subject, _, rest = word.partition(":")
+    span, _, limit = rest.partition(":")
+    if not _SUBJECT_RE.match(subject):
+        raise BadRequest(f"PEEK: {_shown(subject)} is not an account or a subuser name")
+    if not limit.isdigit() or len(limit) > 12:
+        raise BadRequest(f"PEEK: {_shown(word)}: the limit is not a whole number")
+    if span in ("day", "month"):
+        return Calendar(subject, "day" if span == "day" else "month", int(limit))
+    seconds = span.removesuffix("s")
+    if span.endswith("s") and seconds.isdigit() and int(seconds) in _SLIDING_SECONDS:
+        return Sliding(subject, int(seconds), int(limit))
+    raise BadRequest(f"PEEK: {_shown(word)}: the window is not 60s, 3600s, day or month")
 
 
 def parse_request(raw: bytes) -> Request:
@@ -127,6 +170,11 @@ def parse_request(raw: bytes) -> Request:
                 raise BadRequest(str(exc)) from None
         case ["CLEAR", *_]:
             raise BadRequest(f"CLEAR takes KEY <key id>, ADDRESS <address> or ALL: {USAGE}")
+        case ["PEEK", *given] if 0 < len(given) <= MAX_WINDOWS:
+            return Request("PEEK", windows=tuple(parse_window(word) for word in given))
+        case ["PEEK", *_]:
+            raise BadRequest(f"PEEK takes 1 to {MAX_WINDOWS} windows, each "
+                             "<subject>:<60s|3600s|day|month>:<limit>")
         case _:
             raise BadRequest(f"unknown command {_shown(words[0])}: {USAGE}")
 
@@ -174,6 +222,14 @@ def error(text: str) -> bytes:
 def listing(lockouts: list[Lockout]) -> bytes:
     lines = [json.dumps(lockout.to_json()) + "\n" for lockout in lockouts]
     return "".join(lines).encode("utf-8") + ok(len(lockouts))
+
+
+def counts(found: list[Usage]) -> bytes:
+    """The answer to ``PEEK``: each window's count, in the order asked."""
+    lines = [json.dumps({"window": usage.window.name, "count": usage.count,
+                         "limit": usage.limit, "resets_in": usage.resets_in}) + "\n"
+             for usage in found]
+    return "".join(lines).encode("utf-8") + ok(len(found))
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -253,3 +309,25 @@ def list_lockouts(path: str, timeout: float = TIMEOUT) -> list[Lockout]:
 def clear(path: str, kind: str, subject: str = "", timeout: float = TIMEOUT) -> int:
     """Lift lock-outs (``kind``: key, address or all); how many were in force."""
     return ask(path, Request("CLEAR", kind, subject), timeout)[1]
+
+
+def peek(path: str, windows: tuple[Window, ...], timeout: float = TIMEOUT) -> list[Usage]:
+    """Each window's count in the daemon's counter store now (nothing added), in order."""
+    lines, count = ask(path, Request("PEEK", windows=windows), timeout)
+    if count != len(lines) or count != len(windows):
+        raise ControlError(f"keyrelay-policyd announced {count} counts and sent {len(lines)} "
+                           f"for the {len(windows)} windows asked")
+    found = []
+    try:
+        for window, line in zip(windows, lines, strict=True):
+            answer = json.loads(line)
+            if answer["window"] != window.name:
+                raise ValueError(f"window {answer['window']!r} where {window.name!r} was asked")
+            used, resets_in = float(answer["count"]), float(answer["resets_in"])
+            if not (math.isfinite(used) and math.isfinite(resets_in)):
+                raise ValueError(f"{window.name}: not a number")
+            found.append(Usage(window, used, window.limit, resets_in))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ControlError(f"keyrelay-policyd answered a count this keyrelay cannot read "
+                           f"({exc}): are both the same version?") from None
+    return found

@@ -1,13 +1,15 @@
 """The control socket (``policyd.control_listen``): what an admin asks the running daemon, for
-``keyrelay lockout list|clear`` (docs/policyd.md, "Reading and clearing lock-outs").
+``keyrelay lockout list|clear`` (docs/policyd.md, "Reading and clearing lock-outs"), and the
+counts of rate limits and quotas that ``keyrelay usage`` and ``keyrelay limits set`` read
+(``PEEK``; docs/cli.md, "Limits and quotas").
 
 The line protocol is keyrelay/control.py's (the CLI's side is there too). A bad line, or one
 longer than ``MAX_LINE`` (dropped, not kept, up to its end), gets one ``ERROR`` line and the
 connection stays open; the limits of every connection apply (``request_timeout`` ends a line
 that never ends).
-Lock-outs live in the counter store (keyrelay/counters: this process's memory, or Redis shared
-by every node); this module only reads and clears them, and logs every clear with who asked
-(the peer's uid and pid).
+Lock-outs and counts live in the counter store (keyrelay/counters: this process's memory, or
+Redis shared by every node); this module only reads them (the store's ``peek``, nothing
+added) and clears lock-outs, and logs every clear with who asked (the peer's uid and pid).
 
 Whoever can connect can lift lock-outs: the socket is created under a umask that keeps
 everyone else out, then given mode 0600, or 0660 and ``control_group``; it stays the starting
@@ -29,6 +31,7 @@ from typing import Any
 from keyrelay import control
 from keyrelay.config import PolicydConfig
 from keyrelay.control import Lockout
+from keyrelay.counters import CountersUnavailable
 
 from .auth import AuthService, client_key
 from .server import Connection, Endpoint, Listener
@@ -38,8 +41,9 @@ log = logging.getLogger("keyrelay.policyd.control")
 
 class ControlService:
     """Reads and clears the lock-outs in the counter store (``auth.context.store``, read at
-    each request: the context a SIGHUP builds keeps the same store). With Redis that is every
-    node's: a lock-out earned through another node is listed and cleared here too."""
+    each request: the context a SIGHUP builds keeps the same store), and reads its counts.
+    With Redis that is every node's: a lock-out earned through another node is listed and
+    cleared here too."""
 
     def __init__(self, auth: AuthService) -> None:
         self.auth = auth
@@ -47,6 +51,11 @@ class ControlService:
     async def answer(self, request: control.Request, peer: str) -> bytes:
         if request.command == "LIST":
             return control.listing(await self.lockouts())
+        if request.command == "PEEK":
+            try:  # the policy service charges the same store (policyd/main.py)
+                return control.counts(await self.auth.context.store.peek(request.windows))
+            except CountersUnavailable as exc:  # Redis away (on_unavailable: tempfail)
+                return control.error(f"the counts cannot be read: {exc}")
         return control.ok(await self.clear(request.kind, request.subject, peer))
 
     async def lockouts(self) -> list[Lockout]:

@@ -346,7 +346,8 @@ def test_the_socket_answers_each_line_and_a_bad_one_does_not_end_the_connection(
     listed, *rest = answers[0].splitlines()
     assert json.loads(listed)["subject"] == key_id(site.key) and rest == [b"OK 1"]
     assert answers[1] == (b"ERROR unknown command 'HELLO': expected LIST, CLEAR KEY <key id>, "
-                          b"CLEAR ADDRESS <address> or CLEAR ALL\n")
+                          b"CLEAR ADDRESS <address> or CLEAR ALL, or PEEK "
+                          b"<subject>:<60s|3600s|day|month>:<limit> ...\n")
     assert answers[2].startswith(b"ERROR that is an API key, not a key id")
     assert key.split(".")[2].encode() not in answers[2]
     assert answers[3:] == [b"OK 0\n", b"OK 1\n", b"OK 0\n"]

@@ -1,18 +1,24 @@
 """Rate limits and quotas in the engine (keyrelay/decisions/quotas.py): which windows a
 message is charged against (the subuser's own, its account's as a whole) and the answer when
-one of them is full, with the reset time of a quota in the counters' time zone."""
+one of them is full, with the reset time of a quota in the counters' time zone; and the
+counts read back through keyrelay-policyd's control socket (``PEEK``, keyrelay/control.py),
+as ``keyrelay usage`` and ``keyrelay limits set`` read them with in-process counters."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 from test_decisions import assert_refused, identity
+from test_lockout import Daemon, _serve_and_ask
 
-from keyrelay import admin
-from keyrelay.counters import MemoryCounters
+from keyrelay import admin, control
+from keyrelay.control import BadRequest, Request, parse_request
+from keyrelay.counters import Calendar, MemoryCounters, Sliding, Usage
 from keyrelay.decisions import (
     Action,
     EngineSettings,
@@ -24,6 +30,8 @@ from keyrelay.decisions import (
 )
 from keyrelay.directory.model import Limits
 from keyrelay.limits import store_window
+from policyd.control import listener, start
+from policyd.policy import run_now
 from testkit.factories import World
 
 SETTINGS = EngineSettings(default_limits=Limits(60, 1000, 20))
@@ -252,3 +260,65 @@ def test_a_daily_quota_in_the_store_refuses_until_midnight_in_the_time_zone() ->
     assert _charge(w, store, "acme", 40, now).allowed
     clock[0] = datetime(2026, 12, 4, 23, 0, 1, tzinfo=UTC).timestamp()  # Paris: 00:00:01
     assert _charge(w, store, "acme/app", 10).allowed
+
+
+# -- the counts read through keyrelay-policyd's control socket (PEEK) --------------------------
+def test_a_peek_request_names_the_stores_windows_and_parses_back() -> None:
+    windows = (Sliding("acme/app", 60, 100), Sliding("acme", 3600, 20000),
+               Calendar("acme", "day", 50000), Calendar("acme", "month", 1_000_000))
+    line = Request("PEEK", windows=windows).line()
+    assert line == (b"PEEK acme/app:60s:100 acme:3600s:20000 acme:day:50000 "
+                    b"acme:month:1000000\n")
+    assert parse_request(line[:-1]) == Request("PEEK", windows=windows)
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    (b"PEEK", "PEEK takes 1 to 8 windows, each <subject>:<60s|3600s|day|month>:<limit>"),
+    (b"PEEK " + b" ".join([b"acme:day:1"] * 9), "PEEK takes 1 to 8 windows"),
+    (b"PEEK acme:week:5", "PEEK: 'acme:week:5': the window is not 60s, 3600s, day or month"),
+    (b"PEEK acme:61s:5", "the window is not 60s, 3600s, day or month"),
+    (b"PEEK acme:day:-5", "PEEK: 'acme:day:-5': the limit is not a whole number"),
+    (b"PEEK acme:day", "the limit is not a whole number"),
+    (b"PEEK Acme:day:5", "PEEK: 'Acme' is not an account or a subuser name"),
+    (b"PEEK acme/app/x:day:5", "is not an account or a subuser name"),
+    (b"PEEK :day:5", "'' is not an account or a subuser name"),
+])
+def test_a_bad_peek_is_one_precise_error(line: bytes, error: str) -> None:
+    with pytest.raises(BadRequest) as raised:
+        parse_request(line)
+    assert error in str(raised.value)
+
+
+def test_the_daemon_answers_a_peek_with_its_stores_counts_nothing_added(tmp_path: Path) -> None:
+    """The control service over the daemon's memory store, on a real unix socket: the counts
+    of the windows asked (the CLI's, whatever the daemon's directory says), read twice to
+    show that reading adds nothing; and the client's side (``control.peek``)."""
+    site = Daemon(tmp_path)  # tests/test_lockout.py: an AuthService and its control service
+    hour, day = Sliding("acme", 3600, 20000), Calendar("acme", "day", 50)
+    assert run_now(site.store.take((hour, day), 7)) is None
+    path = tmp_path / "run" / "control.sock"
+    asked = b"PEEK acme:3600s:20000 acme:day:50 globex:day:10\n"
+    first, second = asyncio.run(_serve_and_ask(site, path, [asked, asked]))
+    assert first == second
+    *counts, status = first.decode().splitlines()
+    assert status == "OK 3"
+    found = [json.loads(line) for line in counts]
+    assert [(f["window"], f["count"], f["limit"]) for f in found] == [
+        ("acme:3600s", 7.0, 20000), ("acme:day", 7.0, 50), ("globex:day", 0.0, 10)]
+    # the day's window resets at midnight (UTC), on the store's clock
+    assert found[1]["resets_in"] == Calendar("acme", "day", 50).period(
+        site.tick, ZoneInfo("UTC"))[1]
+
+    async def client() -> list[Usage]:
+        lst = listener(site.config.policyd, site.control)
+        assert lst is not None
+        await start(lst, site.config.policyd)
+        try:
+            return await asyncio.to_thread(control.peek, str(path), (hour, day))
+        finally:
+            lst.stop_accepting()
+            for conn in list(lst.connections):
+                conn.close_quietly()
+
+    usage = asyncio.run(client())
+    assert [(u.window, u.count, u.limit) for u in usage] == [(hour, 7.0, 20000), (day, 7.0, 50)]

@@ -5,22 +5,32 @@ subusers show them.
 prints the numbers the policy service applies, each with where it comes from (the subuser,
 its account, or the configuration's default) and whom it caps (the subuser alone, or the
 whole account with its subusers). Listings show the tightest of those numbers.
+
+``limits set`` refuses a window's limit lowered below what has already been counted in it
+(``check_usage``; docs/cli.md, "Limits"): the counts come from ``keyrelay.usagecounts``, as
+``keyrelay usage`` reads them. A limit equal to the count is accepted (the next message
+waits for the window). When the counts cannot be read the limits are set anyway, with a
+warning: an admin lowering a limit in an emergency is not stopped by Redis or the daemon
+being away.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import Any
 
 from .. import admin
-from ..decisions import EngineSettings
+from ..decisions import EngineSettings, reset_text, windows_for
 from ..directory.model import LIMIT_FIELDS, Directory, DirectoryData, Limits
+from ..durations import format_duration
 from ..errors import UserError
 from ..limits import LIMIT_MAXIMA, LIMIT_WORDS, EffectiveLimit, effective_limits, tightest
 from ..limits import check_effective_limits as check_effective
 from ..output import dump_json, table
-from .core import Context, command, group
+from ..usagecounts import Counted, Counts, UsageUnreadable, read_counts
+from .core import Context, command, group, warn
 
 INHERIT = "inherit"
 # the options of `limits set`, by limit
@@ -104,12 +114,61 @@ def limits_set(ctx: Context, args: argparse.Namespace) -> None:
             f"--per-month, each a number or {INHERIT} (see the limits in use: keyrelay limits "
             f"show {args.principal})")
     settings = EngineSettings.from_config(ctx.config)
+    ctx.check_audit()  # refused first when the change could not be audited
+    check_usage(ctx, settings, args.principal, changes)
     said = " ".join(f"{name}={INHERIT if v is None else v}" for name, v in changes.items())
     with ctx.change("limits.set", principal=args.principal, limits=said) as data:
         admin.change_limits(data, args.principal, changes)
         check_effective(data, settings, [args.principal])
         found = effective_limits(Directory(data), settings, args.principal)
     ctx.say(f"Limits of {args.principal}: {effective_text(found, args.principal)}.")
+
+
+def check_usage(ctx: Context, settings: EngineSettings, pid: str,
+                changes: dict[str, int | None]) -> None:
+    """Refuse ``changes`` when they lower a window's limit below what is already counted in
+    it (UserError naming the count, the window and when it resets); before the directory
+    transaction, which is not held open while the counts are read. Only windows whose limit
+    goes down are read: a raised limit is above a count that its old one held, and a window
+    that had no limit was not counted. Counts that cannot be read: a warning, and on."""
+    data = ctx.read()
+    before = {(w.subject, w.span): w.limit for w in windows_for(Directory(data), settings, pid)}
+    # the errors the transaction gives (unknown principal, bounds, contradictions) come first
+    admin.change_limits(data, pid, changes)
+    check_effective(data, settings, [pid])
+    lowered = [w for w in windows_for(Directory(data), settings, pid)
+               if w.limit < before.get((w.subject, w.span), 0)]
+    if not lowered:
+        return
+    try:
+        counts = read_counts(ctx.config, ctx.config_path, lowered)
+    except UsageUnreadable as exc:
+        warn(f"the new limits of {pid} were not compared with its current usage, which cannot "
+             f"be read ({exc}); they are set anyway")
+        return
+    for counted in counts.windows:
+        if counted.used > counted.window.limit:
+            raise UserError(_below_usage(ctx, counted, counts))
+
+
+_SO_FAR = {"minute": "in the last minute", "hour": "in the last hour", "day": "today",
+           "month": "this month"}
+
+
+def _below_usage(ctx: Context, counted: Counted, counts: Counts) -> str:
+    window, used = counted.window, counted.used
+    if window.calendar:
+        resets = (f"the {window.span} resets at "
+                  f"{reset_text(ctx.now, counted.resets_in, ctx.config.counters.time_zone)}")
+        until = "the reset"
+    else:
+        resets = (f"the {window.span} slides: room for one more under {window.limit} in "
+                  f"{format_duration(max(1, math.ceil(counted.resets_in)))}")
+        until = f"the {window.span} slides"
+    return (f"{window.owner()} has already sent {used} recipients {_SO_FAR[window.span]}, more "
+            f"than the {window.limit} per {window.span} asked (counts from {counts.where}); "
+            f"{resets}. Nothing changed: give at least {used} (the next message then waits "
+            f"until {until}), or wait")
 
 
 def limits_show(ctx: Context, args: argparse.Namespace) -> None:
