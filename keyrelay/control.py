@@ -237,8 +237,9 @@ def socket_path(endpoint: str, config_path: str) -> str:
     """The control socket's path from ``policyd.control_listen`` (``unix:/path``)."""
     if not endpoint:
         raise ControlError(f"{config_path}: {ENDPOINT_KEY} is empty: keyrelay-policyd serves "
-                           "no control socket; set it (e.g. unix:/run/keyrelay/policyd.sock) "
-                           "and restart keyrelay-policyd")
+                           "no control socket; set it (e.g. "
+                           "unix:/run/keyrelay/policyd-control.sock) and restart "
+                           "keyrelay-policyd")
     return endpoint.removeprefix("unix:")
 
 

@@ -398,8 +398,9 @@ def test_after_a_sentinel_failover_the_new_primary_is_used(tmp_path: Path,
 
 def test_the_programs_check_config_name_a_wrong_password(tmp_path: Path,
                                                          server: RedisServer) -> None:
-    """`keyrelay check-config` and `keyrelay-policyd --check-config` connect to Redis and say
-    what is wrong in one line, without the password."""
+    """`keyrelay check-config`, `keyrelay init` (a new host's first step, which the Ansible
+    role runs) and `keyrelay-policyd --check-config` connect to Redis and say what is wrong in
+    one line, without the password."""
     wrong = tmp_path / "wrong.secret"
     wrong.write_text("not-the-password-4d3f\n")
     settings = server.counters_settings(password_file=str(wrong))
@@ -413,6 +414,7 @@ def test_the_programs_check_config_name_a_wrong_password(tmp_path: Path,
     }))
     bin_dir = Path(sys.executable).parent
     for program in (["keyrelay", "--config", str(path), "check-config"],
+                    ["keyrelay", "--config", str(path), "init"],
                     ["keyrelay-policyd", "--config", str(path), "--check-config"]):
         done = subprocess.run([str(bin_dir / program[0]), *program[1:]], capture_output=True,
                               text=True, timeout=120, check=False)

@@ -428,8 +428,8 @@ def test_lockout_commands_name_what_is_wrong_in_one_line(tmp_path: Path) -> None
     off = CliSite(tmp_path / "off", "policyd:\n  control_listen: ''\n")
     assert assert_refused(off.run("lockout list")) == (
         f"keyrelay: error: {off.config}: policyd.control_listen is empty: keyrelay-policyd "
-        "serves no control socket; set it (e.g. unix:/run/keyrelay/policyd.sock) and restart "
-        "keyrelay-policyd")
+        "serves no control socket; set it (e.g. unix:/run/keyrelay/policyd-control.sock) "
+        "and restart keyrelay-policyd")
 
 
 def test_lockout_clear_needs_exactly_one_target(tmp_path: Path) -> None:

@@ -163,7 +163,8 @@ def test_usage_without_a_control_socket_says_how_to_serve_one(tmp_path: Path) ->
     assert result.stderr == (
         "keyrelay: error: counters.backend is memory, so the counts live in keyrelay-policyd: "
         f"{config}: policyd.control_listen is empty: keyrelay-policyd serves no control "
-        "socket; set it (e.g. unix:/run/keyrelay/policyd.sock) and restart keyrelay-policyd\n")
+        "socket; set it (e.g. unix:/run/keyrelay/policyd-control.sock) and restart "
+        "keyrelay-policyd\n")
 
 
 def test_usage_of_an_unknown_principal_and_redis_away_are_one_line(

@@ -5,8 +5,9 @@ start without one (a missing file is far more often a typo in ``directory.path``
 install). ``init`` writes it the way every other CLI write does (``Context.change``: under
 its lock, atomically, audited; a new file and its lock belong to the folder's owner and
 group, modes 0640 and 0660, so the daemons' user reads it through the folder's group). It
-never changes an existing file. Then it makes the same check as ``keyrelay check-config``
-and the daemons' ``--check-config`` (``keyrelay.directorycheck``).
+never changes an existing file. Then it makes the same checks as ``keyrelay check-config``
+and the daemons' ``--check-config``: the directory (``keyrelay.directorycheck``) and, with
+``counters.backend: redis``, Redis (``keyrelay.counters.check_counters``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pwd
 from typing import Any
 
 from .. import daemon
+from ..counters import check_counters
 from ..directorycheck import check_directory
 from ..errors import UserError
 from .core import Context, command, warn
@@ -47,6 +49,7 @@ def init(ctx: Context, args: argparse.Namespace) -> None:
         except _Exists:
             pass
     directory = check_directory(ctx.config)  # what check-config and the daemons check
+    check_counters(ctx.config)  # Redis: a real connection, login and write, as check-config
     if created:
         ctx.say(f"created an empty directory {path} ({_owner_and_mode(path)})")
     else:
