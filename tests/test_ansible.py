@@ -11,7 +11,9 @@ deployed instance with the site's own milter still in front and sends through it
 
 from __future__ import annotations
 
+import base64
 import grp
+import hashlib
 import json
 import os
 import pwd
@@ -121,21 +123,23 @@ def site(root: Path, main_cf: dict[str, str] | None = None,
 
 
 def run_playbook(playbook: Path, *options: str, systemd: dict[str, str] | None = None,
-                 inside: list[str] | None = None) -> tuple[int, int, str]:
-    """(exit status, tasks changed, output) of one ansible-playbook run; ``systemd``: the
-    environment of ``systemd_stand_in``, its ``systemctl`` first on PATH; ``inside``: the
-    command that runs it in a scratch root (``ScratchRoot.enter``)."""
+                 inside: list[str] | None = None, inventory: str = "localhost,"
+                 ) -> tuple[int, int, str]:
+    """(exit status, tasks changed on all hosts, output) of one ansible-playbook run;
+    ``systemd``: the environment of ``systemd_stand_in``, its ``systemctl`` first on PATH;
+    ``inside``: the command that runs it in a scratch root (``ScratchRoot.enter``);
+    ``inventory``: ansible-playbook's ``-i``."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "ansible" / "roles"),
            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCALHOST_WARNING": "False",
            "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False", "PATH": path}
     if systemd is not None:
         env.update(systemd, PATH=f"{systemd['PATH']}{os.pathsep}{path}")
-    result = subprocess.run([*(inside or []), str(PLAYBOOK), "-i", "localhost,", str(playbook),
+    result = subprocess.run([*(inside or []), str(PLAYBOOK), "-i", inventory, str(playbook),
                              *options], capture_output=True, text=True, env=env, timeout=300)
     output = result.stdout + result.stderr
-    recap = re.search(r"localhost\s+:\s+ok=\d+\s+changed=(\d+)", output)
-    return result.returncode, int(recap.group(1)) if recap else -1, output
+    recaps = re.findall(r"^\S+\s+:\s+ok=\d+\s+changed=(\d+)", output, re.M)
+    return result.returncode, sum(map(int, recaps)) if recaps else -1, output
 
 
 def postconf(etc: Path, name: str) -> str:
@@ -643,3 +647,89 @@ def test_the_redis_counter_variables_log_in_and_a_wrong_password_is_refused_and_
         assert wrong not in output
         assert secret.read_text() == server.password + "\n"
         assert config.read_text() == deployed
+
+
+def test_dkim_keys_made_on_one_node_reach_the_other_and_differing_files_stop_the_play(
+        tmp_path: Path, slapd: Slapd) -> None:
+    # the bug: with two nodes on one LDAP directory the sync made a new domain's private keys
+    # on one node only, and the other answered that domain with a temporary failure; the
+    # docs said the role copied them. Two inventory hosts on this machine, each with its own
+    # folders (the role matches key files by DOMAIN/SELECTOR.pem below each dkim.key_dir).
+    account, domain = f"dk{uuid.uuid4().hex[:8]}", f"dk{uuid.uuid4().hex[:8]}.example"
+    owner = ("nobody", "nogroup")  # the milter's user: not the root running the play
+    hosts: dict[str, dict[str, Any]] = {}
+    for name in ("relay1", "relay2"):
+        _, node_playbook = site(
+            tmp_path / name, keyrelay_user=owner[0], keyrelay_group=owner[1],
+            keyrelay_backend="ldap", keyrelay_ldap_urls=[slapd.url],
+            keyrelay_ldap_base_dn=slapd.base_dn, keyrelay_ldap_bind_dn=slapd.service_dn,
+            keyrelay_ldap_bind_password_file=str(tmp_path / name / "keyrelay" / "ldap.secret"),
+            keyrelay_ldap_bind_password=slapd.service_password,
+            keyrelay_ldap_ca_file=str(slapd.ca_file))
+        hosts[name] = {"ansible_connection": "local",
+                       **yaml.safe_load(node_playbook.read_text())[0]["vars"]}
+    # declared on one node only, as inventory/cluster.yml does: the sync runs there
+    hosts["relay1"]["keyrelay_directory"] = {"accounts": {account: {}},
+                                             "domains": {domain: {"owner": account}}}
+    inventory, playbook = tmp_path / "cluster.yml", tmp_path / "cluster-site.yml"
+    inventory.write_text(yaml.safe_dump({"relays": {"hosts": hosts}}))
+    playbook.write_text(yaml.safe_dump([{"hosts": "relays", "gather_facts": False,
+                                         "roles": ["keyrelay"]}]))
+    admin = tmp_path / "admin.yaml"  # the base is a keyrelay directory already (docs/ldap.md)
+    admin.write_text(yaml.safe_dump({"directory": slapd.directory_config(),
+                                     "logging": {"audit_log": ""}}))
+    deployed_cli(Path(sys.prefix), admin, "account", "add", f"{account}-first")
+    deployed_cli(Path(sys.prefix), admin, "account", "remove", f"{account}-first")
+    dirs = {name: tmp_path / name / "keyrelay" / "dkim" for name in hosts}
+
+    def keys(name: str) -> dict[str, str]:
+        """DOMAIN/SELECTOR.pem: the SHA-256 of its bytes (a failing assert shows no key)"""
+        return {str(p.relative_to(dirs[name])): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in dirs[name].glob("*/*.pem")}
+
+    def never_shown(output: str, name: str) -> None:
+        for path in dirs[name].glob("*/*.pem"):
+            pem = path.read_bytes()
+            body = pem.decode().splitlines()[1]  # a line of the key's base64
+            shown = body in output or base64.b64encode(pem).decode()[:40] in output
+            assert not shown, f"{path} shown in ansible-playbook's output"
+
+    status, _, output = run_playbook(playbook, "--diff", "-v", inventory=str(inventory))
+
+    assert status == 0, output
+    made = keys("relay1")
+    assert len(made) == 2 and all(n.startswith(f"{domain}/") for n in made)  # RSA, Ed25519
+    assert keys("relay2") == made  # the same bytes under the same names
+    for path in [dirs["relay2"] / domain, *(dirs["relay2"] / domain).iterdir()]:
+        st = path.stat()
+        assert (pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name) == owner
+        assert st.st_mode & 0o777 == (0o700 if path.is_dir() else 0o600)
+    never_shown(output, "relay2")
+
+    # keys made by hand on the other node (a rotation) reach the first on the next run
+    config2 = tmp_path / "relay2" / "keyrelay" / "keyrelay.yaml"
+    deployed_cli(Path(sys.prefix), config2, "domain", "rotate", domain)
+    rotated = keys("relay2")
+    assert len(rotated) == 4
+    status, changed, output = run_playbook(playbook, "--diff", inventory=str(inventory))
+    assert (status, changed) == (0, 1), output  # the copies to relay1, nothing else
+    assert keys("relay1") == rotated
+    never_shown(output, "relay1")
+
+    # two nodes holding different files under one name: the play stops with one line, before
+    # anything is copied, and the files stay as they were
+    clash = sorted(made)[0]
+    (dirs["relay2"] / clash).write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n"
+                                         b"-----END PRIVATE KEY-----\n")
+    lacking = sorted(set(rotated) - set(made))[0]
+    (dirs["relay1"] / lacking).unlink()
+    before = {name: keys(name) for name in hosts}
+
+    status, _, output = run_playbook(playbook, inventory=str(inventory))
+
+    assert status != 0, output
+    assert ("DKIM key files differ between nodes under one name (keys made twice under one "
+            f"selector), nothing copied: {clash} (relay1, relay2) in dkim.key_dir; keep on "
+            "every node the file whose public key `keyrelay domain dns DOMAIN` publishes"
+            ) in output
+    assert {name: keys(name) for name in hosts} == before
