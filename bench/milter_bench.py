@@ -40,7 +40,10 @@ DESCRIPTION
     selectors' public keys before measuring.
 
     Runs are interleaved: for each of R repetitions, every --source in turn (default: this
-    tree). A --source is another checkout of the repository: its `milters` package is run
+    tree), then with --null keyrelay-milter's own glue (milters/milter.py, registered as
+    milters/main.py does) over a service that does no work and answers every message with
+    two fixed DKIM-Signature values: what libmilter, pymilter and the glue cost alone.
+    A --source is another checkout of the repository: its `milters` package is run
     with this virtualenv's Python (PYTHONPATH=DIR python -m milters), so that two versions
     of the milter can be compared on one machine in one run.
 
@@ -55,6 +58,7 @@ MEASURES
 
     .venv/bin/python -m bench.milter_bench --messages 3000 --concurrency 8 --repeat 3
     .venv/bin/python -m bench.milter_bench --source /tmp/main-checkout --source . --repeat 5
+    .venv/bin/python -m bench.milter_bench --null --concurrency 1 --repeat 5
     .venv/bin/python -m bench.milter_bench --socket unix:/run/keyrelay/milter.sock \\
         --pid "$(pidof -s keyrelay-milter)" --login 'acme:KEYID' --from app@acme.example
 """
@@ -76,13 +80,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import dkim
 import yaml
 
 from keyrelay import admin, dkimkeys
+from keyrelay.decisions import Reason
+from keyrelay.decisions.verdict import allow
 from keyrelay.directory.model import Algorithm, DirectoryData, Selector, SelectorState
 from keyrelay.directory.yamlfile import render
+from milters.service import Message as MilterMessage
+from milters.service import MessageOutcome, MilterService
 from testkit.stats import load_average, process_tree_cpu
 
 DOMAIN = "bench.example"
@@ -360,14 +369,17 @@ def _user() -> str:
 
 
 @contextmanager
-def milter_process(site: Site, source: str | None) -> Iterator[int]:
-    """keyrelay-milter on the site's socket, from this tree or from ``source``; its pid."""
+def milter_process(site: Site, source: str | None, null: bool = False) -> Iterator[int]:
+    """keyrelay-milter on the site's socket, from this tree or from ``source``; its pid.
+    With ``null`` its glue over ``NullService`` instead (no check, no signing, no log)."""
     env = dict(os.environ)
     if source:
         env["PYTHONPATH"] = os.path.abspath(source)
     log = open(site.root / f"milter-{os.getpid()}-{time.monotonic_ns()}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "milters", "--config", str(site.config)],
-                            stdout=log, stderr=log, env=env, cwd=source or None)
+    command = (["-m", "bench.milter_bench", "--serve-null", site.endpoint] if null
+               else ["-m", "milters", "--config", str(site.config)])
+    proc = subprocess.Popen([sys.executable, *command], stdout=log, stderr=log, env=env,
+                            cwd=source or None)
     try:
         deadline = time.monotonic() + 60  # generous: a busy shared machine
         path = site.endpoint[len("unix:"):]
@@ -419,6 +431,51 @@ def verify_once(site: Site) -> None:
         if not dkim.DKIM(wire).verify(idx=index, dnsfunc=lambda name, timeout=5:
                                       records.get(name, b"")):
             raise SystemExit(f"DKIM-Signature {index} does not verify")
+
+
+# -- the milter layer alone -------------------------------------------------------------------
+class NullService:
+    """What ``KeyrelayMilter`` needs of a ``MilterService``, doing no work: every message is
+    allowed with two fixed DKIM-Signature values of the real size. Behind the real glue
+    (milters/milter.py) and registration (milters/main.py), it measures what libmilter,
+    pymilter and the glue cost per message, with the same negotiation and callbacks."""
+
+    kept_headers: frozenset[str] = frozenset()
+    in_progress = 0
+    _outcome = MessageOutcome(
+        allow(Reason.OK, "bench", "key"),
+        tuple(b"v=1; a=rsa-sha256; c=relaxed/relaxed; d=bench.example;\n\ts=bench; t=1;"
+              b"\n\th=from:to:subject:date:message-id:mime-version:content-type:\n\t"
+              b"bh=" + b"A" * 44 + b"; b=" + b"A" * size for size in (344, 88)),
+    )
+
+    def begin(self, identity: str, client_address: str) -> MilterMessage:
+        return MilterMessage(identity, client_address, hash_body=False)
+
+    def end(self) -> None:
+        pass
+
+    def finish(self, message: MilterMessage | None, queue_id: str) -> MessageOutcome:
+        return self._outcome
+
+
+def serve_null(endpoint: str) -> None:
+    """keyrelay-milter's glue over ``NullService`` on ``endpoint`` until SIGTERM."""
+    import functools
+
+    import Milter
+
+    from milters import main as milter_main
+    from milters.milter import KeyrelayMilter
+
+    service = cast(MilterService, NullService())  # the part of it that the glue uses
+    Milter.factory = functools.partial(KeyrelayMilter, service)
+    milter_main._register()
+    if endpoint.startswith("unix:") and os.path.exists(endpoint[len("unix:"):]):
+        os.unlink(endpoint[len("unix:"):])  # the last run's socket
+    Milter.setconn(endpoint)
+    Milter.opensocket(False)
+    Milter.main()
 
 
 # -- the load ---------------------------------------------------------------------------------
@@ -517,10 +574,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pid", type=int, help="with --socket: the milter's process id")
     parser.add_argument("--login", help="with --socket: the {auth_authen} to send")
     parser.add_argument("--from", dest="sender", help="with --socket: the From: address")
+    parser.add_argument("--null", action="store_true",
+                        help="also run keyrelay-milter's glue over a service that does no "
+                        "work (the cost of libmilter, pymilter and the glue), interleaved")
+    parser.add_argument("--serve-null", metavar="ENDPOINT", help=argparse.SUPPRESS)
     parser.add_argument("--expect-signatures", type=int,
                         help="DKIM-Signature headers each message must get (default 2 "
                         "for the built-in site, not checked with --socket)")
     args = parser.parse_args(argv)
+    if args.serve_null:
+        serve_null(args.serve_null)
+        return
     if args.socket and not (args.pid and args.login and args.sender):
         parser.error("--socket needs --pid, --login and --from")
     print(f"load average before: {load_average()}")
@@ -539,18 +603,22 @@ def main(argv: list[str] | None = None) -> None:
         expect = 2 if args.expect_signatures is None else args.expect_signatures
         with tempfile.TemporaryDirectory(prefix="milter-bench-") as tmp:
             site = make_site(Path(tmp))
-            sources = args.source or [""]
+            setups = [(source, False) for source in args.source or [""]]
+            if args.null:
+                setups.append(("", True))
             for _ in range(args.repeat):
-                for source in sources:
-                    with milter_process(site, source) as pid:
-                        verify_once(site)
+                for source, null in setups:
+                    with milter_process(site, source, null) as pid:
+                        if not null:
+                            verify_once(site)
                         run_load(site.endpoint, pid, site.login, site.sender, args.warmup,
                                  args.concurrency, args.body_size, expect)
                         result = run_load(site.endpoint, pid, site.login, site.sender,
                                           args.messages, args.concurrency, args.body_size,
                                           expect)
-                    results.setdefault(source or ".", []).append(result)
-                    report_run(source or ".", result)
+                    name = "null service (layer only)" if null else source or "."
+                    results.setdefault(name, []).append(result)
+                    report_run(name, result)
     print(f"load average after: {load_average()}")
     print(f"\n{'source':30} {'msg/s':>8} {'CPU ms/msg':>11} {'lowest':>8} {'client ms':>10}")
     for name, runs in results.items():
