@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import statistics
 import struct
@@ -585,6 +586,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve_null:
         serve_null(args.serve_null)
         return
+    # stopped with SIGTERM: leave through the with-blocks, which stop the milter started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.socket and not (args.pid and args.login and args.sender):
         parser.error("--socket needs --pid, --login and --from")
     print(f"load average before: {load_average()}")
