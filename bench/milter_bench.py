@@ -5,8 +5,8 @@ NAME
 
 SYNOPSIS
     .venv/bin/python -m bench.milter_bench [--messages N] [--concurrency C] [--body-size B]
-        [--repeat R] [--source DIR]... [--socket ENDPOINT --pid PID --login LOGIN]
-        [--expect-signatures K] [--keep]
+        [--repeat R] [--warmup W] [--source DIR]... [--null]
+        [--socket ENDPOINT --pid PID --login LOGIN --from ADDRESS] [--expect-signatures K]
 
 DESCRIPTION
     Without --socket it builds a site in a temporary folder the way `keyrelay domain add`
@@ -558,7 +558,7 @@ def run_load(endpoint: str, pid: int, login: str, sender: str, messages: int,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.milter_bench",
-                                     description=__doc__.split("\n\n")[1].strip(),
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=2000, help="per run (default 2000)")
     parser.add_argument("--concurrency", type=int, default=8,
