@@ -308,11 +308,44 @@ class _Folder:
 def _crlf(value: bytes) -> bytes:
     """``value`` with its line ends as CRLF. A milter's header values are folded with LF, and
     dkimpy before 1.1.5 (Debian 12's python3-dkim is 1.1.4) unfolds only CRLF in relaxed
-    canonicalisation; later dkimpy unfolds both, to the same result."""
-    return _BARE_LF.sub(b"\r\n", value)
+    canonicalisation; later dkimpy unfolds both, to the same result.
+
+    Every LF not after a CR gains one; a CR before an LF is neither doubled nor lost (the
+    first replace takes exactly the CR of each CRLF, the second gives each LF exactly one
+    back). Most header values are not folded and are returned as they are.
+    """
+    if b"\n" not in value:
+        return value
+    return value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+class _FoldedNames:
+    """The folded ``h=`` list by header names and line separator, made once per shape.
+
+    An application sends the same headers in every message, so its ``h=`` list is folded
+    once and kept. Bounded: emptied when full (a message with unusual headers folds anew).
+    """
+
+    def __init__(self, max_entries: int = 512) -> None:
+        self._folded: dict[tuple[tuple[bytes, ...], bytes], bytes] = {}
+        self._max = max_entries
+
+    def get(self, include: Sequence[bytes], linesep: bytes) -> bytes:
+        key = (tuple(include), linesep)
+        folded = self._folded.get(key)
+        if folded is None:
+            names = _Folder(linesep, column=8)
+            last = len(include) - 1
+            for i, name in enumerate(include):
+                names.add(b"", (b"" if i else b"h=") + name + (b";" if i == last else b":"))
+            folded = names.value()
+            if len(self._folded) >= self._max:
+                self._folded.clear()
+            self._folded[key] = folded  # a race only folds the same value twice
+        return folded
+
+
+_FOLDED_NAMES = _FoldedNames()
 
 
 def sign(
@@ -343,12 +376,9 @@ def sign(
     t = b"t=" + str(timestamp).encode("ascii") + b";"
     # h= and bh= are the same for every key: folded once, each on lines of their own. A fold
     # inside h= comes after a colon (verifiers split h= at colons and FWS). b= comes last.
-    names = _Folder(linesep, column=8)
-    for i, name in enumerate(include):
-        last = i == len(include) - 1
-        names.add(b"", (b"" if i else b"h=") + name + (b";" if last else b":"))
+    fold = linesep + b"\t"
     bh = b"bh=" + base64.b64encode(body_hash) + b"; b="
-    tail = names.fold + names.value() + names.fold + bh
+    tail = fold + _FOLDED_NAMES.get(include, linesep) + fold + bh
     values = []
     for key in keys:
         folder = _Folder(linesep)

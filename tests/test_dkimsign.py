@@ -15,10 +15,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import pickle
 import random
+import re
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -266,6 +268,30 @@ def test_repeated_header_signs_only_its_last_instances(keys: tuple[SigningKey, .
     value = sign(headers, body_hash(b""), "example.com", keys[:1], STAMP)[0]
     assert tags(value)["h"].split(":").count("to") == dkimsign.MAX_SIGNED_INSTANCES + 1
     assert verified(wire(headers, b"", [value]), dns) == [True]
+
+
+def test_header_line_ends_become_crlf_exactly_as_the_lookbehind_definition_says() -> None:
+    # _crlf is two replaces (the cheap form); the definition is "every LF not after a CR
+    # gains a CR", here as a regular expression, on every string of these pieces up to 4 long
+    definition = re.compile(rb"(?<!\r)\n")
+    pieces = [b"", b"\r", b"\n", b"\r\n", b"\n\r", b"\r\r\n", b" ", b"\t", b"a"]
+    for parts in itertools.product(pieces, repeat=4):
+        value = b"".join(parts)
+        assert dkimsign._crlf(value) == definition.sub(b"\r\n", value), value
+
+
+def test_h_list_follows_each_messages_headers_though_folded_once_per_shape(
+    keys: tuple[SigningKey, ...], dns: DnsZone,
+) -> None:
+    # the folded h= list is kept by header names: the same shape again reuses it, another
+    # shape gets its own, and both verify
+    fewer = [h for h in HEADERS if h[0].lower() != "subject"]
+    for headers in (HEADERS, fewer, HEADERS, fewer):
+        values = sign(headers, body_hash(b"x\r\n"), "example.com", keys, STAMP)
+        expected = [name.lower() for name, _ in headers
+                    if name.lower() in dkimsign.SIGNED_HEADERS] + list(dkimsign.OVERSIGNED)
+        assert all(tags(v)["h"].split(":") == expected for v in values)
+        assert verified(wire(headers, b"x\r\n", values), dns) == [True, True]
 
 
 def test_internationalised_signing_domain_is_written_as_a_label(
