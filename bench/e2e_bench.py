@@ -41,10 +41,12 @@ DESCRIPTION
       opendkim   the baseline plus OpenDKIM (Debian), rsa-sha256 with a 2048-bit key
       dkimpy     the baseline plus dkimpy-milter (Debian), rsa-sha256 with a 2048-bit key
 
-    Runs are interleaved: for each of R repetitions, each body size, each setup. After each
-    switch W warm-up messages must all arrive signed exactly as the setup signs (the first
-    of each setup is also verified with dkimpy against the published keys, and for keyrelay
-    a foreign header From must be refused with 550). A measured run sends M messages (L for
+    Runs are interleaved: for each of R repetitions, each body size, each setup, the setups'
+    order turned by one at each repetition (none always runs first, or right after the
+    same other one, while the host's load drifts). After each switch W warm-up messages
+    must all arrive signed exactly as the setup signs (the first of each setup is also
+    verified with dkimpy against the published keys, and for keyrelay a foreign header
+    From must be refused with 550). A measured run sends M messages (L for
     sizes of 500 KB and more), waits until Postfix's queue is empty, then reads every file
     smtp-sink wrote: each accepted message must be there exactly once, signed as the setup
     signs. Then, unless --connection-cost 0, the same with one message per session (the
@@ -531,12 +533,14 @@ def run_all(bench: Bench, args: argparse.Namespace, results: list[RunResult],
 
     for rep in range(1, args.repeat + 1):
         say(f"repetition {rep} of {args.repeat}")
+        turn = (rep - 1) % len(args.setup)
+        order = args.setup[turn:] + args.setup[:turn]
         for size in args.size:
             count = args.large_messages if size >= LARGE else args.messages
-            for name in args.setup:
+            for name in order:
                 record(bench.measure(name, size, args.per_session, count, f"r{rep}"))
         if args.connection_cost:
-            for name in args.setup:
+            for name in order:
                 record(bench.measure(name, args.size[0], 1, args.connection_cost, f"c{rep}"))
     if args.paced_seconds and "keyrelay" in args.setup:
         rate = 0.8 * median_rate(results, "keyrelay", args.size[0], args.per_session)

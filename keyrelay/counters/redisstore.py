@@ -284,8 +284,11 @@ class RedisCounters:
         except asyncio.CancelledError:
             _fail(batch, redis_errors.ConnectionError("the counter store was closed"))
             raise
-        except BaseException as exc:  # noqa: BLE001 - each waiting command gets it
+        except Exception as exc:  # noqa: BLE001 - each waiting command gets it
             _fail(batch, exc)
+        except BaseException as exc:
+            _fail(batch, exc)
+            raise
 
     async def _send(self, batch: list[_Call]) -> None:
         if self._pool is None:
