@@ -32,6 +32,7 @@ from redis.asyncio.sentinel import Sentinel
 
 from .model import (
     KINDS,
+    Calendar,
     CountersUnavailable,
     Kind,
     Locked,
@@ -49,7 +50,7 @@ _NAMED = inspect.signature(redis_connection.ConnectionPool.get_connection).param
 # A calendar period's key lives this long past the period's end: a node whose clock is a
 # little behind still finds the count of the period it believes current.
 CALENDAR_GRACE = 3600.0
-# sliding windows whose keys are remembered (``RedisCounters._window_keys``); more: forgotten
+# windows whose keys ``RedisCounters.take`` remembers; more: forgotten
 _NAMED_MAX = 65536
 
 
@@ -173,9 +174,31 @@ def pack(command: Sequence[Any]) -> bytes:
     script call."""
     parts = [b"*%d\r\n" % len(command)]
     for arg in command:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        parts.append(_bulk(arg if isinstance(arg, bytes) else str(arg).encode()))
     return b"".join(parts)
+
+
+def _bulk(data: bytes) -> bytes:
+    """One argument of a command, in RESP."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+_HEADS: dict[str, tuple[bytes, bytes]] = {}
+
+
+def script_call(script: Script, count: int, keys: bytes,
+                args: Sequence[Any]) -> tuple[bytes, Callable[[], bytes]]:
+    """``EVALSHA`` of ``script`` with ``count`` keys already in RESP (``keys``) and ``args``,
+    and how to make its ``EVAL`` (after a NOSCRIPT): what ``pack`` makes of each, byte for
+    byte, with the script's name and source packed once."""
+    heads = _HEADS.get(script.sha)
+    if heads is None:
+        heads = _HEADS[script.sha] = (_bulk(b"EVALSHA") + _bulk(script.sha.encode()),
+                                      _bulk(b"EVAL") + _bulk(script.source.encode()))
+    start = b"*%d\r\n" % (3 + count + len(args))
+    tail = b"".join([_bulk(b"%d" % count), keys,
+                     *[_bulk(a if isinstance(a, bytes) else str(a).encode()) for a in args]])
+    return start + heads[0] + tail, lambda: start + heads[1] + tail
 
 
 class _Call(NamedTuple):
@@ -230,8 +253,9 @@ class RedisCounters:
         self._pool: Any = None
         self._batch: list[_Call] = []  # commands of this turn, not sent yet
         self._exchanges: set[asyncio.Future[None]] = set()  # batches on their way
-        # a sliding window's bucket number, its two keys and its TTL, by window
-        self._sliding: dict[Sliding, tuple[int, tuple[str, str], str]] = {}
+        # what ``take`` sends for a window, made once per bucket or period (``_named``)
+        self._sliding: dict[Sliding, tuple[int, bytes, str, str]] = {}
+        self._calendar: dict[Calendar, tuple[str, bytes, str]] = {}
 
     def __repr__(self) -> str:
         return f"RedisCounters({self.target.where}, prefix {self.prefix!r})"
@@ -251,9 +275,8 @@ class RedisCounters:
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run ``script`` (EVALSHA, EVAL after a NOSCRIPT); CountersUnavailable within the
         timeout."""
-        body = (len(keys), *keys, *args)
-        return await self._queued(pack(("EVALSHA", script.sha, *body)),
-                                  lambda: pack(("EVAL", script.source, *body)))
+        return await self._queued(*script_call(
+            script, len(keys), b"".join([_bulk(key.encode()) for key in keys]), args))
 
     async def _queued(self, packed: bytes, fallback: Callable[[], bytes] | None) -> Any:
         """Queue one packed command for this turn's batch and wait for its answer."""
@@ -324,19 +347,31 @@ class RedisCounters:
         """The keys of ``window`` at ``now``, the fraction of its bucket gone by, its TTL."""
         if isinstance(window, Sliding):
             number, elapsed = window.bucket(now)
-            # the same keys for every request of a bucket: made once per bucket
-            named = self._sliding.get(window)
-            if named is None or named[0] != number:
-                if len(self._sliding) >= _NAMED_MAX:
-                    self._sliding.clear()
-                base = f"{self.prefix}rate:{window.subject}:{window.seconds}s:"
-                ttl = math.ceil(2 * window.seconds * 1000) + 1000
-                named = self._sliding[window] = (
-                    number, (base + str(number), base + str(number - 1)), str(ttl))
-            return list(named[1]), repr(elapsed), named[2]
+            base = f"{self.prefix}rate:{window.subject}:{window.seconds}s:"
+            ttl = math.ceil(2 * window.seconds * 1000) + 1000
+            return [base + str(number), base + str(number - 1)], repr(elapsed), str(ttl)
         label, ends_in = window.period(now, self.zone)
         key = f"{self.prefix}quota:{window.subject}:{window.unit}:{label}"
         return [key], "0", str(math.ceil((ends_in + CALENDAR_GRACE) * 1000))
+
+    def _name_sliding(self, window: Sliding, number: int) -> tuple[int, bytes, str, str]:
+        """Bucket ``number`` of ``window``: its two keys in RESP, the words of TAKE's spec
+        before and after the fraction gone by."""
+        keys, _, ttl = self._window_keys(window, window.seconds * number)
+        if len(self._sliding) >= _NAMED_MAX:
+            self._sliding.clear()
+        found = self._sliding[window] = (number, b"".join([_bulk(k.encode()) for k in keys]),
+                                         f"s {window.limit} ", f" {ttl}")
+        return found
+
+    def _name_calendar(self, window: Calendar, label: str) -> tuple[str, bytes, str]:
+        """Period ``label`` of ``window``: its key in RESP, the words of TAKE's spec before
+        the TTL."""
+        key = f"{self.prefix}quota:{window.subject}:{window.unit}:{label}"
+        if len(self._calendar) >= _NAMED_MAX:
+            self._calendar.clear()
+        found = self._calendar[window] = (label, _bulk(key.encode()), f"c {window.limit} 0 ")
+        return found
 
     def _usage(self, window: Window, now: float, current: int, previous: int,
                amount: int) -> Usage:
@@ -362,14 +397,31 @@ class RedisCounters:
     async def take(self, windows: tuple[Window, ...], amount: int = 1) -> Usage | None:
         check_windows(windows, amount)
         now = self.clock()
-        keys: list[str] = []
+        # the keys and arguments of _window_keys, in RESP: a window's key names and the
+        # words that stay the same are made once per bucket or period (the hot path of a
+        # counted message)
+        keys: list[bytes] = []
         spec: list[str] = []
+        count = 0
         for window in windows:
-            window_keys, elapsed, ttl = self._window_keys(window, now)
-            keys += window_keys
-            spec += ["s" if isinstance(window, Sliding) else "c", str(window.limit), elapsed,
-                     ttl]
-        answer = await self.run(TAKE, keys, [amount, " ".join(spec)])
+            if isinstance(window, Sliding):
+                number, elapsed = window.bucket(now)
+                sliding = self._sliding.get(window)
+                if sliding is None or sliding[0] != number:
+                    sliding = self._name_sliding(window, number)
+                keys.append(sliding[1])
+                count += 2
+                spec.append(f"{sliding[2]}{elapsed!r}{sliding[3]}")
+            else:
+                label, ends_in = window.period(now, self.zone)
+                calendar = self._calendar.get(window)
+                if calendar is None or calendar[0] != label:
+                    calendar = self._name_calendar(window, label)
+                keys.append(calendar[1])
+                count += 1
+                spec.append(f"{calendar[2]}{math.ceil((ends_in + CALENDAR_GRACE) * 1000)}")
+        answer = await self._queued(*script_call(TAKE, count, b"".join(keys),
+                                                 (amount, " ".join(spec))))
         index = int(answer[0])
         if index == 0:
             return None
