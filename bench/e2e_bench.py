@@ -8,14 +8,15 @@ SYNOPSIS
         [--messages M] [--large-messages L] [--per-session K] [--connection-cost N]
         [--concurrency C] [--tls starttls|implicit] [--paced-seconds S]
         [--accounts A] [--subusers U] [--warmup W] [--json FILE] [--chart FILE]
-        [--markdown FILE] [--docs] [--tmpdir DIR] [--keep]
+        [--markdown FILE] [--docs] [--docs-section NAME] [--tmpdir DIR] [--keep]
 
 DESCRIPTION
     Builds a private Postfix instance the way `make run` does (keyrelay.demo: main.cf and
     master.cf written with `keyrelay postfix apply`, its own queue, `postfix -c DIR`;
     /etc/postfix is never touched), with keyrelay-policyd, keyrelay-milter, OpenDKIM and
-    dkimpy-milter each in a process of its own, and `smtp-sink` as the Internet. Everything
-    listens on loopback; ports are picked free.
+    dkimpy-milter each in a process of its own, and `smtp-sink` as the Internet; for the
+    keyrelay-redis setup also a private redis-server and a second keyrelay-policyd that
+    counts in it. Everything listens on loopback; ports are picked free.
 
     The directory holds A accounts with U subusers each; every account and every subuser is
     a sending principal with its own API key, its own From address (the account's verified
@@ -31,13 +32,21 @@ DESCRIPTION
       keyrelay   keyrelay complete, as `keyrelay postfix apply` configures it: auth, the
                  policy service at RCPT and DATA, keyrelay-milter's header From check and
                  two DKIM signatures (RSA-2048 and Ed25519)
+      keyrelay-redis
+                 the same with `counters.backend: redis` (issue 21): the logins' brute-force
+                 counting and every message's rate windows in a private redis-server over
+                 loopback TCP (testkit/redis.py), served by a second keyrelay-policyd on
+                 sockets of its own, which the service's smtpd_sasl_path and policy
+                 restrictions name in this setup
       opendkim   the baseline plus OpenDKIM (Debian), rsa-sha256 with a 2048-bit key
       dkimpy     the baseline plus dkimpy-milter (Debian), rsa-sha256 with a 2048-bit key
 
-    Runs are interleaved: for each of R repetitions, each body size, each setup. After each
-    switch W warm-up messages must all arrive signed exactly as the setup signs (the first
-    of each setup is also verified with dkimpy against the published keys, and for keyrelay
-    a foreign header From must be refused with 550). A measured run sends M messages (L for
+    Runs are interleaved: for each of R repetitions, each body size, each setup, the setups'
+    order turned by one at each repetition (none always runs first, or right after the
+    same other one, while the host's load drifts). After each switch W warm-up messages
+    must all arrive signed exactly as the setup signs (the first of each setup is also
+    verified with dkimpy against the published keys, and for keyrelay a foreign header
+    From must be refused with 550). A measured run sends M messages (L for
     sizes of 500 KB and more), waits until Postfix's queue is empty, then reads every file
     smtp-sink wrote: each accepted message must be there exactly once, signed as the setup
     signs. Then, unless --connection-cost 0, the same with one message per session (the
@@ -53,11 +62,12 @@ MEASURES
     p50/p99 ms   per-message latency at the client: writing MAIL FROM to the 250 after
                  the end of DATA (TLS handshake and AUTH not included)
     CPU ms/msg   CPU time over the run divided by the messages: Postfix (master, every
-                 child, and the children it reaped), keyrelay-policyd, the setup's milter,
-                 the load client. Live processes are read from the kernel's per-process
-                 CPU clock (exact, threads that ended included); reaped children from
-                 the master's cutime + cstime (10 ms ticks; /proc/PID/stat's utime and
-                 stime also count in ticks, which read 0 for a short run)
+                 child, and the children it reaped), keyrelay-policyd (the setup's), the
+                 setup's milter, redis-server (keyrelay-redis), the load client. Live
+                 processes are read from the kernel's per-process CPU clock (exact,
+                 threads that ended included); reaped children from the master's
+                 cutime + cstime (10 ms ticks; /proc/PID/stat's utime and stime also
+                 count in ticks, which read 0 for a short run)
     peak RSS     the highest resident memory seen (sampled every 0.25 s): Postfix's whole
                  process tree summed, keyrelay-policyd, the setup's milter
     errors       refusals by reply and stage, and broken sessions; lost (accepted, not at
@@ -68,15 +78,19 @@ MEASURES
 
 TARGETS (issue 9, this 2-core machine, same run)
     keyrelay msg/s >= 60 % of the baseline's; keyrelay faster than OpenDKIM; no message
-    lost, duplicated or unsigned; p99 latency under 50 ms at 80 % of keyrelay's throughput.
-    The report says for each whether it was met.
+    lost, duplicated or unsigned; p99 latency under 50 ms at 80 % of keyrelay's throughput;
+    (issue 21) keyrelay-redis within 5 % of keyrelay's msg/s. The report says for each
+    whether it was met.
 
 OUTPUT
     A line per run, then the tables and the targets on standard output. --markdown writes
     the report (command, date, host, tables, targets) to FILE; --chart draws msg/s per
     setup and size (matplotlib) to a PNG; --json writes every run's figures; --docs does
     both for docs/: the report replaces the section between the e2e_bench markers in
-    docs/BENCHMARKS.md and the chart is docs/e2e-bench.png.
+    docs/BENCHMARKS.md and the chart is docs/e2e-bench.png. --docs-section NAME writes
+    between NAME's markers instead (<!-- NAME:start --> ... <!-- NAME:end -->, appended
+    at the end when missing) and the chart to docs/NAME.png (underscores as hyphens), so a
+    run of a few setups leaves the full run's section alone.
 
 BENCH-ONLY SETTINGS
     The principals' rate limits are lifted (`limits` in keyrelay.yaml) so that the policy
@@ -100,12 +114,15 @@ EXAMPLES
     .venv/bin/python -m bench.e2e_bench --setup baseline --setup keyrelay --size 2000 \\
         --repeat 1 --messages 300 --connection-cost 0 --paced-seconds 0
     .venv/bin/python -m bench.e2e_bench --tls implicit --per-session 1 --messages 500
+    .venv/bin/python -m bench.e2e_bench --setup baseline --setup keyrelay \\
+        --setup keyrelay-redis --size 2000 --docs --docs-section e2e_bench_redis
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import shlex
 import statistics
@@ -117,7 +134,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from testkit.loadgen import LoadResult, send
-from testkit.loadrelay import SETUPS, LoadRelay, LoadShape
+from testkit.loadrelay import REDIS_SETUP, SETUPS, LoadRelay, LoadShape
 from testkit.net import wait_until
 from testkit.privaterelay import BenchError, bench_folder, leave_folder, run_guarded
 from testkit.stats import RssSampler, describe_host, load_average, process_tree_cpu
@@ -125,12 +142,14 @@ from testkit.stats import RssSampler, describe_host, load_average, process_tree_
 TITLES = {
     "baseline": "baseline: Postfix, TLS, keyrelay auth",
     "keyrelay": "keyrelay complete",
+    REDIS_SETUP: "keyrelay complete, Redis counters",
     "opendkim": "baseline + OpenDKIM (RSA)",
     "dkimpy": "baseline + dkimpy-milter (RSA)",
 }
 LARGE = 500_000
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-MARK_START, MARK_END = "<!-- e2e_bench:start -->", "<!-- e2e_bench:end -->"
+SECTION = "e2e_bench"  # the markers <!-- e2e_bench:start --> and <!-- e2e_bench:end -->
+REDIS_TARGET = 0.05  # issue 21: keyrelay-redis within 5 % of keyrelay's msg/s
 
 
 # -- one measured run ------------------------------------------------------------------------
@@ -157,6 +176,7 @@ class RunResult:
     peak_rss_mb: dict[str, float]
     load_before: str
     load_after: str
+    redis_keys: int | None = None  # keyrelay-redis: keys in Redis after the run (counters)
 
     @property
     def rate(self) -> float:
@@ -178,10 +198,17 @@ class Bench(LoadRelay):
     def pid(self, name: str) -> int:
         if name == "postfix":
             return self.master_pid()
-        child = (self.relay.children["policyd"] if name == "policyd"
-                 else self.milters[name].child)
+        if name == "redis" and self.redis is not None and self.redis.process is not None:
+            return self.redis.process.pid
+        child = self.milters[name].child if name in self.milters else None
         if child is None or child.process is None:
             raise BenchError(f"{name} is not running")
+        return child.process.pid
+
+    def policyd_pid(self, setup: str) -> int:
+        child = self.policyd(setup)
+        if child.process is None:
+            raise BenchError(f"{child.name} is not running")
         return child.process.pid
 
     def measure(self, name: str, size: int, per_session: int, count: int, label: str,
@@ -190,9 +217,11 @@ class Bench(LoadRelay):
         self.warm_up(name, size)
         self.clear_outbox()
         run = f"{label}{name}{size}k{per_session}"
-        roots = {"postfix": self.pid("postfix"), "policyd": self.pid("policyd")}
+        roots = {"postfix": self.pid("postfix"), "policyd": self.policyd_pid(name)}
         if name != "baseline":
             roots["milter"] = self.pid(name)
+        if name == REDIS_SETUP:
+            roots["redis"] = self.pid("redis")
 
         def cpu() -> dict[str, float]:
             usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -228,7 +257,8 @@ class Bench(LoadRelay):
             lag_p99_ms=(percentile([v * 1000 for v in outcome.lag.values()], 0.99)
                         if rate else None),
             cpu_ms={n: (after[n] - before[n]) * 1000 / max(1, delivered) for n in after},
-            peak_rss_mb=peaks, load_before=load_before, load_after=load_average())
+            peak_rss_mb=peaks, load_before=load_before, load_after=load_average(),
+            redis_keys=(len(self.redis.keys()) if name == REDIS_SETUP and self.redis else None))
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -255,11 +285,14 @@ def median_rate(results: list[RunResult], name: str, size: int, per_session: int
 
 
 def table(results: list[RunResult], setups: list[str], size: int, per_session: int) -> str:
+    cpu = ["postfix", "policyd", "milter", "client"]
+    if REDIS_SETUP in setups:
+        cpu.insert(2, "redis")
     lines = ["| setup | msg/s | vs baseline | p50 ms | p99 ms | CPU ms/msg: Postfix "
-             "| policyd | milter | client | peak RSS MB: Postfix | policyd | milter "
-             "| errors | lost / dup / unsigned |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-             "| ---: | --- | --- |"]
+             + "".join(f"| {n} " for n in cpu[1:])
+             + "| peak RSS MB: Postfix | policyd | milter | errors | lost / dup / unsigned |",
+             "| --- | ---: | ---: | ---: | ---: " + "| ---: " * len(cpu)
+             + "| ---: | ---: | ---: | --- | --- |"]
     base = median_rate(results, "baseline", size, per_session)
     for name in setups:
         runs = [r for r in results if (r.setup, r.size, r.per_session, r.paced_rate) ==
@@ -275,7 +308,7 @@ def table(results: list[RunResult], setups: list[str], size: int, per_session: i
             f"| {'-' if share != share else f'{share:.0%}'} "
             f"| {spread([r.p50_ms for r in runs], 1)} | {spread([r.p99_ms for r in runs], 1)} "
             + "".join(f"| {spread([r.cpu_ms[n] for r in runs if n in r.cpu_ms], 2)} "
-                      for n in ("postfix", "policyd", "milter", "client"))
+                      for n in cpu)
             + "".join(f"| {spread([r.peak_rss_mb[n] for r in runs if n in r.peak_rss_mb], 0)} "
                       for n in ("postfix", "policyd", "milter"))
             + f"| {', '.join(f'{k}: {v}' for k, v in sorted(errors.items())) or 'none'} "
@@ -299,6 +332,9 @@ def targets(results: list[RunResult], args: argparse.Namespace) -> list[str]:
             lines.append(f"- {size_label(size)}: keyrelay complete {mine:,.0f} vs OpenDKIM "
                          f"{other:,.0f} msg/s (target: faster): "
                          f"**{'met' if mine > other else 'missed'}**")
+        lines += redis_target(results, size, k)
+    if args.connection_cost:
+        lines += redis_target(results, args.size[0], 1)
     bad = sum(r.lost + r.duplicated + r.unexpected + r.unsigned for r in results)
     lines.append(f"- lost, duplicated, unexpected or unsigned messages in all "
                  f"{len(results)} runs: {bad} (target 0): **{'met' if bad == 0 else 'missed'}**")
@@ -329,6 +365,19 @@ def targets(results: list[RunResult], args: argparse.Namespace) -> list[str]:
                      f"{spread([r.p50_ms for r in base_own], 1)} ms, achieved "
                      f"{spread([r.rate for r in base_own], 0)} msg/s")
     return lines
+
+
+def redis_target(results: list[RunResult], size: int, per_session: int) -> list[str]:
+    """Issue 21's: keyrelay-redis within 5 % of keyrelay's msg/s (medians, same shape)."""
+    mine = median_rate(results, "keyrelay", size, per_session)
+    redis = median_rate(results, REDIS_SETUP, size, per_session)
+    if mine != mine or redis != redis:
+        return []
+    shape = "" if per_session > 1 else ", one message per session"
+    met = redis >= (1 - REDIS_TARGET) * mine
+    return [f"- {size_label(size)}{shape}: keyrelay complete with Redis counters at "
+            f"{redis / mine:.1%} of keyrelay complete ({redis:,.0f} vs {mine:,.0f} msg/s; "
+            f"target within {REDIS_TARGET:.0%}): **{'met' if met else 'missed'}**"]
 
 
 def report(results: list[RunResult], args: argparse.Namespace, command: str,
@@ -387,15 +436,19 @@ def draw_chart(results: list[RunResult], args: argparse.Namespace, path: Path) -
     plt.close(figure)
 
 
-def write_docs(text: str) -> None:
-    path = DOCS / "BENCHMARKS.md"
+def write_docs(text: str, name: str = SECTION, path: Path = DOCS / "BENCHMARKS.md") -> None:
+    """``text`` between the markers of section ``name`` in ``path``, and nothing else of the
+    file changed; the section is appended when its markers are missing."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     doc = path.read_text()
-    section = f"{MARK_START}\n{text}{MARK_END}"
-    if MARK_START in doc and MARK_END in doc:
-        before, rest = doc.split(MARK_START, 1)
-        doc = before + section + rest.split(MARK_END, 1)[1]
+    section = f"{start}\n{text}{end}"
+    if start in doc and end in doc:
+        before, rest = doc.split(start, 1)
+        doc = before + section + rest.split(end, 1)[1]
     else:
-        doc = doc.rstrip("\n") + "\n\n## End to end (bench/e2e_bench.py)\n\n" + section + "\n"
+        title = ("End to end (bench/e2e_bench.py)" if name == SECTION
+                 else f"End to end: {name} (bench/e2e_bench.py)")
+        doc = doc.rstrip("\n") + f"\n\n## {title}\n\n" + section + "\n"
     path.write_text(doc)
 
 
@@ -408,7 +461,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="MEASURES\n" + rest, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--setup", action="append", choices=SETUPS, metavar="NAME",
-        help="baseline, keyrelay, opendkim or dkimpy; repeatable (default: all four)")
+        help=f"{', '.join(SETUPS[:-1])} or {SETUPS[-1]}; repeatable (default: all "
+        f"{len(SETUPS)})")
     add("--size", type=int, action="append", metavar="BYTES",
         help="message body size; repeatable (default: 2000, 20000 and 1000000)")
     add("--repeat", type=int, default=3, metavar="R", help="runs per setup and size (3)")
@@ -433,6 +487,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--markdown", type=Path, metavar="FILE", help="write the report as Markdown")
     add("--docs", action="store_true",
         help="write the report into docs/BENCHMARKS.md and the chart to docs/e2e-bench.png")
+    add("--docs-section", default=SECTION, metavar="NAME",
+        help="with --docs: the section between NAME's markers, chart docs/NAME.png "
+        f"({SECTION})")
     add("--tmpdir", type=Path, metavar="DIR", help="where the temporary folder goes")
     add("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
@@ -447,8 +504,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must not be negative")
     if any(size < 2 for size in args.size):
         parser.error("--size must be at least 2")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", args.docs_section):
+        parser.error("--docs-section: lower-case letters, digits and underscores")
     if args.docs:
-        args.chart = args.chart or DOCS / "e2e-bench.png"
+        args.chart = args.chart or DOCS / f"{args.docs_section.replace('_', '-')}.png"
     return args
 
 
@@ -458,11 +517,13 @@ def run_all(bench: Bench, args: argparse.Namespace, results: list[RunResult],
     def record(result: RunResult) -> None:
         results.append(result)
         problems = (result.lost + result.duplicated + result.unexpected + result.unsigned)
+        redis = f" redis {result.cpu_ms['redis']:.2f}" if "redis" in result.cpu_ms else ""
         say(f"  {result.setup:8} {size_label(result.size):>6} x{result.per_session:<3}"
             f"{'' if not result.paced_rate else f' paced {result.paced_rate:,.0f}/s'}: "
             f"{result.rate:7,.1f} msg/s, p50 {result.p50_ms:6.1f} ms, p99 {result.p99_ms:6.1f}"
             f" ms, CPU ms/msg Postfix {result.cpu_ms['postfix']:.2f} policyd "
             f"{result.cpu_ms['policyd']:.2f} milter {result.cpu_ms.get('milter', 0):.2f}"
+            f"{redis}"
             f"{', errors ' + str(result.errors) if result.errors else ''}"
             f"{f', {problems} lost/dup/unsigned' if problems else ''} (load "
             f"{result.load_before} -> {result.load_after})")
@@ -472,12 +533,14 @@ def run_all(bench: Bench, args: argparse.Namespace, results: list[RunResult],
 
     for rep in range(1, args.repeat + 1):
         say(f"repetition {rep} of {args.repeat}")
+        turn = (rep - 1) % len(args.setup)
+        order = args.setup[turn:] + args.setup[:turn]
         for size in args.size:
             count = args.large_messages if size >= LARGE else args.messages
-            for name in args.setup:
+            for name in order:
                 record(bench.measure(name, size, args.per_session, count, f"r{rep}"))
         if args.connection_cost:
-            for name in args.setup:
+            for name in order:
                 record(bench.measure(name, args.size[0], 1, args.connection_cost, f"c{rep}"))
     if args.paced_seconds and "keyrelay" in args.setup:
         rate = 0.8 * median_rate(results, "keyrelay", args.size[0], args.per_session)
@@ -532,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             args.markdown.write_text(text)
         if args.docs:
-            write_docs(text)
+            write_docs(text, args.docs_section)
             print(f"wrote docs/BENCHMARKS.md and {args.chart}")
     return leave_folder(root, status, args.keep)
 

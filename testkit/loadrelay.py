@@ -7,10 +7,14 @@ verified domain, granted to its subusers) and recipient. The setups (``SETUPS``)
 in the measured submission service's restrictions and milters (``select``: `postconf -P`,
 `postfix reload`):
 
-  baseline   Postfix with TLS and keyrelay's auth service; no policy service, no milter
-  keyrelay   keyrelay complete, as `keyrelay postfix apply` configures it
-  opendkim   the baseline plus OpenDKIM, rsa-sha256 (testkit/othermilters.py)
-  dkimpy     the baseline plus dkimpy-milter, rsa-sha256
+  baseline        Postfix with TLS and keyrelay's auth service; no policy service, no milter
+  keyrelay        keyrelay complete, as `keyrelay postfix apply` configures it
+  keyrelay-redis  keyrelay complete with its counters in Redis: a second keyrelay-policyd
+                  (``counters.backend: redis``, a private redis-server over loopback TCP,
+                  testkit/redis.py) on sockets of its own, which the measured service's
+                  smtpd_sasl_path and policy restrictions name instead of the first one's
+  opendkim        the baseline plus OpenDKIM, rsa-sha256 (testkit/othermilters.py)
+  dkimpy          the baseline plus dkimpy-milter, rsa-sha256
 
 ``warm_up`` sends mail until it all arrives signed as the setup signs; ``sink_census`` counts
 a run's messages at the sink by Message-ID and those not signed as the setup signs.
@@ -19,24 +23,31 @@ a run's messages at the sink by Message-ID and those not signed as the setup sig
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from keyrelay.demo import keyrelay_cli
+from keyrelay.demo import Child, keyrelay_cli
 from testkit.loadgen import Load, Principal, make_body, send
-from testkit.net import wait_until
+from testkit.net import unix_accepts, wait_until
 from testkit.othermilters import MilterUnderTest, dkimpy_child, opendkim_child
-from testkit.privaterelay import BenchError, PrivateRelay, signatures
+from testkit.privaterelay import BenchError, PrivateRelay, postconf, signatures
+from testkit.redis import RedisServer
 
-SETUPS = ("baseline", "keyrelay", "opendkim", "dkimpy")
+SETUPS = ("baseline", "keyrelay", "keyrelay-redis", "opendkim", "dkimpy")
+REDIS_SETUP = "keyrelay-redis"
 # (smtpd_relay_restrictions, smtpd_data_restrictions) of the submission service
 RESTRICTIONS = {
     "keyrelay": ("$keyrelay_submission_relay_restrictions",
                  "$keyrelay_submission_data_restrictions"),
+    # main.cf parameters of the second policyd's (``LoadRelay._redis_policyd``)
+    REDIS_SETUP: ("$keyrelay_redis_relay_restrictions", "$keyrelay_redis_data_restrictions"),
     "auth-only": ("permit_sasl_authenticated,reject", ""),  # postconf -P: no spaces
 }
+SASL_PATHS = {REDIS_SETUP: "$keyrelay_redis_sasl_path", "": "$keyrelay_sasl_path"}
 ID_RE = re.compile(rb"^Message-ID: <([^.>]+)\.(\d+)@([^>]+)>", re.M | re.I)
 
 
@@ -60,6 +71,8 @@ class LoadRelay(PrivateRelay):
     milters: dict[str, MilterUnderTest] = field(default_factory=dict)
     port: int = 0
     checked: set[str] = field(default_factory=set)
+    redis: RedisServer | None = None  # the keyrelay-redis setup's
+    redis_policyd: Child | None = None
 
     # -- building --------------------------------------------------------------------------
     def build(self) -> None:
@@ -74,6 +87,9 @@ class LoadRelay(PrivateRelay):
         domains = sorted({p.domain for p in self.principals})
         self.milters = {"baseline": MilterUnderTest("baseline", ""),
                         "keyrelay": MilterUnderTest("keyrelay", "$keyrelay_milter")}
+        if REDIS_SETUP in self.shape.setups:
+            self.milters[REDIS_SETUP] = MilterUnderTest(REDIS_SETUP, "$keyrelay_milter")
+            self._redis_policyd()
         for name, make in (("opendkim", opendkim_child), ("dkimpy", dkimpy_child)):
             if name in self.shape.setups:
                 child, record = make(self.root, folder, domains)
@@ -110,23 +126,89 @@ class LoadRelay(PrivateRelay):
                 self.principals.append(Principal(pid, key, f"{who}@{account}.example",
                                                  f"{who}@sink.example"))
 
+    def _redis_policyd(self) -> None:
+        """The keyrelay-redis setup: a redis-server (started with the others), a second
+        keyrelay-policyd on the relay's configuration with ``counters.backend: redis`` and
+        sockets of its own (no socketmap or control service: the first one's serve), and the
+        main.cf parameters that name it: ``keyrelay_redis_sasl_path``,
+        ``keyrelay_redis_policy`` and the relay and data restrictions with that policy."""
+        s = self.relay.settings
+        self.redis = RedisServer()
+        path = s.config
+        config = json.loads(path.read_text()[path.read_text().index("{"):])
+        sockets = {name: s.socket(f"redis-{name}") for name in ("auth", "policy")}
+        config["policyd"].update(auth_listen=f"unix:{sockets['auth']}",
+                                 policy_listen=f"unix:{sockets['policy']}",
+                                 socketmap_listen="", control_listen="")
+        # loopback TCP: how nodes reach a shared Redis (the unix socket is root's only)
+        config["counters"] = self.redis.counters_settings(via="tcp")
+        redis_config = path.with_name("keyrelay-redis.yaml")
+        redis_config.write_text("# e2e_bench.py: keyrelay.yaml with the counters in Redis\n"
+                                + json.dumps(config, indent=2) + "\n")
+        shutil.copymode(path, redis_config)
+        os.chown(redis_config, path.stat().st_uid, path.stat().st_gid)
+        first = self.relay.policyd()
+        self.redis_policyd = Child(
+            "keyrelay-policyd (Redis counters)",
+            [str(redis_config) if arg == str(path) else arg for arg in first.argv],
+            s.logs / "policyd-redis.log",
+            lambda: all(unix_accepts(sock) for sock in sockets.values()))
+        etc = s.postfix_etc
+        main = {name: postconf(etc, "-h", name) for name in (
+            "keyrelay_sasl_path", "keyrelay_submission_policy",
+            "keyrelay_submission_relay_restrictions", "keyrelay_submission_data_restrictions")}
+        policy = main["keyrelay_submission_policy"].replace(
+            str(s.socket("policy")).rpartition("/")[2], sockets["policy"].name)
+        sasl = main["keyrelay_sasl_path"].replace(
+            str(s.socket("auth")).rpartition("/")[2], sockets["auth"].name)
+        if policy == main["keyrelay_submission_policy"] or sasl == main["keyrelay_sasl_path"]:
+            raise BenchError(f"cannot find keyrelay-policyd's sockets in main.cf: {main}")
+        lists = {kind: main[f"keyrelay_submission_{kind}_restrictions"].replace(
+            "$keyrelay_submission_policy", "$keyrelay_redis_policy") for kind in ("relay", "data")}
+        postconf(etc, "-e", f"keyrelay_redis_sasl_path={sasl}", f"keyrelay_redis_policy={policy}",
+                 f"keyrelay_redis_relay_restrictions={lists['relay']}",
+                 f"keyrelay_redis_data_restrictions={lists['data']}")
+
     # -- processes -------------------------------------------------------------------------
     def start_all(self) -> None:
-        self.start(True, [m.child for m in self.milters.values()
-                          if m.child is not None and m.name != "keyrelay"])
+        if self.redis is not None:
+            self.redis.start()
+        others = [m.child for m in self.milters.values()
+                  if m.child is not None and not m.name.startswith("keyrelay")]
+        if self.redis_policyd is not None:
+            others.append(self.redis_policyd)
+        self.start(True, others)
         self.milters["keyrelay"].child = self.relay.children["milter"]
+        if REDIS_SETUP in self.milters:
+            self.milters[REDIS_SETUP].child = self.relay.children["milter"]
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            if self.redis is not None:
+                self.redis.close()
+
+    def policyd(self, name: str) -> Child:
+        """The keyrelay-policyd that serves setup ``name``."""
+        if name == REDIS_SETUP and self.redis_policyd is not None:
+            return self.redis_policyd
+        return self.relay.children["policyd"]
 
     # -- one setup at a time ---------------------------------------------------------------
     def select(self, name: str) -> None:
-        relay, data = RESTRICTIONS["keyrelay" if name == "keyrelay" else "auth-only"]
+        relay, data = RESTRICTIONS[name if name in RESTRICTIONS else "auth-only"]
+        extra = {}
+        if REDIS_SETUP in self.milters:  # two policyds: the login goes to the setup's one
+            extra["smtpd_sasl_path"] = SASL_PATHS.get(name, SASL_PATHS[""])
         self.switch(name, smtpd_milters=self.milters[name].endpoint,
-                    smtpd_relay_restrictions=relay, smtpd_data_restrictions=data)
+                    smtpd_relay_restrictions=relay, smtpd_data_restrictions=data, **extra)
 
     def signed_as(self, name: str, domain: str, raw: bytes) -> bool:
         found = signatures(raw)
         if name == "baseline":
             return found == []
-        if name == "keyrelay":
+        if name.startswith("keyrelay"):
             return (sorted(a for a, _, _ in found) == ["ed25519-sha256", "rsa-sha256"]
                     and all(d == domain and s in self.selectors.get(domain, ())
                             for _, s, d in found))
@@ -177,7 +259,7 @@ class LoadRelay(PrivateRelay):
             time.sleep(0.5)
         if name not in self.checked:
             self.verify(name, self.outbox()[-1])
-            if name == "keyrelay":
+            if name.startswith("keyrelay"):
                 who = self.principals[0]
                 self.check_from_refused(who.key, who.mail_from, who.rcpt_to,
                                         starttls=True)  # the submission service: STARTTLS

@@ -2,12 +2,15 @@
 
 Each operation is one Lua script (keyrelay/counters/scripts.py), run with EVALSHA and, after
 a NOSCRIPT (a restarted or flushed server), once with EVAL, which loads it again: one atomic
-round trip. Every key starts with the prefix and carries a TTL (docs/cluster.md).
+round trip. Every key starts with the prefix and carries a TTL (docs/cluster.md). The commands
+of one event-loop turn are sent together on one connection (``RedisCounters._flush``): the
+cost of a round trip's system calls is shared under load, and each command stays atomic.
 
 Only what the ``redis`` client 4.3 (Debian 12's python3-redis) has is used: the asyncio
-connection pool, its connections' ``send_command`` and ``read_response``. A connection whose
-command was interrupted (timeout, cancellation) is closed, never reused with an answer still
-pending. Every fault becomes ``CountersUnavailable`` within ``timeout``.
+connection pool, its connections' ``send_packed_command`` and ``read_response``. A connection
+whose commands were interrupted (timeout, cancellation) is closed, never reused with an answer
+still pending. Every fault becomes ``CountersUnavailable`` within ``timeout`` of the turn the
+command was sent in.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from zoneinfo import ZoneInfo
 
 from redis import exceptions as redis_errors
@@ -29,6 +32,7 @@ from redis.asyncio.sentinel import Sentinel
 
 from .model import (
     KINDS,
+    Calendar,
     CountersUnavailable,
     Kind,
     Locked,
@@ -46,6 +50,8 @@ _NAMED = inspect.signature(redis_connection.ConnectionPool.get_connection).param
 # A calendar period's key lives this long past the period's end: a node whose clock is a
 # little behind still finds the count of the period it believes current.
 CALENDAR_GRACE = 3600.0
+# windows whose keys ``RedisCounters.take`` remembers; more: forgotten
+_NAMED_MAX = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +174,64 @@ def pack(command: Sequence[Any]) -> bytes:
     script call."""
     parts = [b"*%d\r\n" % len(command)]
     for arg in command:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        parts.append(_bulk(arg if isinstance(arg, bytes) else str(arg).encode()))
     return b"".join(parts)
+
+
+def _bulk(data: bytes) -> bytes:
+    """One argument of a command, in RESP."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+_HEADS: dict[str, tuple[bytes, bytes]] = {}
+
+
+def script_call(script: Script, count: int, keys: bytes,
+                args: Sequence[Any]) -> tuple[bytes, Callable[[], bytes]]:
+    """``EVALSHA`` of ``script`` with ``count`` keys already in RESP (``keys``) and ``args``,
+    and how to make its ``EVAL`` (after a NOSCRIPT): what ``pack`` makes of each, byte for
+    byte, with the script's name and source packed once."""
+    heads = _HEADS.get(script.sha)
+    if heads is None:
+        heads = _HEADS[script.sha] = (_bulk(b"EVALSHA") + _bulk(script.sha.encode()),
+                                      _bulk(b"EVAL") + _bulk(script.source.encode()))
+    start = b"*%d\r\n" % (3 + count + len(args))
+    tail = b"".join([_bulk(b"%d" % count), keys,
+                     *[_bulk(a if isinstance(a, bytes) else str(a).encode()) for a in args]])
+    return start + heads[0] + tail, lambda: start + heads[1] + tail
+
+
+class _Call(NamedTuple):
+    """One command of a batch: the command as sent, the one to send instead after a
+    NOSCRIPT (a script's EVAL; None for a plain command), and who waits for the answer."""
+
+    packed: bytes
+    fallback: Callable[[], bytes] | None
+    future: asyncio.Future[Any]
+
+
+async def _answer(conn: Any, call: _Call, retry: bool = True) -> bool:
+    """Read ``call``'s answer from ``conn`` and hand it over (an error answer as the
+    command's error: the connection is in order). True: a NOSCRIPT to send again as EVAL."""
+    try:
+        answer = await conn.read_response()
+    except redis_errors.NoScriptError as exc:
+        if retry and call.fallback is not None:
+            return True
+        _fail((call,), exc)
+        return False
+    except redis_errors.ResponseError as exc:
+        _fail((call,), exc)
+        return False
+    if not call.future.done():  # its caller may have gone (cancelled)
+        call.future.set_result(answer)
+    return False
+
+
+def _fail(calls: Sequence[_Call], exc: BaseException) -> None:
+    for call in calls:
+        if not call.future.done():
+            call.future.set_exception(exc)
 
 
 def _text(value: Any) -> str:
@@ -190,54 +251,92 @@ class RedisCounters:
         self.clock = clock
         self.prefix = target.prefix
         self._pool: Any = None
+        self._batch: list[_Call] = []  # commands of this turn, not sent yet
+        self._exchanges: set[asyncio.Future[None]] = set()  # batches on their way
+        # what ``take`` sends for a window, made once per bucket or period (``_named``)
+        self._sliding: dict[Sliding, tuple[int, bytes, str, str]] = {}
+        self._calendar: dict[Calendar, tuple[str, bytes, str]] = {}
 
     def __repr__(self) -> str:
         return f"RedisCounters({self.target.where}, prefix {self.prefix!r})"
 
     # -- one round trip ------------------------------------------------------------------
+    #
+    # Every command waits in ``_batch`` until the event loop's next turn, then all those of
+    # the turn go out together on one connection (one write, their answers read in order):
+    # under load, many policy requests charge in the same turn, and a batch costs one
+    # system call each way instead of one per command. Each command is still one script or
+    # one command on its own, so each stays atomic; a batch is no transaction.
 
     async def _command(self, *args: Any) -> Any:
         """Send one command and read its answer; CountersUnavailable within the timeout."""
-        try:
-            async with asyncio.timeout(self.target.timeout):
-                return await self._send(args, None)
-        except (redis_errors.RedisError, OSError, TimeoutError) as exc:
-            raise CountersUnavailable(f"counters.redis: {describe(exc, self.target)}") from None
+        return await self._queued(pack(args), None)
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run ``script`` (EVALSHA, EVAL after a NOSCRIPT); CountersUnavailable within the
         timeout."""
+        return await self._queued(*script_call(
+            script, len(keys), b"".join([_bulk(key.encode()) for key in keys]), args))
+
+    async def _queued(self, packed: bytes, fallback: Callable[[], bytes] | None) -> Any:
+        """Queue one packed command for this turn's batch and wait for its answer."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._batch.append(_Call(packed, fallback, future))
+        if len(self._batch) == 1:
+            loop.call_soon(self._flush)
         try:
-            async with asyncio.timeout(self.target.timeout):
-                return await self._send(("EVALSHA", script.sha, len(keys), *keys, *args),
-                                        ("EVAL", script.source, len(keys), *keys, *args))
+            return await future
         except (redis_errors.RedisError, OSError, TimeoutError) as exc:
             raise CountersUnavailable(f"counters.redis: {describe(exc, self.target)}") from None
 
-    async def _send(self, command: tuple[Any, ...], fallback: tuple[Any, ...] | None) -> Any:
+    def _flush(self) -> None:
+        """Send the batch of this turn (a task of its own, bounded by the timeout)."""
+        batch, self._batch = self._batch, []
+        if batch:
+            task = asyncio.ensure_future(self._exchange(batch))
+            self._exchanges.add(task)
+            task.add_done_callback(self._exchanges.discard)
+
+    async def _exchange(self, batch: list[_Call]) -> None:
+        """``batch`` sent and answered within the timeout (connecting included); whatever
+        stops it is every unanswered command's error."""
+        try:
+            async with asyncio.timeout(self.target.timeout):
+                await self._send(batch)
+        except asyncio.CancelledError:
+            _fail(batch, redis_errors.ConnectionError("the counter store was closed"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - each waiting command gets it
+            _fail(batch, exc)
+        except BaseException as exc:
+            _fail(batch, exc)
+            raise
+
+    async def _send(self, batch: list[_Call]) -> None:
         if self._pool is None:
             self._pool = connection_pool(self.target)
         pool = self._pool
-        conn = await (pool.get_connection(command[0]) if _NAMED else pool.get_connection())
+        conn = await (pool.get_connection("EVALSHA") if _NAMED else pool.get_connection())
         try:
-            try:
-                await conn.send_packed_command(pack(command))
-                return await conn.read_response()
-            except redis_errors.NoScriptError:
-                if fallback is None:
-                    raise
-                await conn.send_packed_command(pack(fallback))
-                return await conn.read_response()
-        except redis_errors.ResponseError:
-            raise  # the server answered: the connection is in order
+            await conn.send_packed_command(b"".join([call.packed for call in batch]))
+            again = [call for call in batch if await _answer(conn, call)]
+            if again:  # NOSCRIPT: a restarted or flushed server; EVAL loads the script
+                await conn.send_packed_command(b"".join([call.fallback() for call in again
+                                                         if call.fallback is not None]))
+                for call in again:
+                    await _answer(conn, call, retry=False)
         except BaseException:
-            # interrupted (timeout, cancelled) or broken: never reuse it with an answer pending
+            # interrupted (timeout, cancelled) or broken: never reuse it with answers pending
             await asyncio.shield(conn.disconnect())
             raise
         finally:
             await pool.release(conn)
 
     async def close(self) -> None:
+        self._flush()
+        if self._exchanges:  # each ends within the timeout
+            await asyncio.gather(*self._exchanges, return_exceptions=True)
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.disconnect()
@@ -254,6 +353,25 @@ class RedisCounters:
         label, ends_in = window.period(now, self.zone)
         key = f"{self.prefix}quota:{window.subject}:{window.unit}:{label}"
         return [key], "0", str(math.ceil((ends_in + CALENDAR_GRACE) * 1000))
+
+    def _name_sliding(self, window: Sliding, number: int) -> tuple[int, bytes, str, str]:
+        """Bucket ``number`` of ``window``: its two keys in RESP, the words of TAKE's spec
+        before and after the fraction gone by."""
+        keys, _, ttl = self._window_keys(window, window.seconds * number)
+        if len(self._sliding) >= _NAMED_MAX:
+            self._sliding.clear()
+        found = self._sliding[window] = (number, b"".join([_bulk(k.encode()) for k in keys]),
+                                         f"s {window.limit} ", f" {ttl}")
+        return found
+
+    def _name_calendar(self, window: Calendar, label: str) -> tuple[str, bytes, str]:
+        """Period ``label`` of ``window``: its key in RESP, the words of TAKE's spec before
+        the TTL."""
+        key = f"{self.prefix}quota:{window.subject}:{window.unit}:{label}"
+        if len(self._calendar) >= _NAMED_MAX:
+            self._calendar.clear()
+        found = self._calendar[window] = (label, _bulk(key.encode()), f"c {window.limit} 0 ")
+        return found
 
     def _usage(self, window: Window, now: float, current: int, previous: int,
                amount: int) -> Usage:
@@ -279,14 +397,31 @@ class RedisCounters:
     async def take(self, windows: tuple[Window, ...], amount: int = 1) -> Usage | None:
         check_windows(windows, amount)
         now = self.clock()
-        keys: list[str] = []
+        # the keys and arguments of _window_keys, in RESP: a window's key names and the
+        # words that stay the same are made once per bucket or period (the hot path of a
+        # counted message)
+        keys: list[bytes] = []
         spec: list[str] = []
+        count = 0
         for window in windows:
-            window_keys, elapsed, ttl = self._window_keys(window, now)
-            keys += window_keys
-            spec += ["s" if isinstance(window, Sliding) else "c", str(window.limit), elapsed,
-                     ttl]
-        answer = await self.run(TAKE, keys, [amount, " ".join(spec)])
+            if isinstance(window, Sliding):
+                number, elapsed = window.bucket(now)
+                sliding = self._sliding.get(window)
+                if sliding is None or sliding[0] != number:
+                    sliding = self._name_sliding(window, number)
+                keys.append(sliding[1])
+                count += 2
+                spec.append(f"{sliding[2]}{elapsed!r}{sliding[3]}")
+            else:
+                label, ends_in = window.period(now, self.zone)
+                calendar = self._calendar.get(window)
+                if calendar is None or calendar[0] != label:
+                    calendar = self._name_calendar(window, label)
+                keys.append(calendar[1])
+                count += 1
+                spec.append(f"{calendar[2]}{math.ceil((ends_in + CALENDAR_GRACE) * 1000)}")
+        answer = await self._queued(*script_call(TAKE, count, b"".join(keys),
+                                                 (amount, " ".join(spec))))
         index = int(answer[0])
         if index == 0:
             return None
