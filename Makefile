@@ -57,7 +57,7 @@ help:
 	@echo "make deb     build the Debian package keyrelay_*_all.deb into $(DEB_DIST)/ (DEB_DIST=DIR"
 	@echo "             for another folder) and check it with lintian (docs/debian.md)"
 	@echo "make bench   install what it compares with, run the end-to-end benchmark (about"
-	@echo "             20 minutes) and write its report into docs/BENCHMARKS.md"
+	@echo "             25 minutes) and write its report into docs/BENCHMARKS.md"
 	@echo "make bench-deps  also install what bench/postfix_milter_bench.py compares with"
 	@echo "make fuzz    coverage-guided fuzzing (atheris) of every parser, one target at a"
 	@echo "             time, FUZZ_SECONDS=$(FUZZ_SECONDS) each (about 35 minutes); findings"
@@ -82,8 +82,8 @@ bench-deps: deps
 	@scripts/ensure-debian-packages $(BENCH_DEBIAN_PACKAGES)
 
 # The end-to-end benchmark of issue 9 (bench/e2e_bench.py --help): baseline, keyrelay,
-# OpenDKIM and dkimpy-milter side by side; rewrites its section of docs/BENCHMARKS.md and
-# docs/e2e-bench.png.
+# keyrelay with Redis counters, OpenDKIM and dkimpy-milter side by side; rewrites its section
+# of docs/BENCHMARKS.md and docs/e2e-bench.png.
 bench: bench-deps
 	$(BIN)/python -m bench.e2e_bench --docs
 
