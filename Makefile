@@ -33,11 +33,14 @@ DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
 # commands docs/ldap.md uses, for looking into a test server. python3-apt: Ansible's apt
 # module (tests/test_ansible.py runs the role's package task). redis-server: the counter
 # store's tests and make run-cluster. faketime: tests/test_cluster_e2e.py moves the policy
-# daemons' clock to the end of a day with its libfaketime (testkit/cluster.py).
+# daemons' clock to the end of a day with its libfaketime (testkit/cluster.py). prometheus:
+# for its promtool, which tests/test_monitoring.py runs over monitoring/ (check rules, test
+# rules, check config); its system server is installed disabled and not started
+# (scripts/ensure-debian-packages), nothing listens on :9090.
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 	postfix swaks libnet-ssleay-perl openssl \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
-	slapd ldap-utils python3-apt redis-server faketime \
+	slapd ldap-utils python3-apt redis-server faketime prometheus \
 	$(DEB_BUILD_PACKAGES) logrotate
 
 # Only for the benchmarks (make bench-deps, make bench), not for make test: the other
