@@ -85,6 +85,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.soakbook import Book
 from keyrelay.demo import DemoError, keyrelay_cli
 from testkit.loadgen import Load, Principal, make_body, send
 from testkit.loadrelay import LoadRelay, LoadShape
@@ -348,41 +349,30 @@ def soak(bench: LoadRelay, args: argparse.Namespace, rng: random.Random,
     writer, spoofer = Writer(bench), Spoofer(bench, bench.principals[0])
     run, body = f"soak{rng.randrange(10**6)}", make_body(args.size)
     todo = list(range(args.messages))
-    accepted: dict[int, str] = {}
-    mail_sent_at: dict[int, float] = {}
-    in_doubt: set[int] = set()
-    permanent: dict[int, str] = {}
-    last_reply: dict[int, str] = {}
-    replies: Counter[str] = Counter()
+    book = Book()
     revoked_refusals: Counter[str] = Counter()
     rounds = 0
     start = time.monotonic()
     for thread in (driver, writer, spoofer):
         thread.start()
+
+    def revoked(number: int, label: str) -> bool:
+        """The revoked key refused, at login or (a session that logged in before the
+        revocation) at RCPT: right; another principal sends it again."""
+        if outcome.refused_by[number] == revokee.pid and label[:1] == "5":
+            revoked_refusals[label] += 1
+            return True
+        return False
+
     try:
         while todo and time.monotonic() - start < args.max_seconds:
             rounds += 1
             outcome = send(Load(host=s.host, port=s.submission_port, implicit_tls=False,
                                 principals=principals, body=body, tag=run, count=len(todo),
                                 per_session=20, concurrency=args.concurrency, numbers=todo))
-            replies.update(outcome.errors)
-            accepted.update(outcome.sent_by)
-            mail_sent_at.update(outcome.mail_sent_at)
-            in_doubt |= outcome.in_doubt
-            todo = []
-            for number, label in sorted(outcome.reply_of.items()):
-                last_reply[number] = label
-                if outcome.refused_by[number] == revokee.pid and label[:1] == "5":
-                    # the revoked key refused, at login or (a session that logged in before
-                    # the revocation) at RCPT: right; another principal sends it again
-                    revoked_refusals[label] += 1
-                    todo.append(number)
-                elif label[:1] == "4" or label.startswith("connection"):
-                    todo.append(number)  # temporary, or the session broke: send it again
-                else:
-                    permanent[number] = label
+            todo = book.sort(outcome, revoked)
             print(f"  round {rounds}: {len(outcome.accepted)} accepted, {len(todo)} to send "
-                  f"again, {len(permanent)} refused permanently so far", flush=True)
+                  f"again, {len(book.permanent)} refused permanently so far", flush=True)
             if todo:
                 time.sleep(0.5)
         if driver.until:
@@ -408,12 +398,9 @@ def soak(bench: LoadRelay, args: argparse.Namespace, rng: random.Random,
     time.sleep(1)
     seen, unsigned = bench.sink_census(run, "keyrelay")
 
-    lost = sorted(set(accepted) - set(seen))
-    duplicated = sorted(n for n, c in seen.items() if c > 1 and n not in in_doubt)
-    doubtful_twice = sorted(n for n, c in seen.items() if c > 1 and n in in_doubt)
-    unexpected = sorted(set(seen) - set(accepted) - in_doubt)
+    accepted = book.accepted
     after = [n for n, who in accepted.items() if who == revokee.pid and revoked_at
-             and mail_sent_at[n] > revoked_at[0] + grace]
+             and book.mail_sent_at[n] > revoked_at[0] + grace]
     before = sum(1 for who in accepted.values() if who == revokee.pid) - len(after)
     spoofs = spoofer.answers.get("250 accepted", 0)
     print(f"\n{args.messages} messages ({args.backend} directory), {rounds} rounds, "
@@ -423,27 +410,14 @@ def soak(bench: LoadRelay, args: argparse.Namespace, rng: random.Random,
     for what, count in sorted(writer.done.items()):
         print(f"  {count:5} CLI {what}")
     print("answers that made the client send again or give up:")
-    for what, count in sorted(replies.items()):
+    for what, count in sorted(book.replies.items()):
         print(f"  {count:5} {what}")
-    print(f"accounting:\n"
-          f"  accepted by the relay           {len(accepted)}\n"
-          f"  at the sink                     {sum(seen.values())} "
-          f"({len(seen)} distinct)\n"
-          f"  lost (accepted, not at sink)    {len(lost)}\n"
-          f"  duplicated                      {len(duplicated)}\n"
-          f"  in doubt (session broke after the end of DATA): {len(in_doubt)}, of which "
-          f"at the sink twice: {len(doubtful_twice)}\n"
-          f"  at the sink, not accepted       {len(unexpected)}\n"
-          f"  delivered unsigned (unchecked)  {unsigned}\n"
-          f"  refused permanently (5xx)       {len(permanent)} "
-          f"{dict(Counter(permanent.values())) or ''}\n"
-          f"  given up, last answer temporary {len(todo)} "
-          f"{dict(Counter(last_reply[n] for n in todo)) or ''}\n"
+    lines, broken = book.ledger(seen, unsigned)
+    print("accounting:\n" + "\n".join(lines) + "\n"
           f"  revoked key: accepted before the revocation {before}, after it "
           f"(+{grace:g} s) {len(after)}; its refusals {dict(revoked_refusals)}\n"
           f"  foreign From: {dict(spoofer.answers)} (accepted: {spoofs})")
-    failed = bool(lost or duplicated or unexpected or unsigned or permanent or after or spoofs
-                  or not revoked_at)
+    failed = bool(broken or after or spoofs or not revoked_at)
     if not revoked_at:
         print("the key was never revoked: the run was too short for the driver "
               "(fewer than 2 faults); use more --messages or a smaller --faults-every")

@@ -39,11 +39,8 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -57,6 +54,7 @@ from keyrelay.demo import (
     Settings,
     ensure_daemon_user,
     give_to_daemons,
+    run_in_foreground,
     tail,
 )
 from keyrelay.usage import ArgumentParser, echo_undecodable_arguments
@@ -334,41 +332,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="state folder (default: run); the nodes live in RUN_DIR/cluster/, "
                              "the key and ports are in RUN_DIR/cluster.env")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("keyrelay cluster: error: run as root (it starts private Postfix instances)",
-              file=sys.stderr)
-        return 1
-    stop = {"signal": 0}
+    holder: list[Cluster] = []
 
-    def on_signal(number: int, _frame: object) -> None:
-        stop["signal"] = number
+    def start() -> str:
+        run_dir = Path(args.run_dir).resolve()
+        a, b = node_settings(run_dir)
+        holder.append(Cluster(run_dir, a, b, say=lambda text: print(text, flush=True)))
+        holder[0].start()
+        return holder[0].banner()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    cluster: Cluster | None = None
-    try:
-        a, b = node_settings(Path(args.run_dir).resolve())
-        cluster = Cluster(Path(args.run_dir).resolve(), a, b,
-                          say=lambda text: print(text, flush=True))
-        cluster.start()
-    except (DemoError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        print(f"keyrelay cluster: error: {exc}", file=sys.stderr)
-        return 1
-    print(cluster.banner(), flush=True)
-    status = 0
-    parent = os.getppid()
-    # as the one-node demo: a new parent (make was stopped) stops everything too
-    while not stop["signal"] and os.getppid() == parent:
-        failed = cluster.failed()
-        if failed is not None:
-            print(f"keyrelay cluster: error: {failed}", file=sys.stderr)
-            status = 1
-            break
-        time.sleep(0.5)
-    print("stopping both nodes, redis-server and slapd ...", flush=True)
-    cluster.stop()
-    print("stopped.", flush=True)
-    return status
+    return run_in_foreground("keyrelay cluster", start, lambda: holder[0].failed(),
+                             lambda: holder[0].stop() if holder else None,
+                             "both nodes, redis-server and slapd")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,12 @@ else of the package is meant to be imported from outside it:
 - Building another private Postfix the same way: ``BASE_MASTER_CF``, ``make_certificate``,
   ``SMTP_SINK``; readiness probes ``greets(host, port)`` (an SMTP banner) and
   ``unix_accepts(path)``.
-- ``main(argv)``: ``python -m keyrelay.demo``.
+- ``main(argv)``: ``python -m keyrelay.demo``; ``run_in_foreground(...)``: its life cycle
+  (started as root, stopped on Ctrl-C, SIGTERM or a part that stopped), which ``make
+  run-cluster`` shares (testkit/cluster.py).
 """
 
-from .cli import main
+from .cli import main, run_in_foreground
 from .postfix import BASE_MASTER_CF, make_certificate
 from .processes import SMTP_SINK, Child, greets, tail, unix_accepts
 from .relay import Relay
@@ -76,6 +78,7 @@ __all__ = [
     "main",
     "make_certificate",
     "read_env",
+    "run_in_foreground",
     "tail",
     "unix_accepts",
 ]

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..usage import ArgumentParser, echo_undecodable_arguments
@@ -26,38 +26,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", nargs="?", default="run", help="state folder (default: run)")
     args = parser.parse_args(argv)
+    holder: list[Relay] = []
+
+    def start() -> str:
+        relay = Relay(Settings.from_env(Path(args.run_dir)), say=lambda text: print(text,
+                                                                                     flush=True))
+        holder.append(relay)
+        relay.start()
+        return relay.banner()
+
+    def failed() -> str | None:
+        child = holder[0].failed_child()
+        return None if child is None else (f"{child.name} stopped; see {child.log}:\n"
+                                           + tail(child.log))
+
+    return run_in_foreground(
+        "keyrelay demo", start, failed, lambda: holder[0].stop() if holder else None,
+        "Postfix, keyrelay-milter, keyrelay-policyd and smtp-sink")
+
+
+def run_in_foreground(prog: str, start: Callable[[], str], failed: Callable[[], str | None],
+                      stop: Callable[[], None], parts: str) -> int:
+    """``make run`` and ``make run-cluster`` (testkit/cluster.py): as root, ``start()`` (what
+    it returns is printed), then wait until Ctrl-C, SIGTERM, a new parent or ``failed()``
+    saying what stopped; then ``stop()``. The exit status: 0, or 1 when something failed
+    (said on stderr as ``PROG: error: ...``)."""
     if os.geteuid() != 0:
-        print("keyrelay demo: error: run as root (it starts a private Postfix instance)",
+        print(f"{prog}: error: run as root (it starts private Postfix instances)",
               file=sys.stderr)
         return 1
-    stop = {"signal": 0}
+    stop_signal = {"number": 0}
 
     def on_signal(number: int, _frame: object) -> None:
-        stop["signal"] = number
+        stop_signal["number"] = number
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        relay = Relay(Settings.from_env(Path(args.run_dir)), say=lambda text: print(text,
-                                                                                     flush=True))
-        relay.start()
-    except (DemoError, OSError, subprocess.SubprocessError) as exc:
-        print(f"keyrelay demo: error: {exc}", file=sys.stderr)
+        banner = start()
+    except (DemoError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        stop()
         return 1
-    print(relay.banner(), flush=True)
+    print(banner, flush=True)
     status = 0
     parent = os.getppid()
     # SIGTERM to `make` does not reach this process: a new parent (the old one exited) stops
-    # the demo too, so nothing keeps running behind a stopped `make run`.
-    while not stop["signal"] and os.getppid() == parent:
-        failed = relay.failed_child()
-        if failed is not None:
-            print(f"keyrelay demo: error: {failed.name} stopped; see {failed.log}:\n"
-                  + tail(failed.log), file=sys.stderr)
+    # everything too, so nothing keeps running behind a stopped `make run`.
+    while not stop_signal["number"] and os.getppid() == parent:
+        what = failed()
+        if what is not None:
+            print(f"{prog}: error: {what}", file=sys.stderr)
             status = 1
             break
         time.sleep(0.5)
-    print("stopping Postfix, keyrelay-milter, keyrelay-policyd and smtp-sink ...", flush=True)
-    relay.stop()
+    print(f"stopping {parts} ...", flush=True)
+    stop()
     print("stopped.", flush=True)
     return status
