@@ -85,6 +85,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench import soakbook
 from bench.soakbook import Book
 from keyrelay.demo import DemoError, keyrelay_cli
 from testkit.loadgen import Load, Principal, make_body, send
@@ -426,26 +427,10 @@ def soak(bench: LoadRelay, args: argparse.Namespace, rng: random.Random,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    doc = __doc__ or ""
-    head, rest = doc.split("\nOPTIONS\n", 1)
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.soak", description=head.split("\n\n", 1)[1],
-        epilog="REQUIREMENTS\n" + rest.split("\nREQUIREMENTS\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=("yaml", "ldap"), default="yaml")
-    parser.add_argument("--messages", type=int, default=20000, metavar="N")
-    parser.add_argument("--concurrency", type=int, default=8, metavar="C")
-    parser.add_argument("--size", type=int, default=2000, metavar="BYTES")
-    parser.add_argument("--faults-every", type=float, default=3.0, metavar="S")
-    parser.add_argument("--max-seconds", type=float, default=1800.0, metavar="S")
-    parser.add_argument("--fault-seconds", type=float, default=0.0, metavar="S")
-    parser.add_argument("--seed", type=int, metavar="N")
-    parser.add_argument("--keep", action="store_true")
-    args = parser.parse_args(argv)
-    if args.messages < 1 or args.concurrency < 1 or args.size < 2 or args.faults_every <= 0:
-        parser.error("--messages, --concurrency and --faults-every must be positive, "
-                     "--size at least 2")
-    return args
+    return soakbook.parse_args(
+        argv, __doc__ or "", "python -m bench.soak", messages=20000, concurrency=8,
+        more=lambda parser: parser.add_argument("--backend", choices=("yaml", "ldap"),
+                                                default="yaml"))
 
 
 def main(argv: list[str] | None = None) -> int:

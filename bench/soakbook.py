@@ -7,13 +7,15 @@ those in doubt (the session broke after the end of DATA), the last answer of eve
 one, and returns the numbers to send again (a temporary answer, a broken session, or what the
 caller's ``again`` says, e.g. the revoked key's refusals); any other answer is permanent.
 ``Book.ledger(seen, unsigned)`` compares the book with the sinks' census and gives the
-accounting's lines and whether a promise was broken.
+accounting's lines and whether a promise was broken. ``parse_args`` reads the options both
+soaks share, their help taken from the module's doc (its OPTIONS and REQUIREMENTS parts).
 """
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from testkit.loadgen import LoadResult
@@ -70,3 +72,30 @@ class Book:
         ]
         broken = bool(lost or duplicated or unexpected or unsigned or self.permanent)
         return lines, broken
+
+
+def parse_args(argv: Sequence[str] | None, doc: str, prog: str, messages: int,
+               concurrency: int,
+               more: Callable[[argparse.ArgumentParser], object] = lambda parser: None
+               ) -> argparse.Namespace:
+    """The options both soaks take (``messages`` and ``concurrency``: their defaults), and
+    ``more`` of the caller's; a non-positive count is one usage error."""
+    head, rest = doc.split("\nOPTIONS\n", 1)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=head.split("\n\n", 1)[1],
+        epilog="REQUIREMENTS\n" + rest.split("\nREQUIREMENTS\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    more(parser)
+    parser.add_argument("--messages", type=int, default=messages, metavar="N")
+    parser.add_argument("--concurrency", type=int, default=concurrency, metavar="C")
+    parser.add_argument("--size", type=int, default=2000, metavar="BYTES")
+    parser.add_argument("--faults-every", type=float, default=3.0, metavar="S")
+    parser.add_argument("--max-seconds", type=float, default=1800.0, metavar="S")
+    parser.add_argument("--fault-seconds", type=float, default=0.0, metavar="S")
+    parser.add_argument("--seed", type=int, metavar="N")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args(argv)
+    if args.messages < 1 or args.concurrency < 1 or args.size < 2 or args.faults_every <= 0:
+        parser.error("--messages, --concurrency and --faults-every must be positive, "
+                     "--size at least 2")
+    return args
