@@ -72,6 +72,7 @@ class Supervisor:
         self.pending: dict[int, float] = {}  # slot -> monotonic time to start it again
         self.pauses: dict[int, float] = {}  # slot -> the next pause after a quick death
         self.stopping = False
+        self.retiring: set[int] = set()  # pids told to stop by replace_all: not restarted
         # SIGHUPs passed so far, in memory shared with the workers: a worker started after
         # one (or that got it before it could handle it) reloads once it can
         self._hups = mmap.mmap(-1, 8)
@@ -123,6 +124,18 @@ class Supervisor:
         self.log.info("SIGHUP: passing it to %d workers", len(self.workers))
         self.signal_all(signal.SIGHUP)
 
+    def replace_all(self) -> None:
+        """Start a new worker for each running one, then stop the old one gracefully."""
+        for old in list(self.workers.values()):
+            if old.pid in self.retiring:
+                continue
+            self.start(old.slot)
+            self.retiring.add(old.pid)
+            try:
+                os.kill(old.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
     def signal_all(self, signo: int) -> None:
         for pid in list(self.workers):
             try:
@@ -143,6 +156,10 @@ class Supervisor:
             if worker is None:
                 continue  # a child of something else in this process (accessible_as)
             how = _describe(status)
+            if pid in self.retiring:
+                self.retiring.discard(pid)
+                self.log.info("worker %d (pid %d), replaced, %s", worker.slot, pid, how)
+                continue
             if self.stopping:
                 self.log.info("worker %d (pid %d) %s", worker.slot, pid, how)
                 continue

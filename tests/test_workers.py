@@ -6,19 +6,27 @@ depends on how the kernel spreads connections."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from test_dkimsign import make_selectors
+from test_milter_daemon import MILTER, write_config
 
 from keyrelay import admin
-from testkit.net import wait_until
+from keyrelay.directory.yamlfile import render
+from testkit.factories import CREATED, NOW, World
+from testkit.net import free_port, wait_until
 from testkit.policyd import POLICYD, Policyd, add_key, add_verified_domain, fresh_address, now
 from testkit.protocols import DovecotClient, PolicyClient, connect
 from testkit.redis import RedisServer, redis_server
@@ -84,9 +92,13 @@ def policyd(tmp_path: Path, redis: RedisServer) -> Iterator[Callable[..., Policy
         made.append(daemon)
         populate(daemon)
         daemon.start()
-        wait_until(lambda: len(children(daemon.pid)) == (workers if isinstance(workers, int)
-                                                          else len(os.sched_getaffinity(0))),
-                   60, "every worker to start")
+        count = workers if isinstance(workers, int) else len(os.sched_getaffinity(0))
+
+        def all_ready() -> bool:  # each has its signal handlers once it says so
+            ready = {int(pid) for pid in re.findall(r"ready \(pid (\d+)\)", daemon.log())}
+            return len(ready & children(daemon.pid)) == count
+
+        wait_until(all_ready, 60, "every worker to be ready")
         return daemon
 
     yield make
@@ -229,7 +241,7 @@ def check_config(program: Path, tmp_path: Path, settings: dict[str, Any]) -> tup
 def test_bad_worker_counts_are_one_line_check_config_errors(
     tmp_path: Path, section: str, value: object,
 ) -> None:
-    program = POLICYD if section == "policyd" else POLICYD.with_name("keyrelay-milter")
+    program = POLICYD if section == "policyd" else MILTER
     status, stderr = check_config(program, tmp_path, {section: {"workers": value}})
     assert status == 1
     path = tmp_path / "keyrelay.yaml"
@@ -249,3 +261,208 @@ def test_several_policyd_workers_with_memory_counters_are_a_check_config_error(
     assert f"{tmp_path / 'keyrelay.yaml'}:2: policyd.workers: 4 workers with " in stderr
     assert "multiplying every rate limit, quota and lock-out threshold by 4" in stderr
     assert "use counters.backend redis" in stderr
+
+
+# -- the milter ------------------------------------------------------------------------------
+MILTER_GRACE = 2.0
+# libmilter notices a stop within 5 s, then the grace; the supervisor kills at grace + 10 s
+MILTER_STOP_DEADLINE = MILTER_GRACE + 10 + 30
+
+
+def milter_packet(command: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("!I", len(data) + 1) + command + data
+
+
+def negotiated(sock: socket.socket) -> bytes:
+    """One milter protocol round trip (SMFIC_OPTNEG, version 6): the milter's answer code.
+    Only a worker's libmilter answers it: the supervisor accepts nothing."""
+    sock.settimeout(30)
+    sock.sendall(milter_packet(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)))
+    head = b""
+    while len(head) < 5:
+        chunk = sock.recv(5 - len(head))
+        if not chunk:
+            raise ConnectionError("the milter closed the connection")
+        head += chunk
+    return head[4:5]
+
+
+class MilterDaemon:
+    def __init__(self, root: Path, listen: str, workers: int) -> None:
+        self.config = write_config(root, {"listen": listen, "workers": workers,
+                                          "shutdown_grace": MILTER_GRACE})
+        self.listen = listen
+        self.log = root / "milter.log"
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen([str(MILTER), "--config", str(self.config)],
+                                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.wait_ready(workers)
+
+    def wait_ready(self, workers: int, since: int = 0) -> set[int]:
+        """The pids of ``workers`` workers that logged "ready" (after log offset ``since``)."""
+        ready: set[int] = set()
+
+        def all_ready() -> bool:
+            assert self.process.poll() is None, self.text()
+            ready.clear()
+            ready.update(int(pid) for pid in re.findall(r"ready on .* \(pid (\d+)\)",
+                                                          self.text()[since:]))
+            return len(ready & children(self.process.pid)) == workers
+
+        wait_until(all_ready, 60, f"{workers} milter workers to be ready")
+        return ready & children(self.process.pid)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def connect(self) -> socket.socket:
+        if self.listen.startswith("unix:"):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(self.listen[5:])
+            return sock
+        host, _, port = self.listen[5:].rpartition(":")
+        return socket.create_connection((host, int(port)), timeout=30)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=MILTER_STOP_DEADLINE)
+
+
+@pytest.fixture
+def milter(tmp_path: Path) -> Iterator[Callable[..., MilterDaemon]]:
+    """keyrelay-milter with one verified signing domain (as tests/test_milter_daemon.py's)."""
+    world = World()
+    world.account("acme")
+    world.key("acme")
+    selectors = make_selectors(tmp_path / "dkim", "acme.example")
+    admin.add_domain(world.data, "acme", "acme.example", selectors, CREATED)
+    admin.mark_verified(world.data, "acme.example", NOW - timedelta(days=1))
+    (tmp_path / "directory.yaml").write_text(render(world.data))
+    made: list[MilterDaemon] = []
+
+    def make(workers: int = 2, unix: bool = False) -> MilterDaemon:
+        listen = (f"unix:{tmp_path / 'milter.sock'}" if unix
+                  else f"inet:127.0.0.1:{free_port()}")
+        daemon = MilterDaemon(tmp_path, listen, workers)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        if daemon.process.poll() is None:
+            for pid in children(daemon.process.pid):
+                os.kill(pid, signal.SIGCONT)
+            assert daemon.stop() == 0, daemon.text()[-3000:]
+        assert "Traceback" not in daemon.text(), daemon.text()[-3000:]
+
+
+def holder(sock: socket.socket, pids: set[int]) -> int:
+    """Which of ``pids`` holds the milter's end of TCP connection ``sock`` (/proc/net/tcp
+    names the socket by inode; /proc/PID/fd shows who has that inode)."""
+    mine = sock.getsockname()[1]
+    theirs = sock.getpeername()[1]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(fields[i].rsplit(":", 1)[1], 16) for i in (1, 2))
+        if local == theirs and remote == mine:
+            inode = fields[9]
+    assert inode is not None
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+    raise AssertionError(f"no worker of {pids} holds socket {inode}")
+
+
+@pytest.mark.slow
+def test_two_concurrent_milter_sessions_are_served_by_two_worker_processes(
+    milter: Callable[..., MilterDaemon],
+) -> None:
+    daemon = milter(workers=2)
+    workers = children(daemon.process.pid)
+    first = daemon.connect()
+    assert negotiated(first) == b"O"
+    first_pid = holder(first, workers)
+    stopped(first_pid)  # held: the second session can only be the other worker's
+    try:
+        second = daemon.connect()
+        assert negotiated(second) == b"O"
+        assert holder(second, workers) == (workers - {first_pid}).pop()
+    finally:
+        os.kill(first_pid, signal.SIGCONT)
+    first.close()
+    second.close()
+
+
+@pytest.mark.slow
+def test_a_killed_milter_worker_is_replaced_and_the_socket_stays(
+    milter: Callable[..., MilterDaemon],
+) -> None:
+    daemon = milter(workers=2, unix=True)
+    path = Path(daemon.listen[5:])
+    inode = path.stat().st_ino
+    victim, survivor = sorted(children(daemon.process.pid))
+    mark = len(daemon.text())
+    os.kill(victim, signal.SIGKILL)
+    (replacement,) = daemon.wait_ready(1, since=mark)
+    assert replacement not in (victim, survivor)
+    assert re.search(rf"worker \d \(pid {victim}\) killed by SIGKILL .*starting a new one",
+                     daemon.text())
+    stopped(survivor)  # only the new worker can answer now
+    try:
+        with daemon.connect() as sock:
+            assert negotiated(sock) == b"O"
+    finally:
+        os.kill(survivor, signal.SIGCONT)
+    assert path.stat().st_ino == inode
+
+
+@pytest.mark.slow
+def test_sighup_replaces_every_milter_worker_and_keeps_the_socket(
+    milter: Callable[..., MilterDaemon],
+) -> None:
+    daemon = milter(workers=2, unix=True)
+    path = Path(daemon.listen[5:])
+    inode = path.stat().st_ino
+    old = children(daemon.process.pid)
+    mark = len(daemon.text())
+    daemon.process.send_signal(signal.SIGHUP)
+    new = daemon.wait_ready(2, since=mark)
+    assert not new & old
+    # the old workers stop gracefully (libmilter's clean-up runs in them) ...
+    wait_until(lambda: all(gone(pid) for pid in old), MILTER_STOP_DEADLINE,
+               "the replaced workers to stop")
+    text = daemon.text()[mark:]
+    assert "SIGHUP: configuration reloaded from" in text
+    for pid in old:
+        assert re.search(rf"worker \d \(pid {pid}\), replaced, exited with status 0", text)
+    # ... and the socket they leave is still the one every new worker accepts on
+    assert path.stat().st_ino == inode
+    for held in new:
+        stopped(held)
+        try:
+            with daemon.connect() as sock:
+                assert negotiated(sock) == b"O"
+        finally:
+            os.kill(held, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_milter_worker_and_the_supervisor_within_the_grace(
+    milter: Callable[..., MilterDaemon],
+) -> None:
+    daemon = milter(workers=2, unix=True)
+    workers = children(daemon.process.pid)
+    idle = daemon.connect()
+    assert negotiated(idle) == b"O"
+    assert daemon.stop() == 0  # waits at most MILTER_STOP_DEADLINE
+    assert all(gone(pid) for pid in workers)
+    text = daemon.text()
+    assert "still running" not in text
+    for pid in workers:
+        assert re.search(rf"keyrelay-milter worker \d stopped \(pid {pid}\)", text)
+    assert not Path(daemon.listen[5:]).exists()
+    idle.close()
