@@ -47,7 +47,7 @@ services (endpoints in the policyd section of the configuration):
   socketmap  smtpd_sender_login_maps = socketmap:unix:private/keyrelay-socketmap:sender_login
   control    keyrelay lockout list|clear (policyd.control_listen, for root only by default)
 
-signals:
+signals (with policyd.workers above 1, to the supervisor, which passes them to every worker):
   SIGHUP   reload the configuration (listen endpoints need a restart)
   SIGTERM  stop accepting, let requests in progress finish, write keys' last-used times, exit
 
