@@ -49,7 +49,8 @@ answers:
   550 5.7.1 (or 554 5.7.1)  From:/Sender: not the principal's, no From:, several From: ...
   451 4.3.0                 directory or DKIM key unavailable, internal error: retry later
 
-signals (with milter.workers above 1, to the supervisor, which passes them on):
+signals:
+  (with milter.workers above 1 they go to the supervisor, which passes them on)
   SIGTERM, SIGINT  stop accepting connections, let messages in progress finish
                    (milter.shutdown_grace), exit
   SIGHUP           workers above 1: reload the configuration, replacing every worker;

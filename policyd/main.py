@@ -47,7 +47,8 @@ services (endpoints in the policyd section of the configuration):
   socketmap  smtpd_sender_login_maps = socketmap:unix:private/keyrelay-socketmap:sender_login
   control    keyrelay lockout list|clear (policyd.control_listen, for root only by default)
 
-signals (with policyd.workers above 1, to the supervisor, which passes them to every worker):
+signals:
+  (with policyd.workers above 1 they go to the supervisor, which passes them to every worker)
   SIGHUP   reload the configuration (listen endpoints need a restart)
   SIGTERM  stop accepting, let requests in progress finish, write keys' last-used times, exit
 
@@ -295,14 +296,27 @@ async def adopt(listener: server.Listener, sock: socket.socket) -> None:
 
 
 def worker_count(config: Config) -> int:
-    """How many workers policyd.workers gives: with the memory backend, always one."""
-    setting = config.policyd.workers
-    if config.counters.backend == "memory":  # a number above 1 is a config error
+    """How many workers policyd.workers gives. Never more than one where that would multiply
+    limits without the admin asking: with the memory backend always one (a number above 1
+    is a config error), with Redis and on_unavailable local one for ``auto``."""
+    setting, counters = config.policyd.workers, config.counters
+    if counters.backend == "memory":
         if setting == 0 and supervisor.cpus() > 1:
             log.info("policyd.workers: auto gives 1 worker: counters.backend is memory, whose "
                      "counts live in one process; use counters.backend redis to run one per "
                      "CPU (docs/policyd.md, \"Worker processes\")")
         return 1
+    if counters.on_unavailable == "local":
+        if setting == 0:
+            if supervisor.cpus() > 1:
+                log.info("policyd.workers: auto gives 1 worker: with counters.on_unavailable "
+                         "local each process counts alone while Redis is away; set a number "
+                         "to run several anyway (docs/policyd.md, \"Worker processes\")")
+            return 1
+        if setting > 1:
+            log.warning("policyd.workers %d with counters.on_unavailable local: while Redis is "
+                        "away each worker counts alone, so this node allows up to %d times "
+                        "a limit or quota meanwhile", setting, setting)
     return supervisor.worker_count(setting)
 
 

@@ -227,6 +227,25 @@ def test_memory_counters_keep_policyd_to_one_process(tmp_path: Path) -> None:
         assert daemon.stop(timeout=STOP_DEADLINE) == 0
 
 
+def test_auto_is_one_worker_where_redis_away_would_mean_counting_per_process(
+    tmp_path: Path, redis: RedisServer,
+) -> None:
+    daemon = Policyd(tmp_path / "p", {
+        "counters": redis.counters_settings(on_unavailable="local"),
+        "policyd": {"shutdown_grace": GRACE},  # workers: auto
+    })
+    populate(daemon)
+    daemon.start()
+    try:
+        client, pid = served_by(daemon)
+        client.close()
+        assert pid == daemon.pid and not children(daemon.pid)
+        if len(os.sched_getaffinity(0)) > 1:
+            assert "auto gives 1 worker: with counters.on_unavailable local" in daemon.log()
+    finally:
+        assert daemon.stop(timeout=STOP_DEADLINE) == 0
+
+
 # -- --check-config ----------------------------------------------------------------------------
 def check_config(program: Path, tmp_path: Path, settings: dict[str, Any]) -> tuple[int, str]:
     path = tmp_path / "keyrelay.yaml"
