@@ -10,6 +10,7 @@ import logging
 import os
 import pwd
 import re
+import socket
 import stat
 import sys
 import textwrap
@@ -180,7 +181,6 @@ def bind(config: Config, shared: bool) -> str | None:
     if path is not None:
         # libmilter's own removal would take the socket from under a running milter
         daemon.remove_stale_socket(path)
-    before = set(os.listdir("/proc/self/fd"))
     if shared and path is not None:
         os.chdir(os.path.dirname(path))
         try:
@@ -192,10 +192,7 @@ def bind(config: Config, shared: bool) -> str | None:
         Milter.setconn(endpoint)
         Milter.opensocket(False)  # bind now, as root if started so; raises Milter.error
     if shared:
-        for fd in set(os.listdir("/proc/self/fd")) - before:
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.fstat(int(fd)).st_mode):
-                    os.set_blocking(int(fd), False)
+        _listening_socket_nonblocking()
     if path is not None:
         os.chmod(path, int(cfg.socket_mode, 8))
         if os.geteuid() == 0:
@@ -203,6 +200,22 @@ def bind(config: Config, shared: bool) -> str | None:
             assert owner is not None
             os.chown(path, *owner)
     return path
+
+
+def _listening_socket_nonblocking() -> None:
+    """Make libmilter's listening socket (the one socket of this process that listens: it
+    does not say which descriptor it is) non-blocking, for every process that shares it."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        with contextlib.suppress(OSError):
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            probe = socket.socket(fileno=os.dup(fd))
+            try:
+                if probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    os.set_blocking(fd, False)
+            finally:
+                probe.close()
 
 
 def serve_workers(config: Config, config_path: str, count: int) -> None:

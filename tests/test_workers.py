@@ -82,11 +82,12 @@ def redis() -> Iterator[RedisServer]:
 @pytest.fixture
 def policyd(tmp_path: Path, redis: RedisServer) -> Iterator[Callable[..., Policyd]]:
     """A policyd with counters in Redis and two workers (account acme, key ``acme``)."""
+    redis.flush()  # the server is the module's: no counts from an earlier test
     made: list[Policyd] = []
 
     def make(workers: int | str = 2, **policyd: Any) -> Policyd:
         daemon = Policyd(tmp_path / f"p{len(made)}", {
-            "counters": redis.counters_settings(prefix=f"w{len(made)}{os.getpid()}:"),
+            "counters": redis.counters_settings(),
             "policyd": {"workers": workers, "shutdown_grace": GRACE, **policyd},
         })
         made.append(daemon)
@@ -108,6 +109,8 @@ def policyd(tmp_path: Path, redis: RedisServer) -> Iterator[Callable[..., Policy
         if daemon.running():
             assert daemon.stop(timeout=STOP_DEADLINE) == 0, daemon.log()[-3000:]
         assert not daemon.tracebacks(), daemon.tracebacks()
+        # every worker counted in Redis, none fell back to counting alone
+        assert "keyrelay.counters" not in daemon.log(), daemon.log()[-3000:]
 
 
 def populate(daemon: Policyd) -> None:
@@ -147,6 +150,36 @@ def test_two_concurrent_auth_sessions_are_served_by_two_worker_processes(
     assert logs_in(daemon, first)  # both sessions open at once, each in its own process
     first.close()
     second.close()
+
+
+def test_workers_share_the_counters_a_lock_out_earned_through_one_holds_at_the_other(
+    policyd: Callable[..., Policyd],
+) -> None:
+    daemon = policyd(workers=2, bruteforce={"max_failures_per_key": 3})
+    one, two = sorted(children(daemon.pid))
+    key = daemon.keys["acme"]
+    head, secret = key.text.rsplit(".", 1)
+    wrong = f"{head}.{'A' if secret[0] != 'A' else 'B'}{secret[1:]}"
+
+    def through(worker: int, password: str) -> str:
+        client, pid = served_by(daemon)
+        with client:
+            assert pid == worker
+            reply = client.plain("apikey", password, rip=fresh_address())
+        return reply.status if reply.status == "OK" else reply.reason
+
+    stopped(two)  # three wrong secrets, each from a new address, all through worker one
+    try:
+        for _ in range(3):
+            assert through(one, wrong).startswith("unknown API key")
+    finally:
+        os.kill(two, signal.SIGCONT)
+    stopped(one)  # the right secret, through worker two, which saw none of them
+    try:
+        assert through(two, key.text).startswith(
+            f"too many failed logins for API key {key.key_id}")
+    finally:
+        os.kill(one, signal.SIGCONT)
 
 
 def test_a_killed_worker_is_replaced_and_the_service_answers_throughout(
@@ -396,6 +429,20 @@ def holder(sock: socket.socket, pids: set[int]) -> int:
     raise AssertionError(f"no worker of {pids} holds socket {inode}")
 
 
+def listening_flags(pid: int, name: str) -> int:
+    """The file status flags with which ``pid`` holds the listening unix socket bound as
+    ``name`` (/proc/net/unix: flag 00010000 is a listening socket)."""
+    inodes = {fields[6] for fields in (line.split() for line in
+                                       Path("/proc/net/unix").read_text().splitlines()[1:])
+              if len(fields) > 7 and fields[3] == "00010000" and fields[7].endswith(name)}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
+                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                return int(info.split("flags:")[1].split()[0], 8)
+    raise AssertionError(f"pid {pid} holds no listening socket {name}")
+
+
 @pytest.mark.slow
 def test_two_concurrent_milter_sessions_are_served_by_two_worker_processes(
     milter: Callable[..., MilterDaemon],
@@ -475,8 +522,13 @@ def test_sigterm_stops_every_milter_worker_and_the_supervisor_within_the_grace(
 ) -> None:
     daemon = milter(workers=2, unix=True)
     workers = children(daemon.process.pid)
-    idle = daemon.connect()
-    assert negotiated(idle) == b"O"
+    # sessions left open; each connection wakes every worker, and the ones that lose the
+    # race for it must not be left blocking in accept() (the socket is non-blocking)
+    idle = [daemon.connect() for _ in range(6)]
+    for sock in idle:
+        assert negotiated(sock) == b"O"
+    for pid in workers:
+        assert listening_flags(pid, Path(daemon.listen[5:]).name) & os.O_NONBLOCK
     assert daemon.stop() == 0  # waits at most MILTER_STOP_DEADLINE
     assert all(gone(pid) for pid in workers)
     text = daemon.text()
@@ -484,4 +536,5 @@ def test_sigterm_stops_every_milter_worker_and_the_supervisor_within_the_grace(
     for pid in workers:
         assert re.search(rf"keyrelay-milter worker \d stopped \(pid {pid}\)", text)
     assert not Path(daemon.listen[5:]).exists()
-    idle.close()
+    for sock in idle:
+        sock.close()
