@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from test_dkimsign import make_selectors
-from test_milter_daemon import MILTER, write_config
+from test_milter_daemon import MILTER, directory_for_everyone, write_config
 
 from keyrelay import admin
 from keyrelay.directory.yamlfile import render
@@ -340,9 +342,12 @@ def negotiated(sock: socket.socket) -> bytes:
 
 
 class MilterDaemon:
-    def __init__(self, root: Path, listen: str, workers: int) -> None:
+    def __init__(self, root: Path, listen: str, workers: int,
+                 prepare: Callable[[Path], Path] | None = None, **milter: object) -> None:
         self.config = write_config(root, {"listen": listen, "workers": workers,
-                                          "shutdown_grace": MILTER_GRACE})
+                                          "shutdown_grace": MILTER_GRACE, **milter})
+        if prepare is not None:  # the configuration file to start with
+            self.config = prepare(self.config)
         self.listen = listen
         self.log = root / "milter.log"
         with self.log.open("ab") as log:
@@ -393,10 +398,11 @@ def milter(tmp_path: Path) -> Iterator[Callable[..., MilterDaemon]]:
     (tmp_path / "directory.yaml").write_text(render(world.data))
     made: list[MilterDaemon] = []
 
-    def make(workers: int = 2, unix: bool = False) -> MilterDaemon:
-        listen = (f"unix:{tmp_path / 'milter.sock'}" if unix
-                  else f"inet:127.0.0.1:{free_port()}")
-        daemon = MilterDaemon(tmp_path, listen, workers)
+    def make(workers: int = 2, unix: bool = False, listen: str = "",
+             prepare: Callable[[Path], Path] | None = None, **settings: object) -> MilterDaemon:
+        listen = listen or (f"unix:{tmp_path / 'milter.sock'}" if unix
+                            else f"inet:127.0.0.1:{free_port()}")
+        daemon = MilterDaemon(tmp_path, listen, workers, prepare, **settings)
         made.append(daemon)
         return daemon
 
@@ -538,3 +544,44 @@ def test_sigterm_stops_every_milter_worker_and_the_supervisor_within_the_grace(
     assert not Path(daemon.listen[5:]).exists()
     for sock in idle:
         sock.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as another user needs root")
+def test_unprivileged_milter_workers_that_stop_leave_the_socket_to_the_others(
+    milter: Callable[..., MilterDaemon], request: pytest.FixtureRequest,
+) -> None:
+    """libmilter removes its socket's path when a milter that is not root stops: replaced
+    workers (SIGHUP) must not take it from the workers still serving. The socket's folder
+    is nobody's here, so a removal would succeed."""
+    folder = Path(tempfile.mkdtemp(prefix="kr-msock-"))
+    request.addfinalizer(lambda: shutil.rmtree(folder, ignore_errors=True))
+    os.chown(folder, 65534, 65534)
+    folder.chmod(0o755)
+
+    def readable(config: Path) -> Path:
+        """The configuration where nobody reads it too (the supervisor does at SIGHUP)."""
+        directory_for_everyone(config, request)
+        copy = folder / "keyrelay.yaml"
+        shutil.copyfile(config, copy)
+        copy.chmod(0o644)
+        return copy
+
+    daemon = milter(workers=2, listen=f"unix:{folder / 'milter.sock'}", user="nobody",
+                    prepare=readable)
+    path = folder / "milter.sock"
+    inode = path.stat().st_ino
+    old = children(daemon.process.pid)
+    mark = len(daemon.text())
+    daemon.process.send_signal(signal.SIGHUP)
+    new = daemon.wait_ready(2, since=mark)
+    wait_until(lambda: all(gone(pid) for pid in old), MILTER_STOP_DEADLINE,
+               "the replaced workers to stop")
+    assert path.stat().st_ino == inode
+    for held in new:  # each new worker serves on it
+        stopped(held)
+        try:
+            with daemon.connect() as sock:
+                assert negotiated(sock) == b"O"
+        finally:
+            os.kill(held, signal.SIGCONT)
