@@ -7,16 +7,18 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import io
 import logging
 import os
 import resource
+import select
 import signal
 import socket
 import sys
 import textwrap
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from keyrelay import __version__, daemon, logs, supervisor
 from keyrelay.config import Config, load_config, resolve_config_path
@@ -118,8 +120,13 @@ class Daemon:
         # Decision lines are buffered and flushed once per event-loop iteration. Policy
         # requests may carry undecodable bytes (kept as surrogates): escape them as stderr
         # does, never fail on them.
-        self.log_stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1 << 16,
-                                    errors="backslashreplace")
+        if inherited is None:
+            self.log_stream: TextIO = os.fdopen(os.dup(sys.stderr.fileno()), "w",
+                                                buffering=1 << 16, errors="backslashreplace")
+        else:  # workers share stderr: whole lines per write, never torn by another's
+            self.log_stream = io.TextIOWrapper(
+                io.BufferedWriter(LineWriter(os.dup(sys.stderr.fileno())), 1 << 16),
+                errors="backslashreplace")
         # the counter store: opened once, kept across SIGHUPs, closed at stop
         self.context = ServiceContext(config, open_directory(config), self.decision_log(config),
                                       counters=counters)
@@ -293,6 +300,40 @@ async def adopt(listener: server.Listener, sock: socket.socket) -> None:
     else:
         listener.server = await loop.create_server(lambda: listener.factory(listener),
                                                    sock=sock)
+
+
+class LineWriter(io.RawIOBase):
+    """Writes to ``fd`` in pieces of whole lines of at most PIPE_BUF bytes: the kernel writes
+    each at once (a pipe; journald's stream socket), so the decision lines of workers sharing
+    stderr never tear each other's. A longer line goes alone."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        start = 0
+        while start < len(view):
+            end = min(start + select.PIPE_BUF, len(view))
+            if end < len(view):
+                cut = bytes(view[start:end]).rfind(b"\n")
+                end = start + cut + 1 if cut >= 0 else end
+            written = start
+            while written < end:
+                written += os.write(self.fd, view[written:end])
+            start = end
+        return len(view)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
 
 
 def worker_count(config: Config) -> int:

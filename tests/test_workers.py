@@ -7,8 +7,10 @@ depends on how the kernel spreads connections."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -27,6 +29,7 @@ from test_milter_daemon import MILTER, directory_for_everyone, write_config
 
 from keyrelay import admin
 from keyrelay.directory.yamlfile import render
+from policyd.main import LineWriter
 from testkit.factories import CREATED, NOW, World
 from testkit.net import free_port, wait_until
 from testkit.policyd import POLICYD, Policyd, add_key, add_verified_domain, fresh_address, now
@@ -585,3 +588,20 @@ def test_unprivileged_milter_workers_that_stop_leave_the_socket_to_the_others(
                 assert negotiated(sock) == b"O"
         finally:
             os.kill(held, signal.SIGCONT)
+
+
+def test_policyd_workers_write_their_log_in_whole_lines_no_longer_than_pipe_buf() -> None:
+    """Workers share stderr: a write of whole lines up to PIPE_BUF bytes is never torn by
+    another's (a seqpacket socket keeps each write() apart, to look at them one by one)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stream = io.TextIOWrapper(io.BufferedWriter(LineWriter(os.dup(ours.fileno())), 1 << 16))
+    lines = [f"decision {i} " + "x" * (i % 300) + "\n" for i in range(400)]
+    stream.write("".join(lines))
+    stream.close()
+    ours.close()
+    writes = []
+    while chunk := theirs.recv(1 << 20):
+        writes.append(chunk)
+    assert b"".join(writes).decode() == "".join(lines)
+    assert len(writes) > 1
+    assert all(w.endswith(b"\n") and len(w) <= select.PIPE_BUF for w in writes)
