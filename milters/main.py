@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import pwd
 import re
+import socket
 import stat
 import sys
 import textwrap
 import time
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 import Milter
 
-from keyrelay import __version__, daemon, logs
+from keyrelay import __version__, daemon, logs, supervisor
 from keyrelay.config import Config, load_config, resolve_config_path
 from keyrelay.directory import Directory, open_directory
 from keyrelay.errors import ConfigError, DirectoryUnavailable
@@ -48,8 +51,11 @@ answers:
   451 4.3.0                 directory or DKIM key unavailable, internal error: retry later
 
 signals:
+  (with milter.workers above 1 they go to the supervisor, which passes them on)
   SIGTERM, SIGINT  stop accepting connections, let messages in progress finish
-                   (milter.shutdown_grace), exit; SIGHUP does the same (libmilter)
+                   (milter.shutdown_grace), exit
+  SIGHUP           workers above 1: reload the configuration, replacing every worker;
+                   workers 1: the same as SIGTERM (libmilter)
 
 files:
   /etc/keyrelay/keyrelay.yaml   configuration (--config, or $KEYRELAY_CONFIG); section milter
@@ -137,27 +143,126 @@ def load_keys(snapshot: Directory, keys: KeyStore, reader: str = "") -> tuple[in
     return loaded, problems
 
 
-def serve(config: Config) -> None:
-    cfg = config.milter
+def serve(config: Config, config_path: str) -> None:
+    count = supervisor.worker_count(config.milter.workers)
+    if count > 1:
+        serve_workers(config, config_path, count)
+        return
+    service, stream = open_service(config)
+    bind(config, shared=False)
+    daemon.drop_privileges(config.milter.user, log, "milter.user")
+    run_milter(config, service, stream)
+
+
+def open_service(config: Config) -> tuple[MilterService, TextIO]:
     stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", errors="backslashreplace")
     service = MilterService(config, open_directory(config), DecisionLog(config.logging, stream))
     # pymilter creates one object per connection with an argument-less factory
     Milter.factory = functools.partial(KeyrelayMilter, service)
+    return service, stream
+
+
+def bind(config: Config, shared: bool) -> str | None:
+    """Register with libmilter and bind milter.listen (as root if started so); the unix
+    socket's path, if it is one.
+
+    ``shared``: workers forked afterwards accept on this socket (libmilter keeps the bound
+    socket and does not bind again). Then the socket is non-blocking, so that a worker that
+    lost the race for a connection gets EAGAIN (libmilter waits again) instead of blocking in
+    accept() past a stop request; and a unix socket is bound by its name relative to its
+    folder: a worker that stops runs libmilter's clean-up, which unlinks the socket's path
+    when not root, and must not take the socket from the workers still serving. Workers run
+    in /, where that relative name is nothing; the supervisor removes the socket at the end.
+    """
+    cfg = config.milter
     _register()
     endpoint = libmilter_endpoint(cfg.listen)
-    Milter.setconn(endpoint)
     path = socket_path(endpoint)
     if path is not None:
         # libmilter's own removal would take the socket from under a running milter
         daemon.remove_stale_socket(path)
-    Milter.opensocket(False)  # bind now, as root if started so; raises Milter.error
+    if shared and path is not None:
+        os.chdir(os.path.dirname(path))
+        try:
+            Milter.setconn("unix:" + os.path.basename(path))
+            Milter.opensocket(False)
+        finally:
+            os.chdir("/")
+    else:
+        Milter.setconn(endpoint)
+        Milter.opensocket(False)  # bind now, as root if started so; raises Milter.error
+    if shared:
+        _listening_socket_nonblocking()
     if path is not None:
         os.chmod(path, int(cfg.socket_mode, 8))
         if os.geteuid() == 0:
             owner = daemon.socket_owner(cfg.user, cfg.socket_group)
             assert owner is not None
             os.chown(path, *owner)
-    daemon.drop_privileges(cfg.user, log, "milter.user")
+    return path
+
+
+def _listening_socket_nonblocking() -> None:
+    """Make libmilter's listening socket (the one socket of this process that listens: it
+    does not say which descriptor it is) non-blocking, for every process that shares it."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        with contextlib.suppress(OSError):
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            probe = socket.socket(fileno=os.dup(fd))
+            try:
+                if probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    os.set_blocking(fd, False)
+            finally:
+                probe.close()
+
+
+def serve_workers(config: Config, config_path: str, count: int) -> None:
+    """Bind once, drop root, and supervise ``count`` workers accepting on the socket. A
+    SIGHUP reloads the configuration and replaces every worker by one that runs it (a
+    worker's libmilter cannot reload in place), the old ones finishing their messages."""
+    path = bind(config, shared=True)
+    daemon.drop_privileges(config.milter.user, log, "milter.user")
+    current = [config]
+
+    def work(slot: int) -> int:
+        logs.configure(current[0].logging)
+        service, stream = open_service(current[0])
+        run_milter(current[0], service, stream)
+        log.info("%s worker %d stopped (pid %d)", PROG, slot, os.getpid())
+        return 0
+
+    def reload(workers: supervisor.Supervisor) -> None:
+        try:
+            new = load_config(config_path)
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
+            return
+        fixed = {name: getattr(config.milter, name)
+                 for name in ("listen", "socket_mode", "socket_group", "user", "workers")}
+        for name, value in fixed.items():
+            if getattr(new.milter, name) != value:
+                log.warning("SIGHUP: milter.%s changed; it takes effect after a restart", name)
+        current[0] = dataclasses.replace(new, milter=dataclasses.replace(new.milter, **fixed))
+        logs.configure(current[0].logging)
+        log.info("SIGHUP: configuration reloaded from %s; replacing %d workers",
+                 config_path, len(workers.workers))
+        workers.replace_all()
+
+    # a worker stops accepting within libmilter's 5 s poll, then finishes within the grace
+    supervisor.Supervisor(PROG, count, work, config.milter.shutdown_grace + 10, log,
+                          on_hup=reload).run()
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError as exc:  # after dropping root: Postfix's private/ is not ours
+            log.info("leaving socket %s in place: %s", path, exc.strerror or exc)
+
+
+def run_milter(config: Config, service: MilterService, stream: TextIO) -> None:
+    """Serve (libmilter's loop) until a stop signal, then let messages in progress finish."""
+    cfg = config.milter
     try:
         loaded, problems = load_keys(service.directory.snapshot(), service.keys)
     except DirectoryUnavailable as exc:
@@ -223,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
             {PROG}: {loaded} DKIM keys load, {len(problems)} do not"""))
         return
     try:
-        serve(config)
+        serve(config, path)
     except (OSError, Milter.error) as exc:
         # libmilter says why only to syslog: in use, no permission, no such folder or host
         fail(f"cannot start on {config.milter.listen}: {exc} (address in use, or the socket's "

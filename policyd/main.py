@@ -7,17 +7,20 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import io
 import logging
 import os
 import resource
+import select
 import signal
+import socket
 import sys
 import textwrap
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
-from keyrelay import __version__, daemon, logs
+from keyrelay import __version__, daemon, logs, supervisor
 from keyrelay.config import Config, load_config, resolve_config_path
 from keyrelay.counters import CounterStore, CountersUnavailable, check_counters, open_counters
 from keyrelay.directory import open_directory
@@ -47,6 +50,7 @@ services (endpoints in the policyd section of the configuration):
   control    keyrelay lockout list|clear (policyd.control_listen, for root only by default)
 
 signals:
+  (with policyd.workers above 1 they go to the supervisor, which passes them to every worker)
   SIGHUP   reload the configuration (listen endpoints need a restart)
   SIGTERM  stop accepting, let requests in progress finish, write keys' last-used times, exit
 
@@ -104,13 +108,25 @@ def check(config: Config) -> None:
 
 
 class Daemon:
-    def __init__(self, config_path: str, config: Config, counters: CounterStore) -> None:
+    def __init__(self, config_path: str, config: Config, counters: CounterStore,
+                 inherited: dict[str, socket.socket] | None = None,
+                 reload_at_start: Callable[[], bool] | None = None) -> None:
         self.config_path = config_path
+        # a worker: whether a SIGHUP came before it could handle one (keyrelay/supervisor.py)
+        self.reload_at_start = reload_at_start
+        # a worker's listening sockets, bound by the supervisor (by listener name); None:
+        # this process binds them itself (policyd.workers 1)
+        self.inherited = inherited
         # Decision lines are buffered and flushed once per event-loop iteration. Policy
         # requests may carry undecodable bytes (kept as surrogates): escape them as stderr
         # does, never fail on them.
-        self.log_stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1 << 16,
-                                    errors="backslashreplace")
+        if inherited is None:
+            self.log_stream: TextIO = os.fdopen(os.dup(sys.stderr.fileno()), "w",
+                                                buffering=1 << 16, errors="backslashreplace")
+        else:  # workers share stderr: whole lines per write, never torn by another's
+            self.log_stream = io.TextIOWrapper(
+                io.BufferedWriter(LineWriter(os.dup(sys.stderr.fileno())), 1 << 16),
+                errors="backslashreplace")
         # the counter store: opened once, kept across SIGHUPs, closed at stop
         self.context = ServiceContext(config, open_directory(config), self.decision_log(config),
                                       counters=counters)
@@ -132,7 +148,9 @@ class Daemon:
         cfg = self.context.config.policyd
         owner = daemon.socket_owner(cfg.user, cfg.socket_group)
         for listener in self.listeners:
-            if listener is self.control:
+            if self.inherited is not None:
+                await adopt(listener, self.inherited[listener.name])
+            elif listener is self.control:
                 await self.start_control(listener)
             else:
                 await listener.start(owner, int(cfg.socket_mode, 8))
@@ -141,6 +159,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.reload_at_start is not None and self.reload_at_start():
+            self.reload()
         tasks = [asyncio.create_task(self.every(1.0, self.sweep)),
                  asyncio.create_task(self.flush_loop())]
         log.info("keyrelay-policyd %s ready (pid %d)", __version__, os.getpid())
@@ -234,13 +254,16 @@ class Daemon:
                             "after a restart")
         for listener in self.listeners:
             listener.limits = config.policyd
-        log.info("SIGHUP: configuration reloaded from %s", self.config_path)
+        log.info("SIGHUP: configuration reloaded from %s (pid %d)", self.config_path, os.getpid())
 
     async def shutdown(self) -> None:
         """Stop accepting; close idle connections; give busy ones up to shutdown_grace."""
         log.info("stopping: no new connections; finishing requests in progress")
         for listener in self.listeners:
-            listener.stop_accepting()
+            if self.inherited is None:
+                listener.stop_accepting()
+            elif listener.server is not None:  # the supervisor removes the unix sockets
+                listener.server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.context.config.policyd.shutdown_grace
         while True:
@@ -260,10 +283,149 @@ class Daemon:
         await asyncio.sleep(0)  # let the transports close
 
 
-async def serve(path: str, config: Config, counters: CounterStore) -> None:
-    daemon = Daemon(path, config, counters)
+async def serve(path: str, config: Config, counters: CounterStore,
+                inherited: dict[str, socket.socket] | None = None,
+                reload_at_start: Callable[[], bool] | None = None) -> None:
+    daemon = Daemon(path, config, counters, inherited, reload_at_start)
     await daemon.run()
     daemon.context.decisions.flush()
+
+
+async def adopt(listener: server.Listener, sock: socket.socket) -> None:
+    """Serve ``listener`` on a socket the supervisor bound (a worker of policyd.workers)."""
+    loop = asyncio.get_running_loop()
+    if listener.endpoint.kind == "unix":
+        listener.server = await loop.create_unix_server(lambda: listener.factory(listener),
+                                                        sock=sock)
+    else:
+        listener.server = await loop.create_server(lambda: listener.factory(listener),
+                                                   sock=sock)
+
+
+class LineWriter(io.RawIOBase):
+    """Writes to ``fd`` in pieces of whole lines of at most PIPE_BUF bytes: the kernel writes
+    each at once (a pipe; journald's stream socket), so the decision lines of workers sharing
+    stderr never tear each other's. A longer line goes alone."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        start = 0
+        while start < len(view):
+            end = min(start + select.PIPE_BUF, len(view))
+            if end < len(view):
+                cut = bytes(view[start:end]).rfind(b"\n")
+                end = start + cut + 1 if cut >= 0 else end
+            written = start
+            while written < end:
+                written += os.write(self.fd, view[written:end])
+            start = end
+        return len(view)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+def worker_count(config: Config) -> int:
+    """How many workers policyd.workers gives. Never more than one where that would multiply
+    limits without the admin asking: with the memory backend always one (a number above 1
+    is a config error), with Redis and on_unavailable local one for ``auto``."""
+    setting, counters = config.policyd.workers, config.counters
+    if counters.backend == "memory":
+        if setting == 0 and supervisor.cpus() > 1:
+            log.info("policyd.workers: auto gives 1 worker: counters.backend is memory, whose "
+                     "counts live in one process; use counters.backend redis to run one per "
+                     "CPU (docs/policyd.md, \"Worker processes\")")
+        return 1
+    if counters.on_unavailable == "local":
+        if setting == 0:
+            if supervisor.cpus() > 1:
+                log.info("policyd.workers: auto gives 1 worker: with counters.on_unavailable "
+                         "local each process counts alone while Redis is away; set a number "
+                         "to run several anyway (docs/policyd.md, \"Worker processes\")")
+            return 1
+        if setting > 1:
+            log.warning("policyd.workers %d with counters.on_unavailable local: while Redis is "
+                        "away each worker counts alone, so this node allows up to %d times "
+                        "a limit or quota meanwhile", setting, setting)
+    return supervisor.worker_count(setting)
+
+
+def bind_all(config: Config) -> dict[str, socket.socket]:
+    """Bind every listening socket once, as the single process would (owner, mode, the
+    control socket's folder and umask); the workers inherit them."""
+    cfg = config.policyd
+    owner = daemon.socket_owner(cfg.user, cfg.socket_group)
+    endpoints = {"control": cfg.control_listen, "auth": cfg.auth_listen,
+                 "policy": cfg.policy_listen, "socketmap": cfg.socketmap_listen}
+    bound: dict[str, socket.socket] = {}
+    for name, text in endpoints.items():
+        if not text:
+            continue
+        endpoint = server.Endpoint.parse(text)
+        if endpoint.kind == "inet":
+            bound[name] = socket.create_server((endpoint.host, endpoint.port), backlog=1024,
+                                               family=socket.AF_INET6 if ":" in endpoint.host
+                                               else socket.AF_INET)
+        elif name == "control":
+            control_owner, mode = control.owner_and_mode(cfg)
+            folder = os.path.dirname(endpoint.path)
+            if os.path.lexists(folder) and not os.path.isdir(folder):
+                raise OSError(f"{folder} is not a folder")
+            os.makedirs(folder, mode=0o755, exist_ok=True)
+            old = os.umask(0o177)
+            try:
+                bound[name] = bind_unix(endpoint.path, control_owner, mode)
+            finally:
+                os.umask(old)
+        else:
+            bound[name] = bind_unix(endpoint.path, owner, int(cfg.socket_mode, 8))
+        log.info("%s service listening on %s", name, endpoint)
+    return bound
+
+
+def bind_unix(path: str, owner: tuple[int, int] | None, mode: int) -> socket.socket:
+    daemon.remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    if owner is not None:
+        os.chown(path, *owner)
+    os.chmod(path, mode)
+    sock.listen(1024)
+    return sock
+
+
+def serve_workers(path: str, config: Config, counters: CounterStore, count: int) -> None:
+    """Bind once, drop root, and supervise ``count`` workers serving on those sockets."""
+    bound = bind_all(config)
+    daemon.drop_privileges(config.policyd.user, log, "policyd.user")
+
+    def work(slot: int) -> int:
+        run(serve(path, config, counters, bound, lambda: workers.reloads() > 0))
+        log.info("keyrelay-policyd worker %d stopped (pid %d)", slot, os.getpid())
+        return 0
+
+    grace = config.policyd.shutdown_grace
+    # a worker finishes requests within the grace, then writes last-used times within it
+    workers = supervisor.Supervisor("keyrelay-policyd", count, work, 2 * grace + 5, log)
+    workers.run()
+    for name, sock in bound.items():
+        if sock.family == socket.AF_UNIX:
+            try:
+                os.unlink(sock.getsockname())
+            except OSError as exc:  # after dropping root: Postfix's private/ is not ours
+                log.info("%s: leaving socket %s in place: %s", name, sock.getsockname(),
+                         exc.strerror or exc)
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -314,8 +476,12 @@ def main(argv: list[str] | None = None) -> None:
         counters = open_counters(config, max_tracked=config.policyd.bruteforce.max_tracked)
     except CountersUnavailable as exc:
         fail(str(exc))
+    count = worker_count(config)
     try:
-        run(serve(path, config, counters))
+        if count > 1:
+            serve_workers(path, config, counters, count)
+        else:
+            run(serve(path, config, counters))
     except OSError as exc:
         fail(f"cannot start: {exc}")
     except KeyError as exc:

@@ -43,7 +43,9 @@ def redis_server() -> Iterator[RedisServer]:
 def nodes(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[Policyd, Policyd]]:
     settings: dict[str, Any] = {
         "counters": redis_server.counters_settings(),
-        "policyd": {"bruteforce": {"max_failures_per_key": THRESHOLD,
+        # one process per node: the outage test counts in "A's process only" (workers
+        # sharing Redis within a node are tests/test_workers.py's)
+        "policyd": {"workers": 1, "bruteforce": {"max_failures_per_key": THRESHOLD,
                                    "max_failures_per_address": THRESHOLD,
                                    "window": "10m", "lockout": "15m", "trusted_for": "1d"}}}
     a = Policyd(tmp_path / "a", settings)

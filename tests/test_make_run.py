@@ -113,7 +113,8 @@ def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
                             check=True).stdout
         daemons = [line.split()[0] for line in ps.splitlines() if str(run_dir) in line
                    and ("keyrelay-policyd" in line or "keyrelay-milter" in line)]
-        assert daemons == ["keyrelay", "keyrelay"], ps
+        # policyd (one process: memory counters) and the milter's supervisor and workers
+        assert len(daemons) >= 2 and set(daemons) == {"keyrelay"}, ps
         assert "running as root" not in demo.text()
     finally:
         status = demo.stop()

@@ -217,6 +217,19 @@ class Daemon:
         return self.process.wait(timeout=30)
 
 
+def worker_pids(supervisor: int) -> set[int]:
+    """The child processes of ``supervisor`` (keyrelay/supervisor.py's workers)."""
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat_line = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat_line[stat_line.rfind(")") + 2:].split()[1]) == supervisor:
+            found.add(int(entry))
+    return found
+
+
 @pytest.fixture
 def daemons() -> Iterator[list[Daemon]]:
     started: list[Daemon] = []
@@ -242,24 +255,34 @@ def test_daemon_listens_then_stops_cleanly_on_sigterm(site: Path, daemons: list[
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+@pytest.mark.parametrize("workers", [1, 2])
 def test_daemon_binds_a_unix_socket_as_root_then_runs_as_the_configured_user(
-    tmp_path: Path, site: Path, daemons: list[Daemon], request: pytest.FixtureRequest
+    tmp_path: Path, site: Path, daemons: list[Daemon], request: pytest.FixtureRequest,
+    workers: int,
 ) -> None:
     sockets = tmp_path / "sockets"
     sockets.mkdir()
     socket_path = sockets / "milter.sock"
     config = write_config(tmp_path, {"listen": f"unix:{socket_path}", "user": "nobody",
-                                     "socket_mode": "0640"})
+                                     "socket_mode": "0640", "workers": workers})
     # nobody must be able to read the directory, or the daemon refuses to start
     directory_for_everyone(config, request)
     daemon = Daemon(config)
     daemons.append(daemon)
     assert daemon.uid() == 65534
     assert "running as user nobody" in daemon.text()
+    # the workers (workers 2) are forked once the supervisor is nobody: each serves in
+    # libmilter's threads
+    wait_until(lambda: daemon.text().count("ready on") == workers, 60, "every worker")
+    servers = worker_pids(daemon.process.pid) if workers > 1 else {daemon.process.pid}
+    assert len(servers) == workers
     # no capability left in any thread (libmilter's included), not even in the bounding set
-    threads = capabilities_of_every_thread(daemon.process.pid)
-    assert len(threads) > 1 and all(set(caps.values()) == {0} for caps in threads.values()), \
-        threads
+    for pid in {daemon.process.pid} | servers:
+        threads = capabilities_of_every_thread(pid)
+        assert all(set(caps.values()) == {0} for caps in threads.values()), threads
+        assert int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[1]) == 65534
+    for pid in servers:
+        assert len(capabilities_of_every_thread(pid)) > 1  # libmilter's threads
     mode = socket_path.stat().st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o640
     # the keys are root's (0600): nobody cannot preload them, which is a warning, not a

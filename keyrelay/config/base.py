@@ -9,6 +9,12 @@ from typing import NewType
 Duration = NewType("Duration", float)
 """Seconds. In YAML a number of seconds or a string such as ``72h`` (keyrelay.durations)."""
 
+Workers = NewType("Workers", int)
+"""A number of worker processes. In YAML ``auto`` (kept as ``AUTO_WORKERS``, 0) or a whole
+number within the field's ``min``/``max``; keyrelay/supervisor.py says what ``auto`` means."""
+
+AUTO_WORKERS = Workers(0)
+
 NO_SPACE = re.compile(r"\S+")
 
 

@@ -10,7 +10,7 @@ from dataclasses import fields, is_dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union, cast, get_args, get_origin, get_type_hints
 
 from ..durations import format_duration
-from .base import Duration
+from .base import AUTO_WORKERS, Duration, Workers
 from .loader import without_none
 from .sections import Config, default_config
 
@@ -66,6 +66,8 @@ def _yaml_scalar(value: object, tp: Any) -> str:
         return "true" if value else "false"
     if get_origin(tp) in (Union, types.UnionType):
         tp = without_none(tp)
+    if tp is Workers and value == AUTO_WORKERS:
+        return "auto"
     if tp is Duration:
         return format_duration(cast(float, value))  # always has a unit, so YAML keeps a string
     if isinstance(value, tuple):

@@ -28,7 +28,7 @@ from ..durations import format_duration, parse_duration
 from ..errors import ConfigError
 from ..yamlread import got, join, unknown_key
 from ..yamlread import load as load_yaml
-from .base import Duration, InvalidField
+from .base import AUTO_WORKERS, Duration, InvalidField, Workers
 from .sections import Config, default_config
 
 if TYPE_CHECKING:
@@ -106,6 +106,14 @@ def _value(tp: Any, value: object, meta: Mapping[str, Any], path: str, key: str)
             result = parse_duration(value)
         except ValueError as exc:
             raise ConfigError(path, key, str(exc)) from None
+    elif tp is Workers:
+        if value == "auto":
+            return AUTO_WORKERS
+        if isinstance(value, bool) or not isinstance(value, int) or not (
+                meta["min"] <= value <= meta["max"]):
+            raise ConfigError(path, key, f"must be auto (one per CPU) or a whole number of "
+                              f"processes from {meta['min']} to {meta['max']}, got {got(value)}")
+        return Workers(value)
     elif get_origin(tp) is Literal:
         if not any(type(value) is type(c) and value == c for c in get_args(tp)):
             raise ConfigError(path, key, f"must be {_describe(tp)}, got {got(value)}")
@@ -160,6 +168,8 @@ def _describe(tp: Any) -> str:
         return f"{_describe(without_none(tp))} or null"
     if tp is Duration:
         return "a duration (seconds, or a string such as 72h)"
+    if tp is Workers:
+        return "auto or a whole number"
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(choice) for choice in get_args(tp))
     if get_origin(tp) is tuple:

@@ -431,6 +431,15 @@ class Config:
                   "master.cf."},
     )
 
+    def __post_init__(self) -> None:
+        if self.counters.backend == "memory" and self.policyd.workers > 1:
+            raise InvalidField(
+                "policyd.workers",
+                f"{self.policyd.workers} workers with counters.backend memory would each "
+                "count on their own, multiplying every rate limit, quota and lock-out "
+                f"threshold by {self.policyd.workers}: use counters.backend redis to run "
+                "several workers, or set policyd.workers to auto or 1")
+
 
 def default_config() -> Config:
     """The configuration an empty file gives."""

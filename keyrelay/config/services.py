@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .base import NO_SPACE, Duration, InvalidField
+from .base import AUTO_WORKERS, NO_SPACE, Duration, InvalidField, Workers
 
 # Postfix's own endpoint syntax: unix:/absolute/path, or inet:host:port (IPv6 in brackets).
 _ENDPOINT = re.compile(r"unix:/\S+|inet:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
@@ -18,6 +18,7 @@ _CONTROL_ENDPOINT_TEXT = ("unix:/absolute/path (a unix socket only: a TCP port w
                           "every local user lift lock-outs)")
 _OCTAL_MODE = re.compile(r"0?[0-7]{3}")
 _USER = re.compile(r"[a-z_][a-z0-9_-]*\$?")
+MAX_WORKERS = 64  # more processes than this is a typo, not a machine
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +204,19 @@ class PolicydConfig:
             "min": 0,
         },
     )
+    workers: Workers = field(
+        default=AUTO_WORKERS,
+        metadata={
+            "doc": "Worker processes serving the sockets, each an event loop on its own CPU; "
+            "auto: one per CPU the daemon may run on, at most 16. Several need "
+            "counters.backend redis, where they share rates, quotas and lock-outs: with "
+            "the memory backend, whose counts live in one process, auto means 1 and a number "
+            "above 1 is an error (docs/policyd.md, \"Worker processes\"). 1: one process, "
+            "no supervisor.",
+            "min": 1,
+            "max": MAX_WORKERS,
+        },
+    )
     bruteforce: BruteForceConfig = field(
         default_factory=BruteForceConfig,
         metadata={"doc": "Brute-force protection of SMTP AUTH."},
@@ -280,6 +294,16 @@ class MilterConfig:
         metadata={
             "doc": "On SIGTERM, how long messages in progress may take to finish.",
             "min": 0,
+        },
+    )
+    workers: Workers = field(
+        default=AUTO_WORKERS,
+        metadata={
+            "doc": "Worker processes accepting on the socket, each signing on its own CPU; "
+            "auto: one per CPU the daemon may run on, at most 16 (docs/milters.md, \"Worker "
+            "processes\"). 1: one process, no supervisor.",
+            "min": 1,
+            "max": MAX_WORKERS,
         },
     )
 
