@@ -366,7 +366,9 @@ def soak(bench: LoadRelay, args: argparse.Namespace, rng: random.Random,
         return False
 
     try:
-        while todo and time.monotonic() - start < args.max_seconds:
+        # a driver that failed ends the run at once (its error is raised below)
+        while (todo and time.monotonic() - start < args.max_seconds
+               and driver.error is None):
             rounds += 1
             outcome = send(Load(host=s.host, port=s.submission_port, implicit_tls=False,
                                 principals=principals, body=body, tag=run, count=len(todo),

@@ -250,7 +250,9 @@ def soak(cluster: Cluster, root: Path, args: argparse.Namespace, rng: random.Ran
     start = time.monotonic()
     driver.start()
     try:
-        while todo and time.monotonic() - start < args.max_seconds:
+        # a driver that failed ends the run at once (its error is raised below)
+        while (todo and time.monotonic() - start < args.max_seconds
+               and driver.error is None):
             rounds += 1
             outcome = round_through_both(cluster, principals, body, run, todo,
                                          args.concurrency, rounds)

@@ -123,6 +123,36 @@ class Child:
                 self.kill()
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        """SIGKILL to the process and every process of its session (a daemon's worker
+        processes, which outlive their supervisor for a moment otherwise, still accepting on
+        its socket), as systemd's final SIGKILL reaches a unit's whole cgroup; returns once
+        they are gone."""
+        if self.process is None:
+            return
+        group = self.process.pid  # its own session: start_new_session=True
+
+        def gone() -> bool:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                return True
+            return not _running_in_group(group)  # zombies no longer accept anything
+
+        gone()
+        self.process.wait()
+        wait_until(gone, 30, f"every process of {self.name} to exit")
+
+
+def _running_in_group(group: int) -> bool:
+    """Is a process of process group ``group`` still running (not a zombie)? /proc's stat:
+    ``pid (comm) state ppid pgrp ...``, the command name in parentheses."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if len(fields) > 2 and fields[2] == str(group) and fields[0] != "Z":
+            return True
+    return False
