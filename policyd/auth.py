@@ -40,7 +40,7 @@ from keyrelay.durations import format_duration
 from keyrelay.errors import DirectoryUnavailable, UserError
 
 from . import dovecot
-from .context import ServiceContext
+from .context import KeyLookup, ServiceContext
 from .policy import run_now
 
 log = logging.getLogger("keyrelay.policyd.auth")
@@ -179,34 +179,6 @@ class AuthService:
             "reply": f"535 5.7.8 {reply.failure}",
         }
         self.context.decisions.emit(log.name, "login", fields)
-
-
-class KeyLookup:
-    """A key id to look up in the directory before the login can be decided.
-
-    Only for a backend whose copy may lag (LDAP): an "unknown key" from a stale copy would be
-    a permanent 535 for a valid key, counted as a guess. ``run`` blocks (one bounded LDAP
-    search, and a refresh when the key exists) and never raises: a fault is kept in ``fault``.
-    """
-
-    __slots__ = ("context", "fault", "key_id")
-
-    def __init__(self, context: ServiceContext, key_id: str) -> None:
-        self.context = context
-        self.key_id = key_id
-        self.fault: DirectoryUnavailable | None = None
-
-    def __repr__(self) -> str:
-        return f"KeyLookup({self.key_id!r})"
-
-    def run(self) -> None:
-        try:
-            self.context.directory.fresh_for_key(self.key_id)
-        except DirectoryUnavailable as exc:
-            self.fault = exc
-        except Exception as exc:
-            log.exception("internal error looking up API key %s", self.key_id)
-            self.fault = DirectoryUnavailable(f"internal error: {exc!r}")
 
 
 def client_key(address: str) -> str:

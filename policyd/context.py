@@ -17,7 +17,7 @@ from keyrelay.config import Config
 from keyrelay.counters import CounterStore, open_counters
 from keyrelay.decisions import EngineSettings
 from keyrelay.directory import Directory, DirectoryBackend
-from keyrelay.errors import KeyrelayError
+from keyrelay.errors import DirectoryUnavailable, KeyrelayError
 from keyrelay.logs import DecisionLog
 
 log = logging.getLogger("keyrelay.policyd")
@@ -97,3 +97,34 @@ class ServiceContext:
             log.warning("stopping: last-used times of %d of %d keys not recorded (no time "
                         "left within policyd.shutdown_grace)", len(left), len(pending))
         return True
+
+
+class KeyLookup:
+    """A key id to look up in the directory before a login (policyd/auth.py) or a message of a
+    session (policyd/policy.py) can be decided.
+
+    Only for a backend whose copy may lag (LDAP): an "unknown key" from a stale copy would be
+    a permanent 535 for a valid key, counted as a guess; and a message whose login another
+    worker process decided (after reading the key through into its own copy) would wait for
+    this process's next refresh. ``run`` blocks (one bounded LDAP
+    search, and a refresh when the key exists) and never raises: a fault is kept in ``fault``.
+    """
+
+    __slots__ = ("context", "fault", "key_id")
+
+    def __init__(self, context: ServiceContext, key_id: str) -> None:
+        self.context = context
+        self.key_id = key_id
+        self.fault: DirectoryUnavailable | None = None
+
+    def __repr__(self) -> str:
+        return f"KeyLookup({self.key_id!r})"
+
+    def run(self) -> None:
+        try:
+            self.context.directory.fresh_for_key(self.key_id)
+        except DirectoryUnavailable as exc:
+            self.fault = exc
+        except Exception as exc:
+            log.exception("internal error looking up API key %s", self.key_id)
+            self.fault = DirectoryUnavailable(f"internal error: {exc!r}")

@@ -50,7 +50,7 @@ from keyrelay.directory import Directory
 from keyrelay.errors import DirectoryUnavailable
 from keyrelay.limits import store_window
 
-from .context import ServiceContext
+from .context import KeyLookup, ServiceContext
 from .transports import PostfixTransports
 
 log = logging.getLogger("keyrelay.policyd.policy")
@@ -114,6 +114,16 @@ class Charge(NamedTuple):
     now: datetime
 
 
+class Lookup(NamedTuple):
+    """A message of a session whose key id this copy of the directory lacks, while the
+    directory can be asked (LDAP read-through): the login was decided by another worker
+    process (or this copy is older than the key). The connection runs ``lookup.run`` off the
+    event loop, then decides the request again with ``looked_up=True``."""
+
+    request: dict[str, str]
+    lookup: KeyLookup
+
+
 class PolicyService:
     def __init__(self, context: ServiceContext) -> None:
         self.context = context
@@ -137,10 +147,13 @@ class PolicyService:
             return True
         return _int(request.get("server_port")) in cfg.submission_ports
 
-    def decide(self, request: dict[str, str]) -> Verdict | Charge:
+    def decide(self, request: dict[str, str], *,
+               looked_up: bool = False) -> Verdict | Charge | Lookup:
         """Decide one request; directory trouble becomes a temporary verdict. A message to
         charge to a store that answers over the network comes back as a ``Charge`` for
-        ``charge``; with the memory store it is charged here, synchronously."""
+        ``charge``; with the memory store it is charged here, synchronously. A session's key
+        id missing from this copy comes back as a ``Lookup`` (once: ``looked_up`` after it,
+        when a key still missing is answered ``key_not_in_copy``, temporarily)."""
         stage = request.get("protocol_state", "").upper()
         if request.get("request") != "smtpd_access_policy" or stage not in ENVELOPE_STAGES:
             return STAGE_NOT_CHECKED
@@ -161,6 +174,9 @@ class PolicyService:
             transports=self.transports(),
         )
         verdict = decide_envelope(directory, ctx.settings, facts)
+        if (verdict.reason is Reason.KEY_NOT_IN_COPY and verdict.key_id and not looked_up
+                and ctx.directory.reads_through):
+            return Lookup(request, KeyLookup(ctx, verdict.key_id))
         if verdict.reason is Reason.POOL_NOT_IN_POSTFIX and verdict.transport:
             self._transports.missing(
                 verdict.transport, verdict.transport.removeprefix(ctx.settings.transport_prefix))

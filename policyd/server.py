@@ -344,10 +344,10 @@ class PolicyConnection(Connection):
         """Decide and answer ``request``; False when it waits for the counter store."""
         self.request = request
         result = self.service.decide(request)
-        if isinstance(result, policy.Charge):
+        if isinstance(result, policy.Charge | policy.Lookup):
             if self.transport is not None:
                 self.transport.pause_reading()
-            self.charging = asyncio.ensure_future(self.charge(result))
+            self.charging = asyncio.ensure_future(self.settle(result))
             return False
         self.answer(request, result)
         return True
@@ -356,13 +356,23 @@ class PolicyConnection(Connection):
         self.service.log(request, verdict)
         self.send(attributes.encode_action(policy.render(verdict)))
 
-    async def charge(self, charge: policy.Charge) -> None:
-        """Charge the message to the store (the event loop serves everyone else meanwhile),
-        answer, and go on with what arrived meanwhile."""
+    async def settle(self, pending: policy.Charge | policy.Lookup) -> None:
+        """Look the session's key up in the directory (off the event loop) and decide again,
+        and/or charge the message to the store (the event loop serves everyone else
+        meanwhile); answer, and go on with what arrived meanwhile."""
+        request = pending.request
         try:
-            verdict = await self.service.charge(charge)
+            if isinstance(pending, policy.Lookup):
+                await asyncio.get_running_loop().run_in_executor(None, pending.lookup.run)
+                again = self.service.decide(request, looked_up=True)
+                assert not isinstance(again, policy.Lookup)
+                pending_or_verdict: policy.Charge | Verdict = again
+            else:
+                pending_or_verdict = pending
+            verdict = (await self.service.charge(pending_or_verdict)
+                       if isinstance(pending_or_verdict, policy.Charge) else pending_or_verdict)
         except Exception:  # a bug of ours: answered temporarily, this connection closed
-            log.exception("%s: charging a message for %s failed; closing the connection",
+            log.exception("%s: deciding a message for %s failed; closing the connection",
                           self.listener.name, self.peer)
             self.internal_error()
             return
@@ -372,7 +382,7 @@ class PolicyConnection(Connection):
             return  # the sweep closed it (request_timeout): Postfix answered on its own
 
         def answer_and_go_on(_: bytes) -> None:
-            self.answer(charge.request, verdict)
+            self.answer(request, verdict)
             while self.backlog and self.charging is None and not self.closing:
                 self.decide(self.backlog.popleft())
             if self.charging is None:

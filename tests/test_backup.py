@@ -429,3 +429,21 @@ def test_an_ldap_directory_is_backed_up_and_restored_into_yaml_and_into_ldap(
         assert key_files(tmp_path / "ldap-new" / "dkim") == key_files(tmp_path / "ldap" / "dkim")
     finally:
         again.close()
+
+
+def test_a_backup_never_replaces_a_file_keyrelay_uses_even_with_force(old: Node) -> None:
+    """Found by tests/test_fuzz_cli.py: `keyrelay backup ../directory.yaml --force` put the
+    archive where the directory file was, and every later command failed to read it."""
+    before = old.directory.read_bytes()
+    for target, what in ((old.directory, "the directory file (directory.path)"),
+                         (old.config, "the configuration file")):
+        refused = old.cli("backup", str(target), "--force")
+        assert refused.returncode == 1
+        assert refused.stderr == (f"keyrelay: error: {target} is {what}: a backup must not "
+                                  "replace a file keyrelay uses; name another file\n")
+    inside = old.key_dir / "node.tar.gz"
+    refused = old.cli("backup", str(inside), "--force")
+    assert refused.returncode == 1 and "is inside dkim.key_dir" in refused.stderr
+    assert not inside.exists()
+    assert old.directory.read_bytes() == before
+    assert old.ok("account", "list")  # the directory still reads

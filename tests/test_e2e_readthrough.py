@@ -21,7 +21,7 @@ import pytest
 from keyrelay import keys
 from keyrelay.demo import Relay
 from testkit.net import wait_until
-from testkit.protocols import DovecotClient
+from testkit.protocols import DovecotClient, PolicyClient
 from testkit.protocols import connect as connect_socket
 from testkit.relay import connect, message, new_key, new_tenant, private_relay, send, wait_delivered
 from testkit.slapd import KEYRELAY_INDEXES, SLAPD, Slapd
@@ -237,3 +237,21 @@ def test_a_lookup_waiting_for_ldap_holds_up_no_other_login_and_ends_temporarily(
     with DovecotClient(connect_socket(endpoint)) as client:
         client.handshake()
         assert client.plain("apikey", tenant.key, rip="127.77.0.1").status == "OK"
+
+
+def test_a_message_of_a_key_this_process_has_not_read_is_looked_up_not_deferred(
+        relay: Relay) -> None:
+    """With worker processes (keyrelay/supervisor.py) a key's first login may be read through
+    by one policyd worker and its first message decided by another, whose copy lacks the key:
+    that one reads it through too, instead of answering 451 key_not_in_copy until its next
+    refresh (here five minutes). The policy request is sent without a login through this
+    process, as the other worker's session would reach it."""
+    with PolicyClient(connect_socket(f"unix:{relay.settings.socket('policy')}")) as policy:
+        policy.ask(protocol_state="RCPT")  # the daemon's copy is loaded now, if it was not
+        tenant = new_tenant(relay)  # its key is in LDAP, not in the daemon's copy
+        action = policy.ask(protocol_state="RCPT", policy_context="submission",
+                            sasl_method="PLAIN", sender=tenant.sender,
+                            sasl_username=f"{tenant.principal}:{tenant.key_id}",
+                            client_address="127.0.0.1")
+    assert action is not None and "is not in this server's copy" not in action, action
+    assert action.startswith("FILTER kr-pool-") or action == "DUNNO", action

@@ -778,7 +778,8 @@ def serving_recorded() -> Iterator[list[str]]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(policyd.main, "run", policyd_run)
         patch.setattr(policyd.main, "_raise_fd_limit", lambda: None)
-        patch.setattr(milters.main, "serve", lambda config: started.append("keyrelay-milter"))
+        patch.setattr(milters.main, "serve",
+                      lambda config, *rest: started.append("keyrelay-milter"))
         yield started
 
 

@@ -24,7 +24,27 @@ from ..output import dump_json
 from .core import Context, command, path, warn
 
 
+def _refuse_own_files(ctx: Context, output: str) -> None:
+    """A backup never replaces a file keyrelay itself reads or writes (``--force`` or not):
+    ``keyrelay backup directory.yaml --force`` would put the archive where the directory was."""
+    target = os.path.realpath(output)
+    own = {"the configuration file": ctx.config_path,
+           "the audit log (logging.audit_log)": ctx.config.logging.audit_log}
+    if ctx.config.directory.backend == "yaml":
+        own["the directory file (directory.path)"] = ctx.config.directory.path
+        own["the directory's lock file"] = ctx.config.directory.path + ".lock"
+    for what, used in own.items():
+        if used and os.path.realpath(used) == target:
+            raise UserError(f"{output} is {what}: a backup must not replace a file keyrelay "
+                            "uses; name another file")
+    key_dir = os.path.realpath(ctx.config.dkim.key_dir)
+    if target == key_dir or target.startswith(key_dir + os.sep):
+        raise UserError(f"{output} is inside dkim.key_dir ({ctx.config.dkim.key_dir}), which "
+                        "the backup reads: name a file elsewhere")
+
+
 def backup_node(ctx: Context, args: argparse.Namespace) -> None:
+    _refuse_own_files(ctx, args.file)
     data = ctx.read()
     if data == DirectoryData():
         warn(f"the directory {ctx.config.directory.location} is empty (or not created yet): "
