@@ -86,6 +86,7 @@ from typing import cast
 import dkim
 import yaml
 
+# the header block of a typical transactional message, the one milter_sign_bench.py signs
 from bench.milter_sign_bench import HEADERS
 from keyrelay import admin, dkimkeys
 from keyrelay.decisions import Reason
@@ -124,8 +125,6 @@ DEFAULT_MACROS = {
 }
 ACCEPTED = {b"c", b"a"}  # SMFIR_CONTINUE, SMFIR_ACCEPT
 FINAL = {b"a", b"c", b"d", b"r", b"t", b"y"}  # the replies that end end-of-message
-
-# the header block of a typical transactional message, as bench/milter_sign_bench.py signs it
 
 
 def packet(command: bytes, data: bytes = b"") -> bytes:
