@@ -311,9 +311,9 @@ class AuthConnection(Connection):
 
 class PolicyConnection(Connection):
     """The policy protocol: one request at a time, answered in order. A message charged to a
-    counter store over the network (``policy.Charge``) pauses reading until the store has
-    answered; requests that arrived meanwhile wait in ``backlog`` (as ``AuthConnection``'s
-    key look-ups)."""
+    counter store over the network (``policy.Charge``), or whose session's key must first be
+    looked up in LDAP (``policy.Lookup``), pauses reading until it is settled; requests that
+    arrived meanwhile wait in ``backlog`` (as ``AuthConnection``'s key look-ups)."""
 
     def __init__(self, listener: Listener, service: PolicyService) -> None:
         super().__init__(listener)
