@@ -13,6 +13,11 @@ import re
 
 import idna
 
+# idna loads its UTS #46 table at the first non-ASCII domain; loaded here, at start, while
+# the daemons can still read everything: after they drop root a first use deep in a
+# message failed (ModuleNotFoundError, an internal error, 451) where the venv is root's only
+import idna.uts46data
+
 from .errors import UserError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -30,7 +30,7 @@ import pytest
 
 from keyrelay import keys
 from keyrelay.demo import DEMO_FROM, Relay
-from testkit.cluster import LIBFAKETIME, Cluster, private_cluster
+from testkit.cluster import CLOCK_CACHE, LIBFAKETIME, Cluster, private_cluster
 from testkit.net import reply_text, wait_until
 from testkit.redis import REDIS_SERVER
 from testkit.relay import (
@@ -206,6 +206,9 @@ def test_a_daily_quota_holds_across_the_nodes_and_resets_when_the_day_ends(
                                                           microsecond=0)
     offset = int((next_day - now).total_seconds())
     cluster.move_clock(f"+{offset}s")
+    # every policyd process (each node's workers too) reads the clock file again once its
+    # libfaketime cache (CLOCK_CACHE seconds of real time) has run out
+    time.sleep(2 * CLOCK_CACHE)
 
     def answer(n: int, relay: Relay) -> tuple[int, str]:
         mid_text = message(tenant.sender, "rcpt@example.net", f"day {n}")
@@ -223,6 +226,7 @@ def test_a_daily_quota_holds_across_the_nodes_and_resets_when_the_day_ends(
         assert f"daily quota of 3 messages for account {tenant.account} reached" in text
     # the day ends: both nodes accept again
     cluster.move_clock(f"+{offset + 86400}s")
+    time.sleep(2 * CLOCK_CACHE)
     after = next_day.date() + datetime.timedelta(days=1)
     assert all(f"resets at {after.isoformat()} 00:00" in text for _, text in answers[3:]), \
         answers[3:]
