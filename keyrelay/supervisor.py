@@ -76,6 +76,12 @@ class Supervisor:
         # SIGHUPs passed so far, in memory shared with the workers: a worker started after
         # one (or that got it before it could handle it) reloads once it can
         self._hups = mmap.mmap(-1, 8)
+        # hooks (the metrics endpoint, keyrelay/metrics/endpoint.py): once the workers are
+        # started, with the supervisor's signals blocked (a thread started there inherits
+        # that); for each worker reaped; in each worker right after its fork
+        self.on_started: Callable[[], None] | None = None
+        self.on_reaped: Callable[[int], None] | None = None
+        self.in_child: Callable[[], None] | None = None
 
     # -- the supervisor --------------------------------------------------------------------
     def run(self) -> int:
@@ -87,6 +93,8 @@ class Supervisor:
                 self.start(slot)
             self.log.info("%s supervisor (pid %d): %d workers started", self.program,
                           os.getpid(), self.count)
+            if self.on_started is not None:
+                self.on_started()
             while not self.stopping:
                 self.step(self.wait_time())
             return self.stop()
@@ -155,6 +163,8 @@ class Supervisor:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue  # a child of something else in this process (accessible_as)
+            if self.on_reaped is not None:
+                self.on_reaped(pid)
             how = _describe(status)
             if pid in self.retiring:
                 self.retiring.discard(pid)
@@ -209,6 +219,8 @@ class Supervisor:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
             if os.getppid() != parent:  # the supervisor died before the line above
                 return 1
+            if self.in_child is not None:
+                self.in_child()
             return self.work(slot)
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else 1

@@ -24,6 +24,8 @@ from keyrelay.config import Config, load_config, resolve_config_path
 from keyrelay.directory import Directory, open_directory
 from keyrelay.errors import ConfigError, DirectoryUnavailable
 from keyrelay.logs import DecisionLog
+from keyrelay.metrics import NO_METRICS
+from keyrelay.metrics.endpoint import Endpoint
 from keyrelay.usage import ArgumentParser, echo_undecodable_arguments
 
 from .dkimsign import KeyStore, KeyUnavailable
@@ -145,21 +147,42 @@ def load_keys(snapshot: Directory, keys: KeyStore, reader: str = "") -> tuple[in
 
 def serve(config: Config, config_path: str) -> None:
     count = supervisor.worker_count(config.milter.workers)
-    if count > 1:
-        serve_workers(config, config_path, count)
-        return
-    service, stream = open_service(config)
-    bind(config, shared=False)
-    daemon.drop_privileges(config.milter.user, log, "milter.user")
-    run_milter(config, service, stream)
+    # milter.metrics_listen: bound as root, with the milter's socket
+    endpoint = (Endpoint("milter", config.milter.metrics_listen,
+                         config.metrics.top_accounts) if config.milter.metrics_listen else None)
+    try:
+        if count > 1:
+            serve_workers(config, config_path, count, endpoint)
+            return
+        service, stream = open_service(config, endpoint)
+        bind(config, shared=False)
+        daemon.drop_privileges(config.milter.user, log, "milter.user")
+        start_metrics(endpoint, service, here=True)
+        run_milter(config, service, stream)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
 
 
-def open_service(config: Config) -> tuple[MilterService, TextIO]:
+def open_service(config: Config, endpoint: Endpoint | None = None
+                 ) -> tuple[MilterService, TextIO]:
     stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", errors="backslashreplace")
-    service = MilterService(config, open_directory(config), DecisionLog(config.logging, stream))
+    service = MilterService(config, open_directory(config), DecisionLog(config.logging, stream),
+                            metrics=endpoint.recorder() if endpoint else NO_METRICS)
     # pymilter creates one object per connection with an argument-less factory
     Milter.factory = functools.partial(KeyrelayMilter, service)
     return service, stream
+
+
+def start_metrics(endpoint: Endpoint | None, service: MilterService, here: bool) -> None:
+    """With milter.metrics_listen: the directory probe of this process, and (``here``: one
+    process) the endpoint; a worker's values are served by its supervisor."""
+    if endpoint is None:
+        return
+    service.directory.on_reload = service.metrics.reload
+    probe = endpoint.probe_thread(service.metrics, lambda: service.directory)
+    if here:
+        endpoint.serve_here(probe)
 
 
 def bind(config: Config, shared: bool) -> str | None:
@@ -218,17 +241,21 @@ def _listening_socket_nonblocking() -> None:
                 probe.close()
 
 
-def serve_workers(config: Config, config_path: str, count: int) -> None:
+def serve_workers(config: Config, config_path: str, count: int,
+                  endpoint: Endpoint | None = None) -> None:
     """Bind once, drop root, and supervise ``count`` workers accepting on the socket. A
     SIGHUP reloads the configuration and replaces every worker by one that runs it (a
     worker's libmilter cannot reload in place), the old ones finishing their messages."""
     path = bind(config, shared=True)
     daemon.drop_privileges(config.milter.user, log, "milter.user")
+    if endpoint is not None:
+        endpoint.for_workers()
     current = [config]
 
     def work(slot: int) -> int:
         logs.configure(current[0].logging)
-        service, stream = open_service(current[0])
+        service, stream = open_service(current[0], endpoint)
+        start_metrics(endpoint, service, here=False)
         run_milter(current[0], service, stream)
         log.info("%s worker %d stopped (pid %d)", PROG, slot, os.getpid())
         return 0
@@ -251,8 +278,11 @@ def serve_workers(config: Config, config_path: str, count: int) -> None:
         workers.replace_all()
 
     # a worker stops accepting within libmilter's 5 s poll, then finishes within the grace
-    supervisor.Supervisor(PROG, count, work, config.milter.shutdown_grace + 10, log,
-                          on_hup=reload).run()
+    workers = supervisor.Supervisor(PROG, count, work, config.milter.shutdown_grace + 10, log,
+                                    on_hup=reload)
+    if endpoint is not None:
+        endpoint.supervise(workers)
+    workers.run()
     if path is not None:
         try:
             os.unlink(path)

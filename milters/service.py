@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from keyrelay.config import Config
 from keyrelay.decisions import (
+    Action,
     EngineSettings,
     HeaderFacts,
     Reason,
@@ -31,6 +33,7 @@ from keyrelay.decisions import (
 from keyrelay.directory import Directory, DirectoryBackend
 from keyrelay.errors import DirectoryUnavailable
 from keyrelay.logs import DecisionLog
+from keyrelay.metrics import NO_METRICS, Metrics
 
 from . import dkimsign
 from .dkimsign import KeyStore, KeyUnavailable, RelaxedBodyHash
@@ -51,6 +54,15 @@ class MessageOutcome:
     verdict: Verdict
     signatures: tuple[bytes, ...] = ()
     selectors: tuple[str, ...] = ()  # the selectors of ``signatures``, for the log
+    algorithms: tuple[str, ...] = ()  # and their algorithms, for the metrics
+
+    @property
+    def outcome(self) -> str:
+        """keyrelay_messages_total's outcome label (docs/metrics.md)."""
+        verdict = self.verdict
+        if verdict.action is Action.ALLOW:
+            return "monitor_allowed" if verdict.monitored is not None else "signed"
+        return "refused" if verdict.action is Action.REFUSE else "tempfail"
 
 
 class Message:
@@ -84,8 +96,10 @@ class MilterService:
         decisions: DecisionLog,
         keys: KeyStore | None = None,
         clock: Callable[[], datetime] = utcnow,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.settings = EngineSettings.from_config(config)
         self.directory = directory
         self.decisions = decisions
@@ -114,6 +128,7 @@ class MilterService:
     def finish(self, message: Message | None, queue_id: str) -> MessageOutcome:
         """Decide, sign and log the message; never raises (faults become 451 4.3.0)."""
         identity = message.identity if message else ""
+        started = time.perf_counter()
         try:
             if message is None or message.fault is not None:
                 fault = message.fault if message else None
@@ -129,6 +144,10 @@ class MilterService:
             log.exception("internal error deciding message %s", queue_id or "(no queue id)")
             outcome = MessageOutcome(temporary(Reason.INTERNAL_ERROR, identity))
         self._log(message, queue_id, outcome)
+        principal = outcome.verdict.principal
+        self.metrics.message(principal.partition("/")[0] if principal else "",
+                             outcome.outcome, time.perf_counter() - started,
+                             outcome.algorithms)
         return outcome
 
     def _decide(self, message: Message) -> MessageOutcome:
@@ -166,7 +185,8 @@ class MilterService:
             message.headers, message.body_hash.digest(), plan.domain, keys,
             int(now.timestamp()), linesep=b"\n",  # libmilter header values fold with LF
         )
-        return MessageOutcome(verdict, tuple(signatures), tuple(k.selector for k in keys))
+        return MessageOutcome(verdict, tuple(signatures), tuple(k.selector for k in keys),
+                              tuple(str(k.algorithm) for k in keys))
 
     def _log(self, message: Message | None, queue_id: str, outcome: MessageOutcome) -> None:
         fields = {

@@ -38,12 +38,15 @@ from keyrelay.decisions import (
 )
 from keyrelay.durations import format_duration
 from keyrelay.errors import DirectoryUnavailable, UserError
+from keyrelay.metrics import NO_METRICS, Metrics
 
 from . import dovecot
 from .context import KeyLookup, ServiceContext
 from .policy import run_now
 
 log = logging.getLogger("keyrelay.policyd.auth")
+# keyrelay_auth_attempts_total's result label (docs/metrics.md)
+RESULTS = {Action.ALLOW: "success", Action.REFUSE: "failure", Action.TEMPFAIL: "tempfail"}
 
 
 class AuthService:
@@ -58,8 +61,9 @@ class AuthService:
     far are kept (in Redis they are every node's, not one node's to wipe).
     """
 
-    def __init__(self, context: ServiceContext) -> None:
+    def __init__(self, context: ServiceContext, metrics: Metrics = NO_METRICS) -> None:
         self.context = context
+        self.metrics = metrics
 
     def login(self, attempt: dovecot.Attempt) -> Verdict | Coroutine[Any, Any, Verdict]:
         """Decide one attempt; every fault of ours becomes a TEMPFAIL verdict.
@@ -143,10 +147,12 @@ class AuthService:
         if counts_as_guess(verdict):
             if await store.fail("address", client, bf.max_failures_per_address, bf.window,
                                 bf.lockout):
+                self.metrics.lockout("address")
                 log.warning("client %s locked out for %s after repeated failed logins",
                             address, minutes(bf.lockout))
             if key_id and counts_against_key(verdict) and await store.fail(
                     "key", key_id, bf.max_failures_per_key, bf.window, bf.lockout):
+                self.metrics.lockout("key")
                 log.warning("API key %s locked out for %s after repeated wrong secrets (the "
                             "last from %s); still let in from the %d address(es) where it "
                             "logged in within %s", key_id, minutes(bf.lockout), address,
@@ -157,7 +163,10 @@ class AuthService:
             await store.succeeded(verdict.key_id, client, bf.trusted_for)
         return verdict
 
-    def log(self, attempt: dovecot.Attempt, verdict: Verdict) -> None:
+    def log(self, attempt: dovecot.Attempt, verdict: Verdict,
+            seconds: float | None = None) -> None:
+        """The decision's log line and metrics; ``seconds`` from the complete request."""
+        self.metrics.login(RESULTS[verdict.action], str(verdict.reason), seconds)
         fields = {
             "service": "auth",
             "client": attempt.client_address,
@@ -178,6 +187,7 @@ class AuthService:
             "reason": str(Reason.MALFORMED_EXCHANGE),
             "reply": f"535 5.7.8 {reply.failure}",
         }
+        self.metrics.login("failure", str(Reason.MALFORMED_EXCHANGE), None)
         self.context.decisions.emit(log.name, "login", fields)
 
 

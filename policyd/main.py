@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -26,6 +27,9 @@ from keyrelay.counters import CounterStore, CountersUnavailable, check_counters,
 from keyrelay.directory import open_directory
 from keyrelay.errors import ConfigError
 from keyrelay.logs import DecisionLog
+from keyrelay.metrics import Metrics
+from keyrelay.metrics.endpoint import Endpoint
+from keyrelay.metrics.probe import INTERVAL, Probe
 from keyrelay.usage import ArgumentParser, echo_undecodable_arguments
 
 from . import control, server
@@ -110,8 +114,10 @@ def check(config: Config) -> None:
 class Daemon:
     def __init__(self, config_path: str, config: Config, counters: CounterStore,
                  inherited: dict[str, socket.socket] | None = None,
-                 reload_at_start: Callable[[], bool] | None = None) -> None:
+                 reload_at_start: Callable[[], bool] | None = None,
+                 endpoint: Endpoint | None = None) -> None:
         self.config_path = config_path
+        self.endpoint = endpoint  # policyd.metrics_listen, bound already; None: off
         # a worker: whether a SIGHUP came before it could handle one (keyrelay/supervisor.py)
         self.reload_at_start = reload_at_start
         # a worker's listening sockets, bound by the supervisor (by listener name); None:
@@ -155,6 +161,7 @@ class Daemon:
             else:
                 await listener.start(owner, int(cfg.socket_mode, 8))
         daemon.drop_privileges(cfg.user, log, "policyd.user")
+        metrics_tasks = self.start_metrics()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
@@ -162,7 +169,7 @@ class Daemon:
         if self.reload_at_start is not None and self.reload_at_start():
             self.reload()
         tasks = [asyncio.create_task(self.every(1.0, self.sweep)),
-                 asyncio.create_task(self.flush_loop())]
+                 asyncio.create_task(self.flush_loop()), *metrics_tasks]
         log.info("keyrelay-policyd %s ready (pid %d)", __version__, os.getpid())
         await self.stopping.wait()
         await self.shutdown()
@@ -176,6 +183,33 @@ class Daemon:
             await self.context.store.close()
         except Exception as exc:  # noqa: BLE001 - stopping anyway
             log.warning("closing the counter store: %s", exc)
+
+    def start_metrics(self) -> list[asyncio.Task[None]]:
+        """With policyd.metrics_listen: this process's recorder in every service, the
+        directory probe, the lock-out gauge, and (one process) the endpoint itself."""
+        endpoint = self.endpoint
+        if endpoint is None:
+            return []
+        recorder = endpoint.recorder()
+        self.auth.metrics = self.policy.metrics = self.socketmap.metrics = recorder
+        self.context.directory.on_reload = recorder.reload
+        probe = Probe(recorder, lambda: self.context.directory, endpoint.folder)
+        probe.run()
+        if self.inherited is None:
+            endpoint.serve_here(probe)
+        return [asyncio.create_task(self.every(INTERVAL, probe.run)),
+                asyncio.create_task(self.count_lockouts(recorder))]
+
+    async def count_lockouts(self, metrics: Metrics) -> None:
+        """keyrelay_lockouts_active, from the counter store every 5 seconds."""
+        while True:
+            try:
+                locked = await self.context.store.locked()
+            except Exception as exc:  # noqa: BLE001 - Redis away: the gauge keeps its value
+                log.debug("metrics: lock-outs not counted: %s", exc)
+            else:
+                metrics.lockouts_active(collections.Counter(lock.kind for lock in locked))
+            await asyncio.sleep(5.0)
 
     async def start_control(self, listener: server.Listener) -> None:
         try:
@@ -237,6 +271,7 @@ class Daemon:
         logs.configure(config.logging)
         directory = (self.context.directory if config.directory == old.directory
                      else open_directory(config))
+        directory.on_reload = self.context.directory.on_reload
         new = ServiceContext(config, directory, self.decision_log(config),
                              counters=self.context.store)
         new.used_keys = self.context.used_keys
@@ -285,8 +320,9 @@ class Daemon:
 
 async def serve(path: str, config: Config, counters: CounterStore,
                 inherited: dict[str, socket.socket] | None = None,
-                reload_at_start: Callable[[], bool] | None = None) -> None:
-    daemon = Daemon(path, config, counters, inherited, reload_at_start)
+                reload_at_start: Callable[[], bool] | None = None,
+                endpoint: Endpoint | None = None) -> None:
+    daemon = Daemon(path, config, counters, inherited, reload_at_start, endpoint)
     await daemon.run()
     daemon.context.decisions.flush()
 
@@ -405,19 +441,25 @@ def bind_unix(path: str, owner: tuple[int, int] | None, mode: int) -> socket.soc
     return sock
 
 
-def serve_workers(path: str, config: Config, counters: CounterStore, count: int) -> None:
-    """Bind once, drop root, and supervise ``count`` workers serving on those sockets."""
+def serve_workers(path: str, config: Config, counters: CounterStore, count: int,
+                  endpoint: Endpoint | None) -> None:
+    """Bind once, drop root, and supervise ``count`` workers serving on those sockets
+    (and the metrics endpoint, when on, in the supervisor: the sum of the workers)."""
     bound = bind_all(config)
     daemon.drop_privileges(config.policyd.user, log, "policyd.user")
+    if endpoint is not None:
+        endpoint.for_workers()
 
     def work(slot: int) -> int:
-        run(serve(path, config, counters, bound, lambda: workers.reloads() > 0))
+        run(serve(path, config, counters, bound, lambda: workers.reloads() > 0, endpoint))
         log.info("keyrelay-policyd worker %d stopped (pid %d)", slot, os.getpid())
         return 0
 
     grace = config.policyd.shutdown_grace
     # a worker finishes requests within the grace, then writes last-used times within it
     workers = supervisor.Supervisor("keyrelay-policyd", count, work, 2 * grace + 5, log)
+    if endpoint is not None:
+        endpoint.supervise(workers)
     workers.run()
     for name, sock in bound.items():
         if sock.family == socket.AF_UNIX:
@@ -477,13 +519,20 @@ def main(argv: list[str] | None = None) -> None:
     except CountersUnavailable as exc:
         fail(str(exc))
     count = worker_count(config)
+    endpoint: Endpoint | None = None
     try:
+        if config.policyd.metrics_listen:  # bound as root, with the sockets
+            endpoint = Endpoint("policyd", config.policyd.metrics_listen,
+                                config.metrics.top_accounts)
         if count > 1:
-            serve_workers(path, config, counters, count)
+            serve_workers(path, config, counters, count, endpoint)
         else:
-            run(serve(path, config, counters))
+            run(serve(path, config, counters, endpoint=endpoint))
     except OSError as exc:
         fail(f"cannot start: {exc}")
     except KeyError as exc:
         fail(f"policyd.user / policyd.socket_group: no such user or group: {exc}")
+    finally:
+        if endpoint is not None:
+            endpoint.close()
     log.info("keyrelay-policyd stopped")

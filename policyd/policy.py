@@ -49,6 +49,7 @@ from keyrelay.decisions import (
 from keyrelay.directory import Directory
 from keyrelay.errors import DirectoryUnavailable
 from keyrelay.limits import store_window
+from keyrelay.metrics import NO_METRICS, Metrics
 
 from .context import KeyLookup, ServiceContext
 from .transports import PostfixTransports
@@ -125,8 +126,9 @@ class Lookup(NamedTuple):
 
 
 class PolicyService:
-    def __init__(self, context: ServiceContext) -> None:
+    def __init__(self, context: ServiceContext, metrics: Metrics = NO_METRICS) -> None:
         self.context = context
+        self.metrics = metrics
         self._counted: OrderedDict[str, None] = OrderedDict()
         # RCPTs allowed so far, per message ("instance"); bounded like _counted
         self._recipients: OrderedDict[str, int] = OrderedDict()
@@ -256,7 +258,11 @@ class PolicyService:
             while len(self._counted) > _COUNTED_MAX:
                 self._counted.popitem(last=False)
 
-    def log(self, request: dict[str, str], verdict: Verdict) -> None:
+    def log(self, request: dict[str, str], verdict: Verdict,
+            seconds: float | None = None) -> None:
+        """The decision's log line and metrics; ``seconds`` from the complete request."""
+        self.metrics.policy(request.get("protocol_state", "").upper(), str(verdict.action),
+                            str(verdict.reason), seconds, verdict.window)
         if verdict.reason is Reason.STAGE_NOT_CHECKED:
             return
         fields = {

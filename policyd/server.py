@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
@@ -238,6 +239,7 @@ class AuthConnection(Connection):
         self.reader = dovecot.LineReader(listener.limits.max_request_size)
         self.waiting: asyncio.Future[None] | None = None
         self.backlog: list[str] = []
+        self.started = 0.0  # perf_counter() when the login being decided was complete
 
     def opened(self) -> None:
         self.send(dovecot.greeting(os.getpid(), self.cuid, secrets.token_hex(16)))
@@ -263,6 +265,7 @@ class AuthConnection(Connection):
                 self.service.log_exchange_failure(event)
             self.send(event.data)
             return
+        self.started = time.perf_counter()
         result = self.service.login(event)
         if isinstance(result, Verdict):
             self.answer(event, result)
@@ -272,7 +275,7 @@ class AuthConnection(Connection):
         self.waiting = asyncio.ensure_future(self.settle(event, result))
 
     def answer(self, event: dovecot.Attempt, verdict: Verdict) -> None:
-        self.service.log(event, verdict)
+        self.service.log(event, verdict, time.perf_counter() - self.started)
         reply = auth.render(event.request_id, verdict)
         if reply is None:
             self.close_quietly()  # Postfix answers 454 4.7.0: the client retries
@@ -288,6 +291,7 @@ class AuthConnection(Connection):
         except Exception:  # e.g. the executor shut down while stopping: our fault, temporary
             log.exception("%s: deciding a login from %s failed; closing the connection",
                           self.listener.name, self.peer)
+            self.service.metrics.login("tempfail", str(Reason.INTERNAL_ERROR), None)
             self.internal_error()  # closed: Postfix answers 454 4.7.0
             return
         finally:
@@ -322,6 +326,7 @@ class PolicyConnection(Connection):
         self.request: dict[str, str] = {}
         self.charging: asyncio.Future[None] | None = None
         self.backlog: collections.deque[dict[str, str]] = collections.deque()
+        self.started = 0.0  # perf_counter() when the request being decided was complete
 
     def pending(self) -> bool:
         return self.reader.pending or self.charging is not None or bool(self.backlog)
@@ -343,6 +348,7 @@ class PolicyConnection(Connection):
     def decide(self, request: dict[str, str]) -> bool:
         """Decide and answer ``request``; False when it waits for the counter store."""
         self.request = request
+        self.started = time.perf_counter()
         result = self.service.decide(request)
         if isinstance(result, policy.Charge | policy.Lookup):
             if self.transport is not None:
@@ -353,7 +359,7 @@ class PolicyConnection(Connection):
         return True
 
     def answer(self, request: dict[str, str], verdict: Verdict) -> None:
-        self.service.log(request, verdict)
+        self.service.log(request, verdict, time.perf_counter() - self.started)
         self.send(attributes.encode_action(policy.render(verdict)))
 
     async def settle(self, pending: policy.Charge | policy.Lookup) -> None:
@@ -417,8 +423,9 @@ class SocketmapConnection(Connection):
 
     def received(self, data: bytes) -> None:
         for lookup in self.reader.feed(data):
+            started = time.perf_counter()
             reply, outcome = self.service.lookup(lookup)
-            self.service.log(lookup, outcome)
+            self.service.log(lookup, outcome, time.perf_counter() - started)
             self.send(reply)
 
     def internal_error(self) -> None:

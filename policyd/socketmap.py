@@ -14,6 +14,7 @@ import logging
 
 from keyrelay.decisions import LookupResult, sender_logins
 from keyrelay.errors import DirectoryUnavailable
+from keyrelay.metrics import NO_METRICS, Metrics
 
 from . import netstring
 from .context import ServiceContext
@@ -24,8 +25,9 @@ MAPS = ("sender_login",)
 
 
 class SocketmapService:
-    def __init__(self, context: ServiceContext) -> None:
+    def __init__(self, context: ServiceContext, metrics: Metrics = NO_METRICS) -> None:
         self.context = context
+        self.metrics = metrics
 
     def lookup(self, request: netstring.Lookup) -> tuple[bytes, LookupResult]:
         """The reply netstring and its outcome for the log (keyrelay/decisions/reasons.py)."""
@@ -50,7 +52,10 @@ class SocketmapService:
             return netstring.temp("too many logins for one address"), LookupResult.TOO_LONG
         return netstring.ok(value), LookupResult.OK
 
-    def log(self, request: netstring.Lookup, outcome: LookupResult) -> None:
+    def log(self, request: netstring.Lookup, outcome: LookupResult,
+            seconds: float | None = None) -> None:
+        if seconds is not None:
+            self.metrics.lookup(seconds)
         fields = {"service": "socketmap", "map": request.map_name[:40], "key": request.key[:256],
                   "result": str(outcome)}
         self.context.decisions.emit(log.name, "lookup", fields)

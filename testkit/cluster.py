@@ -86,7 +86,11 @@ def node_settings(run_dir: Path, env: Mapping[str, str] = os.environ) -> tuple[S
         submission_port=a.submission_port + NODE_B_OFFSET,
         alt_submission_port=a.alt_submission_port + NODE_B_OFFSET,
         submissions_port=a.submissions_port + NODE_B_OFFSET,
-        sink_port=a.sink_port + NODE_B_OFFSET)
+        sink_port=a.sink_port + NODE_B_OFFSET,
+        policyd_metrics_port=a.policyd_metrics_port + NODE_B_OFFSET if
+        a.policyd_metrics_port else 0,
+        milter_metrics_port=a.milter_metrics_port + NODE_B_OFFSET if
+        a.milter_metrics_port else 0)
     b = Settings.from_env(run_dir / "cluster" / "node-b", env, prefix="KEYRELAY_NODE_B_",
                           defaults=b_defaults)
     # one directory: the pool's address is the one node A made it with
@@ -249,6 +253,7 @@ class Cluster:
                 prefix + "ALT_SUBMISSION_PORT": str(s.alt_submission_port),
                 prefix + "SUBMISSIONS_PORT": str(s.submissions_port),
                 prefix + "SINK_PORT": str(s.sink_port),
+                prefix + "METRICS_URLS": " ".join(s.metrics_urls()),
                 prefix + "CONFIG": str(s.config),
                 prefix + "OUTBOX": str(s.outbox),
             })
@@ -310,6 +315,7 @@ def private_cluster(pool_address: str, *, refresh_interval: float = 0.5,
     a, b = (Settings(run_dir / "cluster" / node, smtp_port=next(ports),
                      submission_port=next(ports), alt_submission_port=next(ports),
                      submissions_port=next(ports), sink_port=next(ports),
+                     policyd_metrics_port=0, milter_metrics_port=0,
                      pool_address=pool_address) for node in ("node-a", "node-b"))
     cluster = Cluster(run_dir, a, b, say=lambda text: None, refresh_interval=refresh_interval,
                       clock_file=run_dir / "clock" if clock else None)

@@ -480,7 +480,8 @@ class _AcceptEveryone:
     def login(self, attempt: dovecot.Attempt) -> Verdict:
         return Verdict(Action.ALLOW, Reason.OK, identity=attempt.username)
 
-    def log(self, attempt: dovecot.Attempt, verdict: Verdict) -> None:
+    def log(self, attempt: dovecot.Attempt, verdict: Verdict, seconds: float | None = None
+            ) -> None:
         pass
 
     def log_exchange_failure(self, reply: dovecot.Reply) -> None:

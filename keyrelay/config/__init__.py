@@ -40,6 +40,7 @@ from .sections import (
     LdapConfig,
     LimitsConfig,
     LoggingConfig,
+    MetricsConfig,
     RoutingConfig,
     default_config,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "LdapConfig",
     "LimitsConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "MilterConfig",
     "PolicydConfig",
     "PostfixConfig",

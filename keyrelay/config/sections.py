@@ -379,6 +379,21 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    top_accounts: int = field(
+        default=100,
+        metadata={
+            "doc": "Accounts with their own series in keyrelay_messages_total (the milter's "
+            "/metrics): the ones sending most, re-chosen every hour; the rest count as "
+            "account=\"other\", so ten thousand tenants do not make ten thousand series. "
+            "0: every account is \"other\" (docs/metrics.md, \"Labels and cardinality\").",
+            "min": 0,
+            "max": 10000,
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     directory: DirectoryConfig = field(
         default_factory=DirectoryConfig,
@@ -424,6 +439,11 @@ class Config:
     milter: MilterConfig = field(
         default_factory=MilterConfig,
         metadata={"doc": "keyrelay-milter: header From/Sender check and DKIM signing."},
+    )
+    metrics: MetricsConfig = field(
+        default_factory=MetricsConfig,
+        metadata={"doc": "Prometheus metrics (policyd.metrics_listen and "
+                  "milter.metrics_listen turn the endpoints on)."},
     )
     postfix: PostfixConfig = field(
         default_factory=PostfixConfig,

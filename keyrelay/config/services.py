@@ -19,6 +19,21 @@ _CONTROL_ENDPOINT_TEXT = ("unix:/absolute/path (a unix socket only: a TCP port w
 _OCTAL_MODE = re.compile(r"0?[0-7]{3}")
 _USER = re.compile(r"[a-z_][a-z0-9_-]*\$?")
 MAX_WORKERS = 64  # more processes than this is a typo, not a machine
+# metrics_listen: HOST:PORT for the /metrics and /health endpoints (docs/metrics.md)
+_METRICS_LISTEN = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
+_METRICS_LISTEN_TEXT = "HOST:PORT (IPv6 as [::1]:9464), or empty for no endpoints"
+
+
+def _metrics_listen(port: int, daemon: str) -> str:
+    return (f"Address of {daemon}'s /metrics (Prometheus) and /health endpoints, plain HTTP "
+            f"without authentication: HOST:PORT on loopback or a private interface, e.g. "
+            f"127.0.0.1:{port}, and let only Prometheus reach it (docs/metrics.md). "
+            "Empty: no endpoints.")
+
+
+def _check_port(listen: str) -> None:
+    if listen and not 0 < int(listen.rpartition(":")[2]) < 65536:
+        raise InvalidField("metrics_listen", f"{listen}: the port must be 1 to 65535")
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,10 +232,21 @@ class PolicydConfig:
             "max": MAX_WORKERS,
         },
     )
+    metrics_listen: str = field(
+        default="",
+        metadata={
+            "doc": _metrics_listen(9464, "keyrelay-policyd"),
+            "pattern": (_METRICS_LISTEN, _METRICS_LISTEN_TEXT),
+            "allow_empty": True,
+        },
+    )
     bruteforce: BruteForceConfig = field(
         default_factory=BruteForceConfig,
         metadata={"doc": "Brute-force protection of SMTP AUTH."},
     )
+
+    def __post_init__(self) -> None:
+        _check_port(self.metrics_listen)
 
 
 # libmilter's endpoint syntax, or Postfix's (as written in smtpd_milters); milters.main converts.
@@ -307,7 +333,17 @@ class MilterConfig:
         },
     )
 
+    metrics_listen: str = field(
+        default="",
+        metadata={
+            "doc": _metrics_listen(9465, "keyrelay-milter"),
+            "pattern": (_METRICS_LISTEN, _METRICS_LISTEN_TEXT),
+            "allow_empty": True,
+        },
+    )
+
     def __post_init__(self) -> None:
+        _check_port(self.metrics_listen)
         if not (self.check_sender or self.sign):
             raise InvalidField("sign", "check_sender and sign are both false; nothing to do")
 

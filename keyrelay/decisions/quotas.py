@@ -169,13 +169,13 @@ def decide_quota(directory: Directory, settings: EngineSettings, facts: QuotaFac
             f"{_ADJECTIVE[window.span]} quota of {window.limit} messages for "
             f"{window.owner()} reached; it resets at "
             f"{reset_text(now, facts.resets_in, facts.zone)} ({counted})",
-            principal, key_id,
+            principal, key_id, window=str(window.span),
         )
     else:
         refusal = Verdict(
             Action.TEMPFAIL, Reason.RATE_LIMITED, 451, "4.7.1",
             f"limit of {window.limit} messages per {window.span} reached for "
             f"{window.owner()} ({counted}); try again in {_wait_text(facts.resets_in)}",
-            principal, key_id,
+            principal, key_id, window=str(window.span),
         )
     return monitored(directory, settings, refusal)

@@ -51,6 +51,7 @@ class Verdict(NamedTuple):
     transport: str | None = None  # envelope: Postfix transport of the principal's IP pool
     signing: SigningPlan | None = None  # headers: the DKIM plan
     monitored: Verdict | None = None  # the refusal monitor mode let pass
+    window: str = ""  # a rate or quota refusal: the full window (minute, hour, day, month)
 
     @property
     def allowed(self) -> bool:

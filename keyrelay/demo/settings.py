@@ -18,7 +18,8 @@ ENVIRONMENT = """\
 environment (all optional): KEYRELAY_HOST (127.0.0.1), KEYRELAY_SMTP_PORT (10025),
 KEYRELAY_SUBMISSION_PORT (10587), KEYRELAY_ALT_SUBMISSION_PORT (12525),
 KEYRELAY_SUBMISSIONS_PORT (10465), KEYRELAY_SINK_PORT (10026), KEYRELAY_POOL_ADDRESS
-(127.0.0.2). Ctrl-C or SIGTERM stops every process this started.
+(127.0.0.2), KEYRELAY_POLICYD_METRICS_PORT (19464), KEYRELAY_MILTER_METRICS_PORT (19465).
+Ctrl-C or SIGTERM stops every process this started.
 """
 
 
@@ -39,6 +40,10 @@ class Settings:
     submissions_port: int = 10465
     sink_port: int = 10026
     pool_address: str = "127.0.0.2"
+    # the daemons' /metrics and /health (policyd.metrics_listen, milter.metrics_listen), on
+    # the host; 0: off
+    policyd_metrics_port: int = 19464
+    milter_metrics_port: int = 19465
     # keyrelay's directory section; None: the embedded YAML file in the run directory (the
     # tests pass an LDAP one: tests/test_e2e_ldap.py)
     directory: Mapping[str, Any] | None = None
@@ -90,6 +95,8 @@ class Settings:
             alt_submission_port=port("ALT_SUBMISSION_PORT", base.alt_submission_port),
             submissions_port=port("SUBMISSIONS_PORT", base.submissions_port),
             sink_port=port("SINK_PORT", base.sink_port),
+            policyd_metrics_port=port("POLICYD_METRICS_PORT", base.policyd_metrics_port),
+            milter_metrics_port=port("MILTER_METRICS_PORT", base.milter_metrics_port),
             pool_address=loopback("POOL_ADDRESS", base.pool_address),
         )
 
@@ -126,6 +133,15 @@ class Settings:
         return self.queue / "private" / f"keyrelay-{name}"
 
     def ports(self) -> dict[str, int]:
-        return {"smtp": self.smtp_port, "submission": self.submission_port,
-                "alt_submission": self.alt_submission_port,
-                "submissions": self.submissions_port, "sink": self.sink_port}
+        ports = {"smtp": self.smtp_port, "submission": self.submission_port,
+                 "alt_submission": self.alt_submission_port,
+                 "submissions": self.submissions_port, "sink": self.sink_port,
+                 "policyd metrics": self.policyd_metrics_port,
+                 "milter metrics": self.milter_metrics_port}
+        return {name: port for name, port in ports.items() if port}
+
+    def metrics_urls(self) -> list[str]:
+        """The base URLs of the daemons' endpoints (KEYRELAY_METRICS_URLS)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return [f"http://{host}:{port}" for port in (self.policyd_metrics_port,
+                                                     self.milter_metrics_port) if port]

@@ -52,9 +52,11 @@ def write_config(settings: Settings) -> None:
             "socketmap_listen": f"unix:{settings.socket('socketmap')}",
             "control_listen": f"unix:{settings.socket('control')}",
             "shutdown_grace": "2s",
+            "metrics_listen": _listen(settings, settings.policyd_metrics_port),
         },
         "milter": {"listen": f"unix:{settings.socket('milter')}", "shutdown_grace": "2s",
-                   "user": settings.daemon_user},
+                   "user": settings.daemon_user,
+                   "metrics_listen": _listen(settings, settings.milter_metrics_port)},
         "postfix": {
             "config_dir": str(settings.postfix_etc),
             "smtp_service": f"{host}:{settings.smtp_port}",
@@ -162,6 +164,12 @@ def fresh_key(settings: Settings) -> tuple[str, str]:
     return created["key"], created["key_id"]
 
 
+def _listen(settings: Settings, port: int) -> str:
+    if not port:
+        return ""
+    return f"[{settings.host}]:{port}" if ":" in settings.host else f"{settings.host}:{port}"
+
+
 def read_env(path: Path) -> dict[str, str]:
     """The ``NAME=value`` lines of a ``demo.env`` file; {} when it cannot be read."""
     try:
@@ -191,6 +199,7 @@ def write_env(settings: Settings, key: str, key_id: str) -> None:
         "KEYRELAY_POOL_ADDRESS": settings.pool_address,
         "KEYRELAY_CONFIG": str(settings.config),
         "KEYRELAY_OUTBOX": str(settings.outbox),
+        "KEYRELAY_METRICS_URLS": " ".join(settings.metrics_urls()),
     }
     text = "# Written by make run; the API key is secret (mode 0600).\n" + "".join(
         f"{name}={shlex.quote(value)}\n" for name, value in values.items())

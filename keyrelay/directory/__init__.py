@@ -31,6 +31,9 @@ class DirectoryBackend(Protocol):
     # refuse a login as unknown. False: snapshot() is always current (the YAML file).
     reads_through: bool
 
+    # told each time the copy is rebuilt (True) or could not be (False): the metrics
+    on_reload: Callable[[bool], None] | None
+
     def snapshot(self) -> Directory: ...
 
     def fresh_for_key(self, key_id: str) -> Directory: ...

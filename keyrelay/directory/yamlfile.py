@@ -69,6 +69,8 @@ class YamlDirectory:
         self._signature: tuple[int, int, int, int] | None = None
         self._snapshot: Directory | None = None
         self._error: DirectoryUnavailable | None = None
+        # told each time the file is read again: True parsed, False broken (the metrics)
+        self.on_reload: Callable[[bool], None] | None = None
 
     def __repr__(self) -> str:
         return f"YamlDirectory({self.path!r})"
@@ -110,6 +112,8 @@ class YamlDirectory:
                     self._snapshot, self._error = None, DirectoryUnavailable(str(exc))
                 # only now: an unexpected exception must not leave the old snapshot in place
                 self._signature = signature
+                if self.on_reload is not None:
+                    self.on_reload(self._error is None)
             if self._error is not None:
                 raise self._error
             assert self._snapshot is not None

@@ -80,6 +80,8 @@ class LdapDirectory:
         self._tokens_at = clock()
         self._absent: dict[str, float] = {}  # key id -> until when LDAP's "no such key" holds
         self.problems: list[str] = []  # entries the last load skipped
+        # told each time the copy is rebuilt (True) or a poll fails (False): the metrics
+        self.on_reload: Callable[[bool], None] | None = None
 
     def __repr__(self) -> str:
         return f"LdapDirectory({', '.join(self.config.urls)!r}, base={self.base!r})"
@@ -161,6 +163,10 @@ class LdapDirectory:
             raise DirectoryUnavailable(f"LDAP unreachable for more than {limit:g}s: "
                                        f"{self._error}")
         return snapshot
+
+    def contact_age(self) -> float:
+        """Seconds since LDAP last answered a poll (the copy's age, docs/metrics.md)."""
+        return max(0.0, self._clock() - self._contact) if self._contact else float("inf")
 
     # -- read-through -------------------------------------------------------------------
     reads_through = True  # a key id missing from the copy may exist: ask (fresh_for_key)
@@ -262,6 +268,8 @@ class LdapDirectory:
         self._entries = entries
         self._serial = serial
         self._loaded_at = now
+        if self.on_reload is not None:
+            self.on_reload(True)
 
     def _apply(self, conn: Connection, serial: int, monitor: bool, changed: list[str]) -> None:
         """Fetch only the entries the change log names and rebuild the copy from memory."""
@@ -275,6 +283,8 @@ class LdapDirectory:
         self._snapshot = Directory(self._records(entries, monitor))
         self._entries = entries
         self._serial = serial
+        if self.on_reload is not None:
+            self.on_reload(True)
 
     def _start_refresher(self) -> None:
         if self._refresher is not None:
@@ -291,6 +301,10 @@ class LdapDirectory:
                 self._error = str(exc)
             except Exception as exc:  # noqa: BLE001 - keep refreshing; the copy ages out
                 self._error = f"internal error: {exc!r}"
+            else:
+                continue
+            if self.on_reload is not None:
+                self.on_reload(False)
 
     def close(self) -> None:
         self._stop.set()
