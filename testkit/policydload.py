@@ -107,10 +107,11 @@ def can_connect(endpoint: str) -> bool:
 def start_policyd(folder: Path, listen: dict[str, str],
                   directory: str | None = None,
                   counters: Mapping[str, Any] | None = None,
-                  name: str = "policyd") -> subprocess.Popen[bytes]:
+                  name: str = "policyd", metrics_listen: str = "") -> subprocess.Popen[bytes]:
     """A policyd on ``folder``'s directory.yaml, or on the ``directory`` section given (YAML
     flow text, e.g. an LDAP one: ldap_bench.py), with the ``counters`` section given (None:
-    the default, in memory); its configuration ``folder/<name>.yaml``, its log
+    the default, in memory) and ``metrics_listen`` (bench/metrics_cost.py); its
+    configuration ``folder/<name>.yaml``, its log
     ``folder/<name>.log``. Returns once every service accepts."""
     config = folder / f"{name}.yaml"
     section = directory or f"{{path: {folder / 'directory.yaml'}}}"
@@ -129,6 +130,7 @@ def start_policyd(folder: Path, listen: dict[str, str],
         "  socket_group: ''\n"
         "  user: root\n"  # the bench's folders are root's
         "  max_connections: 10000\n"
+        f"  metrics_listen: '{metrics_listen}'\n"
         "  bruteforce: {max_failures_per_address: 1000000}\n",
         encoding="utf-8",
     )
