@@ -37,9 +37,10 @@ DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
 # daemons' clock to the end of a day with its libfaketime (testkit/cluster.py). prometheus:
 # for its promtool, which tests/test_monitoring.py runs over monitoring/ (check rules, test
 # rules, check config); its system server is installed disabled and not started
-# (scripts/ensure-debian-packages), nothing listens on :9090.
+# (scripts/ensure-debian-packages), nothing listens on :9090. curl: the README's look at the
+# demo's /metrics and /health (tests/test_make_run.py runs it).
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
-	postfix swaks libnet-ssleay-perl openssl \
+	postfix swaks libnet-ssleay-perl openssl curl \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
 	slapd ldap-utils python3-apt redis-server faketime prometheus \
 	$(DEB_BUILD_PACKAGES) logrotate

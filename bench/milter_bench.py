@@ -5,7 +5,7 @@ NAME
 
 SYNOPSIS
     .venv/bin/python -m bench.milter_bench [--messages N] [--concurrency C] [--body-size B]
-        [--repeat R] [--warmup W] [--source DIR]... [--null]
+        [--repeat R] [--warmup W] [--source DIR]... [--workers N]... [--null]
         [--socket ENDPOINT --pid PID --login LOGIN --from ADDRESS] [--expect-signatures K]
 
 DESCRIPTION
@@ -46,6 +46,9 @@ DESCRIPTION
     A --source is another checkout of the repository: its `milters` package is run
     with this virtualenv's Python (PYTHONPATH=DIR python -m milters), so that two versions
     of the milter can be compared on one machine in one run.
+    With --workers N (repeatable) the milter is started with milter.workers N, each count
+    in turn within every repetition: the scaling of the worker processes (the CPU counted
+    is the supervisor's and its workers').
 
 MEASURES
     msg/s       N divided by the wall time from the first connection to the last reply
@@ -58,6 +61,7 @@ MEASURES
 
     .venv/bin/python -m bench.milter_bench --messages 3000 --concurrency 8 --repeat 3
     .venv/bin/python -m bench.milter_bench --source /tmp/main-checkout --source . --repeat 5
+    .venv/bin/python -m bench.milter_bench --workers 1 --workers 2 --repeat 5
     .venv/bin/python -m bench.milter_bench --null --concurrency 1 --repeat 5
     .venv/bin/python -m bench.milter_bench --socket unix:/run/keyrelay/milter.sock \\
         --pid "$(pidof -s keyrelay-milter)" --login 'acme:KEYID' --from app@acme.example
@@ -66,6 +70,7 @@ MEASURES
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import socket
@@ -352,6 +357,17 @@ def make_site(root: Path) -> Site:
     return Site(root, config, endpoint, f"bench:{key.key_id}", f"sender@{DOMAIN}", selectors)
 
 
+def with_workers(site: Site, count: int) -> Site:
+    """``site`` with milter.workers ``count`` (0: the configuration's default, auto)."""
+    if not count:
+        return site
+    config = yaml.safe_load(site.config.read_text())
+    config["milter"]["workers"] = count
+    path = site.config.with_name(f"keyrelay-workers-{count}.yaml")
+    path.write_text(yaml.safe_dump(config))
+    return dataclasses.replace(site, config=path)
+
+
 def _user() -> str:
     import pwd
 
@@ -559,6 +575,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", action="append",
                         help="a checkout whose milters package to run (repeatable; default: "
                         "this tree)")
+    parser.add_argument("--workers", action="append", type=int, metavar="N",
+                        help="milter.workers of the milter started (repeatable: each count "
+                        "in turn, interleaved; default: the configuration's default, auto)")
     parser.add_argument("--socket", help="drive this running milter (unix:PATH or "
                         "inet:HOST:PORT) instead of starting one")
     parser.add_argument("--pid", type=int, help="with --socket: the milter's process id")
@@ -594,12 +613,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         expect = 2 if args.expect_signatures is None else args.expect_signatures
         with tempfile.TemporaryDirectory(prefix="milter-bench-") as tmp:
-            site = make_site(Path(tmp))
-            setups = [(source, False) for source in args.source or [""]]
+            base = make_site(Path(tmp))
+            sites = {count: with_workers(base, count) for count in args.workers or [0]}
+            setups = [(source, False, count) for source in args.source or [""]
+                      for count in sites]
             if args.null:
-                setups.append(("", True))
+                setups.append(("", True, 0))
             for _ in range(args.repeat):
-                for source, null in setups:
+                for source, null, count in setups:
+                    site = sites[count]
                     with milter_process(site, source, null) as pid:
                         if not null:
                             verify_once(site)
@@ -609,6 +631,8 @@ def main(argv: list[str] | None = None) -> None:
                                           args.messages, args.concurrency, args.body_size,
                                           expect)
                     name = "null service (layer only)" if null else source or "."
+                    if count and not null:
+                        name += f", {count} worker{'s' if count > 1 else ''}"
                     results.setdefault(name, []).append(result)
                     report_run(name, result)
     print(f"load average after: {load_average()}")

@@ -72,6 +72,8 @@ def demo_env() -> Iterator[tuple[Path, dict[str, str]]]:
         "KEYRELAY_SUBMISSIONS_PORT": str(free_port()),
         "KEYRELAY_SINK_PORT": str(free_port()),
         "KEYRELAY_POOL_ADDRESS": "127.0.0.4",
+        "KEYRELAY_POLICYD_METRICS_PORT": str(free_port()),
+        "KEYRELAY_MILTER_METRICS_PORT": str(free_port()),
     })
     yield run_dir, env
     subprocess.run(["rm", "-rf", str(run_dir.parent)], check=False)
@@ -106,6 +108,18 @@ def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
         assert "X-Client-Addr: 127.0.0.4" in dump  # left through the demo pool
         assert "a=rsa-sha256" in dump and "a=ed25519-sha256" in dump
         assert "d=demo.example" in dump
+        # the README's curl of each endpoint: both healthy, the milter counted the message
+        urls = values["KEYRELAY_METRICS_URLS"].split()
+        assert urls == [f"http://127.0.0.1:{env['KEYRELAY_POLICYD_METRICS_PORT']}",
+                        f"http://127.0.0.1:{env['KEYRELAY_MILTER_METRICS_PORT']}"]
+        for url in urls:
+            health = subprocess.run(["curl", "-s", f"{url}/health"], capture_output=True,
+                                    text=True, timeout=60)
+            assert health.stdout == "ok\n", health
+        page = subprocess.run(["curl", "-s", f"{urls[1]}/metrics"], capture_output=True,
+                              text=True, timeout=60).stdout
+        assert re.search(r'^keyrelay_messages_total\{account="demo",outcome="signed"\} 1\.0$',
+                         page, re.M), page[-2000:]
         first_key_id = values["KEYRELAY_DEMO_KEY_ID"]
         # issue 20: the daemons run unprivileged, as the production default (policyd.user and
         # milter.user: keyrelay), not as root
