@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     a, b = (Settings(root / "cluster" / node, smtp_port=next(ports),
                      submission_port=next(ports), alt_submission_port=next(ports),
                      submissions_port=next(ports), sink_port=next(ports),
+                     policyd_metrics_port=0, milter_metrics_port=0,
                      pool_address="127.0.0.23") for node in ("node-a", "node-b"))
     cluster = Cluster(root, a, b, say=lambda text: print(text, flush=True),
                       refresh_interval=1.0)

@@ -95,11 +95,15 @@ class PrivateRelay:
     # -- building --------------------------------------------------------------------------
     def prepare(self) -> Settings:
         """The relay's state, certificate and Postfix configuration; nothing started."""
-        smtp, submission, alt, submissions, sink = free_ports(5)
+        smtp, submission, alt, submissions, sink, policyd_metrics, milter_metrics = (
+            free_ports(7))
         settings = Settings(run_dir=(self.root / "relay").resolve(), host="127.0.0.1",
                             smtp_port=smtp, submission_port=submission,
                             alt_submission_port=alt, submissions_port=submissions,
                             sink_port=sink, pool_address="127.0.0.2",
+                            # the endpoints on, as a monitored production relay has them
+                            policyd_metrics_port=policyd_metrics,
+                            milter_metrics_port=milter_metrics,
                             directory=self.directory,
                             # as testkit/relay.py: unprivileged, but root with LDAP
                             daemon_user="keyrelay" if self.directory is None else "root")
