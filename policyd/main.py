@@ -194,11 +194,17 @@ class Daemon:
         self.auth.metrics = self.policy.metrics = self.socketmap.metrics = recorder
         self.context.directory.on_reload = recorder.reload
         probe = Probe(recorder, lambda: self.context.directory, endpoint.folder)
-        probe.run()
         if self.inherited is None:
             endpoint.serve_here(probe)
-        return [asyncio.create_task(self.every(INTERVAL, probe.run)),
+        return [asyncio.create_task(self.probe_loop(probe)),
                 asyncio.create_task(self.count_lockouts(recorder))]
+
+    async def probe_loop(self, probe: Probe) -> None:
+        """The directory probe every second, in a thread: a copy not loaded yet (LDAP away
+        since the start) is loaded by ``snapshot()``, which waits for LDAP."""
+        while True:
+            await asyncio.to_thread(probe.run)
+            await asyncio.sleep(INTERVAL)
 
     async def count_lockouts(self, metrics: Metrics) -> None:
         """keyrelay_lockouts_active, from the counter store every 5 seconds."""
