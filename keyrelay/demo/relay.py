@@ -174,6 +174,14 @@ class Relay:
                 "--auth PLAIN --auth-user apikey --auth-password \"$KEYRELAY_DEMO_KEY\" "
                 "--from \"$KEYRELAY_DEMO_FROM\" --to \"$KEYRELAY_DEMO_TO\"")
 
+    def metrics_lines(self) -> str:
+        """The banner's lines for the metrics endpoints (none when they are off)."""
+        urls = self.settings.metrics_urls()
+        names = [name for name, port in (("policyd", self.settings.policyd_metrics_port),
+                                         ("milter", self.settings.milter_metrics_port)) if port]
+        return "".join(f"  {name + ' metrics':17} {url}/metrics  {url}/health\n"
+                       for name, url in zip(names, urls, strict=True))
+
     def banner(self) -> str:
         """What ``make run`` prints once everything runs."""
         s = self.settings
@@ -187,7 +195,7 @@ keyrelay demo relay is running (Ctrl-C stops it).
   delivered mail    {s.outbox}/   (smtp-sink on {s.host}:{s.sink_port})
   logs              {s.logs}/ and {s.maillog}
   API key, ports    {s.env_file}   (username: apikey)
-
+{self.metrics_lines()}
 Send a message (in another terminal):
 
   {self.swaks_command()}
