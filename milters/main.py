@@ -148,8 +148,8 @@ def load_keys(snapshot: Directory, keys: KeyStore, reader: str = "") -> tuple[in
 def serve(config: Config, config_path: str) -> None:
     count = supervisor.worker_count(config.milter.workers)
     # milter.metrics_listen: bound as root, with the milter's socket
-    endpoint = (Endpoint("milter", config.milter.metrics_listen,
-                         config.metrics.top_accounts) if config.milter.metrics_listen else None)
+    endpoint = (Endpoint("milter", config.milter.metrics_listen, config.metrics.top_accounts,
+                         count, config.milter.user) if config.milter.metrics_listen else None)
     try:
         if count > 1:
             serve_workers(config, config_path, count, endpoint)
@@ -248,8 +248,6 @@ def serve_workers(config: Config, config_path: str, count: int,
     worker's libmilter cannot reload in place), the old ones finishing their messages."""
     path = bind(config, shared=True)
     daemon.drop_privileges(config.milter.user, log, "milter.user")
-    if endpoint is not None:
-        endpoint.for_workers()
     current = [config]
 
     def work(slot: int) -> int:

@@ -453,8 +453,6 @@ def serve_workers(path: str, config: Config, counters: CounterStore, count: int,
     (and the metrics endpoint, when on, in the supervisor: the sum of the workers)."""
     bound = bind_all(config)
     daemon.drop_privileges(config.policyd.user, log, "policyd.user")
-    if endpoint is not None:
-        endpoint.for_workers()
 
     def work(slot: int) -> int:
         run(serve(path, config, counters, bound, lambda: workers.reloads() > 0, endpoint))
@@ -529,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if config.policyd.metrics_listen:  # bound as root, with the sockets
             endpoint = Endpoint("policyd", config.policyd.metrics_listen,
-                                config.metrics.top_accounts)
+                                config.metrics.top_accounts, count, config.policyd.user)
         if count > 1:
             serve_workers(path, config, counters, count, endpoint)
         else:

@@ -2,20 +2,25 @@
 
 The daemons use it in this order:
 
-1. ``Endpoint(listen, top_accounts)`` while still root: the port is bound (a port taken
-   stops the start with one line).
+1. ``Endpoint(daemon, listen, top_accounts, workers, user)`` while still root: the port is
+   bound (a port taken stops the start with one line); with workers, the multiprocess folder
+   is made, given to ``user``, and named in ``PROMETHEUS_MULTIPROC_DIR`` before
+   prometheus_client is imported; and prometheus_client is imported now, as root: once the
+   daemon runs as its own user, a virtual environment only root may read (a venv in root's
+   folder) would hide it.
 2. One process: ``recorder()``, then ``serve_here(probe)``.
-   With workers: ``for_workers()`` in the supervisor after privileges dropped and before any
-   fork (the multiprocess folder, and ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is
-   imported), ``supervise(supervisor)``; each worker calls ``recorder()`` and runs a ``Probe``
-   with ``health_dir``; ``close()`` at the end removes the folder.
+   With workers: ``supervise(supervisor)`` before it starts them; each worker calls
+   ``recorder()`` and runs a ``Probe`` with ``health_dir``; ``close()`` at the end removes the
+   folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
+import pwd
 import shutil
 import tempfile
 import threading
@@ -32,14 +37,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keyrelay.metrics")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# what the daemons use of prometheus_client, imported at start (see the module doc)
+_MODULES = ("prometheus_client", "prometheus_client.core", "prometheus_client.exposition",
+            "prometheus_client.multiprocess", "prometheus_client.platform_collector")
 
 
 class Endpoint:
-    def __init__(self, daemon: str, listen: str, top_accounts: int) -> None:
+    def __init__(self, daemon: str, listen: str, top_accounts: int, workers: int = 1,
+                 user: str = "") -> None:
         self.daemon = daemon  # policyd or milter: which metrics it has
         self.server = MetricsServer(listen)
         self.top_accounts = top_accounts
         self.folder: str | None = None  # with workers: their multiprocess files
+        if workers > 1:
+            self._make_folder(user)
+        for module in _MODULES:
+            importlib.import_module(module)
 
     def recorder(self) -> Recorder:
         """The ``Metrics`` of this process (one process, or one worker after its fork)."""
@@ -65,11 +78,14 @@ class Endpoint:
         self.server.start(AccountBound(REGISTRY, self.top_accounts), lambda: probe.problem)
 
     # -- with workers --------------------------------------------------------------------
-    def for_workers(self) -> None:
-        """Before the first fork: the folder where every worker writes its values."""
+    def _make_folder(self, user: str) -> None:
+        """The folder where every worker writes its values, the service user's."""
         shm = "/dev/shm"  # noqa: S108 - a private folder is made inside (mkdtemp, 0700)
         base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
         self.folder = tempfile.mkdtemp(prefix="keyrelay-metrics-", dir=base)
+        if os.geteuid() == 0 and user and user != "root":
+            entry = pwd.getpwnam(user)
+            os.chown(self.folder, entry.pw_uid, entry.pw_gid)
         os.environ[MULTIPROC_ENV] = self.folder
 
     def supervise(self, supervisor: Supervisor) -> None:
