@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from .. import names
 from ..errors import UserError, one_line
+from ..postfixconf import split_list
 from ..decisions import SEND_SCOPE
 from .plan import DomainPlan, KeyPlan, MigrateError, Plan, SubuserPlan, subuser_names
 from .sasl import Login, read_passwd_file, read_sasldb
@@ -94,25 +95,6 @@ def read_site(config_dir: str) -> Site:
             services.setdefault(service, {})[name] = value
     kinds = _run(["postconf", "-c", config_dir, "-m"])
     return Site(config_dir, params, services, set(kinds.stdout.split()))
-
-
-def split_list(value: str) -> list[str]:
-    """A Postfix list: items parted by blanks and commas, ``{...}`` kept whole."""
-    items, depth, current = [], 0, ""
-    for char in value:
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth = max(0, depth - 1)
-        if depth == 0 and (char.isspace() or char == ","):
-            if current:
-                items.append(current)
-            current = ""
-        else:
-            current += char
-    if current:
-        items.append(current)
-    return items
 
 
 # -- sender-login maps -----------------------------------------------------------------------
@@ -260,13 +242,15 @@ def build(config_dir: str, account: str, sasldb: str | None, passwd: str | None)
     for entry in decided.values():
         owners = []
         for owner in entry.owners:
-            if owner in who:
+            if "@" not in entry.key:  # never imported (_classify says why): no login needed
+                owners.append(owner)
+            elif owner in who:
                 owners.append(who[owner])
             else:
                 plan.problems.append(
                     f"`{entry.key}` in `{entry.table}` names login `{owner}`, which no SASL "
                     "source given holds: not imported for it")
-        if len(owners) > 1:
+        if len(owners) > 1 and "@" in entry.key.lstrip("@"):  # an address, not a domain
             plan.notes.append(f"`{entry.key}` is owned by {len(owners)} logins "
                               f"({', '.join(owners)}), so each of their subusers may send as "
                               "it, as Postfix allowed; check that this sharing is wanted")
@@ -298,9 +282,10 @@ def build(config_dir: str, account: str, sasldb: str | None, passwd: str | None)
     for login in logins:
         sub = plan.subusers[named[login.name]]
         if not sub.senders and not any(sub.name in d.grants for d in plan.domains.values()):
-            plan.problems.append(f"login `{login.name}` has no sender-map entry: its subuser "
-                                 f"`{plan.pid(sub.name)}` may send as no address until you "
-                                 "give it one (`keyrelay sender add`, `keyrelay domain grant`)")
+            plan.problems.append(f"login `{login.name}` has no sender-map entry (or none that "
+                                 f"could be imported): its subuser `{plan.pid(sub.name)}` may "
+                                 "send as no address until you give it one (`keyrelay sender "
+                                 "add`, `keyrelay domain grant`)")
     _enforcement(site, plan)
     _mynetworks(site, plan)
     _passwords_and_keys(plan, logins, named)

@@ -219,6 +219,12 @@ def _allow_list(found: _File | None, plan: Plan, sub: str, who: str) -> None:
                 f"for all of `{plan.account}`, `keyrelay ip allow {plan.account} CIDR` each")
         return
     plan.account_ip_allow = list(dict.fromkeys(rules))
+    if plan.account_ip_allow:
+        plan.notes.append(
+            "The parent's IP Access Management allow-list becomes the IP access rules of "
+            f"account `{plan.account}`: logins and mail of the account and every subuser from "
+            "any other address are refused. SendGrid's list also guarded its web console: "
+            "leave out the addresses of people's desks if no application sends from them")
     for rule in plan.account_ip_allow:
         plan.mapped.append((f"IP access rule `{rule}`",
                             f"IP access rule of account `{plan.account}` (all its subusers)"))
