@@ -202,7 +202,7 @@ def render_report(plan: Plan, command: str, out: str) -> str:
     lines += [f"- {p}" for p in plan.problems] if plan.problems else ["Nothing: every entry "
                                                                       "was mapped."]
     for title, body in plan.sections:
-        lines += ["", f"## {title}", ""] + body
+        lines += ["", f"## {title}", "", *body]
     lines += ["", "## Next steps, in this order", ""]
     steps = [f"Review this report and the declaration; then `keyrelay sync --dry-run {out}` "
              f"and `keyrelay sync {out}` (it creates the account, subusers, senders and domains, "
@@ -222,8 +222,9 @@ def render_report(plan: Plan, command: str, out: str) -> str:
                          f"   - `keyrelay key create {plan.pid(k.principal)} --name {k.name}"
                          + "".join(f" --scope {s}" for s in k.scopes) + f"`: {_cell(k.why)}"
                          for k in plan.keys))
-    steps.append("Watch the log for `monitor` refusals of the moved applications; when there "
-                 f"are none, `keyrelay monitor off {plan.account}`.")
+    steps.append("Watch the log for `verdict=monitor-allow` lines of the moved applications "
+                 "(each names the refusal monitor mode let pass); when there are none, "
+                 f"`keyrelay monitor off {plan.account}`.")
     lines += [f"{i}. {s}" for i, s in enumerate(steps, 1)]
     return "\n".join(lines) + "\n"
 

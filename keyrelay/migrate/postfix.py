@@ -23,9 +23,9 @@ import subprocess
 from dataclasses import dataclass
 
 from .. import names
+from ..decisions import SEND_SCOPE
 from ..errors import UserError, one_line
 from ..postfixconf import split_list
-from ..decisions import SEND_SCOPE
 from .plan import DomainPlan, KeyPlan, MigrateError, Plan, SubuserPlan, subuser_names
 from .sasl import Login, read_passwd_file, read_sasldb
 
@@ -257,27 +257,27 @@ def build(config_dir: str, account: str, sasldb: str | None, passwd: str | None)
         _classify(entry, owners, addresses, domains, plan)
 
     for domain, owners in sorted(domains.items()):
-        for login in owners:
+        for owner in owners:
             plan.domains.setdefault(domain, DomainPlan(domain))  # DNS is needed either way
             left_out = sorted(a for a, who_may in addresses.items()
-                              if a.endswith("@" + domain) and login not in who_may)
+                              if a.endswith("@" + domain) and owner not in who_may)
             if left_out:
                 plan.problems.append(
-                    f"`@{domain}` → `{login}` not granted: Postfix gave {', '.join(left_out)} "
+                    f"`@{domain}` → `{owner}` not granted: Postfix gave {', '.join(left_out)} "
                     "to other logins only, and a keyrelay domain grant cannot leave an address "
-                    f"out. If `{login}` may send as those too, `keyrelay domain grant {domain} "
-                    f"{plan.pid(named[login])}`; else give it its addresses with `keyrelay "
+                    f"out. If `{owner}` may send as those too, `keyrelay domain grant {domain} "
+                    f"{plan.pid(named[owner])}`; else give it its addresses with `keyrelay "
                     "sender add`")
                 continue
-            plan.grant(domain, named[login])
-            plan.mapped.append((f"`@{domain}` → `{login}`",
+            plan.grant(domain, named[owner])
+            plan.mapped.append((f"`@{domain}` → `{owner}`",
                                 f"domain `{domain}` (owner `{account}`) granted to "
-                                f"`{plan.pid(named[login])}`"))
+                                f"`{plan.pid(named[owner])}`"))
     for address, owners in sorted(addresses.items()):
-        for login in owners:
-            plan.add_sender(named[login], address)
-            plan.mapped.append((f"`{address}` → `{login}`",
-                                f"verified single sender of `{plan.pid(named[login])}`"))
+        for owner in owners:
+            plan.add_sender(named[owner], address)
+            plan.mapped.append((f"`{address}` → `{owner}`",
+                                f"verified single sender of `{plan.pid(named[owner])}`"))
 
     for login in logins:
         sub = plan.subusers[named[login.name]]

@@ -3,13 +3,15 @@ a declaration and a report (docs/migration.md, "Leaving SendGrid").
 
 The folder holds, each file optional (at least one must be there):
 
-| file | API call | shape |
-| --- | --- | --- |
-| ``subusers.json`` | ``GET /v3/subusers`` | ``[{"username", "email", "disabled", "id"}]`` |
-| ``access_settings_whitelist.json`` | ``GET /v3/access_settings/whitelist`` | ``{"result": [{"ip", "id", ...}]}`` |
-| ``whitelabel_domains.json`` | ``GET /v3/whitelabel/domains`` | ``[{"domain", "subdomain", "username", "subusers": [{"username"}], "valid", ...}]`` |
-| ``verified_senders.json`` | ``GET /v3/verified_senders`` | ``{"results": [{"from_email", "verified", ...}]}`` |
-| ``api_keys.json`` | ``GET /v3/api_keys``, each key with its ``scopes`` from ``GET /v3/api_keys/{id}`` | ``{"result": [{"name", "api_key_id", "scopes"}]}`` |
+- ``subusers.json``: ``GET /v3/subusers``, ``[{"username", "email", "disabled", "id"}]``;
+- ``access_settings_whitelist.json``: ``GET /v3/access_settings/whitelist``,
+  ``{"result": [{"ip", "id", ...}]}``;
+- ``whitelabel_domains.json``: ``GET /v3/whitelabel/domains``, ``[{"domain", "subdomain",
+  "username", "subusers": [{"username"}], "valid", ...}]``;
+- ``verified_senders.json``: ``GET /v3/verified_senders``, ``{"results": [{"from_email",
+  "verified", ...}]}``;
+- ``api_keys.json``: ``GET /v3/api_keys`` with each key's ``scopes`` from ``GET
+  /v3/api_keys/{id}``, ``{"result": [{"name", "api_key_id", "scopes"}]}``;
 
 and ``subusers/USERNAME/`` the same calls made ``on-behalf-of`` a subuser (its verified
 senders, API keys, allow-list). The parent account becomes the keyrelay account, each
@@ -25,8 +27,8 @@ from typing import Any
 from .. import names
 from ..decisions import SEND_SCOPE
 from ..errors import UserError, one_line
-from ..scopes import STATS_SCOPE
 from ..keys import holds_secret
+from ..scopes import STATS_SCOPE
 from .plan import DomainPlan, KeyPlan, MigrateError, Plan, SubuserPlan, subuser_names
 
 FILES = ("subusers.json", "access_settings_whitelist.json", "whitelabel_domains.json",
