@@ -14,7 +14,9 @@ import pytest
 import yaml
 from test_yaml_directory import KEYRELAY, run_cli, write_config
 
+from keyrelay import names
 from keyrelay.directory import YamlDirectory
+from keyrelay.migrate.plan import subuser_names
 
 needs_tools = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("postconf", "postmap", "saslpasswd2", "db_dump")),
@@ -236,3 +238,19 @@ def test_a_folder_without_main_cf_is_one_line(tmp_path: Path) -> None:
     assert (done.returncode, done.stderr) == (1, (
         f"keyrelay: error: --config-dir {tmp_path}: no main.cf there (name the folder of the "
         "site's main.cf, e.g. /etc/postfix)\n"))
+
+
+def test_subuser_names_are_readable_valid_unique_and_stable() -> None:
+    logins = ["App_1@example.com", "app-1@other.example", "billing", "Ünïcode@x.example",
+              "a" * 40 + "@example.com", "a" * 40 + "@example.org", "@@@"]
+    first = subuser_names(logins)
+    assert first == subuser_names(reversed(logins))  # the same site, the same names
+    assert first["App_1@example.com"] == "app-1-example-com"  # the local parts clash
+    assert first["app-1@other.example"] == "app-1-other-example"
+    assert first["billing"] == "billing"
+    assert first["Ünïcode@x.example"] == "n-code"
+    assert len(set(first.values())) == len(logins)
+    for name in first.values():
+        assert names.account_name(name) == name
+    long_names = [first["a" * 40 + "@example.com"], first["a" * 40 + "@example.org"]]
+    assert all(n.startswith("a" * 25 + "-") and len(n) == 32 for n in long_names)
