@@ -110,7 +110,7 @@ def test_a_site_is_imported_exactly_as_its_maps_allowed(tmp_path: Path) -> None:
 
     declared = yaml.safe_load(written)
     assert declared == {
-        "accounts": {"acme": {"senders": [], "subusers": {
+        "accounts": {"acme": {"subusers": {
             "billing": {"senders": ["invoices@site.example"]},
             "crm": {"senders": ["alerts@site.example", "noreply@news.example"]},
             "monitoring": {"senders": ["alerts@site.example"]},

@@ -136,7 +136,8 @@ def declaration(plan: Plan) -> dict[str, object]:
         account["status"] = "suspended"
     if plan.account_ip_allow is not None:
         account["ip_allow"] = list(plan.account_ip_allow)
-    account["senders"] = sorted(plan.account_senders)
+    if plan.account_senders:  # an account that exists keeps the senders it has otherwise
+        account["senders"] = sorted(plan.account_senders)
     subusers: dict[str, object] = {}
     for name in sorted(plan.subusers):
         sub = plan.subusers[name]
