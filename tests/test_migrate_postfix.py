@@ -37,7 +37,9 @@ def postmap(site: Path, table: str) -> None:
     subprocess.run(["postmap", "-c", str(site), table], check=True, timeout=60)
 
 
-def make_site(tmp_path: Path, *, maps: str | None = None) -> Path:
+def make_site(tmp_path: Path, *, maps: str | None = None,
+              mynetworks: str = "127.0.0.0/8 [::1]/128 192.0.2.0/24",
+              sender_restrictions: str = "reject_sender_login_mismatch") -> Path:
     site = tmp_path / "postfix"
     site.mkdir()
     if maps is None:
@@ -46,11 +48,11 @@ def make_site(tmp_path: Path, *, maps: str | None = None) -> Path:
     (site / "main.cf").write_text(
         "compatibility_level = 3.6\n"
         "myhostname = mail.site.example\n"
-        "mynetworks = 127.0.0.0/8 [::1]/128 192.0.2.0/24\n"
+        f"mynetworks = {mynetworks}\n"
         f"smtpd_sender_login_maps = {maps}\n"
         "smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, "
         "reject_unauth_destination\n"
-        "smtpd_sender_restrictions = reject_sender_login_mismatch\n", encoding="utf-8")
+        f"smtpd_sender_restrictions = {sender_restrictions}\n", encoding="utf-8")
     (site / "master.cf").write_text(
         "submission inet n - y - - smtpd\n"
         "  -o smtpd_sasl_auth_enable=yes\n"
@@ -129,6 +131,7 @@ def test_a_site_is_imported_exactly_as_its_maps_allowed(tmp_path: Path) -> None:
             "noreply@news.example to other logins only") in report
     assert "login `newsletter@site.example` has no sender-map entry" in report
     assert "`alerts@site.example` is owned by 2 logins" in report
+    assert "Each domain is owned by the account `acme`" in report
     # permit_mynetworks clients, each to get a key
     assert "`permit_mynetworks` is in `smtpd_relay_restrictions`" in report
     assert "| `192.0.2.0/24` | give each application there a key" in report
@@ -220,6 +223,30 @@ def test_bad_maps_and_logins_are_lines_of_the_report(tmp_path: Path) -> None:
     for login in ("crm@site.example", "billing@mail.site.example", "monitoring",
                   "newsletter@site.example"):
         assert f"login `{login}` has no sender-map entry" in report
+
+
+def test_proxy_and_unionmap_maps_are_read_and_mynetworks_tables_are_named(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "postfix"
+    site = make_site(tmp_path, maps=(
+        f"proxy:hash:{folder / 'by_hash'} unionmap:{{texthash:{folder / 'by_text'}, "
+        f"lmdb:{folder / 'by_lmdb'}}}"),
+        mynetworks=f"!192.0.2.9 192.0.2.0/24 cidr:{folder / 'nets'} /etc/relay-clients",
+        sender_restrictions="reject_known_sender_login_mismatch")
+    out = tmp_path / "migrated.yaml"
+    done = migrate("--config-dir", str(site), "--sasldb", str(make_sasldb(tmp_path)),
+                   "--dovecot-passwd", str(make_passwd(tmp_path)), "--account", "acme",
+                   "--out", str(out))
+    assert (done.returncode, done.stderr) == (0, ""), done
+    subusers = yaml.safe_load(out.read_text(encoding="utf-8"))["accounts"]["acme"]["subusers"]
+    assert subusers["crm"] == {"senders": ["alerts@site.example", "noreply@news.example"]}
+    assert subusers["monitoring"] == {"senders": ["alerts@site.example"]}
+    report = (tmp_path / "migrated.report.md").read_text(encoding="utf-8")
+    assert "| `!192.0.2.9` | excluded by the site: nothing to do |" in report
+    assert f"| `cidr:{folder / 'nets'}` | a file or table of networks" in report
+    assert "| `/etc/relay-clients` | a file or table of networks" in report
+    assert ("The site has only reject_known_sender_login_mismatch in its restrictions: its "
+            "logins could send as addresses the sender maps do not list") in report
 
 
 def test_sunset_is_refused_until_the_password_bridge_exists(tmp_path: Path) -> None:

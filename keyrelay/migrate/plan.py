@@ -179,8 +179,13 @@ def render_report(plan: Plan, command: str, out: str) -> str:
               f"- account `{plan.account}` with {len(plan.subusers)} subuser(s)",
               f"- {len(plan.domains)} domain(s), {senders} verified single sender(s)",
               f"- {len(plan.problems)} item(s) could not be mapped (below)", ""]
-    if plan.notes:
-        lines += ["## Read before syncing", ""] + [f"- {n}" for n in plan.notes] + [""]
+    notes = list(plan.notes)
+    if plan.domains:
+        notes.append(f"Each domain is owned by the account `{plan.account}` (keyrelay grants "
+                     "only an account's own domains to its subusers): a key of the account "
+                     "itself could send as all of them, so give the applications subuser keys")
+    if notes:
+        lines += ["## Read before syncing", "", *(f"- {n}" for n in notes), ""]
     lines += ["## What was mapped to what", ""]
     if plan.mapped:
         lines += ["| found | became |", "| --- | --- |"]
