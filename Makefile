@@ -38,9 +38,12 @@ DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
 # for its promtool, which tests/test_monitoring.py runs over monitoring/ (check rules, test
 # rules, check config); its system server is installed disabled and not started
 # (scripts/ensure-debian-packages), nothing listens on :9090. curl: the README's look at the
-# demo's /metrics and /health (tests/test_make_run.py runs it).
+# demo's /metrics and /health (tests/test_make_run.py runs it). sasl2-bin (saslpasswd2),
+# db-util (db_dump) and postfix-lmdb: tests/test_migrate_postfix.py makes a real Cyrus sasldb2
+# and an lmdb sender map, and `keyrelay migrate postfix` reads a sasldb2 with db_dump (its
+# saslauthd service is installed disabled by scripts/ensure-debian-packages).
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
-	postfix swaks libnet-ssleay-perl openssl curl \
+	postfix postfix-lmdb sasl2-bin db-util swaks libnet-ssleay-perl openssl curl \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
 	slapd ldap-utils python3-apt redis-server faketime prometheus \
 	$(DEB_BUILD_PACKAGES) logrotate

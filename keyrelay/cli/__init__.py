@@ -31,6 +31,7 @@ from . import (
     key,
     limits,
     lockout,
+    migrate,
     monitor,
     pool,
     postfix,
@@ -86,7 +87,7 @@ exit status:
 
 # the command groups in the order --help lists them
 _GROUPS = (init, config, account, subuser, key, ip, domain, sender, pool, limits, usage_command,
-           sync, backup, postfix, monitor, lockout)
+           sync, migrate, backup, postfix, monitor, lockout)
 
 
 def build_parser() -> argparse.ArgumentParser:
