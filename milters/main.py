@@ -10,10 +10,12 @@ import logging
 import os
 import pwd
 import re
+import signal
 import socket
 import stat
 import sys
 import textwrap
+import threading
 import time
 from typing import NoReturn, TextIO
 
@@ -225,9 +227,10 @@ def bind(config: Config, shared: bool) -> str | None:
     return path
 
 
-def _listening_socket_nonblocking() -> None:
-    """Make libmilter's listening socket (the one socket of this process that listens: it
-    does not say which descriptor it is) non-blocking, for every process that shares it."""
+def _listening_fds() -> list[int]:
+    """libmilter's listening socket: the descriptors of this process that listen (it does
+    not say which descriptor is its own; the milter has no other listening socket)."""
+    found = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         with contextlib.suppress(OSError):
@@ -236,9 +239,16 @@ def _listening_socket_nonblocking() -> None:
             probe = socket.socket(fileno=os.dup(fd))
             try:
                 if probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                    os.set_blocking(fd, False)
+                    found.append(fd)
             finally:
                 probe.close()
+    return found
+
+
+def _listening_socket_nonblocking() -> None:
+    """Make libmilter's listening socket non-blocking, for every process that shares it."""
+    for fd in _listening_fds():
+        os.set_blocking(fd, False)
 
 
 def serve_workers(config: Config, config_path: str, count: int,
@@ -288,9 +298,34 @@ def serve_workers(config: Config, config_path: str, count: int,
             log.info("leaving socket %s in place: %s", path, exc.strerror or exc)
 
 
+# SIGTERM, SIGINT and SIGHUP stop one milter process (a worker's SIGHUP comes from nobody: the
+# supervisor replaces workers with SIGTERM). _LISTENER_ENDED wakes the main thread when
+# libmilter's listener ends by itself.
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+_LISTENER_ENDED = signal.SIGUSR1
+
+
 def run_milter(config: Config, service: MilterService, stream: TextIO) -> None:
-    """Serve (libmilter's loop) until a stop signal, then let messages in progress finish."""
+    """Serve (libmilter's loop) until a stop signal, then let messages in progress finish.
+
+    libmilter's own stop is not used: its signal thread sets a stop flag and then closes the
+    listening socket, so that a listener thread that read the flag just before finds the
+    socket closed under it and ends smfi_main() with MI_FAILURE (pymilter raises
+    ``Milter.error``: exit status 1 after a plain SIGTERM under load); its pool of session
+    threads then quits with messages half served; and once ``Milter.main()`` returns,
+    pymilter has forgotten its interpreter, so a session accepted just before that crashes
+    the process (SIGSEGV) at its first callback. Instead the stop signals are this thread's:
+    libmilter serves in a thread of its own while this one waits for them (the kernel gives a
+    signal sent to the process to its main thread when that thread waits for it), then swaps
+    libmilter's listening socket for one nobody connects to, so that its listener accepts
+    nothing more while its sessions go on, and waits for the messages in progress.
+    ``Milter.main()`` never returns then; the process ends without unwinding libmilter
+    (``exit_now``).
+    """
     cfg = config.milter
+    # blocked before any thread starts, so that every thread (libmilter's) inherits it;
+    # never unblocked: a second SIGTERM during the grace changes nothing
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS | {_LISTENER_ENDED})
     try:
         loaded, problems = load_keys(service.directory.snapshot(), service.keys)
     except DirectoryUnavailable as exc:
@@ -300,8 +335,15 @@ def run_milter(config: Config, service: MilterService, stream: TextIO) -> None:
             log.warning("DKIM key will not sign (mail of its domain is deferred): %s", problem)
         log.info("%d DKIM keys loaded", loaded)
     log.info("%s %s ready on %s (pid %d)", PROG, __version__, cfg.listen, os.getpid())
-    Milter.main()  # returns once libmilter's signal thread saw SIGTERM, SIGINT or SIGHUP
-    log.info("stopping: no new connections; finishing messages in progress")
+    try:
+        stopped_by = _serve_until_stopped()
+    except Milter.error as exc:  # no stop was asked for: systemd (or the supervisor) restarts
+        log.error("libmilter stopped serving on %s by itself: %s (its reason goes to syslog)",
+                  cfg.listen, exc)
+        stream.flush()
+        exit_now(1)
+    log.info("stopping (%s): no new connections; finishing messages in progress",
+             stopped_by)
     deadline = time.monotonic() + cfg.shutdown_grace
     while service.in_progress > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -309,6 +351,65 @@ def run_milter(config: Config, service: MilterService, stream: TextIO) -> None:
         log.warning("%d messages still in progress at exit; Postfix defers them",
                     service.in_progress)
     stream.flush()
+
+
+def _serve_until_stopped() -> str:
+    """libmilter's loop in a thread until a stop signal comes to this one; what stopped it.
+    Raises ``Milter.error`` when the listener failed by itself."""
+    failures: list[Milter.error] = []
+    ended = threading.Event()
+    waiter = threading.get_ident()
+
+    def listen() -> None:
+        try:
+            Milter.main()
+        except Milter.error as exc:
+            failures.append(exc)
+        finally:
+            ended.set()
+            signal.pthread_kill(waiter, _LISTENER_ENDED)
+
+    listener = threading.Thread(target=listen, name="libmilter", daemon=True)
+    listener.start()
+    while True:
+        signo = signal.sigwait(_STOP_SIGNALS | {_LISTENER_ENDED})
+        if signo in _STOP_SIGNALS:
+            _stop_accepting()
+            return signal.Signals(signo).name
+        if ended.is_set():  # a stray SIGUSR1 from outside changes nothing
+            break
+    listener.join()
+    if failures:  # the listener failed by itself (or after a stop signal that went to
+        raise failures[0]  # libmilter's own thread, which only a burst of signals does)
+    return "libmilter's own signal thread"
+
+
+def _stop_accepting() -> None:
+    """Put a listening socket that nobody can reach (an unnamed unix socket, non-blocking: an
+    accept() on it says EAGAIN, which libmilter takes as "nothing yet") in the place of
+    libmilter's listening socket. This process then accepts nothing more; its sessions go
+    on. The socket itself stays open where workers share it (the other workers accept on
+    it); a single process's closes once libmilter's poll on it returns (at most 5 s), and a
+    connection still waiting in its backlog is refused then: Postfix answers 451."""
+    for fd in _listening_fds():
+        dummy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dummy.bind("")  # Linux: a name of its own in the abstract namespace
+        dummy.listen(1)
+        dummy.setblocking(False)
+        os.dup2(dummy.fileno(), fd, inheritable=False)
+        dummy.close()
+
+
+def exit_now(status: int) -> NoReturn:
+    """End the process without unwinding libmilter: its threads (the listener, its pool of
+    session threads, its signal thread) still run, and neither Python's finalization nor
+    libmilter's exit handler (which destroys a lock its signal thread waits on) may run under
+    them. The logs are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def _register() -> None:
@@ -364,3 +465,4 @@ def main(argv: list[str] | None = None) -> None:
     except KeyError as exc:
         fail(f"milter.user / milter.socket_group: no such user or group: {exc}")
     log.info("%s stopped", PROG)
+    exit_now(0)

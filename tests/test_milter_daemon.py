@@ -6,6 +6,7 @@ under tmp_path; readiness is its "ready" log line, never a sleep.
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import re
 import shutil
@@ -15,6 +16,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +26,19 @@ import pytest
 import yaml
 from test_dkimsign import make_selectors
 
+from bench.milter_bench import (
+    ACCEPTED,
+    FINAL,
+    HDR_LEADSPC,
+    MilterClient,
+    inserted_headers,
+    make_message,
+    make_site,
+)
+from bench.milter_bench import Message as BenchMessage
+from bench.milter_bench import MilterError as BenchMilterError
+from bench.milter_bench import packet as milter_packet
+from bench.milter_bench import strings as milter_strings
 from keyrelay import admin
 from keyrelay.directory.yamlfile import render
 from milters.main import libmilter_endpoint
@@ -191,11 +207,12 @@ def test_missing_directory_is_an_error_at_start(site: Path) -> None:
 
 # -- the running daemon ----------------------------------------------------------------------
 class Daemon:
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.log = config.parent / "milter.log"
         with self.log.open("ab") as log:
             self.process = subprocess.Popen([str(MILTER), "--config", str(config)],
-                                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                                            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                            env=None if env is None else {**os.environ, **env})
         try:
             wait_until(lambda: "ready on" in self.text() or self.process.poll() is not None,
                        20, "keyrelay-milter to be ready")
@@ -306,3 +323,154 @@ def test_a_second_milter_on_the_same_socket_refuses_to_start_and_leaves_the_firs
     assert socket_path.stat().st_ino == inode  # still the first milter's socket
     with socket.socket(socket.AF_UNIX) as probe:
         probe.connect(str(socket_path))  # and it still answers
+
+
+# -- a stop under load -----------------------------------------------------------------------
+# libmilter's own stop (its signal thread sets a flag, then closes the listening socket) races
+# with its listener, which reads the flag at the top of its loop and takes its lock after: a
+# stop in between leaves the listener a closed socket, smfi_main() fails and pymilter raises
+# (keyrelay-milter said "cannot start on ..." and exited with status 1 after a plain SIGTERM
+# under load). This library, preloaded into the daemon, widens that window in the listener
+# thread (the one that calls smfi_main) to 20 ms per turn of its loop, so that a stop
+# through libmilter lands in it nearly every time; keyrelay-milter must stop cleanly anyway
+# (milters/main.py ``run_milter``).
+STOP_WINDOW_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <unistd.h>
+static pthread_t listener;
+static volatile int known;
+static void *libmilter(void) { return dlopen(LIBMILTER, RTLD_NOLOAD | RTLD_LAZY); }
+int smfi_main(void) {
+    int (*real)(void) = (int (*)(void)) dlsym(libmilter(), "smfi_main");
+    listener = pthread_self();
+    known = 1;
+    return real();
+}
+int mi_stop(void) {
+    static int (*real)(void);
+    if (!real) real = (int (*)(void)) dlsym(libmilter(), "mi_stop");
+    int v = real();
+    if (v == 0 && known && pthread_equal(pthread_self(), listener)) usleep(20000);
+    return v;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def stop_window_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    library = ctypes.util.find_library("milter")  # libmilter's soname, as pymilter loads it
+    if compiler is None or library is None:
+        pytest.skip("needs a C compiler and libmilter (make deps installs gcc, libmilter-dev)")
+    folder = tmp_path_factory.mktemp("shim")
+    (folder / "shim.c").write_text(STOP_WINDOW_SHIM)
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", f'-DLIBMILTER="{library}"', "-o",
+                    str(folder / "shim.so"), str(folder / "shim.c"), "-ldl", "-lpthread"],
+                   check=True, capture_output=True, timeout=120)
+    return folder / "shim.so"
+
+
+def all_but_the_end(client: MilterClient, message: BenchMessage) -> None:
+    """A message up to its last body chunk, as Postfix sends it (bench/milter_bench.py
+    ``MilterClient.send`` without end-of-message)."""
+    client._values = message.macros
+    client._event("M", milter_strings(f"<{message.sender}>"))
+    client._event("R", milter_strings(f"<{message.recipient}>"))
+    client._event("T")
+    space = b" " if client.negotiated.protocol & HDR_LEADSPC else b""
+    for name, value in message.headers:
+        client._event("L", milter_strings(name, space + value), stage="N")
+    client._event("N")
+    client._event("B", message.body, stage="E")
+    client._flush()
+
+
+def the_end(client: MilterClient) -> list[tuple[bytes, bytes]]:
+    client._macros("E", "E")
+    client.pending.append(milter_packet(b"E"))
+    client._flush()
+    replies: list[tuple[bytes, bytes]] = []
+    while not replies or replies[-1][0] not in FINAL:
+        replies.append(client._read())
+    return replies
+
+
+def signatures(replies: list[tuple[bytes, bytes]]) -> int:
+    return sum(1 for name, _ in inserted_headers(replies) if name.lower() == "dkim-signature")
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_stops_cleanly_and_the_message_in_flight_gets_its_answer(
+    tmp_path: Path, stop_window_shim: Path,
+) -> None:
+    site = make_site(tmp_path)
+    config = yaml.safe_load(site.config.read_text())
+    config["milter"].update(workers=1, shutdown_grace=30)  # the grace ends once nothing is left
+    site.config.write_text(yaml.safe_dump(config))
+    daemon = Daemon(site.config, env={"LD_PRELOAD": str(stop_window_shim)})
+    try:
+        # a message whose end comes after the SIGTERM
+        in_flight = MilterClient(site.endpoint)
+        in_flight.negotiate()
+        message = make_message(site.login, site.sender, 2000, "INFLIGHT1")
+        in_flight.open_session(message.macros)
+        all_but_the_end(in_flight, message)
+        # and new sessions all along, one message each: libmilter's listener keeps turning
+        outcomes: list[str] = []
+        stop = threading.Event()
+
+        def load(index: int) -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    client = MilterClient(site.endpoint, timeout=60)
+                except OSError:
+                    outcomes.append("refused")  # not listening any more: Postfix says 451
+                    time.sleep(0.01)
+                    continue
+                try:
+                    client.negotiate()
+                    each = make_message(site.login, site.sender, 2000, f"L{index}N{n}")
+                    client.open_session(each.macros)
+                    replies = client.send(each)
+                    outcomes.append("signed" if replies[-1][0] in ACCEPTED
+                                    and signatures(replies) == 2 else repr(replies[-1]))
+                    client.quit()
+                except (OSError, BenchMilterError) as exc:
+                    # the connection ended before an answer: Postfix's milter_default_action
+                    # (tempfail) answers 451 for it
+                    outcomes.append("cut" if isinstance(exc, OSError)
+                                    or "closed the connection" in str(exc) else str(exc))
+                finally:
+                    client.close()
+
+        threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: outcomes.count("signed") >= 10, 60, "ten messages signed under load")
+        daemon.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stopping" in daemon.text() or daemon.process.poll() is not None,
+                   60, "the stop to begin")
+        try:
+            replies = the_end(in_flight)
+        except (OSError, BenchMilterError) as exc:
+            replies = [(b"", f"no answer: {exc}".encode())]
+        in_flight.close()
+        status = daemon.process.wait(timeout=90)  # the grace (30 s) ends with the last message
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=90)
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+    text = daemon.text()
+    assert status == 0, text[-3000:]
+    assert replies[-1][0] in ACCEPTED and signatures(replies) == 2, replies
+    assert "keyrelay-milter stopped" in text
+    assert "cannot start" not in text and "Traceback" not in text
+    # every message was signed, or ended unanswered (a temporary answer from Postfix)
+    assert set(outcomes) <= {"signed", "cut", "refused"}, set(outcomes)
