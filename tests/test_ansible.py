@@ -162,6 +162,7 @@ def test_the_role_deploys_once_then_changes_nothing_and_keeps_the_sites_settings
     assert status == 0 and changed > 0, output
     config = yaml.safe_load((tmp_path / "keyrelay" / "keyrelay.yaml").read_text())
     assert config["limits"]["messages_per_minute"] == 60
+    assert config["milter"]["workers"] == config["policyd"]["workers"] == "auto"
 
     status, changed, output = run_playbook(playbook)
     assert (status, changed) == (0, 0), output
@@ -217,6 +218,33 @@ def test_a_new_host_gets_an_empty_directory_and_a_wrong_directory_path_is_refuse
     assert (f"directory.path: {typo} does not exist; create an empty directory with "
             "`keyrelay init`, or correct the path") in output
     assert config.read_bytes() == deployed and not typo.exists()
+
+
+def test_the_worker_variables_reach_keyrelay_yaml_and_policyd_workers_need_redis_counters(
+        tmp_path: Path) -> None:
+    # milter.workers and policyd.workers from the role's variables; a number given as a string
+    # (as --extra-vars gives it) is written as the number
+    _, playbook = site(tmp_path, keyrelay_milter_workers=2, keyrelay_policyd_workers="1")
+    status, _, output = run_playbook(playbook)
+    assert status == 0, output
+    config = tmp_path / "keyrelay" / "keyrelay.yaml"
+    deployed = config.read_bytes()
+    written = yaml.safe_load(deployed)
+    assert (written["milter"]["workers"], written["policyd"]["workers"]) == (2, 1)
+
+    # four policyd workers with the memory counters would each count on their own: the
+    # validation of keyrelay.yaml (check-config) refuses it with the daemons' own line, and
+    # the deployed file stays as it was
+    play = yaml.safe_load(playbook.read_text())
+    play[0]["vars"]["keyrelay_policyd_workers"] = 4
+    playbook.write_text(yaml.safe_dump(play))
+    status, _, output = run_playbook(playbook)
+    assert status != 0, output
+    assert re.search(r"Write keyrelay\.yaml: keyrelay: error: \S+:\d+: policyd\.workers: 4 "
+                     r"workers with counters\.backend memory would each count on their own, "
+                     r"multiplying every rate limit, quota and lock-out threshold by 4: use "
+                     r"counters\.backend redis to run several workers", output), output
+    assert config.read_bytes() == deployed
 
 
 @contextmanager
@@ -612,7 +640,7 @@ def test_the_redis_counter_variables_log_in_and_a_wrong_password_is_refused_and_
             tmp_path, keyrelay_counters_backend="redis",
             keyrelay_counters_on_unavailable="local",
             keyrelay_counters_time_zone="Europe/Paris", keyrelay_counters_redis=redis,
-            keyrelay_counters_redis_password=wrong)
+            keyrelay_counters_redis_password=wrong, keyrelay_policyd_workers=2)
         config = tmp_path / "keyrelay" / "keyrelay.yaml"
         secret = tmp_path / "keyrelay" / "redis.secret"
         refused = f"counters.redis: authentication failed for user {server.user}: WRONGPASS"
@@ -634,6 +662,7 @@ def test_the_redis_counter_variables_log_in_and_a_wrong_password_is_refused_and_
         assert yaml.safe_load(deployed)["counters"] == {
             "backend": "redis", "on_unavailable": "local", "time_zone": "Europe/Paris",
             "redis": {**redis, "password_file": str(secret)}}
+        assert yaml.safe_load(deployed)["policyd"]["workers"] == 2  # counted in Redis
         assert secret.read_text() == server.password + "\n"
         assert secret.stat().st_mode & 0o777 == 0o640
         assert deployed_cli(Path(sys.prefix), config, "check-config").startswith(str(config))
