@@ -358,9 +358,14 @@ def _serve_until_stopped() -> str:
     Raises ``Milter.error`` when the listener failed by itself."""
     failures: list[Milter.error] = []
     ended = threading.Event()
+    waiting = threading.Event()
     waiter = threading.get_ident()
 
     def listen() -> None:
+        # libmilter's signal thread, started by Milter.main(), would take a stop signal
+        # already pending: this thread first lets the waiter get to sigwait (it holds the GIL
+        # from waiting.set() until sigwait releases it)
+        waiting.wait()
         try:
             Milter.main()
         except Milter.error as exc:
@@ -372,6 +377,7 @@ def _serve_until_stopped() -> str:
     listener = threading.Thread(target=listen, name="libmilter", daemon=True)
     listener.start()
     while True:
+        waiting.set()
         signo = signal.sigwait(_STOP_SIGNALS | {_LISTENER_ENDED})
         if signo in _STOP_SIGNALS:
             _stop_accepting()
