@@ -56,10 +56,10 @@ answers:
 
 signals:
   (with milter.workers above 1 they go to the supervisor, which passes them on)
-  SIGTERM, SIGINT  stop accepting connections, let messages in progress finish
-                   (milter.shutdown_grace), exit
+  SIGTERM, SIGINT  stop accepting connections at once, let messages in progress
+                   finish (milter.shutdown_grace), exit
   SIGHUP           workers above 1: reload the configuration, replacing every worker;
-                   workers 1: the same as SIGTERM (libmilter)
+                   workers 1: the same as SIGTERM
 
 files:
   /etc/keyrelay/keyrelay.yaml   configuration (--config, or $KEYRELAY_CONFIG); section milter
@@ -194,9 +194,10 @@ def bind(config: Config, shared: bool) -> str | None:
     ``shared``: workers forked afterwards accept on this socket (libmilter keeps the bound
     socket and does not bind again). Then the socket is non-blocking, so that a worker that
     lost the race for a connection gets EAGAIN (libmilter waits again) instead of blocking in
-    accept() past a stop request; and a unix socket is bound by its name relative to its
-    folder: a worker that stops runs libmilter's clean-up, which unlinks the socket's path
-    when not root, and must not take the socket from the workers still serving. Workers run
+    accept(); and a unix socket is bound by its name relative to its folder: a worker whose
+    libmilter stops itself (a stop signal that reached libmilter's own thread, see
+    ``run_milter``) runs libmilter's clean-up, which unlinks the socket's path when not root,
+    and must not take the socket from the workers still serving. Workers run
     in /, where that relative name is nothing; the supervisor removes the socket at the end.
     """
     cfg = config.milter
@@ -285,7 +286,7 @@ def serve_workers(config: Config, config_path: str, count: int,
                  config_path, len(workers.workers))
         workers.replace_all()
 
-    # a worker stops accepting within libmilter's 5 s poll, then finishes within the grace
+    # a worker stops accepting at once (run_milter), then finishes within the grace
     workers = supervisor.Supervisor(PROG, count, work, config.milter.shutdown_grace + 10, log,
                                     on_hup=reload)
     if endpoint is not None:
