@@ -410,6 +410,7 @@ def test_sigterm_under_load_stops_cleanly_and_the_message_in_flight_gets_its_ans
     config["milter"].update(workers=1, shutdown_grace=30)  # the grace ends once nothing is left
     site.config.write_text(yaml.safe_dump(config))
     daemon = Daemon(site.config, env={"LD_PRELOAD": str(stop_window_shim)})
+    stop = threading.Event()  # the load's end
     try:
         # a message whose end comes after the SIGTERM
         in_flight = MilterClient(site.endpoint)
@@ -419,7 +420,6 @@ def test_sigterm_under_load_stops_cleanly_and_the_message_in_flight_gets_its_ans
         all_but_the_end(in_flight, message)
         # and new sessions all along, one message each: libmilter's listener keeps turning
         outcomes: list[str] = []
-        stop = threading.Event()
 
         def load(index: int) -> None:
             n = 0
@@ -464,6 +464,7 @@ def test_sigterm_under_load_stops_cleanly_and_the_message_in_flight_gets_its_ans
         for thread in threads:
             thread.join(timeout=90)
     finally:
+        stop.set()
         if daemon.process.poll() is None:
             daemon.process.kill()
             daemon.process.wait()
