@@ -156,6 +156,7 @@ def serve(config: Config, config_path: str) -> None:
         if count > 1:
             serve_workers(config, config_path, count, endpoint)
             return
+        block_stop_signals()  # before the metrics threads start: they inherit it
         service, stream = open_service(config, endpoint)
         bind(config, shared=False)
         daemon.drop_privileges(config.milter.user, log, "milter.user")
@@ -262,6 +263,7 @@ def serve_workers(config: Config, config_path: str, count: int,
     current = [config]
 
     def work(slot: int) -> int:
+        block_stop_signals()
         logs.configure(current[0].logging)
         service, stream = open_service(current[0], endpoint)
         start_metrics(endpoint, service, here=False)
@@ -324,9 +326,7 @@ def run_milter(config: Config, service: MilterService, stream: TextIO) -> None:
     (``exit_now``).
     """
     cfg = config.milter
-    # blocked before any thread starts, so that every thread (libmilter's) inherits it;
-    # never unblocked: a second SIGTERM during the grace changes nothing
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS | {_LISTENER_ENDED})
+    block_stop_signals()
     try:
         loaded, problems = load_keys(service.directory.snapshot(), service.keys)
     except DirectoryUnavailable as exc:
@@ -352,6 +352,14 @@ def run_milter(config: Config, service: MilterService, stream: TextIO) -> None:
         log.warning("%d messages still in progress at exit; Postfix defers them",
                     service.in_progress)
     stream.flush()
+
+
+def block_stop_signals() -> None:
+    """Block the stop signals in this thread before it starts any other (the metrics
+    threads, libmilter's): every thread inherits the mask, so that only sigwait takes them,
+    and none dies of a SIGTERM it would otherwise get with its default action. Never
+    unblocked: a second SIGTERM during the grace changes nothing."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS | {_LISTENER_ENDED})
 
 
 def _serve_until_stopped() -> str:

@@ -86,10 +86,12 @@ def started(run_dir: Path, redis: RedisServer) -> Iterator[Relay]:
     # the daemons' user reads the Redis password: a copy of the harness's (0600, root's)
     secret = run_dir / "redis.secret"
     shutil.copyfile(redis.password_file, secret)
-    smtp, submission, alt_submission, submissions, sink = free_ports(5)
+    smtp, submission, alt_submission, submissions, sink, policyd_metrics, milter_metrics = (
+        free_ports(7))
     relay = Relay(Settings(
         run_dir=run_dir, smtp_port=smtp, submission_port=submission,
         alt_submission_port=alt_submission, submissions_port=submissions, sink_port=sink,
+        policyd_metrics_port=policyd_metrics, milter_metrics_port=milter_metrics,
         pool_address="127.0.0.23", daemon_user="keyrelay",
         counters=redis.counters_settings(password_file=str(secret))), say=lambda text: None)
     try:
