@@ -55,7 +55,8 @@ IN_PROCESS = frozenset({
     "test_config", "test_decisions", "test_dkimsign", "test_docs_commands", "test_export_import",
     "test_fuzz_parsers", "test_headers", "test_import_rules", "test_ldap_mapping", "test_logs",
     "test_lockout",
-    "test_metrics", "test_migrate_sendgrid", "test_milter", "test_names", "test_policyd_codecs", "test_policyd_counters",
+    "test_metrics", "test_migrate_sendgrid", "test_milter", "test_names", "test_policyd_codecs",
+    "test_policyd_counters",
     "test_policyd_services", "test_quotas", "test_reasons", "test_sync",
     "test_counters_memory",
 })
