@@ -163,6 +163,7 @@ def test_the_role_deploys_once_then_changes_nothing_and_keeps_the_sites_settings
     config = yaml.safe_load((tmp_path / "keyrelay" / "keyrelay.yaml").read_text())
     assert config["limits"]["messages_per_minute"] == 60
     assert config["milter"]["workers"] == config["policyd"]["workers"] == "auto"
+    assert config["policyd"]["metrics_listen"] == config["milter"]["metrics_listen"] == ""  # off
 
     status, changed, output = run_playbook(playbook)
     assert (status, changed) == (0, 0), output
@@ -220,17 +221,24 @@ def test_a_new_host_gets_an_empty_directory_and_a_wrong_directory_path_is_refuse
     assert config.read_bytes() == deployed and not typo.exists()
 
 
-def test_the_worker_variables_reach_keyrelay_yaml_and_policyd_workers_need_redis_counters(
+def test_the_worker_and_metrics_variables_reach_keyrelay_yaml_and_policyd_workers_need_redis(
         tmp_path: Path) -> None:
     # milter.workers and policyd.workers from the role's variables; a number given as a string
     # (as --extra-vars gives it) is written as the number
-    _, playbook = site(tmp_path, keyrelay_milter_workers=2, keyrelay_policyd_workers="1")
+    _, playbook = site(tmp_path, keyrelay_milter_workers=2, keyrelay_policyd_workers="1",
+                       keyrelay_policyd_metrics_listen="127.0.0.1:9464",
+                       keyrelay_milter_metrics_listen="[::1]:9465",
+                       keyrelay_metrics_top_accounts="20")
     status, _, output = run_playbook(playbook)
     assert status == 0, output
     config = tmp_path / "keyrelay" / "keyrelay.yaml"
     deployed = config.read_bytes()
     written = yaml.safe_load(deployed)
     assert (written["milter"]["workers"], written["policyd"]["workers"]) == (2, 1)
+    # the metrics endpoints and their bound, as the daemons read them
+    assert written["policyd"]["metrics_listen"] == "127.0.0.1:9464"
+    assert written["milter"]["metrics_listen"] == "[::1]:9465"
+    assert written["metrics"] == {"top_accounts": 20}
 
     # four policyd workers with the memory counters would each count on their own: the
     # validation of keyrelay.yaml (check-config) refuses it with the daemons' own line, and
