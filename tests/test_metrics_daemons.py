@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -150,6 +151,11 @@ def test_policyd_counts_each_login_by_result_and_reason_and_serves_health(
     assert series(after, "keyrelay_messages_total") == 0
     assert healthy(base)
     assert get(base + "/nothing")[0] == 404
+    # a client that connects and sends nothing holds nothing up, and is closed (10 s)
+    with socket.create_connection(("127.0.0.1", int(base.rpartition(":")[2])),
+                                  timeout=60) as idle:
+        assert healthy(base)
+        assert idle.recv(100) == b""  # closed by the server, not by our timeout
     # no secret, no key hash, no key id in any label
     text = get(base + "/metrics")[1]
     key = daemon.keys["acme"]
@@ -234,8 +240,6 @@ def test_health_turns_503_while_ldap_is_away_and_back_to_200(
 
 
 def test_a_metrics_port_already_taken_stops_the_start_with_one_line(tmp_path: Path) -> None:
-    import socket
-
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         daemon = Policyd(tmp_path, {"policyd": {"metrics_listen": f"127.0.0.1:{port}"}})

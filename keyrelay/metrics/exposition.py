@@ -188,7 +188,8 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    protocol_version = "HTTP/1.0"
+    protocol_version = "HTTP/1.0"  # one request per connection
+    timeout = 10.0  # seconds a client may take to send its request: none holds a thread
 
     def do_GET(self) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
