@@ -68,10 +68,15 @@ class Conflict:
         """The refusal: which service, which parameter, its value, why, what to do."""
         where = f"{self.service}: {self.parameter} = {self.value} ({self.source})"
         name = self.service.rpartition("/")[0]
-        options = (f"leave {name} out of {self.config_key} in the keyrelay configuration and "
-                   f"keep the site's logins there, or rerun with {FLAG} to let keyrelay take "
-                   f"{name} over and replace {self._what()} there ({_LATER})")
-        return f"{where} {self._why()}; {options}"
+        leave = (f"leave {name} out of {self.config_key} in the keyrelay configuration and "
+                 "keep the site's logins there")
+        if self.found.startswith("restriction class "):
+            group, _, restriction = self.found[len("restriction class "):].partition(": ")
+            return (f"{where} {self._why()}; {leave}, or take {restriction} out of "
+                    f"restriction class {group} yourself ({FLAG} does not edit restriction "
+                    f"classes, which other services may use; {_LATER})")
+        return (f"{where} {self._why()}; {leave}, or rerun with {FLAG} to let keyrelay take "
+                f"{name} over and replace {self._what()} there ({_LATER})")
 
     def _why(self) -> str:
         if self.kind == _SASL:
@@ -91,7 +96,7 @@ class Conflict:
             return "its SASL settings"
         if self.kind == _LOGIN_MAP:
             return "its sender-login map"
-        return f"{self.found.rpartition(': ')[2]} in {self.parameter}"
+        return f"{self.found} in {self.parameter}"
 
 
 @dataclass(frozen=True)
