@@ -27,7 +27,8 @@ milters and appends keyrelay's (it signs, so it must run last). A second run fin
 change. ``postfix check`` runs before the edits (a site whose own configuration fails it is
 told so, and nothing is changed) and after them; when it fails then, main.cf and master.cf
 are put back as they were. The TLS files Postfix will offer are checked first
-(postfixtls.py).
+(postfixtls.py), and before them a site's own SASL set-up on the services keyrelay takes
+over (postfixsasl.py: refused, or replaced with ``--replace-site-sasl``).
 """
 
 from __future__ import annotations

@@ -121,9 +121,9 @@ def taken_over(config: Config) -> list[_Service]:
 class _Values:
     """A service's parameters as Postfix will see them, ``$name`` expanded."""
 
-    def __init__(self, service: str, settings: dict[str, str], main: dict[str, str],
+    def __init__(self, settings: dict[str, str], main: dict[str, str],
                  effective: dict[str, str], planned: dict[str, str]) -> None:
-        self.service, self.settings, self.main = service, settings, main
+        self.settings, self.main = settings, main
         self.effective, self.planned = effective, planned
 
     def raw(self, name: str) -> tuple[str, str]:
@@ -166,8 +166,7 @@ class _Values:
 
 
 def _values(current: Current, plan_main: dict[str, str], key: str) -> _Values:
-    return _Values(key, current.settings.get(key, {}), current.main, current.effective,
-                   plan_main)
+    return _Values(current.settings.get(key, {}), current.main, current.effective, plan_main)
 
 
 def own_login_map(config: Config, queue_directory: str) -> str:
@@ -196,7 +195,7 @@ def find(config: Config, plan_main: dict[str, str], current: Current) -> list[Co
         path, source = values.raw("smtpd_sasl_path")
         sasl_type = values.expand(values.raw("smtpd_sasl_type")[0]).strip()
         if (enabled == "yes" and values.expand(path).strip() not in own_paths
-                and _reference(path) != "keyrelay_sasl_path"):
+                and not _reference(path).startswith("keyrelay_")):
             conflict("smtpd_sasl_path", path, source, _SASL, f"smtpd_sasl_type = {sasl_type}")
         maps, source = values.raw("smtpd_sender_login_maps")
         site_maps = [item for item in values.items(maps) if item != own_map]
@@ -210,7 +209,7 @@ def find(config: Config, plan_main: dict[str, str], current: Current) -> list[Co
                     hit = values.mismatch(plan_main[merged])
                     if hit and not values.mismatch(value):
                         value, parameter = plan_main[merged], merged
-                        source = "main.cf, keyrelay's list kept from the site's"
+                        source = "the list keyrelay merges from the site's"
                     if hit:
                         conflict(parameter, value, source, _RESTRICTION, hit)
                     continue
