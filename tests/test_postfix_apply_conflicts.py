@@ -299,3 +299,30 @@ def test_find_reads_the_service_before_main_cf() -> None:
     assert [(c.service, c.parameter) for c in found] == [("smtp/inet",
                                                           "smtpd_sender_login_maps")]
     assert isinstance(found[0], Conflict) and found[0].source == "main.cf"
+
+
+def test_a_site_check_left_after_an_earlier_apply_is_no_longer_already_in_place(
+    site: tuple[Path, Path],
+) -> None:
+    # the issue's report: keyrelay had taken the service's logins over, then said "already in
+    # place; nothing changed" while the site's sender-login check refused every keyrelay
+    # message; keyrelay's own SASL path is no conflict, the site's check still is
+    etc, config = site
+    assert _apply(config, etc).returncode == 0
+    _edit(etc, {"smtpd_sender_restrictions": "reject_sender_login_mismatch"}, {})
+    before = _files(etc)
+    result = _apply(config, etc)
+    assert result.returncode == 1
+    assert "already in place" not in result.stdout
+    assert "smtpd_sasl_path" not in result.stderr
+    services = [line.split(": ")[2] for line in result.stderr.splitlines()[:-1]]
+    assert services == ["submission/inet", "2525/inet", "submissions/inet", "smtp/inet"]
+    assert ("smtp/inet: smtpd_sender_restrictions = reject_sender_login_mismatch (main.cf) "
+            "holds reject_sender_login_mismatch") in result.stderr
+    assert _files(etc) == before
+    replaced = _apply(config, etc, "--replace-site-sasl")
+    assert replaced.returncode == 0, replaced.stderr
+    params = _params(etc)
+    assert {params[f"{name}/inet/smtpd_sender_restrictions"]
+            for name in ("submission", "2525", "submissions", "smtp")} == {""}
+    assert postconf(etc, "-n")["smtpd_sender_restrictions"] == "reject_sender_login_mismatch"
