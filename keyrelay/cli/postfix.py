@@ -136,7 +136,9 @@ def register(sub: Any) -> None:
     papply = command(pfx, "apply", postfix_apply,
                      "write keyrelay's settings into an existing Postfix configuration with "
                      "postconf (idempotent; unrelated settings are kept), after checking its "
-                     "TLS certificate files and running postfix check before and after")
+                     "TLS certificate files and running postfix check before and after; a "
+                     "site's own SASL set-up on a service keyrelay takes over is refused "
+                     "unless --replace-site-sasl")
     papply.add_argument("--config-dir", metavar="DIR", type=path,
                         help="the Postfix configuration directory (default: postfix.config_dir "
                         "of the keyrelay configuration, /etc/postfix)")
