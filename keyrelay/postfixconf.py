@@ -27,7 +27,8 @@ milters and appends keyrelay's (it signs, so it must run last). A second run fin
 change. ``postfix check`` runs before the edits (a site whose own configuration fails it is
 told so, and nothing is changed) and after them; when it fails then, main.cf and master.cf
 are put back as they were. The TLS files Postfix will offer are checked first
-(postfixtls.py).
+(postfixtls.py), and before them a site's own SASL set-up on the services keyrelay takes
+over (postfixsasl.py: refused, or replaced with ``--replace-site-sasl``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ SMTP, SUBMISSION = "smtp", "submission"
 PERMIT_AUTHENTICATED = "permit_sasl_authenticated"
 POLICY_UNAVAILABLE = "451 4.3.0 keyrelay policy service unavailable, try again later"
 _LIST_SPLIT = re.compile(r"[\s,]+")
+RESTRICTION_LISTS = ("smtpd_client_restrictions", "smtpd_helo_restrictions",
+                     "smtpd_sender_restrictions", "smtpd_recipient_restrictions",
+                     "smtpd_relay_restrictions", "smtpd_data_restrictions",
+                     "smtpd_end_of_data_restrictions", "smtpd_etrn_restrictions")
+# what a site's own SASL set-up is made of (keyrelay/postfixsasl.py checks it)
+SASL_PARAMETERS = ("smtpd_sasl_auth_enable", "smtpd_sasl_type", "smtpd_sasl_path",
+                   "smtpd_sender_login_maps", "smtpd_restriction_classes", *RESTRICTION_LISTS)
 
 
 @dataclass(frozen=True)
@@ -381,8 +389,8 @@ def read_current(config_dir: Path) -> Current:
         raise PostfixConfError(f"{config_dir}: no {' and no '.join(missing)} there; give the "
                                "directory of an existing Postfix configuration (--config-dir)")
     current = Current(main=dict(_pairs(postconf(config_dir, "-n"))))
-    builtins = ["queue_directory", "smtpd_relay_restrictions", "smtpd_data_restrictions",
-                "smtpd_milters", *TLS_SETTINGS]
+    builtins = ["queue_directory", "smtpd_milters", *TLS_SETTINGS,
+                *SASL_PARAMETERS]
     # -x: the built-in defaults are expressions on compatibility_level; merge their value
     values = postconf(config_dir, "-xh", *builtins).splitlines()
     current.effective = dict(zip(builtins, values, strict=False))
