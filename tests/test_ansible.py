@@ -255,6 +255,26 @@ def test_the_worker_and_metrics_variables_reach_keyrelay_yaml_and_policyd_worker
     assert config.read_bytes() == deployed
 
 
+def test_a_sites_own_sasl_login_stops_the_play_unless_the_role_may_replace_it(
+        tmp_path: Path) -> None:
+    # the site logs its mailbox users in through Dovecot on the services keyrelay takes over
+    site_sasl = {"smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "dovecot",
+                 "smtpd_sasl_path": "private/auth"}
+    etc, playbook = site(tmp_path, main_cf=site_sasl)
+    status, _, output = run_playbook(playbook)
+    assert status != 0, output
+    assert "smtpd_sasl_path" in output and "--replace-site-sasl" in output, output
+    assert postconf(etc, "keyrelay_milter") == ""  # nothing applied
+    # the admin lets keyrelay take those services over
+    play = yaml.safe_load(playbook.read_text())
+    play[0]["vars"]["keyrelay_postfix_replace_site_sasl"] = True
+    playbook.write_text(yaml.safe_dump(play))
+    status, _, output = run_playbook(playbook)
+    assert status == 0, output
+    assert postconf(etc, "keyrelay_milter") == "unix:private/keyrelay-milter"
+    assert postconf(etc, "smtpd_sasl_path") == "private/auth"  # main.cf keeps the site's
+
+
 @contextmanager
 def systemd_stand_in(root: Path, units: str = "") -> Iterator[dict[str, str]]:
     """The environment that puts tests/systemctl_without_systemd.py first on PATH as
