@@ -21,6 +21,9 @@ import itertools
 import json
 import os
 import random
+import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -664,6 +667,24 @@ def test_the_bench_reads_system_calls_from_strace_s_summary_with_or_without_erro
 
     assert strace_counts(STRACE_SUMMARY) == {"newfstatat": 4062, "write": 3390, "read": 2072,
                                              "accept4": 1}
+
+
+@pytest.mark.slow
+def test_the_benchs_postfix_shaped_load_runs_closed_then_paced_and_reports_cpu() -> None:
+    """bench/policyd_bench.py --postfix against a real policyd: every answer was the pool's
+    FILTER and every login OK (anything else stops the bench), one line per load with the
+    CPU per message and per request (2 requests and 1/per-session login per message)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.policyd_bench", "--postfix", "--keys", "200",
+         "--smtpd", "2", "--per-session", "4", "--seconds", "1", "--load", "20"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "RCPT and DATA per message (2.25 requests)" in out, out
+    assert re.search(r"^ +closed +\d+ +\d+% +[\d.]+ +[\d.]+ .*\(\d+ messages, \d+ logins\)",
+                     out, re.M), out
+    assert re.search(r"^ +20 % +\d+ +\d+% +[\d.]+ +[\d.]+ .*offered \d+/s\)", out, re.M), out
 
 
 def test_policy_value_keeps_equals_signs_and_spaces_after_the_first_equals() -> None:
