@@ -29,29 +29,58 @@ charged to 4 windows. The stores take turns, --rounds times (memory, redis, ...,
 redis, ...); the summary gives the median of each, its share of memory's requests/s and the
 redis-server's CPU per request. The target of issue 21: redis >= 70 % of memory's policy
 requests/s.
+
+--postfix drives policyd the way Postfix does under mail (issue 22; measured, see
+docs/policyd-path.md): --smtpd simulated smtpd processes, each holding one auth and one
+policy connection for the whole run (Postfix keeps both open per smtpd process, across SMTP
+sessions), each sending one message at a time: an AUTH exchange every --per-session
+messages (one login per SMTP session), then the policy requests at RCPT and at DATA, with
+the 29 attributes Postfix 3.7.11 sends (client_port, ccert_*, stress, ...), and a master.cf
+to check the pool's transport in, as under Postfix. First a closed loop gives the most
+messages/s of that shape; then the same load paced at each --load percentage of it (open
+loop: each smtpd sends its next message on a schedule). Each line gives policyd's CPU per
+message and per request, from the kernel's exact per-process CPU clock. --strace adds, per
+load, a second run with `strace -c -f` attached (it slows policyd, so that run's CPU is not
+reported) and prints the system calls per message (apt-get install strace).
+
+    .venv/bin/python -m bench.policyd_bench --postfix --smtpd 16 --load 10,50,100
+    .venv/bin/python -m bench.policyd_bench --postfix --smtpd 4 --load 10 --strace
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import gc
+import json
+import random
+import re
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from testkit.policydload import (
+    LIMITS,
     STAGES,
     build_directory,
+    can_connect,
+    domain_of,
     endpoints,
     install_uvloop,
     measure,
     start_policyd,
 )
+from testkit.stats import process_cpu_ns
 
 COUNTERS = ("memory", "redis", "redis-tcp")
 TARGET = 0.70  # issue 21: redis >= 70 % of memory's policy requests/s
@@ -102,7 +131,25 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0,
                         help="offered load in requests/s, spread over the connections "
                         "(default 0: closed loop, as fast as policyd answers)")
+    parser.add_argument("--postfix", action="store_true",
+                        help="the load Postfix makes under mail: per message a login every "
+                        "--per-session messages, then RCPT and DATA, on connections kept "
+                        "per smtpd process; closed loop, then paced at each --load")
+    parser.add_argument("--smtpd", type=int, default=16,
+                        help="--postfix: smtpd processes, each with its own auth and policy "
+                        "connection (16)")
+    parser.add_argument("--per-session", type=int, default=20,
+                        help="--postfix: messages per SMTP session, i.e. per login (20)")
+    parser.add_argument("--load", default="10,50,100",
+                        help="--postfix: offered loads in %% of the closed loop's messages/s, "
+                        "comma-separated (10,50,100)")
+    parser.add_argument("--strace", action="store_true",
+                        help="--postfix: also count policyd's system calls per message "
+                        "(strace -c, a separate run per load)")
     args = parser.parse_args()
+    if args.postfix:
+        postfix_main(parser, args)
+        return
     wanted = list(dict.fromkeys(args.counters or ["memory"]))
     if args.rounds < 1 or not 1 <= args.accounts <= 100:
         parser.error("--rounds must be at least 1, --accounts 1 to 100")
@@ -199,6 +246,255 @@ def summary(args: argparse.Namespace, wanted: list[str], rows: list[Row]) -> Non
                 met = "met" if rate >= TARGET * base else "missed"
                 print(f"  target: {name} >= {TARGET:.0%} of memory's policy requests/s: "
                       f"{rate / base:.0%}, {met}")
+
+
+# -- the Postfix-shaped load (--postfix) -------------------------------------------------------
+# What smtpd sends to check_policy_service, attribute for attribute, as Postfix 3.7.11 sent it
+# in bench/e2e_bench.py's relay (captured with strace on policyd; docs/policyd-path.md). At
+# RCPT queue_id is empty and recipient_count 0; at DATA both are set. The same instance for
+# both stages of one message.
+POSTFIX_POLICY = (
+    "request=smtpd_access_policy\nprotocol_state={stage}\nprotocol_name=ESMTP\n"
+    "client_address=127.0.0.1\nclient_name=localhost\nclient_port={port}\n"
+    "reverse_client_name=localhost\nserver_address=127.0.0.1\nserver_port=587\n"
+    "helo_name=app.example\nsender={sender}\nrecipient={recipient}\n"
+    "recipient_count={count}\nqueue_id={queue_id}\ninstance={instance}\nsize=0\n"
+    "etrn_domain=\nstress=\nsasl_method=PLAIN\nsasl_username={login}\nsasl_sender=\n"
+    "ccert_subject=\nccert_issuer=\nccert_fingerprint=\nccert_pubkey_fingerprint=\n"
+    "encryption_protocol=TLSv1.3\nencryption_cipher=TLS_AES_256_GCM_SHA384\n"
+    "encryption_keysize=256\npolicy_context=submission\n\n"
+)
+POOL_TRANSPORT = "kr-pool-benchpool"  # build_directory's pool, as `postfix apply` names it
+
+
+def start_shaped_policyd(folder: Path, listen: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A policyd as ``start_policyd`` starts it, but with a Postfix configuration folder whose
+    master.cf has the pool's transport: every request also checks master.cf, as under
+    Postfix."""
+    etc = folder / "postfix"
+    etc.mkdir()
+    (etc / "master.cf").write_text(f"{POOL_TRANSPORT} unix - - n - - smtp\n")
+    config = folder / "policyd.yaml"
+    config.write_text(
+        f"directory: {{path: {folder / 'directory.yaml'}}}\n"
+        f"limits: {json.dumps(LIMITS)}\n"
+        "logging: {audit_log: ''}\n"
+        f"postfix: {{config_dir: {etc}}}\n"
+        "policyd:\n"
+        f"  auth_listen: {listen['auth']}\n"
+        f"  policy_listen: {listen['policy']}\n"
+        "  socketmap_listen: ''\n"
+        "  control_listen: ''\n"
+        "  socket_group: ''\n"
+        "  user: root\n"
+        "  max_connections: 10000\n"
+        "  bruteforce: {max_failures_per_address: 1000000}\n",
+        encoding="utf-8")
+    log = open(folder / "policyd.log", "wb")  # open as long as policyd runs
+    proc = subprocess.Popen([sys.executable, "-m", "policyd", "--config", str(config)],
+                            stdout=log, stderr=log)
+    deadline = time.monotonic() + 60
+    for endpoint in listen.values():
+        while not can_connect(endpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"policyd did not start; see {folder / 'policyd.log'}")
+            time.sleep(0.05)
+    return proc
+
+
+async def _open(endpoint: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if endpoint.startswith("unix:"):
+        return await asyncio.open_unix_connection(endpoint[5:])
+    return await asyncio.open_connection("127.0.0.1", int(endpoint.rpartition(":")[2]))
+
+
+class Smtpd:
+    """One smtpd process of Postfix: an auth and a policy connection, opened once and kept,
+    one request at a time; a message is a login every ``per_session`` messages, then RCPT
+    and DATA."""
+
+    _numbers = iter(range(1, 1 << 30))
+
+    def __init__(self, listen: dict[str, str], issued: list[tuple[str, str]],
+                 per_session: int) -> None:
+        self.listen, self.issued, self.per_session = listen, issued, per_session
+        self.rng = random.Random()  # which key a session uses
+        self.pid = next(self._numbers)
+        self.sent = 0  # messages
+        self.logins = 0
+        self.login = ""  # sasl_username of the session
+        self.principal = ""
+
+    async def connect(self) -> None:
+        self.auth = await _open(self.listen["auth"])
+        self.policy = await _open(self.listen["policy"])
+        # Postfix's xsasl_dovecot_server.c: VERSION and CPID, then reads the handshake
+        self.auth[1].write(b"VERSION\t1\t0\nCPID\t%d\n" % self.pid)
+        while (await self.auth[0].readline()) != b"DONE\n":
+            pass
+
+    async def session(self) -> None:
+        """A new SMTP session on this smtpd: AUTH PLAIN with a random key."""
+        self.principal, text = self.issued[self.rng.randrange(len(self.issued))]
+        self.login = f"{self.principal}:{text.split('.')[1]}"
+        self.logins += 1
+        resp = base64.b64encode(b"\0apikey\0" + text.encode()).decode()
+        self.auth[1].write(f"AUTH\t{self.logins}\tPLAIN\tservice=smtp\tnologin\t"
+                           f"lip=127.0.0.1\trip=127.0.0.1\tsecured\tresp={resp}\n".encode())
+        reply = await self.auth[0].readline()
+        if not reply.startswith(b"OK\t"):
+            raise SystemExit(f"unexpected auth answer: {reply!r}")
+
+    async def ask(self, stage: str, instance: str) -> None:
+        sender = f"app@{domain_of(self.principal)}"
+        request = POSTFIX_POLICY.format(
+            stage=stage, port=40000 + self.pid, sender=sender,
+            recipient=f"user{self.sent}@example.net", count=int(stage == "DATA"),
+            queue_id=f"{self.pid:05X}{self.sent:06X}" if stage == "DATA" else "",
+            instance=instance, login=self.login)
+        self.policy[1].write(request.encode())
+        reply = await self.policy[0].readuntil(b"\n\n")
+        if not reply.startswith(b"action=FILTER"):
+            raise SystemExit(f"unexpected policy answer: {reply!r}")
+
+    async def message(self) -> None:
+        if self.sent % self.per_session == 0:
+            await self.session()
+        self.sent += 1
+        instance = f"{self.pid:x}.6b13340b.{self.sent:x}.0"
+        await self.ask("RCPT", instance)
+        await self.ask("DATA", instance)
+
+    async def run(self, stop: float, latencies: list[float], interval: float) -> None:
+        """Closed loop (``interval`` 0), or a message every ``interval`` seconds from a random
+        phase, latency counted from the scheduled time."""
+        due = time.perf_counter() + self.rng.random() * interval
+        while True:
+            if interval:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                started, due = due, due + interval
+            else:
+                started = time.perf_counter()
+            if started >= stop:
+                return
+            await self.message()
+            latencies.append(time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.auth[1].close()
+        self.policy[1].close()
+
+
+class Shaped(NamedTuple):
+    messages: int
+    logins: int
+    seconds: float
+    cpu: float  # policyd's CPU seconds
+    latencies: list[float]
+
+
+async def drive_shaped(listen: dict[str, str], issued: list[tuple[str, str]],
+                       args: argparse.Namespace, rate: float, pid: int,
+                       seconds: float) -> Shaped:
+    """One run of the Postfix-shaped load (``rate`` messages/s; 0: closed loop) after a
+    second of warm-up, on new connections."""
+    smtpds = [Smtpd(listen, issued, args.per_session) for _ in range(args.smtpd)]
+    for smtpd in smtpds:
+        await smtpd.connect()
+    interval = args.smtpd / rate if rate else 0.0
+    await asyncio.gather(*(s.run(time.perf_counter() + 1.0, [], interval) for s in smtpds))
+    sent, logins = sum(s.sent for s in smtpds), sum(s.logins for s in smtpds)
+    latencies: list[float] = []
+    before = process_cpu_ns(pid) or 0
+    started = time.perf_counter()
+    await asyncio.gather(*(s.run(started + seconds, latencies, interval) for s in smtpds))
+    elapsed = time.perf_counter() - started
+    cpu = ((process_cpu_ns(pid) or 0) - before) / 1e9
+    for smtpd in smtpds:
+        smtpd.close()
+    return Shaped(sum(s.sent for s in smtpds) - sent, sum(s.logins for s in smtpds) - logins,
+                  elapsed, cpu, latencies)
+
+
+_STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
+
+
+def strace_counts(text: str) -> Counter[str]:
+    """System calls by name from ``strace -c``'s summary table."""
+    counts: Counter[str] = Counter()
+    for line in text.splitlines():
+        found = _STRACE_ROW.match(line)
+        if found and found.group(2) != "total":
+            counts[found.group(2)] += int(found.group(1))
+    return counts
+
+
+def postfix_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        loads = [float(x) for x in args.load.split(",") if x.strip()]
+    except ValueError:
+        parser.error("--load: percentages separated by commas, e.g. 10,50,100")
+    if not loads or any(not 0 < x <= 200 for x in loads) or args.smtpd < 1 \
+            or args.per_session < 1:
+        parser.error("--load: percentages above 0 and at most 200; --smtpd and --per-session "
+                     "at least 1")
+    if args.strace and shutil.which("strace") is None:
+        parser.error("--strace needs strace (apt-get install strace)")
+    with tempfile.TemporaryDirectory(prefix="kr-bench-") as tmp:
+        folder = Path(tmp)
+        issued = build_directory(folder / "directory.yaml", args.keys, args.accounts)
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        listen = endpoints(folder, args.transport)
+        proc = start_shaped_policyd(folder, listen)
+        per_message = 2 + 1 / args.per_session  # requests: RCPT, DATA and a share of a login
+        print(f"Postfix-shaped load: {args.smtpd} smtpd processes (one auth and one policy "
+              f"connection each, kept), a login every {args.per_session} messages, RCPT and "
+              f"DATA per message ({per_message:.2f} requests), {args.keys} keys, "
+              f"{args.transport} sockets, {args.seconds:g} s per run")
+        print(f"{'load':>8} {'msg/s':>7} {'busy':>5} {'CPU us/msg':>11} {'us/request':>11} "
+              f"{'p50 ms':>7} {'p99 ms':>7}")
+        try:
+            top = shaped_line("closed", 0.0, listen, issued, args, proc.pid, per_message)
+            for share in loads:
+                rate = top * share / 100
+                shaped_line(f"{share:g} %", rate, listen, issued, args, proc.pid, per_message)
+                if args.strace:
+                    strace_line(rate, listen, issued, args, proc.pid, folder)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def shaped_line(label: str, rate: float, listen: dict[str, str], issued: list[tuple[str, str]],
+                args: argparse.Namespace, pid: int, per_message: float) -> float:
+    done = asyncio.run(drive_shaped(listen, issued, args, rate, pid, args.seconds))
+    lat = sorted(done.latencies)
+    us = done.cpu / done.messages * 1e6
+    print(f"{label:>8} {done.messages / done.seconds:7.0f} {done.cpu / done.seconds:5.0%} "
+          f"{us:11.1f} {us / per_message:11.1f} {statistics.median(lat) * 1e3:7.2f} "
+          f"{lat[int(len(lat) * 0.99)] * 1e3:7.2f}   ({done.messages} messages, "
+          f"{done.logins} logins{f', offered {rate:.0f}/s' if rate else ''})", flush=True)
+    return done.messages / done.seconds
+
+
+def strace_line(rate: float, listen: dict[str, str], issued: list[tuple[str, str]],
+                args: argparse.Namespace, pid: int, folder: Path) -> None:
+    out = folder / "strace.txt"
+    tracer = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(pid)],
+                              stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    done = asyncio.run(drive_shaped(listen, issued, args, rate, pid, args.seconds))
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait(timeout=30)
+    counts = strace_counts(out.read_text())
+    # the warm-up second is traced too: count per message over both
+    messages = done.messages * (1 + 1 / args.seconds)
+    total = sum(counts.values()) / messages
+    print(f"{'':>8} under strace (CPU not comparable): {total:.1f} system calls per message: "
+          + ", ".join(f"{name} {n / messages:.2f}" for name, n in counts.most_common()),
+          flush=True)
 
 
 if __name__ == "__main__":

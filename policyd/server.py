@@ -122,6 +122,8 @@ class Listener:
 class Connection(asyncio.Protocol):
     """Bytes in, answers out, with the limits of ``Listener``; subclasses parse and answer."""
 
+    loop: asyncio.AbstractEventLoop  # the connection's, from connection_made on
+
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
@@ -134,7 +136,10 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = stream = cast(asyncio.Transport, transport)
-        self.last_active = _now()
+        # kept: asyncio.get_running_loop() costs a getpid() system call on CPython 3.11, and
+        # data_received needs the loop's time for every request (docs/policyd-path.md)
+        self.loop = asyncio.get_running_loop()
+        self.last_active = self.loop.time()
         listener = self.listener
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
@@ -152,7 +157,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_active = now = _now()
+        self.last_active = now = self.loop.time()
         if not self.guarded(self.received, data):
             return
         if self.pending():
@@ -218,10 +223,6 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self.transport is not None:
             self.transport.close()
-
-
-def _now() -> float:
-    return asyncio.get_running_loop().time()
 
 
 # -- the three services ----------------------------------------------------------------------

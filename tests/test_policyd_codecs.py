@@ -21,6 +21,9 @@ import itertools
 import json
 import os
 import random
+import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -627,6 +630,62 @@ def test_policy_request_parses_to_every_attribute_with_empty_values_kept() -> No
     assert len(request) == 29
     assert request["queue_id"] == "" and request["sasl_username"] == "acme:abcdefghijklmnop"
     assert request["protocol_state"] == "RCPT"
+
+
+@pytest.mark.parametrize("stage", ["RCPT", "DATA"])
+def test_the_benchs_postfix_shaped_request_has_postfix_s_attributes_in_postfix_s_order(
+        stage: str) -> None:
+    """bench/policyd_bench.py --postfix measures policyd on what Postfix 3.7.11 sends: the
+    same 29 attributes, in the same order, as the golden transcript's request."""
+    from bench.policyd_bench import POSTFIX_POLICY
+
+    text = POSTFIX_POLICY.format(
+        stage=stage, port=41234, sender="app@bench.example", recipient="rcpt@example.net",
+        count=int(stage == "DATA"), queue_id="4VxT2L1Kz9z9sQ3" if stage == "DATA" else "",
+        instance="1f3a.6581c2d4.a7b1c.0", login="bench/s1:abcdefghijklmnop")
+    reader = attributes.RequestReader(65536)
+    [bench] = reader.feed(text.encode())
+    [postfix] = reader.feed(POLICY_REQUESTS[1][1])
+    assert list(bench) == list(postfix)
+    assert bench["protocol_state"] == stage and bench["policy_context"] == "submission"
+    assert (bench["queue_id"] != "") == (bench["recipient_count"] == "1") == (stage == "DATA")
+
+
+STRACE_SUMMARY = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 30.50    0.042236          10      4062           newfstatat
+ 27.93    0.038682          11      3390           write
+ 15.52    0.021488          10      2072         3 read
+  0.00    0.000000           0         1           accept4
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.138486          10      9525         3 total
+"""
+
+
+def test_the_bench_reads_system_calls_from_strace_s_summary_with_or_without_errors() -> None:
+    from bench.policyd_bench import strace_counts
+
+    assert strace_counts(STRACE_SUMMARY) == {"newfstatat": 4062, "write": 3390, "read": 2072,
+                                             "accept4": 1}
+
+
+@pytest.mark.slow
+def test_the_benchs_postfix_shaped_load_runs_closed_then_paced_and_reports_cpu() -> None:
+    """bench/policyd_bench.py --postfix against a real policyd: every answer was the pool's
+    FILTER and every login OK (anything else stops the bench), one line per load with the
+    CPU per message and per request (2 requests and 1/per-session login per message)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.policyd_bench", "--postfix", "--keys", "200",
+         "--smtpd", "2", "--per-session", "4", "--seconds", "1", "--load", "20"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "RCPT and DATA per message (2.25 requests)" in out, out
+    assert re.search(r"^ +closed +\d+ +\d+% +[\d.]+ +[\d.]+ .*\(\d+ messages, \d+ logins\)",
+                     out, re.M), out
+    assert re.search(r"^ +20 % +\d+ +\d+% +[\d.]+ +[\d.]+ .*offered \d+/s\)", out, re.M), out
 
 
 def test_policy_value_keeps_equals_signs_and_spaces_after_the_first_equals() -> None:
