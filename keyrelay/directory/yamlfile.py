@@ -21,10 +21,10 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
-from .. import __version__, names, yamlread
+from .. import __version__, names, passwords, yamlread
 from ..errors import ConfigError, DirectoryUnavailable, UserError
 from ..keys import KEY_ID_RE
 from .model import (
@@ -36,6 +36,7 @@ from .model import (
     DirectoryData,
     Domain,
     DomainState,
+    LegacyLogin,
     Limits,
     Pool,
     Selector,
@@ -261,6 +262,15 @@ def _principal_doc(
     doc["senders"] = {
         s.address: {"created": _ts(s.created)} for s in grouped.senders.get(principal, ())
     }
+    cred = grouped.legacy.get(principal)
+    if cred is not None:  # only then: a file without one reads in an older keyrelay
+        doc["legacy_login"] = {
+            "username": cred.username,
+            "password_hash": cred.password_hash,
+            "sunset": cred.sunset.isoformat(),
+            "created": _ts(cred.created),
+            "last_used": _ts(cred.last_used),
+        }
     return doc
 
 
@@ -274,6 +284,7 @@ class _Grouped:
         self.senders: dict[str, list[Sender]] = {}
         for (principal, _), sender in sorted(data.senders.items()):
             self.senders.setdefault(principal, []).append(sender)
+        self.legacy = data.legacy
 
 
 def render(data: DirectoryData) -> str:
@@ -484,6 +495,8 @@ class _Parser:
             address = self.checked(names.address, addr, where)
             created = self.time(self.mapping(sdoc, where, ("created",)).get("created"), where)
             data.senders[(principal, address)] = Sender(address, principal, created)
+        if doc.get("legacy_login") is not None:
+            self.legacy_login(data, principal, doc["legacy_login"], f"{key}.legacy_login")
         status = self.enum(
             Status, doc.get("status", "active"), f"{key}.status", "active, suspended"
         )
@@ -492,7 +505,7 @@ class _Parser:
         return status, pool, limits, self.time(doc.get("created"), f"{key}.created")
 
     def account(self, data: DirectoryData, name: str, value: object, key: str) -> None:
-        common = ("status", "pool", "limits", "created", "keys", "senders")
+        common = ("status", "pool", "limits", "created", "keys", "senders", "legacy_login")
         doc = self.mapping(value, key, (*common, "monitor", "ip_allow", "subusers"))
         self.checked(names.account_name, name, key)
         status, pool, limits, created = self.principal_parts(data, name, doc, key)
@@ -537,6 +550,33 @@ class _Parser:
             revoked=self.time(doc.get("revoked"), f"{key}.revoked"),
             last_used=self.time(doc.get("last_used"), f"{key}.last_used"),
         )
+
+    def legacy_login(self, data: DirectoryData, principal: str, value: object,
+                     key: str) -> None:
+        doc = self.mapping(value, key,
+                           ("username", "password_hash", "sunset", "created", "last_used"))
+        username = self.string(doc.get("username"), f"{key}.username")
+        for other in data.legacy.values():
+            if other.username == username:
+                raise self.fail(f"{key}.username",
+                                f"{username!r} is also the legacy login of {other.principal}")
+        # never quoted in an error: passwords.checked names the scheme at most
+        stored = self.checked(passwords.checked, doc.get("password_hash"),
+                              f"{key}.password_hash")
+        data.legacy[principal] = LegacyLogin(
+            principal, username, stored, self.day(doc.get("sunset"), f"{key}.sunset"),
+            self.time(doc.get("created"), f"{key}.created"),
+            self.time(doc.get("last_used"), f"{key}.last_used"))
+
+    def day(self, value: object, key: str) -> date:
+        if isinstance(value, date) and not isinstance(value, datetime):
+            return value  # YAML reads 2027-03-31 as a date
+        if isinstance(value, str):
+            try:
+                return date.fromisoformat(value)
+            except ValueError:
+                pass
+        raise self.fail(key, f"expected a date like 2027-03-31, got {yamlread.got(value)}")
 
     def domain(self, data: DirectoryData, name: str, value: object, key: str) -> None:
         allowed = ("owner", "state", "grants", "created", "verified_at", "verified_by",

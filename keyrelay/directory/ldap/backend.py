@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ldap3.core.exceptions import LDAPException
 
-from ...errors import DirectoryUnavailable
+from ...errors import DirectoryUnavailable, UserError
 from ..model import Directory, DirectoryData
 from . import connection, searches, writes
 from .changelog import changed_since
@@ -326,6 +326,11 @@ class LdapDirectory:
             before = entries_of(data, self.base)
             monitor_before = data.monitor
             yield data
+            if data.legacy:
+                # not carried by the LDAP schema yet: refused, never silently dropped
+                raise UserError("the LDAP directory does not carry legacy password logins "
+                                f"yet ({', '.join(sorted(data.legacy))}); use the YAML "
+                                "directory for the password bridge, or leave legacy_login out")
             after = entries_of(data, self.base)
             if before == after and data.monitor == monitor_before and serial is not None:
                 return
