@@ -50,8 +50,9 @@ def scheme_of(stored: str) -> str:
     scheme, _, rest = stored[1:].partition("}")
     scheme = scheme.upper()
     if scheme not in SCHEMES:
-        raise UserError(f"password scheme {scheme[:20]!r} is not supported (one of "
-                        f"{', '.join(SCHEMES)}; a plaintext or weak scheme cannot be imported)")
+        # the scheme is not named: a plaintext password may start with braces
+        raise UserError(f"the password scheme is not supported (one of {', '.join(SCHEMES)}; "
+                        "a plaintext or weak scheme such as PLAIN or MD5-CRYPT cannot be used)")
     if not rest.startswith(SCHEMES[scheme]):
         raise UserError(f"the {scheme} hash is malformed (it should start with "
                         f"{' or '.join(SCHEMES[scheme])})")

@@ -25,6 +25,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from passlib.hash import sha256_crypt, sha512_crypt
 
+__all__ = ["dovecot_hashes", "sha256_crypt", "sha512_crypt"]
+
 SECRET = "Tr0ub4dor&3-old-app-password"
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 
