@@ -237,7 +237,11 @@ def set_scopes(data: DirectoryData, key_id: str, scopes: list[str]) -> ApiKey:
 
 
 def record_key_use(data: DirectoryData, used: dict[str, datetime]) -> None:
-    """Store last-used times collected by a daemon (keys removed meanwhile are skipped)."""
+    """Store last-used times collected by a daemon (keys removed meanwhile are skipped).
+    A legacy password login is reported by its identity, ``PRINCIPAL:legacy``."""
+    legacy = {ident.rpartition(":")[0]: when for ident, when in used.items()
+              if ident.endswith(":legacy")}
+    record_legacy_use(data, legacy)
     for key_id, when in used.items():
         found = data.keys.get(key_id)
         if found is not None and (found.last_used is None or found.last_used < when):
