@@ -26,6 +26,7 @@ from keyrelay.decisions import (
     decide_login,
     legacy_login_for,
     parse_identity,
+    sender_logins,
 )
 from policyd import dovecot
 from policyd.auth import HASH_PENDING, render
@@ -165,3 +166,11 @@ def test_a_saturated_pool_answers_temporarily(tmp_path: Path, legacy: World) -> 
     verdict = asyncio.run(pending)
     assert (verdict.action, verdict.reason) == (Action.TEMPFAIL, Reason.LEGACY_BUSY)
     assert render("1", verdict) is None  # the connection drops: Postfix answers 454 4.7.0
+
+
+def test_the_socketmap_lists_the_legacy_login_until_the_sunset(legacy: World) -> None:
+    snapshot = legacy.snapshot()
+    assert "acme/billing:legacy" in sender_logins(
+        snapshot, EngineSettings(), "invoices@billing.example", NOW)
+    assert "acme/billing:legacy" not in sender_logins(
+        snapshot, EngineSettings(), "invoices@billing.example", NOW + timedelta(days=11))
