@@ -4,6 +4,7 @@ and export/import that keep it. No plaintext password in a file, an error or a r
 
 from __future__ import annotations
 
+import json
 import warnings
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -164,3 +165,44 @@ def test_export_and_import_keep_the_legacy_login(tmp_path: Path) -> None:
     done = run_cli(target, "import", str(exported))
     assert done.returncode == 0, done.stderr
     assert YamlDirectory(str(target_dir / "directory.yaml")).load().legacy == data.legacy
+
+
+def test_legacy_list_sunset_and_remove(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    stored = dovecot_hashes(SECRET)["ARGON2ID"]
+    content = {"accounts": {"acme": {"subusers": {
+        "app1": {"legacy_login": {"username": "app1@example.com", "password_hash": stored,
+                                  "sunset": "2099-12-31"}},
+        "app2": {"legacy_login": {"username": "app2", "password_hash": stored,
+                                  "sunset": "2099-12-31"}}}}}}
+    sync(config, declare(tmp_path, content))
+
+    listed = run_cli(config, "legacy", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == ["PRINCIPAL", "USERNAME", "SUNSET", "DAYS", "LEFT", "LAST", "USED"]
+    assert lines[1].split()[:3] == ["acme/app1", "app1@example.com", "2099-12-31"]
+    assert lines[1].split()[-1] == "never"
+    as_json = json.loads(run_cli(config, "legacy", "list", "--json").stdout)
+    assert [(e["principal"], e["scheme"], e["last_used"]) for e in as_json] == [
+        ("acme/app1", "ARGON2ID", None), ("acme/app2", "ARGON2ID", None)]
+    assert as_json[0]["days_left"] > 20000
+    assert stored not in listed.stdout + json.dumps(as_json)
+
+    ended = run_cli(config, "legacy", "sunset", "acme/app1", "2020-01-01")
+    assert (ended.returncode, ended.stderr) == (0, ""), ended
+    assert "ended now: password logins are refused from now on" in ended.stdout
+    assert "ended" in run_cli(config, "legacy", "list").stdout.splitlines()[1]
+    moved = run_cli(config, "legacy", "sunset", "--all", "2098-01-31")
+    assert "Sunset of 2 legacy login(s) set to 2098-01-31" in moved.stdout
+    data = YamlDirectory(str(tmp_path / "directory.yaml")).load()
+    assert {c.sunset for c in data.legacy.values()} == {date(2098, 1, 31)}
+
+    removed = run_cli(config, "legacy", "remove", "acme/app2")
+    assert removed.returncode == 0 and "keyrelay key create acme/app2" in removed.stdout
+    again = run_cli(config, "legacy", "remove", "acme/app2")
+    assert (again.returncode, again.stderr.strip()) == (
+        1, "keyrelay: error: acme/app2 has no legacy password login")
+    bad = run_cli(config, "legacy", "sunset", "acme/app1", "tomorrow")
+    assert bad.returncode == 2 and "expected a date YYYY-MM-DD" in bad.stderr
+    assert set(YamlDirectory(str(tmp_path / "directory.yaml")).load().legacy) == {"acme/app1"}
