@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ldap3.core.exceptions import LDAPException
 
-from ...errors import DirectoryUnavailable, UserError
+from ...errors import DirectoryUnavailable
 from ..model import Directory, DirectoryData
 from . import connection, searches, writes
 from .changelog import changed_since
@@ -326,11 +326,6 @@ class LdapDirectory:
             before = entries_of(data, self.base)
             monitor_before = data.monitor
             yield data
-            if data.legacy:
-                # not carried by the LDAP schema yet: refused, never silently dropped
-                raise UserError("the LDAP directory does not carry legacy password logins "
-                                f"yet ({', '.join(sorted(data.legacy))}); use the YAML "
-                                "directory for the password bridge, or leave legacy_login out")
             after = entries_of(data, self.base)
             if before == after and data.monitor == monitor_before and serial is not None:
                 return
@@ -352,7 +347,12 @@ class LdapDirectory:
         """
         conn = self._guarded(self.connect)
         try:
-            left = self._guarded(lambda: writes.write_key_use(conn, self.base, used, give_up))
+            legacy = {i: w for i, w in used.items() if i.endswith(":legacy")}
+            keys_used = {i: w for i, w in used.items() if i not in legacy}
+            left = self._guarded(lambda: writes.write_key_use(conn, self.base, keys_used,
+                                                              give_up))
+            if legacy and not left:
+                self._guarded(lambda: writes.write_legacy_use(conn, self.base, legacy))
         finally:
             unbind(conn)
         return left
