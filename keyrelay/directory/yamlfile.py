@@ -21,12 +21,13 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from .. import __version__, names, passwords, yamlread
+from .. import __version__, names, yamlread
 from ..errors import ConfigError, DirectoryUnavailable, UserError
 from ..keys import KEY_ID_RE
+from . import yamllegacy
 from .model import (
     LIMIT_FIELDS,
     Account,
@@ -36,7 +37,6 @@ from .model import (
     DirectoryData,
     Domain,
     DomainState,
-    LegacyLogin,
     Limits,
     Pool,
     Selector,
@@ -264,13 +264,7 @@ def _principal_doc(
     }
     cred = grouped.legacy.get(principal)
     if cred is not None:  # only then: a file without one reads in an older keyrelay
-        doc["legacy_login"] = {
-            "username": cred.username,
-            "password_hash": cred.password_hash,
-            "sunset": cred.sunset.isoformat(),
-            "created": _ts(cred.created),
-            "last_used": _ts(cred.last_used),
-        }
+        doc["legacy_login"] = yamllegacy.render(cred, _ts)
     return doc
 
 
@@ -496,7 +490,7 @@ class _Parser:
             created = self.time(self.mapping(sdoc, where, ("created",)).get("created"), where)
             data.senders[(principal, address)] = Sender(address, principal, created)
         if doc.get("legacy_login") is not None:
-            self.legacy_login(data, principal, doc["legacy_login"], f"{key}.legacy_login")
+            yamllegacy.parse(self, data, principal, doc["legacy_login"], f"{key}.legacy_login")
         status = self.enum(
             Status, doc.get("status", "active"), f"{key}.status", "active, suspended"
         )
@@ -550,33 +544,6 @@ class _Parser:
             revoked=self.time(doc.get("revoked"), f"{key}.revoked"),
             last_used=self.time(doc.get("last_used"), f"{key}.last_used"),
         )
-
-    def legacy_login(self, data: DirectoryData, principal: str, value: object,
-                     key: str) -> None:
-        doc = self.mapping(value, key,
-                           ("username", "password_hash", "sunset", "created", "last_used"))
-        username = self.string(doc.get("username"), f"{key}.username")
-        for other in data.legacy.values():
-            if other.username == username:
-                raise self.fail(f"{key}.username",
-                                f"{username!r} is also the legacy login of {other.principal}")
-        # never quoted in an error: passwords.checked names the scheme at most
-        stored = self.checked(passwords.checked, doc.get("password_hash"),
-                              f"{key}.password_hash")
-        data.legacy[principal] = LegacyLogin(
-            principal, username, stored, self.day(doc.get("sunset"), f"{key}.sunset"),
-            self.time(doc.get("created"), f"{key}.created"),
-            self.time(doc.get("last_used"), f"{key}.last_used"))
-
-    def day(self, value: object, key: str) -> date:
-        if isinstance(value, date) and not isinstance(value, datetime):
-            return value  # YAML reads 2027-03-31 as a date
-        if isinstance(value, str):
-            try:
-                return date.fromisoformat(value)
-            except ValueError:
-                pass
-        raise self.fail(key, f"expected a date like 2027-03-31, got {yamlread.got(value)}")
 
     def domain(self, data: DirectoryData, name: str, value: object, key: str) -> None:
         allowed = ("owner", "state", "grants", "created", "verified_at", "verified_by",
