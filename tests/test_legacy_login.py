@@ -75,6 +75,10 @@ def test_only_over_tls(legacy: World) -> None:
     snapshot = legacy.snapshot()
     assert legacy_login_for(snapshot, EngineSettings(), facts) is None
     assert decide_login(snapshot, EngineSettings(), facts).reason is Reason.TLS_REQUIRED
+    # even where auth.require_tls lets keys in on a plaintext connection
+    lax = EngineSettings(require_tls=False)
+    assert legacy_login_for(snapshot, lax, facts) is None
+    assert decide_login(snapshot, lax, facts).reason is Reason.TLS_REQUIRED
 
 
 def test_after_the_sunset_the_client_reads_when_it_ended_and_what_to_do(legacy: World) -> None:

@@ -36,7 +36,7 @@ def legacy_login_for(directory: Directory, settings: EngineSettings,
     """The imported legacy login whose password ``decide_login`` would verify for this
     attempt, or None (then it needs no password hash verified). A front end verifies it off
     its event loop and passes the outcome as ``password_ok``."""
-    if (settings.require_tls and not facts.secured) or facts.username == settings.username:
+    if not facts.secured or facts.username == settings.username:
         return None
     cred = directory.legacy_by_username.get(facts.username)
     if cred is None or legacy_ended(cred, facts.now) is not None:
@@ -62,6 +62,10 @@ def decide_login(directory: Directory, settings: EngineSettings, facts: LoginFac
             "plaintext connection",
         )
     if facts.username != settings.username and facts.username in directory.legacy_by_username:
+        if not facts.secured:  # a password, unlike a key, is never sent in the clear
+            return no(Reason.TLS_REQUIRED,
+                      "log in over TLS (STARTTLS, or port 465): API keys are not accepted on "
+                      "a plaintext connection")
         return _decide_legacy(directory, settings, facts,
                               directory.legacy_by_username[facts.username], password_ok)
     if facts.username != settings.username:
@@ -109,7 +113,8 @@ def decide_login(directory: Directory, settings: EngineSettings, facts: LoginFac
 
 def _decide_legacy(directory: Directory, settings: EngineSettings, facts: LoginFacts,
                    cred: LegacyLogin, password_ok: bool | None) -> Verdict:
-    """The same rules as a key's: TLS (checked before), the principal active, the account's
+    """The same rules as a key's: TLS (checked before, even with auth.require_tls off), the
+    principal active, the account's
     IP list (monitor mode lets it pass); then the session is ``PRINCIPAL:legacy``."""
     principal = cred.principal
     ended = legacy_ended(cred, facts.now)

@@ -100,7 +100,8 @@ ANSWERS: dict[Reason, Answer] = {
     Reason.TLS_REQUIRED: Answer(
         "auth", "535", "5.7.8",
         ("log in over TLS (STARTTLS, or port 465): API keys are not accepted on a plaintext "
-         "connection",), "a login on a connection without TLS (auth.require_tls)"),
+         "connection",), "a login on a connection without TLS (auth.require_tls); a legacy "
+         "password login always"),
     Reason.BAD_USERNAME: Answer(
         "auth", "535", "5.7.8",
         ("log in with username '<username>' and an API key as the password",),
