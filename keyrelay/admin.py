@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
-from . import keys, names
+from . import keys, names, passwords
 from . import limits as limits_module
 from .directory.model import (
     LIMIT_FIELDS,
@@ -20,6 +20,7 @@ from .directory.model import (
     DirectoryData,
     Domain,
     DomainState,
+    LegacyLogin,
     Limits,
     Pool,
     Selector,
@@ -104,6 +105,7 @@ def _drop_principal_records(data: DirectoryData, pid: str) -> None:
         del data.keys[kid]
     for sender_id in [s for s in data.senders if s[0] == pid]:
         del data.senders[sender_id]
+    data.legacy.pop(pid, None)
 
 
 def remove_account(data: DirectoryData, name: str) -> None:
@@ -235,11 +237,61 @@ def set_scopes(data: DirectoryData, key_id: str, scopes: list[str]) -> ApiKey:
 
 
 def record_key_use(data: DirectoryData, used: dict[str, datetime]) -> None:
-    """Store last-used times collected by a daemon (keys removed meanwhile are skipped)."""
+    """Store last-used times collected by a daemon (keys removed meanwhile are skipped).
+    A legacy password login is reported by its identity, ``PRINCIPAL:legacy``."""
+    legacy = {ident.rpartition(":")[0]: when for ident, when in used.items()
+              if ident.endswith(":legacy")}
+    record_legacy_use(data, legacy)
     for key_id, when in used.items():
         found = data.keys.get(key_id)
         if found is not None and (found.last_used is None or found.last_used < when):
             data.keys[key_id] = replace(found, last_used=when)
+
+
+# -- legacy password logins (the password bridge, docs/migration.md) -------------------------
+def set_legacy_login(data: DirectoryData, pid: str, username: str, password_hash: str,
+                     sunset: date, now: datetime) -> LegacyLogin:
+    """Give ``pid`` its imported login (a declaration's ``legacy_login``): the only way one is
+    made. The same username and hash keep their last use."""
+    principal(data, pid)
+    stored = passwords.checked(password_hash)
+    for other in data.legacy.values():
+        if other.username == username and other.principal != pid:
+            raise Conflict(f"legacy login {username!r} already belongs to {other.principal}")
+    old = data.legacy.get(pid)
+    same = old is not None and old.username == username and old.password_hash == stored
+    cred = LegacyLogin(pid, username, stored, sunset,
+                       old.created if old else now, old.last_used if same and old else None)
+    data.legacy[pid] = cred
+    return cred
+
+
+def legacy_login(data: DirectoryData, pid: str) -> LegacyLogin:
+    principal(data, pid)
+    found = data.legacy.get(pid)
+    if found is None:
+        raise NotFound(f"{pid} has no legacy password login")
+    return found
+
+
+def set_legacy_sunset(data: DirectoryData, pids: list[str], sunset: date) -> list[LegacyLogin]:
+    """Move the sunset of each named principal's legacy login (a past date ends it)."""
+    changed = [replace(legacy_login(data, pid), sunset=sunset) for pid in pids]
+    for cred in changed:
+        data.legacy[cred.principal] = cred
+    return changed
+
+
+def remove_legacy_login(data: DirectoryData, pid: str) -> LegacyLogin:
+    return data.legacy.pop(legacy_login(data, pid).principal)
+
+
+def record_legacy_use(data: DirectoryData, used: dict[str, datetime]) -> None:
+    """Last-used times of legacy logins, by principal (removed meanwhile: skipped)."""
+    for pid, when in used.items():
+        found = data.legacy.get(pid)
+        if found is not None and (found.last_used is None or found.last_used < when):
+            data.legacy[pid] = replace(found, last_used=when)
 
 
 # -- IP access rules -------------------------------------------------------------------------
@@ -502,7 +554,8 @@ def pools_for_domain(data: DirectoryData, dom: Domain, default_pool: str | None)
     return [data.pools[n] for n in sorted(w for w in wanted if w) if n in data.pools]
 
 
-_COLLECTIONS = ("accounts", "subusers", "keys", "domains", "senders", "pools")
+_COLLECTIONS = ("accounts", "subusers", "keys", "domains", "senders", "pools", "legacy")
+_KINDS = {"legacy": "legacy login"}
 
 
 def differences(old: DirectoryData, new: DirectoryData) -> list[str]:
@@ -510,7 +563,7 @@ def differences(old: DirectoryData, new: DirectoryData) -> list[str]:
     lines = []
     for name in _COLLECTIONS:
         before, after = getattr(old, name), getattr(new, name)
-        kind = name[:-1]
+        kind = _KINDS.get(name, name[:-1])
         for ident in sorted(set(after) - set(before), key=str):
             lines.append(f"add {kind} {_ident(ident)}")
         for ident in sorted(set(before) & set(after), key=str):

@@ -14,7 +14,11 @@ Sync is additive and field by field, so that the directory can also be changed b
 - an object the file does not name is left alone; ``state: absent`` removes one (an account
   or subuser with its keys and senders, a domain with its private keys);
 - a new domain gets its DKIM keys (RSA-2048 and Ed25519) and starts pending: verification
-  stays a DNS matter (``keyrelay domain verify``).
+  stays a DNS matter (``keyrelay domain verify``);
+- ``legacy_login`` (username, password_hash, sunset), what ``keyrelay migrate postfix
+  --sunset`` writes, gives a principal its old password login until the sunset (the password
+  bridge, docs/migration.md): the only way one is made. A declaration without it leaves the
+  principal's legacy login as it is (``keyrelay legacy sunset``/``remove`` change it).
 
 A second run with the same file changes nothing.
 """
@@ -22,12 +26,12 @@ A second run with the same file changes nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from . import admin, names, yamlread
+from . import admin, names, passwords, yamlread
 from .directory.model import LIMIT_FIELDS, DirectoryData, Domain, Limits, Selector, Status
 from .errors import ConfigError, Conflict, UserError
 
@@ -56,6 +60,14 @@ class PrincipalDecl:
     monitor: bool | None = None  # accounts only
     ip_allow: tuple[str, ...] | None = None  # accounts only
     senders: tuple[str, ...] | None = None
+    legacy_login: LegacyLoginDecl | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyLoginDecl:
+    username: str
+    password_hash: str = field(repr=False)
+    sunset: date
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +188,8 @@ class _Reader:
         return self.checked(names.account_name, settings["pool"], f"{key}.pool"), True
 
     def principal(self, pid: str, settings: Any, key: str, account: bool) -> PrincipalDecl:
-        allowed: tuple[str, ...] = ("state", "status", "pool", "limits", "senders")
+        allowed: tuple[str, ...] = ("state", "status", "pool", "limits", "senders",
+                                    "legacy_login")
         if account:
             allowed += ("monitor", "ip_allow", "subusers")
         body = self.mapping(settings, key, allowed)
@@ -193,7 +206,26 @@ class _Reader:
                       if "ip_allow" in body else None),
             senders=(self.strings(names.address, body["senders"], f"{key}.senders")
                      if "senders" in body else None),
+            legacy_login=(self.legacy_login(body["legacy_login"], f"{key}.legacy_login")
+                          if body.get("legacy_login") is not None else None),
         )
+
+    def legacy_login(self, value: Any, key: str) -> LegacyLoginDecl:
+        body = self.mapping(value, key, ("username", "password_hash", "sunset"))
+        for name in ("username", "password_hash", "sunset"):
+            if name not in body:
+                raise self.fail(f"{key}.{name}", "missing (a legacy login needs username, "
+                                "password_hash and sunset)")
+        username = self.checked(_username, body["username"], f"{key}.username")
+        stored = self.checked(passwords.checked, body["password_hash"],
+                              f"{key}.password_hash")
+        sunset = body["sunset"]
+        if isinstance(sunset, str):
+            sunset = self.checked(_day, sunset, f"{key}.sunset")
+        if not isinstance(sunset, date) or isinstance(sunset, datetime):
+            raise self.fail(f"{key}.sunset",
+                            f"expected a date like 2027-03-31, got {yamlread.got(sunset)}")
+        return LegacyLoginDecl(username, stored, sunset)
 
 
 def load(path: str | Path) -> Declaration:
@@ -250,6 +282,19 @@ def _declaration(where: str, raw: object) -> Declaration:
                     if "grants" in body else None),
         ))
     return Declaration(where, tuple(pools), tuple(principals), tuple(domains))
+
+
+def _username(text: str) -> str:
+    if text == "apikey" or not text.isprintable() or not 0 < len(text) <= 255:
+        raise UserError("expected the login name applications send (printable, not apikey)")
+    return text
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"expected a date like 2027-03-31, got {text[:40]!r}") from None
 
 
 def _principal(text: str) -> str:
@@ -328,6 +373,9 @@ def _sync_principal(data: DirectoryData, decl: PrincipalDecl, now: datetime) -> 
         admin.set_monitor(data, pid, decl.monitor)
     if decl.ip_allow is not None:
         admin.set_ip_rules(data, pid, list(decl.ip_allow))
+    if decl.legacy_login is not None:
+        cred = decl.legacy_login
+        admin.set_legacy_login(data, pid, cred.username, cred.password_hash, cred.sunset, now)
     if decl.senders is not None:
         wanted = set(decl.senders)
         for (owner, address) in list(data.senders):

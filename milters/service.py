@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 
 from keyrelay.config import Config
 from keyrelay.decisions import (
+    LEGACY_KEY_ID,
     Action,
     EngineSettings,
     HeaderFacts,
@@ -162,7 +163,8 @@ class MilterService:
             return MessageOutcome(temporary(Reason.CLIENT_ADDRESS_MISSING, message.identity))
         directory = self.directory.snapshot() if message.identity else Directory.empty()
         parsed = parse_identity(message.identity) if message.identity else None
-        if parsed and parsed[1] not in directory.keys and self.directory.reads_through:
+        if (parsed and parsed[1] not in directory.keys and parsed[1] != LEGACY_KEY_ID
+                and self.directory.reads_through):
             # logged in with a key this process's copy lacks (created a moment ago, checked by
             # policyd's own read-through): look it up rather than defer the message (this
             # runs in libmilter's thread for the connection, so waiting blocks no one else)

@@ -11,6 +11,12 @@ id or a wrong secret count; a revoked or expired key, a suspended principal or a
 address is a known key used in the wrong place, answered clearly every time without locking
 anyone out. A locked key id still logs in where it recently logged in (docs/policyd.md,
 "Brute-force protection").
+
+An imported legacy login (the password bridge, docs/migration.md) is the one login whose
+check is slow by design: its password hash is verified in a thread pool of fixed size
+(``HASH_WORKERS``), never on the event loop, with at most ``HASH_PENDING`` attempts waiting
+or running; one more is answered temporarily (``legacy_busy``: the connection drops, Postfix
+answers 454 4.7.0). A wrong password counts as a guess against the client's address.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from keyrelay import keys, names
+from keyrelay import keys, names, passwords
 from keyrelay.counters import CountersUnavailable, MemoryCounters
 from keyrelay.decisions import (
+    LEGACY_KEY_ID,
     Action,
     LockoutFacts,
     LoginFacts,
@@ -33,6 +41,7 @@ from keyrelay.decisions import (
     counts_as_guess,
     decide_lockout,
     decide_login,
+    legacy_login_for,
     minutes,
     temporary,
 )
@@ -47,6 +56,23 @@ from .policy import run_now
 log = logging.getLogger("keyrelay.policyd.auth")
 # keyrelay_auth_attempts_total's result label (docs/metrics.md)
 RESULTS = {Action.ALLOW: "success", Action.REFUSE: "failure", Action.TEMPFAIL: "tempfail"}
+# Legacy password hashes are verified by this many threads (Argon2id at 64 MiB each) ...
+HASH_WORKERS = 2
+# ... with at most this many attempts running or waiting; one more is answered temporarily
+HASH_PENDING = 16
+
+
+class PasswordCheck:
+    """An attempt whose legacy password hash must be verified (off the event loop) before
+    the engine decides it."""
+
+    __slots__ = ("password_hash",)
+
+    def __init__(self, password_hash: str) -> None:
+        self.password_hash = password_hash
+
+    def __repr__(self) -> str:
+        return "PasswordCheck(<hash>)"
 
 
 class AuthService:
@@ -64,6 +90,14 @@ class AuthService:
     def __init__(self, context: ServiceContext, metrics: Metrics = NO_METRICS) -> None:
         self.context = context
         self.metrics = metrics
+        self._hash_pool: ThreadPoolExecutor | None = None  # made at the first legacy login
+        self.hashing = 0  # legacy password checks running or waiting
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._hash_pool is None:
+            self._hash_pool = ThreadPoolExecutor(HASH_WORKERS,
+                                                 thread_name_prefix="keyrelay-passwords")
+        return self._hash_pool
 
     def login(self, attempt: dovecot.Attempt) -> Verdict | Coroutine[Any, Any, Verdict]:
         """Decide one attempt; every fault of ours becomes a TEMPFAIL verdict.
@@ -77,15 +111,36 @@ class AuthService:
             result = run_now(step)
             if isinstance(result, KeyLookup):
                 return self._look_up(attempt, result)
+            if isinstance(result, PasswordCheck):
+                return self._verify(attempt, result)
             return result
         return self._settle(attempt, step)
 
     async def _settle(self, attempt: dovecot.Attempt,
-                      step: Coroutine[Any, Any, Verdict | KeyLookup]) -> Verdict:
+                      step: Coroutine[Any, Any, Verdict | KeyLookup | PasswordCheck]
+                      ) -> Verdict:
         result = await step
         if isinstance(result, KeyLookup):
             return await self._look_up(attempt, result)
+        if isinstance(result, PasswordCheck):
+            return await self._verify(attempt, result)
         return result
+
+    async def _verify(self, attempt: dovecot.Attempt, check: PasswordCheck) -> Verdict:
+        """Verify a legacy password in the bounded pool, then decide with the outcome."""
+        if self.hashing >= HASH_PENDING:
+            log.warning("legacy password check refused for now: %d checks already running "
+                        "or waiting", self.hashing)
+            return temporary(Reason.LEGACY_BUSY)
+        self.hashing += 1
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self._pool(), passwords.verify, check.password_hash, attempt.password)
+        finally:
+            self.hashing -= 1
+        verdict = await self._login(attempt, None, ok)
+        assert isinstance(verdict, Verdict)
+        return verdict
 
     async def _look_up(self, attempt: dovecot.Attempt, lookup: KeyLookup) -> Verdict:
         await asyncio.get_running_loop().run_in_executor(None, lookup.run)
@@ -103,18 +158,18 @@ class AuthService:
         assert isinstance(verdict, Verdict)
         return verdict
 
-    async def _login(self, attempt: dovecot.Attempt,
-                     lookup: KeyLookup | None) -> Verdict | KeyLookup:
+    async def _login(self, attempt: dovecot.Attempt, lookup: KeyLookup | None,
+                     password_ok: bool | None = None) -> Verdict | KeyLookup | PasswordCheck:
         try:
-            return await self._decide(attempt, lookup)
+            return await self._decide(attempt, lookup, password_ok)
         except CountersUnavailable as exc:
             # only a store without the in-process fallback raises this for brute-force
             # counting (keyrelay/counters/fallback.py never does): our fault, temporary
             log.error("counter store unavailable: %s", exc)
             return temporary(Reason.COUNTERS_UNAVAILABLE)
 
-    async def _decide(self, attempt: dovecot.Attempt,
-                      lookup: KeyLookup | None) -> Verdict | KeyLookup:
+    async def _decide(self, attempt: dovecot.Attempt, lookup: KeyLookup | None,
+                      password_ok: bool | None) -> Verdict | KeyLookup | PasswordCheck:
         ctx = self.context
         store = ctx.store
         address = attempt.client_address
@@ -137,7 +192,11 @@ class AuthService:
             return temporary(Reason.DIRECTORY_UNAVAILABLE)
         facts = LoginFacts(attempt.username, attempt.password, address, ctx.clock(),
                            secured=attempt.secured)
-        verdict = decide_login(directory, ctx.settings, facts)
+        if password_ok is None:
+            cred = legacy_login_for(directory, ctx.settings, facts)
+            if cred is not None:  # decided again once the hash is verified, off the loop
+                return PasswordCheck(cred.password_hash)
+        verdict = decide_login(directory, ctx.settings, facts, password_ok)
         if (lookup is None and key_id and verdict.reason is Reason.UNKNOWN_KEY
                 and ctx.directory.reads_through):
             # the engine found everything else right, and only this copy lacks the key: it
@@ -158,6 +217,8 @@ class AuthService:
                             "logged in within %s", key_id, minutes(bf.lockout), address,
                             await store.clients(key_id, ctx.settings.trusted_for),
                             format_duration(bf.trusted_for))
+        elif verdict.allowed and verdict.key_id == LEGACY_KEY_ID and verdict.identity:
+            ctx.key_used(verdict.identity, facts.now)  # PRINCIPAL:legacy (keyrelay/admin.py)
         elif verdict.allowed and verdict.key_id:
             ctx.key_used(verdict.key_id, facts.now)
             await store.succeeded(verdict.key_id, client, bf.trusted_for)
@@ -175,7 +236,18 @@ class AuthService:
         }
         if verdict.action is not Action.ALLOW and verdict.reason is Reason.BAD_USERNAME:
             fields["username"] = loggable_username(attempt.username)
+        if verdict.key_id == LEGACY_KEY_ID and verdict.principal:
+            days = self._days_left(verdict.principal)
+            if days is not None:
+                fields["days_left"] = str(days)
         self.context.decisions.emit(log.name, "login", fields)
+
+    def _days_left(self, principal: str) -> int | None:
+        try:
+            cred = self.context.snapshot().legacy.get(principal)
+        except DirectoryUnavailable:
+            return None
+        return None if cred is None else cred.days_left(self.context.clock())
 
     def log_exchange_failure(self, reply: dovecot.Reply) -> None:
         """A SASL exchange that failed before any credentials (bad base64, bad PLAIN...)."""

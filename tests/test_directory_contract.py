@@ -14,7 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import ldap3
 import pytest
 from test_yaml_directory import build_rich_directory
 
-from keyrelay import admin, cli, keys
+from keyrelay import admin, cli, keys, passwords
 from keyrelay.config import Config, parse_config
 from keyrelay.decisions import EngineSettings, LoginFacts, decide_login
 from keyrelay.directory import DirectoryBackend, DirectoryData, open_directory
@@ -353,3 +353,27 @@ def test_export_from_one_backend_imports_losslessly_into_the_other(
     both["ldap"].cli("export", "-o", str(back))
     assert back.read_text(encoding="utf-8") == exported.read_text(encoding="utf-8")
     assert again.startswith("Nothing to do: the directory already equals")
+
+
+def test_a_legacy_login_comes_back_as_written_and_records_its_use(store: Store) -> None:
+    """The password bridge's credential (issue 24): a hash, its sunset, its last use."""
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    stored = passwords.hash_plaintext("old-password-1")
+    with store.open().transaction() as data:
+        admin.add_account(data, "acme", t0)
+        admin.add_subuser(data, "acme/app", t0)
+        admin.set_legacy_login(data, "acme", "acme-login", stored, date(2027, 1, 31), t0)
+        admin.set_legacy_login(data, "acme/app", "app@site.example", stored,
+                               date(2027, 2, 28), t0)
+    loaded = store.open().load()
+    assert loaded.legacy == data.legacy
+    snapshot = store.open().snapshot()
+    assert snapshot.legacy_by_username["app@site.example"].principal == "acme/app"
+    facts = LoginFacts("app@site.example", "old-password-1", "127.0.0.1", t0)
+    assert decide_login(snapshot, EngineSettings(), facts).identity == "acme/app:legacy"
+
+    store.open().record_key_use({"acme/app:legacy": t0 + timedelta(minutes=1)})
+    assert store.open().load().legacy["acme/app"].last_used == t0 + timedelta(minutes=1)
+    with store.open().transaction() as data:
+        admin.remove_legacy_login(data, "acme")
+    assert set(store.open().load().legacy) == {"acme/app"}

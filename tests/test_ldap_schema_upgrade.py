@@ -8,12 +8,13 @@ import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
 from test_yaml_directory import build_rich_directory
 
-from keyrelay import admin
+from keyrelay import admin, passwords
 from keyrelay.config import parse_config
 from keyrelay.directory import DirectoryData, open_directory
 from keyrelay.directory.ldap import schema
@@ -25,10 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 QUOTA_ATTRIBUTES = ("krMessagesPerDay", "krMessagesPerMonth")
 
 
-def earlier_schema() -> str:
-    """keyrelay.ldif as the release before the quotas wrote it: without their attributes."""
-    attributes = [a for a in schema.ATTRIBUTES if a.name not in QUOTA_ATTRIBUTES]
-    classes = [replace(c, may=tuple(m for m in c.may if m not in QUOTA_ATTRIBUTES))
+LEGACY_ATTRIBUTES = ("krLegacyUsername", "krLegacyPasswordHash", "krLegacySunset",
+                     "krLegacyCreated", "krLegacyLastUsed")
+
+
+def earlier_schema(left_out: tuple[str, ...] = QUOTA_ATTRIBUTES + LEGACY_ATTRIBUTES) -> str:
+    """keyrelay.ldif as the release before the quotas wrote it: without their attributes
+    (nor those of the password bridge, which came later)."""
+    attributes = [a for a in schema.ATTRIBUTES if a.name not in left_out]
+    classes = [replace(c, may=tuple(m for m in c.may if m not in left_out))
                for c in schema.OBJECT_CLASSES]
     text = schema.schema_ldif()
     lines = [line for line in text.splitlines() if not line.startswith(
@@ -69,6 +75,12 @@ def test_an_earlier_schema_keeps_working_and_the_upgrade_ldif_adds_the_quotas(
             open_directory(config).transaction() as changed:
         admin.change_limits(changed, "acme", {"messages_per_day": 1000})
     assert open_directory(config).load() == data
+    # so does a legacy login (the password bridge)
+    with pytest.raises(DirectoryUnavailable, match=r"keyrelay-upgrade\.ldif"), \
+            open_directory(config).transaction() as changed:
+        admin.set_legacy_login(changed, "acme", "acme", passwords.hash_plaintext("pw"),
+                               date(2027, 1, 31), datetime(2026, 12, 1, tzinfo=UTC))
+    assert open_directory(config).load() == data
 
     # the upgrade, as docs/ldap.md gives it: the schema entry's DN found with ldapsearch, put
     # in the dn: line (there with sed), ldapmodify (here over ldaps as cn=config's admin
@@ -91,7 +103,11 @@ def test_an_earlier_schema_keeps_working_and_the_upgrade_ldif_adds_the_quotas(
     with open_directory(config).transaction() as changed:
         admin.change_limits(changed, "acme", {"messages_per_day": 1000})
         admin.change_limits(changed, "acme/marketing", {"messages_per_month": 30_000})
+        # the password bridge's attributes (issue 24) come with the same upgrade
+        admin.set_legacy_login(changed, "acme/marketing", "mkt", passwords.hash_plaintext("pw"),
+                               date(2027, 1, 31), datetime(2026, 12, 1, tzinfo=UTC))
     loaded = open_directory(config).load()
+    assert loaded.legacy["acme/marketing"].username == "mkt"
     assert loaded.accounts["acme"].limits.messages_per_day == 1000
     assert loaded.subusers["acme/marketing"].limits == replace(
         data.subusers["acme/marketing"].limits, messages_per_month=30_000)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_legacy_credential import sha512_crypt
 from test_yaml_directory import KEYRELAY, run_cli, write_config
 
-from keyrelay import names
+from keyrelay import names, passwords
 from keyrelay.directory import YamlDirectory
 from keyrelay.migrate.plan import subuser_names
 
@@ -249,13 +250,62 @@ def test_proxy_and_unionmap_maps_are_read_and_mynetworks_tables_are_named(
             "logins could send as addresses the sender maps do not list") in report
 
 
-def test_sunset_is_refused_until_the_password_bridge_exists(tmp_path: Path) -> None:
+def test_with_a_sunset_each_login_keeps_its_password_as_a_hash(tmp_path: Path) -> None:
     site = make_site(tmp_path)
-    done = migrate("--config-dir", str(site), "--account", "acme", "--sunset", "2027-03-01",
+    real = sha512_crypt.using(rounds=5000).hash("newsletter-pw-77")
+    passwd = tmp_path / "dovecot.passwd"
+    passwd.write_text(f"newsletter@site.example:{{SHA512-CRYPT}}{real}:::\n"
+                      f"monitoring:{{PLAIN}}{SECRETS[2]}::::\n", encoding="utf-8")
+    out = tmp_path / "m.yaml"
+    done = migrate("--config-dir", str(site), "--sasldb", str(make_sasldb(tmp_path)),
+                   "--dovecot-passwd", str(passwd), "--account", "acme",
+                   "--sunset", "2027-03-01", "--out", str(out))
+    assert (done.returncode, done.stderr) == (0, ""), done
+    written = out.read_text(encoding="utf-8")
+    report = (tmp_path / "m.report.md").read_text(encoding="utf-8")
+    for secret in (*SECRETS[:3], "newsletter-pw-77"):
+        assert secret not in written + report + done.stdout
+    subs = yaml.safe_load(written)["accounts"]["acme"]["subusers"]
+    legacy = {name: body.get("legacy_login") for name, body in subs.items()}
+    assert legacy["monitoring"] is None  # {PLAIN}: no hash keyrelay verifies, reported
+    assert "login `monitoring`: its password is not a hash keyrelay verifies" in report
+    assert legacy["newsletter"] == {"username": "newsletter@site.example",
+                                    "password_hash": "{SHA512-CRYPT}" + real,
+                                    "sunset": "2027-03-01"}
+    # the sasldb2's plaintext secrets, hashed with Argon2id at import
+    assert legacy["crm"]["username"] == "crm@site.example"
+    assert legacy["billing"]["username"] == "billing"  # the default realm: the plain name
+    assert passwords.verify(legacy["crm"]["password_hash"], SECRETS[0])
+    assert passwords.verify(legacy["billing"]["password_hash"], SECRETS[1])
+    assert legacy["billing"]["password_hash"].startswith("{ARGON2ID}$argon2id$")
+    assert "keep their old username and password until the sunset, **2027-03-01**" in report
+    assert "password HASHES" in written and "--sunset 2027-03-01" in written
+
+    config = write_config(tmp_path)
+    synced = run_cli(config, "sync", str(out))
+    assert (synced.returncode, synced.stderr) == (0, ""), synced
+    data = YamlDirectory(str(tmp_path / "directory.yaml")).load()
+    assert {p: (c.username, str(c.sunset)) for p, c in data.legacy.items()} == {
+        "acme/crm": ("crm@site.example", "2027-03-01"),
+        "acme/billing": ("billing", "2027-03-01"),
+        "acme/newsletter": ("newsletter@site.example", "2027-03-01")}
+
+
+def test_without_a_sunset_no_login_gets_a_password(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    out = tmp_path / "m.yaml"
+    done = migrate("--config-dir", str(site), "--sasldb", str(make_sasldb(tmp_path)),
+                   "--account", "acme", "--out", str(out))
+    assert done.returncode == 0, done
+    assert "legacy_login" not in out.read_text(encoding="utf-8")
+
+
+def test_a_bad_sunset_is_one_line(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    done = migrate("--config-dir", str(site), "--account", "acme", "--sunset", "2027-02-30",
                    "--out", str(tmp_path / "m.yaml"))
-    assert done.returncode == 1
-    assert done.stderr.startswith("keyrelay: error: --sunset: the password bridge (old "
-                                  "passwords until a sunset date) is not built yet"), done
+    assert (done.returncode, done.stderr) == (
+        1, "keyrelay: error: --sunset '2027-02-30': expected a date YYYY-MM-DD\n")
     assert not (tmp_path / "m.yaml").exists()
 
 

@@ -153,7 +153,7 @@ def test_state_absent_removes_a_subuser_with_its_keys_and_a_domain_with_its_key_
      "least 1"),
     ({"accounts": {"acme": {"colour": "red"}}},
      "3: accounts.acme.colour: unknown key; allowed here: state, status, pool, limits, "
-     "senders, monitor, ip_allow, subusers"),
+     "senders, legacy_login, monitor, ip_allow, subusers"),
     ({"accounts": {"acme": {"stat": "active"}}},
      "3: accounts.acme.stat: unknown key; did you mean 'state'? allowed here: state, status"),
     ({"accounts": {"acme": {"status": "paused"}}},

@@ -369,7 +369,8 @@ BAD_FILES: list[tuple[str, str, int | None, str, str]] = [
      "unknown key; did you mean 'accounts'? allowed here: version, monitor, pools, accounts, "
      "domains"),
     ("unknown-account-key", "accounts:\n  acme:\n    colour: red\n", 3, "accounts.acme.colour",
-     "unknown key; allowed here: status, pool, limits, created, keys, senders, monitor"),
+     "unknown key; allowed here: status, pool, limits, created, keys, senders, legacy_login, "
+     "monitor"),
     ("unknown-key-field",
      "accounts:\n  acme:\n    keys:\n" + GOOD_KEY + "          secret: hunter2\n", 9,
      "accounts.acme.keys.aaaaaaaaaaaaaaaa.secret", "unknown key"),

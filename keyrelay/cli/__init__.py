@@ -29,6 +29,7 @@ from . import (
     init,
     ip,
     key,
+    legacy,
     limits,
     lockout,
     migrate,
@@ -87,7 +88,7 @@ exit status:
 
 # the command groups in the order --help lists them
 _GROUPS = (init, config, account, subuser, key, ip, domain, sender, pool, limits, usage_command,
-           sync, migrate, backup, postfix, monitor, lockout)
+           sync, migrate, legacy, backup, postfix, monitor, lockout)
 
 
 def build_parser() -> argparse.ArgumentParser:

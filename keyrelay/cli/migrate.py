@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+from datetime import date
 from typing import Any
 
 from .. import names
@@ -44,14 +45,16 @@ def _write(args: argparse.Namespace, plan: Plan, command_line: str) -> None:
 
 def migrate_postfix(args: argparse.Namespace) -> None:
     account = _account(args.account)
+    sunset = None
     if args.sunset is not None:
-        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.sunset):
-            raise UserError(f"--sunset {args.sunset!r}: expected a date YYYY-MM-DD")
-        raise UserError(
-            "--sunset: the password bridge (old passwords until a sunset date) is not built "
-            "yet, so this import carries no password and there is nothing to sunset; run it "
-            "without --sunset and give each application an API key (docs/migration.md)")
-    plan = postfix_import.build(args.config_dir, account, args.sasldb, args.dovecot_passwd)
+        try:
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", args.sunset):
+                raise ValueError
+            sunset = date.fromisoformat(args.sunset)
+        except ValueError:
+            raise UserError(f"--sunset {args.sunset!r}: expected a date YYYY-MM-DD") from None
+    plan = postfix_import.build(args.config_dir, account, args.sasldb, args.dovecot_passwd,
+                                sunset)
     _write(args, plan, _command_line("postfix", args))
 
 
@@ -68,6 +71,8 @@ def _command_line(kind: str, args: argparse.Namespace) -> str:
     words = [f"{flag} {shlex.quote(getattr(args, attr))}" for flag, attr in given
              if getattr(args, attr)]
     words += [f"--account {args.account}", f"--out {shlex.quote(args.out)}"]
+    if getattr(args, "sunset", None):
+        words.append(f"--sunset {shlex.quote(args.sunset)}")
     return f"keyrelay migrate {kind} " + " ".join(words)
 
 
@@ -88,8 +93,9 @@ def register(sub: Any) -> None:
     pfx = command(mig, "postfix", None,
                   "read a Postfix site (main.cf via postconf, smtpd_sender_login_maps, "
                   "sasldb2 / Dovecot passwd-file logins, permit_mynetworks clients) and write "
-                  "a declaration (one subuser per login) and a report; no password is read "
-                  "into either")
+                  "a declaration (one subuser per login) and a report; with --sunset, each "
+                  "login's password hash (never a plaintext password) goes into the "
+                  "declaration")
     pfx.set_defaults(without_config=migrate_postfix)
     pfx.add_argument("--config-dir", required=True, metavar="DIR", type=path,
                      help="the site's Postfix configuration folder, e.g. /etc/postfix")
@@ -100,8 +106,9 @@ def register(sub: Any) -> None:
     pfx.add_argument("--account", required=True, metavar="NAME",
                      help="the keyrelay account the logins become subusers of")
     pfx.add_argument("--sunset", metavar="YYYY-MM-DD",
-                     help="refused for now: old passwords need the password bridge, which is "
-                          "not built yet")
+                     help="keep each login's old username and password (as a hash) until "
+                          "this day, UTC (the password bridge); without it, no login keeps "
+                          "a password")
     _outputs(pfx)
     sgd = command(mig, "sendgrid", None,
                   "read JSON files saved from the SendGrid v3 API (subusers, IP access "

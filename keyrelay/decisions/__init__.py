@@ -39,6 +39,7 @@ from .envelope import (
     with_rate,
 )
 from .facts import (
+    LEGACY_KEY_ID,
     EngineSettings,
     EnvelopeFacts,
     HeaderFacts,
@@ -53,6 +54,7 @@ from .login import (
     counts_as_guess,
     decide_lockout,
     decide_login,
+    legacy_login_for,
     locked_out,
     minutes,
 )
@@ -73,6 +75,7 @@ from .verdict import Action, SigningPlan, Verdict, temporary
 
 __all__ = [
     "ANSWERS",
+    "LEGACY_KEY_ID",
     "SEND_SCOPE",
     "SPANS",
     "STAGE_NOT_CHECKED",
@@ -102,6 +105,7 @@ __all__ = [
     "domain_may_send",
     "format_identity",
     "key_usable",
+    "legacy_login_for",
     "limits_for",
     "locked_out",
     "minutes",

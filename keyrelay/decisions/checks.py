@@ -8,9 +8,17 @@ from __future__ import annotations
 from datetime import datetime
 
 from .. import names
-from ..directory.model import Account, ApiKey, Directory, Domain, DomainState, Status
+from ..directory.model import (
+    Account,
+    ApiKey,
+    Directory,
+    Domain,
+    DomainState,
+    LegacyLogin,
+    Status,
+)
 from ..errors import UserError
-from .facts import EngineSettings, parse_identity
+from .facts import LEGACY_KEY_ID, EngineSettings, parse_identity
 from .reasons import Reason
 from .verdict import Action, Verdict, allow, let_pass, refuse
 
@@ -135,6 +143,8 @@ def session_principal(
             f"login {identity!r} is not a keyrelay API key login; log in with an API key",
         )
     principal, key_id = parsed
+    if key_id == LEGACY_KEY_ID:
+        return _legacy_session(directory, settings, principal, client_address, now)
     key = directory.keys.get(key_id)
     if key is None:
         # The login was checked against a key that this copy of the directory lacks: a key
@@ -177,3 +187,44 @@ def session_principal(
         if not verdict.allowed:
             return verdict
     return principal, key_id, verdict
+
+
+def legacy_ended(cred: LegacyLogin | None, now: datetime) -> str | None:
+    """The client's text when a legacy login may no longer be used, or None."""
+    if cred is None:
+        return None
+    if cred.days_left(now) < 0:
+        return (f"password logins for {cred.principal} ended on {cred.sunset.isoformat()}; "
+                f"the application must use an API key (keyrelay key create {cred.principal})")
+    return None
+
+
+def legacy_removed(principal: str) -> str:
+    return (f"password logins for {principal} have ended; the application must use an API "
+            f"key (keyrelay key create {principal})")
+
+
+def _legacy_session(directory: Directory, settings: EngineSettings, principal: str,
+                    client_address: str, now: datetime) -> tuple[str, str, Verdict] | Verdict:
+    """A session that logged in with a legacy password (``PRINCIPAL:legacy``): checked again
+    for every message, as a key's session is: removed or past its sunset since the login,
+    the principal suspended, the client outside the IP list."""
+    cred = directory.legacy.get(principal)
+    ended = legacy_removed(principal) if cred is None else legacy_ended(cred, now)
+    if ended is not None:
+        return refuse(550, "5.7.1", Reason.LEGACY_PASSWORD_ENDED, ended, principal,
+                      LEGACY_KEY_ID)
+    inactive = principal_inactive(directory, principal)
+    if inactive:
+        return refuse(550, "5.7.1", Reason.PRINCIPAL_INACTIVE, inactive, principal,
+                      LEGACY_KEY_ID)
+    account = directory.accounts[principal.partition("/")[0]]
+    verdict = allow(Reason.OK, principal, LEGACY_KEY_ID)
+    if not client_allowed(account, client_address):
+        verdict = monitored(directory, settings, refuse(
+            554, "5.7.1", Reason.IP_NOT_ALLOWED,
+            f"client address {client_address} is not in the IP access list of account "
+            f"{account.name}", principal, LEGACY_KEY_ID))
+        if not verdict.allowed:
+            return verdict
+    return principal, LEGACY_KEY_ID, verdict

@@ -3,12 +3,12 @@ IP pool, and within which rate limits."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from typing import Any, NamedTuple
 
 from ..directory.model import Directory, DomainState, Limits
 from .checks import monitored, normal_address, sender_problem, session_principal
-from .facts import EngineSettings, EnvelopeFacts, RateFacts, parse_identity
+from .facts import LEGACY_KEY_ID, EngineSettings, EnvelopeFacts, RateFacts, parse_identity
 from .reasons import Reason
 from .verdict import Action, Verdict, allow, let_pass, refuse
 
@@ -92,6 +92,10 @@ def _allow_horizon(
     key = directory.keys.get(verdict.key_id or "")
     if key is not None and key.expires is not None:
         horizon = key.expires
+    cred = directory.legacy.get(verdict.principal or "")
+    if verdict.key_id == LEGACY_KEY_ID and cred is not None:  # the day after its sunset
+        horizon = min(horizon, datetime.combine(cred.sunset + timedelta(days=1), time(),
+                                                tzinfo=UTC))
     address = normal_address(sender) or ""
     domain = directory.domains.get(address.rpartition("@")[2])
     if domain is not None and domain.state is DomainState.FAILING and domain.verified_at:

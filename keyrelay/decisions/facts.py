@@ -104,6 +104,11 @@ class RateFacts(NamedTuple):
     now: datetime
 
 
+# The key id a legacy password login carries in its SASL identity (``PRINCIPAL:legacy``): no
+# key has it (a key id is 16 characters of a-z and 2-7), so it never names a key.
+LEGACY_KEY_ID = "legacy"
+
+
 def format_identity(principal: str, key_id: str) -> str:
     """The SASL user name of a login: principal and key id, never the secret."""
     return f"{principal}:{key_id}"
@@ -112,6 +117,7 @@ def format_identity(principal: str, key_id: str) -> str:
 @lru_cache(maxsize=4096)  # asked several times per policy request; logins are few
 def parse_identity(identity: str) -> tuple[str, str] | None:
     principal, colon, key_id = identity.rpartition(":")
-    if not colon or not principal or not keys.KEY_ID_RE.match(key_id):
+    if not colon or not principal or not (keys.KEY_ID_RE.match(key_id)
+                                          or key_id == LEGACY_KEY_ID):
         return None
     return principal, key_id

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import math
 
-from .. import keys
-from ..directory.model import ApiKey, Directory
+from .. import keys, passwords
+from ..directory.model import ApiKey, Directory, LegacyLogin
 from .checks import (
     SEND_SCOPE,
     client_allowed,
     key_problem,
+    legacy_ended,
     monitored,
     principal_inactive,
 )
-from .facts import EngineSettings, LockoutFacts, LoginFacts, format_identity
+from .facts import LEGACY_KEY_ID, EngineSettings, LockoutFacts, LoginFacts, format_identity
 from .reasons import GUESSES, KEY_GUESSES, Reason
 from .verdict import Action, Verdict, refuse
 
@@ -30,8 +31,24 @@ _DUMMY_HASH = "0" * 64
 _UNKNOWN_KEY_TEXT = "unknown API key; check that the whole key was copied"
 
 
-def decide_login(directory: Directory, settings: EngineSettings, facts: LoginFacts) -> Verdict:
-    """SMTP AUTH: username ``apikey``, password an active key of an active principal."""
+def legacy_login_for(directory: Directory, settings: EngineSettings,
+                     facts: LoginFacts) -> LegacyLogin | None:
+    """The imported legacy login whose password ``decide_login`` would verify for this
+    attempt, or None (then it needs no password hash verified). A front end verifies it off
+    its event loop and passes the outcome as ``password_ok``."""
+    if not facts.secured or facts.username == settings.username:
+        return None
+    cred = directory.legacy_by_username.get(facts.username)
+    if cred is None or legacy_ended(cred, facts.now) is not None:
+        return None
+    return cred
+
+
+def decide_login(directory: Directory, settings: EngineSettings, facts: LoginFacts,
+                 password_ok: bool | None = None) -> Verdict:
+    """SMTP AUTH: username ``apikey``, password an active key of an active principal; or,
+    until its sunset, an imported legacy login's username and old password (the password
+    bridge), which ``password_ok`` says was verified (None: verified here, slowly)."""
 
     def no(reason: Reason, text: str, key: ApiKey | None = None) -> Verdict:
         if key is None:
@@ -44,6 +61,13 @@ def decide_login(directory: Directory, settings: EngineSettings, facts: LoginFac
             "log in over TLS (STARTTLS, or port 465): API keys are not accepted on a "
             "plaintext connection",
         )
+    if facts.username != settings.username and facts.username in directory.legacy_by_username:
+        if not facts.secured:  # a password, unlike a key, is never sent in the clear
+            return no(Reason.TLS_REQUIRED,
+                      "log in over TLS (STARTTLS, or port 465): API keys are not accepted on "
+                      "a plaintext connection")
+        return _decide_legacy(directory, settings, facts,
+                              directory.legacy_by_username[facts.username], password_ok)
     if facts.username != settings.username:
         return no(
             Reason.BAD_USERNAME,
@@ -85,6 +109,39 @@ def decide_login(directory: Directory, settings: EngineSettings, facts: LoginFac
         return verdict._replace(identity=identity) if verdict.allowed else verdict
     return Verdict(Action.ALLOW, Reason.OK, principal=key.principal, key_id=key.key_id,
                    identity=identity)
+
+
+def _decide_legacy(directory: Directory, settings: EngineSettings, facts: LoginFacts,
+                   cred: LegacyLogin, password_ok: bool | None) -> Verdict:
+    """The same rules as a key's: TLS (checked before, even with auth.require_tls off), the
+    principal active, the account's
+    IP list (monitor mode lets it pass); then the session is ``PRINCIPAL:legacy``."""
+    principal = cred.principal
+    ended = legacy_ended(cred, facts.now)
+    if ended is not None:
+        return refuse(535, "5.7.8", Reason.LEGACY_PASSWORD_ENDED, ended, principal,
+                      LEGACY_KEY_ID)
+    if password_ok is None:
+        password_ok = passwords.verify(cred.password_hash, facts.password)
+    if not password_ok:
+        # not the principal's doing: no principal named (as for a wrong key secret)
+        return refuse(535, "5.7.8", Reason.WRONG_LEGACY_PASSWORD,
+                      "authentication failed: wrong username or password")
+    inactive = principal_inactive(directory, principal)
+    if inactive:
+        return refuse(535, "5.7.8", Reason.PRINCIPAL_INACTIVE, inactive, principal,
+                      LEGACY_KEY_ID)
+    identity = format_identity(principal, LEGACY_KEY_ID)
+    account = directory.accounts[principal.partition("/")[0]]
+    if not client_allowed(account, facts.client_address):
+        refusal = refuse(
+            535, "5.7.8", Reason.IP_NOT_ALLOWED,
+            f"client address {facts.client_address} is not in the IP access list of "
+            f"account {account.name}", principal, LEGACY_KEY_ID)
+        verdict = monitored(directory, settings, refusal)
+        return verdict._replace(identity=identity) if verdict.allowed else verdict
+    return Verdict(Action.ALLOW, Reason.LEGACY_PASSWORD, principal=principal,
+                   key_id=LEGACY_KEY_ID, identity=identity)
 
 
 def counts_as_guess(verdict: Verdict) -> bool:

@@ -8,15 +8,16 @@ from datetime import datetime
 from .. import names
 from ..directory.model import Directory
 from ..errors import UserError
-from .checks import domain_may_send, key_usable, principal_active
-from .facts import EngineSettings, format_identity
+from .checks import domain_may_send, key_usable, legacy_ended, principal_active
+from .facts import LEGACY_KEY_ID, EngineSettings, format_identity
 
 
 def sender_logins(directory: Directory, settings: EngineSettings, key: str,
                   now: datetime) -> list[str]:
     """Every login (``principal:keyid``) that may send as the address ``key``: each usable
     key of each active principal that owns the address (a verified single sender, or an
-    address in a domain the principal owns or was granted, while that domain may send)."""
+    address in a domain the principal owns or was granted, while that domain may send),
+    and its legacy password login (``principal:legacy``) until the sunset."""
     try:
         address = names.address(key)
     except UserError:
@@ -35,4 +36,7 @@ def sender_logins(directory: Directory, settings: EngineSettings, key: str,
             for k in directory.keys_of(principal)
             if key_usable(k, now)
         )
+        cred = directory.legacy.get(principal)
+        if cred is not None and legacy_ended(cred, now) is None:
+            logins.append(format_identity(principal, LEGACY_KEY_ID))
     return logins

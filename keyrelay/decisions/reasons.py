@@ -26,6 +26,10 @@ class Reason(StrEnum):
     UNKNOWN_KEY = "unknown_key"  # no key with this id exists (a guess, or a mistyped key)
     WRONG_SECRET = "wrong_secret"  # noqa: S105 - a tag: the key id exists, the secret is wrong
     MALFORMED_EXCHANGE = "malformed_exchange"  # the SASL exchange itself was broken
+    LEGACY_PASSWORD = "legacy_password"  # noqa: S105 - a tag: an imported login's old password
+    WRONG_LEGACY_PASSWORD = "wrong_legacy_password"  # noqa: S105 - a tag, not a password
+    LEGACY_PASSWORD_ENDED = "legacy_password_ended"  # noqa: S105 - the sunset has passed
+    LEGACY_BUSY = "legacy_busy"  # every password-hash worker is busy
     ADDRESS_LOCKED_OUT = "address_locked_out"
     KEY_LOCKED_OUT = "key_locked_out"
     # login and every message after it
@@ -58,7 +62,7 @@ class Reason(StrEnum):
 # credentials that could be someone trying keys. A known key used in the wrong place (revoked,
 # expired, refused address...) is answered clearly every time and locks no one out.
 GUESSES = frozenset({Reason.BAD_USERNAME, Reason.MALFORMED_KEY, Reason.UNKNOWN_KEY,
-                     Reason.WRONG_SECRET})
+                     Reason.WRONG_SECRET, Reason.WRONG_LEGACY_PASSWORD})
 # ...and those that also count against the key id itself: a wrong secret for a key that exists
 KEY_GUESSES = frozenset({Reason.WRONG_SECRET})
 
@@ -96,7 +100,8 @@ ANSWERS: dict[Reason, Answer] = {
     Reason.TLS_REQUIRED: Answer(
         "auth", "535", "5.7.8",
         ("log in over TLS (STARTTLS, or port 465): API keys are not accepted on a plaintext "
-         "connection",), "a login on a connection without TLS (auth.require_tls)"),
+         "connection",), "a login on a connection without TLS (auth.require_tls); a legacy "
+         "password login always"),
     Reason.BAD_USERNAME: Answer(
         "auth", "535", "5.7.8",
         ("log in with username '<username>' and an API key as the password",),
@@ -117,6 +122,26 @@ ANSWERS: dict[Reason, Answer] = {
         ("mechanism <name> is not supported", "the initial response is not valid base64",
          "the response is not valid base64", "<what is wrong with the PLAIN or LOGIN data>"),
         "the SASL exchange itself was broken, before any credentials"),
+    Reason.LEGACY_PASSWORD: Answer(
+        "auth", "235 / -", "-", _ALLOWED,
+        "an imported login's old username and password, before its sunset (the password "
+        "bridge, docs/migration.md); logged with days_left=; the session's login is "
+        "PRINCIPAL:legacy, under the same rules as a key's"),
+    Reason.WRONG_LEGACY_PASSWORD: Answer(
+        "auth", "535", "5.7.8", ("authentication failed: wrong username or password",),
+        "the username is an imported legacy login, the password is wrong; counts as a guess"),
+    Reason.LEGACY_PASSWORD_ENDED: Answer(
+        "auth, policy, milter", "535 (auth), 550", "5.7.8 (auth), 5.7.1",
+        ("password logins for <principal> ended on <date>; the application must use an API "
+         "key (keyrelay key create <principal>)",
+         "password logins for <principal> have ended; the application must use an API key "
+         "(keyrelay key create <principal>)"),
+        "a legacy login after its sunset, or one removed (`keyrelay legacy remove`), at login "
+        "or since"),
+    Reason.LEGACY_BUSY: Answer(
+        "auth", "454", "4.7.0", ("password check temporarily busy; try again later",),
+        "every worker that verifies legacy password hashes is busy and the queue is full: "
+        "the connection is closed and Postfix answers 454 4.7.0"),
     Reason.ADDRESS_LOCKED_OUT: Answer(
         "auth", "535", "5.7.8",
         ("too many failed logins from <address>; try again in <n> <minute|minutes>",),
@@ -261,7 +286,7 @@ ANSWERS: dict[Reason, Answer] = {
 TEMPORARY_TEXTS: dict[Reason, str] = {
     reason: ANSWERS[reason].texts[0] for reason in (
         Reason.DIRECTORY_UNAVAILABLE, Reason.COUNTERS_UNAVAILABLE, Reason.DKIM_KEY_UNAVAILABLE,
-        Reason.CLIENT_ADDRESS_MISSING, Reason.INTERNAL_ERROR)
+        Reason.CLIENT_ADDRESS_MISSING, Reason.INTERNAL_ERROR, Reason.LEGACY_BUSY)
 }
 
 

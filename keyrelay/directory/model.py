@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
-from datetime import datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from types import MappingProxyType
 
@@ -118,6 +118,23 @@ class ApiKey:
 
 
 @dataclass(frozen=True, slots=True)
+class LegacyLogin:
+    """An imported login's old username and password hash, usable until ``sunset`` (the
+    password bridge, docs/migration.md): one per principal, at most."""
+
+    principal: str
+    username: str  # the login name applications send, as the old site knew it
+    password_hash: str = field(repr=False)  # {SCHEME}hash (keyrelay/passwords.py)
+    sunset: date  # the last day it logs in (UTC)
+    created: datetime | None = None
+    last_used: datetime | None = None
+
+    def days_left(self, now: datetime) -> int:
+        """Whole days from ``now`` (UTC) to the sunset; 0 on the sunset day, negative after."""
+        return (self.sunset - now.astimezone(UTC).date()).days
+
+
+@dataclass(frozen=True, slots=True)
 class Selector:
     name: str
     algorithm: Algorithm
@@ -169,6 +186,7 @@ class DirectoryData:
     domains: dict[str, Domain] = field(default_factory=dict)
     senders: dict[tuple[str, str], Sender] = field(default_factory=dict)  # (principal, address)
     pools: dict[str, Pool] = field(default_factory=dict)
+    legacy: dict[str, LegacyLogin] = field(default_factory=dict)  # by principal id
     monitor: bool = False  # directory-wide monitor mode, switched at run time by the CLI
 
     def principals(self) -> Iterator[str]:
@@ -180,7 +198,7 @@ class DirectoryData:
         return replace(
             self, accounts=dict(self.accounts), subusers=dict(self.subusers),
             keys=dict(self.keys), domains=dict(self.domains), senders=dict(self.senders),
-            pools=dict(self.pools),
+            pools=dict(self.pools), legacy=dict(self.legacy),
         )
 
 
@@ -196,6 +214,8 @@ class Directory:
         "derived",
         "domains",
         "keys",
+        "legacy",
+        "legacy_by_username",
         "monitor",
         "pools",
         "subusers",
@@ -207,6 +227,9 @@ class Directory:
         self.keys: Mapping[str, ApiKey] = MappingProxyType(dict(data.keys))
         self.domains: Mapping[str, Domain] = MappingProxyType(dict(data.domains))
         self.pools: Mapping[str, Pool] = MappingProxyType(dict(data.pools))
+        self.legacy: Mapping[str, LegacyLogin] = MappingProxyType(dict(data.legacy))
+        self.legacy_by_username: Mapping[str, LegacyLogin] = MappingProxyType(
+            {cred.username: cred for cred in data.legacy.values()})
         self.monitor = data.monitor
         # Values the engine derives from this snapshot (effective limits...), computed once
         # per snapshot: the snapshot never changes, so they never go stale.

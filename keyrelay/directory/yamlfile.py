@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from .. import __version__, names, yamlread
 from ..errors import ConfigError, DirectoryUnavailable, UserError
 from ..keys import KEY_ID_RE
+from . import yamllegacy
 from .model import (
     LIMIT_FIELDS,
     Account,
@@ -261,6 +262,9 @@ def _principal_doc(
     doc["senders"] = {
         s.address: {"created": _ts(s.created)} for s in grouped.senders.get(principal, ())
     }
+    cred = grouped.legacy.get(principal)
+    if cred is not None:  # only then: a file without one reads in an older keyrelay
+        doc["legacy_login"] = yamllegacy.render(cred, _ts)
     return doc
 
 
@@ -274,6 +278,7 @@ class _Grouped:
         self.senders: dict[str, list[Sender]] = {}
         for (principal, _), sender in sorted(data.senders.items()):
             self.senders.setdefault(principal, []).append(sender)
+        self.legacy = data.legacy
 
 
 def render(data: DirectoryData) -> str:
@@ -484,6 +489,8 @@ class _Parser:
             address = self.checked(names.address, addr, where)
             created = self.time(self.mapping(sdoc, where, ("created",)).get("created"), where)
             data.senders[(principal, address)] = Sender(address, principal, created)
+        if doc.get("legacy_login") is not None:
+            yamllegacy.parse(self, data, principal, doc["legacy_login"], f"{key}.legacy_login")
         status = self.enum(
             Status, doc.get("status", "active"), f"{key}.status", "active, suspended"
         )
@@ -492,7 +499,7 @@ class _Parser:
         return status, pool, limits, self.time(doc.get("created"), f"{key}.created")
 
     def account(self, data: DirectoryData, name: str, value: object, key: str) -> None:
-        common = ("status", "pool", "limits", "created", "keys", "senders")
+        common = ("status", "pool", "limits", "created", "keys", "senders", "legacy_login")
         doc = self.mapping(value, key, (*common, "monitor", "ip_allow", "subusers"))
         self.checked(names.account_name, name, key)
         status, pool, limits, created = self.principal_parts(data, name, doc, key)

@@ -8,8 +8,9 @@ Markdown report, touching nothing else (docs/migration.md).
 
 Both build a ``Plan`` (``migrate/plan.py``): the account, its subusers with their senders,
 the domains with their grants, and the report's lines. Nothing reaches the directory until
-the admin runs ``keyrelay sync`` on the declaration. No password and no API key is ever
-read into the declaration or the report.
+the admin runs ``keyrelay sync`` on the declaration. No plaintext password and no API key
+is ever read into the declaration or the report; only ``migrate postfix --sunset`` puts each
+login's password **hash** into the declaration (the password bridge).
 """
 
 from __future__ import annotations

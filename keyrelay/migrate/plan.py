@@ -16,6 +16,7 @@ import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import date
 
 import yaml
 
@@ -34,6 +35,8 @@ class SubuserPlan:
     source: str  # where it was found, e.g. "sasldb2 /etc/sasldb2"
     senders: list[str] = field(default_factory=list)
     suspended: bool = False
+    legacy_username: str | None = None  # the password bridge (``--sunset``): the old login
+    password_hash: str | None = field(default=None, repr=False)  # {SCHEME}hash, never plain
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Plan:
     account_senders: list[str] = field(default_factory=list)
     account_ip_allow: list[str] | None = None
     account_suspended: bool = False
+    sunset: date | None = None  # the password bridge's end for every login given a hash
     keys: list[KeyPlan] = field(default_factory=list)
     mapped: list[tuple[str, str]] = field(default_factory=list)  # (what the site had, became)
     problems: list[str] = field(default_factory=list)  # could not be mapped, and why
@@ -145,6 +149,10 @@ def declaration(plan: Plan) -> dict[str, object]:
         if sub.suspended:
             body["status"] = "suspended"
         body["senders"] = sorted(sub.senders)
+        if plan.sunset is not None and sub.password_hash and sub.legacy_username:
+            body["legacy_login"] = {"username": sub.legacy_username,
+                                    "password_hash": sub.password_hash,
+                                    "sunset": plan.sunset.isoformat()}
         subusers[name] = body
     account["subusers"] = subusers
     doc: dict[str, object] = {"accounts": {plan.account: account}}
@@ -161,6 +169,11 @@ def render_declaration(plan: Plan, command: str) -> str:
               f"# from {plan.title}; read the report beside it, then run:\n"
               "#   keyrelay sync --dry-run THIS-FILE && keyrelay sync THIS-FILE\n"
               "# It holds no password and no API key: create keys with `keyrelay key create`.\n")
+    if any(sub.password_hash for sub in plan.subusers.values()) and plan.sunset is not None:
+        header = header.replace(
+            "# It holds no password and no API key",
+            f"# It holds the old logins' password HASHES (legacy_login, until {plan.sunset}; "
+            "never a\n# plaintext password): keep it as private as the directory. No API key")
     return header + yaml.safe_dump(declaration(plan), sort_keys=False, default_flow_style=False,
                                    allow_unicode=False)
 

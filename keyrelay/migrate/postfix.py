@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass
+from datetime import date
 
 from .. import names
 from ..decisions import SEND_SCOPE
@@ -178,13 +179,15 @@ def read_sender_maps(site: Site, plan: Plan) -> list[MapEntry]:
 # -- logins ----------------------------------------------------------------------------------
 def gather_logins(site: Site, sasldb: str | None, passwd: str | None,
                   plan: Plan) -> list[Login]:
+    """The SASL logins; with a sunset (``plan.sunset``), each with its password hash."""
+    keep = plan.sunset is not None
     default_realm = (site.params.get("smtpd_sasl_local_domain")
                      or site.params.get("myhostname", ""))
     logins: list[Login] = []
     if sasldb:
-        logins += read_sasldb(sasldb, default_realm)
+        logins += read_sasldb(sasldb, default_realm, keep)
     if passwd:
-        found, problems = read_passwd_file(passwd)
+        found, problems = read_passwd_file(passwd, keep)
         logins += found
         plan.problems += problems
     unique: dict[str, Login] = {}
@@ -209,9 +212,11 @@ def _resolver(logins: list[Login]) -> dict[str, str]:
     return found
 
 
-def build(config_dir: str, account: str, sasldb: str | None, passwd: str | None) -> Plan:
+def build(config_dir: str, account: str, sasldb: str | None, passwd: str | None,
+          sunset: date | None = None) -> Plan:
+    """The import; with ``sunset``, each login keeps its password (as a hash) until then."""
     site = read_site(config_dir)
-    plan = Plan(account=account, title=f"Postfix site {config_dir}")
+    plan = Plan(account=account, title=f"Postfix site {config_dir}", sunset=sunset)
     logins = gather_logins(site, sasldb, passwd, plan)
     entries = read_sender_maps(site, plan)
     if not sasldb and not passwd:
@@ -222,8 +227,9 @@ def build(config_dir: str, account: str, sasldb: str | None, passwd: str | None)
     who = _resolver(logins)
     named = subuser_names(login.name for login in logins)
     for login in logins:
-        plan.subusers[named[login.name]] = SubuserPlan(named[login.name], login.name,
-                                                       login.source)
+        plan.subusers[named[login.name]] = SubuserPlan(
+            named[login.name], login.name, login.source, legacy_username=login.username,
+            password_hash=login.password_hash)
         plan.mapped.append((f"login `{login.name}` ({login.source})",
                             f"subuser `{plan.pid(named[login.name])}`"))
 
@@ -377,12 +383,27 @@ def _mynetworks(site: Site, plan: Plan) -> None:
 
 
 def _passwords_and_keys(plan: Plan, logins: list[Login], named: dict[str, str]) -> None:
-    plan.sections.append(("Passwords", [
-        f"{len(logins)} login(s) were found. Their old passwords are **not** imported, and no "
-        "password was read into this report or the declaration. Password logins after the "
-        "migration come with the password bridge (issue 24, not built yet); until then each "
-        "application needs an API key (below) and logs in with username `apikey`.",
-    ]))
+    if plan.sunset is None:
+        body = [f"{len(logins)} login(s) were found. Their old passwords are **not** imported "
+                "(no `--sunset`), and no password was read into this report or the "
+                "declaration: each application needs an API key (below) and logs in with "
+                "username `apikey`."]
+    else:
+        bridged = [login for login in logins if login.password_hash]
+        body = [f"{len(logins)} login(s) were found; {len(bridged)} keep their old username "
+                f"and password until the sunset, **{plan.sunset}** (the password bridge, "
+                "docs/migration.md): the declaration holds each one's password **hash** "
+                "(a sasldb2's plaintext secrets hashed with Argon2id, a passwd-file's hashes "
+                "as they are), never a password. Over TLS only, under the same rules as a "
+                "key; after the sunset they are refused, so give each application an API key "
+                "(below) before then, and watch `keyrelay legacy list`.", ""]
+        body += [f"- `{plan.pid(named[login.name])}`: username `{login.username}`"
+                 for login in bridged]
+        without = [login.name for login in logins if not login.password_hash]
+        if without:
+            body += ["", "Without a password login (no usable hash; API keys only): "
+                     + ", ".join(f"`{name}`" for name in without) + "."]
+    plan.sections.append(("Passwords", body))
     for login in logins:
         plan.keys.append(KeyPlan(named[login.name], named[login.name], (SEND_SCOPE,),
                                  f"replaces the login `{login.name}`"))

@@ -1,22 +1,27 @@
 """The SASL logins of a Postfix site: a Cyrus ``sasldb2`` and a Dovecot ``passwd-file``.
 
-Only login names are kept. A ``sasldb2`` is a Berkeley DB whose keys are ``USER NUL REALM
-NUL PROPERTY`` and whose values are the plaintext secrets; it is read with ``db_dump``
-(Debian's db-util), whose exit status says whether the file is a Berkeley DB at all.
-``sasldblistusers2`` is not used: it exits 0 after "listusers failed" on a missing or foreign
-file, and loops forever on some Berkeley DB files that are not a sasldb2 (a Postfix
-``hash`` map). The values (the passwords) are skipped as they are read and never kept,
-printed or written. A ``passwd-file`` line is ``user:password:...``: only its first field is
-kept, and a bad line is named by its number, never quoted (it may hold a password).
+Login names are kept, and with ``passwords`` (an import with ``--sunset``: the password
+bridge, docs/migration.md) each login's password as a hash. A ``sasldb2`` is a Berkeley DB
+whose keys are ``USER NUL REALM NUL PROPERTY`` and whose values are the plaintext secrets; it
+is read with ``db_dump`` (Debian's db-util), whose exit status says whether the file is a
+Berkeley DB at all. ``sasldblistusers2`` is not used: it exits 0 after "listusers failed" on
+a missing or foreign file, and loops forever on some Berkeley DB files that are not a
+sasldb2 (a Postfix ``hash`` map). Each ``userPassword`` value is hashed with Argon2id as it is
+read (keyrelay/passwords.py) and the plaintext dropped at once; without ``passwords`` the
+values are skipped unread. Nothing here prints or writes a secret. A ``passwd-file`` line is
+``user:password:...``: its first field, and with ``passwords`` its second (a hash, kept as
+it is when its scheme is supported), are kept; a bad line is named by its number, never
+quoted (it may hold a password).
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..errors import one_line, printable
+from .. import passwords as hashes
+from ..errors import UserError, one_line, printable
 from .plan import MigrateError
 
 _DUMP_TOOLS = ("db_dump", "db5.3_dump")
@@ -28,6 +33,13 @@ class Login:
     name: str  # what Postfix sees as sasl_username and the sender map names
     source: str  # "sasldb2 FILE" or "passwd-file FILE"
     aliases: tuple[str, ...] = ()  # other names the sender map may use for it
+    password_hash: str | None = field(default=None, repr=False)  # {SCHEME}hash, if imported
+
+    @property
+    def username(self) -> str:
+        """What applications send as the login name: the plain user where the realm is the
+        site's default (Cyrus adds it), else the whole name."""
+        return self.aliases[0] if self.aliases else self.name
 
 
 def _unescape(text: str) -> bytes:
@@ -48,10 +60,11 @@ def _unescape(text: str) -> bytes:
     return bytes(out)
 
 
-def read_sasldb(path: str, default_realm: str) -> list[Login]:
+def read_sasldb(path: str, default_realm: str, passwords: bool = False) -> list[Login]:
     """The logins of a sasldb2, as Postfix names them: ``user@realm``, and also plain
     ``user`` when the realm is the site's default (``smtpd_sasl_local_domain``, else
-    ``myhostname``: what Cyrus uses for a login without a realm)."""
+    ``myhostname``: what Cyrus uses for a login without a realm); with ``passwords``, each
+    with its secret hashed (Argon2id)."""
     tool = next((t for t in _DUMP_TOOLS if shutil.which(t)), None)
     if tool is None:
         raise MigrateError(f"{path}: reading a sasldb2 needs db_dump (Debian: apt-get install "
@@ -81,9 +94,9 @@ def read_sasldb(path: str, default_realm: str) -> list[Login]:
     if kind not in ("hash", "btree"):
         raise MigrateError(f"{path}: not a sasldb2 (a Berkeley DB of type {kind or 'unknown'}"
                            ", not hash or btree)")
-    found: dict[tuple[str, str], None] = {}
+    found: dict[tuple[str, str], str | None] = {}
     body = lines[start:]
-    for i in range(0, len(body), 2):  # key, value, key, value ...; values are never decoded
+    for i in range(0, len(body), 2):  # key, value, key, value ...
         line = body[i]
         if line == "DATA=END":
             break
@@ -94,19 +107,26 @@ def read_sasldb(path: str, default_realm: str) -> list[Login]:
                 "separated by NUL bytes: is it a Postfix hash map or another Berkeley DB?)")
         user = parts[0].decode("utf-8", "replace")
         realm = parts[1].decode("utf-8", "replace")
-        found[(user, realm)] = None
+        stored = found.get((user, realm))
+        if (passwords and parts[2] in (b"userPassword", b"cmusaslsecretPLAIN")
+                and i + 1 < len(body)):
+            # hashed at once; the plaintext is never kept past this statement
+            stored = hashes.hash_plaintext(
+                _unescape(body[i + 1][1:]).decode("utf-8", "surrogateescape"))
+        found[(user, realm)] = stored
     del lines, body
     logins = []
-    for user, realm in found:
+    for (user, realm), stored in found.items():
         name = f"{user}@{realm}" if realm else user
         aliases = (user,) if realm and realm.lower() == default_realm.lower() else ()
-        logins.append(Login(name, f"sasldb2 {path}", aliases))
+        logins.append(Login(name, f"sasldb2 {path}", aliases, stored))
     return logins
 
 
-def read_passwd_file(path: str) -> tuple[list[Login], list[str]]:
+def read_passwd_file(path: str, passwords: bool = False) -> tuple[list[Login], list[str]]:
     """The logins of a Dovecot passwd-file and the report's lines about bad or repeated
-    lines (named by number only: a line may hold a password)."""
+    lines (named by number only: a line may hold a password); with ``passwords``, each
+    login's hash as it is, when its scheme is one keyrelay verifies."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -121,7 +141,7 @@ def read_passwd_file(path: str) -> tuple[list[Login], list[str]]:
         text = line.strip()
         if not text or text.startswith("#"):
             continue
-        user, colon, _rest = text.partition(":")
+        user, colon, rest = text.partition(":")
         if not colon or not user or user != printable(user) or any(c.isspace() for c in user):
             problems.append(f"{path} line {number}: not `user:password:...` (a passwd-file "
                             "line); skipped (not quoted here: it may hold a password)")
@@ -130,5 +150,28 @@ def read_passwd_file(path: str) -> tuple[list[Login], list[str]]:
             problems.append(f"{path} line {number}: login `{user}` again (Dovecot uses its "
                             "first line); imported once")
             continue
-        logins[user] = Login(user, f"passwd-file {path}")
+        stored = None
+        if passwords:
+            stored = _dovecot_hash(rest.partition(":")[0])
+            if stored is None:
+                problems.append(f"{path} line {number}: login `{user}`: its password is not a "
+                                "hash keyrelay verifies (" + ", ".join(hashes.SCHEMES) + "): "
+                                "it gets no password login, only API keys")
+        logins[user] = Login(user, f"passwd-file {path}", password_hash=stored)
     return list(logins.values()), problems
+
+
+def _dovecot_hash(value: str) -> str | None:
+    """A passwd-file password field as ``{SCHEME}hash``, or None when keyrelay cannot
+    verify it. Without a ``{SCHEME}`` prefix (Dovecot's default_pass_scheme) the scheme is
+    told by the hash's own prefix (``$6$`` SHA512-CRYPT ...)."""
+    if not value.startswith("{"):
+        scheme = next((name for name, prefixes in hashes.SCHEMES.items()
+                       if value.startswith(prefixes)), None)
+        if scheme is None:
+            return None
+        value = "{" + scheme + "}" + value
+    try:
+        return hashes.checked(value)
+    except UserError:
+        return None

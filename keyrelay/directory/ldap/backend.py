@@ -347,7 +347,12 @@ class LdapDirectory:
         """
         conn = self._guarded(self.connect)
         try:
-            left = self._guarded(lambda: writes.write_key_use(conn, self.base, used, give_up))
+            legacy = {i: w for i, w in used.items() if i.endswith(":legacy")}
+            keys_used = {i: w for i, w in used.items() if i not in legacy}
+            left = self._guarded(lambda: writes.write_key_use(conn, self.base, keys_used,
+                                                              give_up))
+            if legacy and not left:
+                self._guarded(lambda: writes.write_legacy_use(conn, self.base, legacy))
         finally:
             unbind(conn)
         return left

@@ -22,10 +22,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
-from ... import names
-from ...errors import KeyrelayError
+from ... import names, passwords
+from ...errors import KeyrelayError, UserError
 from ..model import (
     Account,
     Algorithm,
@@ -33,6 +33,7 @@ from ..model import (
     DirectoryData,
     Domain,
     DomainState,
+    LegacyLogin,
     Limits,
     Pool,
     Selector,
@@ -83,6 +84,16 @@ def _limits(limits: Limits) -> dict[str, tuple[str, ...]]:
             "krMessagesPerMonth": _opt(limits.messages_per_month)}
 
 
+def _legacy(cred: LegacyLogin | None) -> dict[str, tuple[str, ...]]:
+    """A principal's legacy login (the password bridge) as attributes of its own entry."""
+    if cred is None:
+        return {}
+    return {"krLegacyUsername": (cred.username,), "krLegacyPasswordHash": (cred.password_hash,),
+            "krLegacySunset": (cred.sunset.isoformat(),),
+            "krLegacyCreated": ldap_time(cred.created),
+            "krLegacyLastUsed": ldap_time(cred.last_used)}
+
+
 def _bool(value: bool) -> tuple[str, ...]:
     return ("TRUE",) if value else ()
 
@@ -114,13 +125,14 @@ def entries_of(data: DirectoryData, base: str) -> dict[str, Entry]:
         put(f"krName={escape_rdn(acc.name)},{accounts}", ("top", "krAccount"), {
             "krName": (acc.name,), "krStatus": (str(acc.status),), "krMonitor": _bool(acc.monitor),
             "krIpAllow": tuple(str(n) for n in acc.ip_allow), "krPool": _opt(acc.pool),
-            **_limits(acc.limits), "krCreated": ldap_time(acc.created)})
+            **_limits(acc.limits), "krCreated": ldap_time(acc.created),
+            **_legacy(data.legacy.get(acc.name))})
     for sub in data.subusers.values():
         put(f"krName={escape_rdn(sub.name)},krName={escape_rdn(sub.account)},{accounts}",
             ("top", "krSubuser"), {
                 "krName": (sub.name,), "krAccount": (sub.account,),
                 "krStatus": (str(sub.status),), "krPool": _opt(sub.pool), **_limits(sub.limits),
-                "krCreated": ldap_time(sub.created)})
+                "krCreated": ldap_time(sub.created), **_legacy(data.legacy.get(sub.principal))})
     for key in data.keys.values():
         put(f"krKeyId={escape_rdn(key.key_id)},ou=keys,{base}", ("top", "krApiKey"), {
             "krKeyId": (key.key_id,), "krPrincipal": (key.principal,), "krName": (key.name,),
@@ -186,6 +198,22 @@ class _Reader:
                       number("krRecipientsPerMessage"), number("krMessagesPerDay"),
                       number("krMessagesPerMonth"))
 
+    def legacy(self, data: DirectoryData, principal: str,
+               attrs: Mapping[str, list[str]]) -> None:
+        """The principal's legacy login; a broken one is reported and left out (the
+        principal itself stays)."""
+        username = self.maybe(attrs, "krLegacyUsername")
+        if username is None:
+            return
+        try:
+            stored = passwords.checked(self.one(attrs, "krLegacyPasswordHash"))
+            sunset = date.fromisoformat(self.one(attrs, "krLegacySunset"))
+            data.legacy[principal] = LegacyLogin(
+                principal, username, stored, sunset, self.time(attrs, "krLegacyCreated"),
+                self.time(attrs, "krLegacyLastUsed"))
+        except (ValueError, UserError) as exc:  # never quotes the hash
+            self.problems.append(f"legacy login of {principal}: {exc}; left out")
+
     def read(self, entries: list[Raw]) -> DirectoryData:
         data = DirectoryData()
         selectors: dict[str, list[tuple[int, Selector]]] = {}
@@ -200,6 +228,7 @@ class _Reader:
                         ip_allow=tuple(names.network(v) for v in attrs.get("kripallow", [])),
                         pool=self.maybe(attrs, "krPool"), limits=self.limits(attrs),
                         created=self.time(attrs, "krCreated"))
+                    self.legacy(data, name, attrs)
                 elif "krsubuser" in classes:
                     sub = Subuser(
                         account=self.one(attrs, "krAccount"), name=self.one(attrs, "krName"),
@@ -207,6 +236,7 @@ class _Reader:
                         pool=self.maybe(attrs, "krPool"), limits=self.limits(attrs),
                         created=self.time(attrs, "krCreated"))
                     data.subusers[sub.principal] = sub
+                    self.legacy(data, sub.principal, attrs)
                 elif "krapikey" in classes:
                     created = self.time(attrs, "krCreated")
                     assert created is not None

@@ -69,7 +69,17 @@ ATTRIBUTES = [
     Attribute(35, "krRetiringSince", _TIME, True, "when a DKIM selector stopped signing"),
     Attribute(36, "krMessagesPerDay", _INT, True, "recipients per calendar day (a quota)"),
     Attribute(37, "krMessagesPerMonth", _INT, True, "recipients per calendar month (a quota)"),
+    Attribute(38, "krLegacyUsername", _TEXT, True,
+              "old login name of a principal (the password bridge), as applications send it"),
+    Attribute(39, "krLegacyPasswordHash", _EXACT, True,
+              "{SCHEME}hash of the old password of a principal (never the password)"),
+    Attribute(40, "krLegacySunset", _IA5, True, "last day (YYYY-MM-DD, UTC) the old login works"),
+    Attribute(41, "krLegacyCreated", _TIME, True, "when the old login was imported"),
+    Attribute(42, "krLegacyLastUsed", _TIME, True, "when the old login was last used"),
 ]
+
+_LEGACY = ("krLegacyUsername", "krLegacyPasswordHash", "krLegacySunset", "krLegacyCreated",
+           "krLegacyLastUsed")
 
 _LIMITS = ("krMessagesPerMinute", "krMessagesPerHour", "krRecipientsPerMessage",
            "krMessagesPerDay", "krMessagesPerMonth")
@@ -89,9 +99,10 @@ OBJECT_CLASSES = [
     ObjectClass(1, "krDirectory", "AUXILIARY", ("krSerial",), ("krMonitor", "krChange"),
                 "base entry of a keyrelay directory"),
     ObjectClass(2, "krAccount", "STRUCTURAL", ("krName", "krStatus"),
-                ("krMonitor", "krIpAllow", "krPool", *_LIMITS, "krCreated"), "a tenant"),
+                ("krMonitor", "krIpAllow", "krPool", *_LIMITS, "krCreated", *_LEGACY),
+                "a tenant"),
     ObjectClass(3, "krSubuser", "STRUCTURAL", ("krName", "krAccount", "krStatus"),
-                ("krPool", *_LIMITS, "krCreated"), "a subuser of an account"),
+                ("krPool", *_LIMITS, "krCreated", *_LEGACY), "a subuser of an account"),
     ObjectClass(4, "krApiKey", "STRUCTURAL",
                 ("krKeyId", "krPrincipal", "krName", "krSecretHash", "krCreated"),
                 ("krScope", "krExpires", "krRevoked", "krLastUsed"), "an API key"),

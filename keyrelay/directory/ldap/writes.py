@@ -24,13 +24,15 @@ from ldap3.core.exceptions import (
     LDAPEntryAlreadyExistsResult,
     LDAPNoSuchAttributeResult,
     LDAPNoSuchObjectResult,
+    LDAPObjectClassViolationResult,
+    LDAPUndefinedAttributeTypeResult,
 )
 from ldap3.utils.conv import escape_filter_chars
 
 from ...errors import DirectoryConflict
 from . import changelog
 from .connection import Changes, Connection, attributes_of, done, entries_in
-from .mapping import CONTAINERS, Entry, ldap_time, parse_time
+from .mapping import CONTAINERS, Entry, escape_rdn, ldap_time, parse_time
 
 
 def write_difference(conn: Connection, base: str, serial: int | None,
@@ -126,3 +128,19 @@ def write_key_use(conn: Connection, base: str, used: dict[str, datetime],
                     LDAPNoSuchObjectResult):
                 continue  # another node wrote a time, or the key is gone
     return left
+
+
+def write_legacy_use(conn: Connection, base: str, used: dict[str, datetime]) -> None:
+    """Legacy logins' last-used times (``PRINCIPAL:legacy`` -> time) on their principals'
+    entries; a principal gone meanwhile is skipped. Like keys' times, no serial is raised."""
+    for ident, when in sorted(used.items()):
+        account, _, sub = ident.removesuffix(":legacy").partition("/")
+        dn = f"krName={escape_rdn(account)},ou=accounts,{base}"
+        if sub:
+            dn = f"krName={escape_rdn(sub)},{dn}"
+        # gone meanwhile, or a schema older than this release: bookkeeping, never an error
+        with contextlib.suppress(LDAPNoSuchObjectResult, LDAPObjectClassViolationResult,
+                                 LDAPUndefinedAttributeTypeResult):
+            done(conn, conn.modify(dn, {"krLegacyLastUsed": [
+                (ldap3.MODIFY_REPLACE, list(ldap_time(when)))]}), f"changing {dn}")
+
