@@ -24,7 +24,7 @@ DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
 	python3-setuptools python3-wheel lintian fakeroot man-db \
 	python3-yaml python3-cryptography python3-dnspython python3-idna python3-dkim \
 	python3-spf python3-ldap3 python3-milter python3-uvloop python3-redis \
-	python3-prometheus-client
+	python3-prometheus-client python3-argon2 python3-bcrypt python3-passlib
 
 # Everything the project needs from Debian, for building the Python
 # dependencies (pymilter links against libmilter) and for the tests. slapd (with

@@ -47,7 +47,8 @@ MILTER = "/var/spool/postfix/private/keyrelay-milter"
 START_SECONDS = 60.0
 DEB_LIBRARIES = ("python3-yaml", "python3-cryptography", "python3-dnspython", "python3-idna",
                  "python3-dkim", "python3-spf", "python3-ldap3", "python3-milter",
-                 "python3-uvloop", "python3-redis", "python3-prometheus-client")
+                 "python3-uvloop", "python3-redis", "python3-prometheus-client",
+                 "python3-argon2", "python3-bcrypt", "python3-passlib")
 
 pytestmark = pytest.mark.skipif(not shutil.which("dpkg-buildpackage", path=DEBIAN_PATH),
                                 reason="debhelper is not installed (make test installs it)")

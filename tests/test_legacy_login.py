@@ -85,7 +85,11 @@ def test_after_the_sunset_the_client_reads_when_it_ended_and_what_to_do(legacy: 
     later = NOW + timedelta(days=11)
     facts = LoginFacts("billing@site.example", PASSWORD, INSIDE, later)
     snapshot = legacy.snapshot()
-    assert legacy_login_for(snapshot, EngineSettings(), facts) is None  # nothing to verify
+    # still verified: only the password's holder reads when it ended and whose it was
+    assert legacy_login_for(snapshot, EngineSettings(), facts) is not None
+    guessed = decide_login(snapshot, EngineSettings(), facts, password_ok=False)
+    assert (guessed.reason, guessed.principal) == (Reason.WRONG_LEGACY_PASSWORD, None)
+    assert "acme" not in guessed.text
     verdict = decide_login(snapshot, EngineSettings(), facts)
     assert (verdict.action, verdict.code, verdict.status, verdict.reason) == (
         Action.REFUSE, 535, "5.7.8", Reason.LEGACY_PASSWORD_ENDED)

@@ -38,10 +38,9 @@ def legacy_login_for(directory: Directory, settings: EngineSettings,
     its event loop and passes the outcome as ``password_ok``."""
     if not facts.secured or facts.username == settings.username:
         return None
-    cred = directory.legacy_by_username.get(facts.username)
-    if cred is None or legacy_ended(cred, facts.now) is not None:
-        return None
-    return cred
+    # after the sunset too: the "ended" answer names the principal, so only to the password's
+    # holder; a guesser gets the same answer as for any wrong password
+    return directory.legacy_by_username.get(facts.username)
 
 
 def decide_login(directory: Directory, settings: EngineSettings, facts: LoginFacts,
@@ -117,16 +116,17 @@ def _decide_legacy(directory: Directory, settings: EngineSettings, facts: LoginF
     principal active, the account's
     IP list (monitor mode lets it pass); then the session is ``PRINCIPAL:legacy``."""
     principal = cred.principal
+    if password_ok is None:
+        password_ok = passwords.verify(cred.password_hash, facts.password)
+    if not password_ok:
+        # not the principal's doing: no principal named (as for a wrong key secret), also
+        # after the sunset: the "ended" text below is for the password's holder only
+        return refuse(535, "5.7.8", Reason.WRONG_LEGACY_PASSWORD,
+                      "authentication failed: wrong username or password")
     ended = legacy_ended(cred, facts.now)
     if ended is not None:
         return refuse(535, "5.7.8", Reason.LEGACY_PASSWORD_ENDED, ended, principal,
                       LEGACY_KEY_ID)
-    if password_ok is None:
-        password_ok = passwords.verify(cred.password_hash, facts.password)
-    if not password_ok:
-        # not the principal's doing: no principal named (as for a wrong key secret)
-        return refuse(535, "5.7.8", Reason.WRONG_LEGACY_PASSWORD,
-                      "authentication failed: wrong username or password")
     inactive = principal_inactive(directory, principal)
     if inactive:
         return refuse(535, "5.7.8", Reason.PRINCIPAL_INACTIVE, inactive, principal,
