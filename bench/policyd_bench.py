@@ -123,6 +123,9 @@ def main() -> None:
                         "message), message (RCPT then DATA per message)")
     parser.add_argument("--counters", action="append", choices=COUNTERS,
                         help="counter store; repeatable: side by side (default memory)")
+    parser.add_argument("--workers", type=int, action="append", metavar="N",
+                        help="policyd.workers of each daemon (repeatable: each count side by "
+                        "side, as COUNTERS-wN; above 1 needs a Redis store; default 1)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs per counter store and service, interleaved (1)")
     parser.add_argument("--transport", choices=["unix", "tcp"], default="unix",
@@ -150,9 +153,17 @@ def main() -> None:
     if args.postfix:
         postfix_main(parser, args)
         return
-    wanted = list(dict.fromkeys(args.counters or ["memory"]))
+    stores = list(dict.fromkeys(args.counters or ["memory"]))
     if args.rounds < 1 or not 1 <= args.accounts <= 100:
         parser.error("--rounds must be at least 1, --accounts 1 to 100")
+    counts = list(dict.fromkeys(args.workers or [1]))
+    if any(n < 1 for n in counts) or (max(counts) > 1 and "memory" in stores):
+        parser.error("--workers must be at least 1, and above 1 needs --counters redis or "
+                     "redis-tcp (memory counters are one process's)")
+    # each daemon: its counter store and workers; named by the store alone with one count
+    setups = {(store if len(counts) == 1 else f"{store}-w{n}"): (store, n)
+              for store in stores for n in counts}
+    wanted = list(setups)
     with tempfile.TemporaryDirectory(prefix="kr-bench-") as tmp, \
             redis_server(wanted) as server:
         folder = Path(tmp)
@@ -167,15 +178,15 @@ def main() -> None:
               f"{time.perf_counter() - t0:.1f}s")
         daemons = {}
         try:
-            for name in wanted:
+            for name, (store, workers) in setups.items():
                 where = folder / name
                 where.mkdir()
                 listen = endpoints(where, args.transport)
-                counters = (None if server is None or name == "memory" else
-                            server.counters_settings(via="unix" if name == "redis" else "tcp"))
+                counters = (None if server is None or store == "memory" else
+                            server.counters_settings(via="unix" if store == "redis" else "tcp"))
                 t0 = time.perf_counter()
                 daemons[name] = (start_policyd(folder, listen, counters=counters,
-                                               name=f"policyd-{name}"), listen)
+                                               name=f"policyd-{name}", workers=workers), listen)
                 print(f"policyd ({name} counters) ready in {time.perf_counter() - t0:.1f}s")
             rows = run(args, wanted, daemons, issued, server)
         finally:
@@ -196,7 +207,7 @@ def run(args: argparse.Namespace, wanted: list[str], daemons: dict[str, Any],
             print(f"round {round_ + 1} of {args.rounds}")
         for name in wanted:
             proc, listen = daemons[name]
-            others = (redis_pid,) if redis_pid and name != "memory" else ()
+            others = (redis_pid,) if redis_pid and not name.startswith("memory") else ()
             for service in services:
                 done = asyncio.run(measure(
                     service, listen[service], issued, args.connections, args.seconds,
@@ -211,7 +222,7 @@ def run(args: argparse.Namespace, wanted: list[str], daemons: dict[str, Any],
                 mode += f", {args.transport}"
                 stage = f" {args.stage}" if service == "policy" else ""
                 redis = (f"  redis-server CPU {row.redis_us:.0f} us/request"
-                         if name != "memory" else "")
+                         if not name.startswith("memory") else "")
                 print(f"{service:6s}{stage} [{name}] {row.rate:9.0f} req/s  "
                       f"p50 {row.p50_ms:.2f} ms  p99 {row.p99_ms:.2f} ms  "
                       f"max {lat[-1] * 1e3:.2f} ms  "

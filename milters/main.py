@@ -147,7 +147,9 @@ def load_keys(snapshot: Directory, keys: KeyStore, reader: str = "") -> tuple[in
     return loaded, problems
 
 
-def serve(config: Config, config_path: str) -> None:
+def serve(config: Config, config_path: str) -> bool:
+    """Serve until stopped; True when libmilter ran in this process (one process), which
+    must then end with ``exit_now``; False for a supervisor (its workers ran libmilter)."""
     count = supervisor.worker_count(config.milter.workers)
     # milter.metrics_listen: bound as root, with the milter's socket
     endpoint = (Endpoint("milter", config.milter.metrics_listen, config.metrics.top_accounts,
@@ -155,13 +157,14 @@ def serve(config: Config, config_path: str) -> None:
     try:
         if count > 1:
             serve_workers(config, config_path, count, endpoint)
-            return
+            return False
         block_stop_signals()  # before the metrics threads start: they inherit it
         service, stream = open_service(config, endpoint)
         bind(config, shared=False)
         daemon.drop_privileges(config.milter.user, log, "milter.user")
         start_metrics(endpoint, service, here=True)
         run_milter(config, service, stream)
+        return True
     finally:
         if endpoint is not None:
             endpoint.close()
@@ -472,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
             {PROG}: {loaded} DKIM keys load, {len(problems)} do not"""))
         return
     try:
-        serve(config, path)
+        ran = serve(config, path)
     except (OSError, Milter.error) as exc:
         # libmilter says why only to syslog: in use, no permission, no such folder or host
         fail(f"cannot start on {config.milter.listen}: {exc} (address in use, or the socket's "
@@ -480,4 +483,5 @@ def main(argv: list[str] | None = None) -> None:
     except KeyError as exc:
         fail(f"milter.user / milter.socket_group: no such user or group: {exc}")
     log.info("%s stopped", PROG)
-    exit_now(0)
+    if ran:  # libmilter's threads still run in this process: no unwinding (exit_now)
+        exit_now(0)

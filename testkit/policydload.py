@@ -31,6 +31,7 @@ from keyrelay import admin, keys
 from keyrelay.directory.model import ApiKey, DirectoryData
 from keyrelay.directory.yamlfile import render
 from testkit.net import free_port
+from testkit.stats import process_tree_cpu
 
 ACCOUNT = "bench"
 SUBUSERS = 100
@@ -107,7 +108,8 @@ def can_connect(endpoint: str) -> bool:
 def start_policyd(folder: Path, listen: dict[str, str],
                   directory: str | None = None,
                   counters: Mapping[str, Any] | None = None,
-                  name: str = "policyd", metrics_listen: str = "") -> subprocess.Popen[bytes]:
+                  name: str = "policyd", metrics_listen: str = "", workers: int = 1
+                  ) -> subprocess.Popen[bytes]:
     """A policyd on ``folder``'s directory.yaml, or on the ``directory`` section given (YAML
     flow text, e.g. an LDAP one: ldap_bench.py), with the ``counters`` section given (None:
     the default, in memory) and ``metrics_listen`` (bench/metrics_cost.py); its
@@ -131,6 +133,7 @@ def start_policyd(folder: Path, listen: dict[str, str],
         "  user: root\n"  # the bench's folders are root's
         "  max_connections: 10000\n"
         f"  metrics_listen: '{metrics_listen}'\n"
+        f"  workers: {workers}\n"
         "  bruteforce: {max_failures_per_address: 1000000}\n",
         encoding="utf-8",
     )
@@ -272,11 +275,13 @@ async def measure(service: str, endpoint: str, issued: list[tuple[str, str]],
     warm: list[float] = []
     await asyncio.gather(*(c.run(time.perf_counter() + 1.0, warm, interval) for c in clients))
     latencies: list[float] = []
-    before = {p: cpu_seconds(p) for p in (pid, *others)}
+    # policyd's whole tree: with policyd.workers above 1 the supervisor and its workers
+    before = {p: process_tree_cpu(p) if p == pid else cpu_seconds(p) for p in (pid, *others)}
     started = time.perf_counter()
     await asyncio.gather(*(c.run(started + seconds, latencies, interval) for c in clients))
     elapsed = time.perf_counter() - started
-    used = {p: cpu_seconds(p) - before[p] for p in before}
+    used = {p: (process_tree_cpu(p) if p == pid else cpu_seconds(p)) - before[p]
+            for p in before}
     for c in clients:
         c.close()
     return Measured(len(latencies), elapsed, latencies, used.pop(pid), used)
