@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from keyrelay.demo import Child, keyrelay_cli
 from testkit.loadgen import Load, Principal, make_body, send
-from testkit.net import unix_accepts, wait_until
+from testkit.net import free_port, unix_accepts, wait_until
 from testkit.othermilters import MilterUnderTest, dkimpy_child, opendkim_child
 from testkit.privaterelay import BenchError, PrivateRelay, postconf, signatures
 from testkit.redis import RedisServer
@@ -140,6 +140,8 @@ class LoadRelay(PrivateRelay):
         config["policyd"].update(auth_listen=f"unix:{sockets['auth']}",
                                  policy_listen=f"unix:{sockets['policy']}",
                                  socketmap_listen="", control_listen="")
+        if config["policyd"].get("metrics_listen"):  # its own endpoint, as the first has one
+            config["policyd"]["metrics_listen"] = f"127.0.0.1:{free_port()}"
         # loopback TCP: how nodes reach a shared Redis (the unix socket is root's only)
         config["counters"] = self.redis.counters_settings(via="tcp")
         redis_config = path.with_name("keyrelay-redis.yaml")
