@@ -18,10 +18,12 @@ DESCRIPTION
     memory). Each "on" daemon is scraped (/metrics and /health) every --scrape-interval
     seconds during its runs, more often than Prometheus would (15 s).
 
-    For each of R repetitions, interleaved: the milter off, the milter on (N messages over 8
+    For each of R repetitions, interleaved: the milter off and on (N messages over 8
     connections, bench/milter_bench.py's load), then policyd off and on, each for S seconds
     of auth requests and S seconds of policy requests shaped like a message (RCPT then DATA,
-    testkit/policydload.py's "message" stage), over 8 connections, closed loop.
+    testkit/policydload.py's "message" stage), over 8 connections, closed loop. Which of off
+    and on goes first alternates from one repetition to the next: run back to back, two
+    identical daemons differ by a few per cent by their position alone.
 
 MEASURES
     CPU per message (milter: its process tree, the supervisor and workers) or per request
@@ -73,6 +75,13 @@ def scraping(port: int, interval: float) -> Iterator[list[int]]:
         thread.join()
 
 
+def order(repeat: int) -> tuple[str, str]:
+    """off first in even repetitions, on first in odd ones: the second of two runs in a row
+    was measured a few per cent dearer even with two identical daemons (same machine state,
+    a bias of the position), so each daemon takes each place as often."""
+    return ("off", "on") if repeat % 2 == 0 else ("on", "off")
+
+
 def milter_runs(root: Path, args: argparse.Namespace) -> dict[str, list[float]]:
     sites: dict[str, Any] = {}
     ports: dict[str, int] = {}
@@ -93,7 +102,8 @@ def milter_runs(root: Path, args: argparse.Namespace) -> dict[str, list[float]]:
         for name, site in sites.items():  # warm-up: keys loaded, caches filled
             run_load(site.endpoint, pids[name], site.login, site.sender, 200, 8, 2000, 2)
         for repeat in range(args.repeat):
-            for name, site in sites.items():
+            for name in order(repeat):
+                site = sites[name]
                 with (scraping(ports[name], args.scrape_interval) if name == "on"
                       else contextlib.nullcontext([0])):
                     result = run_load(site.endpoint, pids[name], site.login, site.sender,
@@ -121,7 +131,7 @@ def policyd_runs(root: Path, args: argparse.Namespace) -> dict[str, dict[str, li
     try:
         for repeat in range(args.repeat):
             for service, stage in (("auth", "RCPT"), ("policy", "message")):
-                for name in ("off", "on"):
+                for name in order(repeat):
                     with (scraping(ports[name], args.scrape_interval) if name == "on"
                           else contextlib.nullcontext([0])):
                         done = asyncio.run(measure(
