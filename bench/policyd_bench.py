@@ -54,14 +54,12 @@ import asyncio
 import base64
 import contextlib
 import gc
-import json
 import random
 import re
 import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -70,10 +68,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from testkit.policydload import (
-    LIMITS,
     STAGES,
     build_directory,
-    can_connect,
     domain_of,
     endpoints,
     install_uvloop,
@@ -285,32 +281,7 @@ def start_shaped_policyd(folder: Path, listen: dict[str, str]) -> subprocess.Pop
     etc = folder / "postfix"
     etc.mkdir()
     (etc / "master.cf").write_text(f"{POOL_TRANSPORT} unix - - n - - smtp\n")
-    config = folder / "policyd.yaml"
-    config.write_text(
-        f"directory: {{path: {folder / 'directory.yaml'}}}\n"
-        f"limits: {json.dumps(LIMITS)}\n"
-        "logging: {audit_log: ''}\n"
-        f"postfix: {{config_dir: {etc}}}\n"
-        "policyd:\n"
-        f"  auth_listen: {listen['auth']}\n"
-        f"  policy_listen: {listen['policy']}\n"
-        "  socketmap_listen: ''\n"
-        "  control_listen: ''\n"
-        "  socket_group: ''\n"
-        "  user: root\n"
-        "  max_connections: 10000\n"
-        "  bruteforce: {max_failures_per_address: 1000000}\n",
-        encoding="utf-8")
-    log = open(folder / "policyd.log", "wb")  # open as long as policyd runs
-    proc = subprocess.Popen([sys.executable, "-m", "policyd", "--config", str(config)],
-                            stdout=log, stderr=log)
-    deadline = time.monotonic() + 60
-    for endpoint in listen.values():
-        while not can_connect(endpoint):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"policyd did not start; see {folder / 'policyd.log'}")
-            time.sleep(0.05)
-    return proc
+    return start_policyd(folder, listen, postfix_config_dir=str(etc))
 
 
 async def _open(endpoint: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -108,11 +108,12 @@ def can_connect(endpoint: str) -> bool:
 def start_policyd(folder: Path, listen: dict[str, str],
                   directory: str | None = None,
                   counters: Mapping[str, Any] | None = None,
-                  name: str = "policyd", metrics_listen: str = "", workers: int = 1
-                  ) -> subprocess.Popen[bytes]:
+                  name: str = "policyd", metrics_listen: str = "", workers: int = 1,
+                  postfix_config_dir: str = "") -> subprocess.Popen[bytes]:
     """A policyd on ``folder``'s directory.yaml, or on the ``directory`` section given (YAML
     flow text, e.g. an LDAP one: ldap_bench.py), with the ``counters`` section given (None:
-    the default, in memory) and ``metrics_listen`` (bench/metrics_cost.py); its
+    the default, in memory), ``metrics_listen`` (bench/metrics_cost.py), ``workers`` and
+    ``postfix_config_dir`` (a folder with a master.cf to check, as under Postfix); its
     configuration ``folder/<name>.yaml``, its log
     ``folder/<name>.log``. Returns once every service accepts."""
     config = folder / f"{name}.yaml"
@@ -123,7 +124,8 @@ def start_policyd(folder: Path, listen: dict[str, str],
         f"limits: {json.dumps(LIMITS)}\n"
         f"{extra}"
         f"logging: {{audit_log: ''}}\n"
-        "postfix: {config_dir: ''}\n"  # no Postfix: route without asking master.cf
+        # no Postfix (""): route without asking master.cf
+        f"postfix: {{config_dir: '{postfix_config_dir}'}}\n"
         "policyd:\n"
         f"  auth_listen: {listen['auth']}\n"
         f"  policy_listen: {listen['policy']}\n"
