@@ -70,22 +70,38 @@ def hash_plaintext(password: str) -> str:
     return "{ARGON2ID}" + _HASHER.hash(password)
 
 
+class HashUnusable(Exception):
+    """A stored hash that cannot be checked (malformed, truncated, or the library failed):
+    our fault, never the client's; the message never quotes the hash."""
+
+
 def verify(stored: str, password: str) -> bool:
-    """Whether ``password`` matches ``stored``; False for a malformed hash too (slow by
-    design: call it off the event loop)."""
+    """Whether ``password`` matches ``stored`` (slow by design: call it off the event loop).
+    False only for a password that does not match; ``HashUnusable`` for a stored hash that
+    cannot be checked (a login then gets a temporary answer, and no guess is counted)."""
     try:
         scheme = scheme_of(stored)
-    except UserError:
-        return False
+    except UserError as exc:
+        raise HashUnusable(str(exc)) from None
     value = stored.partition("}")[2]
-    secret = password.encode("utf-8")
+    try:
+        secret = password.encode("utf-8")
+    except UnicodeEncodeError:
+        return False  # not a password anyone set: a mismatch, the client's doing
     try:
         if scheme in ("ARGON2ID", "ARGON2I"):
             kind = Type.ID if scheme == "ARGON2ID" else Type.I
             return verify_secret(value.encode("ascii"), secret, kind)
         if scheme == "BLF-CRYPT":
+            if len(value) != 60:  # a cut bcrypt hash would only ever mismatch
+                raise ValueError("not 60 characters")
             return bool(bcrypt.checkpw(secret, value.encode("ascii")))
         handler = sha512_crypt if scheme == "SHA512-CRYPT" else sha256_crypt
         return bool(handler.verify(secret, value))
-    except (VerifyMismatchError, VerificationError, ValueError, UnicodeEncodeError):
+    except VerifyMismatchError:
         return False
+    except (VerificationError, ValueError, UnicodeEncodeError) as exc:
+        # argon2's other errors (a corrupt hash, memory), bcrypt's invalid salt, passlib's
+        # malformed hash: not a mismatch
+        raise HashUnusable(f"the {scheme} hash cannot be checked "
+                           f"({type(exc).__name__})") from None

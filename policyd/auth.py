@@ -66,9 +66,10 @@ class PasswordCheck:
     """An attempt whose legacy password hash must be verified (off the event loop) before
     the engine decides it."""
 
-    __slots__ = ("password_hash",)
+    __slots__ = ("password_hash", "principal")
 
-    def __init__(self, password_hash: str) -> None:
+    def __init__(self, principal: str, password_hash: str) -> None:
+        self.principal = principal
         self.password_hash = password_hash
 
     def __repr__(self) -> str:
@@ -136,9 +137,13 @@ class AuthService:
         try:
             ok = await asyncio.get_running_loop().run_in_executor(
                 self._pool(), passwords.verify, check.password_hash, attempt.password)
+        except passwords.HashUnusable as exc:
+            # our fault (a damaged stored hash): temporary, and counted against nobody
+            log.error("legacy login of %s: %s", check.principal, exc)
+            return temporary(Reason.INTERNAL_ERROR)
         finally:
             self.hashing -= 1
-        verdict = await self._login(attempt, None, ok)
+        verdict = await self._login(attempt, None, ok, check.password_hash)
         assert isinstance(verdict, Verdict)
         return verdict
 
@@ -159,9 +164,10 @@ class AuthService:
         return verdict
 
     async def _login(self, attempt: dovecot.Attempt, lookup: KeyLookup | None,
-                     password_ok: bool | None = None) -> Verdict | KeyLookup | PasswordCheck:
+                     password_ok: bool | None = None, verified: str = ""
+                     ) -> Verdict | KeyLookup | PasswordCheck:
         try:
-            return await self._decide(attempt, lookup, password_ok)
+            return await self._decide(attempt, lookup, password_ok, verified)
         except CountersUnavailable as exc:
             # only a store without the in-process fallback raises this for brute-force
             # counting (keyrelay/counters/fallback.py never does): our fault, temporary
@@ -169,7 +175,8 @@ class AuthService:
             return temporary(Reason.COUNTERS_UNAVAILABLE)
 
     async def _decide(self, attempt: dovecot.Attempt, lookup: KeyLookup | None,
-                      password_ok: bool | None) -> Verdict | KeyLookup | PasswordCheck:
+                      password_ok: bool | None, verified: str = ""
+                      ) -> Verdict | KeyLookup | PasswordCheck:
         ctx = self.context
         store = ctx.store
         address = attempt.client_address
@@ -192,10 +199,16 @@ class AuthService:
             return temporary(Reason.DIRECTORY_UNAVAILABLE)
         facts = LoginFacts(attempt.username, attempt.password, address, ctx.clock(),
                            secured=attempt.secured)
+        cred = legacy_login_for(directory, ctx.settings, facts)
         if password_ok is None:
-            cred = legacy_login_for(directory, ctx.settings, facts)
             if cred is not None:  # decided again once the hash is verified, off the loop
-                return PasswordCheck(cred.password_hash)
+                return PasswordCheck(cred.principal, cred.password_hash)
+        elif cred is None or cred.password_hash != verified:
+            # the login changed (new hash, removed, another principal's) while its password
+            # was checked: the outcome is not this copy's to apply; the client retries
+            log.info("legacy login %s changed while its password was checked; answering "
+                     "temporarily", loggable_username(attempt.username))
+            return temporary(Reason.DIRECTORY_UNAVAILABLE)
         verdict = decide_login(directory, ctx.settings, facts, password_ok)
         if (lookup is None and key_id and verdict.reason is Reason.UNKNOWN_KEY
                 and ctx.directory.reads_through):

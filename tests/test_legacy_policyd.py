@@ -102,3 +102,27 @@ def test_a_legacy_login_before_and_after_its_sunset(daemon: Policyd) -> None:
         after = policy.ask(sasl_method="PLAIN", sasl_username="acme/billing:legacy",
                            sender="invoices@acme.example")
     assert after is not None and after.startswith("550 5.7.1 password logins for acme/billing")
+
+
+def test_a_damaged_stored_hash_is_a_temporary_answer_and_no_guess(daemon: Policyd) -> None:
+    # a bcrypt hash cut short (a bad copy into the directory): the password cannot be
+    # checked, which is ours to fix: the connection closes (Postfix answers 454 4.7.0) and
+    # the client address is not counted a guesser, however often it retries
+    with daemon.directory().transaction() as data:
+        admin.set_legacy_login(data, "acme/billing", "billing@site.example",
+                               dovecot_hashes(PASSWORD)["BLF-CRYPT"][:-5],
+                               (now() + timedelta(days=30)).date(), now())
+    mark = daemon.mark()
+    rip = fresh_address()
+    for _ in range(12):  # more than bruteforce.max_failures_per_address (10)
+        assert login(daemon, "billing@site.example", PASSWORD, rip=rip)[0] == "CLOSED"
+    line = daemon.wait_for_log(r"legacy login of acme/billing: the BLF-CRYPT hash cannot "
+                               r"be checked", since=mark)
+    assert PASSWORD not in line
+    assert "locked out" not in daemon.log(since=mark)
+    # mended: the same address logs in at once
+    with daemon.directory().transaction() as data:
+        admin.set_legacy_login(data, "acme/billing", "billing@site.example",
+                               dovecot_hashes(PASSWORD)["BLF-CRYPT"],
+                               (now() + timedelta(days=30)).date(), now())
+    assert login(daemon, "billing@site.example", PASSWORD, rip=rip)[0] == "OK"
