@@ -154,6 +154,8 @@ def serve(config: Config, config_path: str) -> bool:
     # milter.metrics_listen: bound as root, with the milter's socket
     endpoint = (Endpoint("milter", config.milter.metrics_listen, config.metrics.top_accounts,
                          count, config.milter.user) if config.milter.metrics_listen else None)
+    if endpoint is not None:
+        _OTHER_LISTENERS.add(endpoint.server.server.fileno())
     try:
         if count > 1:
             serve_workers(config, config_path, count, endpoint)
@@ -232,12 +234,18 @@ def bind(config: Config, shared: bool) -> str | None:
     return path
 
 
+# listening sockets of this process that are not libmilter's (the metrics endpoint's)
+_OTHER_LISTENERS: set[int] = set()
+
+
 def _listening_fds() -> list[int]:
     """libmilter's listening socket: the descriptors of this process that listen (it does
-    not say which descriptor is its own; the milter has no other listening socket)."""
+    not say which descriptor is its own), but those in ``_OTHER_LISTENERS``."""
     found = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
+        if fd in _OTHER_LISTENERS:
+            continue
         with contextlib.suppress(OSError):
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 continue

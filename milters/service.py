@@ -146,9 +146,12 @@ class MilterService:
             outcome = MessageOutcome(temporary(Reason.INTERNAL_ERROR, identity))
         self._log(message, queue_id, outcome)
         principal = outcome.verdict.principal
-        self.metrics.message(principal.partition("/")[0] if principal else "",
-                             outcome.outcome, time.perf_counter() - started,
-                             outcome.algorithms)
+        try:
+            self.metrics.message(principal.partition("/")[0] if principal else "",
+                                 outcome.outcome, time.perf_counter() - started,
+                                 outcome.algorithms)
+        except Exception:  # the metrics must never change a message's answer
+            log.exception("metrics: message %s not counted", queue_id or "(no queue id)")
         return outcome
 
     def _decide(self, message: Message) -> MessageOutcome:

@@ -209,8 +209,12 @@ class Daemon:
     async def count_lockouts(self, metrics: Metrics) -> None:
         """keyrelay_lockouts_active, from the counter store every 5 seconds."""
         while True:
+            store = self.context.store
+            # Redis itself, not through the fallback: a failed read for a gauge must not
+            # put the worker's limits into their Redis-away back-off
+            shared = getattr(store, "shared", store)
             try:
-                locked = await self.context.store.locked()
+                locked = await shared.locked()
             except Exception as exc:  # noqa: BLE001 - Redis away: the gauge keeps its value
                 log.debug("metrics: lock-outs not counted: %s", exc)
             else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import tempfile
 import threading
@@ -115,7 +116,11 @@ class YamlDirectory:
                 # only now: an unexpected exception must not leave the old snapshot in place
                 self._signature = signature
                 if self.on_reload is not None:
-                    self.on_reload(self._error is None)
+                    try:  # the metrics: a failure there must not fail the request
+                        self.on_reload(self._error is None)
+                    except Exception:  # logged; the copy is what matters
+                        logging.getLogger("keyrelay.directory").exception(
+                            "directory reload not counted")
             if self._error is not None:
                 raise self._error
             assert self._snapshot is not None

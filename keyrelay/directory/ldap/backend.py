@@ -268,8 +268,7 @@ class LdapDirectory:
         self._entries = entries
         self._serial = serial
         self._loaded_at = now
-        if self.on_reload is not None:
-            self.on_reload(True)
+        self._told(True)
 
     def _apply(self, conn: Connection, serial: int, monitor: bool, changed: list[str]) -> None:
         """Fetch only the entries the change log names and rebuild the copy from memory."""
@@ -283,8 +282,7 @@ class LdapDirectory:
         self._snapshot = Directory(self._records(entries, monitor))
         self._entries = entries
         self._serial = serial
-        if self.on_reload is not None:
-            self.on_reload(True)
+        self._told(True)
 
     def _start_refresher(self) -> None:
         if self._refresher is not None:
@@ -303,8 +301,15 @@ class LdapDirectory:
                 self._error = f"internal error: {exc!r}"
             else:
                 continue
-            if self.on_reload is not None:
-                self.on_reload(False)
+            self._told(False)
+
+    def _told(self, ok: bool) -> None:
+        """Tell ``on_reload`` (the metrics); a failure there must not stop the refresher."""
+        if self.on_reload is not None:
+            try:
+                self.on_reload(ok)
+            except Exception:  # logged; the copy is what matters
+                log.exception("directory reload not counted")
 
     def close(self) -> None:
         self._stop.set()
