@@ -5,6 +5,7 @@ and export/import that keep it. No plaintext password in a file, an error or a r
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -222,3 +223,11 @@ def test_legacy_list_sunset_and_remove(tmp_path: Path) -> None:
     bad = run_cli(config, "legacy", "sunset", "acme/app1", "tomorrow")
     assert bad.returncode == 2 and "expected a date YYYY-MM-DD" in bad.stderr
     assert set(YamlDirectory(str(tmp_path / "directory.yaml")).load().legacy) == {"acme/app1"}
+
+
+def test_a_password_hash_that_is_not_a_string_is_refused_without_its_value() -> None:
+    data, _ = _data_with_login()
+    text = re.sub(r'"password_hash": "[^"]*"', '"password_hash": 987654321', render(data))
+    with pytest.raises(ConfigError) as caught:
+        parse_text(text, "directory.yaml")
+    assert "password_hash" in str(caught.value) and "987654321" not in str(caught.value)

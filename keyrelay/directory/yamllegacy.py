@@ -33,7 +33,11 @@ def parse(parser: _Parser, data: DirectoryData, principal: str, value: object,
         if other.username == username:
             raise parser.fail(f"{key}.username",
                               f"{username!r} is also the legacy login of {other.principal}")
-    stored = parser.checked(passwords.checked, doc.get("password_hash"), f"{key}.password_hash")
+    stored = doc.get("password_hash")
+    if not isinstance(stored, str):  # said without its value: it may be a password typed in
+        raise parser.fail(f"{key}.password_hash", "expected a password hash written "
+                          "{SCHEME}hash as a string")
+    stored = parser.checked(passwords.checked, stored, f"{key}.password_hash")
     data.legacy[principal] = LegacyLogin(
         principal, username, stored, _day(parser, doc.get("sunset"), f"{key}.sunset"),
         parser.time(doc.get("created"), f"{key}.created"),
