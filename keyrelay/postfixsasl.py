@@ -20,6 +20,14 @@ restriction classes followed; the relay and data restrictions as keyrelay will m
 site's on the service (they are ``-o`` settings, so main.cf and other services keep theirs),
 ``-o smtpd_sender_login_maps=`` (keyrelay's socketmap only, when it was listed) and the
 mismatch restrictions are taken out of the service's lists. docs/postfix.md describes both.
+
+With ``auth.site_auth_socket`` set (coexistence, docs/coexistence.md) a site's Dovecot SASL
+and its mismatch restrictions are no conflicts: keyrelay's auth service passes the site's
+logins on to that Dovecot, and :func:`coexist` makes the service's sender-login map the union
+of keyrelay's ``sender_login`` socketmap and the site's maps (``unionmap:{...}``), so a
+mismatch check finds keyrelay's logins as owners of their senders and the site's logins of
+theirs. A Cyrus SASL stays a conflict (only a Dovecot can be passed on to), and so does a site
+map without keyrelay's socketmap (``policyd.socketmap_listen`` empty) to join it with.
 """
 
 from __future__ import annotations
@@ -48,8 +56,11 @@ _MERGED = {"smtpd_relay_restrictions": "relay_restrictions",
            "smtpd_data_restrictions": "data_restrictions"}  # keyrelay_<role>_<kind>
 _REFERENCE = re.compile(r"\$(?:(\w+)|\{(\w+)\}|\((\w+)\))")
 _ONE_REFERENCE = re.compile(r"\$(?:(\w+)|\{(\w+)\}|\((\w+)\))$")
-_LATER = ("passing the site's own logins on to its Dovecot is planned, not built yet")
+_LATER = ("or set auth.site_auth_socket to keep the site's Dovecot logins and sender rules "
+          "beside keyrelay's, docs/coexistence.md")
 _SASL, _LOGIN_MAP, _RESTRICTION = "sasl", "login_map", "restriction"
+_DOVECOT = "dovecot"
+_UNION = "unionmap:{"
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class Conflict:
     source: str  # "master.cf -o", "main.cf" or "built-in default"
     kind: str  # _SASL | _LOGIN_MAP | _RESTRICTION
     found: str  # the SASL type, the site's maps, or the mismatch restriction (and its class)
+    coexist: bool = False  # auth.site_auth_socket is set, yet this still breaks mail
 
     def line(self) -> str:
         """The refusal: which service, which parameter, its value, why, what to do."""
@@ -75,10 +87,23 @@ class Conflict:
             return (f"{where} {self._why()}; {leave}, or take {restriction} out of "
                     f"restriction class {group} yourself ({FLAG} does not edit restriction "
                     f"classes, which other services may use; {_LATER})")
+        if self.coexist:
+            return (f"{where} {self._why()}; {leave}, or rerun with {FLAG} to let keyrelay "
+                    f"take {name} over and replace {self._what()} there")
         return (f"{where} {self._why()}; {leave}, or rerun with {FLAG} to let keyrelay take "
                 f"{name} over and replace {self._what()} there ({_LATER})")
 
     def _why(self) -> str:
+        if self.kind == _SASL and self.coexist:
+            return (f"is the site's own SASL ({self.found}): auth.site_auth_socket passes the "
+                    "site's logins on only to a Dovecot auth service, so its users could no "
+                    "longer log in on it")
+        if self.kind == _LOGIN_MAP and self.coexist:
+            return (f"is the site's own sender-login map ({self.found}): auth.site_auth_socket "
+                    "joins it with keyrelay's sender_login socketmap, but "
+                    "policyd.socketmap_listen is empty, so a *_sender_login_mismatch check "
+                    "would refuse every keyrelay sender (553 5.7.1 Sender address rejected: "
+                    "not owned by user)")
         if self.kind == _SASL:
             return (f"is the site's own SASL ({self.found}): keyrelay would point this "
                     "service's logins at its own auth service and the site's users could no "
@@ -177,11 +202,43 @@ def own_login_map(config: Config, queue_directory: str) -> str:
     return f"socketmap:{postfix_endpoint(listen, queue_directory)}:sender_login"
 
 
+def _site_sasl(values: _Values, own_paths: set[str]) -> tuple[str, str, str] | None:
+    """(path as written, where, SASL type) of the site's own SASL on a service, or None."""
+    enabled = values.expand(values.raw("smtpd_sasl_auth_enable")[0]).strip().lower()
+    path, source = values.raw("smtpd_sasl_path")
+    sasl_type = values.expand(values.raw("smtpd_sasl_type")[0]).strip()
+    if (enabled == "yes" and values.expand(path).strip() not in own_paths
+            and not _reference(path).startswith("keyrelay_")):
+        return path, source, sasl_type
+    return None
+
+
+def _own_paths(plan_main: dict[str, str], current: Current) -> set[str]:
+    return {plan_main.get("keyrelay_sasl_path", ""),
+            current.main.get("keyrelay_sasl_path", "")} - {""}
+
+
+def _site_maps(values: _Values, value: str, own_map: str) -> list[str]:
+    """The site's own maps in a service's ``smtpd_sender_login_maps``: keyrelay's socketmap
+    left out, and a ``unionmap:{...}`` of it that :func:`coexist` wrote opened up."""
+    found: list[str] = []
+    for item in values.items(value):
+        if item == own_map:
+            continue
+        if own_map and item.startswith(_UNION) and item.endswith("}"):
+            inner = split_list(item[len(_UNION):-1])
+            if own_map in inner:
+                found += [one for one in inner if one != own_map]
+                continue
+        found.append(item)
+    return found
+
+
 def find(config: Config, plan_main: dict[str, str], current: Current) -> list[Conflict]:
     """Each site SASL setting that keyrelay's takeover of a service would break."""
-    own_paths = {plan_main.get("keyrelay_sasl_path", ""),
-                 current.main.get("keyrelay_sasl_path", "")} - {""}
+    own_paths = _own_paths(plan_main, current)
     own_map = own_login_map(config, current.queue_directory)
+    coexisting = bool(config.auth.site_auth_socket)
     found: list[Conflict] = []
     for service in taken_over(config):
         values = _values(current, plan_main, service.key)
@@ -189,18 +246,18 @@ def find(config: Config, plan_main: dict[str, str], current: Current) -> list[Co
         def conflict(parameter: str, value: str, source: str, kind: str, what: str,
                      service: _Service = service) -> None:
             found.append(Conflict(service.key, service.config_key, parameter, value or '""',
-                                  source, kind, what))
+                                  source, kind, what, coexisting))
 
-        enabled = values.expand(values.raw("smtpd_sasl_auth_enable")[0]).strip().lower()
-        path, source = values.raw("smtpd_sasl_path")
-        sasl_type = values.expand(values.raw("smtpd_sasl_type")[0]).strip()
-        if (enabled == "yes" and values.expand(path).strip() not in own_paths
-                and not _reference(path).startswith("keyrelay_")):
+        sasl = _site_sasl(values, own_paths)
+        if sasl is not None and not (coexisting and sasl[2] == _DOVECOT):
+            path, source, sasl_type = sasl
             conflict("smtpd_sasl_path", path, source, _SASL, f"smtpd_sasl_type = {sasl_type}")
         maps, source = values.raw("smtpd_sender_login_maps")
-        site_maps = [item for item in values.items(maps) if item != own_map]
-        if site_maps:
+        site_maps = _site_maps(values, maps, own_map)
+        if site_maps and not (coexisting and own_map):
             conflict("smtpd_sender_login_maps", maps, source, _LOGIN_MAP, ", ".join(site_maps))
+        if coexisting:
+            continue  # the mismatch checks find every keyrelay login in the joined map
         for parameter in RESTRICTION_LISTS:
             value, source = values.raw(parameter)
             if parameter in _MERGED:  # keyrelay's merged list is what the service will use
@@ -217,6 +274,40 @@ def find(config: Config, plan_main: dict[str, str], current: Current) -> list[Co
             if hit:
                 conflict(parameter, value, source, _RESTRICTION, hit)
     return found
+
+
+def coexist(config: Config, plan: Plan, current: Current) -> tuple[Plan, list[str]]:
+    """With ``auth.site_auth_socket``: ``plan`` changed so that the site's own rules keep
+    working beside keyrelay's on the services keyrelay takes over, and a line per service
+    for the report. The site's Dovecot logins reach keyrelay's auth service, which passes
+    them on; a site sender-login map becomes ``unionmap:{keyrelay's socketmap, the site's
+    maps}`` (``-o smtpd_sender_login_maps``, spaces dropped: a master.cf -o value holds
+    none); the site's restrictions stay as they are. What cannot coexist is left to
+    :func:`find`."""
+    target = config.auth.site_auth_socket
+    if not target:
+        return plan, []
+    own_paths = _own_paths(plan.main, current)
+    own_map = own_login_map(config, current.queue_directory)
+    extra: dict[str, dict[str, str]] = {}
+    report: list[str] = []
+    for service in taken_over(config):
+        values = _values(current, plan.main, service.key)
+        sasl = _site_sasl(values, own_paths)
+        if sasl is not None and sasl[2] == _DOVECOT:
+            report.append(f"{service.key}: the site's Dovecot logins (smtpd_sasl_path = "
+                          f"{sasl[0]}, {sasl[1]}) now reach keyrelay's auth service, which "
+                          f"passes them on to auth.site_auth_socket = {target}")
+        maps, source = values.raw("smtpd_sender_login_maps")
+        site_maps = _site_maps(values, maps, own_map)
+        if site_maps and own_map:
+            union = _UNION + ",".join([own_map, *site_maps]) + "}"
+            extra[service.key] = {"smtpd_sender_login_maps": union}
+            report.append(f"{service.key}: smtpd_sender_login_maps = {maps} ({source}) joined "
+                          f"with keyrelay's: -o smtpd_sender_login_maps={union}")
+    services = [dataclasses.replace(spec, settings={**spec.settings, **extra[spec.key]})
+                if spec.key in extra else spec for spec in plan.services]
+    return dataclasses.replace(plan, services=services), report
 
 
 def _reference(value: str) -> str:

@@ -17,6 +17,11 @@ check is slow by design: its password hash is verified in a thread pool of fixed
 (``HASH_WORKERS``), never on the event loop, with at most ``HASH_PENDING`` attempts waiting
 or running; one more is answered temporarily (``legacy_busy``: the connection drops, Postfix
 answers 454 4.7.0). A wrong password counts as a guess against the client's address.
+
+With ``auth.site_auth_socket`` set (coexistence, docs/coexistence.md), a login that is not
+keyrelay's is decided by none of this: before any lock-out or count it is passed on to the
+site's Dovecot (policyd/siteauth.py) and the site's answer goes back unchanged
+(``SiteAnswer``); the site's auth service keeps its own failure delays and penalties.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import ipaddress
 import logging
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from keyrelay import keys, names, passwords
 from keyrelay.counters import CountersUnavailable, MemoryCounters
@@ -43,6 +48,8 @@ from keyrelay.decisions import (
     decide_login,
     legacy_login_for,
     minutes,
+    site_answer,
+    site_login,
     temporary,
 )
 from keyrelay.durations import format_duration
@@ -52,6 +59,7 @@ from keyrelay.metrics import NO_METRICS, Metrics
 from . import dovecot
 from .context import KeyLookup, ServiceContext
 from .policy import run_now
+from .siteauth import SiteAuth, SiteAuthUnavailable, SiteReply
 
 log = logging.getLogger("keyrelay.policyd.auth")
 # keyrelay_auth_attempts_total's result label (docs/metrics.md)
@@ -76,6 +84,18 @@ class PasswordCheck:
         return "PasswordCheck(<hash>)"
 
 
+class SiteAnswer(NamedTuple):
+    """The site's answer to a login passed on (coexistence): sent back to Postfix unchanged
+    when ``verdict`` (the engine's reading of it, for the log and the metrics) is
+    ``site_login``; a ``reserved_username`` refusal is rendered as keyrelay's own."""
+
+    verdict: Verdict
+    reply: SiteReply
+
+
+Outcome = Verdict | SiteAnswer
+
+
 class AuthService:
     """Decides logins; failures, lock-outs and recent logins are counted in the context's
     counter store (``ctx.store``, keyrelay/counters), on the store's clock.
@@ -93,6 +113,7 @@ class AuthService:
         self.metrics = metrics
         self._hash_pool: ThreadPoolExecutor | None = None  # made at the first legacy login
         self.hashing = 0  # legacy password checks running or waiting
+        self._site: SiteAuth | None = None  # made at the first login passed on
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._hash_pool is None:
@@ -100,7 +121,7 @@ class AuthService:
                                                  thread_name_prefix="keyrelay-passwords")
         return self._hash_pool
 
-    def login(self, attempt: dovecot.Attempt) -> Verdict | Coroutine[Any, Any, Verdict]:
+    def login(self, attempt: dovecot.Attempt) -> Outcome | Coroutine[Any, Any, Outcome]:
         """Decide one attempt; every fault of ours becomes a TEMPFAIL verdict.
 
         A coroutine instead means: the answer needs a wait (a counter store over the network,
@@ -114,18 +135,42 @@ class AuthService:
                 return self._look_up(attempt, result)
             if isinstance(result, PasswordCheck):
                 return self._verify(attempt, result)
+            if result.action is Action.PASS:
+                return self._pass_on(attempt)
             return result
         return self._settle(attempt, step)
 
     async def _settle(self, attempt: dovecot.Attempt,
                       step: Coroutine[Any, Any, Verdict | KeyLookup | PasswordCheck]
-                      ) -> Verdict:
+                      ) -> Outcome:
         result = await step
         if isinstance(result, KeyLookup):
             return await self._look_up(attempt, result)
         if isinstance(result, PasswordCheck):
             return await self._verify(attempt, result)
+        if result.action is Action.PASS:
+            return await self._pass_on(attempt)
         return result
+
+    async def _pass_on(self, attempt: dovecot.Attempt) -> Outcome:
+        """Ask the site's auth service (coexistence); its fault is a temporary answer."""
+        target = self.context.config.auth.site_auth_socket
+        if self._site is None or self._site.target != target:  # first, or changed by SIGHUP
+            if self._site is not None:
+                await self._site.close()
+            self._site = SiteAuth(target)
+        try:
+            reply = await self._site.login(attempt)
+        except SiteAuthUnavailable as exc:
+            log.error("login %s from %s not passed on to the site: %s",
+                      loggable_username(attempt.username), attempt.client_address, exc)
+            return temporary(Reason.SITE_AUTH_UNAVAILABLE)
+        return SiteAnswer(site_answer(reply.ok, reply.user), reply)
+
+    async def close(self) -> None:
+        """Close the connection to the site's auth service, if any (on stop)."""
+        if self._site is not None:
+            await self._site.close()
 
     async def _verify(self, attempt: dovecot.Attempt, check: PasswordCheck) -> Verdict:
         """Verify a legacy password in the bounded pool, then decide with the outcome."""
@@ -178,6 +223,16 @@ class AuthService:
                       password_ok: bool | None, verified: str = ""
                       ) -> Verdict | KeyLookup | PasswordCheck:
         ctx = self.context
+        if (ctx.settings.site_logins and lookup is None and password_ok is None
+                and attempt.username != ctx.settings.username):
+            # coexistence: the site's logins are passed on before any lock-out or count
+            try:
+                passed = site_login(ctx.snapshot(), ctx.settings, attempt.username)
+            except DirectoryUnavailable as exc:
+                log.error("directory unavailable: %s", exc)
+                return temporary(Reason.DIRECTORY_UNAVAILABLE)
+            if passed is not None:
+                return passed
         store = ctx.store
         address = attempt.client_address
         client = client_key(address)
@@ -237,9 +292,10 @@ class AuthService:
             await store.succeeded(verdict.key_id, client, bf.trusted_for)
         return verdict
 
-    def log(self, attempt: dovecot.Attempt, verdict: Verdict,
+    def log(self, attempt: dovecot.Attempt, outcome: Outcome,
             seconds: float | None = None) -> None:
         """The decision's log line and metrics; ``seconds`` from the complete request."""
+        verdict = outcome.verdict if isinstance(outcome, SiteAnswer) else outcome
         self.metrics.login(RESULTS[verdict.action], str(verdict.reason), seconds)
         fields = {
             "service": "auth",
@@ -247,7 +303,10 @@ class AuthService:
             "mechanism": attempt.mechanism,
             **verdict.log_fields(),
         }
-        if verdict.action is not Action.ALLOW and verdict.reason is Reason.BAD_USERNAME:
+        if isinstance(outcome, SiteAnswer):
+            fields["site_answer"] = "OK" if outcome.reply.ok else "FAIL"
+        if verdict.reason in (Reason.SITE_LOGIN, Reason.RESERVED_USERNAME) or (
+                verdict.action is not Action.ALLOW and verdict.reason is Reason.BAD_USERNAME):
             fields["username"] = loggable_username(attempt.username)
         if verdict.key_id == LEGACY_KEY_ID and verdict.principal:
             days = self._days_left(verdict.principal)
@@ -298,13 +357,19 @@ def loggable_username(username: str) -> str:
     return username[:64]
 
 
-def render(request_id: str, verdict: Verdict) -> bytes | None:
-    """The Dovecot reply for a verdict; ``None`` means: close the connection.
+def render(request_id: str, outcome: Outcome) -> bytes | None:
+    """The Dovecot reply for a verdict; ``None`` means: close the connection. The site's
+    answer to a login passed on goes back unchanged, under Postfix's request id.
 
     Postfix 3.7 turns every ``FAIL`` into a permanent 535 whatever flags it carries, so a
     temporary fault is signalled the only way Postfix understands: the connection drops and
     the client gets ``454 4.7.0`` (docs/postfix-hooks.md section 1).
     """
+    if isinstance(outcome, SiteAnswer):
+        if outcome.verdict.reason is Reason.SITE_LOGIN:
+            return outcome.reply.line(request_id)
+        outcome = outcome.verdict
+    verdict = outcome
     if verdict.action is Action.ALLOW:
         assert verdict.identity is not None
         return dovecot.ok(request_id, verdict.identity)

@@ -44,6 +44,9 @@ class Attempt:
     client_address: str
     secured: bool
     service: str
+    # the AUTH line's parameters but resp=, as Postfix sent them (service=, lip=, rip=,
+    # secured...): what a login passed on to the site's Dovecot carries (policyd/siteauth.py)
+    params: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +156,7 @@ class _Exchange:
     client_address: str
     secured: bool
     service: str
+    params: tuple[str, ...]
 
 
 class ServerSession:
@@ -211,6 +215,7 @@ class ServerSession:
             client_address=params.get("rip", ""),
             secured="secured" in flags,
             service=params.get("service", ""),
+            params=tuple(item for item in fields[2:] if not item.startswith("resp=")),
         )
         initial: bytes | None = None
         if params.get("resp") == "=":
@@ -250,4 +255,5 @@ class ServerSession:
             client_address=exchange.client_address,
             secured=exchange.secured,
             service=exchange.service,
+            params=exchange.params,
         )

@@ -179,6 +179,7 @@ class Daemon:
         for task in tasks:
             task.cancel()
         await self.flush()
+        await self.auth.close()
         try:
             await self.context.store.close()
         except Exception as exc:  # noqa: BLE001 - stopping anyway

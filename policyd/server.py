@@ -268,14 +268,14 @@ class AuthConnection(Connection):
             return
         self.started = time.perf_counter()
         result = self.service.login(event)
-        if isinstance(result, Verdict):
+        if isinstance(result, Verdict | auth.SiteAnswer):
             self.answer(event, result)
             return
         if self.transport is not None:
             self.transport.pause_reading()
         self.waiting = asyncio.ensure_future(self.settle(event, result))
 
-    def answer(self, event: dovecot.Attempt, verdict: Verdict) -> None:
+    def answer(self, event: dovecot.Attempt, verdict: auth.Outcome) -> None:
         self.service.log(event, verdict, time.perf_counter() - self.started)
         reply = auth.render(event.request_id, verdict)
         if reply is None:
@@ -284,7 +284,7 @@ class AuthConnection(Connection):
             self.send(reply)
 
     async def settle(self, event: dovecot.Attempt,
-                     deciding: Coroutine[Any, Any, Verdict]) -> None:
+                     deciding: Coroutine[Any, Any, auth.Outcome]) -> None:
         """Await the login's verdict (the event loop serves everyone else meanwhile; an LDAP
         look-up runs in a worker thread), answer, and go on with what arrived meanwhile."""
         try:

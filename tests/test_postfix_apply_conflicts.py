@@ -69,8 +69,9 @@ MISMATCH_LINE = (
     "refuses every keyrelay message (553 5.7.1 Sender address rejected: not owned by user); "
     "leave submission out of postfix.submission_services in the keyrelay configuration and "
     "keep the site's logins there, or rerun with --replace-site-sasl to let keyrelay take "
-    "submission over and replace {found} in {parameter} there (passing the site's own logins "
-    "on to its Dovecot is planned, not built yet)")
+    "submission over and replace {found} in {parameter} there (or set "
+    "auth.site_auth_socket to keep the site's Dovecot logins and sender rules beside "
+    "keyrelay's, docs/coexistence.md)")
 
 
 @pytest.mark.parametrize("main, submission, line", [
@@ -94,8 +95,8 @@ MISMATCH_LINE = (
      "(553 5.7.1 Sender address rejected: not owned by user); leave submission out of "
      "postfix.submission_services in the keyrelay configuration and keep the site's logins "
      "there, or rerun with --replace-site-sasl to let keyrelay take submission over and "
-     "replace its sender-login map there (passing the site's own logins on to its Dovecot "
-     "is planned, not built yet)"),
+     "replace its sender-login map there (or set auth.site_auth_socket to keep the "
+     "site's Dovecot logins and sender rules beside keyrelay's, docs/coexistence.md)"),
     ({"mua_sender_restrictions": "reject_sender_login_mismatch, permit"},
      {"smtpd_sender_restrictions": "$mua_sender_restrictions"},
      "submission/inet: smtpd_sender_restrictions = $mua_sender_restrictions (master.cf -o) "
@@ -122,8 +123,8 @@ MISMATCH_LINE = (
      "of postfix.submission_services in the keyrelay configuration and keep the site's "
      "logins there, or take reject_unauthenticated_sender_login_mismatch out of restriction "
      "class mua_senders yourself (--replace-site-sasl does not edit restriction classes, "
-     "which other services may use; passing the site's own logins on to its Dovecot is "
-     "planned, not built yet)"),
+     "which other services may use; or set auth.site_auth_socket to keep the site's "
+     "Dovecot logins and sender rules beside keyrelay's, docs/coexistence.md)"),
 ], ids=["dovecot-main-cf", "dovecot-o", "cyrus-default", "login-map", "sender-mismatch",
         "recipient-authenticated", "relay-known", "restriction-class"])
 def test_each_conflict_is_refused_with_its_line_and_nothing_changes(

@@ -55,6 +55,8 @@ def plan_json(plan: postfixconf.Plan, current: postfixconf.Current | None,
 
 def postfix_show(ctx: Context, args: argparse.Namespace) -> None:
     plan, current = _postfix_plan(ctx, Path(args.config_dir) if args.config_dir else None)
+    if current is not None:
+        plan = postfixsasl.coexist(ctx.config, plan, current)[0]
     conflicts = _conflicts(ctx, plan, current)
     if ctx.json:
         dump_json(ctx.out, plan_json(plan, current, conflicts))
@@ -74,6 +76,7 @@ def postfix_apply(ctx: Context, args: argparse.Namespace) -> None:
     config_dir = Path(chosen)
     plan, current = _postfix_plan(ctx, config_dir)
     assert current is not None
+    plan, kept = postfixsasl.coexist(ctx.config, plan, current)
     conflicts = _conflicts(ctx, plan, current)
     replaced: list[str] = []
     if conflicts and not args.replace_site_sasl:
@@ -86,6 +89,11 @@ def postfix_apply(ctx: Context, args: argparse.Namespace) -> None:
         plan, replaced = postfixsasl.take_over(ctx.config, plan, current, conflicts)
     postfixconf.check_certificates(plan, current)
     todo = postfixconf.changes(plan, current)
+    if kept:
+        ctx.say("auth.site_auth_socket: the site's own logins and sender rules stay beside "
+                "keyrelay's on the services keyrelay takes over (docs/coexistence.md):")
+        for line in kept:
+            ctx.say(f"  {line}")
     if not todo:
         ctx.say(f"{config_dir}: keyrelay's Postfix settings are already in place; "
                 "nothing changed.")

@@ -28,6 +28,8 @@ _MAILBOX = re.compile(r"(?!mailto:)[^@\s]+@" + _HOST, re.IGNORECASE)
 _LDAP_URL = re.compile(r"ldaps?://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?/?")
 _LDAP_URL_TEXT = "ldap://host[:port] or ldaps://host[:port]"
 _IP_ADDRESS = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*")
+# a unix socket's absolute path (no whitespace), or inet:HOST:PORT as Postfix writes it
+_SITE_AUTH = re.compile(r"/\S+|inet:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")
 _DN = re.compile(r"[A-Za-z][A-Za-z0-9-]*=[^,]+(?:,[A-Za-z][A-Za-z0-9-]*=[^,]+)*")
 
 
@@ -176,6 +178,21 @@ class AuthConfig:
             "doc": "Refuse a login that Postfix reports as not under TLS: an API key must never "
             "cross the network in clear. Postfix's smtpd_tls_auth_only should already prevent "
             "it; this is the second lock."
+        },
+    )
+    site_auth_socket: str = field(
+        default="",
+        metadata={
+            "doc": "Living beside the site's own Dovecot SASL (docs/coexistence.md): its auth "
+            "socket, the absolute path of a unix socket or inet:HOST:PORT. A login whose "
+            "username is neither auth.username nor an imported legacy login is passed on to "
+            "it, and its answer goes back to Postfix unchanged; keyrelay's checks then apply "
+            "only to keyrelay's own logins, and `keyrelay postfix apply` keeps the site's "
+            "sender-login map and *_sender_login_mismatch restrictions on the services it "
+            "takes over. Empty: off, any other username is refused.",
+            "pattern": (_SITE_AUTH, "an absolute path such as /run/dovecot/auth-keyrelay, or "
+                        "inet:HOST:PORT such as inet:127.0.0.1:12345"),
+            "allow_empty": True,
         },
     )
 

@@ -57,6 +57,8 @@ from .login import (
     legacy_login_for,
     locked_out,
     minutes,
+    site_answer,
+    site_login,
 )
 from .lookups import sender_logins
 from .message import decide_headers
@@ -114,6 +116,8 @@ __all__ = [
     "reset_text",
     "sender_logins",
     "sender_problem",
+    "site_answer",
+    "site_login",
     "temporary",
     "windows_for",
     "with_rate",

@@ -138,6 +138,8 @@ def session_principal(
     """
     parsed = parse_identity(identity)
     if parsed is None:
+        if settings.site_logins:  # the site's own login (docs/coexistence.md): its rules decide
+            return allow(Reason.SITE_LOGIN)
         return refuse(
             550, "5.7.1", Reason.FOREIGN_LOGIN,
             f"login {identity!r} is not a keyrelay API key login; log in with an API key",

@@ -192,7 +192,8 @@ def decide_rate(directory: Directory, settings: EngineSettings, facts: RateFacts
     message rates and quotas are the counter store's and ``quotas.decide_quota``'s."""
     parsed = parse_identity(facts.identity)
     if parsed is None:
-        return allow(Reason.UNAUTHENTICATED)
+        return allow(Reason.SITE_LOGIN if facts.identity and settings.site_logins
+                     else Reason.UNAUTHENTICATED)
     principal, key_id = parsed
     most = limits_for(directory, settings, principal).recipients_per_message
     if most is not None and facts.recipients > most:

@@ -28,6 +28,8 @@ class EngineSettings:
     # policyd.bruteforce.trusted_for: a locked-out key id still logs in from a client (address
     # or IPv6 /64) where it logged in successfully within this many seconds
     trusted_for: float = 7 * 86400.0
+    # auth.site_auth_socket set: logins that are not keyrelay's are the site's (coexistence)
+    site_logins: bool = False
 
     @classmethod
     def from_config(cls, config: object) -> EngineSettings:
@@ -49,6 +51,7 @@ class EngineSettings:
             check_sender=c.milter.check_sender,  # type: ignore[attr-defined]
             sign=c.milter.sign,  # type: ignore[attr-defined]
             trusted_for=float(c.policyd.bruteforce.trusted_for),  # type: ignore[attr-defined]
+            site_logins=bool(c.auth.site_auth_socket),  # type: ignore[attr-defined]
         )
 
 

@@ -20,7 +20,14 @@ from .checks import (
     monitored,
     principal_inactive,
 )
-from .facts import LEGACY_KEY_ID, EngineSettings, LockoutFacts, LoginFacts, format_identity
+from .facts import (
+    LEGACY_KEY_ID,
+    EngineSettings,
+    LockoutFacts,
+    LoginFacts,
+    format_identity,
+    parse_identity,
+)
 from .reasons import GUESSES, KEY_GUESSES, Reason
 from .verdict import Action, Verdict, refuse
 
@@ -43,6 +50,39 @@ def legacy_login_for(directory: Directory, settings: EngineSettings,
     return directory.legacy_by_username.get(facts.username)
 
 
+def site_login(directory: Directory, settings: EngineSettings, username: str) -> Verdict | None:
+    """Coexistence (``auth.site_auth_socket``, docs/coexistence.md): ``pass`` for a login that
+    is not keyrelay's (neither ``auth.username`` nor an imported legacy login), which the
+    site's own auth service then answers; a refusal for one that keyrelay's policy service
+    and milter would read as a keyrelay login (``PRINCIPAL:KEYID``); None for keyrelay's own
+    logins, and always when coexistence is off. Decided before the lock-outs: the site's
+    logins are the site's to count."""
+    if (not settings.site_logins or username == settings.username
+            or username in directory.legacy_by_username):
+        return None
+    if parse_identity(username) is not None:
+        return _reserved(username)
+    return Verdict(Action.PASS, Reason.SITE_LOGIN)
+
+
+def site_answer(ok: bool, user: str) -> Verdict:
+    """The site's answer to a login passed on: what is logged and counted. It goes back to
+    Postfix unchanged, unless its ``user=`` has the form of a keyrelay login: that one is
+    refused, since every later check would read it as keyrelay's."""
+    if not ok:
+        return Verdict(Action.REFUSE, Reason.SITE_LOGIN, 535, "5.7.8",
+                       "the site's authentication refused the login")
+    if parse_identity(user) is not None:
+        return _reserved(user)
+    return Verdict(Action.ALLOW, Reason.SITE_LOGIN, identity=user)
+
+
+def _reserved(username: str) -> Verdict:
+    return refuse(535, "5.7.8", Reason.RESERVED_USERNAME,
+                  f"the username {username[:64]!r} has the form of a keyrelay login "
+                  "(PRINCIPAL:KEYID) and cannot be a site login")
+
+
 def decide_login(directory: Directory, settings: EngineSettings, facts: LoginFacts,
                  password_ok: bool | None = None) -> Verdict:
     """SMTP AUTH: username ``apikey``, password an active key of an active principal; or,
@@ -54,6 +94,9 @@ def decide_login(directory: Directory, settings: EngineSettings, facts: LoginFac
             return refuse(535, "5.7.8", reason, text)
         return refuse(535, "5.7.8", reason, text, key.principal, key.key_id)
 
+    passed = site_login(directory, settings, facts.username)
+    if passed is not None:
+        return passed
     if settings.require_tls and not facts.secured:
         return no(
             Reason.TLS_REQUIRED,

@@ -19,6 +19,7 @@ class Reason(StrEnum):
     MONITOR = "monitor"  # a refusal that monitor mode let pass (logged with would_be=)
     NOT_CHECKED = "not_checked"  # milter.check_sender off: a From refusal let pass, unsigned
     STAGE_NOT_CHECKED = "stage_not_checked"  # a policy request at a stage keyrelay ignores
+    SITE_LOGIN = "site_login"  # the site's own login (coexistence): the site's rules decide
     # login (SMTP AUTH)
     TLS_REQUIRED = "tls_required"
     BAD_USERNAME = "bad_username"
@@ -30,6 +31,7 @@ class Reason(StrEnum):
     WRONG_LEGACY_PASSWORD = "wrong_legacy_password"  # noqa: S105 - a tag, not a password
     LEGACY_PASSWORD_ENDED = "legacy_password_ended"  # noqa: S105 - the sunset has passed
     LEGACY_BUSY = "legacy_busy"  # every password-hash worker is busy
+    RESERVED_USERNAME = "reserved_username"  # a site login shaped like a keyrelay login
     ADDRESS_LOCKED_OUT = "address_locked_out"
     KEY_LOCKED_OUT = "key_locked_out"
     # login and every message after it
@@ -55,6 +57,7 @@ class Reason(StrEnum):
     COUNTERS_UNAVAILABLE = "counters_unavailable"  # the counter store (Redis) cannot answer
     DKIM_KEY_UNAVAILABLE = "dkim_key_unavailable"
     CLIENT_ADDRESS_MISSING = "client_address_missing"
+    SITE_AUTH_UNAVAILABLE = "site_auth_unavailable"  # the site's Dovecot auth cannot answer
     INTERNAL_ERROR = "internal_error"
 
 
@@ -97,6 +100,14 @@ ANSWERS: dict[Reason, Answer] = {
     Reason.STAGE_NOT_CHECKED: Answer(
         "policy", "-", "-", _ALLOWED,
         "a policy request at a stage keyrelay does not check (CONNECT, HELO...); not logged"),
+    Reason.SITE_LOGIN: Answer(
+        "auth, policy, milter", "235 / -", "-", _ALLOWED,
+        "coexistence (auth.site_auth_socket, docs/coexistence.md): a login that is neither "
+        "auth.username nor an imported legacy login is passed to the site's Dovecot and its "
+        "answer, success or failure, goes back unchanged (logged with site_answer=OK or FAIL; "
+        "a FAIL is Postfix's 535 5.7.8 with the site's text); the "
+        "messages of such a login pass keyrelay's policy service and milter unchecked and "
+        "unsigned: the site's own restrictions decide"),
     Reason.TLS_REQUIRED: Answer(
         "auth", "535", "5.7.8",
         ("log in over TLS (STARTTLS, or port 465): API keys are not accepted on a plaintext "
@@ -142,6 +153,13 @@ ANSWERS: dict[Reason, Answer] = {
         "auth", "454", "4.7.0", ("password check temporarily busy; try again later",),
         "every worker that verifies legacy password hashes is busy and the queue is full: "
         "the connection is closed and Postfix answers 454 4.7.0"),
+    Reason.RESERVED_USERNAME: Answer(
+        "auth", "535", "5.7.8",
+        ("the username '<username>' has the form of a keyrelay login (PRINCIPAL:KEYID) and "
+         "cannot be a site login",),
+        "coexistence: a username (or the site's answer's user=) that keyrelay's policy "
+        "service and milter would read as one of its own logins is never passed on or "
+        "let in"),
     Reason.ADDRESS_LOCKED_OUT: Answer(
         "auth", "535", "5.7.8",
         ("too many failed logins from <address>; try again in <n> <minute|minutes>",),
@@ -276,6 +294,12 @@ ANSWERS: dict[Reason, Answer] = {
     Reason.CLIENT_ADDRESS_MISSING: Answer(
         "milter", "451", "4.3.0", ("temporary relay failure; try again later",),
         "Postfix sent no {client_addr} (milter_protocol below 6, or macros not negotiated)"),
+    Reason.SITE_AUTH_UNAVAILABLE: Answer(
+        "auth", "454", "4.7.0", ("site authentication temporarily unavailable; try again "
+                                 "later",),
+        "coexistence: the site's Dovecot auth socket (auth.site_auth_socket) cannot be reached, "
+        "broke the protocol or did not answer in time: the connection is closed and Postfix "
+        "answers 454 4.7.0"),
     Reason.INTERNAL_ERROR: Answer(
         "auth, policy, milter, socketmap", "454 (auth), 451, TEMP (socketmap)",
         "4.7.0 (auth), 4.3.0", ("temporary relay failure; try again later",),
@@ -286,7 +310,8 @@ ANSWERS: dict[Reason, Answer] = {
 TEMPORARY_TEXTS: dict[Reason, str] = {
     reason: ANSWERS[reason].texts[0] for reason in (
         Reason.DIRECTORY_UNAVAILABLE, Reason.COUNTERS_UNAVAILABLE, Reason.DKIM_KEY_UNAVAILABLE,
-        Reason.CLIENT_ADDRESS_MISSING, Reason.INTERNAL_ERROR, Reason.LEGACY_BUSY)
+        Reason.CLIENT_ADDRESS_MISSING, Reason.INTERNAL_ERROR, Reason.LEGACY_BUSY,
+        Reason.SITE_AUTH_UNAVAILABLE)
 }
 
 

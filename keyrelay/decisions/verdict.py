@@ -23,6 +23,9 @@ class Action(StrEnum):
     ALLOW = "allow"
     REFUSE = "refuse"  # permanent: the user must change something
     TEMPFAIL = "tempfail"  # temporary: retry later (limits, our own faults)
+    # auth only: not keyrelay's login; the site's own auth service answers it unchanged
+    # (auth.site_auth_socket, docs/coexistence.md)
+    PASS = "pass"  # noqa: S105 - an action, not a password
 
 
 @dataclass(frozen=True, slots=True)
