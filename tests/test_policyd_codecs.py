@@ -273,6 +273,9 @@ def test_login_attempt_carries_client_address_tls_flag_service_and_password() ->
     assert event == dovecot.Attempt(
         request_id="9", mechanism="PLAIN", username=USERNAME, password=PASSWORD,
         client_address="192.0.2.7", secured=True, service="smtp",
+        # Postfix's parameters as sent, for a login passed on to the site's Dovecot; never
+        # the response (resp=), which holds the password
+        params=("service=smtp", "nologin", "lip=127.0.0.1", "rip=192.0.2.7", "secured"),
     )
 
 
