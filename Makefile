@@ -41,9 +41,11 @@ DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
 # demo's /metrics and /health (tests/test_make_run.py runs it). sasl2-bin (saslpasswd2),
 # db-util (db_dump) and postfix-lmdb: tests/test_migrate_postfix.py makes a real Cyrus sasldb2
 # and an lmdb sender map, and `keyrelay migrate postfix` reads a sasldb2 with db_dump (its
-# saslauthd service is installed disabled by scripts/ensure-debian-packages).
+# saslauthd service is installed disabled by scripts/ensure-debian-packages). dovecot-core:
+# tests/test_coexistence*.py start a private Dovecot auth service standing in for a site's own
+# SASL (testkit/dovecot.py); its system service is installed disabled, nothing listens.
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
-	postfix postfix-lmdb sasl2-bin db-util swaks libnet-ssleay-perl openssl curl \
+	postfix postfix-lmdb sasl2-bin db-util dovecot-core swaks libnet-ssleay-perl openssl curl \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
 	slapd ldap-utils python3-apt redis-server faketime prometheus \
 	$(DEB_BUILD_PACKAGES) logrotate

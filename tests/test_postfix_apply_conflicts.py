@@ -327,3 +327,77 @@ def test_a_site_check_left_after_an_earlier_apply_is_no_longer_already_in_place(
     assert {params[f"{name}/inet/smtpd_sender_restrictions"]
             for name in ("submission", "2525", "submissions", "smtp")} == {""}
     assert postconf(etc, "-n")["smtpd_sender_restrictions"] == "reject_sender_login_mismatch"
+
+
+# -- coexistence (auth.site_auth_socket, docs/coexistence.md) --------------------------------
+def _coexisting(config: Path, socket: str = "/run/dovecot/auth-keyrelay") -> None:
+    config.write_text(config.read_text() + f"auth: {{site_auth_socket: {socket}}}\n")
+
+
+def test_coexistence_keeps_the_sites_dovecot_and_mismatch_and_joins_the_login_maps(
+    site: tuple[Path, Path],
+) -> None:
+    etc, config = site
+    _dovecot_site(etc)
+    _coexisting(config)
+    result = _apply(config, etc)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "conflict" not in result.stderr
+    out = result.stdout
+    assert ("auth.site_auth_socket: the site's own logins and sender rules stay beside "
+            "keyrelay's on the services keyrelay takes over (docs/coexistence.md):") in out
+    assert ("submission/inet: the site's Dovecot logins (smtpd_sasl_path = private/auth, "
+            "main.cf) now reach keyrelay's auth service, which passes them on to "
+            "auth.site_auth_socket = /run/dovecot/auth-keyrelay") in out
+    own = "socketmap:unix:private/keyrelay-socketmap:sender_login"
+    union = f"unionmap:{{{own},texthash:{etc}/senders}}"
+    assert (f"submission/inet: smtpd_sender_login_maps = texthash:{etc}/senders (main.cf) "
+            f"joined with keyrelay's: -o smtpd_sender_login_maps={union}") in out
+    params, main = _params(etc), postconf(etc, "-n")
+    assert params["submission/inet/smtpd_sasl_path"] == "$keyrelay_sasl_path"
+    assert params["submission/inet/smtpd_sender_login_maps"] == union
+    # the site's own restriction is kept as it was, and main.cf keeps the site's settings
+    assert params["submission/inet/smtpd_sender_restrictions"] == "$mua_sender_restrictions"
+    assert main["mua_sender_restrictions"] == "reject_sender_login_mismatch, permit"
+    assert main["smtpd_sasl_path"] == "private/auth"
+    check = subprocess.run(["postfix", "-c", str(etc), "check"], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # idempotent: the union is recognised as keyrelay's own on the next run
+    files = _files(etc)
+    again = _apply(config, etc)
+    assert again.returncode == 0, again.stderr
+    assert "already in place; nothing changed" in again.stdout
+    assert _files(etc) == files
+
+
+def test_coexistence_cannot_pass_logins_on_to_cyrus(site: tuple[Path, Path]) -> None:
+    etc, config = site
+    _edit(etc, {"smtpd_sasl_type": "cyrus", "smtpd_sasl_path": "smtpd"},
+          {"smtpd_sasl_auth_enable": "yes"})
+    _coexisting(config)
+    before = _files(etc)
+    result = _apply(config, etc)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ("submission/inet: smtpd_sasl_path = smtpd (main.cf) is the site's own SASL "
+            "(smtpd_sasl_type = cyrus): auth.site_auth_socket passes the site's logins on "
+            "only to a Dovecot auth service, so its users could no longer log in on it; "
+            "leave submission out of postfix.submission_services") in result.stderr
+    assert _files(etc) == before
+
+
+def test_coexistence_needs_keyrelays_socketmap_to_join_a_site_login_map(
+    site: tuple[Path, Path],
+) -> None:
+    etc, config = site
+    _dovecot_site(etc)
+    config.write_text(config.read_text().replace(
+        f"  socketmap_listen: unix:{etc.parent}/queue/private/keyrelay-socketmap\n",
+        "  socketmap_listen: ''\n"))
+    _coexisting(config)
+    before = _files(etc)
+    result = _apply(config, etc)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ("auth.site_auth_socket joins it with keyrelay's sender_login socketmap, but "
+            "policyd.socketmap_listen is empty") in result.stderr
+    assert _files(etc) == before
