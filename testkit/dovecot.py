@@ -73,7 +73,7 @@ service auth {{
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the master in the foreground; wait until the auth socket accepts."""
-        self.process = subprocess.Popen(  # noqa: S603 - fixed program, our own config
+        self.process = subprocess.Popen(
             [DOVECOT, "-F", "-c", str(self.config)], stdout=subprocess.DEVNULL,
             stderr=(self.root / "stderr").open("wb"), start_new_session=True)
         wait_until(self.accepts, timeout, f"dovecot's auth socket {self.socket}"
