@@ -150,18 +150,23 @@ def _attempt(username: str, password: str, client: str = INSIDE) -> dovecot.Atte
     return dovecot.Attempt("1", "PLAIN", username, password, client, True, "smtp")
 
 
+def _settled(pending: object) -> Verdict:
+    """The verdict of a login that had to wait (a coroutine: the hash checked in the pool)."""
+    assert asyncio.iscoroutine(pending), pending
+    verdict = asyncio.run(pending)
+    assert isinstance(verdict, Verdict), verdict
+    return verdict
+
+
 def test_the_auth_service_verifies_off_the_loop_and_counts_wrong_passwords(
         tmp_path: Path, legacy: World) -> None:
     auth = Auth(tmp_path, legacy, {"max_failures_per_address": 2, "lockout": "1h"})
-    pending = auth.service.login(_attempt("billing@site.example", PASSWORD))
-    assert not isinstance(pending, Verdict)  # a coroutine: the hash is checked in the pool
-    verdict = asyncio.run(pending)
+    verdict = _settled(auth.service.login(_attempt("billing@site.example", PASSWORD)))
     assert (verdict.reason, verdict.identity) == (Reason.LEGACY_PASSWORD, "acme/billing:legacy")
     assert auth.service.context.used_keys == {"acme/billing:legacy": NOW}
     for _ in range(2):
         wrong = auth.service.login(_attempt("billing@site.example", "nope", "192.0.2.50"))
-        assert not isinstance(wrong, Verdict)
-        assert asyncio.run(wrong).reason is Reason.WRONG_LEGACY_PASSWORD
+        assert _settled(wrong).reason is Reason.WRONG_LEGACY_PASSWORD
     locked = auth.service.login(_attempt("billing@site.example", PASSWORD, "192.0.2.50"))
     assert isinstance(locked, Verdict) and locked.reason is Reason.ADDRESS_LOCKED_OUT
 
@@ -169,9 +174,7 @@ def test_the_auth_service_verifies_off_the_loop_and_counts_wrong_passwords(
 def test_a_saturated_pool_answers_temporarily(tmp_path: Path, legacy: World) -> None:
     auth = Auth(tmp_path, legacy, {})
     auth.service.hashing = HASH_PENDING  # every slot taken
-    pending = auth.service.login(_attempt("billing@site.example", PASSWORD))
-    assert not isinstance(pending, Verdict)
-    verdict = asyncio.run(pending)
+    verdict = _settled(auth.service.login(_attempt("billing@site.example", PASSWORD)))
     assert (verdict.action, verdict.reason) == (Action.TEMPFAIL, Reason.LEGACY_BUSY)
     assert render("1", verdict) is None  # the connection drops: Postfix answers 454 4.7.0
 
