@@ -50,7 +50,7 @@ _SMTPD_CLIENT = re.compile(
 )
 _MESSAGE_ID = re.compile(r"message-id=(?P<mid>\S*)\Z")
 _QMGR_FROM = re.compile(
-    r"from=<(?P<sender>.*)>, size=(?P<size>\d+), nrcpt=(?P<nrcpt>\d+) \(queue active\)\Z")
+    r"from=<(?P<sender>.*)>, size=(?P<size>\d{1,15}), nrcpt=(?P<nrcpt>\d{1,9}) \(queue active\)\Z")
 _QMGR_EXPIRED = re.compile(r"from=<(?P<sender>.*)>, status=expired, returned to sender\Z")
 _DELIVERY = re.compile(
     r"to=<(?P<to>.*?)>,(?: orig_to=<(?P<orig>.*?)>,)? relay=(?P<relay>[^,\s]*),"
