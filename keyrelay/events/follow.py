@@ -150,14 +150,18 @@ class FileSource:
             st = os.stat(self.path)
         except FileNotFoundError:
             return False  # renamed, the new one not created yet: keep the old descriptor
+        read_to = self.consumed + len(self.buf)
         if self.draining or (st.st_dev, st.st_ino) != (self.dev, self.ino):
+            # The writer may have added to the old file between our last read and creating
+            # the new one: read the old file to its end once more before leaving it.
+            if os.pread(self.fd, 1, read_to):
+                return True
             if self.buf:
                 self.counts["partial_lost"] = self.counts.get("partial_lost", 0) + 1
                 log.warning("events: %s ended in a partial line of %d bytes at its rotation; "
                             "it is skipped", self.path, len(self.buf))
             self.draining = False
             return self._open(self.path)
-        read_to = self.consumed + len(self.buf)
         truncated = st.st_size < read_to
         if not truncated and self.source is not None and read_to > 0:
             truncated = _source_of(self.fd) != self.source
