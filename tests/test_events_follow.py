@@ -80,8 +80,8 @@ def seen(store: EventStore) -> Expected:
     return Counter((e["event"], e["email"], e["queue_id"]) for _, e in store.events())
 
 
-def follower(log: Path, state: Path, **options: int) -> Follower:
-    return Follower.open(log, EventStore(state), maillog.Parser(), **options)
+def follower(log: Path, state: Path) -> Follower:
+    return Follower.open(log, EventStore(state), maillog.Parser())
 
 
 def write(path: Path, lines: list[str], mode: str = "a") -> None:

@@ -183,7 +183,7 @@ def test_the_oldest_messages_go_beyond_max_messages() -> None:
 
 # --- never an exception -----------------------------------------------------------------
 
-TEMPLATES = [line for name in SHAPES + ["story"] for line in input_lines(name)]
+TEMPLATES = [line for name in [*SHAPES, "story"] for line in input_lines(name)]
 
 
 RECORD_TYPES = typing.get_args(maillog.Record)
