@@ -1,0 +1,108 @@
+"""Delivery events from a real Postfix's own log (keyrelay/events; docs/events.md).
+
+The session's private relay (``demo_relay``: Postfix configured by ``keyrelay postfix apply``,
+keyrelay-policyd, keyrelay-milter, smtp-sink) writes its maillog_file (postlogd); the
+follower reads that file as it would in production. Checked: a delivered message gives
+``processed`` then ``delivered`` with the login's account, subuser and key id and the
+message's Message-ID; a message the milter refuses gives ``dropped`` with its queue id; a
+recipient refused before any queue file (``NOQUEUE``) gives ``dropped``, attributed through
+the session of the same smtpd process once that session opens a queue file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from testkit.net import wait_until
+from testkit.relay import (
+    connect,
+    maillog_line,
+    message,
+    new_tenant,
+    reply_of,
+    send,
+    wait_delivered,
+)
+
+from keyrelay.demo import Relay
+from keyrelay.events import maillog
+from keyrelay.events.follow import Follower
+from keyrelay.events.store import EventStore
+
+
+def events_of(relay: Relay, state: Path, account: str) -> list[dict[str, Any]]:
+    store = EventStore(state)
+    try:
+        Follower.open(relay.settings.maillog, store, maillog.Parser()).run_once()
+        return [e for _, e in store.events() if e["account"] == account]
+    finally:
+        store.close()
+
+
+def test_a_real_postfix_log_gives_attributed_events(demo_relay: Relay, tmp_path: Path) -> None:
+    state = tmp_path / "events.db"
+    tenant = new_tenant(demo_relay)
+    account, subuser = tenant.principal.split("/")
+
+    # 1. delivered
+    mid, text = message(tenant.sender, "rcpt@example.net", "events: delivered")
+    send(demo_relay, "submission", tenant.key, tenant.sender, text)
+    wait_delivered(demo_relay, mid)
+    queue_id = maillog_line(demo_relay, "message-id=" + mid).split(": ")[1]
+    maillog_line(demo_relay, queue_id + ": removed")
+
+    # 2. the milter refuses the header From
+    bad_mid, bad_text = message(tenant.sender, "rcpt@example.net", "events: refused",
+                                header_from="ceo@bank.example")
+    with connect(demo_relay, "submission") as client:
+        client.login("apikey", tenant.key)
+        code, _ = reply_of(lambda: client.sendmail(tenant.sender, ["rcpt@example.net"],
+                                                   bad_text))
+    assert code == 550
+    maillog_line(demo_relay, "milter-reject", "ceo@bank.example")
+
+    # 3. one session: a recipient refused before any queue file exists (an envelope sender
+    #    that is not the tenant's), then a message accepted: the refusal is attributed
+    late_mid, late_text = message(tenant.sender, "late@example.net", "events: late login")
+    with connect(demo_relay, "submission") as client:
+        client.login("apikey", tenant.key)
+        client.ehlo_or_helo_if_needed()
+        assert client.mail("someone@bank.example")[0] == 250
+        code, _ = reply_of(lambda: client.rcpt("refused@example.net"))
+        assert code == 550
+        client.rset()
+        refused = client.sendmail(tenant.sender, ["late@example.net"], late_text)
+        assert refused == {}
+    wait_delivered(demo_relay, late_mid)
+    maillog_line(demo_relay, "NOQUEUE: reject: RCPT", "refused@example.net")
+
+    def complete() -> bool:
+        kinds = [e["event"] for e in events_of(demo_relay, state, account)]
+        return kinds.count("delivered") == 2 and "dropped" in kinds
+
+    wait_until(complete, 60, "the events of the three sessions")
+    events = events_of(demo_relay, state, account)
+    first = [e for e in events if e["queue_id"] == queue_id]
+    assert [e["event"] for e in first] == ["processed", "delivered"]
+    for e in first:
+        assert (e["account"], e["subuser"], e["key_id"], e["message_id"]) == (
+            account, subuser, tenant.key_id, mid)
+    assert first[1]["email"] == "rcpt@example.net"
+    assert first[1]["status"] == "2.0.0"
+
+    milter = [e for e in events if e["event"] == "dropped" and e["stage"] == "END-OF-MESSAGE"]
+    assert len(milter) == 1
+    assert milter[0]["queue_id"] and milter[0]["status"] == "5.7.1"
+    assert "ceo@bank.example" in milter[0]["reason"]
+
+    early = [e for e in events if e["event"] == "dropped" and e["stage"] == "RCPT"]
+    assert len(early) == 1
+    assert (early[0]["email"], early[0]["key_id"], early[0]["queue_id"]) == (
+        "refused@example.net", tenant.key_id, None)
+    assert [e["email"] for e in events if e["event"] == "delivered"] == [
+        "rcpt@example.net", "late@example.net"]
+
+    # read again from the checkpoint: nothing new, nothing twice
+    again = events_of(demo_relay, state, account)
+    assert [e["event_id"] for e in again] == [e["event_id"] for e in events]
