@@ -14,6 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from keyrelay.demo import Relay
+from keyrelay.events import maillog
+from keyrelay.events.follow import Follower
+from keyrelay.events.store import EventStore
 from testkit.net import wait_until
 from testkit.relay import (
     connect,
@@ -24,11 +28,6 @@ from testkit.relay import (
     send,
     wait_delivered,
 )
-
-from keyrelay.demo import Relay
-from keyrelay.events import maillog
-from keyrelay.events.follow import Follower
-from keyrelay.events.store import EventStore
 
 
 def events_of(relay: Relay, state: Path, account: str) -> list[dict[str, Any]]:
@@ -53,7 +52,7 @@ def test_a_real_postfix_log_gives_attributed_events(demo_relay: Relay, tmp_path:
     maillog_line(demo_relay, queue_id + ": removed")
 
     # 2. the milter refuses the header From
-    bad_mid, bad_text = message(tenant.sender, "rcpt@example.net", "events: refused",
+    _, bad_text = message(tenant.sender, "rcpt@example.net", "events: refused",
                                 header_from="ceo@bank.example")
     with connect(demo_relay, "submission") as client:
         client.login("apikey", tenant.key)
