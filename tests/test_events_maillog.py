@@ -129,15 +129,21 @@ def test_the_story_events_are_what_the_design_promises() -> None:
     assert all(e["account"] == "acme" for e in events)
 
 
-def test_replaying_with_saved_state_gives_the_same_events() -> None:
+@pytest.mark.parametrize("max_age", [8 * 86400.0, 300.0])
+def test_replaying_with_saved_state_gives_the_same_events(max_age: float) -> None:
     """Stop after any line, keep only what ``changes()`` gave, resume in a new correlator:
-    the events are the same ones, with the same ids (what a restart relies on)."""
+    the events are the same ones, with the same ids (what a restart relies on). With a
+    five-minute ``max_age`` message 1 is forgotten before its later deliveries (two events
+    fewer) and message 5 before it expires (one fewer): forgetting too depends on the lines
+    only, not on where a batch ended."""
     lines = input_lines("story")
-    whole = story_events(lines)
+    whole = story_events(lines, Correlator(max_age=max_age))
+    if max_age == 300.0:
+        assert len(whole) == len(story_events(lines)) - 3
     p = parser()
     for cut in range(len(lines) + 1):
         saved: dict[str, str] = {}
-        first = Correlator()
+        first = Correlator(max_age=max_age)
         events: list[Event] = []
         for n, line in enumerate(lines[:cut]):
             events += first.feed(p.parse(line), Position("story", n))
@@ -146,7 +152,7 @@ def test_replaying_with_saved_state_gives_the_same_events() -> None:
                 saved.pop(key, None)
             else:
                 saved[key] = value
-        second = Correlator()
+        second = Correlator(max_age=max_age)
         second.load(saved.items())
         for n, line in enumerate(lines[cut:], start=cut):
             events += second.feed(p.parse(line), Position("story", n))
@@ -160,13 +166,16 @@ def test_unfinished_messages_and_idle_sessions_are_forgotten() -> None:
               "sasl_method=PLAIN, sasl_username=acme:abcdefghijklmnop")
     for n in range(30):
         c.feed(p.parse(client.format(m=n, pid=1000 + n, n=n)), Position("s", n))
-    assert len(c.messages) == 30  # below max_messages nothing is forgotten while feeding
-    c.expire()  # log time 00:29: messages first seen before 00:19, sessions idle since 00:28
+    # each new minute of log time sweeps: at 00:29, messages first seen before 00:19 and
+    # sessions idle since before 00:28 are forgotten
     assert sorted(c.messages) == [f"A{n:010d}" for n in range(19, 30)]
     assert sorted(c.sessions) == ["relay/1028", "relay/1029"]
     assert c.counts["forgotten"] == 19
     changes = dict(c.changes())
     assert changes["m:A0000000000"] is None and changes["s:relay/1000"] is None
+    assert changes["m:A0000000029"] is not None
+    c.expire()  # again at the same log time: nothing more
+    assert len(c.messages) == 11 and c.counts["forgotten"] == 19
 
 
 def test_the_oldest_messages_go_beyond_max_messages() -> None:

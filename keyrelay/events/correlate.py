@@ -40,6 +40,8 @@ MAX_PENDING = 100  # refusals held per session until its login is known
 
 _MESSAGE = "m:"
 _SESSION = "s:"
+_CLOCK = "g:clock"  # the log time and the minute of the last sweep
+SWEEP_EVERY = 60.0  # seconds of log time between two sweeps of what is too old
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +94,16 @@ class Correlator:
         self.counts: dict[str, int] = {"forgotten": 0, "evicted": 0, "unattributed": 0}
         self._dirty: set[str] = set()
         self.log_time = 0.0
+        self._swept = 0  # the log-time minute of the last sweep
 
     # --- persistence ----------------------------------------------------------------------
 
     def changes(self) -> list[tuple[str, str | None]]:
         """(key, JSON or None for deleted) of every entry changed since the last call."""
         out: list[tuple[str, str | None]] = []
+        if self._dirty:
+            out.append((_CLOCK, json.dumps([self.log_time, self._swept])))
+        self._dirty.discard(_CLOCK)
         for key in sorted(self._dirty):
             table = self.messages if key.startswith(_MESSAGE) else self.sessions
             value = table.get(key[2:])
@@ -110,7 +116,9 @@ class Correlator:
         messages: list[tuple[str, dict[str, Any]]] = []
         for key, value in items:
             data = json.loads(value)
-            if key.startswith(_MESSAGE):
+            if key == _CLOCK:
+                self.log_time, self._swept = float(data[0]), int(data[1])
+            elif key.startswith(_MESSAGE):
                 messages.append((key[2:], data))
             elif key.startswith(_SESSION):
                 self.sessions[key[2:]] = data
@@ -125,7 +133,8 @@ class Correlator:
     # --- bounds ---------------------------------------------------------------------------
 
     def expire(self, now: float | None = None) -> None:
-        """Forget what is older than the limits, by log time (so a replay forgets alike)."""
+        """Forget what is older than the limits, by log time. ``feed`` calls it when the log
+        time enters a new minute: the lines alone decide when, so a replay forgets alike."""
         now = self.log_time if now is None else now
         limit = now - self.max_age
         while self.messages:
@@ -165,7 +174,12 @@ class Correlator:
         header = record.header
         if header is None:
             return []
-        self.log_time = max(self.log_time, header.when)
+        if header.when > self.log_time:
+            self.log_time = header.when
+            if int(header.when // SWEEP_EVERY) > self._swept:
+                self._swept = int(header.when // SWEEP_EVERY)
+                self._dirty.add(_CLOCK)
+                self.expire()
         kind = type(record)
         if kind is m.Delivery:
             assert isinstance(record, m.Delivery)

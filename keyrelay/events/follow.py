@@ -256,7 +256,6 @@ class Follower:
             if record.header is not None:
                 events.extend(feed(record, pos))
         counts["lines"] = len(lines)
-        self.correlator.expire()
         for name, n in self.correlator.counts.items():
             counts[name] = counts.get(name, 0) + n
             self.correlator.counts[name] = 0
