@@ -265,7 +265,7 @@ class Follower:
                 counts[name] = counts.get(name, 0) + n
             source_counts.clear()
         changes = self.correlator.changes()
-        if lines or changes:
+        if lines or changes or any(counts.values()):
             self.store.commit(events, self.source.checkpoint(), changes, counts, self.clock())
             if events and self.on_events is not None:
                 self.on_events(events)
