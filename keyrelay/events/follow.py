@@ -243,9 +243,14 @@ class Follower:
         counts: dict[str, int] = {}
         events: list[Event] = []
         parse, feed = self.parser.parse, self.correlator.feed
+        ignored = 0
         for pos, line in lines:
             record = parse(line)
-            if type(record) is maillog.Malformed:
+            kind = type(record)
+            if kind is maillog.Unknown:
+                ignored += 1
+                continue
+            if kind is maillog.Malformed:
                 assert isinstance(record, maillog.Malformed)
                 counts["malformed"] = counts.get("malformed", 0) + 1
                 if self.malformed_logged < MALFORMED_LOGGED:
@@ -253,9 +258,9 @@ class Follower:
                     log.warning("events: a %s line that keyrelay cannot read is skipped: %.200r",
                                 record.shape, record.text)
                 continue
-            if record.header is not None:
-                events.extend(feed(record, pos))
+            events.extend(feed(record, pos))
         counts["lines"] = len(lines)
+        counts["ignored"] = ignored
         for name, n in self.correlator.counts.items():
             counts[name] = counts.get(name, 0) + n
             self.correlator.counts[name] = 0
