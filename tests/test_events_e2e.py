@@ -6,7 +6,9 @@ follower reads that file as it would in production. Checked: a delivered message
 ``processed`` then ``delivered`` with the login's account, subuser and key id and the
 message's Message-ID; a message the milter refuses gives ``dropped`` with its queue id; a
 recipient refused before any queue file (``NOQUEUE``) gives ``dropped``, attributed through
-the session of the same smtpd process once that session opens a queue file.
+the session of the same smtpd process once that session opens a queue file. With a relay of
+its own whose smtp-sink is swapped for one that refuses every recipient (``-f RCPT``) and then
+for one that answers 4xx (``-r RCPT``): ``bounce`` (hard, 5.x.x) and ``deferred`` (4.x.x).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from keyrelay.demo import Relay
+import pytest
+
+from keyrelay.demo import SMTP_SINK, Child, Relay, greets
 from keyrelay.events import maillog
 from keyrelay.events.follow import Follower
 from keyrelay.events.store import EventStore
@@ -24,6 +28,7 @@ from testkit.relay import (
     maillog_line,
     message,
     new_tenant,
+    private_relay,
     reply_of,
     send,
     wait_delivered,
@@ -105,3 +110,43 @@ def test_a_real_postfix_log_gives_attributed_events(demo_relay: Relay, tmp_path:
     # read again from the checkpoint: nothing new, nothing twice
     again = events_of(demo_relay, state, account)
     assert [e["event_id"] for e in again] == [e["event_id"] for e in events]
+
+
+def bad_sink(relay: Relay, flag: str, name: str) -> Child:
+    """smtp-sink on the relay's sink port, refusing every RCPT: ``-f`` hard, ``-r`` soft."""
+    s = relay.settings
+    return Child(name, [SMTP_SINK, "-u", "postfix", flag, "RCPT", f"{s.host}:{s.sink_port}",
+                        "100"], s.logs / f"{name}.log", lambda: greets(s.host, s.sink_port))
+
+
+def test_real_bounces_and_deferrals_give_their_events(tmp_path: Path) -> None:
+    if not Path("/usr/sbin/postfix").exists():
+        pytest.skip("Postfix is not installed (make test installs it)")
+    state = tmp_path / "events.db"
+    with private_relay("127.0.0.3") as relay:  # its own: its sink is swapped
+        tenant = new_tenant(relay)
+        account = tenant.account
+        relay.children["sink"].stop()
+        relay.children["sink"] = bad_sink(relay, "-f", "sink-refusing")
+        relay.children["sink"].start()
+        _, hard = message(tenant.sender, "gone@example.net", "events: bounce")
+        send(relay, "submission", tenant.key, tenant.sender, hard, "gone@example.net")
+        maillog_line(relay, "to=<gone@example.net>", "status=bounced")
+
+        relay.children["sink"].stop()
+        relay.children["sink"] = bad_sink(relay, "-r", "sink-deferring")
+        relay.children["sink"].start()
+        _, soft = message(tenant.sender, "later@example.net", "events: deferred")
+        send(relay, "submission", tenant.key, tenant.sender, soft, "later@example.net")
+        maillog_line(relay, "to=<later@example.net>", "status=deferred")
+
+        events = events_of(relay, state, account)
+    by_email = {(e["event"], e["email"]): e for e in events}
+    bounce = by_email[("bounce", "gone@example.net")]
+    assert bounce["type"] == "hard" and bounce["status"].startswith("5.")
+    assert "said: 5" in bounce["reason"]
+    deferred = by_email[("deferred", "later@example.net")]
+    assert deferred["status"].startswith("4.") and deferred["attempt"] == 1
+    assert "said: 4" in deferred["response"]
+    assert [e["event"] for e in events].count("processed") == 2
+    assert all(e["key_id"] == tenant.key_id and e["subuser"] == "app" for e in events)
