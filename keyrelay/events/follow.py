@@ -82,9 +82,13 @@ class FileSource:
     def _open(self, path: Path) -> bool:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except OSError as exc:
             if not self.missing_logged:
-                log.warning("events: %s does not exist yet; waiting for it", path)
+                if isinstance(exc, FileNotFoundError):
+                    log.warning("events: %s does not exist yet; waiting for it", path)
+                else:
+                    log.warning("events: cannot read %s (%s); waiting until it can be read",
+                                path, exc.strerror)
                 self.missing_logged = True
             return False
         st = os.fstat(fd)
