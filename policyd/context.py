@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from keyrelay.config import Config
-from keyrelay.counters import CounterStore, open_counters
+from keyrelay.counters import CounterStore, RedisCounters, Resilient, open_counters
 from keyrelay.decisions import EngineSettings
 from keyrelay.directory import Directory, DirectoryBackend
 from keyrelay.errors import DirectoryUnavailable, KeyrelayError
 from keyrelay.logs import DecisionLog
+from keyrelay.suppressions import RedisLookup, SqliteSuppressions
 
 log = logging.getLogger("keyrelay.policyd")
 
@@ -40,6 +41,9 @@ class ServiceContext:
     # the store ``counters:`` names.
     counters: CounterStore | None = None
     store: CounterStore = field(init=False)
+    # the suppression list, beside the counters (docs/suppressions.md): Redis through the
+    # counter store's connection, else the SQLite file suppressions.path (read only)
+    suppressions: SqliteSuppressions | RedisLookup = field(init=False)
     clock: Callable[[], datetime] = utcnow
     used_keys: dict[str, datetime] = field(default_factory=dict)
     _frozen: Directory | None = field(default=None, init=False, repr=False)
@@ -49,6 +53,10 @@ class ServiceContext:
         self.decisions = self.decision_log or DecisionLog(self.config.logging)
         self.store = self.counters if self.counters is not None else open_counters(
             self.config, max_tracked=self.config.policyd.bruteforce.max_tracked)
+        shared = self.store.shared if isinstance(self.store, Resilient) else self.store
+        self.suppressions = (RedisLookup(shared) if isinstance(shared, RedisCounters)
+                             else SqliteSuppressions(self.config.suppressions.path,
+                                                     create=False))
 
     def snapshot(self) -> Directory:
         """The current directory snapshot; raises ``DirectoryUnavailable``."""

@@ -5,7 +5,9 @@ Stages (``protocol_state``):
 - MAIL and RCPT: the session must be logged in on a submission service, the login must still
   be valid (key not revoked or expired since), the client inside the IP access rules, the
   envelope sender the principal's own; at RCPT also the recipients-per-message limit (each
-  recipient beyond it gets ``452 4.5.3``, the others the message: docs/policyd.md). An
+  recipient beyond it gets ``452 4.5.3``, the others the message: docs/policyd.md) and the
+  account's suppression list (a suppressed recipient gets ``550 5.7.1``, a list that cannot
+  be read ``451 4.3.0``: docs/suppressions.md). An
   allowed request answers ``FILTER <pool transport>:`` so the mail leaves through the
   principal's IP pool, or ``DUNNO`` to let Postfix's own restrictions go on. A pool whose
   transport is not in Postfix's master.cf yet gets ``451 4.3.0`` (``pool_not_in_postfix``)
@@ -38,18 +40,23 @@ from keyrelay.decisions import (
     RateFacts,
     RateWindow,
     Reason,
+    RecipientFacts,
     Verdict,
+    account_of,
     decide_envelope,
     decide_quota,
     decide_rate,
+    decide_recipient,
     temporary,
     windows_for,
     with_rate,
 )
 from keyrelay.directory import Directory
-from keyrelay.errors import DirectoryUnavailable
+from keyrelay.errors import DirectoryUnavailable, UserError
 from keyrelay.limits import store_window
 from keyrelay.metrics import NO_METRICS, Metrics
+from keyrelay.suppressions import RedisLookup, Suppression, SuppressionsUnavailable
+from keyrelay.suppressions import address as suppression_address
 
 from .context import KeyLookup, ServiceContext
 from .transports import PostfixTransports
@@ -125,6 +132,18 @@ class Lookup(NamedTuple):
     lookup: KeyLookup
 
 
+class Recipient(NamedTuple):
+    """A recipient to look up in a suppression list that answers over the network (Redis):
+    the connection awaits ``PolicyService.check_recipient`` and answers with its verdict."""
+
+    request: dict[str, str]
+    answer: Verdict  # the envelope's (and recipients') answer, if it is not suppressed
+    directory: Directory
+    account: str
+    address: str  # normal form
+    recipients: int  # this message's RCPTs so far, this one included
+
+
 class PolicyService:
     def __init__(self, context: ServiceContext, metrics: Metrics = NO_METRICS) -> None:
         self.context = context
@@ -150,7 +169,7 @@ class PolicyService:
         return _int(request.get("server_port")) in cfg.submission_ports
 
     def decide(self, request: dict[str, str], *,
-               looked_up: bool = False) -> Verdict | Charge | Lookup:
+               looked_up: bool = False) -> Verdict | Charge | Lookup | Recipient:
         """Decide one request; directory trouble becomes a temporary verdict. A message to
         charge to a store that answers over the network comes back as a ``Charge`` for
         ``charge``; with the memory store it is charged here, synchronously. A session's key
@@ -196,8 +215,7 @@ class PolicyService:
         if not answer.allowed:
             return answer  # refused: nothing counted
         if stage == "RCPT":
-            self._count_recipient(request.get("instance", ""), recipients)
-            return answer
+            return self._recipient(request, answer, directory, recipients)
         if stage not in MESSAGE_STAGES or not self._needs_count(request):
             return answer
         windows, charged = _charged(directory, ctx.settings, verdict.principal)
@@ -211,6 +229,60 @@ class PolicyService:
         if isinstance(store, MemoryCounters):
             return self.charged(charge, run_now(store.take(charge.charged, charge.amount)))
         return charge
+
+    def _recipient(self, request: dict[str, str], answer: Verdict, directory: Directory,
+                   recipients: int) -> Verdict | Recipient:
+        """An allowed RCPT of a keyrelay login: the account's suppression list is asked
+        (synchronously for the SQLite file, through ``Recipient`` for Redis)."""
+        account = account_of(request.get("sasl_username", ""))
+        try:
+            address = suppression_address(request.get("recipient", ""))
+        except UserError:
+            address = ""  # not an address keyrelay could have suppressed
+        if account is None or not address:
+            self._count_recipient(request.get("instance", ""), recipients)
+            return answer
+        pending = Recipient(request, answer, directory, account, address, recipients)
+        lookup = self.context.suppressions
+        if isinstance(lookup, RedisLookup):
+            return pending
+        try:
+            found = lookup.get(account, address)
+        except SuppressionsUnavailable as exc:
+            return self._unavailable(request, exc)
+        return self.recipient_checked(pending, found)
+
+    def _unavailable(self, request: dict[str, str], exc: SuppressionsUnavailable) -> Verdict:
+        log.error("suppression list unavailable: %s", exc)
+        return temporary(Reason.SUPPRESSIONS_UNAVAILABLE, request.get("sasl_username", ""))
+
+    async def check_recipient(self, pending: Recipient) -> Verdict:
+        """Look ``pending``'s recipient up in Redis and answer; a list that cannot answer
+        gets ``451 4.3.0``, never an unchecked accept."""
+        lookup = self.context.suppressions
+        assert isinstance(lookup, RedisLookup)
+        try:
+            found = await lookup.get(pending.account, pending.address)
+        except SuppressionsUnavailable as exc:
+            return self._unavailable(pending.request, exc)
+        return self.recipient_checked(pending, found)
+
+    def recipient_checked(self, pending: Recipient, found: Suppression | None) -> Verdict:
+        """The RCPT's answer once the list was read: a suppressed recipient is refused (or
+        let pass in monitor mode); one allowed counts towards recipients per message."""
+        ctx = self.context
+        verdict = with_rate(pending.answer, decide_recipient(
+            pending.directory, ctx.settings,
+            RecipientFacts(pending.request.get("sasl_username", ""), pending.address, found)))
+        if verdict.allowed:
+            self._count_recipient(pending.request.get("instance", ""), pending.recipients)
+        return verdict
+
+    async def settle(self, pending: Charge | Recipient) -> Verdict:
+        """What the connection awaits: a message charged, or a recipient looked up."""
+        if isinstance(pending, Charge):
+            return await self.charge(pending)
+        return await self.check_recipient(pending)
 
     async def charge(self, charge: Charge) -> Verdict:
         """Charge ``charge`` to the counter store (one atomic check-and-add over all its

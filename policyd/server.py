@@ -316,7 +316,8 @@ class AuthConnection(Connection):
 
 class PolicyConnection(Connection):
     """The policy protocol: one request at a time, answered in order. A message charged to a
-    counter store over the network (``policy.Charge``), or whose session's key must first be
+    counter store over the network (``policy.Charge``), a recipient looked up in a
+    suppression list over the network (``policy.Recipient``), or whose session's key must first be
     looked up in LDAP (``policy.Lookup``), pauses reading until it is settled; requests that
     arrived meanwhile wait in ``backlog`` (as ``AuthConnection``'s key look-ups)."""
 
@@ -351,7 +352,7 @@ class PolicyConnection(Connection):
         self.request = request
         self.started = time.perf_counter()
         result = self.service.decide(request)
-        if isinstance(result, policy.Charge | policy.Lookup):
+        if isinstance(result, policy.Charge | policy.Lookup | policy.Recipient):
             if self.transport is not None:
                 self.transport.pause_reading()
             self.charging = asyncio.ensure_future(self.settle(result))
@@ -363,7 +364,7 @@ class PolicyConnection(Connection):
         self.service.log(request, verdict, time.perf_counter() - self.started)
         self.send(attributes.encode_action(policy.render(verdict)))
 
-    async def settle(self, pending: policy.Charge | policy.Lookup) -> None:
+    async def settle(self, pending: policy.Charge | policy.Lookup | policy.Recipient) -> None:
         """Look the session's key up in the directory (off the event loop) and decide again,
         and/or charge the message to the store (the event loop serves everyone else
         meanwhile); answer, and go on with what arrived meanwhile."""
@@ -373,11 +374,11 @@ class PolicyConnection(Connection):
                 await asyncio.get_running_loop().run_in_executor(None, pending.lookup.run)
                 again = self.service.decide(request, looked_up=True)
                 assert not isinstance(again, policy.Lookup)
-                pending_or_verdict: policy.Charge | Verdict = again
+                pending_or_verdict: policy.Charge | policy.Recipient | Verdict = again
             else:
                 pending_or_verdict = pending
-            verdict = (await self.service.charge(pending_or_verdict)
-                       if isinstance(pending_or_verdict, policy.Charge) else pending_or_verdict)
+            verdict = (pending_or_verdict if isinstance(pending_or_verdict, Verdict)
+                       else await self.service.settle(pending_or_verdict))
         except Exception:  # a bug of ours: answered temporarily, this connection closed
             log.exception("%s: deciding a message for %s failed; closing the connection",
                           self.listener.name, self.peer)

@@ -38,6 +38,7 @@ from . import (
     postfix,
     sender,
     subuser,
+    suppression,
     sync,
     usage_command,
 )
@@ -88,7 +89,7 @@ exit status:
 
 # the command groups in the order --help lists them
 _GROUPS = (init, config, account, subuser, key, ip, domain, sender, pool, limits, usage_command,
-           sync, migrate, legacy, backup, postfix, monitor, lockout)
+           sync, migrate, legacy, backup, postfix, monitor, lockout, suppression)
 
 
 def build_parser() -> argparse.ArgumentParser:

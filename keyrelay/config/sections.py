@@ -13,6 +13,7 @@ from ..durations import format_duration
 from .base import NO_SPACE, Duration, InvalidField
 from .counters import CountersConfig
 from .services import MilterConfig, PolicydConfig, PostfixConfig
+from .suppressions import SuppressionsConfig
 
 _SELECTOR = re.compile(r"[a-z][a-z0-9]{0,15}")
 _SCOPE = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)+")
@@ -448,6 +449,10 @@ class Config:
         default_factory=CountersConfig,
         metadata={"doc": "Where limits, quotas, failed logins and lock-outs are counted "
                   "(docs/cluster.md)."},
+    )
+    suppressions: SuppressionsConfig = field(
+        default_factory=SuppressionsConfig,
+        metadata={"doc": "Recipients an account may no longer mail (docs/suppressions.md)."},
     )
     policyd: PolicydConfig = field(
         default_factory=PolicydConfig,

@@ -202,6 +202,7 @@ ACL_COMMANDS = (
     "ping", "select", "evalsha", "eval", "hget", "zscore", "zcount", "get", "mget",
     "set", "incrby", "pexpire", "pttl", "hmget", "hset", "del", "zadd", "zrem", "zcard",
     "zrange", "zremrangebyscore", "zremrangebyrank",
+    "hdel",  # the suppression list (keyrelay/suppressions/redisstore.py)
 )
 
 

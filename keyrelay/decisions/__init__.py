@@ -15,7 +15,8 @@ protocol, call the engine, render the verdict and log it; they never build a ver
 - ``login``: SMTP AUTH and the brute-force answers; ``envelope``: the policy service's
   envelope, routing and recipients-per-message decisions; ``quotas``: the windows a message
   is charged against (rates and quotas, account-wide and per subuser) and their answers;
-  ``message``: the milter's header From and DKIM plan; ``lookups``: the socketmap's table of
+  ``message``: the milter's header From and DKIM plan; ``recipients``: a recipient on the
+  account's suppression list; ``lookups``: the socketmap's table of
   who may use an address.
 
 Monitor mode (per account, directory-wide, or in the config) turns a *refusal* into an allow
@@ -73,6 +74,7 @@ from .quotas import (
     windows_for,
 )
 from .reasons import ANSWERS, LookupResult, Reason
+from .recipients import RecipientFacts, account_of, decide_recipient
 from .verdict import Action, SigningPlan, Verdict, temporary
 
 __all__ = [
@@ -93,9 +95,11 @@ __all__ = [
     "RateFacts",
     "RateWindow",
     "Reason",
+    "RecipientFacts",
     "SigningPlan",
     "Verdict",
     "account_limits",
+    "account_of",
     "counts_against_key",
     "counts_as_guess",
     "decide_envelope",
@@ -104,6 +108,7 @@ __all__ = [
     "decide_login",
     "decide_quota",
     "decide_rate",
+    "decide_recipient",
     "domain_may_send",
     "format_identity",
     "key_usable",

@@ -50,11 +50,13 @@ class Reason(StrEnum):
     RATE_LIMITED = "rate_limited"
     QUOTA_EXCEEDED = "quota_exceeded"  # a daily or monthly quota is used up
     TOO_MANY_RECIPIENTS = "too_many_recipients"
+    SUPPRESSED = "suppressed"  # the account's suppression list holds the recipient
     # our own faults: always temporary
     ROUTING_ERROR = "routing_error"
     POOL_NOT_IN_POSTFIX = "pool_not_in_postfix"  # its transport is not in master.cf yet
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
     COUNTERS_UNAVAILABLE = "counters_unavailable"  # the counter store (Redis) cannot answer
+    SUPPRESSIONS_UNAVAILABLE = "suppressions_unavailable"  # the suppression list cannot answer
     DKIM_KEY_UNAVAILABLE = "dkim_key_unavailable"
     CLIENT_ADDRESS_MISSING = "client_address_missing"
     SITE_AUTH_UNAVAILABLE = "site_auth_unavailable"  # the site's Dovecot auth cannot answer
@@ -263,6 +265,15 @@ ANSWERS: dict[Reason, Answer] = {
         "get the message, an SMTP client queues the others and sends them in another "
         "transaction (docs/policyd.md, \"Recipients per message\"); at DATA (the RCPTs were "
         "not checked) the whole message is deferred"),
+    Reason.SUPPRESSED: Answer(
+        "policy", "550", "5.7.1",
+        ("recipient suppressed for account <account> since <date> (<hard bounce|added by an "
+         "administrator|imported>: <reason, at most 120 characters>); remove it with keyrelay "
+         "suppression remove <account> <recipient>",),
+        "at RCPT, for a keyrelay login whose envelope is allowed: the recipient is on its "
+        "account's suppression list (a hard bounce, `keyrelay suppression add` or `import`; "
+        "docs/suppressions.md). Only that recipient is refused, the others of the message "
+        "get it (Postfix puts \"<rcpt>: Recipient address rejected:\" in front)"),
     Reason.ROUTING_ERROR: Answer(
         "policy", "451", "4.3.0",
         ("relay configuration error (IP pool '<pool>' is not defined); try again later",),
@@ -288,6 +299,13 @@ ANSWERS: dict[Reason, Answer] = {
         "the counter store cannot answer (counters.backend: redis away, hung or refusing us, "
         "with counters.on_unavailable: tempfail, the default): nothing is accepted unchecked "
         "(docs/cluster.md, \"Redis away\")"),
+    Reason.SUPPRESSIONS_UNAVAILABLE: Answer(
+        "policy", "451", "4.3.0",
+        ("recipient suppression list temporarily unavailable; try again later",),
+        "the suppression list cannot be read at RCPT (counters.backend: redis away, hung or "
+        "refusing us; the SQLite file suppressions.path unreadable), whatever "
+        "counters.on_unavailable says: a recipient is never accepted unchecked "
+        "(docs/suppressions.md, \"Faults\")"),
     Reason.DKIM_KEY_UNAVAILABLE: Answer(
         "milter", "451", "4.3.0", ("DKIM signing temporarily unavailable; try again later",),
         "a DKIM private key cannot be read"),
@@ -309,7 +327,8 @@ ANSWERS: dict[Reason, Answer] = {
 # The texts of our own faults' temporary answers: one per reason, whichever service answers.
 TEMPORARY_TEXTS: dict[Reason, str] = {
     reason: ANSWERS[reason].texts[0] for reason in (
-        Reason.DIRECTORY_UNAVAILABLE, Reason.COUNTERS_UNAVAILABLE, Reason.DKIM_KEY_UNAVAILABLE,
+        Reason.DIRECTORY_UNAVAILABLE, Reason.COUNTERS_UNAVAILABLE,
+        Reason.SUPPRESSIONS_UNAVAILABLE, Reason.DKIM_KEY_UNAVAILABLE,
         Reason.CLIENT_ADDRESS_MISSING, Reason.INTERNAL_ERROR, Reason.LEGACY_BUSY,
         Reason.SITE_AUTH_UNAVAILABLE)
 }

@@ -1,0 +1,37 @@
+"""What keyrelay-events does with a hard bounce: the recipient is suppressed for the
+message's account (docs/suppressions.md, "Hard bounces")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from ..errors import UserError
+from .model import SuppressionStore, make
+
+
+def suppress_hard_bounce(store: SuppressionStore, event: dict[str, Any],
+                         now: datetime) -> bool:
+    """Suppress the recipient of a ``bounce`` event with ``type: hard`` for its ``account``
+    (source ``bounce``, reason and status from the event, created at its ``timestamp``, else
+    ``now``). True when the address was not suppressed before; False for any other event,
+    one without an account (a message keyrelay did not attribute) or an address keyrelay
+    cannot key. Idempotent: a second bounce of an address already suppressed keeps its date
+    and source and only refreshes the reason and status (the latest remote answer). Raises
+    ``SuppressionsUnavailable`` when the store cannot answer (the caller retries the event).
+    """
+    if event.get("event") != "bounce" or event.get("type") != "hard":
+        return False
+    account = event.get("account")
+    email = event.get("email")
+    if not isinstance(account, str) or not account or not isinstance(email, str):
+        return False
+    stamp = event.get("timestamp")
+    created = int(stamp) if isinstance(stamp, int | float) and stamp > 0 else int(
+        now.timestamp())
+    try:
+        suppression = make(email, str(event.get("reason", "")), str(event.get("status", "")),
+                           created, "bounce")
+    except UserError:
+        return False
+    return store.add(account, suppression, replace=True)

@@ -1,0 +1,158 @@
+"""Suppressions in a SQLite file (``counters.backend: memory``: one node). The CLI and the
+events daemon write it; keyrelay-policyd reads it with one indexed look-up per recipient
+(docs/suppressions.md, "Where the list lives").
+
+WAL mode: readers never wait for a writer. A file that does not exist yet holds no
+suppressions (policyd never creates it); a file that exists but cannot be read is
+``SuppressionsUnavailable``, which the policy service answers temporarily.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import sqlite3
+import threading
+
+from .model import Suppression, SuppressionsUnavailable
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS suppressions (
+    account TEXT NOT NULL,
+    address TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (account, address)
+) WITHOUT ROWID
+"""
+BUSY_TIMEOUT = 5.0  # seconds a writer waits for another writer
+
+
+class SqliteSuppressions:
+    """``model.SuppressionStore`` in the SQLite file ``path``."""
+
+    def __init__(self, path: str, *, create: bool = True) -> None:
+        self.path = path
+        self.create = create
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteSuppressions({self.path!r})"
+
+    def _fault(self, exc: BaseException) -> SuppressionsUnavailable:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return SuppressionsUnavailable(f"suppressions.path: cannot use {self.path}: {reason}")
+
+    def _open(self) -> sqlite3.Connection | None:
+        """The connection; None when the file does not exist and may not be created."""
+        if self._db is not None:
+            return self._db
+        if not self.create and not os.path.exists(self.path):
+            return None
+        try:
+            if self.create:
+                folder = os.path.dirname(os.path.abspath(self.path))
+                os.makedirs(folder, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                 check_same_thread=False)
+            try:
+                if self.create:  # WAL is kept in the file: the writers set it
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute(_SCHEMA)
+                db.execute("SELECT 1 FROM suppressions LIMIT 1").fetchall()
+            except BaseException:
+                db.close()
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            raise self._fault(exc) from None
+        self._db = db
+        return db
+
+    def _read(self, sql: str, args: tuple[object, ...]) -> builtins.list[tuple[str, str]]:
+        with self._lock:
+            db = self._open()
+            if db is None:
+                return []
+            try:
+                return db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                self._drop()
+                raise self._fault(exc) from None
+
+    def _drop(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+
+    def get(self, account: str, address: str) -> Suppression | None:
+        rows = self._read("SELECT address, value FROM suppressions WHERE account = ? AND "
+                          "address = ?", (account, address))
+        return Suppression.from_value(*rows[0]) if rows else None
+
+    def list(self, account: str, after: str = "", limit: int = 1000) -> list[Suppression]:
+        rows = self._read("SELECT address, value FROM suppressions WHERE account = ? AND "
+                          "address > ? ORDER BY address LIMIT ?", (account, after, limit))
+        return [Suppression.from_value(*row) for row in rows]
+
+    def count(self, account: str) -> int:
+        rows = self._read("SELECT count(*), '' FROM suppressions WHERE account = ?",
+                          (account,))
+        return int(rows[0][0])
+
+    def _write(self, account: str, suppressions: builtins.list[Suppression],
+               replace: bool) -> int:
+        with self._lock:
+            db = self._open()
+            assert db is not None  # a writer creates the file
+            added = 0
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for each in suppressions:
+                    row = db.execute("SELECT value FROM suppressions WHERE account = ? AND "
+                                     "address = ?", (account, each.address)).fetchone()
+                    if row is None:
+                        db.execute("INSERT INTO suppressions VALUES (?, ?, ?)",
+                                   (account, each.address, each.value()))
+                        added += 1
+                    elif replace:
+                        old = Suppression.from_value(each.address, row[0])
+                        kept = Suppression(each.address, each.reason, each.status,
+                                           old.created, old.source)
+                        db.execute("UPDATE suppressions SET value = ? WHERE account = ? AND "
+                                   "address = ?", (kept.value(), account, each.address))
+                db.execute("COMMIT")
+            except (sqlite3.Error, SuppressionsUnavailable) as exc:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, SuppressionsUnavailable):
+                    raise
+                self._drop()
+                raise self._fault(exc) from None
+            return added
+
+    def add(self, account: str, suppression: Suppression, *, replace: bool = True) -> bool:
+        return self._write(account, [suppression], replace) == 1
+
+    def add_many(self, account: str, suppressions: builtins.list[Suppression]) -> int:
+        return self._write(account, suppressions, True)
+
+    def remove(self, account: str, address: str) -> bool:
+        with self._lock:
+            db = self._open()
+            assert db is not None
+            try:
+                gone = db.execute("DELETE FROM suppressions WHERE account = ? AND address = ?",
+                                  (account, address)).rowcount
+            except sqlite3.Error as exc:
+                self._drop()
+                raise self._fault(exc) from None
+            return gone > 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
