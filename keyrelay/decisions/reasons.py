@@ -267,9 +267,9 @@ ANSWERS: dict[Reason, Answer] = {
         "not checked) the whole message is deferred"),
     Reason.SUPPRESSED: Answer(
         "policy", "550", "5.7.1",
-        ("recipient suppressed for account <account> since <date> (<hard bounce|added by an "
-         "administrator|imported>: <reason, at most 120 characters>); remove it with keyrelay "
-         "suppression remove <account> <recipient>",),
+        ("recipient suppressed for account <account> since <date> (<hard bounce, added by an "
+         "administrator or imported; then: the reason, at most 120 characters>); remove it "
+         "with keyrelay suppression remove <account> <recipient>",),
         "at RCPT, for a keyrelay login whose envelope is allowed: the recipient is on its "
         "account's suppression list (a hard bounce, `keyrelay suppression add` or `import`; "
         "docs/suppressions.md). Only that recipient is refused, the others of the message "

@@ -34,6 +34,7 @@ class SqliteSuppressions:
         self.path = path
         self.create = create
         self._db: sqlite3.Connection | None = None
+        self._inode: tuple[int, int] | None = None  # the file the connection has open
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -44,10 +45,20 @@ class SqliteSuppressions:
         return SuppressionsUnavailable(f"suppressions.path: cannot use {self.path}: {reason}")
 
     def _open(self) -> sqlite3.Connection | None:
-        """The connection; None when the file does not exist and may not be created."""
-        if self._db is not None:
+        """The connection; None when the file does not exist and may not be created. A file
+        replaced since it was opened (a restored backup, a new file moved in) is opened
+        again: one ``stat`` per look-up."""
+        try:
+            found = os.stat(self.path)
+            inode: tuple[int, int] | None = (found.st_dev, found.st_ino)
+        except FileNotFoundError:
+            inode = None
+        except OSError as exc:
+            raise self._fault(exc) from None
+        if self._db is not None and inode == self._inode:
             return self._db
-        if not self.create and not os.path.exists(self.path):
+        self._drop()
+        if not self.create and inode is None:
             return None
         try:
             if self.create:
@@ -66,6 +77,10 @@ class SqliteSuppressions:
         except (sqlite3.Error, OSError) as exc:
             raise self._fault(exc) from None
         self._db = db
+        if inode is None:  # created just now
+            found = os.stat(self.path)
+            inode = (found.st_dev, found.st_ino)
+        self._inode = inode
         return db
 
     def _read(self, sql: str, args: tuple[object, ...]) -> builtins.list[tuple[str, str]]:
@@ -80,7 +95,7 @@ class SqliteSuppressions:
                 raise self._fault(exc) from None
 
     def _drop(self) -> None:
-        db, self._db = self._db, None
+        db, self._db, self._inode = self._db, None, None
         if db is not None:
             try:
                 db.close()

@@ -1,0 +1,234 @@
+"""A suppressed recipient at RCPT (docs/suppressions.md, "The refusal"): the engine's answer
+in process, then through the real keyrelay-policyd's sockets with either store (the SQLite
+file beside a one-node relay, Redis shared by nodes): the recipient refused with a text that
+names the suppression, the message's other recipients accepted, a site's own login and port
+25 not checked, the store away answered 451 4.3.0 and the answers back when it is."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyrelay import admin
+from keyrelay.decisions import (
+    Action,
+    EngineSettings,
+    Reason,
+    RecipientFacts,
+    Verdict,
+    decide_recipient,
+    format_identity,
+)
+from keyrelay.suppressions import Suppression, make
+from testkit.factories import World
+from testkit.policyd import Policyd, add_key, add_verified_domain, now
+from testkit.protocols import PolicyClient, connect, new_instance
+from testkit.redis import REDIS_SERVER, RedisServer
+from tests.test_reasons import text_matches
+
+CREATED = int(datetime(2026, 12, 5, 0, 10, tzinfo=UTC).timestamp())
+
+
+# -- the engine, in process ------------------------------------------------------------------
+@pytest.fixture
+def world() -> World:
+    w = World()
+    w.account("acme")
+    w.subuser("acme/news")
+    return w
+
+
+def _ask(world: World, principal: str, found: Suppression | None) -> Verdict:
+    return decide_recipient(world.snapshot(), EngineSettings(), RecipientFacts(
+        _identity(world, principal), "gone@example.net", found))
+
+
+def _identity(world: World, principal: str) -> str:
+    key_id = next(kid for kid, key in world.data.keys.items() if key.principal == principal)
+    return format_identity(principal, key_id)
+
+
+BOUNCED = make("gone@example.net", "550 5.1.1 <gone@example.net>: user unknown", "5.1.1",
+               CREATED, "bounce")
+
+
+def test_a_subusers_suppressed_recipient_is_550_naming_the_account_date_and_reason(
+        world: World) -> None:
+    world.key("acme/news")
+    verdict = _ask(world, "acme/news", BOUNCED)
+    assert (verdict.action, verdict.code, verdict.status, verdict.reason) == (
+        Action.REFUSE, 550, "5.7.1", Reason.SUPPRESSED)
+    assert verdict.text == (
+        "recipient suppressed for account acme since 2026-12-05 (hard bounce: 550 5.1.1 "
+        "<gone@example.net>: user unknown); remove it with keyrelay suppression remove acme "
+        "gone@example.net")
+    assert text_matches("suppressed", verdict.text)
+    assert verdict.principal == "acme/news"
+
+
+def test_not_suppressed_is_allowed(world: World) -> None:
+    world.key("acme")
+    verdict = _ask(world, "acme", None)
+    assert (verdict.action, verdict.reason) == (Action.ALLOW, Reason.OK)
+
+
+def test_monitor_mode_lets_it_pass_with_the_refusal_it_would_be(world: World) -> None:
+    world.key("acme/news")
+    world.monitor("acme")
+    verdict = _ask(world, "acme/news", BOUNCED)
+    assert verdict.allowed and verdict.reason is Reason.MONITOR
+    assert verdict.monitored is not None and verdict.monitored.reason is Reason.SUPPRESSED
+    assert verdict.log_fields()["would_be"].startswith("550 5.7.1 recipient suppressed")
+
+
+def test_a_site_login_is_not_asked_about(world: World) -> None:
+    verdict = decide_recipient(world.snapshot(), EngineSettings(site_logins=True),
+                               RecipientFacts("alice", "gone@example.net", BOUNCED))
+    assert (verdict.action, verdict.reason) == (Action.ALLOW, Reason.SITE_LOGIN)
+
+
+def test_a_hostile_reason_and_a_long_address_stay_one_short_ascii_line(world: World) -> None:
+    world.key("acme")
+    long_address = ("x" * 64) + "@" + ".".join(["d" * 60] * 4) + ".example"
+    hostile = make(long_address, "550 \r\n5.1.1 \x1b]0;pwned\x07 ünïcode " + "A" * 9000,
+                   "5.1.1", CREATED, "bounce")
+    verdict = decide_recipient(world.snapshot(), EngineSettings(), RecipientFacts(
+        _identity(world, "acme"), hostile.address, hostile))
+    assert verdict.reason is Reason.SUPPRESSED
+    assert len(verdict.smtp_reply) <= 420
+    assert all(" " <= c <= "~" for c in verdict.text), verdict.text
+    assert verdict.text.endswith("remove it with keyrelay suppression remove acme ADDRESS")
+    assert text_matches("suppressed", verdict.text)
+
+
+# -- through keyrelay-policyd ----------------------------------------------------------------
+def _populate(daemon: Policyd) -> dict[str, str]:
+    """Account acme (domain acme.example) with subuser news; their logins."""
+    identities: dict[str, str] = {}
+    with daemon.directory().transaction() as data:
+        admin.add_account(data, "acme", now())
+        add_verified_domain(data, "acme", "acme.example")
+        identities["acme"] = format_identity("acme", add_key(data, "acme", "main").key_id)
+        admin.add_subuser(data, "acme/news", now())
+        admin.add_sender(data, "acme/news", "news@acme.example", now())
+        identities["news"] = format_identity("acme/news",
+                                             add_key(data, "acme/news", "news").key_id)
+    return identities
+
+
+def _rcpts(daemon: Policyd, identity: str, *recipients: str,
+           **extra: str) -> list[str | None]:
+    """One message's RCPT requests (and DATA), as Postfix sends them; the answers."""
+    common = {"sasl_method": "PLAIN" if identity else "", "sasl_username": identity,
+              "sender": "news@acme.example", "instance": new_instance(), **extra}
+    with PolicyClient(connect(daemon.endpoint("policy"))) as policy:
+        answers = [policy.ask(**common, protocol_state="RCPT", recipient=rcpt)
+                   for rcpt in recipients]
+        answers.append(policy.ask(**common, protocol_state="DATA",
+                                  recipient_count=str(len(recipients))))
+    return answers
+
+
+def _refusal(reason: str) -> str:
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    return (f"550 5.7.1 recipient suppressed for account acme since {today} ({reason}); "
+            "remove it with keyrelay suppression remove acme gone@example.net")
+
+
+UNAVAILABLE = "451 4.3.0 recipient suppression list temporarily unavailable; try again later"
+
+
+class Node(Policyd):
+    """keyrelay-policyd with its suppression store: the SQLite file, or ``redis``."""
+
+    redis: RedisServer | None = None
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    overrides: dict[str, Any] = {"suppressions": {"path": str(tmp_path / "supp.db")}}
+    server: RedisServer | None = None
+    if request.param == "redis":
+        if not REDIS_SERVER.exists():
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        server = RedisServer().start()
+        overrides["counters"] = server.counters_settings()
+    found = Node(tmp_path / "p", overrides)
+    found.redis = server
+    try:
+        yield found
+        if found.running():
+            assert found.stop() == 0, found.log()[-3000:]
+        assert not found.tracebacks(), found.tracebacks()
+    finally:
+        if found.running():
+            found.kill()
+        if server is not None:
+            server.close()
+
+
+def test_a_suppressed_recipient_is_refused_and_the_others_of_the_message_accepted(
+        daemon: Node) -> None:
+    ids = _populate(daemon)
+    daemon.keyrelay("suppression", "add", "acme", "Gone@Example.NET", "--reason",
+                    "asked us to stop")
+    daemon.start()
+    refusal = _refusal("added by an administrator: asked us to stop")
+    # a subuser's message: the account's list applies
+    assert _rcpts(daemon, ids["news"], "ok@example.net", "gone@example.net",
+                  "other@example.net") == ["DUNNO", refusal, "DUNNO", "DUNNO"]
+    assert _rcpts(daemon, ids["acme"], "GONE@example.net") == [refusal, "DUNNO"]
+    line = daemon.wait_for_log(r"reason=suppressed\b")
+    assert "recipient=GONE@example.net" in line or "recipient=gone@example.net" in line
+    # port 25 without a login: Postfix's own rules, keyrelay checks no list
+    assert _rcpts(daemon, "", "gone@example.net", server_port="25") == ["DUNNO", "DUNNO"]
+    daemon.keyrelay("suppression", "remove", "acme", "gone@example.net")
+    assert _rcpts(daemon, ids["news"], "gone@example.net") == ["DUNNO", "DUNNO"]
+
+
+def test_the_store_away_is_451_4_3_0_and_answers_come_back(daemon: Node,
+                                                           tmp_path: Path) -> None:
+    ids = _populate(daemon)
+    daemon.keyrelay("suppression", "add", "acme", "gone@example.net")
+    daemon.start()
+    refusal = _refusal("added by an administrator: added by an administrator")
+    assert _rcpts(daemon, ids["news"], "gone@example.net")[0] == refusal
+    if daemon.redis is not None:
+        daemon.redis.kill()
+        # never an unchecked accept: every recipient of a keyrelay login waits
+        assert _rcpts(daemon, ids["news"], "gone@example.net", "ok@example.net")[:2] == [
+            UNAVAILABLE, UNAVAILABLE]
+        daemon.redis.start()  # empty: this test server persists nothing
+        assert _rcpts(daemon, ids["news"], "gone@example.net", "ok@example.net")[:2] == [
+            "DUNNO", "DUNNO"]
+        daemon.keyrelay("suppression", "add", "acme", "gone@example.net")
+    else:
+        path = tmp_path / "supp.db"
+        kept = tmp_path / "kept.db"
+        shutil.copy(path, kept)
+        broken = tmp_path / "broken.db"
+        broken.write_bytes(b"not a database " * 1000)
+        broken.replace(path)
+        assert _rcpts(daemon, ids["news"], "gone@example.net", "ok@example.net")[:2] == [
+            UNAVAILABLE, UNAVAILABLE]
+        kept.replace(path)
+    assert _rcpts(daemon, ids["news"], "gone@example.net")[0] == refusal
+    assert "reason=suppressions_unavailable" in daemon.log()
+
+
+def test_a_site_login_is_not_checked(tmp_path: Path) -> None:
+    daemon = Policyd(tmp_path / "p", {"suppressions": {"path": str(tmp_path / "supp.db")},
+                                      "auth": {"site_auth_socket": str(tmp_path / "none")}})
+    _populate(daemon)
+    daemon.keyrelay("suppression", "add", "acme", "gone@example.net")
+    daemon.start()
+    try:
+        assert _rcpts(daemon, "alice", "gone@example.net") == ["DUNNO", "DUNNO"]
+        assert "reason=site_login" in daemon.wait_for_log(r"reason=site_login\b")
+    finally:
+        assert daemon.stop() == 0
