@@ -52,7 +52,8 @@ def read_text(path: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{shown}: not UTF-8 text (byte {exc.start + 1}); nothing was "
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{shown}:{line}: not UTF-8 text (byte {exc.start + 1}); nothing was "
                         "imported") from None
 
 
@@ -127,7 +128,7 @@ def parse(text: str, now: int) -> Parsed:
             good.append(make(email, reason, status, created, "import"))
         except (UserError, ValueError) as exc:
             problems.append(Problem(start, str(exc) if isinstance(exc, ValueError) else
-                                    f"not an address: {printable(email[:100])!r}"))
+                                    f"not an address: '{printable(email[:100])}'"))
     return Parsed(good, problems, lines)
 
 
