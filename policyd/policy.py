@@ -152,6 +152,7 @@ class PolicyService:
         # RCPTs allowed so far, per message ("instance"); bounded like _counted
         self._recipients: OrderedDict[str, int] = OrderedDict()
         self._transports = PostfixTransports(context.config.postfix.config_dir)
+        self._suppressions_away = False  # on_unavailable local: the outage was logged
 
     def transports(self) -> frozenset[str] | None:
         """The pool transports Postfix's master.cf has (postfix.config_dir, which a SIGHUP
@@ -249,12 +250,25 @@ class PolicyService:
         try:
             found = lookup.get(account, address)
         except SuppressionsUnavailable as exc:
-            return self._unavailable(request, exc)
+            return self._unavailable(pending, exc)
         return self.recipient_checked(pending, found)
 
-    def _unavailable(self, request: dict[str, str], exc: SuppressionsUnavailable) -> Verdict:
+    def _unavailable(self, pending: Recipient, exc: SuppressionsUnavailable) -> Verdict:
+        """The list cannot answer: ``451 4.3.0``; only with Redis and
+        ``counters.on_unavailable: local`` (the admin chose mail flowing over exact counts)
+        the recipient passes unchecked, logged once per outage (docs/suppressions.md,
+        "Faults")."""
+        counters = self.context.config.counters
+        if counters.backend == "redis" and counters.on_unavailable == "local":
+            if not self._suppressions_away:
+                log.warning("suppression list unavailable: %s; recipients pass unchecked "
+                            "until Redis answers again (counters.on_unavailable: local)", exc)
+                self._suppressions_away = True
+            self._count_recipient(pending.request.get("instance", ""), pending.recipients)
+            return pending.answer
         log.error("suppression list unavailable: %s", exc)
-        return temporary(Reason.SUPPRESSIONS_UNAVAILABLE, request.get("sasl_username", ""))
+        return temporary(Reason.SUPPRESSIONS_UNAVAILABLE,
+                         pending.request.get("sasl_username", ""))
 
     async def check_recipient(self, pending: Recipient) -> Verdict:
         """Look ``pending``'s recipient up in Redis and answer; a list that cannot answer
@@ -264,13 +278,16 @@ class PolicyService:
         try:
             found = await lookup.get(pending.account, pending.address)
         except SuppressionsUnavailable as exc:
-            return self._unavailable(pending.request, exc)
+            return self._unavailable(pending, exc)
         return self.recipient_checked(pending, found)
 
     def recipient_checked(self, pending: Recipient, found: Suppression | None) -> Verdict:
         """The RCPT's answer once the list was read: a suppressed recipient is refused (or
         let pass in monitor mode); one allowed counts towards recipients per message."""
         ctx = self.context
+        if self._suppressions_away:
+            log.warning("suppression list answers again; recipients are checked again")
+            self._suppressions_away = False
         verdict = with_rate(pending.answer, decide_recipient(
             pending.directory, ctx.settings,
             RecipientFacts(pending.request.get("sasl_username", ""), pending.address, found)))

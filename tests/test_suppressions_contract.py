@@ -170,7 +170,7 @@ def test_sqlite_reader_without_file_is_empty_and_unreadable_file_is_unavailable(
     assert not (tmp_path / "none.db").exists()
     broken = tmp_path / "broken.db"
     broken.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(SuppressionsUnavailable, match="suppressions.path: cannot use"):
+    with pytest.raises(SuppressionsUnavailable, match=r"suppressions\.path: cannot use"):
         SqliteSuppressions(str(broken), create=False).get("acme", "bob@example.com")
 
 

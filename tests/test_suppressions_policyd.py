@@ -232,3 +232,30 @@ def test_a_site_login_is_not_checked(tmp_path: Path) -> None:
         assert "reason=site_login" in daemon.wait_for_log(r"reason=site_login\b")
     finally:
         assert daemon.stop() == 0
+
+
+def test_with_on_unavailable_local_recipients_pass_unchecked_while_redis_is_away(
+        tmp_path: Path) -> None:
+    if not REDIS_SERVER.exists():
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    with RedisServer() as server:
+        daemon = Policyd(tmp_path / "p", {
+            "counters": server.counters_settings(on_unavailable="local")})
+        ids = _populate(daemon)
+        daemon.keyrelay("suppression", "add", "acme", "gone@example.net")
+        daemon.start()
+        try:
+            assert _rcpts(daemon, ids["news"], "gone@example.net")[0].startswith(  # type: ignore[union-attr]
+                "550 5.7.1 recipient suppressed")
+            server.kill()
+            # the admin chose mail flowing over exactness: passed, and said once
+            assert _rcpts(daemon, ids["news"], "gone@example.net", "ok@example.net") == [
+                "DUNNO", "DUNNO", "DUNNO"]
+            assert daemon.log().count("recipients pass unchecked") == 1
+            server.start()
+            daemon.keyrelay("suppression", "add", "acme", "gone@example.net")
+            assert _rcpts(daemon, ids["news"], "gone@example.net")[0].startswith(  # type: ignore[union-attr]
+                "550 5.7.1 recipient suppressed")
+            assert "suppression list answers again" in daemon.log()
+        finally:
+            assert daemon.stop() == 0
