@@ -134,9 +134,11 @@ class CountersConfig:
     on_unavailable: Literal["tempfail", "local"] = field(
         default="tempfail",
         metadata={"doc": "With Redis away, messages that limits or quotas apply to get "
-                  "\"tempfail\" (451 4.3.0: mail waits, nothing is sent unchecked) or "
-                  "\"local\": counted in this daemon's memory until Redis answers again "
-                  "(logged once per outage; each node then allows its own full limit). "
+                  "\"tempfail\" (451 4.3.0: mail waits, nothing is sent unchecked; so do "
+                  "the recipients of keyrelay logins, whose suppression lists are in Redis) "
+                  "or \"local\": counted in this daemon's memory until Redis answers again "
+                  "(logged once per outage; each node then allows its own full limit; "
+                  "recipients are not checked against the suppression lists meanwhile). "
                   "Failed logins are always counted locally meanwhile."},
     )
     time_zone: str = field(

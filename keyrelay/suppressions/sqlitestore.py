@@ -139,6 +139,7 @@ class SqliteSuppressions:
                         db.execute("UPDATE suppressions SET value = ? WHERE account = ? AND "
                                    "address = ?", (kept.value(), account, each.address))
                 db.execute("COMMIT")
+                self._give_to_folder_owner()
             except (sqlite3.Error, SuppressionsUnavailable) as exc:
                 try:
                     db.execute("ROLLBACK")
@@ -149,6 +150,20 @@ class SqliteSuppressions:
                 self._drop()
                 raise self._fault(exc) from None
             return added
+
+    def _give_to_folder_owner(self) -> None:
+        """As root (the CLI), the file and its WAL files belong to the owner of their folder
+        (the daemons' user), as the directory file does (keyrelay/directory/yamlfile.py):
+        keyrelay-policyd, reading as that user, must be able to write the ``-shm``."""
+        if os.geteuid() != 0:
+            return
+        try:
+            owner = os.stat(os.path.dirname(os.path.abspath(self.path)))
+            for name in (self.path, self.path + "-wal", self.path + "-shm"):
+                if os.path.exists(name):
+                    os.chown(name, owner.st_uid, owner.st_gid)
+        except OSError as exc:
+            raise self._fault(exc) from None
 
     def add(self, account: str, suppression: Suppression, *, replace: bool = True) -> bool:
         return self._write(account, [suppression], replace) == 1
@@ -163,6 +178,7 @@ class SqliteSuppressions:
             try:
                 gone = db.execute("DELETE FROM suppressions WHERE account = ? AND address = ?",
                                   (account, address)).rowcount
+                self._give_to_folder_owner()
             except sqlite3.Error as exc:
                 self._drop()
                 raise self._fault(exc) from None
