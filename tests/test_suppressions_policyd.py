@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_reasons import text_matches
 
 from keyrelay import admin
 from keyrelay.decisions import (
@@ -29,7 +30,6 @@ from testkit.factories import World
 from testkit.policyd import Policyd, add_key, add_verified_domain, now
 from testkit.protocols import PolicyClient, connect, new_instance
 from testkit.redis import REDIS_SERVER, RedisServer
-from tests.test_reasons import text_matches
 
 CREATED = int(datetime(2026, 12, 5, 0, 10, tzinfo=UTC).timestamp())
 
