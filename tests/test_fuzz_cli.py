@@ -312,6 +312,7 @@ def configuration(root: Path, dns_port: int) -> dict[str, Any]:
         "directory": {"path": f"{root}/directory.yaml"},
         "dkim": {"key_dir": f"{root}/dkim"},
         "logging": {"audit_log": f"{root}/audit.log"},
+        "suppressions": {"path": f"{root}/suppressions.db"},
         "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": 1},
         "policyd": {"auth_listen": f"unix:{root}/run/auth",
                     "policy_listen": f"unix:{root}/run/policy",
@@ -723,8 +724,9 @@ def side_effect(path: str, content: bytes) -> bool:
     return content == b"/" or (path.endswith(".lock") and content == b"")
 
 
-# these record the DNS result in the directory, then exit 1 when a domain did not pass
-_RECORD_THEN_REFUSE = {("domain", "verify"), ("domain", "check")}
+# these record the DNS result in the directory, then exit 1 when a domain did not pass;
+# suppression import keeps the good lines of a file, then exits 1 for its bad ones
+_RECORD_THEN_REFUSE = {("domain", "verify"), ("domain", "check"), ("suppression", "import")}
 
 
 @FUZZ

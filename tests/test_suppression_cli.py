@@ -178,3 +178,10 @@ def test_a_list_longer_than_the_limit_says_so_and_export_pages_through_all(
     assert len(listed) == 5 and listed[-1].startswith("(3 of 2500; --limit shows more")
     exported = rows(site.ok("suppression", "export", "acme"))
     assert [r[0] for r in exported[1:]] == [f"u{n:04d}@example.com" for n in range(2500)]
+
+
+def test_reading_an_empty_list_creates_no_file(site: Site) -> None:
+    assert site.ok("suppression", "list", "acme") == "Account acme suppresses no address.\n"
+    assert site.ok("suppression", "export", "acme") == "email,created,status,reason\n"
+    assert "was not suppressed" in site.ok("suppression", "remove", "acme", "a@example.com")
+    assert not site.db.exists() and not site.db.parent.exists()

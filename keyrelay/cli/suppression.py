@@ -28,8 +28,9 @@ def _account(ctx: Context, text: str, *, must_exist: bool) -> str:
     return account
 
 
-def _store(ctx: Context) -> SuppressionStore:
-    return open_suppressions(ctx.config)
+def _store(ctx: Context, *, writing: bool = True) -> SuppressionStore:
+    """The store; a command that only reads or removes never creates the SQLite file."""
+    return open_suppressions(ctx.config, create=writing)
 
 
 def _since(created: int) -> str:
@@ -48,7 +49,7 @@ def _all(store: SuppressionStore, account: str) -> Iterator[Suppression]:
 
 def suppression_list(ctx: Context, args: argparse.Namespace) -> None:
     account = _account(ctx, args.account, must_exist=False)
-    store = _store(ctx)
+    store = _store(ctx, writing=False)
     try:
         found = store.list(account, "", args.limit)
         total = store.count(account) if len(found) == args.limit else len(found)
@@ -91,7 +92,7 @@ def suppression_remove(ctx: Context, args: argparse.Namespace) -> None:
     account = _account(ctx, args.account, must_exist=False)
     address = suppression_address(args.address)
     ctx.check_audit()
-    store = _store(ctx)
+    store = _store(ctx, writing=False)
     try:
         gone = store.remove(account, address)
     finally:
@@ -131,7 +132,7 @@ def suppression_import(ctx: Context, args: argparse.Namespace) -> None:
 
 def suppression_export(ctx: Context, args: argparse.Namespace) -> None:
     account = _account(ctx, args.account, must_exist=False)
-    store = _store(ctx)
+    store = _store(ctx, writing=False)
     try:
         if args.file:
             rows = write_file(args.file, _all(store, account))
