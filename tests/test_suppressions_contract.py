@@ -168,6 +168,8 @@ def test_sqlite_reader_without_file_is_empty_and_unreadable_file_is_unavailable(
     reader = SqliteSuppressions(str(tmp_path / "none.db"), create=False)
     assert reader.get("acme", "bob@example.com") is None
     assert not (tmp_path / "none.db").exists()
+    (tmp_path / "none.db").touch()  # a writer creating it this very moment
+    assert reader.get("acme", "bob@example.com") is None
     broken = tmp_path / "broken.db"
     broken.write_bytes(b"this is not a database" * 100)
     with pytest.raises(SuppressionsUnavailable, match=r"suppressions\.path: cannot use"):
@@ -211,6 +213,7 @@ def test_hard_bounce_suppresses_once(store: SuppressionStore) -> None:
     {"event": "bounce", "type": "hard", "account": "", "email": "a@example.com"},
     {"event": "bounce", "type": "hard", "email": "a@example.com"},
     {"event": "bounce", "type": "hard", "account": "acme", "email": "not an address"},
+    {"event": "bounce", "type": "hard", "account": "Acme Corp", "email": "a@example.com"},
 ])
 def test_other_events_suppress_nothing(store: SuppressionStore,
                                        event: dict[str, object]) -> None:

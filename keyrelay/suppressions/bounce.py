@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from .. import names
 from ..errors import UserError
 from .model import SuppressionStore, make
 
@@ -15,9 +16,10 @@ def suppress_hard_bounce(store: SuppressionStore, event: dict[str, Any],
     """Suppress the recipient of a ``bounce`` event with ``type: hard`` for its ``account``
     (source ``bounce``, reason and status from the event, created at its ``timestamp``, else
     ``now``). True when the address was not suppressed before; False for any other event,
-    one without an account (a message keyrelay did not attribute) or an address keyrelay
-    cannot key. Idempotent: a second bounce of an address already suppressed keeps its date
-    and source and only refreshes the reason and status (the latest remote answer). Raises
+    one without an account (a message keyrelay did not attribute), with an account name or
+    an address keyrelay cannot key. Idempotent: a second bounce of an address already
+    suppressed keeps its date and source and only refreshes the reason and status (the
+    latest remote answer). Raises
     ``SuppressionsUnavailable`` when the store cannot answer (the caller retries the event).
     """
     if event.get("event") != "bounce" or event.get("type") != "hard":
@@ -27,9 +29,10 @@ def suppress_hard_bounce(store: SuppressionStore, event: dict[str, Any],
     if not isinstance(account, str) or not account or not isinstance(email, str):
         return False
     stamp = event.get("timestamp")
-    created = int(stamp) if isinstance(stamp, int | float) and stamp > 0 else int(
-        now.timestamp())
+    created = int(stamp) if isinstance(stamp, int | float) and not isinstance(
+        stamp, bool) and stamp > 0 else int(now.timestamp())
     try:
+        names.account_name(account)
         suppression = make(email, str(event.get("reason", "")), str(event.get("status", "")),
                            created, "bounce")
     except UserError:

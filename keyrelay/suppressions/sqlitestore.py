@@ -50,7 +50,9 @@ class SqliteSuppressions:
         again: one ``stat`` per look-up."""
         try:
             found = os.stat(self.path)
-            inode: tuple[int, int] | None = (found.st_dev, found.st_ino)
+            # an empty file: a writer creating it this very moment, nothing in it yet
+            inode: tuple[int, int] | None = (found.st_dev, found.st_ino) if (
+                found.st_size or self.create) else None
         except FileNotFoundError:
             inode = None
         except OSError as exc:
