@@ -40,6 +40,7 @@ from . import (
     subuser,
     sync,
     usage_command,
+    webhook,
 )
 from .core import (
     CONFLICT_SECONDS,
@@ -88,7 +89,7 @@ exit status:
 
 # the command groups in the order --help lists them
 _GROUPS = (init, config, account, subuser, key, ip, domain, sender, pool, limits, usage_command,
-           sync, migrate, legacy, backup, postfix, monitor, lockout)
+           webhook, sync, migrate, legacy, backup, postfix, monitor, lockout)
 
 
 def build_parser() -> argparse.ArgumentParser:

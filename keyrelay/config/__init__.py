@@ -21,6 +21,7 @@ Load once in ``main()`` and pass the ``Config`` down.
   sections, and ``Config``, the whole file;
 - counters.py: the counters section (memory or Redis);
 - services.py: the keyrelay-policyd, keyrelay-milter and Postfix sections;
+- webhooks.py: the webhooks section (docs/webhooks.md);
 - loader.py: which file (``resolve_config_path``), reading and validating it;
 - example.py: the example file, ``python -m keyrelay.config``.
 """
@@ -45,6 +46,7 @@ from .sections import (
     default_config,
 )
 from .services import BruteForceConfig, MilterConfig, PolicydConfig, PostfixConfig
+from .webhooks import WebhooksConfig
 
 __all__ = [
     "CONFIG_ENV",
@@ -70,6 +72,7 @@ __all__ = [
     "RedisConfig",
     "RedisTlsConfig",
     "RoutingConfig",
+    "WebhooksConfig",
     "default_config",
     "load_config",
     "parse_config",

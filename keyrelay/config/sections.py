@@ -13,6 +13,7 @@ from ..durations import format_duration
 from .base import NO_SPACE, Duration, InvalidField
 from .counters import CountersConfig
 from .services import MilterConfig, PolicydConfig, PostfixConfig
+from .webhooks import WebhooksConfig
 
 _SELECTOR = re.compile(r"[a-z][a-z0-9]{0,15}")
 _SCOPE = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)+")
@@ -466,6 +467,11 @@ class Config:
         default_factory=PostfixConfig,
         metadata={"doc": "What `keyrelay postfix apply` writes into Postfix's main.cf and "
                   "master.cf."},
+    )
+    webhooks: WebhooksConfig = field(
+        default_factory=WebhooksConfig,
+        metadata={"doc": "Accounts' webhooks: where delivery events are POSTed, signed "
+                  "(docs/webhooks.md)."},
     )
 
     def __post_init__(self) -> None:
