@@ -63,7 +63,7 @@ def webhook_remove(ctx: Context, args: argparse.Namespace) -> None:
 
 def webhook_test(ctx: Context, args: argparse.Namespace) -> None:
     hook = records.webhook_of(ctx.read(), args.account)
-    outcome = delivery.deliver(hook, [delivery.test_event(args.account, ctx.now)],
+    outcome = delivery.deliver(hook, [delivery.make_test_event(args.account, ctx.now)],
                               ctx.config.webhooks, ctx.now)
     if not outcome.delivered:
         raise WebhookTestFailed(outcome.reason)

@@ -11,11 +11,22 @@ The outbox (which events wait, how often they were tried) is not here: it calls 
 and ``next_attempt`` and keeps their results.
 """
 
-from .delivery import Outcome, Result, body_of, deliver, next_attempt, test_event, tls_context
+from .delivery import Outcome, Result, body_of, deliver, make_test_event, next_attempt, tls_context
 from .sign import verify
 from .target import Target, TargetRefused, TargetUnresolved, check, parse_url
 
 __all__ = [
-    "Outcome", "Result", "Target", "TargetRefused", "TargetUnresolved", "body_of", "check",
-    "deliver", "next_attempt", "parse_url", "test_event", "tls_context", "verify",
+    "Outcome",
+    "Result",
+    "Target",
+    "TargetRefused",
+    "TargetUnresolved",
+    "body_of",
+    "check",
+    "deliver",
+    "make_test_event",
+    "next_attempt",
+    "parse_url",
+    "tls_context",
+    "verify",
 ]

@@ -66,7 +66,7 @@ def body_of(events: Sequence[Mapping[str, Any]]) -> bytes:
     return json.dumps(list(events), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def test_event(account: str, now: datetime) -> dict[str, Any]:
+def make_test_event(account: str, now: datetime) -> dict[str, Any]:
     """The event ``keyrelay webhook test`` sends."""
     return {"event": "test", "timestamp": int(now.timestamp()), "account": account}
 
@@ -109,7 +109,8 @@ def _post(target: Target, headers: dict[str, str], body: bytes, timeout: float,
     last = "no address to connect to"
     for address in target.addresses:
         conn = _connection(target, address, timeout, context)
-        timer = threading.Timer(timeout, _abort, (conn,))
+        expired = threading.Event()
+        timer = threading.Timer(timeout, _abort, (conn, expired))
         timer.daemon = True
         timer.start()
         try:
@@ -124,14 +125,15 @@ def _post(target: Target, headers: dict[str, str], body: bytes, timeout: float,
                                f"failed: {_ssl_reason(exc)}", address=str(address))
             except (OSError, http.client.HTTPException) as exc:
                 last = f"cannot connect to {address} port {target.url.port}: {_os_reason(exc)}"
-                if not timer.is_alive():
+                if expired.is_set() or isinstance(exc, TimeoutError):
                     last = f"no connection to {address} within {timeout:g}s"
                 continue  # the next checked address, if any
             try:
                 conn.request("POST", target.url.path, body, headers)
                 response = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
-                why = (f"no answer within {timeout:g}s" if not timer.is_alive()
+                why = (f"no answer within {timeout:g}s"
+                       if expired.is_set() or isinstance(exc, TimeoutError)
                        else f"the request failed: {_os_reason(exc)}")
                 return Outcome(Result.RETRY, f"webhook {shown}: {why} ({address})",
                                address=str(address))
@@ -197,8 +199,10 @@ def _connection(target: Target, address: IPAddress, timeout: float,
     return _Pinned(target.url.host, target.url.port, address, timeout)
 
 
-def _abort(conn: http.client.HTTPConnection) -> None:
-    """The whole delivery's deadline: whatever it waits on now fails at once."""
+def _abort(conn: http.client.HTTPConnection, expired: threading.Event) -> None:
+    """The delivery's deadline: whatever it waits on now fails at once (a receiver that
+    trickles its answer byte by byte cannot hold a delivery longer than the timeout)."""
+    expired.set()
     sock = conn.sock
     if sock is not None:
         try:
@@ -213,8 +217,6 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
 
 
 def _os_reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return "timed out"
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return str(text)
 
