@@ -18,7 +18,10 @@ from typing import Any
 import pytest
 
 from keyrelay.config import Duration, WebhooksConfig
+from keyrelay.directory.ldap.mapping import records_of
 from keyrelay.directory.model import Webhook
+from keyrelay.directory.yamlfile import parse_text
+from keyrelay.errors import ConfigError
 from keyrelay.webhooks import sign, target
 from keyrelay.webhooks.delivery import (
     USER_AGENT,
@@ -358,3 +361,45 @@ def test_retries_end_when_retry_for_has_passed_since_the_first_failure() -> None
     assert next_attempt(40, first, late, settings) == first + timedelta(hours=24)  # the last
     assert next_attempt(41, first, first + timedelta(hours=24), settings) is None
     assert next_attempt(41, first, first + timedelta(days=3), settings) is None
+
+
+# -- in the directory ------------------------------------------------------------------------
+def _file(webhook: dict[str, Any]) -> str:
+    return json.dumps({"version": 1, "accounts": {"acme": {"webhook": webhook}}})
+
+
+def test_a_broken_webhook_in_the_directory_file_is_named_never_quoting_the_secret() -> None:
+    good: dict[str, Any] = {"url": "https://hooks.example.com/in", "secret": SECRET,
+            "created": "2026-12-05T12:00:00Z", "updated": "2026-12-05T12:00:00Z"}
+    data = parse_text(_file(good), "directory.yaml")
+    assert data.accounts["acme"].webhook == Webhook(good["url"], SECRET, NOW, NOW)
+    assert SECRET not in repr(data) and SECRET not in repr(data.accounts["acme"])
+
+    typed_in = "my webhook password"  # a space: not a secret keyrelay made
+    with pytest.raises(ConfigError) as bad_secret:
+        parse_text(_file({**good, "secret": typed_in}), "directory.yaml")
+    assert "accounts.acme.webhook.secret" in str(bad_secret.value)
+    assert typed_in not in str(bad_secret.value)
+    with pytest.raises(ConfigError) as bad_url:
+        parse_text(_file({**good, "url": "ftp://hooks.example.com/in"}), "directory.yaml")
+    assert "accounts.acme.webhook.url" in str(bad_url.value) and "got ftp://" in str(
+        bad_url.value) and SECRET not in str(bad_url.value)
+    with pytest.raises(ConfigError, match=r"accounts\.acme\.subusers\.app\.webhook: unknown key"):
+        parse_text(json.dumps({"accounts": {"acme": {"subusers": {"app": {"webhook": good}}}}}),
+                   "directory.yaml")
+
+
+def test_a_broken_webhook_in_ldap_is_left_out_never_quoting_the_secret() -> None:
+    attrs = {"objectclass": ["top", "krAccount"], "krname": ["acme"], "krstatus": ["active"],
+             "krwebhookurl": ["gopher://hooks.example.com/"], "krwebhooksecret": [SECRET]}
+    problems: list[str] = []
+    data = records_of([("krName=acme,ou=accounts,dc=x", attrs)], problems)
+    assert data.accounts["acme"].webhook is None  # the account stays
+    assert len(problems) == 1 and problems[0].startswith("webhook of acme: ")
+    assert SECRET not in problems[0]
+    problems.clear()
+    attrs |= {"krwebhookurl": ["https://hooks.example.com/"],
+              "krwebhooksecret": ["hunter2 hunter2 x"]}
+    assert records_of([("krName=acme,ou=accounts,dc=x", attrs)], problems).accounts[
+        "acme"].webhook is None
+    assert problems and "hunter2" not in problems[0]
