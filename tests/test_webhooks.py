@@ -370,7 +370,7 @@ def _file(webhook: dict[str, Any]) -> str:
 
 def test_a_broken_webhook_in_the_directory_file_is_named_never_quoting_the_secret() -> None:
     good: dict[str, Any] = {"url": "https://hooks.example.com/in", "secret": SECRET,
-            "created": "2026-12-05T12:00:00Z", "updated": "2026-12-05T12:00:00Z"}
+                            "created": "2026-12-05T12:00:00Z", "updated": "2026-12-05T12:00:00Z"}
     data = parse_text(_file(good), "directory.yaml")
     assert data.accounts["acme"].webhook == Webhook(good["url"], SECRET, NOW, NOW)
     assert SECRET not in repr(data) and SECRET not in repr(data.accounts["acme"])
