@@ -151,6 +151,13 @@ class EventStore:
                 "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq", (after,)):
             yield int(seq), json.loads(body)
 
+    def purge(self, before: float) -> int:
+        """Remove events written before ``before`` (Unix seconds) that are finished with:
+        delivered, given up, or with no webhook to go to (any state but ``pending``)."""
+        cursor = self.db.execute(
+            "DELETE FROM events WHERE state != 'pending' AND created < ?", (before,))
+        return int(cursor.rowcount)
+
     def last_seq(self) -> int:
         row = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
         return int(row[0])
