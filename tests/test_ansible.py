@@ -825,7 +825,7 @@ def set_vars(playbook: Path, **variables: Any) -> None:
 def test_the_import_variables_run_migrate_postfix_once_and_sync_it_only_when_asked_once(
         tmp_path: Path) -> None:
     sunset = datetime.date.today() + datetime.timedelta(days=90)  # YAML: an unquoted date
-    _, playbook = cyrus_site(tmp_path, keyrelay_migrate_postfix={
+    etc, playbook = cyrus_site(tmp_path, keyrelay_migrate_postfix={
         "account": "acme", "sasldb": str(tmp_path / "sasldb2"), "sunset": sunset})
     config = tmp_path / "keyrelay" / "keyrelay.yaml"
     out = tmp_path / "keyrelay" / "migrated.yaml"
@@ -848,9 +848,12 @@ def test_the_import_variables_run_migrate_postfix_once_and_sync_it_only_when_ask
         assert (path.stat().st_uid, path.stat().st_gid) == (0, 0)
     for password in MIGRATE_PASSWORDS.values():
         assert password not in output + out.read_text() + report.read_text()
-    # nothing in the directory until the admin, having read the report, asks for the sync
+    # nothing in the directory until the admin, having read the report, asks for the sync,
+    # and no switch: postfix apply waits for it
     assert json.loads(deployed_cli(Path(sys.prefix), config, "account", "list",
                                    "--json")) == []
+    assert "keyrelay postfix apply is held back" in output
+    assert postconf(etc, "keyrelay_milter") == ""
     written = out.read_bytes()
     for options in ((), ("--check",)):
         status, changed, output = run_playbook(playbook, *options)
@@ -859,12 +862,16 @@ def test_the_import_variables_run_migrate_postfix_once_and_sync_it_only_when_ask
 
     set_vars(playbook, keyrelay_migrate_postfix_sync=True)
     status, changed, output = run_playbook(playbook, "--check", "-v")
-    assert (status, changed) == (0, 2), output  # the sync (as a dry run) and its checksum
+    assert (status, changed) == (0, 3), output  # the sync (a dry run), its checksum, apply
     assert "add legacy login acme/crm" in output
     assert json.loads(deployed_cli(Path(sys.prefix), config, "legacy", "list",
                                    "--json")) == []
+    assert postconf(etc, "keyrelay_milter") == ""
     status, changed, output = run_playbook(playbook)
-    assert (status, changed) == (0, 2), output
+    assert (status, changed) == (0, 3), output
+    # the switch: keyrelay took the site's services over, main.cf keeps the site's own
+    assert postconf(etc, "keyrelay_milter") == "unix:private/keyrelay-milter"
+    assert postconf(etc, "smtpd_sasl_type") == "cyrus"
     legacy = json.loads(deployed_cli(Path(sys.prefix), config, "legacy", "list", "--json"))
     assert sorted((e["principal"], e["username"], e["sunset"]) for e in legacy) == [
         ("acme/billing", "billing@site.example", sunset.isoformat()),
