@@ -12,9 +12,11 @@ with its own SASL login:
 - ``crm`` (realm = ``myhostname``, so it logs in as plain ``crm``) owns ``@crm.example``;
 - ``billing@site.example`` (realm ``site.example``) owns ``invoices@billing.example``.
 
-Debian's Postfix 3.7 reads smtpd.conf from ``CONFIG_DIR/sasl/`` (its own patch; it does
-not look at ``cyrus_sasl_config_path``), so the file goes there and main.cf's
-``cyrus_sasl_config_path`` names the same folder, for a Postfix that reads it.
+Debian 12's Postfix 3.7 with its libsasl2 reads smtpd.conf from ``CONFIG_DIR/sasl/`` (then
+/usr/lib/sasl/; seen with strace: a ``cyrus_sasl_config_path`` elsewhere was not opened), so
+the file goes there and main.cf's ``cyrus_sasl_config_path`` names the same folder, for a
+Postfix that reads it. Without the file Cyrus falls back to /etc/sasldb2 and every login
+gets 454 4.7.0.
 
 Then the runbook of docs/migration.md, with the real CLI at every step: ``keyrelay migrate
 postfix --sunset`` (a date ahead), ``keyrelay sync`` of what it wrote, the DNS step (the
