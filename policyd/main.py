@@ -36,6 +36,7 @@ from . import control, server
 from .auth import AuthService
 from .context import ServiceContext
 from .policy import PolicyService
+from .siteauth import SiteAuth, SiteAuthUnavailable
 from .socketmap import SocketmapService
 
 log = logging.getLogger("keyrelay.policyd")
@@ -109,6 +110,31 @@ def check(config: Config) -> None:
                  config.counters.backend)
     for pool in {config.routing.default_pool} - {""} - set(snapshot.pools):
         log.warning("routing.default_pool %r is not a pool in the directory", pool)
+
+
+def check_site_auth(config: Config) -> None:
+    """--check-config with auth.site_auth_socket: the site's Dovecot answers the handshake
+    and offers PLAIN. A warning only: the site's Dovecot may start after keyrelay (until it
+    answers, the site's logins get 454 4.7.0)."""
+    target = config.auth.site_auth_socket
+    if not target:
+        return
+    if not config.policyd.auth_listen:
+        log.warning("auth.site_auth_socket is set but policyd.auth_listen is empty: no login "
+                    "reaches keyrelay, so none is passed on")
+        return
+
+    async def handshake() -> None:
+        await SiteAuth(target, timeout=5.0).check()
+
+    try:
+        asyncio.run(handshake())
+    except SiteAuthUnavailable as exc:
+        log.warning("auth.site_auth_socket: %s; the site's logins get 454 4.7.0 until it "
+                    "answers (docs/coexistence.md)", exc)
+    else:
+        print(f"keyrelay-policyd: the site's auth service at {target} answers and offers "
+              "PLAIN")
 
 
 class Daemon:
@@ -516,6 +542,7 @@ def main(argv: list[str] | None = None) -> None:
             check_counters(config)
         except CountersUnavailable as exc:
             fail(str(exc))
+        check_site_auth(config)
         print(textwrap.dedent(f"""\
             keyrelay-policyd: configuration {path} is valid
             keyrelay-policyd: directory {config.directory.location} is valid"""))

@@ -102,6 +102,11 @@ class SiteAuth:
         finally:
             connection.pending.pop(request_id, None)
 
+    async def check(self) -> None:
+        """Open a connection, handshake, close it (keyrelay-policyd --check-config)."""
+        connection = await asyncio.wait_for(self._open(), self.timeout)
+        connection.writer.close()
+
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:

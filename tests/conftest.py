@@ -58,7 +58,8 @@ IN_PROCESS = frozenset({
     "test_metrics", "test_migrate_sendgrid", "test_milter", "test_names", "test_policyd_codecs",
     "test_policyd_counters",
     "test_policyd_services", "test_quotas", "test_reasons", "test_sync",
-    "test_counters_memory", "test_legacy_credential", "test_legacy_login", "test_webhooks",
+    "test_counters_memory", "test_legacy_credential", "test_legacy_login",
+    "test_events_maillog", "test_events_follow", "test_webhooks",
 })
 
 

@@ -13,6 +13,7 @@ policy service for the site's own rules to decide, while keyrelay's logins keep 
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -177,3 +178,24 @@ def test_a_site_logins_messages_pass_the_policy_service_for_the_sites_rules(
         assert policy.ask(**app, sender="invoices@acme.example") == "DUNNO"
         refused = policy.ask(**app, sender=ALICE)
         assert refused is not None and refused.startswith("550 5.7.1")
+
+
+def test_check_config_says_whether_the_site_answers(tmp_path: Path,
+                                                    site: dovecot_kit.Dovecot) -> None:
+    relay = Policyd(tmp_path, {"auth": {"site_auth_socket": str(site.socket)}})
+    with relay.directory().transaction() as data:
+        admin.add_account(data, "acme", now())
+    found = subprocess.run(relay.command("--check-config"), capture_output=True, text=True,
+                           timeout=120)
+    assert found.returncode == 0, found.stderr
+    assert (f"keyrelay-policyd: the site's auth service at {site.socket} answers and offers "
+            "PLAIN") in found.stdout
+    # a socket nobody serves: a warning that names it, not a refusal (Dovecot may start later)
+    relay.write_config({"auth": {"site_auth_socket": str(tmp_path / "nothing-here")}})
+    away = subprocess.run(relay.command("--check-config"), capture_output=True, text=True,
+                          timeout=120)
+    assert away.returncode == 0, away.stderr
+    assert (f"auth.site_auth_socket: cannot connect to {tmp_path / 'nothing-here'}: No such "
+            "file or directory; the site's logins get 454 4.7.0 until it answers") in (
+        away.stdout + away.stderr)
+    assert "Traceback" not in away.stderr

@@ -28,6 +28,7 @@ Load once in ``main()`` and pass the ``Config`` down.
 
 from .base import Duration, InvalidField
 from .counters import CountersConfig, RedisConfig, RedisTlsConfig
+from .events import EventsConfig
 from .example import render_example
 from .loader import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config, parse_config, resolve_config_path
 from .sections import (
@@ -60,6 +61,7 @@ __all__ = [
     "DnsConfig",
     "DomainsConfig",
     "Duration",
+    "EventsConfig",
     "InvalidField",
     "KeysConfig",
     "LdapConfig",

@@ -12,6 +12,7 @@ from typing import Literal
 from ..durations import format_duration
 from .base import NO_SPACE, Duration, InvalidField
 from .counters import CountersConfig
+from .events import EventsConfig
 from .services import MilterConfig, PolicydConfig, PostfixConfig
 from .webhooks import WebhooksConfig
 
@@ -467,6 +468,11 @@ class Config:
         default_factory=PostfixConfig,
         metadata={"doc": "What `keyrelay postfix apply` writes into Postfix's main.cf and "
                   "master.cf."},
+    )
+    events: EventsConfig = field(
+        default_factory=EventsConfig,
+        metadata={"doc": "keyrelay-events: delivery events from Postfix's log "
+                  "(docs/events.md)."},
     )
     webhooks: WebhooksConfig = field(
         default_factory=WebhooksConfig,

@@ -92,8 +92,9 @@ def _allow_horizon(
     key = directory.keys.get(verdict.key_id or "")
     if key is not None and key.expires is not None:
         horizon = key.expires
-    cred = directory.legacy.get(verdict.principal or "")
-    if verdict.key_id == LEGACY_KEY_ID and cred is not None:  # the day after its sunset
+    cred = (directory.legacy.get(verdict.principal or "")
+            if verdict.key_id == LEGACY_KEY_ID else None)  # a key's session: no look-up
+    if cred is not None:  # the day after its sunset
         horizon = min(horizon, datetime.combine(cred.sunset + timedelta(days=1), time(),
                                                 tzinfo=UTC))
     address = normal_address(sender) or ""

@@ -66,6 +66,8 @@ def write_config(settings: Settings) -> None:
             "tls_chain_files": f"{run / 'tls' / 'key.pem'}, {run / 'tls' / 'cert.pem'}",
         },
     }
+    # keyrelay-events (docs/events.md): the demo Postfix's own maillog_file
+    config["events"] = {"maillog": str(settings.maillog), "state": str(settings.events_state)}
     if settings.counters is not None:
         config["counters"] = dict(settings.counters)
     text = ("# Written by keyrelay's demo (make run) on every start; the ports come from the\n"

@@ -1,0 +1,166 @@
+"""The events' SQLite file: outbox, log position and correlation state (docs/events.md,
+"Exactly once").
+
+One transaction per batch writes the batch's events, the position after its last line and
+the correlation entries it changed. After a crash the file holds either all of a batch or none
+of it, and the follower starts again from the position that matches the events and the state
+it holds: nothing is emitted twice, nothing is skipped. WAL journal, ``synchronous=NORMAL``:
+a commit is one WAL append and no fsync; a power loss may lose the last batches, together
+with their position, so they are read again. ``event_id`` is also unique in the table, so a
+batch read twice could never add an event twice.
+
+The outbox rows carry what the webhook sender (a later change) needs: the account, a delivery
+state (``pending``), the attempts so far and the time of the next attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    account TEXT,
+    event TEXT NOT NULL,
+    created REAL NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_pending ON events (state, next_attempt);
+CREATE TABLE IF NOT EXISTS position (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS correlation (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """The state file cannot be used (not SQLite, a newer schema): one line for the admin."""
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where reading stopped: the file (device, inode, the hash naming its first line) and
+    the offset of the first byte not yet read (always just after a line feed)."""
+
+    device: int
+    inode: int
+    source: str
+    offset: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Checkpoint:
+        data = json.loads(text)
+        return cls(int(data["device"]), int(data["inode"]), str(data["source"]),
+                   int(data["offset"]))
+
+
+class EventStore:
+    """The SQLite file; one instance per process (the follower is its only writer)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=30.0)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+            row = self.db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+            if row is None:
+                self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema version {row[0]} is newer than this "
+                                 f"keyrelay's ({SCHEMA_VERSION})")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: not a usable events state file ({exc})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def checkpoint(self) -> Checkpoint | None:
+        row = self.db.execute("SELECT body FROM position WHERE id = 1").fetchone()
+        return None if row is None else Checkpoint.from_json(row[0])
+
+    def correlation(self) -> list[tuple[str, str]]:
+        return [(str(k), str(v)) for k, v in self.db.execute("SELECT key, value FROM correlation")]
+
+    def counters(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.db.execute("SELECT name, value FROM counters")}
+
+    def commit(self, events: Sequence[dict[str, Any]], checkpoint: Checkpoint | None,
+               changes: Iterable[tuple[str, str | None]], counts: dict[str, int],
+               now: float) -> int:
+        """Write one batch in one transaction; returns how many events were new."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO events (event_id, account, event, created, body)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(e["event_id"], e.get("account"), e["event"], now,
+                  json.dumps(e, separators=(",", ":"))) for e in events])
+            added = db.total_changes - before
+            for key, value in changes:
+                if value is None:
+                    db.execute("DELETE FROM correlation WHERE key = ?", (key,))
+                else:
+                    db.execute("INSERT OR REPLACE INTO correlation VALUES (?, ?)", (key, value))
+            if counts:
+                db.executemany(
+                    "INSERT INTO counters VALUES (?, ?)"
+                    " ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                    [(name, n) for name, n in counts.items() if n])
+            if checkpoint is not None:
+                db.execute("INSERT OR REPLACE INTO position VALUES (1, ?)",
+                           (checkpoint.to_json(),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return added
+
+    def events(self, after: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(seq, event) in the order they were written, from ``seq > after``."""
+        for seq, body in self.db.execute(
+                "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq", (after,)):
+            yield int(seq), json.loads(body)
+
+    def purge(self, before: float) -> int:
+        """Remove events written before ``before`` (Unix seconds) that are finished with:
+        delivered, given up, or with no webhook to go to (any state but ``pending``)."""
+        cursor = self.db.execute(
+            "DELETE FROM events WHERE state != 'pending' AND created < ?", (before,))
+        return int(cursor.rowcount)
+
+    def last_seq(self) -> int:
+        row = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        return int(row[0])
+
+
+__all__ = ["SCHEMA_VERSION", "Checkpoint", "EventStore", "StoreError"]
