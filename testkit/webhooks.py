@@ -33,9 +33,10 @@ class Answer:
 
 
 class Receiver:
-    """``with Receiver(tls=True) as hook:`` ... ``hook.url`` ... ``hook.received``."""
+    """``with Receiver(tls=True) as hook:`` ... ``hook.url`` ... ``hook.received``; ``port``:
+    a port of the test's choice (a receiver that comes up late at a URL already set)."""
 
-    def __init__(self, tls: bool = False) -> None:
+    def __init__(self, tls: bool = False, port: int = 0) -> None:
         self.tls = tls
         self.received: list[Request] = []
         self.answer: Callable[[Request], Answer] = lambda _request: Answer()
@@ -65,7 +66,7 @@ class Receiver:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         if tls:
             folder = shared_tls()

@@ -1,12 +1,14 @@
 """``keyrelay-events``: Postfix's log turned into delivery events, kept in the state file
-(the webhook outbox), one daemon per relay node (docs/events.md, "The daemon").
+(the webhook outbox) and sent to the accounts' webhooks, one daemon per relay node
+(docs/events.md, "The daemon").
 
 One thread follows the maillog (keyrelay/events/follow.py: a batch of lines, its events, the
-log position and the correlation state in one transaction); the main thread waits for signals
-and, every ``HOUSEKEEPING`` seconds, removes events older than ``events.keep`` that are
-finished with. Every event is logged as one line (``event=... account=... queue_id=...``).
-SIGTERM and SIGINT stop it after the batch in progress is committed: nothing is read twice or
-skipped across a stop, a crash or a rotation.
+log position and the correlation state in one transaction); another sends the events to the
+accounts' webhooks (keyrelay/events/outbox.py); the main thread waits for signals and, every
+``HOUSEKEEPING`` seconds, removes events older than ``events.keep`` that are finished with.
+Every event is logged as one line (``event=... account=... queue_id=...``). SIGTERM and
+SIGINT stop it after the batch in progress is committed: nothing is read twice or skipped
+across a stop, a crash or a rotation.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..usage import ArgumentParser, echo_undecodable_arguments
 from .correlate import Event
 from .follow import Follower
 from .maillog import Parser
+from .outbox import Sender
 from .store import EventStore, StoreError
 
 log = logging.getLogger("keyrelay.events")
@@ -179,10 +182,24 @@ def serve(path: str, config: Config) -> None:
             failure.append(exc)
             stop.set()
 
+    def send() -> None:
+        try:
+            store = EventStore(config.events.state)
+            try:
+                Sender(config, store).run(stop)
+            finally:
+                store.close()
+        except BaseException as exc:  # a bug of ours: stop, and let systemd restart us
+            log.exception("sending webhooks failed")
+            failure.append(exc)
+            stop.set()
+
     thread = threading.Thread(target=follow, name="keyrelay-events-follow")
+    sender = threading.Thread(target=send, name="keyrelay-events-webhooks")
     log.info("keyrelay-events %s following %s into %s", __version__, config.events.maillog,
              config.events.state)
     thread.start()
+    sender.start()
     next_sweep = 0.0
     while not stop.is_set():
         if time.monotonic() >= next_sweep:
@@ -192,6 +209,7 @@ def serve(path: str, config: Config) -> None:
             next_sweep = time.monotonic() + HOUSEKEEPING
         stop.wait(1.0)
     thread.join()
+    sender.join()
     if failure:
         sys.exit(1)
     log.info("keyrelay-events stopped")
