@@ -521,10 +521,17 @@ def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_m
             assert key_file.stat().st_mode & 0o777 == 0o600
         if ANALYZE is not None:  # the installed units name programs that exist, and parse
             units = sorted(str(p) for p in (root / "units").iterdir())
-            assert len(units) == 4
+            assert len(units) == 5
             verified = subprocess.run([ANALYZE, "verify", *units], capture_output=True,
                                       text=True)
             assert verified.returncode == 0, verified.stdout + verified.stderr
+        # keyrelay-events' own check: the role's events section and its state folder
+        check, start, env = unit_commands(root / "units" / "keyrelay-events.service")
+        assert start[0].startswith(str(prefix))
+        events = subprocess.run(check, env={**os.environ, **env}, capture_output=True,
+                                text=True)
+        assert events.returncode == 0, events.stderr
+        assert f"state file {root / 'state' / 'events.db'} is usable" in events.stdout
         assert "site.example" in deployed_cli(prefix, config, "domain", "list")
         deployed_cli(prefix, config, "domain", "mark-verified", "site.example")
         key = json.loads(deployed_cli(prefix, config, "key", "create", "site/app", "--name",
