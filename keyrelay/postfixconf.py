@@ -344,6 +344,12 @@ def _smtpd_service(name: str, role: str, tls: str) -> ServiceSpec:
     }
     if tls == "wrappermode":
         settings["smtpd_tls_wrappermode"] = "yes"
+    if role == SUBMISSION:
+        # the queue file, and with it the "QUEUEID: client=..., sasl_username=..." line, at
+        # MAIL FROM: a recipient refused at RCPT (a suppression, a sender check) is then logged
+        # with a queue id, so keyrelay-events can tell whose refusal it was (docs/events.md).
+        # Not on port 25, where strangers' refused recipients would each cost a queue file.
+        settings["smtpd_delay_open_until_valid_rcpt"] = "no"
     return ServiceSpec(name=name, type="inet", command="smtpd", settings=settings)
 
 

@@ -12,6 +12,7 @@ deployed instance with the site's own milter still in front and sends through it
 from __future__ import annotations
 
 import base64
+import datetime
 import grp
 import hashlib
 import json
@@ -105,6 +106,8 @@ def site(root: Path, main_cf: dict[str, str] | None = None,
         "keyrelay_user": "root", "keyrelay_group": "root",
         "keyrelay_etc_dir": str(root / "keyrelay"),
         "keyrelay_log_dir": str(root / "log"),
+        "keyrelay_state_dir": str(root / "state"),
+        "keyrelay_events_maillog": str(root / "mail.log"),
         "keyrelay_postfix_config_dir": str(etc),
         "keyrelay_socket_dir": str(queue / "private"),
         "keyrelay_smtp_service": f"127.0.0.1:{free_port()}",
@@ -518,10 +521,17 @@ def test_a_deployment_from_the_checkout_relays_and_dkim_signs_behind_the_sites_m
             assert key_file.stat().st_mode & 0o777 == 0o600
         if ANALYZE is not None:  # the installed units name programs that exist, and parse
             units = sorted(str(p) for p in (root / "units").iterdir())
-            assert len(units) == 4
+            assert len(units) == 5
             verified = subprocess.run([ANALYZE, "verify", *units], capture_output=True,
                                       text=True)
             assert verified.returncode == 0, verified.stdout + verified.stderr
+        # keyrelay-events' own check: the role's events section and its state folder
+        check, start, env = unit_commands(root / "units" / "keyrelay-events.service")
+        assert start[0].startswith(str(prefix))
+        events = subprocess.run(check, env={**os.environ, **env}, capture_output=True,
+                                text=True)
+        assert events.returncode == 0, events.stderr
+        assert f"state file {root / 'state' / 'events.db'} is usable" in events.stdout
         assert "site.example" in deployed_cli(prefix, config, "domain", "list")
         deployed_cli(prefix, config, "domain", "mark-verified", "site.example")
         key = json.loads(deployed_cli(prefix, config, "key", "create", "site/app", "--name",
@@ -790,3 +800,116 @@ def test_dkim_keys_made_on_one_node_reach_the_other_and_differing_files_stop_the
             "every node the file whose public key `keyrelay domain dns DOMAIN` publishes"
             ) in output
     assert {name: keys(name) for name in hosts} == before
+
+
+# -- keyrelay_migrate_postfix (docs/migration.md, "Ansible") -----------------------------------
+MIGRATE_PASSWORDS = {"crm": "Crm-Old-Secret-4711", "billing": "Billing-Old-Secret-0815"}
+
+
+def cyrus_site(root: Path, **variables: Any) -> tuple[Path, Path]:
+    """A host whose Postfix logs its applications in with Cyrus SASL (a sasldb2 made by
+    saslpasswd2) and binds them to senders with a hash map and reject_sender_login_mismatch;
+    the role may take its services over (keyrelay_postfix_replace_site_sasl)."""
+    etc, playbook = site(root, main_cf={
+        "smtpd_sasl_type": "cyrus", "smtpd_sender_login_maps": f"hash:{root}/postfix/senders",
+        "smtpd_sender_restrictions": "reject_sender_login_mismatch"},
+        keyrelay_postfix_replace_site_sasl=True, **variables)
+    (etc / "senders").write_text("@crm.example crm\n"
+                                 "invoices@billing.example billing@site.example\n")
+    subprocess.run(["postmap", "-c", str(etc), f"hash:{etc / 'senders'}"], check=True)
+    for user, realm in (("crm", "relay.site.example"), ("billing", "site.example")):
+        subprocess.run(["saslpasswd2", "-f", str(root / "sasldb2"), "-p", "-c", "-u", realm,
+                        user], input=MIGRATE_PASSWORDS[user], text=True, check=True)
+    return etc, playbook
+
+
+def set_vars(playbook: Path, **variables: Any) -> None:
+    play = yaml.safe_load(playbook.read_text())
+    play[0]["vars"].update(variables)
+    playbook.write_text(yaml.safe_dump(play))
+
+
+@pytest.mark.skipif(not shutil.which("saslpasswd2") or not shutil.which("db_dump"),
+                    reason="sasl2-bin and db-util come with make test")
+def test_the_import_variables_run_migrate_postfix_once_and_sync_it_only_when_asked_once(
+        tmp_path: Path) -> None:
+    sunset = datetime.date.today() + datetime.timedelta(days=90)  # YAML: an unquoted date
+    etc, playbook = cyrus_site(tmp_path, keyrelay_migrate_postfix={
+        "account": "acme", "sasldb": str(tmp_path / "sasldb2"), "sunset": sunset})
+    config = tmp_path / "keyrelay" / "keyrelay.yaml"
+    out = tmp_path / "keyrelay" / "migrated.yaml"
+    report = tmp_path / "keyrelay" / "migrated.report.md"
+
+    status, changed, output = run_playbook(playbook, "--check")  # a new host: nothing written
+    assert status == 0 and changed > 0, output
+    assert not out.exists() and not report.exists()
+
+    status, changed, output = run_playbook(playbook)
+    assert status == 0 and changed > 0, output
+    declared = yaml.safe_load(out.read_text())
+    subusers = declared["accounts"]["acme"]["subusers"]
+    assert {name: body["legacy_login"]["username"] for name, body in subusers.items()} == {
+        "crm": "crm", "billing": "billing@site.example"}
+    assert {body["legacy_login"]["sunset"] for body in subusers.values()} == {sunset.isoformat()}
+    assert "`keyrelay key create acme/crm --name crm --scope mail.send`" in report.read_text()
+    for path in (out, report):
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert (path.stat().st_uid, path.stat().st_gid) == (0, 0)
+    for password in MIGRATE_PASSWORDS.values():
+        assert password not in output + out.read_text() + report.read_text()
+    # nothing in the directory until the admin, having read the report, asks for the sync,
+    # and no switch: postfix apply waits for it
+    assert json.loads(deployed_cli(Path(sys.prefix), config, "account", "list",
+                                   "--json")) == []
+    assert "keyrelay postfix apply is held back" in output
+    assert postconf(etc, "keyrelay_milter") == ""
+    written = out.read_bytes()
+    for options in ((), ("--check",)):
+        status, changed, output = run_playbook(playbook, *options)
+        assert (status, changed) == (0, 0), output
+    assert out.read_bytes() == written  # not imported again (new salts would change it)
+
+    set_vars(playbook, keyrelay_migrate_postfix_sync=True)
+    status, changed, output = run_playbook(playbook, "--check", "-v")
+    assert (status, changed) == (0, 3), output  # the sync (a dry run), its checksum, apply
+    assert "add legacy login acme/crm" in output
+    assert json.loads(deployed_cli(Path(sys.prefix), config, "legacy", "list",
+                                   "--json")) == []
+    assert postconf(etc, "keyrelay_milter") == ""
+    status, changed, output = run_playbook(playbook)
+    assert (status, changed) == (0, 3), output
+    # the switch: keyrelay took the site's services over, main.cf keeps the site's own
+    assert postconf(etc, "keyrelay_milter") == "unix:private/keyrelay-milter"
+    assert postconf(etc, "smtpd_sasl_type") == "cyrus"
+    legacy = json.loads(deployed_cli(Path(sys.prefix), config, "legacy", "list", "--json"))
+    assert sorted((e["principal"], e["username"], e["sunset"]) for e in legacy) == [
+        ("acme/billing", "billing@site.example", sunset.isoformat()),
+        ("acme/crm", "crm", sunset.isoformat())]
+    assert (tmp_path / "keyrelay" / "migrated.yaml.synced").stat().st_mode & 0o777 == 0o600
+
+    # synced once per declaration: a legacy login ended by hand stays ended
+    deployed_cli(Path(sys.prefix), config, "legacy", "remove", "acme/crm")
+    status, changed, output = run_playbook(playbook)
+    assert (status, changed) == (0, 0), output
+    legacy = json.loads(deployed_cli(Path(sys.prefix), config, "legacy", "list", "--json"))
+    assert [e["principal"] for e in legacy] == ["acme/billing"]
+
+
+def test_a_wrong_import_variable_stops_the_play_before_anything_is_written(
+        tmp_path: Path) -> None:
+    _, playbook = site(tmp_path, keyrelay_migrate_postfix={"account": "acme",
+                                                           "sasl_db": "/etc/sasldb2"})
+    status, _, output = run_playbook(playbook)
+    assert status != 0, output
+    assert "keyrelay_migrate_postfix must be {} (no import) or a mapping with account" in output
+    assert "'sasl_db'" in output
+    assert not (tmp_path / "keyrelay").exists()
+    # input the import cannot use stops the play with its one line; nothing is written
+    not_a_sasldb = tmp_path / "postfix" / "main.cf"
+    set_vars(playbook, keyrelay_migrate_postfix={"account": "acme",
+                                                 "sasldb": str(not_a_sasldb)})
+    status, _, output = run_playbook(playbook)
+    assert status != 0, output
+    assert f"keyrelay: error: {not_a_sasldb}: not a sasldb2" in output
+    assert "Traceback" not in output
+    assert sorted(p.name for p in (tmp_path / "keyrelay").glob("migrated*")) == []

@@ -360,7 +360,7 @@ def test_account_list_and_show(shared: Shared) -> None:
         "effective_limits": {"messages_per_minute": 600, "messages_per_hour": 20000,
                              "recipients_per_message": 100, "messages_per_day": None,
                              "messages_per_month": None},
-        "subusers": ["marketing"], "keys": 1, "domains": ["example.com"],
+        "subusers": ["marketing"], "keys": 1, "domains": ["example.com"], "webhook": None,
     }
     assert (accounts[1]["subusers"], accounts[1]["keys"], accounts[1]["domains"]) == ([], 0, [])
 

@@ -253,7 +253,8 @@ def test_the_configuration_is_a_conffile_and_means_the_defaults(installed: Scrat
 
 def test_the_units_run_the_installed_programs_and_are_not_enabled(installed: ScratchRoot) -> None:
     for unit in ("keyrelay-policyd.service", "keyrelay-milter.service",
-                 "keyrelay-domain-check.service", "keyrelay-domain-check.timer"):
+                 "keyrelay-events.service", "keyrelay-domain-check.service",
+                 "keyrelay-domain-check.timer"):
         text = installed.ok(f"cat /lib/systemd/system/{unit}")
         assert "/opt/keyrelay" not in text, unit
         assert not installed.sh(f"ls /etc/systemd/system/*.wants/{unit}").stdout, unit
@@ -262,7 +263,7 @@ def test_the_units_run_the_installed_programs_and_are_not_enabled(installed: Scr
 
 
 def test_the_man_pages_are_installed_and_render(installed: ScratchRoot) -> None:
-    for page in ("keyrelay.1", "keyrelay-policyd.8", "keyrelay-milter.8"):
+    for page in ("keyrelay.1", "keyrelay-policyd.8", "keyrelay-milter.8", "keyrelay-events.8"):
         section = page.rsplit(".", 1)[1]
         result = installed.sh(f"man --warnings -l /usr/share/man/man{section}/{page}.gz "
                               "2>&1 >/dev/null")

@@ -27,6 +27,7 @@ from keyrelay.config import Config, parse_config
 from keyrelay.decisions import EngineSettings, LoginFacts, decide_login
 from keyrelay.directory import DirectoryBackend, DirectoryData, open_directory
 from keyrelay.errors import ConfigError, DirectoryConflict, DirectoryUnavailable
+from keyrelay.webhooks import records, sign
 from testkit.net import wait_until
 
 KEYRELAY = Path(sys.executable).with_name("keyrelay")
@@ -377,3 +378,37 @@ def test_a_legacy_login_comes_back_as_written_and_records_its_use(store: Store) 
     with store.open().transaction() as data:
         admin.remove_legacy_login(data, "acme")
     assert set(store.open().load().legacy) == {"acme/app"}
+
+
+def test_a_webhook_comes_back_as_written_with_its_secret(store: Store) -> None:
+    """An account's webhook (issue 25, docs/webhooks.md): its URL and its signing secret,
+    stored usable, replaced, removed; the CLI never shows the secret."""
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    secret = sign.new_secret()
+    with store.open().transaction() as data:
+        admin.add_account(data, "acme", t0)
+        admin.add_account(data, "beta", t0)
+        hook = records.set_webhook(data, "acme", "https://hooks.example.com/in?tenant=acme",
+                                   t0, secret)
+    loaded = store.open().load()
+    assert loaded == data and loaded.accounts["acme"].webhook == hook
+    assert loaded.accounts["beta"].webhook is None
+    snapshot_hook = store.open().snapshot().accounts["acme"].webhook
+    assert snapshot_hook is not None and snapshot_hook.secret == secret
+
+    with store.open().transaction() as data:
+        moved = records.set_webhook(data, "acme", "https://hooks2.example.com/",
+                                    t0 + timedelta(minutes=1), None)
+    assert store.open().load().accounts["acme"].webhook == moved
+    assert (moved.secret, moved.created, moved.updated) == (secret, t0, t0 + timedelta(minutes=1))
+
+    made = json.loads(store.cli("webhook", "set", "beta", "--url", "https://93.184.215.14/in",
+                                "--json"))
+    shown = store.cli("webhook", "show", "beta") + store.cli("account", "show", "beta")
+    assert "https://93.184.215.14/in" in shown and made["secret"] not in shown
+    beta = store.open().load().accounts["beta"].webhook
+    assert beta is not None and beta.secret == made["secret"]
+
+    with store.open().transaction() as data:
+        records.remove_webhook(data, "acme")
+    assert store.open().load().accounts["acme"].webhook is None

@@ -20,6 +20,7 @@ from keyrelay.directory import DirectoryData, open_directory
 from keyrelay.directory.ldap import schema
 from keyrelay.directory.model import Limits
 from keyrelay.errors import DirectoryUnavailable
+from keyrelay.webhooks import records, sign
 from testkit.slapd import KEYRELAY_INDEXES, SLAPD, Slapd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,9 +29,11 @@ QUOTA_ATTRIBUTES = ("krMessagesPerDay", "krMessagesPerMonth")
 
 LEGACY_ATTRIBUTES = ("krLegacyUsername", "krLegacyPasswordHash", "krLegacySunset",
                      "krLegacyCreated", "krLegacyLastUsed")
+WEBHOOK_ATTRIBUTES = ("krWebhookUrl", "krWebhookSecret", "krWebhookCreated", "krWebhookUpdated")
 
 
-def earlier_schema(left_out: tuple[str, ...] = QUOTA_ATTRIBUTES + LEGACY_ATTRIBUTES) -> str:
+def earlier_schema(left_out: tuple[str, ...] = (QUOTA_ATTRIBUTES + LEGACY_ATTRIBUTES
+                                                + WEBHOOK_ATTRIBUTES)) -> str:
     """keyrelay.ldif as the release before the quotas wrote it: without their attributes
     (nor those of the password bridge, which came later)."""
     attributes = [a for a in schema.ATTRIBUTES if a.name not in left_out]
@@ -81,6 +84,12 @@ def test_an_earlier_schema_keeps_working_and_the_upgrade_ldif_adds_the_quotas(
         admin.set_legacy_login(changed, "acme", "acme", passwords.hash_plaintext("pw"),
                                date(2027, 1, 31), datetime(2026, 12, 1, tzinfo=UTC))
     assert open_directory(config).load() == data
+    # so does a webhook (issue 25)
+    with pytest.raises(DirectoryUnavailable, match=r"keyrelay-upgrade\.ldif"), \
+            open_directory(config).transaction() as changed:
+        records.set_webhook(changed, "acme", "https://hooks.example.com/in",
+                            datetime(2026, 12, 1, tzinfo=UTC), sign.new_secret())
+    assert open_directory(config).load() == data
 
     # the upgrade, as docs/ldap.md gives it: the schema entry's DN found with ldapsearch, put
     # in the dn: line (there with sed), ldapmodify (here over ldaps as cn=config's admin
@@ -106,7 +115,11 @@ def test_an_earlier_schema_keeps_working_and_the_upgrade_ldif_adds_the_quotas(
         # the password bridge's attributes (issue 24) come with the same upgrade
         admin.set_legacy_login(changed, "acme/marketing", "mkt", passwords.hash_plaintext("pw"),
                                date(2027, 1, 31), datetime(2026, 12, 1, tzinfo=UTC))
+        # and the webhook's (issue 25)
+        hook = records.set_webhook(changed, "acme", "https://hooks.example.com/in",
+                                   datetime(2026, 12, 1, tzinfo=UTC), sign.new_secret())
     loaded = open_directory(config).load()
+    assert loaded.accounts["acme"].webhook == hook
     assert loaded.legacy["acme/marketing"].username == "mkt"
     assert loaded.accounts["acme"].limits.messages_per_day == 1000
     assert loaded.subusers["acme/marketing"].limits == replace(

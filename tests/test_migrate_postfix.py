@@ -198,6 +198,57 @@ def test_a_sasldb_that_is_not_one_is_one_line_and_nothing_is_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["postfix"]
 
 
+def test_maps_that_cannot_be_read_are_lines_of_the_report(tmp_path: Path) -> None:
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    (folder / "corrupt.db").write_bytes(b"not a Berkeley DB\n")
+    (folder / "corrupt.lmdb").write_bytes(b"not an LMDB file\n")
+    site = make_site(tmp_path, maps=(
+        f"texthash:{folder / 'missing'}, hash:{folder / 'corrupt'}, "
+        f"lmdb:{folder / 'corrupt'}, texthash:{folder}"))
+    out = tmp_path / "migrated.yaml"
+    done = migrate("--config-dir", str(site), "--account", "acme", "--out", str(out))
+    assert (done.returncode, done.stderr) == (0, ""), done
+    report = (tmp_path / "migrated.report.md").read_text(encoding="utf-8")
+    for table, reason in (
+            (f"texthash:{folder / 'missing'}", "No such file or directory"),
+            (f"hash:{folder / 'corrupt'}", f"open database {folder / 'corrupt.db'}"),
+            (f"lmdb:{folder / 'corrupt'}", "File is not an LMDB file"),
+            (f"texthash:{folder}", "Is a directory")):
+        line = next((text for text in report.splitlines() if f"map `{table}`:" in text), "")
+        assert "cannot be read (" in line and reason in line and "not imported" in line, (
+            table, report)
+    assert yaml.safe_load(out.read_text(encoding="utf-8")) == {
+        "accounts": {"acme": {"subusers": {}}}}  # nothing imported from them
+
+
+def test_a_passwd_file_that_is_a_database_is_one_line_and_nothing_is_written(
+        tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    bad = tmp_path / "sasldb2-by-mistake"
+    bad.write_bytes(b"\0\x05\x31\x15user\0realm\0userPassword\0")
+    out = tmp_path / "migrated.yaml"
+    done = migrate("--config-dir", str(site), "--dovecot-passwd", str(bad), "--account",
+                   "acme", "--out", str(out))
+    assert (done.returncode, done.stderr) == (1, (
+        f"keyrelay: error: {bad}: not a Dovecot passwd-file (it holds NUL bytes: a database "
+        "file? --sasldb reads a sasldb2)\n"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["postfix", "sasldb2-by-mistake"]
+
+
+def test_a_report_that_cannot_be_written_leaves_no_declaration_behind(tmp_path: Path) -> None:
+    site = make_site(tmp_path)
+    out = tmp_path / "migrated.yaml"
+    report = tmp_path / "no-such-folder" / "report.md"
+    done = migrate("--config-dir", str(site), "--sasldb", str(make_sasldb(tmp_path)),
+                   "--account", "acme", "--sunset", "2027-03-01", "--out", str(out),
+                   "--report", str(report))
+    assert (done.returncode, done.stderr) == (1, (
+        f"keyrelay: error: cannot write {report}: cannot create a file in {report.parent}: "
+        "No such file or directory\n"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["postfix", "sasldb2"]
+
+
 def test_bad_maps_and_logins_are_lines_of_the_report(tmp_path: Path) -> None:
     site = make_site(tmp_path, maps=(
         f"hash:{tmp_path / 'never-postmapped'}, nosuchtype:/etc/whatever, "

@@ -16,7 +16,7 @@ import pytest
 
 UNITS = Path(__file__).resolve().parent.parent / "postfix-conf" / "systemd"
 ANALYZE = shutil.which("systemd-analyze")
-DAEMONS = ["keyrelay-policyd.service", "keyrelay-milter.service"]
+DAEMONS = ["keyrelay-policyd.service", "keyrelay-milter.service", "keyrelay-events.service"]
 SERVICES = [*DAEMONS, "keyrelay-domain-check.service"]
 
 pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
@@ -34,7 +34,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_every_unit_passes_systemd_analyze_verify(installed: Path) -> None:
     units = sorted(str(p) for p in installed.iterdir())
-    assert len(units) == 4
+    assert len(units) == 5
     result = subprocess.run([str(ANALYZE), "verify", *units], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -41,6 +41,7 @@ from . import (
     suppression,
     sync,
     usage_command,
+    webhook,
 )
 from .core import (
     CONFLICT_SECONDS,
@@ -89,7 +90,7 @@ exit status:
 
 # the command groups in the order --help lists them
 _GROUPS = (init, config, account, subuser, key, ip, domain, sender, pool, limits, usage_command,
-           sync, migrate, legacy, backup, postfix, monitor, lockout, suppression)
+           webhook, sync, migrate, legacy, backup, postfix, monitor, lockout, suppression)
 
 
 def build_parser() -> argparse.ArgumentParser:

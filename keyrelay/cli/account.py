@@ -27,6 +27,7 @@ def account_json(data: DirectoryData, acc: Account, limits: Effective) -> dict[s
         # keys not revoked, as the KEYS column of the text listing counts them
         "keys": sum(1 for k in data.keys.values() if k.account == acc.name and not k.revoked),
         "domains": sorted(d.name for d in data.domains.values() if d.owner == acc.name),
+        "webhook": acc.webhook.url if acc.webhook else None,  # never its secret
     }
 
 
@@ -75,6 +76,7 @@ def account_show(ctx: Context, args: argparse.Namespace) -> None:
         ("subusers", ", ".join(info["subusers"]) or "-"),
         ("keys", str(info["keys"])),
         ("domains", ", ".join(info["domains"]) or "-"),
+        ("webhook", info["webhook"] or "-"),
         ("created", info["created"] or "-"),
     ]:
         ctx.out.write(f"{label + ':':<10} {value}\n")

@@ -21,12 +21,14 @@ Load once in ``main()`` and pass the ``Config`` down.
   sections, and ``Config``, the whole file;
 - counters.py: the counters section (memory or Redis);
 - services.py: the keyrelay-policyd, keyrelay-milter and Postfix sections;
+- webhooks.py: the webhooks section (docs/webhooks.md);
 - loader.py: which file (``resolve_config_path``), reading and validating it;
 - example.py: the example file, ``python -m keyrelay.config``.
 """
 
 from .base import Duration, InvalidField
 from .counters import CountersConfig, RedisConfig, RedisTlsConfig
+from .events import EventsConfig
 from .example import render_example
 from .loader import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config, parse_config, resolve_config_path
 from .sections import (
@@ -45,6 +47,7 @@ from .sections import (
     default_config,
 )
 from .services import BruteForceConfig, MilterConfig, PolicydConfig, PostfixConfig
+from .webhooks import WebhooksConfig
 
 __all__ = [
     "CONFIG_ENV",
@@ -58,6 +61,7 @@ __all__ = [
     "DnsConfig",
     "DomainsConfig",
     "Duration",
+    "EventsConfig",
     "InvalidField",
     "KeysConfig",
     "LdapConfig",
@@ -70,6 +74,7 @@ __all__ = [
     "RedisConfig",
     "RedisTlsConfig",
     "RoutingConfig",
+    "WebhooksConfig",
     "default_config",
     "load_config",
     "parse_config",

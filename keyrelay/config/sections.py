@@ -12,8 +12,10 @@ from typing import Literal
 from ..durations import format_duration
 from .base import NO_SPACE, Duration, InvalidField
 from .counters import CountersConfig
+from .events import EventsConfig
 from .services import MilterConfig, PolicydConfig, PostfixConfig
 from .suppressions import SuppressionsConfig
+from .webhooks import WebhooksConfig
 
 _SELECTOR = re.compile(r"[a-z][a-z0-9]{0,15}")
 _SCOPE = re.compile(r"[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)+")
@@ -471,6 +473,16 @@ class Config:
         default_factory=PostfixConfig,
         metadata={"doc": "What `keyrelay postfix apply` writes into Postfix's main.cf and "
                   "master.cf."},
+    )
+    events: EventsConfig = field(
+        default_factory=EventsConfig,
+        metadata={"doc": "keyrelay-events: delivery events from Postfix's log "
+                  "(docs/events.md)."},
+    )
+    webhooks: WebhooksConfig = field(
+        default_factory=WebhooksConfig,
+        metadata={"doc": "Accounts' webhooks: where delivery events are POSTed, signed "
+                  "(docs/webhooks.md)."},
     )
 
     def __post_init__(self) -> None:

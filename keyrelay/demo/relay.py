@@ -113,6 +113,20 @@ class Relay:
         return Child("keyrelay-milter", [str(BIN / "keyrelay-milter"), "--config", str(s.config)],
                      s.logs / "milter.log", lambda: unix_accepts(s.socket("milter")))
 
+    def events(self) -> Child:
+        """keyrelay-events following the demo Postfix's maillog into ``events.db``; ready
+        once it says so (it runs as root here: postlogd's maillog is root's, mode 0600)."""
+        s = self.settings
+        log = s.logs / "events.log"
+        mark = log.stat().st_size if log.exists() else 0
+
+        def following() -> bool:
+            with log.open("rb") as handle:
+                handle.seek(mark)
+                return b"keyrelay-events" in handle.read() and s.events_state.exists()
+        return Child("keyrelay-events", [str(BIN / "keyrelay-events"), "--config", str(s.config)],
+                     log, following)
+
     # -- starting and stopping ------------------------------------------------------------
     def start(self) -> None:
         """Start everything and wait until each part answers; stop all on failure."""
@@ -126,6 +140,7 @@ class Relay:
             self.children.setdefault("sink", self.sink())
             self.children.setdefault("policyd", self.policyd())
             self.children.setdefault("milter", self.milter())
+            self.children.setdefault("events", self.events())
             for child in self.children.values():
                 child.start()
             self.start_postfix()
@@ -157,7 +172,7 @@ class Relay:
         """Stop Postfix first (no new mail), then the daemons and the sink."""
         if self.postfix_started:
             self.stop_postfix()
-        for name in ("milter", "policyd", "sink"):
+        for name in ("events", "milter", "policyd", "sink"):
             child = self.children.get(name)
             if child is not None:
                 child.stop()
@@ -194,6 +209,7 @@ keyrelay demo relay is running (Ctrl-C stops it).
   implicit TLS      {s.host}:{s.submissions_port}
   delivered mail    {s.outbox}/   (smtp-sink on {s.host}:{s.sink_port})
   logs              {s.logs}/ and {s.maillog}
+  delivery events   {s.events_state}   (keyrelay-events, docs/events.md)
   API key, ports    {s.env_file}   (username: apikey)
 {self.metrics_lines()}
 Send a message (in another terminal):

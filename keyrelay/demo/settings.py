@@ -118,6 +118,10 @@ class Settings:
         return self.run_dir / "postfix" / "maillog"
 
     @property
+    def events_state(self) -> Path:
+        return self.run_dir / "events.db"
+
+    @property
     def outbox(self) -> Path:
         return self.run_dir / "outbox"
 

@@ -66,6 +66,10 @@ def write_config(settings: Settings) -> None:
             "tls_chain_files": f"{run / 'tls' / 'key.pem'}, {run / 'tls' / 'cert.pem'}",
         },
     }
+    # keyrelay-events (docs/events.md): the demo Postfix's own maillog_file
+    config["events"] = {"maillog": str(settings.maillog), "state": str(settings.events_state)}
+    # the README's tour sets a webhook to a receiver on this machine (docs/webhooks.md)
+    config["webhooks"] = {"allow_private_targets": True}
     if settings.counters is not None:
         config["counters"] = dict(settings.counters)
     text = ("# Written by keyrelay's demo (make run) on every start; the ports come from the\n"

@@ -72,6 +72,18 @@ LIMIT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Limits))
 
 
 @dataclass(frozen=True, slots=True)
+class Webhook:
+    """Where an account's delivery events are POSTed, and the secret that signs them
+    (docs/webhooks.md). The secret is stored usable, as it signs: it never shows in a repr,
+    a log, an error or a listing (``keyrelay webhook set`` prints it once)."""
+
+    url: str
+    secret: str = field(repr=False)
+    created: datetime | None = None
+    updated: datetime | None = None  # last change of the URL or the secret
+
+
+@dataclass(frozen=True, slots=True)
 class Account:
     name: str
     status: Status = Status.ACTIVE
@@ -80,6 +92,7 @@ class Account:
     pool: str | None = None
     limits: Limits = Limits()
     created: datetime | None = None
+    webhook: Webhook | None = None  # account configuration shared by every node
 
     @property
     def principal(self) -> str:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from .. import __version__, names, yamlread
 from ..errors import ConfigError, DirectoryUnavailable, UserError
 from ..keys import KEY_ID_RE
-from . import yamllegacy
+from . import yamllegacy, yamlwebhook
 from .model import (
     LIMIT_FIELDS,
     Account,
@@ -389,7 +389,7 @@ class _Parser:
 
     def account(self, data: DirectoryData, name: str, value: object, key: str) -> None:
         common = ("status", "pool", "limits", "created", "keys", "senders", "legacy_login")
-        doc = self.mapping(value, key, (*common, "monitor", "ip_allow", "subusers"))
+        doc = self.mapping(value, key, (*common, "monitor", "ip_allow", "webhook", "subusers"))
         self.checked(names.account_name, name, key)
         status, pool, limits, created = self.principal_parts(data, name, doc, key)
         monitor = doc.get("monitor", False)
@@ -400,7 +400,10 @@ class _Parser:
             self.checked(names.network, n, f"{key}.ip_allow[{i}]")
             for i, n in enumerate(self.str_list(doc.get("ip_allow"), f"{key}.ip_allow"))
         )
-        data.accounts[name] = Account(name, status, monitor, ip_allow, pool, limits, created)
+        webhook = (yamlwebhook.parse(self, doc["webhook"], f"{key}.webhook")
+                   if doc.get("webhook") is not None else None)
+        data.accounts[name] = Account(name, status, monitor, ip_allow, pool, limits, created,
+                                      webhook)
         for sub, sdoc in self.mapping(doc.get("subusers"), f"{key}.subusers").items():
             where = f"{key}.subusers.{sub}"
             self.checked(names.account_name, sub, where)

@@ -8,7 +8,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from . import yamllegacy
+from . import yamllegacy, yamlwebhook
 from .model import LIMIT_FIELDS, ApiKey, DirectoryData, Limits, Sender, Status
 
 
@@ -77,6 +77,8 @@ def render(data: DirectoryData) -> str:
             grouped, acc.name, acc.status, acc.pool, acc.limits, acc.created,
             monitor=acc.monitor, ip_allow=[str(n) for n in acc.ip_allow],
         )
+        if acc.webhook is not None:  # only then: a file without one reads in an older keyrelay
+            doc["webhook"] = yamlwebhook.render(acc.webhook, _ts)
         doc["subusers"] = {
             sub.name: _principal_doc(
                 grouped, sub.principal, sub.status, sub.pool, sub.limits, sub.created

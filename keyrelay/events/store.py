@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: events.first_failure (the webhook outbox's retry_for)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL DEFAULT 0
+    next_attempt REAL NOT NULL DEFAULT 0,
+    first_failure REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS events_pending ON events (state, next_attempt);
 CREATE TABLE IF NOT EXISTS position (
@@ -80,6 +81,18 @@ class Checkpoint:
                    int(data["offset"]))
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An event waiting in the outbox, with its delivery state so far."""
+
+    seq: int
+    account: str
+    attempts: int  # failed deliveries so far
+    first_failure: float  # Unix seconds of the first failed delivery, 0: none yet
+    created: float  # when the event was written
+    event: dict[str, Any]
+
+
 class EventStore:
     """The SQLite file; one instance per process (the follower is its only writer)."""
 
@@ -96,6 +109,13 @@ class EventStore:
             elif int(row[0]) > SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: schema version {row[0]} is newer than this "
                                  f"keyrelay's ({SCHEMA_VERSION})")
+            elif int(row[0]) < 2:  # version 1 had no first_failure
+                columns = {str(c[1]) for c in self.db.execute("PRAGMA table_info(events)")}
+                if "first_failure" not in columns:
+                    self.db.execute("ALTER TABLE events ADD COLUMN first_failure REAL NOT NULL "
+                                    "DEFAULT 0")
+                self.db.execute("UPDATE meta SET value = ? WHERE name = 'schema'",
+                                (str(SCHEMA_VERSION),))
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: not a usable events state file ({exc})") from None
 
@@ -151,9 +171,61 @@ class EventStore:
                 "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq", (after,)):
             yield int(seq), json.loads(body)
 
+    # -- the webhook outbox (keyrelay/events/outbox.py) ----------------------------------
+    def due(self, now: float, limit: int) -> list[Pending]:
+        """Pending events whose next attempt has come, oldest first, except those of an
+        account whose earlier batch waits for its retry (an account's events go in order)."""
+        waiting = {str(a) for (a,) in self.db.execute(
+            "SELECT DISTINCT account FROM events WHERE state = 'pending' AND attempts > 0"
+            " AND next_attempt > ?", (now,))}
+        rows = self.db.execute(
+            "SELECT seq, account, attempts, first_failure, created, body FROM events"
+            " WHERE state = 'pending' AND next_attempt <= ? ORDER BY seq LIMIT ?",
+            (now, limit))
+        return [Pending(int(seq), str(account or ""), int(attempts), float(first), float(made),
+                        json.loads(body))
+                for seq, account, attempts, first, made, body in rows
+                if str(account or "") not in waiting]
+
+    def next_due(self) -> float | None:
+        """When the earliest pending event may be tried (Unix seconds), None: none pending."""
+        row = self.db.execute("SELECT MIN(next_attempt) FROM events WHERE state = 'pending'"
+                              ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def settle(self, seqs: Sequence[int], state: str, counter: str = "") -> None:
+        """Mark events done with: ``delivered``, ``given_up`` or ``no_webhook``; ``counter``
+        adds their number to that counter in the same transaction."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("UPDATE events SET state = ? WHERE seq = ?",
+                           [(state, seq) for seq in seqs])
+            if counter:
+                db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE"
+                           " SET value = value + excluded.value", (counter, len(seqs)))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def retry(self, seqs: Sequence[int], attempts: int, first_failure: float,
+              next_attempt: float) -> None:
+        """A failed delivery of these events: try again at ``next_attempt``."""
+        self.db.executemany(
+            "UPDATE events SET attempts = ?, first_failure = ?, next_attempt = ? WHERE seq = ?",
+            [(attempts, first_failure, next_attempt, seq) for seq in seqs])
+
+    def purge(self, before: float) -> int:
+        """Remove events written before ``before`` (Unix seconds) that are finished with:
+        delivered, given up, or with no webhook to go to (any state but ``pending``)."""
+        cursor = self.db.execute(
+            "DELETE FROM events WHERE state != 'pending' AND created < ?", (before,))
+        return int(cursor.rowcount)
+
     def last_seq(self) -> int:
         row = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
         return int(row[0])
 
 
-__all__ = ["SCHEMA_VERSION", "Checkpoint", "EventStore", "StoreError"]
+__all__ = ["SCHEMA_VERSION", "Checkpoint", "EventStore", "Pending", "StoreError"]

@@ -41,6 +41,7 @@ from ..model import (
     Sender,
     Status,
     Subuser,
+    Webhook,
 )
 
 Entry = dict[str, tuple[str, ...]]  # attribute -> values (objectClass included)
@@ -94,6 +95,15 @@ def _legacy(cred: LegacyLogin | None) -> dict[str, tuple[str, ...]]:
             "krLegacyLastUsed": ldap_time(cred.last_used)}
 
 
+def _webhook(hook: Webhook | None) -> dict[str, tuple[str, ...]]:
+    """An account's webhook as attributes of its entry; the secret as it signs."""
+    if hook is None:
+        return {}
+    return {"krWebhookUrl": (hook.url,), "krWebhookSecret": (hook.secret,),
+            "krWebhookCreated": ldap_time(hook.created),
+            "krWebhookUpdated": ldap_time(hook.updated)}
+
+
 def _bool(value: bool) -> tuple[str, ...]:
     return ("TRUE",) if value else ()
 
@@ -126,7 +136,7 @@ def entries_of(data: DirectoryData, base: str) -> dict[str, Entry]:
             "krName": (acc.name,), "krStatus": (str(acc.status),), "krMonitor": _bool(acc.monitor),
             "krIpAllow": tuple(str(n) for n in acc.ip_allow), "krPool": _opt(acc.pool),
             **_limits(acc.limits), "krCreated": ldap_time(acc.created),
-            **_legacy(data.legacy.get(acc.name))})
+            **_legacy(data.legacy.get(acc.name)), **_webhook(acc.webhook)})
     for sub in data.subusers.values():
         put(f"krName={escape_rdn(sub.name)},krName={escape_rdn(sub.account)},{accounts}",
             ("top", "krSubuser"), {
@@ -214,6 +224,26 @@ class _Reader:
         except (ValueError, UserError) as exc:  # never quotes the hash
             self.problems.append(f"legacy login of {principal}: {exc}; left out")
 
+    def webhook(self, name: str, attrs: Mapping[str, list[str]]) -> Webhook | None:
+        """The account's webhook; a broken one is reported and left out (the account
+        stays). A problem never quotes the secret."""
+        from ...webhooks import sign, target  # here: keyrelay.webhooks imports this package
+
+        url = self.maybe(attrs, "krWebhookUrl")
+        if url is None:
+            return None
+        try:
+            target.parse_url(url)
+            secret = self.one(attrs, "krWebhookSecret")
+            problem = sign.secret_problem(secret)
+            if problem is not None:
+                raise ValueError(f"krWebhookSecret: {problem}")
+            return Webhook(url, secret, self.time(attrs, "krWebhookCreated"),
+                           self.time(attrs, "krWebhookUpdated"))
+        except (ValueError, UserError) as exc:
+            self.problems.append(f"webhook of {name}: {exc}; left out")
+            return None
+
     def read(self, entries: list[Raw]) -> DirectoryData:
         data = DirectoryData()
         selectors: dict[str, list[tuple[int, Selector]]] = {}
@@ -227,7 +257,7 @@ class _Reader:
                         monitor=self.maybe(attrs, "krMonitor") == "TRUE",
                         ip_allow=tuple(names.network(v) for v in attrs.get("kripallow", [])),
                         pool=self.maybe(attrs, "krPool"), limits=self.limits(attrs),
-                        created=self.time(attrs, "krCreated"))
+                        created=self.time(attrs, "krCreated"), webhook=self.webhook(name, attrs))
                     self.legacy(data, name, attrs)
                 elif "krsubuser" in classes:
                     sub = Subuser(

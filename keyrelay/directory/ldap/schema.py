@@ -76,7 +76,16 @@ ATTRIBUTES = [
     Attribute(40, "krLegacySunset", _IA5, True, "last day (YYYY-MM-DD, UTC) the old login works"),
     Attribute(41, "krLegacyCreated", _TIME, True, "when the old login was imported"),
     Attribute(42, "krLegacyLastUsed", _TIME, True, "when the old login was last used"),
+    Attribute(43, "krWebhookUrl", _EXACT, True,
+              "URL the delivery events of an account are POSTed to"),
+    Attribute(44, "krWebhookSecret", _EXACT, True,
+              "secret that signs the webhook deliveries of an account (keep it from readers)"),
+    Attribute(45, "krWebhookCreated", _TIME, True, "when the webhook of an account was set"),
+    Attribute(46, "krWebhookUpdated", _TIME, True,
+              "when the URL or secret of the webhook of an account last changed"),
 ]
+
+_WEBHOOK = ("krWebhookUrl", "krWebhookSecret", "krWebhookCreated", "krWebhookUpdated")
 
 _LEGACY = ("krLegacyUsername", "krLegacyPasswordHash", "krLegacySunset", "krLegacyCreated",
            "krLegacyLastUsed")
@@ -99,7 +108,8 @@ OBJECT_CLASSES = [
     ObjectClass(1, "krDirectory", "AUXILIARY", ("krSerial",), ("krMonitor", "krChange"),
                 "base entry of a keyrelay directory"),
     ObjectClass(2, "krAccount", "STRUCTURAL", ("krName", "krStatus"),
-                ("krMonitor", "krIpAllow", "krPool", *_LIMITS, "krCreated", *_LEGACY),
+                ("krMonitor", "krIpAllow", "krPool", *_LIMITS, "krCreated", *_LEGACY,
+                 *_WEBHOOK),
                 "a tenant"),
     ObjectClass(3, "krSubuser", "STRUCTURAL", ("krName", "krAccount", "krStatus"),
                 ("krPool", *_LIMITS, "krCreated", *_LEGACY), "a subuser of an account"),

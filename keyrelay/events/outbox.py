@@ -1,0 +1,128 @@
+"""The webhook outbox: keyrelay-events sends each account's events to its webhook
+(docs/webhooks.md, "Delivery"; docs/events.md, "The daemon").
+
+The events wait in the state file (store.py) with a delivery state. ``Sender`` runs in a thread
+of its own with its own connection to the file and, each round:
+
+- reads the account's webhook from the directory (``Account.webhook``, shared by every node);
+  an account without one gets nothing sent: its events are marked ``no_webhook`` (counted
+  ``webhook_no_webhook``) and kept until ``events.keep``;
+- sends an account's events in order, in batches of at most ``webhooks.batch_size``; a batch
+  smaller than that waits until its oldest event is ``webhooks.batch_interval`` old, so a
+  burst goes in one request;
+- on success marks them ``delivered``; on a retryable failure keeps them for
+  ``next_attempt`` (backoff, jitter) and holds the account's later events behind them; once
+  ``webhooks.retry_for`` has passed since the first failure, or on a failure that retrying
+  cannot mend (a 4xx, a redirect, a URL the policy now refuses), marks them ``given_up``,
+  counts them (``webhook_given_up``) and logs one warning with the reason. Nothing is dropped
+  silently, and the state survives a restart: it is the file.
+
+Our own faults (the directory cannot be read) change no event: the round is tried again.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from ..config import Config
+from ..directory import open_directory
+from ..directory.model import Webhook
+from ..errors import DirectoryUnavailable
+from ..webhooks.delivery import Result, deliver, next_attempt, tls_context
+from .store import EventStore, Pending
+
+log = logging.getLogger("keyrelay.events.webhooks")
+
+DUE_LIMIT = 10000  # events read per round at most
+IDLE = 1.0  # seconds between rounds with nothing due (at most)
+
+
+class Sender:
+    def __init__(self, config: Config, store: EventStore,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.settings = config.webhooks
+        self.store = store
+        self.directory = open_directory(config)
+        self.clock = clock
+        self._context: ssl.SSLContext | None = None
+        self._context_failed = False
+
+    def context(self) -> ssl.SSLContext | None:
+        """The TLS context, made once; None lets ``deliver`` say why it cannot be made."""
+        if self._context is None and not self._context_failed:
+            try:
+                self._context = tls_context(self.settings)
+            except (OSError, ssl.SSLError):
+                self._context_failed = True
+        return self._context
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            wait = self.round()
+            stop.wait(wait)
+
+    def round(self) -> float:
+        """Send what is due; the seconds until the next round."""
+        now = self.clock()
+        pending = self.store.due(now, DUE_LIMIT)
+        if not pending:
+            upcoming = self.store.next_due()
+            return IDLE if upcoming is None else max(0.05, min(IDLE, upcoming - now))
+        try:
+            snapshot = self.directory.snapshot()
+        except DirectoryUnavailable as exc:
+            log.error("webhooks: directory unavailable, nothing sent this round: %s", exc)
+            return IDLE
+        by_account: dict[str, list[Pending]] = {}
+        for item in pending:
+            by_account.setdefault(item.account, []).append(item)
+        wait = IDLE
+        for account, items in by_account.items():
+            found = snapshot.accounts.get(account)
+            webhook = found.webhook if found is not None else None
+            if webhook is None:
+                self.store.settle([i.seq for i in items], "no_webhook", "webhook_no_webhook")
+                continue
+            batch = items[:self.settings.batch_size]
+            oldest = min(i.created for i in batch)
+            if (len(batch) < self.settings.batch_size and batch[0].attempts == 0
+                    and now - oldest < self.settings.batch_interval):
+                wait = min(wait, max(0.05, oldest + self.settings.batch_interval - now))
+                continue
+            self.send(account, webhook, batch)
+            if len(items) > len(batch):
+                wait = 0.0  # more of this account is due: go on at once
+        return wait
+
+    def send(self, account: str, webhook: Webhook, batch: list[Pending]) -> None:
+        seqs = [i.seq for i in batch]
+        started = datetime.now(UTC)
+        outcome = deliver(webhook, [i.event for i in batch], self.settings, started,
+                          context=self.context())
+        if outcome.delivered:
+            self.store.settle(seqs, "delivered", "webhook_delivered")
+            log.info("webhook: %d event(s) of %s delivered (HTTP %s)", len(batch), account,
+                     outcome.status)
+            return
+        now = datetime.now(UTC)
+        first_seen = min((i.first_failure for i in batch if i.first_failure), default=0.0)
+        first = datetime.fromtimestamp(first_seen, UTC) if first_seen else now
+        attempts = max(i.attempts for i in batch) + 1
+        later = (next_attempt(attempts, first, now, self.settings)
+                 if outcome.result is Result.RETRY else None)
+        if later is None:
+            self.store.settle(seqs, "given_up", "webhook_given_up")
+            why = ("not retried" if outcome.result is Result.GIVE_UP
+                   else f"webhooks.retry_for ({self.settings.retry_for:g} s) has passed")
+            log.warning("webhook: %d event(s) of %s given up after %d attempt(s), %s: %s",
+                        len(batch), account, attempts, why, outcome.reason)
+            return
+        self.store.retry(seqs, attempts, first.timestamp(), later.timestamp())
+        log.warning("webhook: %d event(s) of %s not delivered (attempt %d), next try at %s: %s",
+                    len(batch), account, attempts, later.strftime("%H:%M:%S"), outcome.reason)
