@@ -152,7 +152,7 @@ class PolicyService:
         # RCPTs allowed so far, per message ("instance"); bounded like _counted
         self._recipients: OrderedDict[str, int] = OrderedDict()
         self._transports = PostfixTransports(context.config.postfix.config_dir)
-        self._suppressions_away = False  # on_unavailable local: the outage was logged
+        self._suppressions_away = False  # the list's outage was logged
 
     def transports(self) -> frozenset[str] | None:
         """The pool transports Postfix's master.cf has (postfix.config_dir, which a SIGHUP
@@ -254,19 +254,13 @@ class PolicyService:
         return self.recipient_checked(pending, found)
 
     def _unavailable(self, pending: Recipient, exc: SuppressionsUnavailable) -> Verdict:
-        """The list cannot answer: ``451 4.3.0``; only with Redis and
-        ``counters.on_unavailable: local`` (the admin chose mail flowing over exact counts)
-        the recipient passes unchecked, logged once per outage (docs/suppressions.md,
-        "Faults")."""
-        counters = self.context.config.counters
-        if counters.backend == "redis" and counters.on_unavailable == "local":
-            if not self._suppressions_away:
-                log.warning("suppression list unavailable: %s; recipients pass unchecked "
-                            "until Redis answers again (counters.on_unavailable: local)", exc)
-                self._suppressions_away = True
-            self._count_recipient(pending.request.get("instance", ""), pending.recipients)
-            return pending.answer
-        log.error("suppression list unavailable: %s", exc)
+        """The list cannot answer: ``451 4.3.0``, whatever ``counters.on_unavailable`` says:
+        the counts have a local stand-in, the list has none, and a recipient is never
+        accepted unchecked (docs/suppressions.md, "Faults"). Logged once per outage."""
+        if not self._suppressions_away:
+            log.error("suppression list unavailable: %s; recipients of keyrelay logins get "
+                      "451 4.3.0 until it answers again", exc)
+            self._suppressions_away = True
         return temporary(Reason.SUPPRESSIONS_UNAVAILABLE,
                          pending.request.get("sasl_username", ""))
 

@@ -70,6 +70,8 @@ def write_config(settings: Settings) -> None:
     config["events"] = {"maillog": str(settings.maillog), "state": str(settings.events_state)}
     # the README's tour sets a webhook to a receiver on this machine (docs/webhooks.md)
     config["webhooks"] = {"allow_private_targets": True}
+    # the suppression list of the demo's in-process counters (docs/suppressions.md)
+    config["suppressions"] = {"path": str(settings.run_dir / "suppressions.db")}
     if settings.counters is not None:
         config["counters"] = dict(settings.counters)
     text = ("# Written by keyrelay's demo (make run) on every start; the ports come from the\n"

@@ -33,6 +33,8 @@ from ..config import Config
 from ..directory import open_directory
 from ..directory.model import Webhook
 from ..errors import DirectoryUnavailable
+from ..suppressions import SuppressionsUnavailable, open_suppressions, suppress_hard_bounce
+from ..suppressions.model import SuppressionStore
 from ..webhooks.delivery import Result, deliver, next_attempt, tls_context
 from .store import EventStore, Pending
 
@@ -52,6 +54,8 @@ class Sender:
         self.clock = clock
         self._context: ssl.SSLContext | None = None
         self._context_failed = False
+        self._suppressions: SuppressionStore | None = None
+        self._suppressions_away = False
 
     def context(self) -> ssl.SSLContext | None:
         """The TLS context, made once; None lets ``deliver`` say why it cannot be made."""
@@ -67,8 +71,37 @@ class Sender:
             wait = self.round()
             stop.wait(wait)
 
+    def suppress(self) -> None:
+        """Hard bounces queued with their events (store.py): each recipient suppressed for
+        its account (keyrelay/suppressions/bounce.py), then taken off the queue. A store
+        that cannot answer leaves them queued for the next round (logged once)."""
+        queued = self.store.suppress_due(DUE_LIMIT)
+        if not queued:
+            return
+        done: list[int] = []
+        try:
+            if self._suppressions is None:
+                self._suppressions = open_suppressions(self.config)
+            now = datetime.now(UTC)
+            for seq, event in queued:
+                if suppress_hard_bounce(self._suppressions, event, now):
+                    log.info("suppressed %s for account %s after a hard bounce (%s)",
+                             event.get("email"), event.get("account"), event.get("status"))
+                done.append(seq)
+            if self._suppressions_away:
+                log.info("suppression list answers again; queued hard bounces suppressed")
+                self._suppressions_away = False
+        except SuppressionsUnavailable as exc:
+            if not self._suppressions_away:
+                log.error("suppression list unavailable: %s; hard bounces stay queued until it "
+                          "answers", exc)
+                self._suppressions_away = True
+        finally:
+            self.store.suppress_done(done)
+
     def round(self) -> float:
-        """Send what is due; the seconds until the next round."""
+        """Suppress the hard bounces, send what is due; the seconds until the next round."""
+        self.suppress()
         now = self.clock()
         pending = self.store.due(now, DUE_LIMIT)
         if not pending:

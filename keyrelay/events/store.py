@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS suppress_queue (
+    seq INTEGER PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -146,6 +149,11 @@ class EventStore:
                 [(e["event_id"], e.get("account"), e["event"], now,
                   json.dumps(e, separators=(",", ":"))) for e in events])
             added = db.total_changes - before
+            hard = [e["event_id"] for e in events
+                    if e.get("event") == "bounce" and e.get("type") == "hard"]
+            if hard:  # queued in the same transaction: a hard bounce is never left unsuppressed
+                db.executemany("INSERT OR IGNORE INTO suppress_queue SELECT seq FROM events"
+                               " WHERE event_id = ?", [(event_id,) for event_id in hard])
             for key, value in changes:
                 if value is None:
                     db.execute("DELETE FROM correlation WHERE key = ?", (key,))
@@ -216,11 +224,22 @@ class EventStore:
             "UPDATE events SET attempts = ?, first_failure = ?, next_attempt = ? WHERE seq = ?",
             [(attempts, first_failure, next_attempt, seq) for seq in seqs])
 
+    # -- hard bounces waiting to be suppressed (keyrelay/events/outbox.py) --------------
+    def suppress_due(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        return [(int(seq), json.loads(body)) for seq, body in self.db.execute(
+            "SELECT q.seq, e.body FROM suppress_queue q JOIN events e ON e.seq = q.seq"
+            " ORDER BY q.seq LIMIT ?", (limit,))]
+
+    def suppress_done(self, seqs: Sequence[int]) -> None:
+        self.db.executemany("DELETE FROM suppress_queue WHERE seq = ?",
+                            [(seq,) for seq in seqs])
+
     def purge(self, before: float) -> int:
         """Remove events written before ``before`` (Unix seconds) that are finished with:
         delivered, given up, or with no webhook to go to (any state but ``pending``)."""
         cursor = self.db.execute(
-            "DELETE FROM events WHERE state != 'pending' AND created < ?", (before,))
+            "DELETE FROM events WHERE state != 'pending' AND created < ?"
+            " AND seq NOT IN (SELECT seq FROM suppress_queue)", (before,))
         return int(cursor.rowcount)
 
     def last_seq(self) -> int:
