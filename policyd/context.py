@@ -19,6 +19,7 @@ from keyrelay.decisions import EngineSettings
 from keyrelay.directory import Directory, DirectoryBackend
 from keyrelay.errors import DirectoryUnavailable, KeyrelayError
 from keyrelay.logs import DecisionLog
+from keyrelay.reputation import PauseCache, RedisPauses, SqliteReputation
 from keyrelay.suppressions import RedisLookup, SqliteSuppressions
 
 log = logging.getLogger("keyrelay.policyd")
@@ -44,6 +45,10 @@ class ServiceContext:
     # the suppression list, beside the counters (docs/suppressions.md): Redis through the
     # counter store's connection, else the SQLite file suppressions.path (read only)
     suppressions: SqliteSuppressions | RedisLookup = field(init=False)
+    # the reputation guard's pauses, kept in memory (docs/reputation.md): from Redis through
+    # the counter store's connection, else the SQLite file reputation.path (read only);
+    # None: reputation.enabled is false
+    pauses: PauseCache | None = field(init=False)
     clock: Callable[[], datetime] = utcnow
     used_keys: dict[str, datetime] = field(default_factory=dict)
     _frozen: Directory | None = field(default=None, init=False, repr=False)
@@ -57,6 +62,10 @@ class ServiceContext:
         self.suppressions = (RedisLookup(shared) if isinstance(shared, RedisCounters)
                              else SqliteSuppressions(self.config.suppressions.path,
                                                      create=False))
+        cfg = self.config.reputation
+        self.pauses = None if not cfg.enabled else PauseCache(
+            RedisPauses(shared) if isinstance(shared, RedisCounters)
+            else SqliteReputation(cfg.path, create=False), cfg.refresh)
 
     def snapshot(self) -> Directory:
         """The current directory snapshot; raises ``DirectoryUnavailable``."""

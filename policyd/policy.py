@@ -7,7 +7,9 @@ Stages (``protocol_state``):
   envelope sender the principal's own; at RCPT also the recipients-per-message limit (each
   recipient beyond it gets ``452 4.5.3``, the others the message: docs/policyd.md) and the
   account's suppression list (a suppressed recipient gets ``550 5.7.1``, a list that cannot
-  be read ``451 4.3.0``: docs/suppressions.md). An
+  be read ``451 4.3.0``: docs/suppressions.md); at MAIL and RCPT a principal the reputation
+  guard paused gets ``451 4.7.1`` (pauses that cannot be read: ``451 4.3.0``;
+  docs/reputation.md). An
   allowed request answers ``FILTER <pool transport>:`` so the mail leaves through the
   principal's IP pool, or ``DUNNO`` to let Postfix's own restrictions go on. A pool whose
   transport is not in Postfix's master.cf yet gets ``451 4.3.0`` (``pool_not_in_postfix``)
@@ -36,6 +38,7 @@ from keyrelay.decisions import (
     Action,
     EngineSettings,
     EnvelopeFacts,
+    PauseFacts,
     QuotaFacts,
     RateFacts,
     RateWindow,
@@ -44,6 +47,7 @@ from keyrelay.decisions import (
     Verdict,
     account_of,
     decide_envelope,
+    decide_paused,
     decide_quota,
     decide_rate,
     decide_recipient,
@@ -55,6 +59,7 @@ from keyrelay.directory import Directory
 from keyrelay.errors import DirectoryUnavailable, UserError
 from keyrelay.limits import store_window
 from keyrelay.metrics import NO_METRICS, Metrics
+from keyrelay.reputation import ReputationUnavailable
 from keyrelay.suppressions import RedisLookup, Suppression, SuppressionsUnavailable
 from keyrelay.suppressions import address as suppression_address
 
@@ -65,6 +70,7 @@ log = logging.getLogger("keyrelay.policyd.policy")
 
 ENVELOPE_STAGES = frozenset({"MAIL", "RCPT", "DATA", "END-OF-MESSAGE"})
 MESSAGE_STAGES = frozenset({"DATA", "END-OF-MESSAGE"})
+PAUSE_STAGES = frozenset({"MAIL", "RCPT"})  # where a paused principal is answered
 # Messages already charged, and RCPTs per message, by Postfix's per-message "instance"
 # attribute.
 _COUNTED_MAX = 65536
@@ -144,6 +150,13 @@ class Recipient(NamedTuple):
     recipients: int  # this message's RCPTs so far, this one included
 
 
+class PauseCheck(Recipient):
+    """A MAIL or RCPT of a keyrelay login while the copy of the pauses is stale and they are
+    in Redis: the connection awaits ``PolicyService.settle``, which reads them again (once for
+    every request waiting meanwhile), answers a paused principal and goes on with the RCPT's
+    suppression look-up. ``account`` and ``address`` are unused."""
+
+
 class PolicyService:
     def __init__(self, context: ServiceContext, metrics: Metrics = NO_METRICS) -> None:
         self.context = context
@@ -153,6 +166,7 @@ class PolicyService:
         self._recipients: OrderedDict[str, int] = OrderedDict()
         self._transports = PostfixTransports(context.config.postfix.config_dir)
         self._suppressions_away = False  # the list's outage was logged
+        self._pauses_away = False  # the reputation pauses' outage was logged
 
     def transports(self) -> frozenset[str] | None:
         """The pool transports Postfix's master.cf has (postfix.config_dir, which a SIGHUP
@@ -215,6 +229,8 @@ class PolicyService:
             directory, ctx.settings, RateFacts(identity, recipients, now)))
         if not answer.allowed:
             return answer  # refused: nothing counted
+        if stage in PAUSE_STAGES and ctx.pauses is not None:
+            return self._pause(request, answer, directory, recipients)
         if stage == "RCPT":
             return self._recipient(request, answer, directory, recipients)
         if stage not in MESSAGE_STAGES or not self._needs_count(request):
@@ -230,6 +246,61 @@ class PolicyService:
         if isinstance(store, MemoryCounters):
             return self.charged(charge, run_now(store.take(charge.charged, charge.amount)))
         return charge
+
+    def _pause(self, request: dict[str, str], answer: Verdict, directory: Directory,
+               recipients: int) -> Verdict | Recipient:
+        """MAIL or RCPT of a keyrelay login: is its principal paused (docs/reputation.md,
+        "The refusal")? The pauses are kept in memory and read again at most every
+        ``reputation.refresh`` (synchronously from the SQLite file; through ``PauseCheck``
+        from Redis)."""
+        cache = self.context.pauses
+        assert cache is not None
+        if not cache.fresh():
+            if cache.remote:
+                return PauseCheck(request, answer, directory, "", "", recipients)
+            try:
+                cache.read()
+            except ReputationUnavailable as exc:
+                return self._pauses_unavailable(request, exc)
+        return self._pause_checked(request, answer, directory, recipients)
+
+    def _pause_checked(self, request: dict[str, str], answer: Verdict, directory: Directory,
+                       recipients: int) -> Verdict | Recipient:
+        cache = self.context.pauses
+        assert cache is not None
+        if self._pauses_away:
+            log.warning("reputation pauses answer again; paused principals are checked again")
+            self._pauses_away = False
+        identity = request.get("sasl_username", "")
+        principal = answer.principal or ""
+        verdict = with_rate(answer, decide_paused(
+            directory, self.context.settings, PauseFacts(identity, cache.get(principal))))
+        if not verdict.allowed or request.get("protocol_state", "").upper() != "RCPT":
+            return verdict
+        return self._recipient(request, verdict, directory, recipients)
+
+    def _pauses_unavailable(self, request: dict[str, str],
+                            exc: ReputationUnavailable) -> Verdict:
+        """The pauses cannot be read: ``451 4.3.0``, never an unchecked accept. Logged once
+        per outage."""
+        if not self._pauses_away:
+            log.error("reputation pauses unavailable: %s; mail of keyrelay logins gets "
+                      "451 4.3.0 until they can be read again", exc)
+            self._pauses_away = True
+        return temporary(Reason.REPUTATION_UNAVAILABLE, request.get("sasl_username", ""))
+
+    async def check_pause(self, pending: PauseCheck) -> Verdict:
+        cache = self.context.pauses
+        assert cache is not None
+        try:
+            await cache.read_async()
+        except ReputationUnavailable as exc:
+            return self._pauses_unavailable(pending.request, exc)
+        again = self._pause_checked(pending.request, pending.answer, pending.directory,
+                                    pending.recipients)
+        if isinstance(again, Recipient):
+            return await self.check_recipient(again)
+        return again
 
     def _recipient(self, request: dict[str, str], answer: Verdict, directory: Directory,
                    recipients: int) -> Verdict | Recipient:
@@ -293,6 +364,8 @@ class PolicyService:
         """What the connection awaits: a message charged, or a recipient looked up."""
         if isinstance(pending, Charge):
             return await self.charge(pending)
+        if isinstance(pending, PauseCheck):
+            return await self.check_pause(pending)
         return await self.check_recipient(pending)
 
     async def charge(self, charge: Charge) -> Verdict:

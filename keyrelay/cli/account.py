@@ -115,8 +115,10 @@ def register(sub: Any) -> None:
     command(acc, "suspend", status_setter(Status.SUSPENDED, "suspend", subuser=False),
             "refuse every login and message of the account and its subusers"
             ).add_argument("name", metavar="ACCOUNT")
-    command(acc, "resume", status_setter(Status.ACTIVE, "resume", subuser=False),
-            "lift a suspension").add_argument("name", metavar="ACCOUNT")
+    from .subuser import resumer  # subuser.py imports status_setter from here
+    command(acc, "resume", resumer(subuser=False),
+            "lift a suspension and end a reputation pause").add_argument("name",
+                                                                          metavar="ACCOUNT")
     command(acc, "remove", account_remove,
             "remove an account with its subusers, keys and senders (its domains first)"
             ).add_argument("name", metavar="ACCOUNT")

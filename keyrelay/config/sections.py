@@ -13,6 +13,7 @@ from ..durations import format_duration
 from .base import NO_SPACE, Duration, InvalidField
 from .counters import CountersConfig
 from .events import EventsConfig
+from .reputation import ReputationConfig
 from .services import MilterConfig, PolicydConfig, PostfixConfig
 from .suppressions import SuppressionsConfig
 from .webhooks import WebhooksConfig
@@ -455,6 +456,11 @@ class Config:
     suppressions: SuppressionsConfig = field(
         default_factory=SuppressionsConfig,
         metadata={"doc": "Recipients an account may no longer mail (docs/suppressions.md)."},
+    )
+    reputation: ReputationConfig = field(
+        default_factory=ReputationConfig,
+        metadata={"doc": "The reputation guard: a principal whose bounce rate runs away is "
+                  "paused (docs/reputation.md)."},
     )
     policyd: PolicydConfig = field(
         default_factory=PolicydConfig,

@@ -203,6 +203,7 @@ ACL_COMMANDS = (
     "set", "incrby", "pexpire", "pttl", "hmget", "hset", "del", "zadd", "zrem", "zcard",
     "zrange", "zremrangebyscore", "zremrangebyrank",
     "hdel",  # the suppression list (keyrelay/suppressions/redisstore.py)
+    "hincrby", "hgetall", "hkeys",  # the reputation guard (keyrelay/reputation/redisstore.py)
 )
 
 

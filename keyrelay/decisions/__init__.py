@@ -16,7 +16,8 @@ protocol, call the engine, render the verdict and log it; they never build a ver
   envelope, routing and recipients-per-message decisions; ``quotas``: the windows a message
   is charged against (rates and quotas, account-wide and per subuser) and their answers;
   ``message``: the milter's header From and DKIM plan; ``recipients``: a recipient on the
-  account's suppression list; ``lookups``: the socketmap's table of
+  account's suppression list; ``paused``: a principal the reputation guard paused;
+  ``lookups``: the socketmap's table of
   who may use an address.
 
 Monitor mode (per account, directory-wide, or in the config) turns a *refusal* into an allow
@@ -63,6 +64,7 @@ from .login import (
 )
 from .lookups import sender_logins
 from .message import decide_headers
+from .paused import PauseFacts, decide_paused
 from .quotas import (
     SPANS,
     WINDOW_FIELDS,
@@ -91,6 +93,7 @@ __all__ = [
     "LockoutFacts",
     "LoginFacts",
     "LookupResult",
+    "PauseFacts",
     "QuotaFacts",
     "RateFacts",
     "RateWindow",
@@ -106,6 +109,7 @@ __all__ = [
     "decide_headers",
     "decide_lockout",
     "decide_login",
+    "decide_paused",
     "decide_quota",
     "decide_rate",
     "decide_recipient",

@@ -51,12 +51,14 @@ class Reason(StrEnum):
     QUOTA_EXCEEDED = "quota_exceeded"  # a daily or monthly quota is used up
     TOO_MANY_RECIPIENTS = "too_many_recipients"
     SUPPRESSED = "suppressed"  # the account's suppression list holds the recipient
+    PAUSED = "paused"  # the reputation guard paused the principal (bounce rate)
     # our own faults: always temporary
     ROUTING_ERROR = "routing_error"
     POOL_NOT_IN_POSTFIX = "pool_not_in_postfix"  # its transport is not in master.cf yet
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
     COUNTERS_UNAVAILABLE = "counters_unavailable"  # the counter store (Redis) cannot answer
     SUPPRESSIONS_UNAVAILABLE = "suppressions_unavailable"  # the suppression list cannot answer
+    REPUTATION_UNAVAILABLE = "reputation_unavailable"  # the pauses cannot be read
     DKIM_KEY_UNAVAILABLE = "dkim_key_unavailable"
     CLIENT_ADDRESS_MISSING = "client_address_missing"
     SITE_AUTH_UNAVAILABLE = "site_auth_unavailable"  # the site's Dovecot auth cannot answer
@@ -274,6 +276,16 @@ ANSWERS: dict[Reason, Answer] = {
         "account's suppression list (a hard bounce, `keyrelay suppression add` or `import`; "
         "docs/suppressions.md). Only that recipient is refused, the others of the message "
         "get it (Postfix puts \"<rcpt>: Recipient address rejected:\" in front)"),
+    Reason.PAUSED: Answer(
+        "policy", "451", "4.7.1",
+        ("sending paused for <principal> since <date and time, UTC>: bounce rate <rate> % "
+         "over <window> is above <max> %; the account's admin resumes it with keyrelay "
+         "<subuser|account> resume <principal>",),
+        "at MAIL and RCPT of a keyrelay login: the reputation guard paused the principal, "
+        "its bounce rate over reputation.window passed reputation.max_bounce_rate with at "
+        "least reputation.min_volume delivered and bounced recipients (docs/reputation.md); "
+        "until `keyrelay subuser resume` (or `account resume`). Temporary, so the mail "
+        "waits in the client's queue"),
     Reason.ROUTING_ERROR: Answer(
         "policy", "451", "4.3.0",
         ("relay configuration error (IP pool '<pool>' is not defined); try again later",),
@@ -306,6 +318,12 @@ ANSWERS: dict[Reason, Answer] = {
         "refusing us; the SQLite file suppressions.path unreadable), whatever "
         "counters.on_unavailable says: a recipient is never accepted unchecked "
         "(docs/suppressions.md, \"Faults\")"),
+    Reason.REPUTATION_UNAVAILABLE: Answer(
+        "policy", "451", "4.3.0",
+        ("sending pauses temporarily unavailable; try again later",),
+        "the reputation guard's pauses cannot be read at MAIL or RCPT (counters.backend: "
+        "redis away, hung or refusing us; the SQLite file reputation.path unreadable): a "
+        "message is never accepted unchecked (docs/reputation.md, \"Faults\")"),
     Reason.DKIM_KEY_UNAVAILABLE: Answer(
         "milter", "451", "4.3.0", ("DKIM signing temporarily unavailable; try again later",),
         "a DKIM private key cannot be read"),
@@ -328,7 +346,8 @@ ANSWERS: dict[Reason, Answer] = {
 TEMPORARY_TEXTS: dict[Reason, str] = {
     reason: ANSWERS[reason].texts[0] for reason in (
         Reason.DIRECTORY_UNAVAILABLE, Reason.COUNTERS_UNAVAILABLE,
-        Reason.SUPPRESSIONS_UNAVAILABLE, Reason.DKIM_KEY_UNAVAILABLE,
+        Reason.SUPPRESSIONS_UNAVAILABLE, Reason.REPUTATION_UNAVAILABLE,
+        Reason.DKIM_KEY_UNAVAILABLE,
         Reason.CLIENT_ADDRESS_MISSING, Reason.INTERNAL_ERROR, Reason.LEGACY_BUSY,
         Reason.SITE_AUTH_UNAVAILABLE)
 }

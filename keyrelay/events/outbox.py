@@ -18,6 +18,12 @@ of its own with its own connection to the file and, each round:
   silently, and the state survives a restart: it is the file.
 
 Our own faults (the directory cannot be read) change no event: the round is tried again.
+
+Before sending, each round also suppresses the hard bounces queued with their events
+(docs/suppressions.md, "Hard bounces") and runs the reputation guard over the events written
+since its last round (keyrelay/reputation/guard.py, docs/reputation.md): a principal it
+pauses gets a ``paused`` (or, in monitor mode, ``would_pause``) event in its account's outbox,
+sent like any other.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from datetime import UTC, datetime
 
 from ..config import Config
 from ..directory import open_directory
-from ..directory.model import Webhook
+from ..directory.model import Directory, Webhook
 from ..errors import DirectoryUnavailable
+from ..reputation import Guard, ReputationUnavailable, event_of, open_reputation
 from ..suppressions import SuppressionsUnavailable, open_suppressions, suppress_hard_bounce
 from ..suppressions.model import SuppressionStore
 from ..webhooks.delivery import Result, deliver, next_attempt, tls_context
@@ -56,6 +63,8 @@ class Sender:
         self._context_failed = False
         self._suppressions: SuppressionStore | None = None
         self._suppressions_away = False
+        self._guard: Guard | None = None
+        self._reputation_away = False
 
     def context(self) -> ssl.SSLContext | None:
         """The TLS context, made once; None lets ``deliver`` say why it cannot be made."""
@@ -99,9 +108,46 @@ class Sender:
         finally:
             self.store.suppress_done(done)
 
+    def reputation(self) -> None:
+        """The reputation guard's round: count the new events, pause who passed the
+        threshold, and put each pause's event into its account's outbox (one transaction
+        with the counter ``reputation_paused`` or ``reputation_would_pause``)."""
+        if not self.config.reputation.enabled:
+            return
+        if self._guard is None:
+            try:
+                store = open_reputation(self.config)
+            except ReputationUnavailable as exc:
+                if not self._reputation_away:
+                    log.error("reputation store unavailable: %s; bounce rates are counted "
+                              "when it answers", exc)
+                    self._reputation_away = True
+                return
+            self._guard = Guard(self.config.reputation, store, self.store.node(), self.clock)
+        found: list[Directory] = []
+
+        def monitored(principal: str) -> bool:
+            """The account (or the directory, or the configuration) in monitor mode."""
+            if self.config.monitor_mode:
+                return True
+            if not found:
+                try:
+                    found.append(self.directory.snapshot())
+                except DirectoryUnavailable as exc:
+                    raise ReputationUnavailable(f"directory unavailable: {exc}") from None
+            snapshot = found[0]
+            account = snapshot.accounts.get(principal.partition("/")[0])
+            return bool(snapshot.monitor or (account is not None and account.monitor))
+
+        for pause in self._guard.round(self.store.events, monitored):
+            counter = "reputation_would_pause" if pause.monitor else "reputation_paused"
+            self.store.commit([event_of(pause)], None, [], {counter: 1}, self.clock())
+
     def round(self) -> float:
-        """Suppress the hard bounces, send what is due; the seconds until the next round."""
+        """Suppress the hard bounces, run the reputation guard, send what is due; the seconds
+        until the next round."""
         self.suppress()
+        self.reputation()
         now = self.clock()
         pending = self.store.due(now, DUE_LIMIT)
         if not pending:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -241,6 +242,15 @@ class EventStore:
             "DELETE FROM events WHERE state != 'pending' AND created < ?"
             " AND seq NOT IN (SELECT seq FROM suppress_queue)", (before,))
         return int(cursor.rowcount)
+
+    def node(self) -> str:
+        """This state file's own random name, made once: the reputation guard's mark of what
+        it counted is kept per state file (keyrelay/reputation/guard.py)."""
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'node'").fetchone()
+        if row is None:
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('node', ?)", (uuid.uuid4().hex,))
+            row = self.db.execute("SELECT value FROM meta WHERE name = 'node'").fetchone()
+        return str(row[0])
 
     def last_seq(self) -> int:
         row = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
