@@ -7,7 +7,8 @@ lets it send again, the pauses unreadable are 451 4.3.0."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,14 @@ from test_reasons import text_matches
 from keyrelay import admin
 from keyrelay.config import Config
 from keyrelay.config.loader import parse_config
-from keyrelay.decisions import format_identity
+from keyrelay.decisions import (
+    Action,
+    EngineSettings,
+    PauseFacts,
+    Reason,
+    decide_paused,
+    format_identity,
+)
 from keyrelay.directory.yamlfile import YamlDirectory
 from keyrelay.events.outbox import Sender
 from keyrelay.events.store import EventStore
@@ -29,6 +37,7 @@ from keyrelay.reputation import (
     open_reputation,
     tripped,
 )
+from testkit.factories import World
 from testkit.policyd import Policyd, add_key, add_verified_domain, now
 from testkit.protocols import PolicyClient, connect, new_instance
 from testkit.redis import REDIS_SERVER, RedisServer
@@ -84,7 +93,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Reputation
         found.close()
 
 
-def _guard(tmp_path: Path, store: ReputationStore, clock: Clock, **extra: Any) -> Guard:
+def _guard(tmp_path: Path, store: ReputationStore, clock: Callable[[], float],
+           **extra: Any) -> Guard:
     return Guard(_config(tmp_path, **extra).reputation, store, "node-a", clock)
 
 
@@ -98,6 +108,35 @@ def test_the_decision_needs_the_volume_and_a_rate_above_the_threshold() -> None:
     assert tripped(190, 10, 200, 0.05) is None  # exactly 5 %: not above
     assert tripped(189, 11, 200, 0.05) == pytest.approx(0.055)
     assert tripped(0, 0, 1, 0.0) is None
+
+
+def test_the_engine_refuses_a_paused_principal_and_monitor_mode_lets_it_pass() -> None:
+    world = World()
+    world.account("acme")
+    world.subuser("acme/news")
+    world.key("acme/news")
+    key_id = next(kid for kid, key in world.data.keys.items() if key.principal == "acme/news")
+    identity = format_identity("acme/news", key_id)
+    pause = Pause("acme/news", T0, 0.125, 1750, 250, DAY, 0.05)
+    verdict = decide_paused(world.snapshot(), EngineSettings(), PauseFacts(identity, pause))
+    assert (verdict.action, verdict.code, verdict.status, verdict.reason) == (
+        Action.TEMPFAIL, 451, "4.7.1", Reason.PAUSED)
+    assert verdict.text == PAUSED.removeprefix("451 4.7.1 ")
+    assert text_matches("paused", verdict.text)
+    assert decide_paused(world.snapshot(), EngineSettings(),
+                         PauseFacts(identity, None)).reason is Reason.OK
+    # recorded in monitor mode (reputation.monitor), or the account in monitor mode
+    watched = decide_paused(world.snapshot(), EngineSettings(), PauseFacts(
+        identity, Pause("acme/news", T0, 0.125, 1750, 250, DAY, 0.05, monitor=True)))
+    assert watched.allowed and watched.monitored is not None
+    assert watched.log_fields()["would_be"] == PAUSED
+    world.data.accounts["acme"] = replace(world.data.accounts["acme"], monitor=True)
+    assert decide_paused(world.snapshot(), EngineSettings(),
+                         PauseFacts(identity, pause)).log_fields()["verdict"] == "monitor-allow"
+    # an account principal is told the account's command
+    account = Pause("acme", T0, 0.5, 100, 100, 3600.0, 0.05)
+    assert log_line(account).endswith("over 1h is above 5 %; resume with keyrelay account "
+                                      "resume acme")
 
 
 # -- counting and pausing, both stores ------------------------------------------------------
