@@ -4,7 +4,9 @@
 
 One thread follows the maillog (keyrelay/events/follow.py: a batch of lines, its events, the
 log position and the correlation state in one transaction); another sends the events to the
-accounts' webhooks (keyrelay/events/outbox.py); the main thread waits for signals and, every
+accounts' webhooks (keyrelay/events/outbox.py), suppresses hard bounces and runs the reputation
+guard (keyrelay/reputation/guard.py: a principal whose bounce rate runs away is paused,
+docs/reputation.md); the main thread waits for signals and, every
 ``HOUSEKEEPING`` seconds, removes events older than ``events.keep`` that are finished with.
 Every event is logged as one line (``event=... account=... queue_id=...``). SIGTERM and
 SIGINT stop it after the batch in progress is committed: nothing is read twice or skipped
@@ -45,13 +47,14 @@ Follow Postfix's log and turn what became of each message sent with a keyrelay l
 delivery event: processed, delivered, deferred, bounce (hard or soft) and dropped. The events
 are kept in the state file (events.state), which is also the outbox the webhooks are sent
 from; the log position is saved with them, so across a stop, a crash or a log rotation
-nothing is emitted twice and nothing is skipped."""
+nothing is emitted twice and nothing is skipped. Hard bounces are suppressed, and a sender
+whose bounce rate passes reputation.max_bounce_rate is paused (the reputation guard)."""
 
 EPILOG = """\
 signals:
   SIGTERM, SIGINT  commit the batch being read, then exit
   SIGHUP           reread the configuration: logging applies at once, the events
-                   section after a restart
+                   and reputation sections after a restart
 
 files:
   /etc/keyrelay/keyrelay.yaml   configuration (--config, or $KEYRELAY_CONFIG); section events
@@ -162,8 +165,10 @@ def serve(path: str, config: Config) -> None:
             log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
             return
         logs.configure(new.logging)
-        if new.events != config.events:
-            log.warning("SIGHUP: the events section changed; it takes effect after a restart")
+        for name in ("events", "reputation"):
+            if getattr(new, name) != getattr(config, name):
+                log.warning("SIGHUP: the %s section changed; it takes effect after a restart",
+                            name)
 
     signal.signal(signal.SIGTERM, stopping)
     signal.signal(signal.SIGINT, stopping)
