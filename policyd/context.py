@@ -19,7 +19,7 @@ from keyrelay.decisions import EngineSettings
 from keyrelay.directory import Directory, DirectoryBackend
 from keyrelay.errors import DirectoryUnavailable, KeyrelayError
 from keyrelay.logs import DecisionLog
-from keyrelay.reputation import PauseCache, RedisPauses, SqliteReputation
+from keyrelay.reputation import PauseCache, RedisPauses, SqliteReputation, reputation_path
 from keyrelay.suppressions import RedisLookup, SqliteSuppressions
 
 log = logging.getLogger("keyrelay.policyd")
@@ -65,7 +65,7 @@ class ServiceContext:
         cfg = self.config.reputation
         self.pauses = None if not cfg.enabled else PauseCache(
             RedisPauses(shared) if isinstance(shared, RedisCounters)
-            else SqliteReputation(cfg.path, create=False), cfg.refresh)
+            else SqliteReputation(reputation_path(self.config), create=False), cfg.refresh)
 
     def snapshot(self) -> Directory:
         """The current directory snapshot; raises ``DirectoryUnavailable``."""

@@ -35,6 +35,7 @@ from keyrelay.reputation import (
     ReputationStore,
     log_line,
     open_reputation,
+    reputation_path,
     tripped,
 )
 from testkit.factories import World
@@ -137,6 +138,13 @@ def test_the_engine_refuses_a_paused_principal_and_monitor_mode_lets_it_pass() -
     account = Pause("acme", T0, 0.5, 100, 100, 3600.0, 0.05)
     assert log_line(account).endswith("over 1h is above 5 %; resume with keyrelay account "
                                       "resume acme")
+
+
+def test_the_file_is_beside_the_suppression_list_unless_named(tmp_path: Path) -> None:
+    beside = parse_config({"suppressions": {"path": "/srv/kr/supp.db"}}, "k.yaml")
+    assert reputation_path(beside) == "/srv/kr/reputation.db"
+    assert reputation_path(parse_config({}, "k.yaml")) == "/var/lib/keyrelay/reputation.db"
+    assert reputation_path(_config(tmp_path)) == str(tmp_path / "rep.db")
 
 
 # -- counting and pausing, both stores ------------------------------------------------------

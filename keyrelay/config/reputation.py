@@ -42,12 +42,14 @@ class ReputationConfig:
                   "mode is treated so too)."},
     )
     path: str = field(
-        default="/var/lib/keyrelay/reputation.db",
+        default="",
         metadata={"doc": "The SQLite file of the counts and pauses with counters.backend "
                   "memory (one node): written by keyrelay-events and `keyrelay subuser "
                   "resume`, read by keyrelay-policyd (its folder writable by the daemons' "
-                  "user). With counters.backend redis they are in Redis.",
-                  "absolute_path": True},
+                  "user). Empty: reputation.db in the folder of suppressions.path "
+                  "(/var/lib/keyrelay/reputation.db by default). With counters.backend redis "
+                  "the counts and pauses are in Redis and this file is not used.",
+                  "absolute_path": True, "allow_empty": True},
     )
     refresh: Duration = field(
         default=Duration(5.0),

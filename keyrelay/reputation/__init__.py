@@ -26,7 +26,7 @@ from .model import (
     span,
     tripped,
 )
-from .open import open_reputation
+from .open import open_reputation, reputation_path
 from .pauses import PauseCache
 from .redisstore import RedisPauses, RedisReputation
 from .sqlitestore import SqliteReputation
@@ -49,6 +49,7 @@ __all__ = [
     "open_reputation",
     "percent",
     "principal_of",
+    "reputation_path",
     "resume_command",
     "span",
     "tripped",
