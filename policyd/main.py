@@ -195,7 +195,8 @@ class Daemon:
         if self.reload_at_start is not None and self.reload_at_start():
             self.reload()
         tasks = [asyncio.create_task(self.every(1.0, self.sweep)),
-                 asyncio.create_task(self.flush_loop()), *metrics_tasks]
+                 asyncio.create_task(self.flush_loop()),
+                 asyncio.create_task(self.policy.keep_pauses()), *metrics_tasks]
         log.info("keyrelay-policyd %s ready (pid %d)", __version__, os.getpid())
         await self.stopping.wait()
         await self.shutdown()

@@ -26,6 +26,7 @@ Stages (``protocol_state``):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Coroutine
@@ -60,6 +61,7 @@ from keyrelay.errors import DirectoryUnavailable, UserError
 from keyrelay.limits import store_window
 from keyrelay.metrics import NO_METRICS, Metrics
 from keyrelay.reputation import ReputationUnavailable
+from keyrelay.reputation.pauses import STALE_FACTOR
 from keyrelay.suppressions import RedisLookup, Suppression, SuppressionsUnavailable
 from keyrelay.suppressions import address as suppression_address
 
@@ -261,14 +263,16 @@ class PolicyService:
             try:
                 cache.read()
             except ReputationUnavailable as exc:
-                return self._pauses_unavailable(request, exc)
+                return self._pauses_failed(request, answer, directory, recipients, exc)
         return self._pause_checked(request, answer, directory, recipients)
 
     def _pause_checked(self, request: dict[str, str], answer: Verdict, directory: Directory,
-                       recipients: int) -> Verdict | Recipient:
+                       recipients: int, *, read: bool = True) -> Verdict | Recipient:
+        """The answer from the copy of the pauses (``read``: just read, or fresh), then at
+        RCPT the suppression list's."""
         cache = self.context.pauses
         assert cache is not None
-        if self._pauses_away:
+        if read and self._pauses_away:
             log.warning("reputation pauses answer again; paused principals are checked again")
             self._pauses_away = False
         identity = request.get("sasl_username", "")
@@ -279,15 +283,40 @@ class PolicyService:
             return verdict
         return self._recipient(request, verdict, directory, recipients)
 
-    def _pauses_unavailable(self, request: dict[str, str],
-                            exc: ReputationUnavailable) -> Verdict:
-        """The pauses cannot be read: ``451 4.3.0``, never an unchecked accept. Logged once
-        per outage."""
+    def _pauses_failed(self, request: dict[str, str], answer: Verdict, directory: Directory,
+                       recipients: int, exc: ReputationUnavailable) -> Verdict | Recipient:
+        """The pauses cannot be read: the last copy while it is recent enough (nobody can
+        pause or resume while the store is away: keyrelay/reputation/pauses.py), else
+        ``451 4.3.0``, never an unchecked accept. Logged once per outage."""
+        cache = self.context.pauses
+        assert cache is not None
         if not self._pauses_away:
-            log.error("reputation pauses unavailable: %s; mail of keyrelay logins gets "
-                      "451 4.3.0 until they can be read again", exc)
+            log.error("reputation pauses unavailable: %s; the last copy is used for %g s, then "
+                      "mail of keyrelay logins gets 451 4.3.0 until they can be read again",
+                      exc, cache.refresh * STALE_FACTOR)
             self._pauses_away = True
+        if cache.usable():
+            return self._pause_checked(request, answer, directory, recipients, read=False)
         return temporary(Reason.REPUTATION_UNAVAILABLE, request.get("sasl_username", ""))
+
+    async def keep_pauses(self) -> None:
+        """Read the pauses again every ``reputation.refresh`` (policyd/main.py runs it in
+        every worker), so that each copy stays fresh without a request waiting for it, and
+        a worker that served no mail lately still has a recent copy when the store goes
+        away. A failure is left to the next request to log and answer."""
+        while True:
+            cache = self.context.pauses  # a SIGHUP may have replaced it
+            if cache is not None and not cache.fresh():
+                try:
+                    if cache.remote:
+                        await cache.read_async()
+                    else:
+                        cache.read()
+                except ReputationUnavailable:
+                    pass
+                except Exception:  # a bug of ours must not end the loop: requests read too
+                    log.exception("reading the reputation pauses failed")
+            await asyncio.sleep(cache.refresh if cache is not None else 5.0)
 
     async def check_pause(self, pending: PauseCheck) -> Verdict:
         cache = self.context.pauses
@@ -295,9 +324,11 @@ class PolicyService:
         try:
             await cache.read_async()
         except ReputationUnavailable as exc:
-            return self._pauses_unavailable(pending.request, exc)
-        again = self._pause_checked(pending.request, pending.answer, pending.directory,
-                                    pending.recipients)
+            again = self._pauses_failed(pending.request, pending.answer, pending.directory,
+                                        pending.recipients, exc)
+        else:
+            again = self._pause_checked(pending.request, pending.answer, pending.directory,
+                                        pending.recipients)
         if isinstance(again, Recipient):
             return await self.check_recipient(again)
         return again

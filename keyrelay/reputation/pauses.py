@@ -5,7 +5,11 @@ again at most every ``reputation.refresh`` seconds: a message costs one dict loo
 store one read per ``refresh`` (the SQLite file: one query; Redis: one ``HGETALL`` on the
 counters' connection). A pause or a resume is therefore seen within ``refresh``. A read that
 fails leaves the copy stale: the service then answers ``451 4.3.0`` (never an unchecked
-accept) and reads again at the next message.
+accept) and reads again at the next message. A copy read within the last
+``STALE_FACTOR * refresh`` seconds is used meanwhile: the pauses live in the store that cannot
+be read, so nobody can pause or resume while it is away, and a short outage (a Redis restart)
+adds no temporary answers of its own; an older copy, or none (a worker started during the
+outage), gives ``451 4.3.0``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Callable
 from .model import Pause, ReputationUnavailable
 from .redisstore import RedisPauses
 from .sqlitestore import SqliteReputation
+
+STALE_FACTOR = 10  # a copy this many refresh periods old is still used while the store is away
 
 
 class PauseCache:
@@ -36,6 +42,11 @@ class PauseCache:
 
     def fresh(self) -> bool:
         return self.read_at is not None and self.clock() - self.read_at < self.refresh
+
+    def usable(self) -> bool:
+        """The copy may answer while the store cannot be read (``STALE_FACTOR``)."""
+        return (self.read_at is not None
+                and self.clock() - self.read_at < self.refresh * STALE_FACTOR)
 
     def read(self) -> None:
         """Read the SQLite file now; raises ReputationUnavailable."""
