@@ -63,12 +63,15 @@ def account_show(ctx: Context, args: argparse.Namespace) -> None:
     data = ctx.read()
     limits = listed(ctx, data)
     info = account_json(data, admin.account(data, args.name), limits)
-    if ctx.json:
+    if ctx.json:  # the same record as account list's; the text shows the pause too
         dump_json(ctx.out, info)
         return
+    from .subuser import pause_of, paused_line  # subuser.py imports from here
+    pause, problem = pause_of(ctx, args.name)  # its own sending (docs/reputation.md)
     for label, value in [
         ("account", info["name"]),
         ("status", info["status"]),
+        ("paused", paused_line(pause, problem)),
         ("monitor", "on" if info["monitor"] else "off"),
         ("pool", info["pool"] or "-"),
         ("ip allow", ", ".join(info["ip_allow"]) or "any address"),

@@ -10,7 +10,7 @@ from .. import admin, audit
 from ..directory.model import DirectoryData, Status, Subuser
 from ..errors import UserError
 from ..output import dump_json, table, when
-from ..reputation import Pause, describe, open_reputation
+from ..reputation import Pause, ReputationUnavailable, describe, open_reputation
 from .account import status_setter
 from .core import Context, Handler, command, group
 from .limits import Effective, effective_json, effective_text, limits_json, listed
@@ -62,22 +62,38 @@ def subuser_remove(ctx: Context, args: argparse.Namespace) -> None:
     ctx.say(f"Removed subuser {args.name} with its keys and senders.")
 
 
-def pause_of(ctx: Context, principal: str) -> Pause | None:
+def pause_of(ctx: Context, principal: str) -> tuple[Pause | None, str]:
     """The principal's reputation pause (docs/reputation.md), None: not paused or the guard
-    off; the store unreadable is one line (ReputationUnavailable)."""
+    off; and, when the store cannot be read, why (a show command still shows the rest)."""
     if not ctx.config.reputation.enabled:
-        return None
-    store = open_reputation(ctx.config, create=False)
+        return None, ""
     try:
-        return store.get(principal)
-    finally:
-        store.close()
+        store = open_reputation(ctx.config, create=False)
+        try:
+            return store.get(principal), ""
+        finally:
+            store.close()
+    except ReputationUnavailable as exc:
+        return None, str(exc)
+
+
+def paused_line(pause: Pause | None, problem: str) -> str:
+    if problem:
+        return f"unknown ({problem})"
+    return "-" if pause is None else pause_text(pause)
 
 
 def pause_text(pause: Pause) -> str:
     since = datetime.fromtimestamp(pause.since, UTC).strftime("%Y-%m-%d %H:%M UTC")
     kind = "would be paused (monitor mode)" if pause.monitor else "paused"
     return f"{kind} since {since}: {describe(pause)}"
+
+
+def pause_json(pause: Pause | None) -> dict[str, Any] | None:
+    return None if pause is None else {
+        "since": datetime.fromtimestamp(pause.since, UTC).isoformat(), "rate": pause.rate,
+        "delivered": pause.delivered, "bounced": pause.bounced, "window": pause.window,
+        "monitor": pause.monitor}
 
 
 def resumer(*, subuser: bool) -> Handler:
@@ -112,18 +128,15 @@ def subuser_show(ctx: Context, args: argparse.Namespace) -> None:
                         f"keyrelay account show {args.name})")
     sub = data.subusers[admin.principal(data, args.name)]
     info = subuser_json(data, sub, listed(ctx, data))
-    pause = pause_of(ctx, sub.principal)
-    info["paused"] = None if pause is None else {
-        "since": datetime.fromtimestamp(pause.since, UTC).isoformat(), "rate": pause.rate,
-        "delivered": pause.delivered, "bounced": pause.bounced, "window": pause.window,
-        "monitor": pause.monitor}
+    pause, problem = pause_of(ctx, sub.principal)
+    info["paused"] = pause_json(pause)
     if ctx.json:
         dump_json(ctx.out, info)
         return
     for label, value in [
         ("subuser", info["principal"]),
         ("status", info["status"]),
-        ("paused", "-" if pause is None else pause_text(pause)),
+        ("paused", paused_line(pause, problem)),
         ("pool", info["pool"] or "-"),
         ("limits", effective_text(listed(ctx, data)(sub.principal), sub.principal)),
         ("keys", str(info["keys"])),
