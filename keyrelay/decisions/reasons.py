@@ -322,8 +322,9 @@ ANSWERS: dict[Reason, Answer] = {
         "policy", "451", "4.3.0",
         ("sending pauses temporarily unavailable; try again later",),
         "the reputation guard's pauses cannot be read at MAIL or RCPT (counters.backend: "
-        "redis away, hung or refusing us; the SQLite file reputation.path unreadable): a "
-        "message is never accepted unchecked (docs/reputation.md, \"Faults\")"),
+        "redis away, hung or refusing us; the SQLite file reputation.path unreadable) and "
+        "this worker's last copy is older than 10 times reputation.refresh, or it has none: "
+        "a message is never accepted unchecked (docs/reputation.md, \"Faults\")"),
     Reason.DKIM_KEY_UNAVAILABLE: Answer(
         "milter", "451", "4.3.0", ("DKIM signing temporarily unavailable; try again later",),
         "a DKIM private key cannot be read"),
