@@ -32,7 +32,10 @@ from keyrelay.events.store import EventStore
 from keyrelay.reputation import (
     Guard,
     Pause,
+    PauseCache,
     ReputationStore,
+    ReputationUnavailable,
+    SqliteReputation,
     log_line,
     open_reputation,
     reputation_path,
@@ -240,6 +243,29 @@ def test_the_outbox_round_pauses_and_puts_a_paused_event_in_the_state_file(
         assert set(open_reputation(config).paused()) == {"acme/news"}
     finally:
         store.close()
+
+
+def test_policyds_copy_is_read_every_refresh_and_used_a_while_when_unreadable(
+        tmp_path: Path) -> None:
+    path = tmp_path / "rep.db"
+    writer = SqliteReputation(str(path))
+    writer.pause(Pause("acme/news", T0, 0.5, 100, 100, DAY, 0.05))
+    clock = Clock(100.0)
+    cache = PauseCache(SqliteReputation(str(path), create=False), 5.0, clock)
+    assert not cache.fresh() and not cache.usable()  # never read: nothing to go on
+    cache.read()
+    assert cache.get("acme/news") is not None and cache.get("acme/billing") is None
+    clock.at += 5.0
+    assert not cache.fresh() and cache.usable()  # to be read again; usable meanwhile
+    writer.close()
+    for name in ("rep.db", "rep.db-wal", "rep.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    path.mkdir()  # something that is no database in its place
+    with pytest.raises(ReputationUnavailable):
+        cache.read()
+    assert cache.get("acme/news") is not None  # the last copy is kept
+    clock.at += 45.0  # 10 refresh periods after the last good read
+    assert not cache.usable()
 
 
 # -- through keyrelay-policyd ----------------------------------------------------------------
