@@ -72,6 +72,8 @@ def demo_env() -> Iterator[tuple[Path, dict[str, str]]]:
         "KEYRELAY_ALT_SUBMISSION_PORT": str(free_port()),
         "KEYRELAY_SUBMISSIONS_PORT": str(free_port()),
         "KEYRELAY_SINK_PORT": str(free_port()),
+        "KEYRELAY_BOUNCE_SINK_PORT": str(free_port()),
+        "KEYRELAY_DEFER_SINK_PORT": str(free_port()),
         "KEYRELAY_POOL_ADDRESS": "127.0.0.4",
         "KEYRELAY_POLICYD_METRICS_PORT": str(free_port()),
         "KEYRELAY_MILTER_METRICS_PORT": str(free_port()),
@@ -92,8 +94,11 @@ def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
         # every setting the demo was started with is in it (the README says so)
         for name in ("KEYRELAY_SMTP_PORT", "KEYRELAY_SUBMISSION_PORT",
                      "KEYRELAY_ALT_SUBMISSION_PORT", "KEYRELAY_SUBMISSIONS_PORT",
-                     "KEYRELAY_SINK_PORT", "KEYRELAY_POOL_ADDRESS"):
+                     "KEYRELAY_SINK_PORT", "KEYRELAY_BOUNCE_SINK_PORT",
+                     "KEYRELAY_DEFER_SINK_PORT", "KEYRELAY_POOL_ADDRESS"):
             assert values[name] == env[name], name
+        assert (values["KEYRELAY_BOUNCE_DOMAIN"], values["KEYRELAY_DEFER_DOMAIN"]) == (
+            "bounce.demo.test", "defer.demo.test")
         assert values["KEYRELAY_DEMO_KEY"].startswith("kr.")
         assert values["KEYRELAY_DEMO_KEY"] not in demo.text()  # the banner never shows the key
         (command,) = [line.strip() for line in demo.text().splitlines()
@@ -193,6 +198,27 @@ def readme_events_tour(run_dir: Path, swaks: str) -> None:
                "suppressed for account demo" in refused.stdout, refused.stdout
         wait_until(lambda: any(e["event"] == "dropped" and e["email"] == "gone@example.net"
                                for e in events()), 120, "the dropped event printed")
+        # step 9: receivers that refuse, reached through the transport map by a key of the
+        # account itself (no IP pool, so no FILTER): a hard bounce, and a deferral
+        account_key = json.loads(subprocess.run(
+            [*kr, "key", "create", "demo", "--name", "tour-events", "--json"],
+            capture_output=True, text=True, check=True).stdout)["key"]
+        for to in ("someone@bounce.demo.test", "someone@defer.demo.test"):
+            command = swaks.replace('"$KEYRELAY_DEMO_KEY"', f"'{account_key}'").replace(
+                '"$KEYRELAY_DEMO_TO"', to)
+            accepted = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                                      timeout=60)
+            assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+        def seen(kind: str, email: str) -> list[dict[str, object]]:
+            return [e for e in events() if e["event"] == kind and e["email"] == email]
+
+        wait_until(lambda: seen("bounce", "someone@bounce.demo.test")
+                   and seen("deferred", "someone@defer.demo.test"), 120,
+                   "the bounce and the deferral printed by the README's receiver")
+        bounce = seen("bounce", "someone@bounce.demo.test")[0]
+        assert bounce["type"] == "hard" and str(bounce["status"]).startswith("5.")
+        assert str(seen("deferred", "someone@defer.demo.test")[0]["status"]).startswith("4.")
         assert "refused a request" not in printed.read_text()
         assert secret not in (run_dir / "logs" / "events.log").read_text()
     finally:
