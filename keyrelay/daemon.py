@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import grp
+import importlib
 import logging
 import os
 import pwd
@@ -68,9 +69,25 @@ def empty_bounding_set(user: str, log: logging.Logger) -> None:
             return
 
 
+# Modules the daemons import inside a function (to break an import cycle), loaded before the
+# daemon stops being root: once it runs as its user, the files of a virtual environment in a
+# folder of mode 0700 (root's) are out of its reach, and a first import there would fail in
+# the middle of a request (tests/test_import_rules.py checks that this list is complete).
+LATE_IMPORTS = ("keyrelay.admin", "keyrelay.webhooks.sign", "keyrelay.webhooks.target",
+                "keyrelay.suppressions.model", "keyrelay.directory.ldap")
+
+
+def preload() -> None:
+    """Import ``LATE_IMPORTS`` now."""
+    for name in LATE_IMPORTS:
+        importlib.import_module(name)
+
+
 def drop_privileges(user: str, log: logging.Logger, setting: str = "user") -> None:
     """Become ``user`` (with its groups) once the sockets are bound; no-op unless root.
-    Staying root (``user`` root or empty, ``setting`` names it) is allowed, with a warning."""
+    Staying root (``user`` root or empty, ``setting`` names it) is allowed, with a warning.
+    The modules the daemon would import later are loaded first (``LATE_IMPORTS``)."""
+    preload()
     if os.geteuid() != 0:
         return
     if user in ROOT_USERS:

@@ -47,11 +47,12 @@ def private_relay(pool_address: str, directory: Mapping[str, Any] | None = None
     (default: the demo's YAML file)."""
     # a short folder: unix socket paths inside the queue must stay under 108 bytes
     run_dir = Path(tempfile.mkdtemp(prefix="kr-e2e-"))
-    smtp, submission, alt_submission, submissions, sink, policyd_metrics, milter_metrics = (
-        free_ports(7))
+    (smtp, submission, alt_submission, submissions, sink, policyd_metrics, milter_metrics,
+     bounce_sink, defer_sink) = free_ports(9)
     settings = Settings(
         run_dir=run_dir, smtp_port=smtp, submission_port=submission,
         alt_submission_port=alt_submission, submissions_port=submissions, sink_port=sink,
+        bounce_sink_port=bounce_sink, defer_sink_port=defer_sink,
         policyd_metrics_port=policyd_metrics, milter_metrics_port=milter_metrics,
         pool_address=pool_address, directory=directory,
         # the daemons run unprivileged, as in production and `make run`; with LDAP as root:

@@ -122,6 +122,21 @@ def test_a_restart_resumes_at_the_checkpoint_with_the_state(tmp_path: Path) -> N
     assert seen(second.store) == expected
 
 
+def test_a_first_start_at_the_end_saves_that_position_at_once(tmp_path: Path) -> None:
+    # old mail gives no events (start_at_end), but a stop before any new line must not make
+    # the next start skip what was logged while it was down
+    log, state = tmp_path / "maillog", tmp_path / "events.db"
+    write(log, message_lines(1)[0])
+    first = Follower.open(log, EventStore(state), maillog.Parser(), start_at_end=True)
+    assert first.run_once() == 0
+    first.store.close()
+    lines, expected = message_lines(2)
+    write(log, lines)
+    second = Follower.open(log, EventStore(state), maillog.Parser(), start_at_end=True)
+    assert second.run_once() == len(lines)
+    assert seen(second.store) == expected
+
+
 def test_rotation_by_rename_finishes_the_old_file_first(tmp_path: Path) -> None:
     log, state = tmp_path / "maillog", tmp_path / "events.db"
     a, ea = message_lines(10)

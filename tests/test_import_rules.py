@@ -12,6 +12,7 @@ literal name. Imports under ``if TYPE_CHECKING:`` count too: the rule is about d
 from __future__ import annotations
 
 import ast
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,3 +255,64 @@ def test_checker_accepts_a_front_end_that_asks_the_engine() -> None:
             "v = decide_envelope(d, s, f)\nw = temporary(Reason.INTERNAL_ERROR)\n"
             "if v.action is Action.ALLOW:\n    pass\n")
     assert verdicts_built(Source("policyd.policy", False, "<synthetic>", text)) == []
+
+
+# -- imports after a daemon stops being root ---------------------------------------------------
+# Modules that import inside a function only on the admin CLI's paths, never in a daemon
+CLI_ONLY = {
+    "keyrelay.postfixconf",  # keyrelay postfix show|apply
+    "keyrelay.directory.yamlrender",  # imports yamlfile, which every daemon has loaded
+}
+
+
+def late_imports(source: Source) -> list[tuple[int, str]]:
+    """(line, module) of each import of a keyrelay module inside a function of ``source``
+    (not under ``if TYPE_CHECKING:``)."""
+    tree = ast.parse(source.text, filename=source.filename)
+    found: list[tuple[int, str]] = []
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(source, node.level, node.module) if node.level else node.module
+                if base and base.split(".")[0] in CHECKED_PACKAGES:
+                    found += [(node.lineno, f"{base}.{a.name}") for a in node.names]
+            elif isinstance(node, ast.Import):
+                found += [(node.lineno, a.name) for a in node.names
+                          if a.name.split(".")[0] in CHECKED_PACKAGES]
+    return found
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_every_late_import_of_a_daemon_is_loaded_before_it_drops_root() -> None:
+    """A module first imported after a daemon became its user fails in a fresh clone (the
+    virtual environment in a folder of mode 0700): each one must be loaded at start, by
+    the entry modules or keyrelay/daemon.py's LATE_IMPORTS."""
+    import subprocess
+    import sys
+
+    loaded = set(subprocess.run(
+        [sys.executable, "-c", "import sys, policyd.main, milters.main, "
+         "keyrelay.events.daemon, keyrelay.daemon as d; d.preload(); "
+         "print('\\n'.join(sys.modules))"],
+        capture_output=True, text=True, check=True, cwd=ROOT).stdout.split())
+    missing = []
+    for package in CHECKED_PACKAGES:
+        for source in sources(package):
+            if source.module in CLI_ONLY:
+                continue
+            for line, name in late_imports(source):
+                # "from .. import admin" names a module; "from ..x import f" a name in x
+                module = name if importlib.util.find_spec(name.rpartition(".")[0]) and \
+                    _is_module(name) else name.rpartition(".")[0]
+                if module not in loaded:
+                    missing.append(f"{source.filename}:{line}: {module}")
+    assert missing == [], "load these at start (keyrelay/daemon.py LATE_IMPORTS): " + \
+        ", ".join(missing)

@@ -8,6 +8,7 @@ API key, the previous one revoked. Ports come from the environment (free ones he
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -71,6 +72,8 @@ def demo_env() -> Iterator[tuple[Path, dict[str, str]]]:
         "KEYRELAY_ALT_SUBMISSION_PORT": str(free_port()),
         "KEYRELAY_SUBMISSIONS_PORT": str(free_port()),
         "KEYRELAY_SINK_PORT": str(free_port()),
+        "KEYRELAY_BOUNCE_SINK_PORT": str(free_port()),
+        "KEYRELAY_DEFER_SINK_PORT": str(free_port()),
         "KEYRELAY_POOL_ADDRESS": "127.0.0.4",
         "KEYRELAY_POLICYD_METRICS_PORT": str(free_port()),
         "KEYRELAY_MILTER_METRICS_PORT": str(free_port()),
@@ -91,8 +94,11 @@ def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
         # every setting the demo was started with is in it (the README says so)
         for name in ("KEYRELAY_SMTP_PORT", "KEYRELAY_SUBMISSION_PORT",
                      "KEYRELAY_ALT_SUBMISSION_PORT", "KEYRELAY_SUBMISSIONS_PORT",
-                     "KEYRELAY_SINK_PORT", "KEYRELAY_POOL_ADDRESS"):
+                     "KEYRELAY_SINK_PORT", "KEYRELAY_BOUNCE_SINK_PORT",
+                     "KEYRELAY_DEFER_SINK_PORT", "KEYRELAY_POOL_ADDRESS"):
             assert values[name] == env[name], name
+        assert (values["KEYRELAY_BOUNCE_DOMAIN"], values["KEYRELAY_DEFER_DOMAIN"]) == (
+            "bounce.demo.test", "defer.demo.test")
         assert values["KEYRELAY_DEMO_KEY"].startswith("kr.")
         assert values["KEYRELAY_DEMO_KEY"] not in demo.text()  # the banner never shows the key
         (command,) = [line.strip() for line in demo.text().splitlines()
@@ -130,6 +136,7 @@ def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
         # policyd (one process: memory counters) and the milter's supervisor and workers
         assert len(daemons) >= 2 and set(daemons) == {"keyrelay"}, ps
         assert "running as root" not in demo.text()
+        readme_events_tour(run_dir, command)
     finally:
         status = demo.stop()
     assert status == 0, demo.text()
@@ -152,6 +159,71 @@ def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
     finally:
         assert again.stop() == 0
     wait_until(lambda: not pids_of(run_dir), 30, "every demo process to exit")
+
+
+def readme_events_tour(run_dir: Path, swaks: str) -> None:
+    """The README tour's steps 7 and 8: a webhook to the tiny receiver, which prints the
+    message's events with their signatures checked; a suppressed recipient refused at RCPT,
+    its dropped event printed too."""
+    kr = [str(Path(sys.executable).parent / "keyrelay"), "--config",
+          str(run_dir / "keyrelay.yaml")]
+    port = free_port()
+    made = subprocess.run([*kr, "webhook", "set", "demo", "--url",
+                           f"http://127.0.0.1:{port}/hook", "--json"],
+                          capture_output=True, text=True, check=True)
+    secret = json.loads(made.stdout)["secret"]
+    printed = run_dir.parent / "receiver.out"
+    with printed.open("wb") as out:
+        receiver = subprocess.Popen(
+            [sys.executable, "-m", "keyrelay.webhooks.receiver", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "KEYRELAY_WEBHOOK_SECRET": secret})
+    try:
+        wait_until(lambda: "listening on" in printed.read_text(), 30, "the receiver")
+        sent = subprocess.run(["sh", "-c", swaks], capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+
+        def events() -> list[dict[str, object]]:
+            return [json.loads(line) for line in printed.read_text().splitlines()
+                    if line.startswith("{")]
+
+        wait_until(lambda: {"processed", "delivered"} <= {e["event"] for e in events()}, 120,
+                   "processed and delivered printed by the README's receiver")
+        subprocess.run([*kr, "suppression", "add", "demo", "gone@example.net", "--reason",
+                        "tried in the tour"], capture_output=True, text=True, check=True)
+        refused = subprocess.run(["sh", "-c", swaks.replace('"$KEYRELAY_DEMO_TO"',
+                                                            "gone@example.net")],
+                                 capture_output=True, text=True, timeout=60)
+        assert "550 5.7.1 <gone@example.net>: Recipient address rejected: recipient " \
+               "suppressed for account demo" in refused.stdout, refused.stdout
+        wait_until(lambda: any(e["event"] == "dropped" and e["email"] == "gone@example.net"
+                               for e in events()), 120, "the dropped event printed")
+        # step 9: receivers that refuse, reached through the transport map by a key of the
+        # account itself (no IP pool, so no FILTER): a hard bounce, and a deferral
+        account_key = json.loads(subprocess.run(
+            [*kr, "key", "create", "demo", "--name", "tour-events", "--json"],
+            capture_output=True, text=True, check=True).stdout)["key"]
+        for to in ("someone@bounce.demo.test", "someone@defer.demo.test"):
+            command = swaks.replace('"$KEYRELAY_DEMO_KEY"', f"'{account_key}'").replace(
+                '"$KEYRELAY_DEMO_TO"', to)
+            accepted = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                                      timeout=60)
+            assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+        def seen(kind: str, email: str) -> list[dict[str, object]]:
+            return [e for e in events() if e["event"] == kind and e["email"] == email]
+
+        wait_until(lambda: seen("bounce", "someone@bounce.demo.test")
+                   and seen("deferred", "someone@defer.demo.test"), 120,
+                   "the bounce and the deferral printed by the README's receiver")
+        bounce = seen("bounce", "someone@bounce.demo.test")[0]
+        assert bounce["type"] == "hard" and str(bounce["status"]).startswith("5.")
+        assert str(seen("deferred", "someone@defer.demo.test")[0]["status"]).startswith("4.")
+        assert "refused a request" not in printed.read_text()
+        assert secret not in (run_dir / "logs" / "events.log").read_text()
+    finally:
+        receiver.terminate()
+        receiver.wait(30)
 
 
 @pytest.mark.parametrize("name, value, message", [

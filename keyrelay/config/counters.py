@@ -137,8 +137,9 @@ class CountersConfig:
                   "\"tempfail\" (451 4.3.0: mail waits, nothing is sent unchecked; so do "
                   "the recipients of keyrelay logins, whose suppression lists are in Redis) "
                   "or \"local\": counted in this daemon's memory until Redis answers again "
-                  "(logged once per outage; each node then allows its own full limit; "
-                  "recipients are not checked against the suppression lists meanwhile). "
+                  "(logged once per outage; each node then allows its own full limit; the "
+                  "recipients of keyrelay logins still get 451 4.3.0: the suppression lists "
+                  "have no local stand-in). "
                   "Failed logins are always counted locally meanwhile."},
     )
     time_zone: str = field(

@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from .settings import Settings
+from .settings import BOUNCE_DOMAIN, DEFER_DOMAIN, Settings
 
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 
@@ -101,6 +101,15 @@ def write_postfix_base(settings: Settings) -> None:
         "delay_warning_time": "0",
         "smtpd_banner": "$myhostname ESMTP keyrelay demo",
     }
+    # receivers that refuse (make run): mail of a login without an IP pool reaches them
+    # through transport_maps; a pool's mail leaves through its FILTER transport to
+    # default_filter_nexthop whatever the recipient (docs/postfix-hooks.md)
+    routes = [f"{domain} smtp:[{settings.host}]:{port}\n" for domain, port in
+              ((BOUNCE_DOMAIN, settings.bounce_sink_port), (DEFER_DOMAIN, settings.defer_sink_port))
+              if port]
+    if routes:
+        (etc / "transport").write_text("".join(routes))
+        main["transport_maps"] = f"texthash:{etc / 'transport'}"
     (etc / "main.cf").write_text(
         "# Written by keyrelay's demo (make run); keyrelay postfix apply adds its settings.\n"
         + "".join(f"{name} = {value}\n" for name, value in main.items()))

@@ -21,7 +21,7 @@ from .processes import (
     unix_accepts,
     wait_until,
 )
-from .settings import DemoError, Settings
+from .settings import BOUNCE_DOMAIN, DEFER_DOMAIN, DemoError, Settings
 from .state import (
     ensure_daemon_user,
     fresh_key,
@@ -100,6 +100,19 @@ class Relay:
                                    str(backlog)],
                      s.logs / "sink.log", lambda: greets(s.host, s.sink_port))
 
+    def refusing_sinks(self) -> dict[str, Child]:
+        """smtp-sink refusing every recipient with 550 (``-f RCPT``, BOUNCE_DOMAIN's) and one
+        answering 451 (``-r RCPT``, DEFER_DOMAIN's), those whose ports are set."""
+        s = self.settings
+        found = {}
+        for name, flag, port in (("bounce-sink", "-f", s.bounce_sink_port),
+                                 ("defer-sink", "-r", s.defer_sink_port)):
+            if port:
+                found[name] = Child(name, [SMTP_SINK, "-u", "postfix", flag, "RCPT",
+                                           f"{s.host}:{port}", "100"], s.logs / f"{name}.log",
+                                    lambda port=port: greets(s.host, port))  # type: ignore[misc]
+        return found
+
     def policyd(self) -> Child:
         s = self.settings
         return Child("keyrelay-policyd",
@@ -138,6 +151,8 @@ class Relay:
         are) and Postfix, each waited for; everything stopped on failure."""
         try:
             self.children.setdefault("sink", self.sink())
+            for name, child in self.refusing_sinks().items():
+                self.children.setdefault(name, child)
             self.children.setdefault("policyd", self.policyd())
             self.children.setdefault("milter", self.milter())
             self.children.setdefault("events", self.events())
@@ -172,7 +187,7 @@ class Relay:
         """Stop Postfix first (no new mail), then the daemons and the sink."""
         if self.postfix_started:
             self.stop_postfix()
-        for name in ("events", "milter", "policyd", "sink"):
+        for name in ("events", "milter", "policyd", "sink", "bounce-sink", "defer-sink"):
             child = self.children.get(name)
             if child is not None:
                 child.stop()
@@ -188,6 +203,15 @@ class Relay:
         return (f". {env} && swaks --server \"$KEYRELAY_HOST:$KEYRELAY_SUBMISSION_PORT\" --tls "
                 "--auth PLAIN --auth-user apikey --auth-password \"$KEYRELAY_DEMO_KEY\" "
                 "--from \"$KEYRELAY_DEMO_FROM\" --to \"$KEYRELAY_DEMO_TO\"")
+
+    def refusing_lines(self) -> str:
+        """The banner's lines for the receivers that refuse (none when they are off)."""
+        s = self.settings
+        sinks = ((BOUNCE_DOMAIN, s.bounce_sink_port, "550"),
+                 (DEFER_DOMAIN, s.defer_sink_port, "451"))
+        lines = [f"  {domain:17} smtp-sink on {s.host}:{port}, {code} to every recipient\n"
+                 for domain, port, code in sinks if port]
+        return "".join(lines)
 
     def metrics_lines(self) -> str:
         """The banner's lines for the metrics endpoints (none when they are off)."""
@@ -208,7 +232,7 @@ keyrelay demo relay is running (Ctrl-C stops it).
   alt submission    {s.host}:{s.alt_submission_port}   STARTTLS required
   implicit TLS      {s.host}:{s.submissions_port}
   delivered mail    {s.outbox}/   (smtp-sink on {s.host}:{s.sink_port})
-  logs              {s.logs}/ and {s.maillog}
+{self.refusing_lines()}  logs              {s.logs}/ and {s.maillog}
   delivery events   {s.events_state}   (keyrelay-events, docs/events.md)
   API key, ports    {s.env_file}   (username: apikey)
 {self.metrics_lines()}

@@ -12,6 +12,10 @@ from typing import Any
 
 DEMO_ACCOUNT, DEMO_SUBUSER, DEMO_POOL, DEMO_DOMAIN = "demo", "demo/app", "demo", "demo.example"
 DEMO_FROM, DEMO_TO = "app@demo.example", "someone@example.net"
+# receivers that refuse, reached through the demo Postfix's transport_maps (docs/events.md)
+BOUNCE_DOMAIN, DEFER_DOMAIN = "bounce.demo.test", "defer.demo.test"
+# make run's ports for them (KEYRELAY_BOUNCE_SINK_PORT, KEYRELAY_DEFER_SINK_PORT)
+BOUNCE_SINK_PORT, DEFER_SINK_PORT = 10027, 10028
 
 # what `python -m keyrelay.demo --help` says after its options
 ENVIRONMENT = """\
@@ -39,6 +43,10 @@ class Settings:
     alt_submission_port: int = 12525
     submissions_port: int = 10465
     sink_port: int = 10026
+    # smtp-sink refusing every recipient with 550 (BOUNCE_DOMAIN) and one answering 451
+    # (DEFER_DOMAIN); 0: none (make run has both: from_env; tests ask for them)
+    bounce_sink_port: int = 0
+    defer_sink_port: int = 0
     pool_address: str = "127.0.0.2"
     # the daemons' /metrics and /health (policyd.metrics_listen, milter.metrics_listen), on
     # the host; 0: off
@@ -95,6 +103,8 @@ class Settings:
             alt_submission_port=port("ALT_SUBMISSION_PORT", base.alt_submission_port),
             submissions_port=port("SUBMISSIONS_PORT", base.submissions_port),
             sink_port=port("SINK_PORT", base.sink_port),
+            bounce_sink_port=port("BOUNCE_SINK_PORT", base.bounce_sink_port or BOUNCE_SINK_PORT),
+            defer_sink_port=port("DEFER_SINK_PORT", base.defer_sink_port or DEFER_SINK_PORT),
             policyd_metrics_port=port("POLICYD_METRICS_PORT", base.policyd_metrics_port),
             milter_metrics_port=port("MILTER_METRICS_PORT", base.milter_metrics_port),
             pool_address=loopback("POOL_ADDRESS", base.pool_address),
@@ -140,6 +150,7 @@ class Settings:
         ports = {"smtp": self.smtp_port, "submission": self.submission_port,
                  "alt_submission": self.alt_submission_port,
                  "submissions": self.submissions_port, "sink": self.sink_port,
+                 "bounce sink": self.bounce_sink_port, "defer sink": self.defer_sink_port,
                  "policyd metrics": self.policyd_metrics_port,
                  "milter metrics": self.milter_metrics_port}
         return {name: port for name, port in ports.items() if port}

@@ -17,6 +17,8 @@ from pathlib import Path
 from ..daemon import ROOT_USERS
 from .processes import BIN
 from .settings import (
+    BOUNCE_DOMAIN,
+    DEFER_DOMAIN,
     DEMO_ACCOUNT,
     DEMO_DOMAIN,
     DEMO_FROM,
@@ -202,6 +204,10 @@ def write_env(settings: Settings, key: str, key_id: str) -> None:
         "KEYRELAY_ALT_SUBMISSION_PORT": str(settings.alt_submission_port),
         "KEYRELAY_SUBMISSIONS_PORT": str(settings.submissions_port),
         "KEYRELAY_SINK_PORT": str(settings.sink_port),
+        "KEYRELAY_BOUNCE_SINK_PORT": str(settings.bounce_sink_port),
+        "KEYRELAY_DEFER_SINK_PORT": str(settings.defer_sink_port),
+        "KEYRELAY_BOUNCE_DOMAIN": BOUNCE_DOMAIN,
+        "KEYRELAY_DEFER_DOMAIN": DEFER_DOMAIN,
         "KEYRELAY_POOL_ADDRESS": settings.pool_address,
         "KEYRELAY_CONFIG": str(settings.config),
         "KEYRELAY_OUTBOX": str(settings.outbox),

@@ -238,8 +238,16 @@ class Follower:
                                    ("max_age", "session_max_age", "max_messages")
                                    if k in options})
         correlator.load(store.correlation())
-        source = FileSource(maillog_path, store.checkpoint(), start_at_end=start_at_end)
-        return cls(source, store, parser, correlator, **options)
+        saved = store.checkpoint()
+        source = FileSource(maillog_path, saved, start_at_end=start_at_end)
+        follower = cls(source, store, parser, correlator, **options)
+        start = source.checkpoint()
+        if saved is None and start is not None:
+            # the position it starts at (the end, with start_at_end) is saved at once: lines
+            # written while it is stopped before reading any are then read at the next start,
+            # not skipped by another start at the end
+            store.commit([], start, [], {}, follower.clock())
+        return follower
 
     def step(self) -> int:
         """Read, parse and commit one batch; returns the number of lines it held."""
