@@ -11,6 +11,7 @@ from ..errors import UserError
 from ..output import dump_json, table, when
 from .core import Context, Handler, command, group
 from .limits import Effective, effective_json, effective_text, limits_json, listed
+from .pauses import pause_of, paused_line, resumer
 
 
 def account_json(data: DirectoryData, acc: Account, limits: Effective) -> dict[str, Any]:
@@ -66,7 +67,6 @@ def account_show(ctx: Context, args: argparse.Namespace) -> None:
     if ctx.json:  # the same record as account list's; the text shows the pause too
         dump_json(ctx.out, info)
         return
-    from .subuser import pause_of, paused_line  # subuser.py imports from here
     pause, problem = pause_of(ctx, args.name)  # its own sending (docs/reputation.md)
     for label, value in [
         ("account", info["name"]),
@@ -118,8 +118,7 @@ def register(sub: Any) -> None:
     command(acc, "suspend", status_setter(Status.SUSPENDED, "suspend", subuser=False),
             "refuse every login and message of the account and its subusers"
             ).add_argument("name", metavar="ACCOUNT")
-    from .subuser import resumer  # subuser.py imports status_setter from here
-    command(acc, "resume", resumer(subuser=False),
+    command(acc, "resume", resumer(status_setter(Status.ACTIVE, "resume", subuser=False)),
             "lift a suspension and end a reputation pause").add_argument("name",
                                                                           metavar="ACCOUNT")
     command(acc, "remove", account_remove,
