@@ -66,6 +66,11 @@ class ServiceContext:
         self.pauses = None if not cfg.enabled else PauseCache(
             RedisPauses(shared) if isinstance(shared, RedisCounters)
             else SqliteReputation(reputation_path(self.config), create=False), cfg.refresh)
+        if self.pauses is not None and isinstance(shared, RedisCounters):
+            # read once before serving, so every worker has a copy should Redis go away
+            # (the SQLite file is read at the first request: after the daemon stopped
+            # being root, so that no WAL index it makes belongs to root)
+            self.pauses.prime(shared.target)
 
     def snapshot(self) -> Directory:
         """The current directory snapshot; raises ``DirectoryUnavailable``."""

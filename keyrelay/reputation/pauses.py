@@ -18,8 +18,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from ..counters import RedisTarget
 from .model import Pause, ReputationUnavailable
-from .redisstore import RedisPauses
+from .redisstore import RedisPauses, RedisReputation
 from .sqlitestore import SqliteReputation
 
 STALE_FACTOR = 10  # a copy this many refresh periods old is still used while the store is away
@@ -47,6 +48,20 @@ class PauseCache:
         """The copy may answer while the store cannot be read (``STALE_FACTOR``)."""
         return (self.read_at is not None
                 and self.clock() - self.read_at < self.refresh * STALE_FACTOR)
+
+    def prime(self, target: RedisTarget) -> None:
+        """The first read from Redis at ``target``, before the worker serves (blocking, at
+        start and at a SIGHUP: at most the store's timeout), through a client of its own.
+        A failure leaves no copy: the requests read again."""
+        try:
+            store = RedisReputation(target)
+            try:
+                self.pauses = store.paused()
+                self.read_at = self.clock()
+            finally:
+                store.close()
+        except ReputationUnavailable:
+            pass
 
     def read(self) -> None:
         """Read the SQLite file now; raises ReputationUnavailable."""
