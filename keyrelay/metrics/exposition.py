@@ -132,19 +132,22 @@ class ProcessTotals:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         own = _stat(os.getpid())
-        cpu = (own[11] + own[12] + own[13] + own[14]) / self.ticks  # utime stime cutime cstime
+        # summed in clock ticks (integers) and divided once: adding quotients in another
+        # order could make the counter go down by a rounding step (0.22999999999999998)
+        ticks = own[11] + own[12] + own[13] + own[14]  # utime stime cutime cstime
         rss, vms, fds = own[21] * self.page, own[20], _fds(os.getpid())
         for pid in self.workers():
             try:
                 fields = _stat(pid)
             except OSError:
                 continue  # exited meanwhile: its CPU shows in cutime once reaped
-            cpu += (fields[11] + fields[12]) / self.ticks
+            ticks += fields[11] + fields[12]
             rss += fields[21] * self.page
             vms += fields[20]
             fds += _fds(pid)
         yield CounterMetricFamily("process_cpu_seconds", "CPU of the supervisor and its "
-                                  "workers, those that exited included", value=cpu)
+                                  "workers, those that exited included",
+                                  value=ticks / self.ticks)
         yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory, supervisor "
                                 "and live workers", value=rss)
         yield GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory, supervisor "
