@@ -155,15 +155,23 @@ class AuthService:
     async def _pass_on(self, attempt: dovecot.Attempt) -> Outcome:
         """Ask the site's auth service (coexistence); its fault is a temporary answer."""
         target = self.context.config.auth.site_auth_socket
-        if self._site is None or self._site.target != target:  # first, or changed by SIGHUP
-            if self._site is not None:
-                await self._site.close()
-            self._site = SiteAuth(target)
+        site = self._site
+        if site is None or site.target != target:  # first, or changed by SIGHUP
+            old, site = site, SiteAuth(target)
+            self._site = site  # before any await: a second login must not make another
+            if old is not None:
+                await old.close()
         try:
-            reply = await self._site.login(attempt)
+            reply = await site.login(attempt)
         except SiteAuthUnavailable as exc:
             log.error("login %s from %s not passed on to the site: %s",
                       loggable_username(attempt.username), attempt.client_address, exc)
+            return temporary(Reason.SITE_AUTH_UNAVAILABLE)
+        if reply.temporary:
+            # the site's own fault (its passdb away): Postfix would turn the FAIL into a
+            # permanent 535, so the connection closes instead and the client gets 454
+            log.error("login %s from %s: the site's auth service answered a temporary failure",
+                      loggable_username(attempt.username), attempt.client_address)
             return temporary(Reason.SITE_AUTH_UNAVAILABLE)
         return SiteAnswer(site_answer(reply.ok, reply.user), reply)
 

@@ -51,6 +51,12 @@ class SiteReply:
     fields: tuple[str, ...]
 
     @property
+    def temporary(self) -> bool:
+        """A ``FAIL`` saying the site could not decide (its passdb away): Dovecot 2.3's
+        ``code=temp_fail``, or the older ``temp`` flag."""
+        return not self.ok and ("code=temp_fail" in self.fields or "temp" in self.fields)
+
+    @property
     def user(self) -> str:
         """The ``user=`` field: the login name Postfix will carry (empty when absent)."""
         return next((item[5:] for item in self.fields if item.startswith("user=")), "")
@@ -104,7 +110,12 @@ class SiteAuth:
 
     async def check(self) -> None:
         """Open a connection, handshake, close it (keyrelay-policyd --check-config)."""
-        connection = await asyncio.wait_for(self._open(), self.timeout)
+        try:
+            connection = await asyncio.wait_for(self._open(), self.timeout)
+        except TimeoutError:
+            raise SiteAuthUnavailable(
+                f"{self.target} did not finish its handshake within {self.timeout:g} s"
+            ) from None
         connection.writer.close()
 
     async def close(self) -> None:

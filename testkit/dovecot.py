@@ -35,7 +35,8 @@ def available() -> bool:
 
 class Dovecot:
     def __init__(self, root: Path, users: Mapping[str, str],
-                 extra: Mapping[str, str] | None = None, failure_delay: str = "0") -> None:
+                 extra: Mapping[str, str] | None = None, failure_delay: str = "0",
+                 checkpassword_exit: int | None = None) -> None:
         self.root = root
         self.socket = root / "auth"
         self.log_path = root / "dovecot.log"
@@ -45,6 +46,12 @@ class Dovecot:
         lines = [f"{name}:{sha512_crypt.using(rounds=5000).hash(password)}::::::"
                  f"{(extra or {}).get(name, '')}" for name, password in users.items()]
         self.users.write_text("\n".join(lines) + "\n")
+        passdb = f"driver = passwd-file\n  args = scheme=SHA512-CRYPT {self.users}"
+        if checkpassword_exit is not None:  # a passdb that answers with this exit status
+            script = root / "checkpassword"
+            script.write_text(f"#!/bin/sh\nexit {checkpassword_exit}\n")
+            script.chmod(0o755)
+            passdb = f"driver = checkpassword\n  args = {script}"
         self.config.write_text(f"""\
 base_dir = {root}/run
 state_dir = {root}/state
@@ -56,8 +63,7 @@ auth_mechanisms = plain login
 disable_plaintext_auth = no
 auth_failure_delay = {failure_delay}
 passdb {{
-  driver = passwd-file
-  args = scheme=SHA512-CRYPT {self.users}
+  {passdb}
 }}
 userdb {{
   driver = static
@@ -122,12 +128,14 @@ def _group_alive(group: int) -> bool:
 
 @contextmanager
 def private_dovecot(users: Mapping[str, str], extra: Mapping[str, str] | None = None,
-                    failure_delay: str = "0") -> Iterator[Dovecot]:
+                    failure_delay: str = "0",
+                    checkpassword_exit: int | None = None) -> Iterator[Dovecot]:
     """A running private Dovecot auth service with these users (name: password), stopped
-    and removed afterwards."""
+    and removed afterwards; ``checkpassword_exit``: instead, a checkpassword passdb whose
+    script exits so (111: a temporary failure)."""
     root = Path(tempfile.mkdtemp(prefix="kr-dv-"))
     root.chmod(0o755)  # Dovecot's unprivileged auth process reads the passwd-file
-    dovecot = Dovecot(root, users, extra, failure_delay)
+    dovecot = Dovecot(root, users, extra, failure_delay, checkpassword_exit)
     try:
         dovecot.start()
         yield dovecot

@@ -59,7 +59,7 @@ IN_PROCESS = frozenset({
     "test_policyd_counters",
     "test_policyd_services", "test_quotas", "test_reasons", "test_sync",
     "test_counters_memory", "test_legacy_credential", "test_legacy_login",
-    "test_events_maillog", "test_events_follow", "test_webhooks",
+    "test_events_maillog", "test_events_follow", "test_webhooks", "test_events_outbox",
 })
 
 

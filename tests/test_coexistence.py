@@ -199,3 +199,24 @@ def test_check_config_says_whether_the_site_answers(tmp_path: Path,
             "file or directory; the site's logins get 454 4.7.0 until it answers") in (
         away.stdout + away.stderr)
     assert "Traceback" not in away.stderr
+
+
+def test_the_sites_temporary_failure_is_a_temporary_answer(tmp_path: Path) -> None:
+    # a passdb that cannot decide (checkpassword exits 111): Dovecot 2.3 answers
+    # FAIL ... code=temp_fail, which Postfix would turn into a permanent 535; keyrelay closes
+    # the connection instead (Postfix answers 454 4.7.0, the client retries)
+    with dovecot_kit.private_dovecot({}, checkpassword_exit=111) as broken:
+        direct_answer = direct(broken, ALICE, ALICE_PASSWORD)
+        assert direct_answer.status == "FAIL" and direct_answer.params.get("code") == "temp_fail"
+        relay = Policyd(tmp_path, {"auth": {"site_auth_socket": str(broken.socket)}})
+        with relay.directory().transaction() as data:
+            admin.add_account(data, "acme", now())
+        relay.start()
+        try:
+            mark = relay.mark()
+            assert ask(relay.endpoint("auth"), ALICE, ALICE_PASSWORD).status == "CLOSED"
+            line = relay.wait_for_log(r"reason=site_auth_unavailable\b", since=mark)
+            assert "verdict=tempfail" in line
+        finally:
+            assert relay.stop() == 0
+        assert ALICE_PASSWORD not in relay.log()

@@ -335,8 +335,9 @@ ANSWERS: dict[Reason, Answer] = {
         "auth", "454", "4.7.0", ("site authentication temporarily unavailable; try again "
                                  "later",),
         "coexistence: the site's Dovecot auth socket (auth.site_auth_socket) cannot be reached, "
-        "broke the protocol or did not answer in time: the connection is closed and Postfix "
-        "answers 454 4.7.0"),
+        "broke the protocol, did not answer in time or answered that it could not decide "
+        "(code=temp_fail: its passdb away): the connection is closed and Postfix answers "
+        "454 4.7.0"),
     Reason.INTERNAL_ERROR: Answer(
         "auth, policy, milter, socketmap", "454 (auth), 451, TEMP (socketmap)",
         "4.7.0 (auth), 4.3.0", ("temporary relay failure; try again later",),

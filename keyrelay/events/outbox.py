@@ -62,6 +62,7 @@ class Sender:
         self._context: ssl.SSLContext | None = None
         self._context_failed = False
         self._suppressions: SuppressionStore | None = None
+        self._suppress_failed: set[int] = set()  # queued hard bounces whose failure was logged
         self._suppressions_away = False
         self._guard: Guard | None = None
         self._reputation_away = False
@@ -93,7 +94,17 @@ class Sender:
                 self._suppressions = open_suppressions(self.config)
             now = datetime.now(UTC)
             for seq, event in queued:
-                if suppress_hard_bounce(self._suppressions, event, now):
+                try:
+                    added = suppress_hard_bounce(self._suppressions, event, now)
+                except SuppressionsUnavailable:
+                    raise
+                except Exception:  # a bug of ours: this one stays queued, the others go on
+                    if seq not in self._suppress_failed:
+                        self._suppress_failed.add(seq)
+                        log.exception("suppressing the hard bounce of event %s failed; it "
+                                      "stays queued", event.get("event_id"))
+                    continue
+                if added:
                     log.info("suppressed %s for account %s after a hard bounce (%s)",
                              event.get("email"), event.get("account"), event.get("status"))
                 done.append(seq)
@@ -151,7 +162,7 @@ class Sender:
         now = self.clock()
         pending = self.store.due(now, DUE_LIMIT)
         if not pending:
-            upcoming = self.store.next_due()
+            upcoming = self.store.next_due(now)
             return IDLE if upcoming is None else max(0.05, min(IDLE, upcoming - now))
         try:
             snapshot = self.directory.snapshot()
@@ -202,6 +213,6 @@ class Sender:
             log.warning("webhook: %d event(s) of %s given up after %d attempt(s), %s: %s",
                         len(batch), account, attempts, why, outcome.reason)
             return
-        self.store.retry(seqs, attempts, first.timestamp(), later.timestamp())
+        self.store.retry(seqs, attempts, first.timestamp(), later.timestamp(), account)
         log.warning("webhook: %d event(s) of %s not delivered (attempt %d), next try at %s: %s",
                     len(batch), account, attempts, later.strftime("%H:%M:%S"), outcome.reason)

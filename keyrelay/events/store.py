@@ -184,22 +184,26 @@ class EventStore:
     def due(self, now: float, limit: int) -> list[Pending]:
         """Pending events whose next attempt has come, oldest first, except those of an
         account whose earlier batch waits for its retry (an account's events go in order)."""
-        waiting = {str(a) for (a,) in self.db.execute(
-            "SELECT DISTINCT account FROM events WHERE state = 'pending' AND attempts > 0"
-            " AND next_attempt > ?", (now,))}
+        # held accounts are left out in SQL, before the LIMIT: a long backlog behind one
+        # failing receiver must not hide every other account's events
         rows = self.db.execute(
             "SELECT seq, account, attempts, first_failure, created, body FROM events"
-            " WHERE state = 'pending' AND next_attempt <= ? ORDER BY seq LIMIT ?",
-            (now, limit))
+            " WHERE state = 'pending' AND next_attempt <= ? AND COALESCE(account, '') NOT IN"
+            " (SELECT COALESCE(account, '') FROM events WHERE state = 'pending'"
+            " AND attempts > 0 AND next_attempt > ?) ORDER BY seq LIMIT ?",
+            (now, now, limit))
         return [Pending(int(seq), str(account or ""), int(attempts), float(first), float(made),
                         json.loads(body))
-                for seq, account, attempts, first, made, body in rows
-                if str(account or "") not in waiting]
+                for seq, account, attempts, first, made, body in rows]
 
-    def next_due(self) -> float | None:
-        """When the earliest pending event may be tried (Unix seconds), None: none pending."""
-        row = self.db.execute("SELECT MIN(next_attempt) FROM events WHERE state = 'pending'"
-                              ).fetchone()
+    def next_due(self, now: float) -> float | None:
+        """When the next pending event may be tried (Unix seconds), None: none pending. An
+        account held behind a batch waiting for its retry counts from that retry."""
+        row = self.db.execute(
+            "SELECT MIN(CASE WHEN held > 0 THEN held ELSE soonest END) FROM ("
+            "SELECT COALESCE(account, '') AS a, MIN(next_attempt) AS soonest,"
+            " MAX(CASE WHEN attempts > 0 AND next_attempt > ? THEN next_attempt ELSE 0 END)"
+            " AS held FROM events WHERE state = 'pending' GROUP BY a)", (now,)).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
     def settle(self, seqs: Sequence[int], state: str, counter: str = "") -> None:
@@ -219,11 +223,23 @@ class EventStore:
             raise
 
     def retry(self, seqs: Sequence[int], attempts: int, first_failure: float,
-              next_attempt: float) -> None:
-        """A failed delivery of these events: try again at ``next_attempt``."""
-        self.db.executemany(
-            "UPDATE events SET attempts = ?, first_failure = ?, next_attempt = ? WHERE seq = ?",
-            [(attempts, first_failure, next_attempt, seq) for seq in seqs])
+              next_attempt: float, account: str) -> None:
+        """A failed delivery of these events: try again at ``next_attempt``. The account's
+        other pending events are held behind them since the same first failure, so that
+        ``webhooks.retry_for`` counts from it for the whole backlog, not batch by batch."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "UPDATE events SET attempts = ?, first_failure = ?, next_attempt = ?"
+                " WHERE seq = ?", [(attempts, first_failure, next_attempt, seq) for seq in seqs])
+            db.execute("UPDATE events SET first_failure = ? WHERE state = 'pending'"
+                       " AND first_failure = 0 AND COALESCE(account, '') = ?",
+                       (first_failure, account))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # -- hard bounces waiting to be suppressed (keyrelay/events/outbox.py) --------------
     def suppress_due(self, limit: int) -> list[tuple[int, dict[str, Any]]]:

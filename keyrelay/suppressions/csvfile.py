@@ -63,6 +63,8 @@ def _created(text: str, now: int) -> int:
     if not text:
         return now
     if text.isdigit() or (text.replace(".", "", 1).isdigit() and text.count(".") == 1):
+        if len(text.partition(".")[0]) > 15:  # float() would overflow, or lose the digits
+            raise ValueError(f"created {text[:20]!r}... is not a time in Unix seconds")
         seconds = int(float(text))
         if seconds > 32503680000:  # after the year 3000: milliseconds
             raise ValueError(f"created {text!r} is not Unix seconds (milliseconds?)")

@@ -151,6 +151,12 @@ class SqliteSuppressions:
                     raise
                 self._drop()
                 raise self._fault(exc) from None
+            except BaseException:  # anything else (a stored value keyrelay cannot read): the
+                try:               # transaction and its write lock are let go all the same
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise
             return added
 
     def _give_to_folder_owner(self) -> None:
