@@ -8,11 +8,9 @@ writer. A file replaced under a reader (a restored backup) is opened again: one 
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import threading
-from typing import Any
 
+from ..sqlitefile import SqliteFile
 from .model import Increments, Pause, ReputationUnavailable
 
 _SCHEMA = """
@@ -32,109 +30,18 @@ CREATE TABLE IF NOT EXISTS pauses (
     value TEXT NOT NULL
 );
 """
-BUSY_TIMEOUT = 5.0
 
 
-class SqliteReputation:
-    """``model.ReputationStore`` in the SQLite file ``path``."""
+class SqliteReputation(SqliteFile):
+    """``model.ReputationStore`` in the SQLite file ``path`` (keyrelay/sqlitefile.py: the
+    connection, its faults, the file's owner)."""
 
-    def __init__(self, path: str, *, create: bool = True) -> None:
-        self.path = path
-        self.create = create
-        self._db: sqlite3.Connection | None = None
-        self._inode: tuple[int, int] | None = None
-        self._lock = threading.Lock()
+    schema = _SCHEMA
+    probe = "pauses"
+    setting = "reputation.path"
 
-    def __repr__(self) -> str:
-        return f"SqliteReputation({self.path!r})"
-
-    def _fault(self, exc: BaseException) -> ReputationUnavailable:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        return ReputationUnavailable(f"reputation.path: cannot use {self.path}: {reason}")
-
-    def _open(self) -> sqlite3.Connection | None:
-        try:
-            found = os.stat(self.path)
-            inode: tuple[int, int] | None = (found.st_dev, found.st_ino) if (
-                found.st_size or self.create) else None
-        except FileNotFoundError:
-            inode = None
-        except OSError as exc:
-            raise self._fault(exc) from None
-        if self._db is not None and inode == self._inode:
-            return self._db
-        self._drop()
-        if not self.create and inode is None:
-            return None
-        try:
-            if self.create:
-                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
-                                 check_same_thread=False)
-            try:
-                if self.create:
-                    db.execute("PRAGMA journal_mode=WAL")
-                    db.executescript(_SCHEMA)
-                db.execute("SELECT 1 FROM pauses LIMIT 1").fetchall()
-            except BaseException:
-                db.close()
-                raise
-        except (sqlite3.Error, OSError) as exc:
-            raise self._fault(exc) from None
-        self._db = db
-        if inode is None:
-            found = os.stat(self.path)
-            inode = (found.st_dev, found.st_ino)
-        self._inode = inode
-        return db
-
-    def _drop(self) -> None:
-        db, self._db, self._inode = self._db, None, None
-        if db is not None:
-            try:
-                db.close()
-            except sqlite3.Error:
-                pass
-
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            db = self._open()
-            if db is None:
-                return []
-            try:
-                return db.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                self._drop()
-                raise self._fault(exc) from None
-
-    def _write(self, steps: Any) -> Any:
-        """Run ``steps(db)`` in one transaction; its result."""
-        with self._lock:
-            db = self._open()
-            assert db is not None  # a writer creates the file
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = steps(db)
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                self._give_to_folder_owner()
-            except (sqlite3.Error, OSError) as exc:
-                self._drop()
-                raise self._fault(exc) from None
-            return result
-
-    def _give_to_folder_owner(self) -> None:
-        """As root (the CLI), the file and its WAL files go to the folder's owner (the
-        daemons' user), as keyrelay/suppressions/sqlitestore.py does."""
-        if os.geteuid() != 0:
-            return
-        owner = os.stat(os.path.dirname(os.path.abspath(self.path)))
-        for name in (self.path, self.path + "-wal", self.path + "-shm"):
-            if os.path.exists(name):
-                os.chown(name, owner.st_uid, owner.st_gid)
+    def unavailable(self, message: str) -> Exception:
+        return ReputationUnavailable(message)
 
     def mark(self, node: str) -> int:
         rows = self._read("SELECT seq FROM marks WHERE node = ?", (node,))
@@ -200,6 +107,3 @@ class SqliteReputation:
         result: Pause | None = self._write(steps)
         return result
 
-    def close(self) -> None:
-        with self._lock:
-            self._drop()
