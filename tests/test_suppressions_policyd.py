@@ -140,6 +140,7 @@ def _refusal(reason: str) -> str:
             "remove it with keyrelay suppression remove acme gone@example.net")
 
 
+PAUSES_UNAVAILABLE = "451 4.3.0 sending pauses temporarily unavailable; try again later"
 UNAVAILABLE = "451 4.3.0 recipient suppression list temporarily unavailable; try again later"
 
 
@@ -200,9 +201,11 @@ def test_the_store_away_is_451_4_3_0_and_answers_come_back(daemon: Node,
     assert _rcpts(daemon, ids["news"], "gone@example.net")[0] == refusal
     if daemon.redis is not None:
         daemon.redis.kill()
-        # never an unchecked accept: every recipient of a keyrelay login waits
-        assert _rcpts(daemon, ids["news"], "gone@example.net", "ok@example.net")[:2] == [
-            UNAVAILABLE, UNAVAILABLE]
+        # never an unchecked accept: every recipient of a keyrelay login waits. The
+        # reputation pauses live in Redis too and are checked first: their copy in policyd
+        # may have aged past its use by then (a slow machine), giving their own 451 4.3.0
+        answers = _rcpts(daemon, ids["news"], "gone@example.net", "ok@example.net")[:2]
+        assert all(a in (UNAVAILABLE, PAUSES_UNAVAILABLE) for a in answers), answers
         daemon.redis.start()  # empty: this test server persists nothing
         assert _rcpts(daemon, ids["news"], "gone@example.net", "ok@example.net")[:2] == [
             "DUNNO", "DUNNO"]
