@@ -24,6 +24,10 @@ from testkit.policyd import Policyd, add_key, add_verified_domain, now
 from testkit.protocols import PolicyClient, connect, new_instance, policy_request
 from testkit.redis import REDIS_SERVER, RedisServer
 
+# Redis away: the RCPT of a keyrelay login waits, for its suppression list or its pauses
+SUPPRESSIONS_AWAY = ("451 4.3.0 recipient suppression list temporarily unavailable; try again "
+                     "later")
+PAUSES_AWAY = "451 4.3.0 sending pauses temporarily unavailable; try again later"
 
 def _populate(daemon: Policyd, account: str) -> dict[str, str]:
     """``account`` (domain ACCOUNT.example) with subusers app and billing, each with a key
@@ -143,10 +147,11 @@ def test_two_daemons_on_one_redis_share_one_limit_and_redis_away_is_451_4_3_0(
     for daemon in (first, second):
         away = _message(daemon, ids["app"])
         # the recipient cannot be looked up in the suppression list (docs/suppressions.md),
+        # nor the principal's pause once policyd's copy of the pauses aged (a slow machine),
         # the message cannot be counted
-        assert away == ["451 4.3.0 recipient suppression list temporarily unavailable; try "
-                        "again later", "451 4.3.0 message rate limits temporarily "
-                        "unavailable; try again later"], away
+        assert away[0] in (SUPPRESSIONS_AWAY, PAUSES_AWAY), away
+        assert away[1] == ("451 4.3.0 message rate limits temporarily unavailable; try "
+                           "again later"), away
     assert "counters_unavailable" in first.log()
 
 
@@ -161,8 +166,7 @@ def test_with_on_unavailable_local_a_daemon_counts_in_memory_while_redis_is_away
     # none: its RCPT is answered 451 4.3.0 (never an unchecked accept, docs/suppressions.md)
     # while the message (DATA) is counted here
     away = _message(daemon, ids["app"])
-    assert away == ["451 4.3.0 recipient suppression list temporarily unavailable; try again "
-                    "later", "DUNNO"], away
+    assert away[0] in (SUPPRESSIONS_AWAY, PAUSES_AWAY) and away[1] == "DUNNO", away
     refused = _message(daemon, ids["billing"])
     assert (refused[1] or "").startswith(_rate_limited(1, "acme")), refused
 
