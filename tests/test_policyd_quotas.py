@@ -29,6 +29,7 @@ SUPPRESSIONS_AWAY = ("451 4.3.0 recipient suppression list temporarily unavailab
                      "later")
 PAUSES_AWAY = "451 4.3.0 sending pauses temporarily unavailable; try again later"
 
+
 def _populate(daemon: Policyd, account: str) -> dict[str, str]:
     """``account`` (domain ACCOUNT.example) with subusers app and billing, each with a key
     and a sender address; their SASL user names, as the auth service hands them to Postfix."""
