@@ -11,12 +11,8 @@ failed login answers at once. Paths stay short: unix socket names are limited to
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,7 +20,7 @@ from pathlib import Path
 
 from passlib.hash import sha512_crypt
 
-from .net import wait_until
+from keyrelay.demo import Child
 
 DOVECOT = "/usr/sbin/dovecot"
 
@@ -42,7 +38,7 @@ class Dovecot:
         self.log_path = root / "dovecot.log"
         self.config = root / "dovecot.conf"
         self.users = root / "users"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.child: Child | None = None
         lines = [f"{name}:{sha512_crypt.using(rounds=5000).hash(password)}::::::"
                  f"{(extra or {}).get(name, '')}" for name, password in users.items()]
         self.users.write_text("\n".join(lines) + "\n")
@@ -78,17 +74,13 @@ service auth {{
 """)
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start the master in the foreground; wait until the auth socket accepts."""
-        self.process = subprocess.Popen(
-            [DOVECOT, "-F", "-c", str(self.config)], stdout=subprocess.DEVNULL,
-            stderr=(self.root / "stderr").open("wb"), start_new_session=True)
-        wait_until(self.accepts, timeout, f"dovecot's auth socket {self.socket}"
-                   f" (log: {self.log_path})")
+        """Start the master in the foreground, in a session of its own; wait until the auth
+        socket accepts."""
+        self.child = Child("dovecot", [DOVECOT, "-F", "-c", str(self.config)],
+                           self.root / "stderr", self.accepts)
+        self.child.start(timeout)
 
     def accepts(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"dovecot exited with {self.process.returncode}: "
-                               + (self.root / "stderr").read_text(errors="replace")[-2000:])
         with socket.socket(socket.AF_UNIX) as probe:
             try:
                 probe.connect(str(self.socket))
@@ -96,34 +88,18 @@ service auth {{
                 return False
         return True
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the master and every process it started: an auth process still serving a
+    def stop(self) -> None:
+        """Stop the master, then every process it started: an auth process still serving a
         connection may outlive the master, and "away" must mean away."""
-        if self.process is None:
+        if self.child is None:
             return
-        group = self.process.pid  # start_new_session: the master leads its own group
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL)
-        wait_until(lambda: not _group_alive(group), timeout, "dovecot's processes to exit")
-        self.process = None
+        self.child.stop()
+        self.child.kill()  # the rest of its session (zombies left to their reaper)
+        self.child = None
         self.socket.unlink(missing_ok=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @contextmanager
