@@ -268,5 +268,9 @@ class EventStore:
             row = self.db.execute("SELECT value FROM meta WHERE name = 'node'").fetchone()
         return str(row[0])
 
+    def last_seq(self) -> int:
+        row = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        return int(row[0])
+
 
 __all__ = ["SCHEMA_VERSION", "Checkpoint", "EventStore", "Pending", "StoreError"]
