@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         fail(str(exc))
     logs.configure(config.logging)
+    daemon.preload()  # before any socket is bound: dropping root follows it at once
     if not args.check_config:
         daemon.empty_bounding_set(config.milter.user, log)  # before any thread starts
     snapshot = check(config)
