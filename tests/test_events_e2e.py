@@ -1,14 +1,14 @@
 """Delivery events from a real Postfix's own log (keyrelay/events; docs/events.md).
 
 The session's private relay (``demo_relay``: Postfix configured by ``keyrelay postfix apply``,
-keyrelay-policyd, keyrelay-milter, smtp-sink) writes its maillog_file (postlogd); the
-follower reads that file as it would in production. Checked: a delivered message gives
-``processed`` then ``delivered`` with the login's account, subuser and key id and the
-message's Message-ID; a message the milter refuses gives ``dropped`` with its queue id; a
-session whose only recipient is refused at RCPT gives ``dropped`` with the login and a queue
-id (keyrelay's submission services open the queue file at MAIL FROM). With a relay of
-its own whose smtp-sink is swapped for one that refuses every recipient (``-f RCPT``) and then
-for one that answers 4xx (``-r RCPT``): ``bounce`` (hard, 5.x.x) and ``deferred`` (4.x.x).
+keyrelay-policyd, keyrelay-milter, smtp-sink) writes its maillog_file (postlogd); the follower
+reads that file as it would in production. Checked: a delivered message gives ``processed``
+then ``delivered`` with the login's account, subuser and key id, the message's Message-ID and
+the domain it was signed for; a message the milter refuses gives ``dropped`` with its queue id;
+a session whose only recipient is refused at RCPT gives ``dropped`` with the login and a queue
+id (keyrelay's submission services open the queue file at MAIL FROM). With a relay of its own
+whose smtp-sink is swapped for one that refuses every recipient (``-f RCPT``) and then for one
+that answers 4xx (``-r RCPT``): ``bounce`` (hard, 5.x.x) and ``deferred`` (4.x.x).
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ def test_a_real_postfix_log_gives_attributed_events(demo_relay: Relay, tmp_path:
     for e in first:
         assert (e["account"], e["subuser"], e["key_id"], e["message_id"]) == (
             account, subuser, tenant.key_id, mid)
+        # the signing domain, from keyrelay's milter_header_checks line (postfix apply)
+        assert e["dkim_domain"] == tenant.domain
     assert first[1]["email"] == "rcpt@example.net"
     assert first[1]["status"] == "2.0.0"
 
@@ -97,6 +99,7 @@ def test_a_real_postfix_log_gives_attributed_events(demo_relay: Relay, tmp_path:
     assert len(milter) == 1
     assert milter[0]["queue_id"] and milter[0]["status"] == "5.7.1"
     assert "ceo@bank.example" in milter[0]["reason"]
+    assert milter[0]["dkim_domain"] is None  # refused before it was signed
 
     early = [e for e in events if e["event"] == "dropped" and e["stage"] == "RCPT"]
     assert len(early) == 1

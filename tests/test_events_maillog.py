@@ -114,6 +114,11 @@ def test_the_story_events_are_what_the_design_promises() -> None:
     first = by_kind["processed"][0]
     assert (first["account"], first["subuser"], first["key_id"], first["message_id"]) == (
         "acme", "billing", "2xlvy4ec3wqiztun", "<m1@acme.example>")
+    # the DKIM domain (keyrelay's milter_header_checks line) on every event of message 1;
+    # none on the others, which the story does not sign, nor on a refusal before a queue file
+    assert {e["dkim_domain"] for e in events if e["queue_id"] == "A0000000001"} == {
+        "acme.example"}
+    assert {e["dkim_domain"] for e in events if e["queue_id"] != "A0000000001"} == {None}
     # the refusal before the session's login is known is attributed once it is (acme itself)
     early_drop = by_kind["dropped"][1]
     assert (early_drop["account"], early_drop["subuser"], early_drop["key_id"]) == (

@@ -24,6 +24,7 @@ from keyrelay.postfixconf import (
     Current,
     PostfixConfError,
     build_plan,
+    merge_header_checks,
     merge_milters,
     merge_restrictions,
     postfix_endpoint,
@@ -66,6 +67,15 @@ def test_merge_restrictions_puts_the_policy_first_and_keeps_the_rest_in_order() 
     assert merge_restrictions(["permit_sasl_authenticated", "reject"], "$p") == [
         "$p", "permit_sasl_authenticated", "reject"]
     assert merge_restrictions([], "$p", add_permit=False) == ["$p"]
+
+
+def test_merge_header_checks_adds_keyrelays_table_last_once_and_keeps_the_sites_text() -> None:
+    ref = "$keyrelay_dkim_header_checks"
+    assert merge_header_checks("") == ref
+    site = "regexp:{{/^X-A:  two/ INFO a}, {/^X-B:/ WARN b}}, pcre:/etc/postfix/mhc"
+    assert merge_header_checks(site) == f"{site}, {ref}"
+    assert merge_header_checks(f"{site}, {ref}") == f"{site}, {ref}"
+    assert merge_header_checks(f"pcre:/a {ref} hash:/b") == f"pcre:/a {ref} hash:/b"
 
 
 def test_merge_milters_appends_keyrelays_milter_last_once() -> None:
@@ -171,6 +181,8 @@ SITE_MAIN = {
     "smtpd_milters": "inet:127.0.0.1:11332",
     "mua_relay_restrictions": "permit_sasl_authenticated, reject",
     "myhostname": "mx.site.example",
+    # a site's own table, inline, with two spaces in a pattern: kept byte for byte
+    "milter_header_checks": "regexp:{{/^X-Spam-Flag:  YES/ FILTER smtp:[spam.site.example]}}",
 }
 SITE_SUBMISSION = [
     "submission inet n - y - - smtpd",
@@ -234,12 +246,18 @@ def test_apply_merges_into_the_sites_configuration(site: tuple[Path, Path]) -> N
     assert "postfix check passed before and after them" in result.stdout
     main, fields, params = postconf(etc, "-n"), postconf(etc, "-F"), postconf(etc, "-P")
 
-    # main.cf: every setting the site had is still there, unchanged
-    for name, value in main_before.items():
-        assert main[name] == value, name
+    # main.cf: every setting the site had is still there
     added = set(main) - set(main_before)
     assert added == {n for n in added if n.startswith("keyrelay_")} | {
         "disable_mime_output_conversion"}
+    # milter_header_checks: the site's table, then keyrelay's (the DKIM domain in the log)
+    for name, value in main_before.items():
+        if name != "milter_header_checks":
+            assert main[name] == value, name
+    # (read from the file: postconf prints values with their inner spaces collapsed)
+    assert ("milter_header_checks = " + SITE_MAIN["milter_header_checks"]
+            + ", $keyrelay_dkim_header_checks\n") in (etc / "main.cf").read_text()
+    assert main["keyrelay_dkim_header_checks"] == postfixconf.DKIM_HEADER_CHECKS
     # the site's milter stays, keyrelay's comes last; its own submission restrictions too
     assert main["keyrelay_submission_milters"] == "inet:127.0.0.1:11332, $keyrelay_milter"
     assert main["keyrelay_submission_relay_restrictions"] == (

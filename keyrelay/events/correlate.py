@@ -1,17 +1,18 @@
 """Records of the maillog turned into delivery events (docs/events.md, "Events").
 
 Postfix logs a message's life over several lines, tied by its queue id: smtpd opens the
-queue file (``client=..., sasl_username=IDENTITY``), cleanup names its Message-ID, qmgr takes
-it into the active queue (``from=<>, size=, nrcpt=``), a delivery agent logs each recipient's
-outcome, qmgr removes it. The correlator keeps, per queue id of a keyrelay login, what the
-events need (account, subuser, key id, Message-ID, the recipients deferred so far) and per
+queue file (``client=..., sasl_username=IDENTITY``), cleanup names its Message-ID and the
+domain of its DKIM signature (keyrelay's milter_header_checks table), qmgr takes it into the
+active queue (``from=<>, size=, nrcpt=``), a delivery agent logs each recipient's outcome,
+qmgr removes it. The correlator keeps, per queue id of a keyrelay login, what the events
+need (account, subuser, key id, Message-ID, DKIM domain, the recipients deferred so far) and per
 smtpd process the session's login, for the refusals smtpd logs before a queue file exists
 (``NOQUEUE: reject:``).
 
-Events are dicts with SendGrid's Event Webhook names where the meaning is the same
-(``email``, ``timestamp``, ``event``, ``reason``, ``status``, ``response``, ``attempt``,
-``type``) and keyrelay's own (``account``, ``subuser``, ``key_id``, ``queue_id``,
-``message_id``, ``event_id``). ``event_id`` is derived from the log position of the line that
+Events are dicts with SendGrid's Event Webhook names where the meaning is the same (``email``,
+``timestamp``, ``event``, ``reason``, ``status``, ``response``, ``attempt``, ``type``) and
+keyrelay's own (``account``, ``subuser``, ``key_id``, ``queue_id``, ``message_id``,
+``dkim_domain``, ``event_id``). ``event_id`` is derived from the log position of the line that
 caused the event, so reading the same lines again gives the same ids.
 
 The state is bounded (a message not finished within ``max_age`` seconds of log time, a
@@ -85,8 +86,9 @@ class Correlator:
         self.max_age = max_age
         self.session_max_age = session_max_age
         self.max_messages = max_messages
-        # queue id -> {"a": account, "s": subuser, "k": key id, "m": Message-ID, "t": first
-        # seen, "p": processed sent, "d": {recipient: [dsn, reply, attempts]}}
+        # queue id -> {"a": account, "s": subuser, "k": key id, "m": Message-ID, "g": DKIM
+        # domain, "t": first seen, "p": processed sent, "d": {recipient: [dsn, reply,
+        # attempts]}}
         self.messages: dict[str, dict[str, Any]] = {}
         # "host/pid" of an smtpd -> {"l": login identity ("" none/not ours, None unknown yet),
         # "t": last seen, "q": [refusal events waiting for the login]}
@@ -167,6 +169,7 @@ class Correlator:
             "key_id": msg["k"] if msg else None,
             "queue_id": qid,
             "message_id": msg.get("m") if msg else None,
+            "dkim_domain": msg.get("g") if msg else None,
         }
 
     def feed(self, record: m.Record, pos: Position) -> list[Event]:
@@ -192,6 +195,14 @@ class Correlator:
             msg = self.messages.get(record.queue_id)
             if msg is not None and "m" not in msg:
                 msg["m"] = record.message_id
+                self._dirty.add(_MESSAGE + record.queue_id)
+            return []
+        if kind is m.DkimSigned:
+            assert isinstance(record, m.DkimSigned)
+            msg = self.messages.get(record.queue_id)
+            # the last signature's: keyrelay's milter runs after the site's (postfixconf.py)
+            if msg is not None and msg.get("g") != record.domain:
+                msg["g"] = record.domain
                 self._dirty.add(_MESSAGE + record.queue_id)
             return []
         if kind is m.QueueActive:

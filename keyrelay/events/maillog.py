@@ -8,10 +8,10 @@ skipped by the caller). Nothing here raises on any input.
 
 The texts follow Postfix 3.7's format strings: ``smtpd.c`` (``client=``, ``sasl_method=``,
 ``sasl_username=``), ``smtpd_check.c`` ``log_whatsup`` (``reject:`` lines), ``cleanup``
-(``message-id=``, ``milter-reject:``), ``qmgr`` (``from=<>, size=, nrcpt=``, ``removed``,
-``status=expired, returned to sender``), ``log_adhoc.c`` (every delivery agent's
-``to=<>, [orig_to=<>,] relay=, [conn_use=,] delay=, delays=, dsn=, status= (reply)``) and
-``bounce`` (``sender non-delivery notification:``).
+(``message-id=``, ``milter-reject:``, the ``milter-header-info:`` of keyrelay's DKIM table),
+``qmgr`` (``from=<>, size=, nrcpt=``, ``removed``, ``status=expired, returned to sender``),
+``log_adhoc.c`` (every delivery agent's ``to=<>, [orig_to=<>,] relay=, [conn_use=,] delay=,
+delays=, dsn=, status= (reply)``) and ``bounce`` (``sender non-delivery notification:``).
 """
 
 from __future__ import annotations
@@ -67,6 +67,14 @@ _WHATSUP = re.compile(
     r"(?: from=<(?P<sender>.*?)>)?(?: to=<(?P<rcpt>.*?)>)?(?: proto=(?P<proto>\S+))?"
     r"(?: helo=<(?P<helo>.*)>)?\Z"
 )
+# cleanup's "QID: milter-header-info: header DKIM-Signature: <60 characters> from CLIENT;
+# from=<S> to=<R> proto=P helo=<H>: keyrelay-dkim d=DOMAIN": the INFO action of the
+# milter_header_checks table `postfix apply` adds (keyrelay/postfixconf.py DKIM_HEADER_CHECKS).
+# The text after the last ": " is the table's; anchored at the end, so a helo or an address
+# holding the same words cannot stand in for it.
+_DKIM_INFO = re.compile(r": keyrelay-dkim d=(?P<domain>[^\s;]*)\Z")
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z")
 _BOUNCE_NOTICE = re.compile(
     r"sender (?:non-delivery|delay|delivery status) notification: (?P<new>" + _QID + r")\Z")
 
@@ -130,6 +138,17 @@ class MessageId:
     header: Header
     queue_id: str
     message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DkimSigned:
+    """cleanup's ``QID: milter-header-info: header DKIM-Signature: ...: keyrelay-dkim
+    d=DOMAIN``: a milter added a DKIM signature of DOMAIN (logged through keyrelay's
+    milter_header_checks table, docs/events.md "Attribution")."""
+
+    header: Header
+    queue_id: str
+    domain: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +221,7 @@ class BounceNotice:
 
 
 Record = (Unknown | Malformed | SmtpdConnect | SmtpdDisconnect | SmtpdClient | MessageId
-          | QueueActive | Expired | Removed | Delivery | Reject | BounceNotice)
+          | DkimSigned | QueueActive | Expired | Removed | Delivery | Reject | BounceNotice)
 
 # Postfix's delivery agents: every one logs through log_adhoc.c. A master.cf service of its own
 # (keyrelay's "kr-pool-x" transports are "smtp" processes) keeps the program name.
@@ -345,6 +364,13 @@ class Parser:
                 return MessageId(hdr, qid, m.group("mid"))
             if rest.startswith("milter-reject: "):
                 return _reject(hdr, qid, True, rest[15:], text)
+            if rest.startswith("milter-header-info: header DKIM-Signature: "):
+                m = _DKIM_INFO.search(rest)
+                if m is None:
+                    return Unknown(hdr)  # a site's own INFO rule for DKIM-Signature headers
+                if _DOMAIN.match(m.group("domain")) is None:
+                    return Malformed(hdr, "dkim", text)
+                return DkimSigned(hdr, qid, m.group("domain").rstrip(".").lower())
             return Unknown(hdr)
         if daemon == "bounce" and rest.startswith("sender "):
             m = _BOUNCE_NOTICE.match(rest)
@@ -367,7 +393,7 @@ def utc_parser(now: float) -> Parser:
 
 
 __all__ = [
-    "DELIVERY_DAEMONS", "BounceNotice", "Delivery", "Expired", "Header", "Malformed",
+    "DELIVERY_DAEMONS", "BounceNotice", "Delivery", "DkimSigned", "Expired", "Header", "Malformed",
     "MessageId", "Parser", "QueueActive", "Record", "Reject", "Removed", "SmtpdClient",
     "SmtpdConnect", "SmtpdDisconnect", "Unknown", "utc_parser",
 ]
