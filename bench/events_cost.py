@@ -16,10 +16,12 @@ DESCRIPTION
     gives processed and delivered events, batched, signed and POSTed.
 
     For each of R repetitions, off and on (which goes first alternates): before a run
-    keyrelay-events is stopped (off) or started and waited for until it has read the whole
-    log and sent every event (on); then M messages over C sessions of K messages (MAIL, RCPT,
-    DATA pipelined), Postfix's queue drained, and for "on" until keyrelay-events has read
-    the run's log and the receiver got every event.
+    Postfix's milter_header_checks (the table that logs each signature's DKIM domain for the
+    events, keyrelay/postfixconf.py) is removed (off) or put back (on), then Postfix
+    reloaded, and keyrelay-events is stopped (off) or started and waited for until it has
+    read the whole log and sent every event (on); then M messages over C sessions of K
+    messages (MAIL, RCPT, DATA pipelined), Postfix's queue drained, and for "on" until
+    keyrelay-events has read the run's log and the receiver got every event.
 
 MEASURES
     CPU per delivered message of Postfix (master and every process it started, also those it
@@ -42,10 +44,11 @@ from pathlib import Path
 from keyrelay.demo import Child
 from keyrelay.demo.state import keyrelay_cli
 from keyrelay.events.store import EventStore
+from keyrelay.postfixconf import DKIM_HEADER_CHECKS_REF, run_postfix
 from testkit.loadgen import send
 from testkit.loadrelay import LoadRelay, LoadShape
 from testkit.net import wait_until
-from testkit.privaterelay import BenchError, bench_folder, leave_folder, run_guarded
+from testkit.privaterelay import BenchError, bench_folder, leave_folder, postconf, run_guarded
 from testkit.stats import describe_host, process_tree_cpu
 from testkit.webhooks import Receiver
 
@@ -66,6 +69,18 @@ def caught_up(bench: LoadRelay) -> bool:
         store.close()
     return (checkpoint is not None and checkpoint.offset >= s.maillog.stat().st_size
             and pending == 0)
+
+
+def dkim_logging(bench: LoadRelay, on: bool) -> None:
+    """The DKIM domain's log lines are part of the events' cost: on only for "on" runs."""
+    etc = bench.relay.settings.postfix_etc
+    if on:
+        postconf(etc, "-e", f"milter_header_checks={DKIM_HEADER_CHECKS_REF}")
+    else:
+        postconf(etc, "-X", "milter_header_checks")
+    status, output = run_postfix(etc, "reload")
+    if status != 0:
+        raise BenchError(f"postfix reload: {output}")
 
 
 def run_once(bench: LoadRelay, events: Child | None, args: argparse.Namespace,
@@ -139,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     if mode == "on" and events is None:
                         events = bench.relay.children["events"] = bench.relay.events()
                         events.start()
+                    dkim_logging(bench, mode == "on")
                     result = run_once(bench, events if mode == "on" else None, args,
                                       f"r{repetition}{mode}", receiver)
                     results[mode].append(result)
