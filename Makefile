@@ -44,10 +44,13 @@ DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all \
 # saslauthd service is installed disabled by scripts/ensure-debian-packages). dovecot-core:
 # tests/test_coexistence*.py start a private Dovecot auth service standing in for a site's own
 # SASL (testkit/dovecot.py); its system service is installed disabled, nothing listens.
+# systemd-journal-remote: tests/test_events_journal.py writes real journal files with it
+# (testkit/journal.py) for keyrelay-events' journal source, read back with journalctl; its
+# system service is installed disabled, nothing listens.
 DEBIAN_PACKAGES := python3 python3-venv python3-dev gcc make libmilter-dev \
 	postfix postfix-lmdb sasl2-bin db-util dovecot-core swaks libnet-ssleay-perl openssl curl \
 	libmail-dkim-perl libcryptx-perl dnsmasq-base \
-	slapd ldap-utils python3-apt redis-server faketime prometheus \
+	slapd ldap-utils python3-apt redis-server faketime prometheus systemd-journal-remote \
 	$(DEB_BUILD_PACKAGES) logrotate
 
 # Only for the benchmarks (make bench-deps, make bench), not for make test: the other

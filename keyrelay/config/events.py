@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .base import Duration
 
@@ -13,9 +14,22 @@ _SYSLOG_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 @dataclass(frozen=True, slots=True)
 class EventsConfig:
+    source: Literal["file", "journal"] = field(
+        default="file",
+        metadata={"doc": 'Where Postfix\'s log is read: "file" (events.maillog) or "journal" '
+                  "(the systemd journal, through journalctl, where Postfix logs to journald "
+                  "and no file keeps its lines; docs/events.md, \"journald\")."},
+    )
+    journal_directory: str = field(
+        default="",
+        metadata={"doc": "With source journal: a folder of journal files to read "
+                  "(journalctl --directory, e.g. a container's); empty: the system's journal.",
+                  "absolute_path": True, "allow_empty": True},
+    )
     maillog: str = field(
         default="/var/log/mail.log",
-        metadata={"doc": "The file Postfix's log lines reach: rsyslog's /var/log/mail.log on "
+        metadata={"doc": "With source file: the file Postfix's log lines reach: rsyslog's "
+                  "/var/log/mail.log on "
                   "Debian, or Postfix's own maillog_file. keyrelay-events must be able to "
                   "read it (Debian: group adm).", "absolute_path": True},
     )

@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..usage import ArgumentParser, echo_undecodable_arguments
 from .correlate import Event
 from .follow import Follower
+from .journal import JOURNALCTL
 from .maillog import Parser
 from .outbox import Sender
 from .store import EventStore, StoreError
@@ -58,7 +59,8 @@ signals:
 
 files:
   /etc/keyrelay/keyrelay.yaml   configuration (--config, or $KEYRELAY_CONFIG); section events
-  /var/log/mail.log             Postfix's log (events.maillog; Debian: readable by group adm)
+  /var/log/mail.log             Postfix's log (events.maillog; Debian: readable by group adm),
+                                or the systemd journal with events.source: journal
   /var/lib/keyrelay/events.db   events, log position, correlation state (events.state)
 
 exit status:
@@ -98,7 +100,16 @@ def open_store(config: Config) -> EventStore:
 
 
 def check_maillog(config: Config) -> None:
-    """A missing or unreadable log is a warning: the follower waits for it."""
+    """A missing or unreadable log is a warning: the follower waits for it. Reading the
+    journal needs journalctl (systemd's package)."""
+    if config.events.source == "journal":
+        if not Path(JOURNALCTL).is_file():
+            fail(f"events.source: journal: {JOURNALCTL} is not installed (Debian: systemd)")
+        folder = config.events.journal_directory
+        if folder and not Path(folder).is_dir():
+            log.warning("events.journal_directory: %s does not exist yet; keyrelay-events "
+                        "waits for it", folder)
+        return
     path = Path(config.events.maillog)
     try:
         with path.open("rb"):
@@ -110,6 +121,14 @@ def check_maillog(config: Config) -> None:
                     path, exc.strerror or exc)
 
 
+def log_name(config: Config) -> str:
+    """What keyrelay-events follows, for its log lines."""
+    cfg = config.events
+    if cfg.source == "file":
+        return cfg.maillog
+    return f"the journal in {cfg.journal_directory}" if cfg.journal_directory else "the journal"
+
+
 def log_events(events: list[Event]) -> None:
     for event in events:
         fields = " ".join(f"{name}={event[name]}" for name in _LOGGED
@@ -117,11 +136,13 @@ def log_events(events: list[Event]) -> None:
         log.info("%s", fields)
 
 
-def follower_for(config: Config, store: EventStore) -> Follower:
+def follower_for(config: Config, store: EventStore, once: bool = False) -> Follower:
     cfg = config.events
     names = frozenset(cfg.syslog_names) if cfg.syslog_names else None
     return Follower.open(cfg.maillog, store, Parser(syslog_names=names),
-                         start_at_end=cfg.start_at_end, batch_lines=cfg.batch_lines,
+                         start_at_end=cfg.start_at_end, journal=cfg.source == "journal",
+                         journal_directory=cfg.journal_directory, once=once,
+                         batch_lines=cfg.batch_lines,
                          max_age=cfg.max_age, on_events=log_events)
 
 
@@ -143,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.once:
         try:
-            follower_for(config, store).run_once()
+            follower_for(config, store, once=True).run_once()
         finally:
             store.close()
         return
@@ -183,7 +204,7 @@ def serve(path: str, config: Config) -> None:
             finally:
                 store.close()
         except BaseException as exc:  # a bug of ours: stop, and let systemd restart us
-            log.exception("following %s failed", config.events.maillog)
+            log.exception("following %s failed", log_name(config))
             failure.append(exc)
             stop.set()
 
@@ -201,7 +222,7 @@ def serve(path: str, config: Config) -> None:
 
     thread = threading.Thread(target=follow, name="keyrelay-events-follow")
     sender = threading.Thread(target=send, name="keyrelay-events-webhooks")
-    log.info("keyrelay-events %s following %s into %s", __version__, config.events.maillog,
+    log.info("keyrelay-events %s following %s into %s", __version__, log_name(config),
              config.events.state)
     thread.start()
     sender.start()

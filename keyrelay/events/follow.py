@@ -13,8 +13,9 @@ Rotation:
   means it was truncated and refilled: reading starts at 0 of the new content;
 - a missing file: one log line, then the follower waits for it.
 
-A partial last line (no line feed yet) is kept until its line feed arrives. Another source
-(journald) only has to give lines with a ``Position`` and a checkpoint: ``LineSource``.
+A partial last line (no line feed yet) is kept until its line feed arrives. The other source,
+the systemd journal (journal.py ``JournalSource``), gives lines with a ``Position`` and a
+checkpoint too: ``LineSource``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 
 from . import maillog
 from .correlate import Correlator, Event, Position
+from .journal import JOURNAL, JournalSource
 from .store import Checkpoint, EventStore
 
 log = logging.getLogger("keyrelay.events")
@@ -40,7 +42,7 @@ MALFORMED_LOGGED = 10  # per process: the first malformed lines are logged, all 
 
 
 class LineSource(Protocol):
-    """Where lines come from: a file (``FileSource``) or, later, journald."""
+    """Where lines come from: a file (``FileSource``) or the journal (``JournalSource``)."""
 
     def read(self, max_lines: int) -> list[tuple[Position, str]]:
         """Complete lines available now (maybe none), oldest first."""
@@ -232,14 +234,29 @@ class Follower:
 
     @classmethod
     def open(cls, maillog_path: Path | str, store: EventStore, parser: maillog.Parser, *,
-             start_at_end: bool = False, **options: Any) -> Follower:
-        """A follower of ``maillog_path`` resumed from what ``store`` holds."""
+             start_at_end: bool = False, journal: bool = False, journal_directory: str = "",
+             once: bool = False, **options: Any) -> Follower:
+        """A follower of ``maillog_path`` (or, with ``journal``, of the systemd journal in
+        ``journal_directory``, "" for the system's) resumed from what ``store`` holds;
+        ``once``: for ``run_once`` (the journal is then read to its end, not followed)."""
         correlator = Correlator(**{k: options.pop(k) for k in
                                    ("max_age", "session_max_age", "max_messages")
                                    if k in options})
         correlator.load(store.correlation())
         saved = store.checkpoint()
-        source = FileSource(maillog_path, saved, start_at_end=start_at_end)
+        if saved is not None and (saved.source == JOURNAL) != journal:
+            # events.source changed: the saved position is of the other kind of log
+            log.warning("events: the saved position is in %s, but events.source is now %s; "
+                        "starting as on a first start (events.start_at_end)",
+                        "the journal" if saved.source == JOURNAL else "a file",
+                        "journal" if journal else "file")
+            saved = None
+        source: LineSource
+        if journal:
+            source = JournalSource(saved, directory=journal_directory,
+                                   start_at_end=start_at_end, follow=not once)
+        else:
+            source = FileSource(maillog_path, saved, start_at_end=start_at_end)
         follower = cls(source, store, parser, correlator, **options)
         start = source.checkpoint()
         if saved is None and start is not None:

@@ -68,12 +68,14 @@ class StoreError(Exception):
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """Where reading stopped: the file (device, inode, the hash naming its first line) and
-    the offset of the first byte not yet read (always just after a line feed)."""
+    the offset of the first byte not yet read (always just after a line feed); or, reading
+    the journal (journal.py), ``source`` ``journal`` and the cursor of the last entry read."""
 
     device: int
     inode: int
     source: str
     offset: int
+    cursor: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -82,7 +84,7 @@ class Checkpoint:
     def from_json(cls, text: str) -> Checkpoint:
         data = json.loads(text)
         return cls(int(data["device"]), int(data["inode"]), str(data["source"]),
-                   int(data["offset"]))
+                   int(data["offset"]), str(data.get("cursor", "")))
 
 
 @dataclass(frozen=True, slots=True)
