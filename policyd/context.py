@@ -21,6 +21,7 @@ from keyrelay.errors import DirectoryUnavailable, KeyrelayError
 from keyrelay.logs import DecisionLog
 from keyrelay.reputation import PauseCache, RedisPauses, SqliteReputation, reputation_path
 from keyrelay.suppressions import RedisLookup, SqliteSuppressions
+from keyrelay.suppressions.replica import SuppressionReplica
 
 log = logging.getLogger("keyrelay.policyd")
 
@@ -45,6 +46,9 @@ class ServiceContext:
     # the suppression list, beside the counters (docs/suppressions.md): Redis through the
     # counter store's connection, else the SQLite file suppressions.path (read only)
     suppressions: SqliteSuppressions | RedisLookup = field(init=False)
+    # with Redis and counters.on_unavailable local: this node's copy of the lists, asked
+    # while Redis is away (keyrelay/suppressions/replica.py); None otherwise
+    replica: SuppressionReplica | None = field(init=False)
     # the reputation guard's pauses, kept in memory (docs/reputation.md): from Redis through
     # the counter store's connection, else the SQLite file reputation.path (read only);
     # None: reputation.enabled is false
@@ -62,6 +66,9 @@ class ServiceContext:
         self.suppressions = (RedisLookup(shared) if isinstance(shared, RedisCounters)
                              else SqliteSuppressions(self.config.suppressions.path,
                                                      create=False))
+        self.replica = (SuppressionReplica(self.config.suppressions.replica)
+                        if isinstance(shared, RedisCounters) and self.config.suppressions.replica
+                        and self.config.counters.on_unavailable == "local" else None)
         cfg = self.config.reputation
         self.pauses = None if not cfg.enabled else PauseCache(
             RedisPauses(shared) if isinstance(shared, RedisCounters)

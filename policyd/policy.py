@@ -30,7 +30,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Coroutine
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple, TypeVar
 
 from keyrelay.counters import CountersUnavailable, MemoryCounters, Usage, Window
@@ -167,7 +167,9 @@ class PolicyService:
         # RCPTs allowed so far, per message ("instance"); bounded like _counted
         self._recipients: OrderedDict[str, int] = OrderedDict()
         self._transports = PostfixTransports(context.config.postfix.config_dir)
-        self._suppressions_away = False  # the list's outage was logged
+        # the list's outage was logged: "" no, "replica" answered from the replica,
+        # "tempfail" answered 451
+        self._suppressions_away = ""
         self._pauses_away = False  # the reputation pauses' outage was logged
 
     def transports(self) -> frozenset[str] | None:
@@ -356,13 +358,37 @@ class PolicyService:
         return self.recipient_checked(pending, found)
 
     def _unavailable(self, pending: Recipient, exc: SuppressionsUnavailable) -> Verdict:
-        """The list cannot answer: ``451 4.3.0``, whatever ``counters.on_unavailable`` says:
-        the counts have a local stand-in, the list has none, and a recipient is never
-        accepted unchecked (docs/suppressions.md, "Faults"). Logged once per outage."""
-        if not self._suppressions_away:
-            log.error("suppression list unavailable: %s; recipients of keyrelay logins get "
-                      "451 4.3.0 until it answers again", exc)
-            self._suppressions_away = True
+        """The list cannot answer: with ``counters.on_unavailable: local``, this node's copy
+        of the lists answers if it is young enough (keyrelay/suppressions/replica.py);
+        otherwise ``451 4.3.0``: a recipient is never accepted unchecked
+        (docs/suppressions.md, "Faults"). Logged once per outage and per way of answering."""
+        replica = self.context.replica
+        why = "no replica (counters.on_unavailable is tempfail)"
+        if replica is not None:
+            try:
+                copied = replica.copied_at()
+                if copied is None:
+                    why = f"no replica in {replica.path} yet (keyrelay-events writes it)"
+                elif (self.context.clock().timestamp() - copied
+                      > self.context.config.suppressions.replica_max_age):
+                    why = (f"the replica in {replica.path} is older than "
+                           "suppressions.replica_max_age (is keyrelay-events running?)")
+                else:
+                    found = replica.get(pending.account, pending.address)
+                    if self._suppressions_away != "replica":
+                        log.error("suppression list unavailable: %s; recipients of keyrelay "
+                                  "logins are checked against this node's replica of %s "
+                                  "until it answers again", exc,
+                                  datetime.fromtimestamp(copied, UTC).strftime(
+                                      "%Y-%m-%d %H:%M:%S UTC"))
+                        self._suppressions_away = "replica"
+                    return self.recipient_checked(pending, found, from_replica=True)
+            except SuppressionsUnavailable as failed:
+                why = str(failed)
+        if self._suppressions_away != "tempfail":
+            log.error("suppression list unavailable: %s; %s; recipients of keyrelay logins "
+                      "get 451 4.3.0 until it answers again", exc, why)
+            self._suppressions_away = "tempfail"
         return temporary(Reason.SUPPRESSIONS_UNAVAILABLE,
                          pending.request.get("sasl_username", ""))
 
@@ -377,13 +403,15 @@ class PolicyService:
             return self._unavailable(pending, exc)
         return self.recipient_checked(pending, found)
 
-    def recipient_checked(self, pending: Recipient, found: Suppression | None) -> Verdict:
-        """The RCPT's answer once the list was read: a suppressed recipient is refused (or
-        let pass in monitor mode); one allowed counts towards recipients per message."""
+    def recipient_checked(self, pending: Recipient, found: Suppression | None, *,
+                          from_replica: bool = False) -> Verdict:
+        """The RCPT's answer once the list (or, Redis away, this node's replica) was read: a
+        suppressed recipient is refused (or let pass in monitor mode); one allowed counts
+        towards recipients per message."""
         ctx = self.context
-        if self._suppressions_away:
+        if self._suppressions_away and not from_replica:
             log.warning("suppression list answers again; recipients are checked again")
-            self._suppressions_away = False
+            self._suppressions_away = ""
         verdict = with_rate(pending.answer, decide_recipient(
             pending.directory, ctx.settings,
             RecipientFacts(pending.request.get("sasl_username", ""), pending.address, found)))

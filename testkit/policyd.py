@@ -178,6 +178,8 @@ class Policyd:
                         "socket_group": "", "user": "root"},
             # no Postfix here: route to any pool transport without asking master.cf
             "postfix": {"config_dir": ""},
+            # never the node's own copy in /var/lib/keyrelay (counters.on_unavailable local)
+            "suppressions": {"replica": str(root / "suppressions-replica.db")},
         }
         self.settings = merge(self.base, overrides or {})
         self.write_config()

@@ -7,6 +7,7 @@ names the suppression, the message's other recipients accepted, a site's own log
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from test_reasons import text_matches
 
 from keyrelay import admin
+from keyrelay.config import load_config
 from keyrelay.decisions import (
     Action,
     EngineSettings,
@@ -25,6 +27,8 @@ from keyrelay.decisions import (
     decide_recipient,
     format_identity,
 )
+from keyrelay.events.outbox import Sender
+from keyrelay.events.store import EventStore
 from keyrelay.suppressions import Suppression, make
 from testkit.factories import World
 from testkit.policyd import Policyd, add_key, add_verified_domain, now
@@ -262,6 +266,59 @@ def test_even_with_on_unavailable_local_a_recipient_is_never_passed_unchecked(
             daemon.keyrelay("suppression", "add", "acme", "gone@example.net")
             assert _rcpts(daemon, ids["news"], "gone@example.net")[0].startswith(  # type: ignore[union-attr]
                 "550 5.7.1 recipient suppressed")
+            assert "suppression list answers again" in daemon.log()
+        finally:
+            assert daemon.stop() == 0
+
+
+def test_with_on_unavailable_local_the_nodes_replica_answers_while_redis_is_away(
+        tmp_path: Path) -> None:
+    """keyrelay-events' copy of the lists (its Sender's ``replicate``, keyrelay/suppressions/
+    replica.py) answers for Redis while it is away: the suppressed recipient still refused,
+    the others accepted; a copy older than suppressions.replica_max_age is not used (451)."""
+    if not REDIS_SERVER.exists():
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    replica = tmp_path / "replica.db"
+    with RedisServer() as server:
+        daemon = Policyd(tmp_path / "p", {
+            "counters": server.counters_settings(on_unavailable="local"),
+            "suppressions": {"replica": str(replica), "replica_interval": "5s",
+                             "replica_max_age": "10m"},
+            "events": {"state": str(tmp_path / "events.db")},
+            # the pauses live in Redis too and are checked first; off, so that every answer
+            # below is the suppression list's
+            "reputation": {"enabled": False}})
+        ids = _populate(daemon)
+        daemon.keyrelay("suppression", "add", "acme", "gone@example.net", "--reason", "asked")
+        # what keyrelay-events does every replica_interval, with the daemons' configuration
+        config = load_config(str(daemon.config_path))
+        store = EventStore(tmp_path / "events.db")
+        try:
+            Sender(config, store).replicate()
+        finally:
+            store.close()
+        assert replica.exists()
+        daemon.start()
+        refusal = _refusal("added by an administrator: asked")
+        try:
+            assert _rcpts(daemon, ids["news"], "gone@example.net")[0] == refusal
+            server.kill()
+            answers = _rcpts(daemon, ids["news"], "gone@example.net", "ok@example.net")
+            assert answers == [refusal, "DUNNO", "DUNNO"], answers
+            assert _rcpts(daemon, ids["news"], "gone@example.net")[0] == refusal
+            assert daemon.log().count("checked against this node's replica") == 1
+            # a copy older than replica_max_age: not used, 451 as without one
+            db = sqlite3.connect(replica)
+            db.execute("UPDATE replica_meta SET value = value - 3600")
+            db.commit()
+            db.close()
+            answers = _rcpts(daemon, ids["news"], "gone@example.net", "ok@example.net")
+            assert answers[:2] == [UNAVAILABLE, UNAVAILABLE], answers
+            assert "is older than suppressions.replica_max_age" in daemon.log()
+            server.start()
+            daemon.keyrelay("suppression", "add", "acme", "gone@example.net", "--reason",
+                            "asked")
+            assert _rcpts(daemon, ids["news"], "gone@example.net")[0] == refusal
             assert "suppression list answers again" in daemon.log()
         finally:
             assert daemon.stop() == 0

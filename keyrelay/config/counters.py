@@ -138,8 +138,8 @@ class CountersConfig:
                   "the recipients of keyrelay logins, whose suppression lists are in Redis) "
                   "or \"local\": counted in this daemon's memory until Redis answers again "
                   "(logged once per outage; each node then allows its own full limit; the "
-                  "recipients of keyrelay logins still get 451 4.3.0: the suppression lists "
-                  "have no local stand-in). "
+                  "recipients of keyrelay logins are checked against this node's replica "
+                  "of the suppression lists, suppressions.replica). "
                   "Failed logins are always counted locally meanwhile."},
     )
     time_zone: str = field(

@@ -202,7 +202,7 @@ ACL_COMMANDS = (
     "ping", "select", "evalsha", "eval", "hget", "zscore", "zcount", "get", "mget",
     "set", "incrby", "pexpire", "pttl", "hmget", "hset", "del", "zadd", "zrem", "zcard",
     "zrange", "zremrangebyscore", "zremrangebyrank",
-    "hdel",  # the suppression list (keyrelay/suppressions/redisstore.py)
+    "hdel", "hscan",  # the suppression list (keyrelay/suppressions/redisstore.py)
     "hincrby", "hgetall", "hkeys",  # the reputation guard (keyrelay/reputation/redisstore.py)
 )
 

@@ -23,12 +23,14 @@ Before sending, each round also suppresses the hard bounces queued with their ev
 (docs/suppressions.md, "Hard bounces") and runs the reputation guard over the events written
 since its last round (keyrelay/reputation/guard.py, docs/reputation.md): a principal it
 pauses gets a ``paused`` (or, in monitor mode, ``would_pause``) event in its account's outbox,
-sent like any other.
+sent like any other. With Redis and ``counters.on_unavailable: local`` it also refreshes this
+node's copy of the suppression lists (``replicate``, keyrelay/suppressions/replica.py).
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import ssl
 import threading
 import time
@@ -40,8 +42,14 @@ from ..directory import open_directory
 from ..directory.model import Directory, Webhook
 from ..errors import DirectoryUnavailable
 from ..reputation import Guard, ReputationUnavailable, event_of, open_reputation
-from ..suppressions import SuppressionsUnavailable, open_suppressions, suppress_hard_bounce
+from ..suppressions import (
+    RedisSuppressions,
+    SuppressionsUnavailable,
+    open_suppressions,
+    suppress_hard_bounce,
+)
 from ..suppressions.model import SuppressionStore
+from ..suppressions.replica import write_replica
 from ..webhooks.delivery import Result, deliver, next_attempt, tls_context
 from .store import EventStore, Pending
 
@@ -66,6 +74,9 @@ class Sender:
         self._suppressions_away = False
         self._guard: Guard | None = None
         self._reputation_away = False
+        self._replica_due = 0.0  # time.monotonic() of the next copy of the suppression lists
+        self._replica_failed = False
+        self._replica_done = False
 
     def context(self) -> ssl.SSLContext | None:
         """The TLS context, made once; None lets ``deliver`` say why it cannot be made."""
@@ -154,11 +165,47 @@ class Sender:
             counter = "reputation_would_pause" if pause.monitor else "reputation_paused"
             self.store.commit([event_of(pause)], None, [], {counter: 1}, self.clock())
 
+    def replicate(self) -> None:
+        """With Redis and ``counters.on_unavailable: local``: every
+        ``suppressions.replica_interval``, this node's copy of the accounts' suppression
+        lists, which keyrelay-policyd asks while Redis is away
+        (keyrelay/suppressions/replica.py). A copy that cannot be made leaves the previous
+        one (policyd stops using it once it is ``replica_max_age`` old); logged once."""
+        cfg = self.config
+        if not (cfg.counters.backend == "redis" and cfg.counters.on_unavailable == "local"
+                and cfg.suppressions.replica):
+            return
+        now = time.monotonic()
+        if now < self._replica_due:
+            return
+        self._replica_due = now + cfg.suppressions.replica_interval
+        try:
+            if self._suppressions is None:
+                self._suppressions = open_suppressions(cfg)
+            store = self._suppressions
+            assert isinstance(store, RedisSuppressions)
+            accounts = sorted(self.directory.snapshot().accounts)
+            copied = write_replica(cfg.suppressions.replica, store, accounts)
+        except (SuppressionsUnavailable, DirectoryUnavailable, OSError,
+                sqlite3.Error) as exc:
+            if not self._replica_failed:
+                log.error("suppression replica %s not refreshed: %s; the previous copy "
+                          "stays until suppressions.replica_max_age", cfg.suppressions.replica,
+                          getattr(exc, "strerror", None) or exc)
+                self._replica_failed = True
+            return
+        level = logging.INFO if self._replica_failed or not self._replica_done else logging.DEBUG
+        log.log(level, "suppression replica %s: %d suppression(s) of %d account(s) copied",
+                cfg.suppressions.replica, copied, len(accounts))
+        self._replica_failed = False
+        self._replica_done = True
+
     def round(self) -> float:
-        """Suppress the hard bounces, run the reputation guard, send what is due; the seconds
-        until the next round."""
+        """Suppress the hard bounces, run the reputation guard, refresh the suppression
+        replica when due, send what is due; the seconds until the next round."""
         self.suppress()
         self.reputation()
+        self.replicate()
         now = self.clock()
         pending = self.store.due(now, DUE_LIMIT)
         if not pending:

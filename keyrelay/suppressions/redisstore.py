@@ -16,6 +16,7 @@ event loop serves everyone else meanwhile.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, cast
 
 import redis
@@ -68,7 +69,8 @@ return answer
 GET = Script("suppressed", "return redis.call('HGET', KEYS[1], ARGV[1])")
 # the Redis commands these scripts run, beyond the counters' (keyrelay/counters/scripts.py
 # ACL_COMMANDS holds them all)
-ACL_COMMANDS = ("hget", "hset", "hdel", "hmget", "zadd", "zrem", "zrange", "zcard")
+ACL_COMMANDS = ("hget", "hset", "hdel", "hmget", "zadd", "zrem", "zrange", "zcard", "hscan")
+_SCAN_COUNT = 1000  # addresses per HSCAN round trip of ``entries``
 _CHUNK = 500  # addresses per script call of add_many
 
 
@@ -153,6 +155,19 @@ class RedisSuppressions:
             LIST, account, [f"({after}" if after else "-", limit])]
         return [Suppression.from_value(found[i], found[i + 1])
                 for i in range(0, len(found), 2)]
+
+    def entries(self, account: str) -> Iterator[tuple[str, str]]:
+        """Every (address, stored value) of ``account``'s list, in no order (HSCAN: Redis
+        is never blocked for long; an address added or removed meanwhile may be missed)."""
+        if self._client is None:
+            self._client = sync_client(self.target)
+        try:
+            for address, value in self._client.hscan_iter(keys(self.prefix, account)[0],
+                                                          count=_SCAN_COUNT):
+                yield _text(address), _text(value)
+        except (redis_errors.RedisError, OSError) as exc:
+            raise SuppressionsUnavailable(
+                f"counters.redis: {describe(exc, self.target)}") from None
 
     def count(self, account: str) -> int:
         if self._client is None:

@@ -1,0 +1,87 @@
+"""This node's copy of the suppression lists in Redis, for ``counters.on_unavailable: local``
+(docs/suppressions.md, "The replica").
+
+With ``local``, the counts go on in each process's memory while Redis is away; the
+suppression lists, in Redis too, would have no stand-in, and every recipient of a keyrelay
+login would get ``451 4.3.0``. So keyrelay-events (one per node) copies every account's list
+from Redis into a SQLite file on local disk every ``suppressions.replica_interval``, and while
+Redis is away keyrelay-policyd checks recipients against that copy, if it is younger than
+``suppressions.replica_max_age``; an older copy, or none, is ``451 4.3.0`` as before. A
+recipient is never accepted unchecked: at worst it is checked against a list that is
+``replica_interval`` plus the outage old.
+
+The copy is written whole into a new file beside it, then renamed over it: a reader's next
+look-up finds the new file (keyrelay/sqlitefile.py opens a replaced file again) and never
+sees half a copy. It is written without WAL, so readers need no ``-shm`` file. The time of
+the copy is in the file (``replica_meta``), so its age does not depend on the file's mtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+
+from .redisstore import RedisSuppressions
+from .sqlitestore import _SCHEMA, SqliteSuppressions
+
+_META = "CREATE TABLE replica_meta (name TEXT PRIMARY KEY, value REAL NOT NULL)"
+
+
+class SuppressionReplica(SqliteSuppressions):
+    """The copy, read by keyrelay-policyd (never created by it)."""
+
+    probe = "replica_meta"
+    setting = "suppressions.replica"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, create=False)
+
+    def copied_at(self) -> float | None:
+        """When the copy was taken (Unix seconds); None when there is no copy yet."""
+        rows = self._read("SELECT value FROM replica_meta WHERE name = 'copied_at'")
+        return float(rows[0][0]) if rows else None
+
+
+def write_replica(path: str, source: RedisSuppressions, accounts: Iterable[str],
+                  clock: float | None = None) -> int:
+    """Copy ``accounts``' lists from ``source`` into ``path``; the number of suppressions.
+    Raises ``SuppressionsUnavailable`` (Redis) or ``OSError``/``sqlite3.Error`` (the file),
+    leaving the previous copy in place."""
+    copied_at = time.time() if clock is None else clock
+    temporary = f"{path}.new-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    total = 0
+    try:
+        db = sqlite3.connect(temporary, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=DELETE")
+            db.execute("PRAGMA synchronous=OFF")  # renamed in whole or not at all
+            db.executescript(_SCHEMA)
+            db.execute(_META)
+            db.execute("BEGIN")
+            for account in accounts:
+                rows = [(account, address, value) for address, value in
+                        source.entries(account)]
+                db.executemany("INSERT OR REPLACE INTO suppressions VALUES (?, ?, ?)", rows)
+                total += len(rows)
+            db.execute("INSERT INTO replica_meta VALUES ('copied_at', ?)", (copied_at,))
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        os.chmod(temporary, 0o640)
+        if os.geteuid() == 0:  # by hand as root: the daemons' user (the folder's) reads it
+            owner = os.stat(os.path.dirname(os.path.abspath(path)))
+            os.chown(temporary, owner.st_uid, owner.st_gid)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return total
+
+
+__all__ = ["SuppressionReplica", "write_replica"]
