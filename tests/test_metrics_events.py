@@ -124,7 +124,7 @@ def test_a_scrape_counts_the_story_and_the_totals_survive_a_restart(
     assert value(first, "keyrelay_reputation_pauses_total", mode="pause") == 0
     assert ("keyrelay_events_last_event_timestamp_seconds", ()) in first
     assert value(first, "keyrelay_events_last_event_timestamp_seconds") == max(
-        float(e["timestamp"]) for e in stored)
+        float(str(e["timestamp"])) for e in stored)
     assert any(name == "keyrelay_build_info" for name, _ in first)
     assert value(first, "process_open_fds") > 0
     # no account, address or URL in any label: only the closed sets of docs/metrics.md
