@@ -128,6 +128,16 @@ def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
                               text=True, timeout=60).stdout
         assert re.search(r'^keyrelay_messages_total\{account="demo",outcome="signed"\} 1\.0$',
                          page, re.M), page[-2000:]
+        # keyrelay-events read the message's lines from the demo Postfix's maillog
+
+        def events_page() -> str:
+            return subprocess.run(["curl", "-s", f"{urls[2]}/metrics"], capture_output=True,
+                                  text=True, timeout=60).stdout
+        wait_until(lambda: re.search(r'^keyrelay_events_total\{event="delivered"\} 1\.0$',
+                                     events_page(), re.M) is not None, 60,
+                   "keyrelay-events' count of the delivered message")
+        assert re.search(r'^keyrelay_events_total\{event="processed"\} 1\.0$', events_page(),
+                         re.M)
         first_key_id = values["KEYRELAY_DEMO_KEY_ID"]
         # issue 20: the daemons run unprivileged, as the production default (policyd.user and
         # milter.user: keyrelay), not as root
