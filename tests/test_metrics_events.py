@@ -37,6 +37,7 @@ from test_reputation_events import _lines
 from keyrelay import admin
 from keyrelay.config.loader import parse_config
 from keyrelay.directory.yamlfile import YamlDirectory
+from keyrelay.events.journal import JOURNAL
 from keyrelay.events.metrics import Health, lag_bytes
 from keyrelay.events.store import Checkpoint, EventStore
 from testkit.net import free_port, wait_until
@@ -274,6 +275,8 @@ def test_the_lag_follows_the_checkpoint_across_a_rotation(tmp_path: Path) -> Non
     # the checkpoint's file at neither name: not known, so no sample
     (tmp_path / "maillog.1").unlink()
     assert lag_bytes(maillog, checkpoint) is None
+    # a journal checkpoint (events.source: journal) has no lag in bytes
+    assert lag_bytes(maillog, Checkpoint(0, 0, JOURNAL, 0, "s=1;i=2")) is None
 
 
 def test_health_names_a_thread_that_stopped(tmp_path: Path) -> None:
@@ -294,3 +297,16 @@ def test_health_names_a_thread_that_stopped(tmp_path: Path) -> None:
     finally:
         stop.set()
         running.join()
+
+
+def test_health_with_the_journal_checks_its_folder_not_the_maillog(tmp_path: Path) -> None:
+    state = tmp_path / "events.db"
+    EventStore(state).close()
+    folder = tmp_path / "journal"
+    config = parse_config({"events": {"state": str(state), "source": "journal",
+                                      "journal_directory": str(folder),
+                                      "maillog": str(tmp_path / "no-such-file")}}, "x.yaml")
+    health = Health(config, [])
+    assert health() == f"events.journal_directory: {folder} does not exist"
+    folder.mkdir()
+    assert health() == ""  # the maillog (which does not exist) is not looked at

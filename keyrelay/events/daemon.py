@@ -72,7 +72,8 @@ files:
 endpoints (events.metrics_listen, off by default):
   /metrics  Prometheus text format; every metric is listed in docs/metrics.md
   /health   200 "ok" while the follower and webhook threads run, the state file opens
-            and the maillog can be read; otherwise 503 and one line saying what is wrong
+            and the maillog can be read (the journal: its folder exists, if one is set);
+            otherwise 503 and one line saying what is wrong
 
 exit status:
   0 stopped by SIGTERM/SIGINT, or --check-config found no problem

@@ -9,9 +9,11 @@ are the node's persistent totals: they never go back across a restart, and a cra
 count only together with what it counted.
 
 - ``EventsCollector``: the prometheus_client collector of those figures, plus the maillog's
-  lag (its size beyond the checkpoint) and ``keyrelay_build_info``.
+  lag (its size beyond the checkpoint; with ``events.source: journal`` there is no file, so
+  no lag) and ``keyrelay_build_info``.
 - ``Health``: ``/health``'s line: "" while the follower and sender threads run, the state
-  file opens and the maillog can be read; otherwise what is wrong.
+  file opens and the maillog can be read (with the journal: its folder, when one is set,
+  exists); otherwise what is wrong.
 
 Label values are closed sets (the tuples below): a counter name this version does not know is
 not exported, so no label ever carries an account, an address or a URL.
@@ -31,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .. import __version__
 from ..config import Config
+from .journal import JOURNAL
 from .store import Checkpoint, Figures, StoreError, read_figures
 
 log = logging.getLogger("keyrelay.events")
@@ -54,7 +57,7 @@ def lag_bytes(maillog: Path, checkpoint: Checkpoint | None) -> float | None:
     checkpoint's file is the one at the path; when it is the rotated ``PATH.1`` (the follower
     finishes it first), what is left of it plus the whole new file. None: not known (no
     checkpoint yet, the file missing, or the checkpoint's file found at neither name)."""
-    if checkpoint is None:
+    if checkpoint is None or checkpoint.source == JOURNAL:
         return None
     try:
         current = os.stat(maillog)
@@ -77,6 +80,7 @@ class EventsCollector:
     def __init__(self, config: Config) -> None:
         self.state = Path(config.events.state)
         self.maillog = Path(config.events.maillog)
+        self.file = config.events.source == "file"  # the journal has no lag in bytes
         self._failed = False  # the last scrape could not read the state file (logged once)
 
     def figures(self) -> Figures | None:
@@ -102,7 +106,7 @@ class EventsCollector:
         if figures is None:
             return
         yield from families(figures)
-        lag = lag_bytes(self.maillog, figures.checkpoint)
+        lag = lag_bytes(self.maillog, figures.checkpoint) if self.file else None
         if lag is not None:
             yield GaugeMetricFamily(
                 "keyrelay_events_maillog_lag_bytes",
@@ -175,6 +179,8 @@ class Health:
                  threads: Sequence[tuple[str, threading.Thread]]) -> None:
         self.state = Path(config.events.state)
         self.maillog = Path(config.events.maillog)
+        self.source = config.events.source
+        self.journal_directory = config.events.journal_directory
         self.threads = threads  # (what it does, the thread), e.g. ("follower", ...)
 
     def __call__(self) -> str:
@@ -185,6 +191,11 @@ class Health:
             read_figures(self.state)
         except StoreError as exc:
             return f"events.state: {exc}"
+        if self.source != "file":
+            folder = self.journal_directory
+            if folder and not os.path.isdir(folder):
+                return f"events.journal_directory: {folder} does not exist"
+            return ""
         try:
             with self.maillog.open("rb"):
                 pass
