@@ -90,7 +90,9 @@ def node_settings(run_dir: Path, env: Mapping[str, str] = os.environ) -> tuple[S
         policyd_metrics_port=a.policyd_metrics_port + NODE_B_OFFSET if
         a.policyd_metrics_port else 0,
         milter_metrics_port=a.milter_metrics_port + NODE_B_OFFSET if
-        a.milter_metrics_port else 0)
+        a.milter_metrics_port else 0,
+        events_metrics_port=a.events_metrics_port + NODE_B_OFFSET if
+        a.events_metrics_port else 0)
     b = Settings.from_env(run_dir / "cluster" / "node-b", env, prefix="KEYRELAY_NODE_B_",
                           defaults=b_defaults)
     # one directory: the pool's address is the one node A made it with

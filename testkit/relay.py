@@ -48,13 +48,13 @@ def private_relay(pool_address: str, directory: Mapping[str, Any] | None = None
     # a short folder: unix socket paths inside the queue must stay under 108 bytes
     run_dir = Path(tempfile.mkdtemp(prefix="kr-e2e-"))
     (smtp, submission, alt_submission, submissions, sink, policyd_metrics, milter_metrics,
-     bounce_sink, defer_sink) = free_ports(9)
+     bounce_sink, defer_sink, events_metrics) = free_ports(10)
     settings = Settings(
         run_dir=run_dir, smtp_port=smtp, submission_port=submission,
         alt_submission_port=alt_submission, submissions_port=submissions, sink_port=sink,
         bounce_sink_port=bounce_sink, defer_sink_port=defer_sink,
         policyd_metrics_port=policyd_metrics, milter_metrics_port=milter_metrics,
-        pool_address=pool_address, directory=directory,
+        events_metrics_port=events_metrics, pool_address=pool_address, directory=directory,
         # the daemons run unprivileged, as in production and `make run`; with LDAP as root:
         # the test slapd's bind password file is root's (mode 0600)
         daemon_user="keyrelay" if directory is None else "root")

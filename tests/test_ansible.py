@@ -167,6 +167,7 @@ def test_the_role_deploys_once_then_changes_nothing_and_keeps_the_sites_settings
     assert config["limits"]["messages_per_minute"] == 60
     assert config["milter"]["workers"] == config["policyd"]["workers"] == "auto"
     assert config["policyd"]["metrics_listen"] == config["milter"]["metrics_listen"] == ""  # off
+    assert config["events"]["metrics_listen"] == ""
 
     status, changed, output = run_playbook(playbook)
     assert (status, changed) == (0, 0), output
@@ -231,6 +232,7 @@ def test_the_worker_and_metrics_variables_reach_keyrelay_yaml_and_policyd_worker
     _, playbook = site(tmp_path, keyrelay_milter_workers=2, keyrelay_policyd_workers="1",
                        keyrelay_policyd_metrics_listen="127.0.0.1:9464",
                        keyrelay_milter_metrics_listen="[::1]:9465",
+                       keyrelay_events_metrics_listen="127.0.0.1:9466",
                        keyrelay_metrics_top_accounts="20")
     status, _, output = run_playbook(playbook)
     assert status == 0, output
@@ -241,6 +243,7 @@ def test_the_worker_and_metrics_variables_reach_keyrelay_yaml_and_policyd_worker
     # the metrics endpoints and their bound, as the daemons read them
     assert written["policyd"]["metrics_listen"] == "127.0.0.1:9464"
     assert written["milter"]["metrics_listen"] == "[::1]:9465"
+    assert written["events"]["metrics_listen"] == "127.0.0.1:9466"
     assert written["metrics"] == {"top_accounts": 20}
 
     # four policyd workers with the memory counters would each count on their own: the

@@ -477,3 +477,24 @@ def test_format_duration_output_parses_back_to_the_same_seconds(seconds: float) 
 def test_format_duration_rejects_impossible_durations(seconds: float) -> None:
     with pytest.raises(ValueError, match="non-negative"):
         format_duration(seconds)
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("9466", "must be HOST:PORT (IPv6 as [::1]:9464), or empty for no endpoints, got '9466'"),
+    ("127.0.0.1:0", "127.0.0.1:0: the port must be 1 to 65535"),
+    ("127.0.0.1:70000", "127.0.0.1:70000: the port must be 1 to 65535"),
+    ("http://127.0.0.1:9466", "must be HOST:PORT"),
+    ("[::1]", "must be HOST:PORT"),
+])
+def test_a_bad_events_metrics_listen_is_one_line_naming_the_key(tmp_path: Path, value: str,
+                                                                reason: str) -> None:
+    error = load_error(tmp_path, f"events:\n  metrics_listen: '{value}'\n")
+    assert error.key == "events.metrics_listen"
+    assert error.line == 2
+    assert reason in error.reason
+
+
+def test_events_metrics_listen_is_off_by_default_and_takes_ipv6(tmp_path: Path) -> None:
+    assert default_config().events.metrics_listen == ""
+    config = load_config(write(tmp_path, "events:\n  metrics_listen: '[::1]:9466'\n"))
+    assert config.events.metrics_listen == "[::1]:9466"

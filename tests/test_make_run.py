@@ -77,6 +77,7 @@ def demo_env() -> Iterator[tuple[Path, dict[str, str]]]:
         "KEYRELAY_POOL_ADDRESS": "127.0.0.4",
         "KEYRELAY_POLICYD_METRICS_PORT": str(free_port()),
         "KEYRELAY_MILTER_METRICS_PORT": str(free_port()),
+        "KEYRELAY_EVENTS_METRICS_PORT": str(free_port()),
     })
     yield run_dir, env
     subprocess.run(["rm", "-rf", str(run_dir.parent)], check=False)
@@ -114,10 +115,11 @@ def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
         assert "X-Client-Addr: 127.0.0.4" in dump  # left through the demo pool
         assert "a=rsa-sha256" in dump and "a=ed25519-sha256" in dump
         assert "d=demo.example" in dump
-        # the README's curl of each endpoint: both healthy, the milter counted the message
+        # the README's curl of each endpoint: all healthy, the milter counted the message
         urls = values["KEYRELAY_METRICS_URLS"].split()
         assert urls == [f"http://127.0.0.1:{env['KEYRELAY_POLICYD_METRICS_PORT']}",
-                        f"http://127.0.0.1:{env['KEYRELAY_MILTER_METRICS_PORT']}"]
+                        f"http://127.0.0.1:{env['KEYRELAY_MILTER_METRICS_PORT']}",
+                        f"http://127.0.0.1:{env['KEYRELAY_EVENTS_METRICS_PORT']}"]
         for url in urls:
             health = subprocess.run(["curl", "-s", f"{url}/health"], capture_output=True,
                                     text=True, timeout=60)
@@ -126,6 +128,16 @@ def test_make_run_prints_a_swaks_command_that_delivers_a_signed_message(
                               text=True, timeout=60).stdout
         assert re.search(r'^keyrelay_messages_total\{account="demo",outcome="signed"\} 1\.0$',
                          page, re.M), page[-2000:]
+        # keyrelay-events read the message's lines from the demo Postfix's maillog
+
+        def events_page() -> str:
+            return subprocess.run(["curl", "-s", f"{urls[2]}/metrics"], capture_output=True,
+                                  text=True, timeout=60).stdout
+        wait_until(lambda: re.search(r'^keyrelay_events_total\{event="delivered"\} 1\.0$',
+                                     events_page(), re.M) is not None, 60,
+                   "keyrelay-events' count of the delivered message")
+        assert re.search(r'^keyrelay_events_total\{event="processed"\} 1\.0$', events_page(),
+                         re.M)
         first_key_id = values["KEYRELAY_DEMO_KEY_ID"]
         # issue 20: the daemons run unprivileged, as the production default (policyd.user and
         # milter.user: keyrelay), not as root

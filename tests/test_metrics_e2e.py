@@ -26,8 +26,8 @@ def test_a_send_a_failed_login_and_a_spoofed_from_move_the_counters_exactly(
     demo_relay: Relay,
 ) -> None:
     relay = demo_relay
-    policyd_url, milter_url = relay.settings.metrics_urls()
-    assert healthy(policyd_url) and healthy(milter_url)
+    policyd_url, milter_url, events_url = relay.settings.metrics_urls()
+    assert healthy(policyd_url) and healthy(milter_url) and healthy(events_url)
     tenant = new_tenant(relay)
     before = scrape(policyd_url), scrape(milter_url)
 

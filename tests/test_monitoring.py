@@ -7,8 +7,8 @@ the one docs/metrics.md defines.
 promtool comes from Debian's ``prometheus`` package (the Makefile's DEBIAN_PACKAGES). This is a
 system test (not in conftest.py's IN_PROCESS): it runs promtool.
 
-Not here yet: ``promtool check metrics`` on a live scrape of the daemons' ``/metrics``. The
-daemons do not serve it yet; the step that builds the exporter adds that test.
+``promtool check metrics`` on live scrapes is in tests/test_metrics_daemons.py (policyd, milter)
+and tests/test_metrics_events.py (keyrelay-events).
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ DOC = ROOT / "docs" / "metrics.md"
 # The closed label value sets docs/metrics.md gives (each value is also checked to be on that
 # page); `reason` is the engine's catalogue, checked against keyrelay.decisions.Reason.
 LABEL_VALUES = {
-    "result": {"success", "failure", "tempfail"},  # auth attempts; reloads: the first two
+    # auth attempts; reloads: the first two; keyrelay-events' webhook events and log lines
+    "result": {"success", "failure", "tempfail", "delivered", "given_up", "no_webhook", "used",
+               "ignored", "malformed"},
     "kind": {"address", "key"},
     "stage": {"CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE", "VRFY",
               "ETRN", "other"},
@@ -47,6 +49,11 @@ LABEL_VALUES = {
     "service": {"auth", "policy", "socketmap", "milter"},
     "state": {"pending", "verified", "failing"},
     "window": {"minute", "hour", "day", "month"},
+    # keyrelay-events (keyrelay/events/metrics.py)
+    "event": {"processed", "delivered", "deferred", "bounce", "dropped", "paused",
+              "would_pause"},
+    "mode": {"pause", "monitor"},
+    "cause": {"forgotten", "evicted", "unattributed", "rotation_lost", "partial_line"},
 }
 # labels that are not keyrelay's closed sets: Prometheus's own, and the scrape's
 FREE_LABELS = {"job", "instance", "node", "le", "account", "version", "python_version"}
@@ -124,7 +131,7 @@ def test_scrape_example_with_the_rules_passes_promtool_check_config(
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(rules())} rules found" in done.stdout, done.stdout
     jobs = [job["job_name"] for job in loaded["scrape_configs"]]
-    assert jobs == ["keyrelay-policyd", "keyrelay-milter"]
+    assert jobs == ["keyrelay-policyd", "keyrelay-milter", "keyrelay-events"]
 
 
 # -- every alert tested, documented ------------------------------------------------------------
@@ -150,7 +157,9 @@ def test_every_alert_has_a_unit_test_that_fires_and_one_that_does_not() -> None:
     names = [rule["alert"] for rule in rules()]
     assert names == ["KeyrelayBruteForceWave", "KeyrelayAuthFailureRatioHigh",
                      "KeyrelayTemporaryAnswers", "KeyrelayDirectoryStale",
-                     "KeyrelayDomainFailing", "KeyrelayMilterLatencyHigh", "KeyrelayDaemonDown"]
+                     "KeyrelayDomainFailing", "KeyrelayMilterLatencyHigh",
+                     "KeyrelaySubuserPaused", "KeyrelayWebhookEventsGivenUp",
+                     "KeyrelayEventsFallingBehind", "KeyrelayDaemonDown"]
     for name in names:
         assert seen.get(name) == (True, True), f"{name}: needs an evaluation that fires and " \
             "one that must not"
@@ -182,7 +191,11 @@ def test_the_doc_table_has_the_issues_metrics() -> None:
         "keyrelay_dkim_signatures_total", "keyrelay_request_duration_seconds",
         "keyrelay_directory_age_seconds", "keyrelay_directory_reloads_total",
         "keyrelay_directory_keys", "keyrelay_domains", "keyrelay_rate_limited_total",
-        "keyrelay_quota_refusals_total", "keyrelay_build_info"}
+        "keyrelay_quota_refusals_total", "keyrelay_build_info",
+        # keyrelay-events (issue 25: a pause is told through a metric, among others)
+        "keyrelay_events_total", "keyrelay_webhook_events_total",
+        "keyrelay_reputation_pauses_total", "keyrelay_webhook_events_pending",
+        "keyrelay_events_maillog_lag_bytes"}
 
 
 @pytest.mark.parametrize("source", ["rules", "dashboard"])
@@ -230,6 +243,13 @@ def test_documented_label_values_are_the_domain_model_and_engine_ones() -> None:
     # policy decision's action: the site's answer is counted as auth success or failure
     assert LABEL_VALUES["action"] == {str(a) for a in Action} - {str(Action.PASS)}
     assert LABEL_VALUES["window"] == set(SPANS.values())
+    # keyrelay-events' closed sets, as keyrelay/events/metrics.py exports them
+    from keyrelay.events import metrics as events
+
+    assert LABEL_VALUES["event"] == set(events.EVENTS)
+    assert LABEL_VALUES["mode"] == set(events.PAUSE_MODES.values())
+    assert LABEL_VALUES["cause"] == set(events.STATE_CAUSES) | set(events.GAP_CAUSES.values())
+    assert set(events.WEBHOOK_RESULTS) | set(events.LINE_RESULTS) <= LABEL_VALUES["result"]
 
 
 # -- the dashboard -----------------------------------------------------------------------------
@@ -239,7 +259,7 @@ def test_dashboard_is_grafana_json_with_a_datasource_variable() -> None:
     assert variables["DS_PROMETHEUS"]["type"] == "datasource"
     assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
     rows = [p["title"] for p in data["panels"] if p["type"] == "row"]
-    for service in ("Auth", "Policy", "Milter", "Directory", "Counters"):
+    for service in ("Auth", "Policy", "Milter", "Directory", "Counters", "Events"):
         assert any(title.startswith(service) for title in rows), service
     ids = [p["id"] for p in data["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"

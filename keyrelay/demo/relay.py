@@ -217,7 +217,8 @@ class Relay:
         """The banner's lines for the metrics endpoints (none when they are off)."""
         urls = self.settings.metrics_urls()
         names = [name for name, port in (("policyd", self.settings.policyd_metrics_port),
-                                         ("milter", self.settings.milter_metrics_port)) if port]
+                                         ("milter", self.settings.milter_metrics_port),
+                                         ("events", self.settings.events_metrics_port)) if port]
         return "".join(f"  {name + ' metrics':17} {url}/metrics  {url}/health\n"
                        for name, url in zip(names, urls, strict=True))
 

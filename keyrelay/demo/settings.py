@@ -16,13 +16,16 @@ DEMO_FROM, DEMO_TO = "app@demo.example", "someone@example.net"
 BOUNCE_DOMAIN, DEFER_DOMAIN = "bounce.demo.test", "defer.demo.test"
 # make run's ports for them (KEYRELAY_BOUNCE_SINK_PORT, KEYRELAY_DEFER_SINK_PORT)
 BOUNCE_SINK_PORT, DEFER_SINK_PORT = 10027, 10028
+# make run's port for keyrelay-events' /metrics and /health (KEYRELAY_EVENTS_METRICS_PORT)
+EVENTS_METRICS_PORT = 19466
 
 # what `python -m keyrelay.demo --help` says after its options
 ENVIRONMENT = """\
 environment (all optional): KEYRELAY_HOST (127.0.0.1), KEYRELAY_SMTP_PORT (10025),
 KEYRELAY_SUBMISSION_PORT (10587), KEYRELAY_ALT_SUBMISSION_PORT (12525),
 KEYRELAY_SUBMISSIONS_PORT (10465), KEYRELAY_SINK_PORT (10026), KEYRELAY_POOL_ADDRESS
-(127.0.0.2), KEYRELAY_POLICYD_METRICS_PORT (19464), KEYRELAY_MILTER_METRICS_PORT (19465).
+(127.0.0.2), KEYRELAY_POLICYD_METRICS_PORT (19464), KEYRELAY_MILTER_METRICS_PORT (19465),
+KEYRELAY_EVENTS_METRICS_PORT (19466).
 Ctrl-C or SIGTERM stops every process this started.
 """
 
@@ -52,6 +55,9 @@ class Settings:
     # the host; 0: off
     policyd_metrics_port: int = 19464
     milter_metrics_port: int = 19465
+    # keyrelay-events' (events.metrics_listen); 0: off (make run has it: from_env; tests ask
+    # for it)
+    events_metrics_port: int = 0
     # keyrelay's directory section; None: the embedded YAML file in the run directory (the
     # tests pass an LDAP one: tests/test_e2e_ldap.py)
     directory: Mapping[str, Any] | None = None
@@ -107,6 +113,8 @@ class Settings:
             defer_sink_port=port("DEFER_SINK_PORT", base.defer_sink_port or DEFER_SINK_PORT),
             policyd_metrics_port=port("POLICYD_METRICS_PORT", base.policyd_metrics_port),
             milter_metrics_port=port("MILTER_METRICS_PORT", base.milter_metrics_port),
+            events_metrics_port=port("EVENTS_METRICS_PORT",
+                                     base.events_metrics_port or EVENTS_METRICS_PORT),
             pool_address=loopback("POOL_ADDRESS", base.pool_address),
         )
 
@@ -152,11 +160,13 @@ class Settings:
                  "submissions": self.submissions_port, "sink": self.sink_port,
                  "bounce sink": self.bounce_sink_port, "defer sink": self.defer_sink_port,
                  "policyd metrics": self.policyd_metrics_port,
-                 "milter metrics": self.milter_metrics_port}
+                 "milter metrics": self.milter_metrics_port,
+                 "events metrics": self.events_metrics_port}
         return {name: port for name, port in ports.items() if port}
 
     def metrics_urls(self) -> list[str]:
         """The base URLs of the daemons' endpoints (KEYRELAY_METRICS_URLS)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return [f"http://{host}:{port}" for port in (self.policyd_metrics_port,
-                                                     self.milter_metrics_port) if port]
+                                                     self.milter_metrics_port,
+                                                     self.events_metrics_port) if port]

@@ -69,7 +69,8 @@ def write_config(settings: Settings) -> None:
         },
     }
     # keyrelay-events (docs/events.md): the demo Postfix's own maillog_file
-    config["events"] = {"maillog": str(settings.maillog), "state": str(settings.events_state)}
+    config["events"] = {"maillog": str(settings.maillog), "state": str(settings.events_state),
+                        "metrics_listen": _listen(settings, settings.events_metrics_port)}
     # the README's tour sets a webhook to a receiver on this machine (docs/webhooks.md)
     config["webhooks"] = {"allow_private_targets": True}
     # the suppression list of the demo's in-process counters (docs/suppressions.md)

@@ -6,7 +6,9 @@ One thread follows the maillog (keyrelay/events/follow.py: a batch of lines, its
 log position and the correlation state in one transaction); another sends the events to the
 accounts' webhooks (keyrelay/events/outbox.py), suppresses hard bounces and runs the reputation
 guard (keyrelay/reputation/guard.py: a principal whose bounce rate runs away is paused,
-docs/reputation.md); the main thread waits for signals and, every
+docs/reputation.md); with ``events.metrics_listen``, a third serves ``/metrics`` and
+``/health``, read from the state file at each scrape (keyrelay/events/metrics.py,
+docs/metrics.md); the main thread waits for signals and, every
 ``HOUSEKEEPING`` seconds, removes events older than ``events.keep`` that are finished with.
 Every event is logged as one line (``event=... account=... queue_id=...``). SIGTERM and
 SIGINT stop it after the batch in progress is committed: nothing is read twice or skipped
@@ -28,11 +30,13 @@ from typing import NoReturn
 from .. import __version__, daemon, logs
 from ..config import Config, load_config, resolve_config_path
 from ..errors import ConfigError
+from ..metrics.exposition import MetricsServer
 from ..usage import ArgumentParser, echo_undecodable_arguments
 from .correlate import Event
 from .follow import Follower
 from .journal import JOURNALCTL
 from .maillog import Parser
+from .metrics import EventsCollector, Health, logging_changes, registry
 from .outbox import Sender
 from .store import EventStore, StoreError
 
@@ -49,7 +53,9 @@ delivery event: processed, delivered, deferred, bounce (hard or soft) and droppe
 are kept in the state file (events.state), which is also the outbox the webhooks are sent
 from; the log position is saved with them, so across a stop, a crash or a log rotation
 nothing is emitted twice and nothing is skipped. Hard bounces are suppressed, and a sender
-whose bounce rate passes reputation.max_bounce_rate is paused (the reputation guard)."""
+whose bounce rate passes reputation.max_bounce_rate is paused (the reputation guard). With
+events.metrics_listen set it serves Prometheus metrics on /metrics (events by kind, webhook
+results, reputation pauses, the outbox and the log's lag) and /health, over plain HTTP."""
 
 EPILOG = """\
 signals:
@@ -63,9 +69,16 @@ files:
                                 or the systemd journal with events.source: journal
   /var/lib/keyrelay/events.db   events, log position, correlation state (events.state)
 
+endpoints (events.metrics_listen, off by default):
+  /metrics  Prometheus text format; every metric is listed in docs/metrics.md
+  /health   200 "ok" while the follower and webhook threads run, the state file opens
+            and the maillog can be read (the journal: its folder exists, if one is set);
+            otherwise 503 and one line saying what is wrong
+
 exit status:
   0 stopped by SIGTERM/SIGINT, or --check-config found no problem
-  1 configuration error, or the state file cannot be used
+  1 configuration error, the state file cannot be used, or the
+    events.metrics_listen address cannot be bound
   2 usage error"""
 
 
@@ -159,8 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     check_maillog(config)
     if args.check_config:
         store.close()
+        listen = config.events.metrics_listen
         print(f"keyrelay-events: configuration {path} is valid\n"
-              f"keyrelay-events: state file {config.events.state} is usable")
+              f"keyrelay-events: state file {config.events.state} is usable\n"
+              + (f"keyrelay-events: /metrics and /health on http://{listen}" if listen else
+                 "keyrelay-events: no /metrics and /health endpoint (events.metrics_listen "
+                 "is empty)"))
         return
     if args.once:
         try:
@@ -173,6 +190,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve(path: str, config: Config) -> None:
+    endpoint: MetricsServer | None = None
+    if config.events.metrics_listen:  # bound before anything starts: a port taken stops here
+        try:
+            endpoint = MetricsServer(config.events.metrics_listen)
+        except OSError as exc:
+            fail(f"cannot start: {exc}")
+    try:
+        run_threads(path, config, endpoint)
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
+
+
+def run_threads(path: str, config: Config, endpoint: MetricsServer | None) -> None:
+    """The follower and the webhook sender until SIGTERM/SIGINT (or a bug of ours); the
+    endpoint served meanwhile."""
     stop = threading.Event()
 
     def stopping(signum: int, frame: FrameType | None) -> None:
@@ -226,6 +259,9 @@ def serve(path: str, config: Config) -> None:
              config.events.state)
     thread.start()
     sender.start()
+    if endpoint is not None:
+        health = Health(config, [("follower", thread), ("webhook sender", sender)])
+        endpoint.start(registry(EventsCollector(config)), logging_changes(health))
     next_sweep = 0.0
     while not stop.is_set():
         if time.monotonic() >= next_sweep:

@@ -133,7 +133,8 @@ class Sender:
     def reputation(self) -> None:
         """The reputation guard's round: count the new events, pause who passed the
         threshold, and put each pause's event into its account's outbox (one transaction
-        with the counter ``reputation_paused`` or ``reputation_would_pause``)."""
+        with the counter ``reputation_paused`` or ``reputation_would_pause``, and
+        ``event_paused`` or ``event_would_pause``)."""
         if not self.config.reputation.enabled:
             return
         if self._guard is None:
@@ -163,7 +164,9 @@ class Sender:
 
         for pause in self._guard.round(self.store.events, monitored):
             counter = "reputation_would_pause" if pause.monitor else "reputation_paused"
-            self.store.commit([event_of(pause)], None, [], {counter: 1}, self.clock())
+            event = event_of(pause)
+            self.store.commit([event], None, [], {counter: 1, f"event_{event['event']}": 1},
+                              self.clock())
 
     def replicate(self) -> None:
         """With Redis and ``counters.on_unavailable: local``: every

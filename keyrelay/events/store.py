@@ -275,4 +275,52 @@ class EventStore:
         return int(row[0])
 
 
-__all__ = ["SCHEMA_VERSION", "Checkpoint", "EventStore", "Pending", "StoreError"]
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """What a scrape reads from the state file (keyrelay/events/metrics.py)."""
+
+    counters: dict[str, int]
+    pending: int  # events waiting in the webhook outbox
+    suppress_queued: int  # hard bounces waiting to be suppressed
+    checkpoint: Checkpoint | None
+    last_event_time: float | None  # log time of the newest event read from the log
+
+
+# the events the reputation guard writes itself (outbox.py): not read from the log
+_GUARD_EVENTS = ("paused", "would_pause")
+
+
+def read_figures(path: Path | str, timeout: float = 5.0) -> Figures:
+    """The state file's totals and queues through a short-lived read-only connection of the
+    caller's own (SQLite connections stay in their thread): nothing is created or changed,
+    and a missing file is an error. Raises ``StoreError``."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open it ({exc})") from None
+    try:
+        db.execute("BEGIN")  # one snapshot: the counters and the queues agree
+        counters = {str(k): int(v) for k, v in db.execute("SELECT name, value FROM counters")}
+        pending = int(db.execute(
+            "SELECT COUNT(*) FROM events WHERE state = 'pending'").fetchone()[0])
+        queued = int(db.execute("SELECT COUNT(*) FROM suppress_queue").fetchone()[0])
+        row = db.execute("SELECT body FROM position WHERE id = 1").fetchone()
+        checkpoint = None if row is None else Checkpoint.from_json(row[0])
+        row = db.execute(
+            "SELECT body FROM events WHERE event NOT IN (?, ?) ORDER BY seq DESC LIMIT 1",
+            _GUARD_EVENTS).fetchone()
+        db.execute("COMMIT")
+    except (sqlite3.Error, ValueError, KeyError) as exc:
+        raise StoreError(f"{path}: not a usable events state file ({exc})") from None
+    finally:
+        db.close()
+    last: float | None = None
+    if row is not None:
+        stamp = json.loads(row[0]).get("timestamp")
+        last = float(stamp) if isinstance(stamp, int | float) else None
+    return Figures(counters, pending, queued, checkpoint, last)
+
+
+__all__ = ["SCHEMA_VERSION", "Checkpoint", "EventStore", "Figures", "Pending", "StoreError",
+           "read_figures"]
