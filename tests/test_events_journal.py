@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -254,6 +255,44 @@ def test_the_daemon_reads_the_journal(tmp_path: Path) -> None:
     assert "the saved position is in the journal, but events.source is now file" in (
         switched.stderr)
     assert len(stored(tmp_path / "events.db")) == len(golden_events())
+
+
+def _journalctl_of(folder: Path) -> list[int]:
+    """The pids of journalctl processes reading ``folder``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if args and args[0].endswith(b"journalctl") and (
+                    f"--directory={folder}".encode() in args):
+                found.append(int(entry.name))
+    return found
+
+
+@needs_journal
+def test_the_daemon_follows_the_journal_and_leaves_no_journalctl_behind(tmp_path: Path) -> None:
+    folder = tmp_path / "journal"
+    write_story(folder, story())
+    config = configure(tmp_path, source="journal", journal_directory=str(folder),
+                       poll="0.05s")
+    with open(tmp_path / "events.log", "wb") as log_file:
+        daemon = subprocess.Popen([BIN / "keyrelay-events", "--config", config],
+                                  stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: (tmp_path / "events.db").exists()
+                   and len(stored(tmp_path / "events.db")) == len(golden_events()), 60,
+                   "keyrelay-events to store the story's events from the journal")
+        assert _journalctl_of(folder), "keyrelay-events follows with a journalctl process"
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, (tmp_path / "events.log").read_text()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    # its journalctl is stopped with it (no process left reading the journal)
+    wait_until(lambda: not _journalctl_of(folder), 30, "journalctl to be gone")
 
 
 def test_bad_journal_settings_are_one_line(tmp_path: Path) -> None:

@@ -472,8 +472,8 @@ class Config:
     )
     metrics: MetricsConfig = field(
         default_factory=MetricsConfig,
-        metadata={"doc": "Prometheus metrics (policyd.metrics_listen and "
-                  "milter.metrics_listen turn the endpoints on)."},
+        metadata={"doc": "Prometheus metrics (policyd.metrics_listen, "
+                  "milter.metrics_listen and events.metrics_listen turn the endpoints on)."},
     )
     postfix: PostfixConfig = field(
         default_factory=PostfixConfig,

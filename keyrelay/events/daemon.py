@@ -45,7 +45,7 @@ log = logging.getLogger("keyrelay.events")
 HOUSEKEEPING = 600.0  # seconds between removals of old events
 # the fields of an event's log line, in this order, when the event has them
 _LOGGED = ("event", "account", "subuser", "key_id", "queue_id", "email", "status", "type",
-           "stage", "message_id")
+           "stage", "message_id", "dkim_domain")
 
 DESCRIPTION = """\
 Follow Postfix's log and turn what became of each message sent with a keyrelay login into a
@@ -181,7 +181,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.once:
         try:
-            follower_for(config, store, once=True).run_once()
+            follower = follower_for(config, store, once=True)
+            try:
+                follower.run_once()
+            finally:
+                follower.close()
         finally:
             store.close()
         return
@@ -233,7 +237,11 @@ def run_threads(path: str, config: Config, endpoint: MetricsServer | None) -> No
         try:
             store = EventStore(config.events.state)
             try:
-                follower_for(config, store).run(stop, poll=config.events.poll)
+                follower = follower_for(config, store)
+                try:
+                    follower.run(stop, poll=config.events.poll)
+                finally:
+                    follower.close()  # the journalctl process, with events.source journal
             finally:
                 store.close()
         except BaseException as exc:  # a bug of ours: stop, and let systemd restart us

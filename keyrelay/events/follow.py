@@ -309,6 +309,10 @@ class Follower:
         self.lines += len(lines)
         return len(lines)
 
+    def close(self) -> None:
+        """Let go of the source (the file, or the journalctl process)."""
+        self.source.close()
+
     def run_once(self) -> int:
         """Everything there is now; returns the number of lines."""
         total = 0
