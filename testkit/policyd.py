@@ -28,15 +28,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pytest
 import yaml
 
 from keyrelay import admin
+from keyrelay.decisions import format_identity
 from keyrelay.directory import YamlDirectory
 from keyrelay.directory.model import DirectoryData
 from testkit.net import free_port, wait_until
 from testkit.protocols import DovecotClient, PolicyClient, connect
+from testkit.redis import REDIS_SERVER, RedisServer
 
 BIN = Path(sys.executable).parent
 KEYRELAY = BIN / "keyrelay"
@@ -339,3 +342,49 @@ def capabilities_of_every_thread(pid: int) -> dict[int, dict[str, int]]:
                        ("CapPrm", "CapEff", "CapInh", "CapBnd", "CapAmb")}
     return found
 
+
+def populate_acme(daemon: Policyd, subusers: tuple[str, ...]) -> dict[str, str]:
+    """Account acme (verified domain acme.example, key "main") and ``subusers``, each with the
+    sender SUB@acme.example and a key of its own; their login identities by short name
+    ("acme", then each subuser's name)."""
+    identities: dict[str, str] = {}
+    with daemon.directory().transaction() as data:
+        admin.add_account(data, "acme", now())
+        add_verified_domain(data, "acme", "acme.example")
+        identities["acme"] = format_identity("acme", add_key(data, "acme", "main").key_id)
+        for sub in subusers:
+            admin.add_subuser(data, f"acme/{sub}", now())
+            admin.add_sender(data, f"acme/{sub}", f"{sub}@acme.example", now())
+            identities[sub] = format_identity(f"acme/{sub}",
+                                              add_key(data, f"acme/{sub}", sub).key_id)
+    return identities
+
+
+P = TypeVar("P", bound=Policyd)
+
+
+@contextlib.contextmanager
+def policyd_on(store: str, root: Path, overrides: dict[str, Any], cls: type[P]
+               ) -> Iterator[tuple[P, RedisServer | None]]:
+    """A ``cls`` daemon (not started) in ``root`` whose counters, suppressions and pauses are
+    in ``store``: "sqlite" (the files ``overrides`` names) or "redis" (a private
+    redis-server, started here; the test is skipped without one). At the end: stopped,
+    checked for tracebacks, the server closed."""
+    server: RedisServer | None = None
+    settings = dict(overrides)
+    if store == "redis":
+        if not REDIS_SERVER.exists():
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        server = RedisServer().start()
+        settings["counters"] = server.counters_settings()
+    daemon = cls(root, settings)
+    try:
+        yield daemon, server
+        if daemon.running():
+            assert daemon.stop() == 0, daemon.log()[-3000:]
+        assert not daemon.tracebacks(), daemon.tracebacks()
+    finally:
+        if daemon.running():
+            daemon.kill()
+        if server is not None:
+            server.close()

@@ -42,7 +42,7 @@ from keyrelay.reputation import (
     tripped,
 )
 from testkit.factories import World
-from testkit.policyd import Policyd, add_key, add_verified_domain, now
+from testkit.policyd import Policyd, now, policyd_on, populate_acme
 from testkit.protocols import PolicyClient, connect, new_instance
 from testkit.redis import REDIS_SERVER, RedisServer
 
@@ -270,17 +270,7 @@ def test_policyds_copy_is_read_every_refresh_and_used_a_while_when_unreadable(
 
 # -- through keyrelay-policyd ----------------------------------------------------------------
 def _populate(daemon: Policyd) -> dict[str, str]:
-    identities: dict[str, str] = {}
-    with daemon.directory().transaction() as data:
-        admin.add_account(data, "acme", now())
-        add_verified_domain(data, "acme", "acme.example")
-        identities["acme"] = format_identity("acme", add_key(data, "acme", "main").key_id)
-        for sub in ("news", "billing"):
-            admin.add_subuser(data, f"acme/{sub}", now())
-            admin.add_sender(data, f"acme/{sub}", f"{sub}@acme.example", now())
-            identities[sub] = format_identity(f"acme/{sub}",
-                                              add_key(data, f"acme/{sub}", sub).key_id)
-    return identities
+    return populate_acme(daemon, ("news", "billing"))
 
 
 def _send(daemon: Policyd, identity: str, sender: str) -> list[str | None]:
@@ -301,25 +291,10 @@ def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
     overrides: dict[str, Any] = {"reputation": {"path": str(tmp_path / "rep.db"),
                                                 "refresh": 0.1},
                                  "suppressions": {"path": str(tmp_path / "supp.db")}}
-    server: RedisServer | None = None
-    if request.param == "redis":
-        if not REDIS_SERVER.exists():
-            pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        server = RedisServer().start()
-        overrides["counters"] = server.counters_settings()
-    found = Node(tmp_path / "p", overrides)
-    found.redis = server
-    found.config = parse_config(found.settings, str(found.config_path))
-    try:
+    with policyd_on(request.param, tmp_path / "p", overrides, Node) as (found, server):
+        found.redis = server
+        found.config = parse_config(found.settings, str(found.config_path))
         yield found
-        if found.running():
-            assert found.stop() == 0, found.log()[-3000:]
-        assert not found.tracebacks(), found.tracebacks()
-    finally:
-        if found.running():
-            found.kill()
-        if server is not None:
-            server.close()
 
 
 def _pause(config: Config, principal: str) -> None:

@@ -11,12 +11,10 @@ import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 from test_reasons import text_matches
 
-from keyrelay import admin
 from keyrelay.config import load_config
 from keyrelay.decisions import (
     Action,
@@ -31,7 +29,7 @@ from keyrelay.events.outbox import Sender
 from keyrelay.events.store import EventStore
 from keyrelay.suppressions import Suppression, make
 from testkit.factories import World
-from testkit.policyd import Policyd, add_key, add_verified_domain, now
+from testkit.policyd import Policyd, policyd_on, populate_acme
 from testkit.protocols import PolicyClient, connect, new_instance
 from testkit.redis import REDIS_SERVER, RedisServer
 
@@ -113,16 +111,7 @@ def test_a_hostile_reason_and_a_long_address_stay_one_short_ascii_line(world: Wo
 # -- through keyrelay-policyd ----------------------------------------------------------------
 def _populate(daemon: Policyd) -> dict[str, str]:
     """Account acme (domain acme.example) with subuser news; their logins."""
-    identities: dict[str, str] = {}
-    with daemon.directory().transaction() as data:
-        admin.add_account(data, "acme", now())
-        add_verified_domain(data, "acme", "acme.example")
-        identities["acme"] = format_identity("acme", add_key(data, "acme", "main").key_id)
-        admin.add_subuser(data, "acme/news", now())
-        admin.add_sender(data, "acme/news", "news@acme.example", now())
-        identities["news"] = format_identity("acme/news",
-                                             add_key(data, "acme/news", "news").key_id)
-    return identities
+    return populate_acme(daemon, ("news",))
 
 
 def _rcpts(daemon: Policyd, identity: str, *recipients: str,
@@ -156,25 +145,11 @@ class Node(Policyd):
 
 @pytest.fixture(params=["sqlite", "redis"])
 def daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
-    overrides: dict[str, Any] = {"suppressions": {"path": str(tmp_path / "supp.db")}}
-    server: RedisServer | None = None
-    if request.param == "redis":
-        if not REDIS_SERVER.exists():
-            pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        server = RedisServer().start()
-        overrides["counters"] = server.counters_settings()
-    found = Node(tmp_path / "p", overrides)
-    found.redis = server
-    try:
+    with policyd_on(request.param, tmp_path / "p",
+                    {"suppressions": {"path": str(tmp_path / "supp.db")}}, Node) as (
+                        found, server):
+        found.redis = server
         yield found
-        if found.running():
-            assert found.stop() == 0, found.log()[-3000:]
-        assert not found.tracebacks(), found.tracebacks()
-    finally:
-        if found.running():
-            found.kill()
-        if server is not None:
-            server.close()
 
 
 def test_a_suppressed_recipient_is_refused_and_the_others_of_the_message_accepted(
