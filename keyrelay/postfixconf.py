@@ -112,6 +112,7 @@ class Current:
     effective: dict[str, str] = field(default_factory=dict)  # built-ins we merge from (-h)
     services: dict[str, dict[str, str]] = field(default_factory=dict)  # name/type -> fields
     settings: dict[str, dict[str, str]] = field(default_factory=dict)  # name/type -> -o
+    as_written: set[str] = field(default_factory=set)  # main values taken from main.cf itself
 
     @property
     def queue_directory(self) -> str:
@@ -253,6 +254,12 @@ def build_plan(config: Config, pools: Iterable[Pool], current: Current) -> Plan:
         "milter_header_checks": merge_header_checks(current.main.get("milter_header_checks",
                                                                      "")),
     }
+    site_checks = current.main.get("milter_header_checks", "")
+    if (site_checks and "milter_header_checks" not in current.as_written
+            and main["milter_header_checks"] != site_checks):
+        notes.append("milter_header_checks spans several lines in main.cf: keyrelay's table is "
+                     "added to it on one line, as postconf prints it (a run of spaces inside "
+                     "a pattern becomes one); look at it after the change")
     roles: dict[str, list[tuple[str, str]]] = {
         SUBMISSION: [(name, "encrypt") for name in pf.submission_services]
         + [(name, "wrappermode") for name in pf.submissions_services],
@@ -447,6 +454,7 @@ def read_current(config_dir: Path) -> Current:
     for name, value in raw.items():
         if _normal(value) == _normal(current.main.get(name, "")):
             current.main[name] = value
+            current.as_written.add(name)
     builtins = ["queue_directory", "smtpd_milters", *TLS_SETTINGS,
                 *SASL_PARAMETERS]
     # -x: the built-in defaults are expressions on compatibility_level; merge their value

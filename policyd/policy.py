@@ -366,7 +366,7 @@ class PolicyService:
         why = "no replica (counters.on_unavailable is tempfail)"
         if replica is not None:
             try:
-                copied = replica.copied_at()
+                copied, found = replica.lookup(pending.account, pending.address)
                 if copied is None:
                     why = f"no replica in {replica.path} yet (keyrelay-events writes it)"
                 elif (self.context.clock().timestamp() - copied
@@ -374,7 +374,6 @@ class PolicyService:
                     why = (f"the replica in {replica.path} is older than "
                            "suppressions.replica_max_age (is keyrelay-events running?)")
                 else:
-                    found = replica.get(pending.account, pending.address)
                     if self._suppressions_away != "replica":
                         log.error("suppression list unavailable: %s; recipients of keyrelay "
                                   "logins are checked against this node's replica of %s "
@@ -406,8 +405,8 @@ class PolicyService:
     def recipient_checked(self, pending: Recipient, found: Suppression | None, *,
                           from_replica: bool = False) -> Verdict:
         """The RCPT's answer once the list (or, Redis away, this node's replica) was read: a
-        suppressed recipient is refused (or let pass in monitor mode); one allowed counts
-        towards recipients per message."""
+        suppressed recipient is refused (or let pass in monitor mode; found in the replica:
+        451 4.3.0 until Redis answers); one allowed counts towards recipients per message."""
         ctx = self.context
         if self._suppressions_away and not from_replica:
             log.warning("suppression list answers again; recipients are checked again")
@@ -415,6 +414,11 @@ class PolicyService:
         verdict = with_rate(pending.answer, decide_recipient(
             pending.directory, ctx.settings,
             RecipientFacts(pending.request.get("sasl_username", ""), pending.address, found)))
+        if from_replica and not verdict.allowed:
+            # the copy may be older than a removal Redis would know of: what it refuses
+            # waits (451 4.3.0) for Redis's own answer, never a 550 of our outage
+            return temporary(Reason.SUPPRESSIONS_UNAVAILABLE,
+                             pending.request.get("sasl_username", ""))
         if verdict.allowed:
             self._count_recipient(pending.request.get("instance", ""), pending.recipients)
         return verdict

@@ -205,6 +205,33 @@ def test_the_first_start_at_the_end_skips_what_the_journal_held(tmp_path: Path) 
 
 
 @needs_journal
+def test_a_first_start_at_the_end_of_a_journal_without_mail_keeps_what_comes_next(
+        tmp_path: Path) -> None:
+    """No mail entry yet: the start is saved as "the journal's start" at once, so entries
+    written while keyrelay-events is stopped before reading any are read at the next start,
+    not skipped by another start at the end."""
+    folder, state = tmp_path / "journal", tmp_path / "events.db"
+    with JournalWriter(folder) as journal:
+        journal.entry({"__REALTIME_TIMESTAMP": "1796430600000000", "SYSLOG_FACILITY": "3",
+                       "SYSLOG_IDENTIFIER": "sshd", "MESSAGE": "not mail"})
+    wait_until(lambda: entries_in(folder) == 1, 60, "journalctl to see the entry")
+    reader, store = follower(state, folder, once=True, start_at_end=True)
+    try:
+        assert reader.run_once() == 0
+    finally:
+        reader.close()
+        store.close()
+    write_story(folder, story())
+    reader, store = follower(state, folder, once=True, start_at_end=True)
+    try:
+        assert reader.run_once() == len(story())
+    finally:
+        reader.close()
+        store.close()
+    assert without_ids(stored(state)) == without_ids(golden_events())
+
+
+@needs_journal
 def test_a_journal_folder_not_there_yet_is_waited_for(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder, state = tmp_path / "journal", tmp_path / "events.db"

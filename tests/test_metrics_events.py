@@ -37,9 +37,10 @@ from test_reputation_events import _lines
 from keyrelay import admin
 from keyrelay.config.loader import parse_config
 from keyrelay.directory.yamlfile import YamlDirectory
-from keyrelay.events.journal import JOURNAL
+from keyrelay.events.journal import JOURNAL, JOURNALCTL, JournalSource
 from keyrelay.events.metrics import Health, lag_bytes
 from keyrelay.events.store import Checkpoint, EventStore
+from testkit.journal import JOURNAL_REMOTE, JournalWriter, entries_in
 from testkit.net import free_port, wait_until
 from testkit.policyd import now
 
@@ -310,3 +311,30 @@ def test_health_with_the_journal_checks_its_folder_not_the_maillog(tmp_path: Pat
     assert health() == f"events.journal_directory: {folder} does not exist"
     folder.mkdir()
     assert health() == ""  # the maillog (which does not exist) is not looked at
+
+
+@pytest.mark.skipif(not (Path(JOURNALCTL).exists() and Path(JOURNAL_REMOTE).exists()),
+                    reason="journalctl or systemd-journal-remote is missing (make deps)")
+def test_health_names_journalctl_failing_and_ok_once_it_reads(tmp_path: Path) -> None:
+    """A journal keyrelay-events cannot read (here: journalctl not runnable, as with a
+    missing permission it exits at once) is /health's 503, not a quiet 200; once journalctl
+    runs and keeps running, it is 200 again."""
+    state, folder = tmp_path / "events.db", tmp_path / "journal"
+    EventStore(state).close()
+    folder.mkdir()
+    config = parse_config({"events": {"state": str(state), "source": "journal",
+                                      "journal_directory": str(folder)}}, "x.yaml")
+    source = JournalSource(None, directory=str(folder), journalctl=str(tmp_path / "none"))
+    health = Health(config, [], lambda: source.problem)
+    try:
+        assert source.read(10) == []
+        assert health().startswith(f"events.source journal: cannot run {tmp_path / 'none'}")
+        with JournalWriter(folder) as journal:  # a journal with a file, as a system's has
+            journal.entry({"__REALTIME_TIMESTAMP": "1796430600000000", "SYSLOG_FACILITY": "3",
+                           "SYSLOG_IDENTIFIER": "sshd", "MESSAGE": "not mail"})
+        wait_until(lambda: entries_in(folder) == 1, 60, "journalctl to see the entry")
+        source.journalctl = JOURNALCTL
+        wait_until(lambda: source.read(10) == [] and health() == "", 60,
+                   "/health to be ok once journalctl runs")
+    finally:
+        source.close()

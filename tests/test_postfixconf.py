@@ -286,6 +286,22 @@ def test_apply_merges_into_the_sites_configuration(site: tuple[Path, Path]) -> N
 
 
 @needs_postfix
+def test_a_multi_line_milter_header_checks_is_extended_with_a_note(
+        site: tuple[Path, Path]) -> None:
+    etc, config = site
+    main = (etc / "main.cf").read_text().replace(
+        "milter_header_checks = " + SITE_MAIN["milter_header_checks"] + "\n",
+        "milter_header_checks = pcre:/etc/postfix/site_a,\n    pcre:/etc/postfix/site_b\n")
+    (etc / "main.cf").write_text(main)
+    result = keyrelay(config, "postfix", "apply", "--config-dir", str(etc))
+    assert "milter_header_checks spans several lines in main.cf" in result.stderr
+    assert postconf(etc, "-n")["milter_header_checks"] == (
+        "pcre:/etc/postfix/site_a, pcre:/etc/postfix/site_b, $keyrelay_dkim_header_checks")
+    again = keyrelay(config, "postfix", "apply", "--config-dir", str(etc))
+    assert "milter_header_checks spans" not in again.stderr  # one line now, as written
+
+
+@needs_postfix
 def test_a_second_apply_changes_nothing(site: tuple[Path, Path]) -> None:
     etc, config = site
     keyrelay(config, "postfix", "apply", "--config-dir", str(etc))

@@ -317,8 +317,9 @@ ANSWERS: dict[Reason, Answer] = {
         "the suppression list cannot be read at RCPT (counters.backend: redis away, hung or "
         "refusing us; the SQLite file suppressions.path unreadable), and, with "
         "counters.on_unavailable local, this node's replica of the lists is missing, "
-        "unreadable or older than suppressions.replica_max_age: a recipient is never "
-        "accepted unchecked (docs/suppressions.md, \"Faults\")"),
+        "unreadable or older than suppressions.replica_max_age, or lists the recipient: a "
+        "recipient is never accepted unchecked, nor refused for good by our outage "
+        "(docs/suppressions.md, \"Faults\")"),
     Reason.REPUTATION_UNAVAILABLE: Answer(
         "policy", "451", "4.3.0",
         ("sending pauses temporarily unavailable; try again later",),

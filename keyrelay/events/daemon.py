@@ -232,12 +232,14 @@ def run_threads(path: str, config: Config, endpoint: MetricsServer | None) -> No
     signal.signal(signal.SIGINT, stopping)
     signal.signal(signal.SIGHUP, reopen)
     failure: list[BaseException] = []
+    following: list[Follower] = []  # the follower, once its thread made it (for /health)
 
     def follow() -> None:
         try:
             store = EventStore(config.events.state)
             try:
                 follower = follower_for(config, store)
+                following.append(follower)
                 try:
                     follower.run(stop, poll=config.events.poll)
                 finally:
@@ -268,7 +270,9 @@ def run_threads(path: str, config: Config, endpoint: MetricsServer | None) -> No
     thread.start()
     sender.start()
     if endpoint is not None:
-        health = Health(config, [("follower", thread), ("webhook sender", sender)])
+        health = Health(config, [("follower", thread), ("webhook sender", sender)],
+                        lambda: getattr(following[0].source, "problem", "") if following
+                        else "")
         endpoint.start(registry(EventsCollector(config)), logging_changes(health))
     next_sweep = 0.0
     while not stop.is_set():

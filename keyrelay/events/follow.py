@@ -290,9 +290,6 @@ class Follower:
             events.extend(feed(record, pos))
         counts["lines"] = len(lines)
         counts["ignored"] = ignored
-        for event in events:  # event_<kind>: keyrelay_events_total (keyrelay/events/metrics.py)
-            name = f"event_{event['event']}"
-            counts[name] = counts.get(name, 0) + 1
         for name, n in self.correlator.counts.items():
             counts[name] = counts.get(name, 0) + n
             self.correlator.counts[name] = 0

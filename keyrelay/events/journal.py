@@ -13,7 +13,10 @@ the syslog line the parser reads (keyrelay/events/maillog.py):
   a restart goes on with ``--after-cursor``, so nothing is read twice or skipped. An entry's
   position (and so its events' ``event_id``) is its cursor.
 - With no checkpoint and ``events.start_at_end``, it starts after the journal's last mail
-  entry (asked with ``journalctl --lines=1``); otherwise from the journal's first entry.
+  entry (asked with ``journalctl --lines=1`` when it first reads; a journal without one is
+  read from its start, which holds nothing old; a journal that cannot be read is asked
+  again until it can); otherwise from the journal's first entry. The position is saved at
+  once, even before any entry (an empty cursor: "from the start").
 - journalctl that exits (a journal folder that is not there yet, a permission refused) is
   logged once and started again after ``RESTART_AFTER`` seconds, from the checkpoint.
 - ``follow=False`` (``keyrelay-events --once``): journalctl without ``--follow`` reads what
@@ -24,6 +27,8 @@ the syslog line the parser reads (keyrelay/events/maillog.py):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -43,6 +48,11 @@ JOURNALCTL = shutil.which("journalctl") or "/usr/bin/journalctl"
 MAIL_FACILITY = "SYSLOG_FACILITY=2"
 JOURNAL = "journal"  # Checkpoint.source of a journal checkpoint
 READ_SIZE = 1 << 16
+PIPE_SIZE = 1 << 20  # journalctl's output pipe: a busy relay's entries without a stall
+MORE_WAIT = 0.02  # seconds a read waits for journalctl's next output before it returns
+# the fields read (journalctl always adds __CURSOR and the timestamps); a whole entry would be
+# five to ten times longer, with every _SYSTEMD_* and _CMDLINE field
+FIELDS = "MESSAGE,SYSLOG_IDENTIFIER,SYSLOG_PID,_PID,_HOSTNAME"
 RESTART_AFTER = 2.0  # seconds before journalctl is started again after it exited
 FIRST_ENTRY_TIMEOUT = 60.0  # seconds journalctl may take to name the last entry at a start
 
@@ -85,48 +95,68 @@ class JournalSource:
         self.proc: subprocess.Popen[bytes] | None = None
         self.buf = b""
         self.restart_at = 0.0
+        self.started = 0.0
         self.failed_logged = False
+        self.problem = ""  # why journalctl cannot read the journal now ("" when it can)
         self.counts: dict[str, int] = {}
-        self.no_tail = True  # with no cursor: from the first entry (False: only new ones)
-        if not self.cursor and start_at_end:
-            self.cursor = self._last_cursor()
-            self.no_tail = bool(self.cursor)  # no entry yet: new ones only, all of them
+        # with no checkpoint and start_at_end: the journal's last mail entry is asked when
+        # journalctl is first started (and again, while the journal cannot be read)
+        self.at_end_pending = checkpoint is None and start_at_end
+        self._resolve_end()
 
     def _where(self) -> list[str]:
         return [f"--directory={self.directory}"] if self.directory else []
 
-    def _last_cursor(self) -> str:
-        """The cursor of the journal's last mail entry now ("" when there is none)."""
+    def _resolve_end(self) -> bool:
+        """With a start at the end pending: ask where the end is; False while unknown."""
+        if not self.at_end_pending:
+            return True
+        last = self._last_cursor()
+        if last is None:
+            return False
+        # after the last mail entry; a journal without one has nothing old: its start
+        self.cursor, self.at_end_pending = last, False
+        return True
+
+    def _last_cursor(self) -> str | None:
+        """The cursor of the journal's last mail entry now ("" when it has none); None when
+        the journal cannot be read (said by ``_failed``)."""
         try:
             result = subprocess.run(
-                [self.journalctl, "--output=json", "--lines=1", "--no-pager", "--quiet",
-                 *self._where(), MAIL_FACILITY],
+                [self.journalctl, "--output=json", f"--output-fields={FIELDS}", "--lines=1",
+                 "--no-pager", "--quiet", *self._where(), MAIL_FACILITY],
                 capture_output=True, timeout=FIRST_ENTRY_TIMEOUT, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("events: cannot ask journalctl for the journal's last entry (%s); "
-                        "reading the entries that come from now on", exc)
-            return ""
+            self._failed(f"cannot ask journalctl for the journal's last entry: {exc}")
+            return None
+        if result.returncode != 0:
+            error = result.stderr.decode("utf-8", "replace").strip()
+            self._failed(f"journalctl exited with status {result.returncode}"
+                         + (f": {error.splitlines()[-1]}" if error else ""))
+            return None
         lines = result.stdout.strip().splitlines()
         try:
             return str(json.loads(lines[-1])["__CURSOR"]) if lines else ""
         except (ValueError, KeyError, TypeError):
-            return ""
+            self._failed("journalctl's last entry has no cursor")
+            return None
 
     def _command(self) -> list[str]:
-        command = [self.journalctl, "--output=json", "--no-pager", "--quiet", *self._where()]
+        command = [self.journalctl, "--output=json", f"--output-fields={FIELDS}", "--all",
+                   "--no-pager", "--quiet", *self._where()]
         if self.follow:
             command.append("--follow")
         if self.cursor:
             command.append(f"--after-cursor={self.cursor}")
-        elif self.no_tail:
-            command.append("--no-tail")
         else:
-            command.append("--lines=0")
+            command.append("--no-tail")  # from the journal's start (or, empty, all to come)
         return [*command, MAIL_FACILITY]
 
     def _start(self) -> bool:
         if time.monotonic() < self.restart_at:
             return False
+        if not self._resolve_end():
+            return False  # tried again after RESTART_AFTER
         try:
             self.proc = subprocess.Popen(self._command(), stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
@@ -136,10 +166,15 @@ class JournalSource:
         for stream in (self.proc.stdout, self.proc.stderr):
             assert stream is not None
             os.set_blocking(stream.fileno(), False)
+        assert self.proc.stdout is not None
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self.proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        self.started = time.monotonic()
         self.buf = b""
         return True
 
     def _failed(self, why: str) -> None:
+        self.problem = why
         if not self.failed_logged:
             log.warning("events: reading the journal failed: %s; trying again every %g s",
                         why, RESTART_AFTER)
@@ -170,6 +205,16 @@ class JournalSource:
             return self._read_once(out, max_lines)
         self.buf += self._drain(self.proc.stdout)
         self._take_lines(out, max_lines)
+        while len(out) < max_lines and select.select([self.proc.stdout], [], [], MORE_WAIT)[0]:
+            # journalctl refills the pipe as it is read: go on while it has more to say
+            more = self._drain(self.proc.stdout)
+            if not more:
+                break
+            self.buf += more
+            self._take_lines(out, max_lines)
+        if self.problem and self.proc.poll() is None and (
+                out or time.monotonic() - self.started > RESTART_AFTER):
+            self.problem = ""  # started again and reading
         if not out and self.proc.poll() is not None:  # exited: say why, start again later
             self.buf += self._drain(self.proc.stdout)
             self._take_lines(out, max_lines)
@@ -231,7 +276,9 @@ class JournalSource:
         self.buf = buf[start:]
 
     def checkpoint(self) -> Checkpoint | None:
-        if not self.cursor:
+        """The cursor of the last entry handed out; with none yet, an empty cursor (read
+        from the journal's start), or None while the start at the end is not known yet."""
+        if self.at_end_pending:
             return None
         return Checkpoint(0, 0, JOURNAL, 0, self.cursor)
 

@@ -45,7 +45,8 @@ LINE_RESULTS = ("used", "ignored", "malformed")
 # keyrelay_events_state_dropped_total{cause}: correlation entries dropped without an event
 STATE_CAUSES = ("forgotten", "evicted", "unattributed")
 # keyrelay_events_log_gaps_total{cause}: counter name in the state file -> label value
-GAP_CAUSES = {"lost_rotations": "rotation_lost", "partial_lost": "partial_line"}
+GAP_CAUSES = {"lost_rotations": "rotation_lost", "partial_lost": "partial_line",
+              "journal_unreadable": "journal_entry"}
 # keyrelay_webhook_events_total{result}: the counter webhook_<result> (outbox.py)
 WEBHOOK_RESULTS = ("delivered", "given_up", "no_webhook")
 # keyrelay_reputation_pauses_total{mode}: counter name -> label value
@@ -175,13 +176,14 @@ def families(figures: Figures) -> Iterator[Metric]:
 class Health:
     """``/health``'s line for keyrelay-events; "" while all is well."""
 
-    def __init__(self, config: Config,
-                 threads: Sequence[tuple[str, threading.Thread]]) -> None:
+    def __init__(self, config: Config, threads: Sequence[tuple[str, threading.Thread]],
+                 source_problem: Callable[[], str] = lambda: "") -> None:
         self.state = Path(config.events.state)
         self.maillog = Path(config.events.maillog)
         self.source = config.events.source
         self.journal_directory = config.events.journal_directory
         self.threads = threads  # (what it does, the thread), e.g. ("follower", ...)
+        self.source_problem = source_problem  # the journal source's: journalctl failing
 
     def __call__(self) -> str:
         for name, thread in self.threads:
@@ -195,7 +197,8 @@ class Health:
             folder = self.journal_directory
             if folder and not os.path.isdir(folder):
                 return f"events.journal_directory: {folder} does not exist"
-            return ""
+            problem = self.source_problem()
+            return f"events.source journal: {problem}" if problem else ""
         try:
             with self.maillog.open("rb"):
                 pass

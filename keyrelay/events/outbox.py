@@ -134,7 +134,7 @@ class Sender:
         """The reputation guard's round: count the new events, pause who passed the
         threshold, and put each pause's event into its account's outbox (one transaction
         with the counter ``reputation_paused`` or ``reputation_would_pause``, and
-        ``event_paused`` or ``event_would_pause``)."""
+        ``event_paused`` or ``event_would_pause``, store.py)."""
         if not self.config.reputation.enabled:
             return
         if self._guard is None:
@@ -164,9 +164,7 @@ class Sender:
 
         for pause in self._guard.round(self.store.events, monitored):
             counter = "reputation_would_pause" if pause.monitor else "reputation_paused"
-            event = event_of(pause)
-            self.store.commit([event], None, [], {counter: 1, f"event_{event['event']}": 1},
-                              self.clock())
+            self.store.commit([event_of(pause)], None, [], {counter: 1}, self.clock())
 
     def replicate(self) -> None:
         """With Redis and ``counters.on_unavailable: local``: every
@@ -186,15 +184,18 @@ class Sender:
             if self._suppressions is None:
                 self._suppressions = open_suppressions(cfg)
             store = self._suppressions
-            assert isinstance(store, RedisSuppressions)
+            if not isinstance(store, RedisSuppressions):
+                raise TypeError(f"the suppression store is {store!r}, not Redis")
             accounts = sorted(self.directory.snapshot().accounts)
             copied = write_replica(cfg.suppressions.replica, store, accounts)
-        except (SuppressionsUnavailable, DirectoryUnavailable, OSError,
-                sqlite3.Error) as exc:
+        except Exception as exc:  # a bug of ours (an odd value) too: the webhooks and the
+            # rest go on, the previous copy stays
             if not self._replica_failed:
+                expected = isinstance(exc, (SuppressionsUnavailable, DirectoryUnavailable,
+                                            OSError, sqlite3.Error))
                 log.error("suppression replica %s not refreshed: %s; the previous copy "
                           "stays until suppressions.replica_max_age", cfg.suppressions.replica,
-                          getattr(exc, "strerror", None) or exc)
+                          getattr(exc, "strerror", None) or exc, exc_info=not expected)
                 self._replica_failed = True
             return
         level = logging.INFO if self._replica_failed or not self._replica_done else logging.DEBUG

@@ -141,17 +141,23 @@ class EventStore:
     def commit(self, events: Sequence[dict[str, Any]], checkpoint: Checkpoint | None,
                changes: Iterable[tuple[str, str | None]], counts: dict[str, int],
                now: float) -> int:
-        """Write one batch in one transaction; returns how many events were new."""
+        """Write one batch in one transaction; returns how many events were new. Each new
+        event adds one to the counter ``event_<kind>`` (keyrelay_events_total,
+        keyrelay/events/metrics.py); one already stored (a replay) adds nothing."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            before = db.total_changes
-            db.executemany(
-                "INSERT OR IGNORE INTO events (event_id, account, event, created, body)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(e["event_id"], e.get("account"), e["event"], now,
-                  json.dumps(e, separators=(",", ":"))) for e in events])
-            added = db.total_changes - before
+            added = 0
+            counts = dict(counts)
+            for e in events:
+                if db.execute(
+                        "INSERT OR IGNORE INTO events (event_id, account, event, created, body)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (e["event_id"], e.get("account"), e["event"], now,
+                         json.dumps(e, separators=(",", ":")))).rowcount:
+                    added += 1
+                    name = f"event_{e['event']}"
+                    counts[name] = counts.get(name, 0) + 1
             hard = [e["event_id"] for e in events
                     if e.get("event") == "bounce" and e.get("type") == "hard"]
             if hard:  # queued in the same transaction: a hard bounce is never left unsuppressed

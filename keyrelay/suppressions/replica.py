@@ -8,12 +8,14 @@ from Redis into a SQLite file on local disk every ``suppressions.replica_interva
 Redis is away keyrelay-policyd checks recipients against that copy, if it is younger than
 ``suppressions.replica_max_age``; an older copy, or none, is ``451 4.3.0`` as before. A
 recipient is never accepted unchecked: at worst it is checked against a list that is
-``replica_interval`` plus the outage old.
+``replica_max_age`` old (copies fail too, e.g. while Redis is away). What the copy refuses
+gets ``451 4.3.0`` too, never a 550: the copy may predate a removal only Redis knows of.
 
-The copy is written whole into a new file beside it, then renamed over it: a reader's next
-look-up finds the new file (keyrelay/sqlitefile.py opens a replaced file again) and never
-sees half a copy. It is written without WAL, so readers need no ``-shm`` file. The time of
-the copy is in the file (``replica_meta``), so its age does not depend on the file's mtime.
+The copy is written whole into a new file beside it (``PATH.new``), synced, then renamed over
+it: a reader's next look-up finds the new file (keyrelay/sqlitefile.py opens a replaced file
+again) and never sees half a copy, also after a power loss. It is written without WAL, so
+readers need no ``-shm`` file. The time of the copy is in the file (``replica_meta``), so its
+age does not depend on the file's mtime.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sqlite3
 import time
 from collections.abc import Iterable
 
+from .model import Suppression
 from .redisstore import RedisSuppressions
 from .sqlitestore import _SCHEMA, SqliteSuppressions
 
@@ -44,6 +47,18 @@ class SuppressionReplica(SqliteSuppressions):
         rows = self._read("SELECT value FROM replica_meta WHERE name = 'copied_at'")
         return float(rows[0][0]) if rows else None
 
+    def lookup(self, account: str, address: str) -> tuple[float | None, Suppression | None]:
+        """(when the copy was taken, ``address``'s suppression in it) from one file in one
+        read: a copy renamed in between cannot mix two files. (None, None): no copy."""
+        rows = self._read(
+            "SELECT m.value, s.address, s.value FROM replica_meta AS m LEFT JOIN "
+            "suppressions AS s ON s.account = ? AND s.address = ? "
+            "WHERE m.name = 'copied_at'", (account, address))
+        if not rows:
+            return None, None
+        copied, found, value = rows[0]
+        return float(copied), (Suppression.from_value(found, value) if found else None)
+
 
 def write_replica(path: str, source: RedisSuppressions, accounts: Iterable[str],
                   clock: float | None = None) -> int:
@@ -51,7 +66,7 @@ def write_replica(path: str, source: RedisSuppressions, accounts: Iterable[str],
     Raises ``SuppressionsUnavailable`` (Redis) or ``OSError``/``sqlite3.Error`` (the file),
     leaving the previous copy in place."""
     copied_at = time.time() if clock is None else clock
-    temporary = f"{path}.new-{os.getpid()}"
+    temporary = f"{path}.new"  # one writer per node; a copy killed half-way is replaced
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)
     total = 0
@@ -59,7 +74,7 @@ def write_replica(path: str, source: RedisSuppressions, accounts: Iterable[str],
         db = sqlite3.connect(temporary, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=DELETE")
-            db.execute("PRAGMA synchronous=OFF")  # renamed in whole or not at all
+            db.execute("PRAGMA synchronous=OFF")  # a new file: synced once, below
             db.executescript(_SCHEMA)
             db.execute(_META)
             db.execute("BEGIN")
@@ -73,10 +88,23 @@ def write_replica(path: str, source: RedisSuppressions, accounts: Iterable[str],
         finally:
             db.close()
         os.chmod(temporary, 0o640)
+        folder = os.path.dirname(os.path.abspath(path))
         if os.geteuid() == 0:  # by hand as root: the daemons' user (the folder's) reads it
-            owner = os.stat(os.path.dirname(os.path.abspath(path)))
+            owner = os.stat(folder)
             os.chown(temporary, owner.st_uid, owner.st_gid)
+        # on disk before the rename, and the rename on disk: after a power loss the path
+        # holds the old copy or the new one, whole
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temporary, path)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
