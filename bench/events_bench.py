@@ -6,7 +6,10 @@ time, so another process on the machine does not count):
 1. the parser alone (``maillog.Parser.parse``), called for every log line;
 2. parser and correlator (``Correlator.feed``): the events;
 3. the whole follower over a file: reading, parsing, correlating and committing each batch
-   (events, position and state in one SQLite transaction) to a scratch state file.
+   (events, position and state in one SQLite transaction) to a scratch state file;
+4. the same follower over the systemd journal (``--journal-lines`` of them, written as
+   journal entries with systemd-journal-remote, read through journalctl), with journalctl's
+   own CPU per line.
 
 The lines are a synthetic relay log (per message: connect, client with a keyrelay login,
 message-id, queue active, one or two deliveries, removed, disconnect; some refusals and
@@ -14,11 +17,13 @@ deferrals) or, with ``--maillog FILE``, a real one (``--limit`` lines of it). No
 assertion anywhere: this prints figures.
 
     .venv/bin/python -m bench.events_bench [--messages 50000] [--maillog FILE --limit N]
+        [--journal-lines 100000]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +33,8 @@ from keyrelay.events import maillog
 from keyrelay.events.correlate import Correlator, Position
 from keyrelay.events.follow import Follower
 from keyrelay.events.store import EventStore
+from testkit.journal import JOURNAL_REMOTE, JournalWriter, entries_in
+from testkit.net import wait_until
 
 
 def synthetic(messages: int) -> list[str]:
@@ -79,6 +86,8 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=50_000)
     p.add_argument("--maillog", type=Path, help="a real maillog instead of synthetic lines")
     p.add_argument("--limit", type=int, default=500_000, help="lines of --maillog to use")
+    p.add_argument("--journal-lines", type=int, default=100_000,
+                   help="lines also followed from a systemd journal (0: none)")
     args = p.parse_args()
     if args.maillog:
         with args.maillog.open(encoding="utf-8", errors="replace") as f:
@@ -118,6 +127,44 @@ def main() -> None:
         measure("parser", len(lines), parse_only)
         measure("parser + correlator", len(lines), correlate)
         measure("follower (file -> SQLite)", len(lines), follow)
+        if args.journal_lines and Path(JOURNAL_REMOTE).exists():
+            journal_source(Path(tmp), lines[:args.journal_lines])
+
+
+def journal_source(tmp: Path, lines: list[str]) -> None:
+    """The follower over the systemd journal (events.source: journal): the lines written
+    as journal entries by systemd-journal-remote (testkit/journal.py), then read through
+    journalctl by ``JournalSource``; CPU of this process and of journalctl (a child)."""
+    folder = tmp / "journal"
+    with JournalWriter(folder) as journal:
+        for line in lines:
+            journal.line(line)
+    wait_until(lambda: entries_in(folder) >= len(lines), 600, "the journal entries")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def follow() -> int:
+        """As the daemon follows (journalctl --follow; a batch short of batch_lines waits
+        events.poll, 0.25 s, before the next), until every line is read."""
+        store = EventStore(tmp / "journal-events.db")
+        follower = Follower.open("/nonexistent", store, maillog.Parser(), journal=True,
+                                 journal_directory=str(folder))
+        try:
+            read = 0
+            while read < len(lines):
+                n = follower.step()
+                read += n
+                if n < follower.batch_lines:
+                    time.sleep(0.25)
+        finally:
+            follower.close()
+        n = store.last_seq()
+        store.close()
+        return n
+
+    measure("follower (journal -> SQLite)", len(lines), follow)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    print(f"{'  of which journalctl':<28} {child / len(lines) * 1e6:>31.2f} us CPU/line")
 
 
 if __name__ == "__main__":
