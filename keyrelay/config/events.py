@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .base import Duration
-from .services import _METRICS_LISTEN, _METRICS_LISTEN_TEXT, _check_port, _metrics_listen
+from .services import check_port, metrics_listen_field
 
 _SYSLOG_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -71,14 +71,7 @@ class EventsConfig:
         metadata={"doc": "How long events stay in the state file after they were delivered, "
                   "given up or had no webhook to go to.", "min": 3600},
     )
-    metrics_listen: str = field(
-        default="",
-        metadata={
-            "doc": _metrics_listen(9466, "keyrelay-events"),
-            "pattern": (_METRICS_LISTEN, _METRICS_LISTEN_TEXT),
-            "allow_empty": True,
-        },
-    )
+    metrics_listen: str = metrics_listen_field(9466, "keyrelay-events")
 
     def __post_init__(self) -> None:
-        _check_port(self.metrics_listen)
+        check_port(self.metrics_listen)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .base import AUTO_WORKERS, NO_SPACE, Duration, InvalidField, Workers
 
@@ -24,14 +25,20 @@ _METRICS_LISTEN = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}"
 _METRICS_LISTEN_TEXT = "HOST:PORT (IPv6 as [::1]:9464), or empty for no endpoints"
 
 
-def _metrics_listen(port: int, daemon: str) -> str:
-    return (f"Address of {daemon}'s /metrics (Prometheus) and /health endpoints, plain HTTP "
-            f"without authentication: HOST:PORT on loopback or a private interface, e.g. "
-            f"127.0.0.1:{port}, and let only Prometheus reach it (docs/metrics.md). "
-            "Empty: no endpoints.")
+def metrics_listen_field(port: int, daemon: str) -> Any:
+    """The ``metrics_listen`` field of ``daemon``'s section (its example ``port``); the
+    section's ``__post_init__`` calls ``check_port``."""
+    return field(default="", metadata={
+        "doc": (f"Address of {daemon}'s /metrics (Prometheus) and /health endpoints, plain "
+                "HTTP without authentication: HOST:PORT on loopback or a private interface, "
+                f"e.g. 127.0.0.1:{port}, and let only Prometheus reach it (docs/metrics.md). "
+                "Empty: no endpoints."),
+        "pattern": (_METRICS_LISTEN, _METRICS_LISTEN_TEXT),
+        "allow_empty": True,
+    })
 
 
-def _check_port(listen: str) -> None:
+def check_port(listen: str) -> None:
     if listen and not 0 < int(listen.rpartition(":")[2]) < 65536:
         raise InvalidField("metrics_listen", f"{listen}: the port must be 1 to 65535")
 
@@ -232,21 +239,14 @@ class PolicydConfig:
             "max": MAX_WORKERS,
         },
     )
-    metrics_listen: str = field(
-        default="",
-        metadata={
-            "doc": _metrics_listen(9464, "keyrelay-policyd"),
-            "pattern": (_METRICS_LISTEN, _METRICS_LISTEN_TEXT),
-            "allow_empty": True,
-        },
-    )
+    metrics_listen: str = metrics_listen_field(9464, "keyrelay-policyd")
     bruteforce: BruteForceConfig = field(
         default_factory=BruteForceConfig,
         metadata={"doc": "Brute-force protection of SMTP AUTH."},
     )
 
     def __post_init__(self) -> None:
-        _check_port(self.metrics_listen)
+        check_port(self.metrics_listen)
 
 
 # libmilter's endpoint syntax, or Postfix's (as written in smtpd_milters); milters.main converts.
@@ -333,17 +333,10 @@ class MilterConfig:
         },
     )
 
-    metrics_listen: str = field(
-        default="",
-        metadata={
-            "doc": _metrics_listen(9465, "keyrelay-milter"),
-            "pattern": (_METRICS_LISTEN, _METRICS_LISTEN_TEXT),
-            "allow_empty": True,
-        },
-    )
+    metrics_listen: str = metrics_listen_field(9465, "keyrelay-milter")
 
     def __post_init__(self) -> None:
-        _check_port(self.metrics_listen)
+        check_port(self.metrics_listen)
         if not (self.check_sender or self.sign):
             raise InvalidField("sign", "check_sender and sign are both false; nothing to do")
 
