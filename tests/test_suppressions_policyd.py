@@ -29,7 +29,7 @@ from keyrelay.events.outbox import Sender
 from keyrelay.events.store import EventStore
 from keyrelay.suppressions import Suppression, make
 from testkit.factories import World
-from testkit.policyd import Policyd, policyd_on, populate_acme
+from testkit.policyd import Policyd, now, policyd_on, populate_acme
 from testkit.protocols import PolicyClient, connect, new_instance
 from testkit.redis import REDIS_SERVER, RedisServer
 
@@ -285,6 +285,19 @@ def test_with_on_unavailable_local_the_nodes_replica_answers_while_redis_is_away
             assert answers == [UNAVAILABLE, "DUNNO", "DUNNO"], answers
             assert _rcpts(daemon, ids["news"], "other@example.net")[0] == "DUNNO"
             assert daemon.log().count("checked against this node's replica") == 1
+            # a hard bounce keyrelay-events reads while Redis is away: queued for Redis, and
+            # added to the replica meanwhile, so that its recipient is held back too
+            store = EventStore(tmp_path / "events.db")
+            try:
+                store.commit([{"event": "bounce", "type": "hard", "account": "acme",
+                               "email": "bounced@example.net", "event_id": "e2e-bounce",
+                               "status": "5.1.1", "reason": "550 5.1.1 user unknown",
+                               "timestamp": int(now().timestamp())}], None, [], {}, 0.0)
+                Sender(config, store).suppress()
+                assert store.suppress_due(10), "the bounce stays queued for Redis"
+            finally:
+                store.close()
+            assert _rcpts(daemon, ids["news"], "bounced@example.net")[0] == UNAVAILABLE
             # a copy older than replica_max_age: not used, 451 as without one
             db = sqlite3.connect(replica)
             db.execute("UPDATE replica_meta SET value = value - 3600")

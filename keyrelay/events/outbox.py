@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from ..config import Config
 from ..directory import open_directory
@@ -48,8 +49,9 @@ from ..suppressions import (
     open_suppressions,
     suppress_hard_bounce,
 )
+from ..suppressions.bounce import hard_bounce
 from ..suppressions.model import SuppressionStore
-from ..suppressions.replica import write_replica
+from ..suppressions.replica import add_to_replica, write_replica
 from ..webhooks.delivery import Result, deliver, next_attempt, tls_context
 from .store import EventStore, Pending
 
@@ -77,6 +79,7 @@ class Sender:
         self._replica_due = 0.0  # time.monotonic() of the next copy of the suppression lists
         self._replica_failed = False
         self._replica_done = False
+        self._in_replica: set[int] = set()  # queued hard bounces the replica holds already
 
     def context(self) -> ssl.SSLContext | None:
         """The TLS context, made once; None lets ``deliver`` say why it cannot be made."""
@@ -127,8 +130,32 @@ class Sender:
                 log.error("suppression list unavailable: %s; hard bounces stay queued until it "
                           "answers", exc)
                 self._suppressions_away = True
+            self.bounces_to_replica([item for item in queued if item[0] not in done])
         finally:
             self.store.suppress_done(done)
+
+    def bounces_to_replica(self, queued: list[tuple[int, dict[str, Any]]]) -> None:
+        """Redis away with ``counters.on_unavailable: local``: the hard bounces waiting for
+        it go into this node's replica meanwhile (a new copy: the current one plus them), so
+        that keyrelay-policyd, which asks the replica, holds their recipients back too."""
+        if not self._replicating():
+            return
+        new = [(seq, event) for seq, event in queued if seq not in self._in_replica]
+        if not new:
+            return
+        now = datetime.now(UTC)
+        found = [hard_bounce(event, now) for _, event in new]
+        try:
+            added = add_to_replica(self.config.suppressions.replica,
+                                   [item for item in found if item is not None])
+        except Exception:  # a bug of ours or the disk: the bounces stay queued for Redis
+            log.exception("adding %d hard bounce(s) to the suppression replica failed",
+                          len(new))
+            return
+        self._in_replica.update(seq for seq, _ in new)
+        if added:
+            log.info("suppression replica %s: %d hard bounce(s) added while Redis is away",
+                     self.config.suppressions.replica, added)
 
     def reputation(self) -> None:
         """The reputation guard's round: count the new events, pause who passed the
@@ -166,6 +193,11 @@ class Sender:
             counter = "reputation_would_pause" if pause.monitor else "reputation_paused"
             self.store.commit([event_of(pause)], None, [], {counter: 1}, self.clock())
 
+    def _replicating(self) -> bool:
+        cfg = self.config
+        return bool(cfg.counters.backend == "redis" and cfg.counters.on_unavailable == "local"
+                    and cfg.suppressions.replica)
+
     def replicate(self) -> None:
         """With Redis and ``counters.on_unavailable: local``: every
         ``suppressions.replica_interval``, this node's copy of the accounts' suppression
@@ -173,8 +205,7 @@ class Sender:
         (keyrelay/suppressions/replica.py). A copy that cannot be made leaves the previous
         one (policyd stops using it once it is ``replica_max_age`` old); logged once."""
         cfg = self.config
-        if not (cfg.counters.backend == "redis" and cfg.counters.on_unavailable == "local"
-                and cfg.suppressions.replica):
+        if not self._replicating():
             return
         now = time.monotonic()
         if now < self._replica_due:
@@ -203,6 +234,7 @@ class Sender:
                 cfg.suppressions.replica, copied, len(accounts))
         self._replica_failed = False
         self._replica_done = True
+        self._in_replica.clear()  # a copy of Redis, which holds what was suppressed since
 
     def round(self) -> float:
         """Suppress the hard bounces, run the reputation guard, refresh the suppression

@@ -8,7 +8,29 @@ from typing import Any
 
 from .. import names
 from ..errors import UserError
-from .model import SuppressionStore, make
+from .model import Suppression, SuppressionStore, make
+
+
+def hard_bounce(event: dict[str, Any], now: datetime) -> tuple[str, Suppression] | None:
+    """(account, suppression) of a ``bounce`` event with ``type: hard`` (source ``bounce``,
+    reason and status from the event, created at its ``timestamp``, else ``now``); None for
+    any other event, one without an account (a message keyrelay did not attribute), with an
+    account name or an address keyrelay cannot key."""
+    if event.get("event") != "bounce" or event.get("type") != "hard":
+        return None
+    account = event.get("account")
+    email = event.get("email")
+    if not isinstance(account, str) or not account or not isinstance(email, str):
+        return None
+    stamp = event.get("timestamp")
+    created = int(stamp) if isinstance(stamp, int | float) and not isinstance(
+        stamp, bool) and stamp > 0 else int(now.timestamp())
+    try:
+        names.account_name(account)
+        return account, make(email, str(event.get("reason", "")),
+                             str(event.get("status", "")), created, "bounce")
+    except UserError:
+        return None
 
 
 def suppress_hard_bounce(store: SuppressionStore, event: dict[str, Any],
@@ -22,19 +44,8 @@ def suppress_hard_bounce(store: SuppressionStore, event: dict[str, Any],
     latest remote answer). Raises
     ``SuppressionsUnavailable`` when the store cannot answer (the caller retries the event).
     """
-    if event.get("event") != "bounce" or event.get("type") != "hard":
+    found = hard_bounce(event, now)
+    if found is None:
         return False
-    account = event.get("account")
-    email = event.get("email")
-    if not isinstance(account, str) or not account or not isinstance(email, str):
-        return False
-    stamp = event.get("timestamp")
-    created = int(stamp) if isinstance(stamp, int | float) and not isinstance(
-        stamp, bool) and stamp > 0 else int(now.timestamp())
-    try:
-        names.account_name(account)
-        suppression = make(email, str(event.get("reason", "")), str(event.get("status", "")),
-                           created, "bounce")
-    except UserError:
-        return False
+    account, suppression = found
     return store.add(account, suppression, replace=True)

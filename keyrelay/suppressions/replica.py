@@ -9,7 +9,8 @@ Redis is away keyrelay-policyd checks recipients against that copy, if it is you
 ``suppressions.replica_max_age``; an older copy, or none, is ``451 4.3.0`` as before. A
 recipient is never accepted unchecked: at worst it is checked against a list that is
 ``replica_max_age`` old (copies fail too, e.g. while Redis is away). What the copy refuses
-gets ``451 4.3.0`` too, never a 550: the copy may predate a removal only Redis knows of.
+gets ``451 4.3.0`` too, never a 550: the copy may predate a removal only Redis knows of. Hard
+bounces keyrelay-events reads while Redis is away are added to it (``add_to_replica``).
 
 The copy is written whole into a new file beside it (``PATH.new``), synced, then renamed over
 it: a reader's next look-up finds the new file (keyrelay/sqlitefile.py opens a replaced file
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -60,6 +62,55 @@ class SuppressionReplica(SqliteSuppressions):
         return float(copied), (Suppression.from_value(found, value) if found else None)
 
 
+def add_to_replica(path: str, suppressions: Iterable[tuple[str, Suppression]]) -> int:
+    """A new copy made of the current one plus ``suppressions`` (account, suppression):
+    what keyrelay-events learns while Redis is away (hard bounces), so that the copy
+    policyd asks meanwhile holds them. The time of the copy stays that of its Redis read.
+    None added without a copy (policyd then has none to ask either); the number added."""
+    rows = [(account, s.address, s.value()) for account, s in suppressions]
+    if not rows or not os.path.exists(path):
+        return 0
+    temporary = f"{path}.new"
+    shutil.copyfile(path, temporary)
+    try:
+        db = sqlite3.connect(temporary, isolation_level=None)
+        try:
+            db.execute("BEGIN")
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?)", rows)
+            added = db.total_changes - before
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        _settle(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return added
+
+
+def _settle(temporary: str, path: str) -> None:
+    """``temporary`` made readable by the daemons' user, on disk, renamed to ``path``, and
+    the rename on disk: after a power loss the path holds the old copy or the new one."""
+    os.chmod(temporary, 0o640)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.geteuid() == 0:  # by hand as root: the daemons' user (the folder's) reads it
+        owner = os.stat(folder)
+        os.chown(temporary, owner.st_uid, owner.st_gid)
+    fd = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_replica(path: str, source: RedisSuppressions, accounts: Iterable[str],
                   clock: float | None = None) -> int:
     """Copy ``accounts``' lists from ``source`` into ``path``; the number of suppressions.
@@ -87,24 +138,7 @@ def write_replica(path: str, source: RedisSuppressions, accounts: Iterable[str],
             db.execute("COMMIT")
         finally:
             db.close()
-        os.chmod(temporary, 0o640)
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.geteuid() == 0:  # by hand as root: the daemons' user (the folder's) reads it
-            owner = os.stat(folder)
-            os.chown(temporary, owner.st_uid, owner.st_gid)
-        # on disk before the rename, and the rename on disk: after a power loss the path
-        # holds the old copy or the new one, whole
-        fd = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _settle(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
@@ -112,4 +146,4 @@ def write_replica(path: str, source: RedisSuppressions, accounts: Iterable[str],
     return total
 
 
-__all__ = ["SuppressionReplica", "write_replica"]
+__all__ = ["SuppressionReplica", "add_to_replica", "write_replica"]
