@@ -233,6 +233,7 @@ def test_the_worker_and_metrics_variables_reach_keyrelay_yaml_and_policyd_worker
                        keyrelay_policyd_metrics_listen="127.0.0.1:9464",
                        keyrelay_milter_metrics_listen="[::1]:9465",
                        keyrelay_events_metrics_listen="127.0.0.1:9466",
+                       keyrelay_events_source="journal",
                        keyrelay_metrics_top_accounts="20")
     status, _, output = run_playbook(playbook)
     assert status == 0, output
@@ -244,6 +245,9 @@ def test_the_worker_and_metrics_variables_reach_keyrelay_yaml_and_policyd_worker
     assert written["policyd"]["metrics_listen"] == "127.0.0.1:9464"
     assert written["milter"]["metrics_listen"] == "[::1]:9465"
     assert written["events"]["metrics_listen"] == "127.0.0.1:9466"
+    assert written["events"]["source"] == "journal"
+    assert written["suppressions"]["replica"] == (
+        written["suppressions"]["path"].rsplit("/", 1)[0] + "/suppressions-replica.db")
     assert written["metrics"] == {"top_accounts": 20}
 
     # four policyd workers with the memory counters would each count on their own: the
