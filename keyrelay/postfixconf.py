@@ -169,6 +169,13 @@ def merge_restrictions(base: Sequence[str], policy: str, *, add_permit: bool = T
     return items
 
 
+def _inline_tables(version: str) -> bool:
+    """Whether a Postfix of ``version`` (``mail_version``) has inline tables (3.7 and later);
+    an unknown version counts as new enough."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return found is None or (int(found[1]), int(found[2])) >= (3, 7)
+
+
 def merge_header_checks(value: str) -> str:
     """The site's ``milter_header_checks`` with keyrelay's table added last: a site's own rule
     for DKIM-Signature headers keeps its effect (the first table that matches a header wins).
@@ -250,12 +257,17 @@ def build_plan(config: Config, pools: Iterable[Pool], current: Current) -> Plan:
         # A message keyrelay signed must leave byte for byte: Postfix's 8bit-to-7bit
         # conversion for servers without 8BITMIME would break its DKIM signatures.
         "disable_mime_output_conversion": "yes",
-        "keyrelay_dkim_header_checks": DKIM_HEADER_CHECKS,
-        "milter_header_checks": merge_header_checks(current.main.get("milter_header_checks",
-                                                                     "")),
     }
     site_checks = current.main.get("milter_header_checks", "")
-    if (site_checks and "milter_header_checks" not in current.as_written
+    if not _inline_tables(current.effective.get("mail_version", "")):
+        notes.append(f"Postfix {current.effective['mail_version']} has no inline tables "
+                     "(3.7 and later): milter_header_checks is left as it is, and delivery "
+                     "events carry no dkim_domain (docs/events.md)")
+    else:
+        main["keyrelay_dkim_header_checks"] = DKIM_HEADER_CHECKS
+        main["milter_header_checks"] = merge_header_checks(site_checks)
+    if (site_checks and "milter_header_checks" in main
+            and "milter_header_checks" not in current.as_written
             and main["milter_header_checks"] != site_checks):
         notes.append("milter_header_checks spans several lines in main.cf: keyrelay's table is "
                      "added to it on one line, as postconf prints it (a run of spaces inside "
@@ -456,7 +468,7 @@ def read_current(config_dir: Path) -> Current:
             current.main[name] = value
             current.as_written.add(name)
     builtins = ["queue_directory", "smtpd_milters", *TLS_SETTINGS,
-                *SASL_PARAMETERS]
+                *SASL_PARAMETERS, "mail_version"]
     # -x: the built-in defaults are expressions on compatibility_level; merge their value
     values = postconf(config_dir, "-xh", *builtins).splitlines()
     current.effective = dict(zip(builtins, values, strict=False))

@@ -144,6 +144,18 @@ def test_role_lists_keep_every_argument_of_the_sites_restrictions() -> None:
                       *split_list(site)]
 
 
+def test_the_dkim_table_needs_inline_tables_postfix_3_7() -> None:
+    current = postfixconf.fresh_postfix()
+    current.effective["mail_version"] = "3.7.11"
+    plan = build_plan(default_config(), [], current)
+    assert plan.main["milter_header_checks"] == "$keyrelay_dkim_header_checks"
+    current.effective["mail_version"] = "3.5.18"  # Debian 11
+    plan = build_plan(default_config(), [], current)
+    assert "milter_header_checks" not in plan.main
+    assert "keyrelay_dkim_header_checks" not in plan.main
+    assert any("Postfix 3.5.18 has no inline tables" in note for note in plan.notes)
+
+
 def test_plan_refuses_without_a_tls_certificate() -> None:
     with pytest.raises(PostfixConfError, match="no TLS certificate"):
         build_plan(default_config(), [], Current(effective={"queue_directory": "/q"}))
