@@ -53,7 +53,8 @@ LABEL_VALUES = {
     "event": {"processed", "delivered", "deferred", "bounce", "dropped", "paused",
               "would_pause"},
     "mode": {"pause", "monitor"},
-    "cause": {"forgotten", "evicted", "unattributed", "rotation_lost", "partial_line"},
+    "cause": {"forgotten", "evicted", "unattributed", "rotation_lost", "partial_line",
+              "journal_entry"},
 }
 # labels that are not keyrelay's closed sets: Prometheus's own, and the scrape's
 FREE_LABELS = {"job", "instance", "node", "le", "account", "version", "python_version"}
