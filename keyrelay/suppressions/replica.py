@@ -26,7 +26,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from .model import Suppression
 from .redisstore import RedisSuppressions
@@ -62,23 +62,23 @@ class SuppressionReplica(SqliteSuppressions):
         return float(copied), (Suppression.from_value(found, value) if found else None)
 
 
-def add_to_replica(path: str, suppressions: Iterable[tuple[str, Suppression]]) -> int:
-    """A new copy made of the current one plus ``suppressions`` (account, suppression):
-    what keyrelay-events learns while Redis is away (hard bounces), so that the copy
-    policyd asks meanwhile holds them. The time of the copy stays that of its Redis read.
-    None added without a copy (policyd then has none to ask either); the number added."""
-    rows = [(account, s.address, s.value()) for account, s in suppressions]
-    if not rows or not os.path.exists(path):
-        return 0
-    temporary = f"{path}.new"
-    shutil.copyfile(path, temporary)
+@contextlib.contextmanager
+def _new_copy(path: str, *, from_current: bool) -> Iterator[sqlite3.Connection]:
+    """A connection to ``PATH.new`` (empty, or a copy of the current file), in a
+    transaction; at the end committed, synced and renamed over ``path`` (``_settle``). On any
+    error the new file is removed and the current one stays."""
+    temporary = f"{path}.new"  # one writer per node; a copy killed half-way is replaced
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
     try:
+        if from_current:
+            shutil.copyfile(path, temporary)
         db = sqlite3.connect(temporary, isolation_level=None)
         try:
+            db.execute("PRAGMA journal_mode=DELETE")
+            db.execute("PRAGMA synchronous=OFF")  # synced once, whole, by _settle
             db.execute("BEGIN")
-            before = db.total_changes
-            db.executemany("INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?)", rows)
-            added = db.total_changes - before
+            yield db
             db.execute("COMMIT")
         finally:
             db.close()
@@ -87,7 +87,20 @@ def add_to_replica(path: str, suppressions: Iterable[tuple[str, Suppression]]) -
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    return added
+
+
+def add_to_replica(path: str, suppressions: Iterable[tuple[str, Suppression]]) -> int:
+    """A new copy made of the current one plus ``suppressions`` (account, suppression):
+    what keyrelay-events learns while Redis is away (hard bounces), so that the copy
+    policyd asks meanwhile holds them. The time of the copy stays that of its Redis read.
+    None added without a copy (policyd then has none to ask either); the number added."""
+    rows = [(account, s.address, s.value()) for account, s in suppressions]
+    if not rows or not os.path.exists(path):
+        return 0
+    with _new_copy(path, from_current=True) as db:
+        before = db.total_changes
+        db.executemany("INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?)", rows)
+        return db.total_changes - before
 
 
 def _settle(temporary: str, path: str) -> None:
@@ -117,32 +130,16 @@ def write_replica(path: str, source: RedisSuppressions, accounts: Iterable[str],
     Raises ``SuppressionsUnavailable`` (Redis) or ``OSError``/``sqlite3.Error`` (the file),
     leaving the previous copy in place."""
     copied_at = time.time() if clock is None else clock
-    temporary = f"{path}.new"  # one writer per node; a copy killed half-way is replaced
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temporary)
     total = 0
-    try:
-        db = sqlite3.connect(temporary, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=DELETE")
-            db.execute("PRAGMA synchronous=OFF")  # a new file: synced once, below
-            db.executescript(_SCHEMA)
-            db.execute(_META)
-            db.execute("BEGIN")
-            for account in accounts:
-                rows = [(account, address, value) for address, value in
-                        source.entries(account)]
-                db.executemany("INSERT OR REPLACE INTO suppressions VALUES (?, ?, ?)", rows)
-                total += len(rows)
-            db.execute("INSERT INTO replica_meta VALUES ('copied_at', ?)", (copied_at,))
-            db.execute("COMMIT")
-        finally:
-            db.close()
-        _settle(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    with _new_copy(path, from_current=False) as db:
+        for statement in (*_SCHEMA.split(";"), _META):
+            if statement.strip():
+                db.execute(statement)
+        for account in accounts:
+            rows = [(account, address, value) for address, value in source.entries(account)]
+            db.executemany("INSERT OR REPLACE INTO suppressions VALUES (?, ?, ?)", rows)
+            total += len(rows)
+        db.execute("INSERT INTO replica_meta VALUES ('copied_at', ?)", (copied_at,))
     return total
 
 
