@@ -87,9 +87,13 @@ class Child:
     # variables added to the demo's own environment (the two-node demo's tests move the
     # policy daemons' clock with libfaketime: testkit/cluster.py)
     env: Mapping[str, str] | None = None
+    # a unix socket the process binds: ready only once it is a new one (the file a killed
+    # process left behind, or anything still answering on it, is not this start's)
+    fresh_socket: Path | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        left = _inode(self.fresh_socket) if self.fresh_socket is not None else None
         with self.log.open("ab") as log:
             # its own session: Ctrl-C reaches the demo, which then stops the children in order
             self.process = subprocess.Popen(
@@ -101,6 +105,8 @@ class Child:
             if not self.running():
                 raise DemoError(f"{self.name} exited while starting; see {self.log}:\n"
                                 + tail(self.log))
+            if self.fresh_socket is not None and _inode(self.fresh_socket) in (None, left):
+                return False  # not bound by this process yet
             return self.ready()
 
         try:
@@ -141,6 +147,16 @@ class Child:
         gone()
         self.process.wait()
         wait_until(gone, 30, f"every process of {self.name} to exit")
+
+
+def _inode(path: Path) -> tuple[int, int, int] | None:
+    """Which file ``path`` is: device, inode and change time (a socket bound anew may get
+    the inode number of the file it replaced, never its change time)."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino, found.st_ctime_ns
 
 
 def _running_in_group(group: int) -> bool:

@@ -119,12 +119,14 @@ class Relay:
                      [str(BIN / "keyrelay-policyd"), "--config", str(s.config)],
                      s.logs / "policyd.log",
                      lambda: all(unix_accepts(s.socket(n))
-                                 for n in ("auth", "policy", "socketmap")))
+                                 for n in ("auth", "policy", "socketmap")),
+                     fresh_socket=s.socket("auth"))
 
     def milter(self) -> Child:
         s = self.settings
         return Child("keyrelay-milter", [str(BIN / "keyrelay-milter"), "--config", str(s.config)],
-                     s.logs / "milter.log", lambda: unix_accepts(s.socket("milter")))
+                     s.logs / "milter.log", lambda: unix_accepts(s.socket("milter")),
+                     fresh_socket=s.socket("milter"))
 
     def events(self) -> Child:
         """keyrelay-events following the demo Postfix's maillog into ``events.db``; ready
