@@ -15,6 +15,8 @@ What keyrelay owns:
 - the ``-o`` settings it needs on the smtpd services of config ``postfix``; every other
   ``-o`` setting of an existing service is kept, and services that do not exist yet are
   created (chroot ``n``, so sockets outside the queue directory stay reachable).
+- ``milter_header_checks``: keyrelay's table that logs each signature's DKIM domain, after
+  the site's own tables (keyrelay/postfixdkimlog.py);
 - one ``smtp`` transport per IP pool (``routing.transport_prefix`` + pool name) with
   ``smtp_bind_address``, ``smtp_bind_address6``, ``smtp_helo_name`` and
   ``smtp_bind_address_enforce = yes``; transports under that prefix whose pool is gone are
@@ -40,9 +42,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import postfixdkimlog
 from .config import Config
 from .directory.model import Pool
 from .durations import format_duration
+from .postfixdkimlog import DKIM_HEADER_CHECKS as DKIM_HEADER_CHECKS
+from .postfixdkimlog import DKIM_HEADER_CHECKS_REF as DKIM_HEADER_CHECKS_REF
+from .postfixdkimlog import merge_header_checks as merge_header_checks
 from .postfixrun import POSTCONF as POSTCONF  # re-exported: the demo and tests use these
 from .postfixrun import POSTFIX as POSTFIX
 from .postfixrun import PostfixConfError as PostfixConfError
@@ -54,16 +60,6 @@ from .postfixtls import TLS_SETTINGS, CertificateError, check_tls_files
 SMTP, SUBMISSION = "smtp", "submission"
 PERMIT_AUTHENTICATED = "permit_sasl_authenticated"
 POLICY_UNAVAILABLE = "451 4.3.0 keyrelay policy service unavailable, try again later"
-# The DKIM domain of each message keyrelay signed, in Postfix's own log: cleanup applies
-# milter_header_checks to the headers a milter adds, and this table's INFO action logs
-# "QUEUEID: milter-header-info: header DKIM-Signature: ...: keyrelay-dkim d=DOMAIN", which
-# keyrelay-events reads (docs/events.md, "Attribution"). Postfix logs only the first 60
-# characters of the header, hence the domain in the INFO text. ``([^;]*;)*`` walks whole tags,
-# so d= is the tag's name, not text inside another tag's value. ``$$2`` is ``$2`` once main.cf
-# has expanded it (regexp_table(5): the second group). Inline tables: Postfix 3.7 and later.
-DKIM_HEADER_CHECKS = ("regexp:{{/^DKIM-Signature:([^;]*;)*[[:space:]]*d=([^;[:space:]]+);/ "
-                      "INFO keyrelay-dkim d=$$2}}")
-DKIM_HEADER_CHECKS_REF = "$keyrelay_dkim_header_checks"
 _LIST_SPLIT = re.compile(r"[\s,]+")
 RESTRICTION_LISTS = ("smtpd_client_restrictions", "smtpd_helo_restrictions",
                      "smtpd_sender_restrictions", "smtpd_recipient_restrictions",
@@ -169,24 +165,6 @@ def merge_restrictions(base: Sequence[str], policy: str, *, add_permit: bool = T
     return items
 
 
-def _inline_tables(version: str) -> bool:
-    """Whether a Postfix of ``version`` (``mail_version``) has inline tables (3.7 and later);
-    an unknown version counts as new enough."""
-    found = re.match(r"(\d+)\.(\d+)", version)
-    return found is None or (int(found[1]), int(found[2])) >= (3, 7)
-
-
-def merge_header_checks(value: str) -> str:
-    """The site's ``milter_header_checks`` with keyrelay's table added last: a site's own rule
-    for DKIM-Signature headers keeps its effect (the first table that matches a header wins).
-    The site's text is kept as it is (a pattern's spaces matter); a value that already names
-    keyrelay's table, wherever, is left alone."""
-    value = value.strip()
-    if DKIM_HEADER_CHECKS_REF in split_list(value) or "${keyrelay_dkim_header_checks}" in value:
-        return value
-    return f"{value}, {DKIM_HEADER_CHECKS_REF}" if value else DKIM_HEADER_CHECKS_REF
-
-
 def merge_milters(base: Sequence[str], milter: str) -> list[str]:
     """``base`` with ``milter`` last: it DKIM-signs, so nothing may change the message after."""
     return [item for item in base if item != milter] + [milter]
@@ -258,20 +236,11 @@ def build_plan(config: Config, pools: Iterable[Pool], current: Current) -> Plan:
         # conversion for servers without 8BITMIME would break its DKIM signatures.
         "disable_mime_output_conversion": "yes",
     }
-    site_checks = current.main.get("milter_header_checks", "")
-    if not _inline_tables(current.effective.get("mail_version", "")):
-        notes.append(f"Postfix {current.effective['mail_version']} has no inline tables "
-                     "(3.7 and later): milter_header_checks is left as it is, and delivery "
-                     "events carry no dkim_domain (docs/events.md)")
-    else:
-        main["keyrelay_dkim_header_checks"] = DKIM_HEADER_CHECKS
-        main["milter_header_checks"] = merge_header_checks(site_checks)
-    if (site_checks and "milter_header_checks" in main
-            and "milter_header_checks" not in current.as_written
-            and main["milter_header_checks"] != site_checks):
-        notes.append("milter_header_checks spans several lines in main.cf: keyrelay's table is "
-                     "added to it on one line, as postconf prints it (a run of spaces inside "
-                     "a pattern becomes one); look at it after the change")
+    settings, dkim_notes = postfixdkimlog.plan(
+        current.main.get(postfixdkimlog.PARAMETER, ""),
+        postfixdkimlog.PARAMETER in current.as_written, current.effective.get("mail_version", ""))
+    main.update(settings)
+    notes.extend(dkim_notes)
     roles: dict[str, list[tuple[str, str]]] = {
         SUBMISSION: [(name, "encrypt") for name in pf.submission_services]
         + [(name, "wrappermode") for name in pf.submissions_services],
@@ -430,27 +399,6 @@ def _pairs(text: str) -> Iterable[tuple[str, str]]:
             yield line[:-2].strip(), ""
 
 
-def _raw_single_lines(path: Path, names: Sequence[str]) -> dict[str, str]:
-    """The last ``name = value`` of each of ``names`` in main.cf, as written, when it has no
-    continuation line."""
-    found: dict[str, str] = {}
-    try:
-        lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-    except OSError:
-        return found
-    for i, line in enumerate(lines):
-        name, sep, value = line.partition("=")
-        name = name.strip()
-        if not sep or name not in names or line[:1].isspace():
-            continue
-        following = lines[i + 1] if i + 1 < len(lines) else ""
-        if following[:1].isspace() and following.strip() and not following.lstrip().startswith("#"):
-            found.pop(name, None)  # continued on the next line: postconf's value is used
-            continue
-        found[name] = value.strip()
-    return found
-
-
 def read_current(config_dir: Path) -> Current:
     """The explicit main.cf settings, the built-ins keyrelay merges from (and the TLS files,
     expanded), and master.cf."""
@@ -459,14 +407,13 @@ def read_current(config_dir: Path) -> Current:
         raise PostfixConfError(f"{config_dir}: no {' and no '.join(missing)} there; give the "
                                "directory of an existing Postfix configuration (--config-dir)")
     current = Current(main=dict(_pairs(postconf(config_dir, "-n"))))
-    # postconf prints a value with its inner whitespace collapsed; a value keyrelay extends
-    # (not replaces) is taken from main.cf as written when it is one line that postconf
-    # agrees with, so that a site's pattern with two spaces keeps them
-    raw = _raw_single_lines(config_dir / "main.cf", ("milter_header_checks",))
-    for name, value in raw.items():
-        if _normal(value) == _normal(current.main.get(name, "")):
-            current.main[name] = value
-            current.as_written.add(name)
+    # postconf collapses runs of spaces: milter_header_checks, which keyrelay extends, is
+    # taken from main.cf as written when it can be (keyrelay/postfixdkimlog.py)
+    written = postfixdkimlog.as_written(config_dir / "main.cf",
+                                        current.main.get(postfixdkimlog.PARAMETER, ""))
+    if written is not None:
+        current.main[postfixdkimlog.PARAMETER] = written
+        current.as_written.add(postfixdkimlog.PARAMETER)
     builtins = ["queue_directory", "smtpd_milters", *TLS_SETTINGS,
                 *SASL_PARAMETERS, "mail_version"]
     # -x: the built-in defaults are expressions on compatibility_level; merge their value

@@ -69,7 +69,7 @@ _WHATSUP = re.compile(
 )
 # cleanup's "QID: milter-header-info: header DKIM-Signature: <60 characters> from CLIENT;
 # from=<S> to=<R> proto=P helo=<H>: keyrelay-dkim d=DOMAIN": the INFO action of the
-# milter_header_checks table `postfix apply` adds (keyrelay/postfixconf.py DKIM_HEADER_CHECKS).
+# milter_header_checks table `postfix apply` adds (keyrelay/postfixdkimlog.py DKIM_HEADER_CHECKS).
 # The text after the last ": " is the table's; anchored at the end, so a helo or an address
 # holding the same words cannot stand in for it.
 _DKIM_INFO = re.compile(r": keyrelay-dkim d=(?P<domain>[^\s;]*)\Z")
