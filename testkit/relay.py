@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keyrelay.demo import Relay, Settings, greets, keyrelay_cli
+from keyrelay.demo import SMTP_SINK, Child, Relay, Settings, greets, keyrelay_cli
 from testkit.net import client_tls, free_ports, reply_text, wait_until
 
 SUBMISSION_PORTS = ["submission", "alt_submission", "submissions"]
@@ -221,6 +221,17 @@ def send(relay: Relay, port_name: str, key: str, sender: str, text: str,
         client.login("apikey", key)
         refused = client.sendmail(sender, [recipient], text)
     assert refused == {}
+
+
+def refusing_sink(relay: Relay, flag: str, name: str) -> None:
+    """The relay's smtp-sink replaced by one on the same port that refuses every RCPT:
+    ``-f`` with 5xx (a bounce), ``-r`` with 4xx (a deferral)."""
+    s = relay.settings
+    relay.children["sink"].stop()
+    relay.children["sink"] = Child(
+        name, [SMTP_SINK, "-u", "postfix", flag, "RCPT", f"{s.host}:{s.sink_port}", "100"],
+        s.logs / f"{name}.log", lambda: greets(s.host, s.sink_port))
+    relay.children["sink"].start()
 
 
 def log_of(relay: Relay, name: str) -> str:

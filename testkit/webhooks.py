@@ -5,13 +5,18 @@ localhost signed by a throw-away CA (``testkit.slapd.shared_tls``: ``ca.pem``)."
 
 from __future__ import annotations
 
+import json
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+from keyrelay.webhooks import sign
 
 from .net import wait_until
 from .slapd import shared_tls
@@ -93,6 +98,18 @@ class Receiver:
         wait_until(lambda: len(self.received) >= count, timeout, f"{count} webhook request(s)")
         with self._lock:
             return list(self.received)
+
+    def signed_events(self, secret: str) -> list[dict[str, Any]]:
+        """Every event received so far, in order, each request's signature checked with
+        ``secret`` (keyrelay/webhooks/sign.py; an AssertionError when one does not verify)."""
+        found: list[dict[str, Any]] = []
+        with self._lock:
+            requests = list(self.received)
+        for request in requests:
+            assert sign.verify(secret, request.headers["x-keyrelay-signature"], request.body,
+                               int(time.time()))
+            found += json.loads(request.body)
+        return found
 
     def __enter__(self) -> Receiver:
         self._thread.start()

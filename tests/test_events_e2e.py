@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from keyrelay.demo import SMTP_SINK, Child, Relay, greets
+from keyrelay.demo import Relay
 from keyrelay.events import maillog
 from keyrelay.events.follow import Follower
 from keyrelay.events.store import EventStore
@@ -29,6 +29,7 @@ from testkit.relay import (
     message,
     new_tenant,
     private_relay,
+    refusing_sink,
     reply_of,
     send,
     wait_delivered,
@@ -112,13 +113,6 @@ def test_a_real_postfix_log_gives_attributed_events(demo_relay: Relay, tmp_path:
     assert [e["event_id"] for e in again] == [e["event_id"] for e in events]
 
 
-def bad_sink(relay: Relay, flag: str, name: str) -> Child:
-    """smtp-sink on the relay's sink port, refusing every RCPT: ``-f`` hard, ``-r`` soft."""
-    s = relay.settings
-    return Child(name, [SMTP_SINK, "-u", "postfix", flag, "RCPT", f"{s.host}:{s.sink_port}",
-                        "100"], s.logs / f"{name}.log", lambda: greets(s.host, s.sink_port))
-
-
 def test_real_bounces_and_deferrals_give_their_events(tmp_path: Path) -> None:
     if not Path("/usr/sbin/postfix").exists():
         pytest.skip("Postfix is not installed (make test installs it)")
@@ -126,16 +120,12 @@ def test_real_bounces_and_deferrals_give_their_events(tmp_path: Path) -> None:
     with private_relay("127.0.0.3") as relay:  # its own: its sink is swapped
         tenant = new_tenant(relay)
         account = tenant.account
-        relay.children["sink"].stop()
-        relay.children["sink"] = bad_sink(relay, "-f", "sink-refusing")
-        relay.children["sink"].start()
+        refusing_sink(relay, "-f", "sink-refusing")
         _, hard = message(tenant.sender, "gone@example.net", "events: bounce")
         send(relay, "submission", tenant.key, tenant.sender, hard, "gone@example.net")
         maillog_line(relay, "to=<gone@example.net>", "status=bounced")
 
-        relay.children["sink"].stop()
-        relay.children["sink"] = bad_sink(relay, "-r", "sink-deferring")
-        relay.children["sink"].start()
+        refusing_sink(relay, "-r", "sink-deferring")
         _, soft = message(tenant.sender, "later@example.net", "events: deferred")
         send(relay, "submission", tenant.key, tenant.sender, soft, "later@example.net")
         maillog_line(relay, "to=<later@example.net>", "status=deferred")

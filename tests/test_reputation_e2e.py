@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import smtplib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from keyrelay.demo import SMTP_SINK, Child, Relay, greets
-from keyrelay.webhooks import sign
+from keyrelay.demo import Relay
 from testkit.net import wait_until
-from testkit.relay import connect, kr, message, new_tenant, private_relay, send
+from testkit.relay import connect, kr, message, new_tenant, private_relay, refusing_sink, send
 from testkit.webhooks import Receiver
 
 DEADLINE = 120  # seconds: delivery attempts, keyrelay-events' rounds, policyd's refresh
@@ -48,21 +46,7 @@ def guarded(relay: Relay) -> None:
     relay.children["events"].stop()
     relay.children["events"] = relay.events()
     relay.children["events"].start()
-    relay.children["sink"].stop()
-    relay.children["sink"] = Child(
-        "sink-refusing", [SMTP_SINK, "-u", "postfix", "-f", "RCPT",
-                          f"{s.host}:{s.sink_port}", "100"],
-        s.logs / "sink-refusing.log", lambda: greets(s.host, s.sink_port))
-    relay.children["sink"].start()
-
-
-def events_at(hook: Receiver, secret: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    for request in list(hook.received):
-        assert sign.verify(secret, request.headers["x-keyrelay-signature"], request.body,
-                           int(time.time()))
-        found += json.loads(request.body)
-    return found
+    refusing_sink(relay, "-f", "sink-refusing")
 
 
 def rcpt(relay: Relay, key: str, sender: str) -> tuple[int, str]:
@@ -94,7 +78,7 @@ def test_a_bouncing_subuser_is_paused_refused_at_mail_and_resumed(relay: Relay) 
                              f"keyrelay subuser resume {tenant.principal}")
 
         def paused() -> list[dict[str, Any]]:
-            return [e for e in events_at(hook, secret) if e["event"] == "paused"]
+            return [e for e in hook.signed_events(secret) if e["event"] == "paused"]
 
         wait_until(paused, DEADLINE, "the paused event at the webhook")
         event = paused()[0]

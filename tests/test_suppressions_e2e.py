@@ -15,7 +15,6 @@ real smtp-sinks standing in for bad receivers (``-f RCPT``: every recipient refu
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +22,18 @@ from typing import Any
 
 import pytest
 
-from keyrelay.demo import SMTP_SINK, Child, Relay, greets
-from keyrelay.webhooks import sign
+from keyrelay.demo import Relay
 from testkit.net import wait_until
-from testkit.relay import connect, kr, message, new_tenant, private_relay, reply_of, send
+from testkit.relay import (
+    connect,
+    kr,
+    message,
+    new_tenant,
+    private_relay,
+    refusing_sink,
+    reply_of,
+    send,
+)
 from testkit.webhooks import Receiver
 
 DEADLINE = 120  # seconds: delivery attempts, the events daemon's rounds, the webhook batches
@@ -40,36 +47,17 @@ def relay() -> Iterator[Relay]:
         yield running
 
 
-def bad_sink(relay: Relay, flag: str, name: str) -> None:
-    """smtp-sink on the relay's sink port, refusing every RCPT: ``-f`` 5xx, ``-r`` 4xx."""
-    s = relay.settings
-    relay.children["sink"].stop()
-    relay.children["sink"] = Child(
-        name, [SMTP_SINK, "-u", "postfix", flag, "RCPT", f"{s.host}:{s.sink_port}", "100"],
-        s.logs / f"{name}.log", lambda: greets(s.host, s.sink_port))
-    relay.children["sink"].start()
-
-
-def events_at(hook: Receiver, secret: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    for request in list(hook.received):
-        assert sign.verify(secret, request.headers["x-keyrelay-signature"], request.body,
-                           int(time.time()))
-        found += json.loads(request.body)
-    return found
-
-
 def test_a_hard_bounce_suppresses_and_the_next_message_is_dropped(relay: Relay) -> None:
     tenant = new_tenant(relay)
     with Receiver() as hook:
         secret = json.loads(kr(relay, "webhook", "set", tenant.account, "--url", hook.url,
                                "--json"))["secret"]
-        bad_sink(relay, "-f", "sink-refusing")
+        refusing_sink(relay, "-f", "sink-refusing")
         mid, text = message(tenant.sender, "gone@example.net", "to a dead address")
         send(relay, "submission", tenant.key, tenant.sender, text, "gone@example.net")
 
         def bounced() -> list[dict[str, Any]]:
-            return [e for e in events_at(hook, secret)
+            return [e for e in hook.signed_events(secret)
                     if e["event"] == "bounce" and e["email"] == "gone@example.net"]
 
         wait_until(bounced, DEADLINE, "the bounce at the webhook")
@@ -97,7 +85,7 @@ def test_a_hard_bounce_suppresses_and_the_next_message_is_dropped(relay: Relay) 
         assert f"keyrelay suppression remove {tenant.account} gone@example.net" in refused
 
         def dropped() -> list[dict[str, Any]]:
-            return [e for e in events_at(hook, secret)
+            return [e for e in hook.signed_events(secret)
                     if e["event"] == "dropped" and e["email"] == "gone@example.net"]
 
         wait_until(dropped, DEADLINE, "the dropped event at the webhook")
@@ -105,17 +93,17 @@ def test_a_hard_bounce_suppresses_and_the_next_message_is_dropped(relay: Relay) 
         assert dropped()[0]["status"] == "5.7.1"
 
         # a receiver that answers 4xx: deferred
-        bad_sink(relay, "-r", "sink-deferring")
+        refusing_sink(relay, "-r", "sink-deferring")
         _, later = message(tenant.sender, "later@example.net", "try later")
         send(relay, "submission", tenant.key, tenant.sender, later, "later@example.net")
 
         def deferred() -> list[dict[str, Any]]:
-            return [e for e in events_at(hook, secret)
+            return [e for e in hook.signed_events(secret)
                     if e["event"] == "deferred" and e["email"] == "later@example.net"]
 
         wait_until(deferred, DEADLINE, "the deferral at the webhook")
         assert deferred()[0]["status"].startswith("4.")
-        events = events_at(hook, secret)
+        events = hook.signed_events(secret)
     ids = Counter(e["event_id"] for e in events)
     assert all(n == 1 for n in ids.values()), ids
     assert {e["account"] for e in events} == {tenant.account}
