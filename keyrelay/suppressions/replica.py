@@ -44,11 +44,6 @@ class SuppressionReplica(SqliteSuppressions):
     def __init__(self, path: str) -> None:
         super().__init__(path, create=False)
 
-    def copied_at(self) -> float | None:
-        """When the copy was taken (Unix seconds); None when there is no copy yet."""
-        rows = self._read("SELECT value FROM replica_meta WHERE name = 'copied_at'")
-        return float(rows[0][0]) if rows else None
-
     def lookup(self, account: str, address: str) -> tuple[float | None, Suppression | None]:
         """(when the copy was taken, ``address``'s suppression in it) from one file in one
         read: a copy renamed in between cannot mix two files. (None, None): no copy."""
