@@ -363,7 +363,7 @@ class PolicyService:
         otherwise ``451 4.3.0``: a recipient is never accepted unchecked
         (docs/suppressions.md, "Faults"). Logged once per outage and per way of answering."""
         replica = self.context.replica
-        why = "no replica (counters.on_unavailable is tempfail)"
+        why = ""  # why the replica did not answer (none: counters.on_unavailable says so)
         if replica is not None:
             try:
                 copied, found = replica.lookup(pending.account, pending.address)
@@ -385,8 +385,8 @@ class PolicyService:
             except SuppressionsUnavailable as failed:
                 why = str(failed)
         if self._suppressions_away != "tempfail":
-            log.error("suppression list unavailable: %s; %s; recipients of keyrelay logins "
-                      "get 451 4.3.0 until it answers again", exc, why)
+            log.error("suppression list unavailable: %s; %srecipients of keyrelay logins "
+                      "get 451 4.3.0 until it answers again", exc, f"{why}; " if why else "")
             self._suppressions_away = "tempfail"
         return temporary(Reason.SUPPRESSIONS_UNAVAILABLE,
                          pending.request.get("sasl_username", ""))
